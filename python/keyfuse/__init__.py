@@ -1,0 +1,90 @@
+"""keyfuse: 3D keypoint signatures and CNN vectors for indexing, retrieving, classifying
+and segmenting medical image cohorts, with a Rust core.
+
+>>> import keyfuse as kf
+>>> img = kf.datasets.mni152()
+>>> kps = kf.extract(img)
+
+Heavy modules (the CNN, scikit-learn estimators, the index) load on first use, so
+``import keyfuse`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from keyfuse.errors import (
+    CorruptDataError,
+    DeviceUnavailableError,
+    IndexCorruptError,
+    InvalidArgumentError,
+    InvalidImageError,
+    KeyfuseError,
+    KeyfuseIOError,
+    MissingDependencyError,
+)
+
+# public name -> module that defines it (loaded on first attribute access)
+_LAZY: dict[str, str] = {
+    "Image": "keyfuse.image",
+    "load_image": "keyfuse.image",
+    "KeypointSet": "keyfuse.keypoints",
+    "read_key": "keyfuse.keypoints",
+    "write_key": "keyfuse.keypoints",
+    "extract": "keyfuse.extract",
+    "cuda_available": "keyfuse.device",
+    "Matches": "keyfuse.matching",
+    "match": "keyfuse.matching",
+    "Alignment": "keyfuse.matching",
+    "align": "keyfuse.matching",
+    "soft_jaccard": "keyfuse.matching",
+    "Index": "keyfuse.index",
+    "CNNFeatures": "keyfuse.cnn",
+    "MIBinarizer": "keyfuse.fusion",
+    "FusionClassifier": "keyfuse.fusion",
+    "KeypointTransferSegmenter": "keyfuse.segment",
+    "Segmentation": "keyfuse.segment",
+}
+_SUBMODULES = {"datasets", "evaluate", "batch", "cli"}
+
+if TYPE_CHECKING:
+    from keyfuse import batch, datasets, evaluate
+    from keyfuse.cnn import CNNFeatures
+    from keyfuse.device import cuda_available
+    from keyfuse.extract import extract
+    from keyfuse.fusion import FusionClassifier, MIBinarizer
+    from keyfuse.image import Image, load_image
+    from keyfuse.index import Index
+    from keyfuse.keypoints import KeypointSet, read_key, write_key
+    from keyfuse.matching import Alignment, Matches, align, match, soft_jaccard
+    from keyfuse.segment import KeypointTransferSegmenter, Segmentation
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"keyfuse.{name}")
+    else:
+        raise AttributeError(f"module 'keyfuse' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY, *_SUBMODULES])
+
+
+__all__ = [
+    "CorruptDataError",
+    "DeviceUnavailableError",
+    "IndexCorruptError",
+    "InvalidArgumentError",
+    "InvalidImageError",
+    "KeyfuseError",
+    "KeyfuseIOError",
+    "MissingDependencyError",
+    *_LAZY,
+    *sorted(_SUBMODULES),
+]

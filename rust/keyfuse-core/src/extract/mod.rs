@@ -1,0 +1,1 @@
+//! 3D/2D SIFT-Rank keypoint extraction.
