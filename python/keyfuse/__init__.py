@@ -32,7 +32,7 @@ _LAZY: dict[str, str] = {
     "KeypointSet": "keyfuse.keypoints",
     "read_key": "keyfuse.keypoints",
     "write_key": "keyfuse.keypoints",
-    "extract": "keyfuse.extract",
+    "extract": "keyfuse.extraction",
     "cuda_available": "keyfuse.device",
     "Matches": "keyfuse.matching",
     "match": "keyfuse.matching",
@@ -46,13 +46,13 @@ _LAZY: dict[str, str] = {
     "KeypointTransferSegmenter": "keyfuse.segment",
     "Segmentation": "keyfuse.segment",
 }
-_SUBMODULES = {"datasets", "evaluate", "batch", "cli"}
+_SUBMODULES = {"datasets", "evaluate", "batch", "cli", "device"}
 
 if TYPE_CHECKING:
     from keyfuse import batch, datasets, evaluate
     from keyfuse.cnn import CNNFeatures
     from keyfuse.device import cuda_available
-    from keyfuse.extract import extract
+    from keyfuse.extraction import extract
     from keyfuse.fusion import FusionClassifier, MIBinarizer
     from keyfuse.image import Image, load_image
     from keyfuse.index import Index
@@ -77,14 +77,33 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Alignment",
+    "CNNFeatures",
     "CorruptDataError",
     "DeviceUnavailableError",
+    "FusionClassifier",
+    "Image",
+    "Index",
     "IndexCorruptError",
     "InvalidArgumentError",
     "InvalidImageError",
     "KeyfuseError",
     "KeyfuseIOError",
+    "KeypointSet",
+    "KeypointTransferSegmenter",
+    "MIBinarizer",
+    "Matches",
     "MissingDependencyError",
-    *_LAZY,
-    *sorted(_SUBMODULES),
+    "Segmentation",
+    "align",
+    "batch",
+    "cuda_available",
+    "datasets",
+    "evaluate",
+    "extract",
+    "load_image",
+    "match",
+    "read_key",
+    "soft_jaccard",
+    "write_key",
 ]
