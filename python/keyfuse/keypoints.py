@@ -34,6 +34,7 @@ _FIELDS: tuple[tuple[str, type, tuple[int, ...]], ...] = (
     ("polarity", np.int8, ()),
     ("response", np.float32, ()),
     ("eigenvalues", np.float32, (3,)),
+    ("flags", np.uint8, ()),
 )
 
 
@@ -59,6 +60,9 @@ class KeypointSet:
         DoG value at the refined extremum.
     eigenvalues : (N, 3) float32
         Structure-tensor eigenvalues of the patch, descending.
+    flags : (N,) uint8
+        featExtract's info flag bits: 0x10 DoG maximum, 0x20 a row carrying a dominant
+        orientation (clear on the one unrotated row per detection).
     affine : (4, 4) float64
         Voxel-to-world matrix of the image the keypoints came from.
     shape : tuple of int
@@ -69,6 +73,7 @@ class KeypointSet:
         "affine",
         "descriptors",
         "eigenvalues",
+        "flags",
         "ijk",
         "orientation",
         "polarity",
@@ -87,6 +92,7 @@ class KeypointSet:
         polarity: npt.ArrayLike | None = None,
         response: npt.ArrayLike | None = None,
         eigenvalues: npt.ArrayLike | None = None,
+        flags: npt.ArrayLike | None = None,
         affine: npt.ArrayLike | None = None,
         shape: Sequence[int] | None = None,
     ) -> None:
@@ -115,6 +121,14 @@ class KeypointSet:
         self.polarity = column(polarity, np.int8, (), 1)
         self.response = column(response, np.float32, (), 0.0)
         self.eigenvalues = column(eigenvalues, np.float32, (3,), 0.0)
+        if flags is None:  # derive: polarity, and whether the row has a non-trivial frame
+            identity = np.all(
+                np.abs(self.orientation - np.eye(3, dtype=np.float32)) < 1e-6, axis=(1, 2)
+            )
+            flags = np.where(self.polarity > 0, FLAG_MAXIMUM, 0) | np.where(
+                identity, 0, FLAG_REORIENTED
+            )
+        self.flags = column(flags, np.uint8, (), 0)
         self.affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if self.affine.shape != (4, 4):
             raise InvalidArgumentError(f"affine must be 4×4, got {self.affine.shape}")
@@ -141,6 +155,7 @@ class KeypointSet:
             fields["polarity"],
             fields["response"],
             fields["eigenvalues"],
+            fields.get("flags"),
             affine=affine,
             shape=shape,
         )
@@ -305,9 +320,7 @@ def write_key(kps: KeypointSet, path: PathLike, *, world: bool = False) -> None:
         scale = 2.0 * kps.scale.astype(np.float64) / spacing
         space = "voxels: " + " ".join(f"{v:.1f}" for v in np.eye(4).ravel())
     shape = list(kps.shape) + [1] * (3 - len(kps.shape))
-    flags = np.where(kps.polarity > 0, FLAG_MAXIMUM, 0)
-    identity = np.all(np.abs(kps.orientation - np.eye(3, dtype=np.float32)) < 1e-6, axis=(1, 2))
-    flags = flags | np.where(identity, 0, FLAG_REORIENTED)
+    flags = kps.flags
     out = io.StringIO()
     out.write("# featExtract 1.1\n")
     out.write("# Extraction Voxel Resolution (ijk) : {} {} {}\n".format(*shape[:3]))
@@ -408,6 +421,7 @@ def read_key(path: PathLike, affine: npt.ArrayLike | None = None) -> KeypointSet
         np.where(flags & FLAG_MAXIMUM, 1, -1),
         None,
         table[:, 13:16],
+        flags,
         affine=mm_affine,
         shape=shape or None,
     )
