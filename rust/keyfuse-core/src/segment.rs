@@ -1,1 +1,772 @@
-//! (module under construction: see lib.rs for its purpose)
+//! Keypoint-transfer segmentation (Wachinger et al., IPMI 2015): keypoint label voting and
+//! the weighted transfer of whole organ label maps along keypoint matches.
+//!
+//! The two hot steps of the method live here:
+//!
+//! * [`vote_labels`]: every test keypoint gets the label
+//!   `L̂ = argmax_l Σ_m [L_m = l] · exp(−d_m² / 2τ²) · p(m)`, with `τ²` the largest squared
+//!   descriptor distance among the keypoint's matches, and the vote certainty
+//!   `p(L̂) = score(L̂) / Σ_l score(l)`.
+//! * [`AtlasSet::transfer`]: every agreeing match adds the whole organ map of its training
+//!   image, shifted by the match's (integer voxel) translation, weighted by
+//!   `p(L̂) · p(m) · N(I(x) − I_m(x); ν²)`. Transfers that share (atlas, organ, shift) are
+//!   merged first, so each distinct shift costs one pass over the organ's voxels.
+//!
+//! Organs are stored as x-runs (row segments) with their intensities, so a shifted add is
+//! a contiguous loop in both the source and the target. The accumulation is parallel over
+//! (label, target plane) and each voxel sums its contributions in one fixed order, so the
+//! result is bit-identical whatever the thread count.
+//!
+//! ```
+//! use keyfuse_core::segment::{AtlasSet, Transfer};
+//! use ndarray::Array3;
+//! let mut labels = Array3::<i32>::zeros((8, 8, 8));
+//! labels.slice_mut(ndarray::s![2..4, 2..4, 2..4]).fill(1);
+//! let intensity = Array3::<f32>::zeros((8, 8, 8));
+//! let atlases = AtlasSet::new(&[labels.view()], &[intensity.view()]).unwrap();
+//! let test = Array3::<f32>::zeros((8, 8, 8));
+//! let t = [Transfer { atlas: 0, label: 1, shift: [1, 0, 0], weight: 1.0 }];
+//! let out = atlases.transfer(test.view(), &t, &[f32::INFINITY], 0.15).unwrap();
+//! assert_eq!(out.labels[[3, 2, 2]], 1);
+//! assert_eq!(out.labels[[2, 2, 2]], 0);
+//! ```
+
+use crate::{KfError, Result};
+use ndarray::{Array3, Array4, ArrayView3};
+use rayon::prelude::*;
+
+/// One row segment of an organ: voxels `(z, y, x0..x0+len)`, intensities at `offset..`.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    y: i32,
+    x0: i32,
+    len: u32,
+    offset: u32,
+}
+
+/// The voxels of one label in one training image, as runs grouped by plane.
+#[derive(Debug, Clone)]
+struct Organ {
+    label: i32,
+    runs: Vec<Run>,
+    /// `plane_start[z]..plane_start[z + 1]` are the runs of plane `z`.
+    plane_start: Vec<u32>,
+    intensity: Vec<f32>,
+    n_voxels: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Atlas {
+    shape: [usize; 3],
+    /// sorted by label
+    organs: Vec<Organ>,
+}
+
+/// The training label maps and intensities, in run form, ready for transfers.
+#[derive(Debug, Clone)]
+pub struct AtlasSet {
+    atlases: Vec<Atlas>,
+    labels: Vec<i32>,
+}
+
+/// One transfer request: add organ `label` of atlas `atlas`, moved by `shift` voxels
+/// (atlas voxel `v` lands on test voxel `v + shift`), with weight `weight`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transfer {
+    pub atlas: u32,
+    pub label: i32,
+    pub shift: [i32; 3],
+    pub weight: f64,
+}
+
+/// The result of [`AtlasSet::transfer`].
+#[derive(Debug, Clone)]
+pub struct TransferResult {
+    /// Per voxel label (0 = background), on the test grid.
+    pub labels: Array3<i32>,
+    /// `(n_labels, Z, Y, X)`: the summed transfer weight at each voxel divided by the total
+    /// weight transferred for that label (in `[0, 1]`), in the order of [`AtlasSet::labels`].
+    pub probabilities: Array4<f32>,
+    /// Total weight transferred per label.
+    pub total_weight: Vec<f64>,
+    /// Number of distinct (atlas, organ, shift) groups accumulated.
+    pub n_groups: usize,
+}
+
+/// exp(−t) tabulated on t ∈ [0, GAUSS_T_MAX); beyond that the weight is taken as 0
+/// (exp(−12) ≈ 6e−6). One multiply, a conversion and a load per voxel instead of `exp`.
+const GAUSS_BINS: usize = 4096;
+const GAUSS_T_MAX: f32 = 12.0;
+
+fn gauss_table() -> Vec<f32> {
+    let step = GAUSS_T_MAX / GAUSS_BINS as f32;
+    let mut t: Vec<f32> = (0..GAUSS_BINS)
+        .map(|i| (-(i as f32) * step).exp())
+        .collect();
+    t.push(0.0);
+    t
+}
+
+fn check_shape(shape: &[usize]) -> Result<[usize; 3]> {
+    if shape.iter().any(|&s| s == 0 || s > i32::MAX as usize / 2) {
+        return Err(KfError::InvalidArgument(format!(
+            "volume shape {shape:?} is empty or too large"
+        )));
+    }
+    Ok([shape[0], shape[1], shape[2]])
+}
+
+impl Atlas {
+    fn new(labels: ArrayView3<i32>, intensity: ArrayView3<f32>) -> Result<Self> {
+        if labels.shape() != intensity.shape() {
+            return Err(KfError::InvalidArgument(format!(
+                "label map shape {:?} differs from its image shape {:?}",
+                labels.shape(),
+                intensity.shape()
+            )));
+        }
+        let shape = check_shape(labels.shape())?;
+        if intensity.iter().any(|v| !v.is_finite()) {
+            return Err(KfError::InvalidImage(
+                "training image has non-finite intensities".into(),
+            ));
+        }
+        if labels.iter().any(|&l| l < 0) {
+            return Err(KfError::InvalidArgument(
+                "label maps must not contain negative labels".into(),
+            ));
+        }
+        let mut present: Vec<i32> = labels.iter().copied().filter(|&l| l > 0).collect();
+        present.sort_unstable();
+        present.dedup();
+        let mut organs: Vec<Organ> = present
+            .iter()
+            .map(|&label| Organ {
+                label,
+                runs: Vec::new(),
+                plane_start: vec![0; shape[0] + 1],
+                intensity: Vec::new(),
+                n_voxels: 0,
+            })
+            .collect();
+        let slot = |l: i32| present.binary_search(&l).ok();
+        for z in 0..shape[0] {
+            for y in 0..shape[1] {
+                let mut x = 0;
+                while x < shape[2] {
+                    let l = labels[[z, y, x]];
+                    if l == 0 {
+                        x += 1;
+                        continue;
+                    }
+                    let x0 = x;
+                    while x < shape[2] && labels[[z, y, x]] == l {
+                        x += 1;
+                    }
+                    let organ = &mut organs[slot(l).expect("label collected above")];
+                    organ.runs.push(Run {
+                        y: y as i32,
+                        x0: x0 as i32,
+                        len: (x - x0) as u32,
+                        offset: organ.intensity.len() as u32,
+                    });
+                    organ
+                        .intensity
+                        .extend((x0..x).map(|xx| intensity[[z, y, xx]]));
+                    organ.n_voxels += x - x0;
+                }
+            }
+            for organ in organs.iter_mut() {
+                organ.plane_start[z + 1] = organ.runs.len() as u32;
+            }
+        }
+        if organs.iter().any(|o| o.intensity.len() > u32::MAX as usize) {
+            return Err(KfError::InvalidArgument("organ too large".into()));
+        }
+        Ok(Atlas { shape, organs })
+    }
+
+    fn organ(&self, label: i32) -> Option<&Organ> {
+        self.organs
+            .binary_search_by_key(&label, |o| o.label)
+            .ok()
+            .map(|i| &self.organs[i])
+    }
+}
+
+impl AtlasSet {
+    /// Build from label maps (0 = background, labels > 0) and the matching intensity
+    /// volumes (already normalised). Atlases may have different shapes, but each label map
+    /// must have its image's shape.
+    pub fn new(label_maps: &[ArrayView3<i32>], intensities: &[ArrayView3<f32>]) -> Result<Self> {
+        if label_maps.len() != intensities.len() {
+            return Err(KfError::InvalidArgument(format!(
+                "{} label maps for {} images",
+                label_maps.len(),
+                intensities.len()
+            )));
+        }
+        if label_maps.is_empty() {
+            return Err(KfError::InvalidArgument("no training images".into()));
+        }
+        let atlases: Vec<Atlas> = label_maps
+            .par_iter()
+            .zip(intensities.par_iter())
+            .map(|(l, i)| Atlas::new(l.view(), i.view()))
+            .collect::<Result<_>>()?;
+        let mut labels: Vec<i32> = atlases
+            .iter()
+            .flat_map(|a| a.organs.iter().map(|o| o.label))
+            .collect();
+        labels.sort_unstable();
+        labels.dedup();
+        Ok(AtlasSet { atlases, labels })
+    }
+
+    /// The distinct non-background labels over all atlases, ascending.
+    pub fn labels(&self) -> &[i32] {
+        &self.labels
+    }
+
+    /// Number of atlases.
+    pub fn len(&self) -> usize {
+        self.atlases.len()
+    }
+
+    /// True when there are no atlases (never, for a successfully built set).
+    pub fn is_empty(&self) -> bool {
+        self.atlases.is_empty()
+    }
+
+    /// Number of voxels of `label` in atlas `atlas` (0 when absent).
+    pub fn organ_size(&self, atlas: usize, label: i32) -> usize {
+        self.atlases
+            .get(atlas)
+            .and_then(|a| a.organ(label))
+            .map_or(0, |o| o.n_voxels)
+    }
+
+    /// Shape of atlas `atlas`.
+    pub fn shape(&self, atlas: usize) -> Option<[usize; 3]> {
+        self.atlases.get(atlas).map(|a| a.shape)
+    }
+
+    /// Accumulate the transfers onto the test grid of `image` (normalised intensities).
+    ///
+    /// * `nu`: intensity noise σ per label, in the order of [`Self::labels`] (one value is
+    ///   broadcast to all); `inf` (or ≤ 0) turns the intensity likelihood off.
+    /// * `background_fraction`: a voxel is background when its best label's probability is
+    ///   below this (the paper's 15% rule).
+    ///
+    /// Transfers naming a label an atlas lacks add nothing (their weight still counts in
+    /// the label's total, as the organ would have been transferred outside the image).
+    pub fn transfer(
+        &self,
+        image: ArrayView3<f32>,
+        transfers: &[Transfer],
+        nu: &[f32],
+        background_fraction: f32,
+    ) -> Result<TransferResult> {
+        let shape = check_shape(image.shape())?;
+        let n_labels = self.labels.len();
+        if nu.len() != 1 && nu.len() != n_labels {
+            return Err(KfError::InvalidArgument(format!(
+                "nu has {} values for {} labels",
+                nu.len(),
+                n_labels
+            )));
+        }
+        if nu.iter().any(|v| v.is_nan()) {
+            return Err(KfError::InvalidArgument("nu must not be NaN".into()));
+        }
+        if !(0.0..=1.0).contains(&background_fraction) {
+            return Err(KfError::InvalidArgument(format!(
+                "background_fraction {background_fraction} is outside [0, 1]"
+            )));
+        }
+        if image.iter().any(|v| !v.is_finite()) {
+            return Err(KfError::InvalidImage(
+                "test image has non-finite intensities".into(),
+            ));
+        }
+        // multiplier taking a squared intensity difference to a table index
+        let scale: Vec<f32> = (0..n_labels)
+            .map(|i| {
+                let v = if nu.len() == 1 { nu[0] } else { nu[i] };
+                if v.is_finite() && v > 0.0 {
+                    GAUSS_BINS as f32 / (GAUSS_T_MAX * 2.0 * v * v)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+
+        // Validate, then merge transfers sharing (label, atlas, shift): sort by key with the
+        // input position as tie-break, so the summation order is fixed.
+        let mut keyed: Vec<(usize, u32, [i32; 3], usize)> = Vec::with_capacity(transfers.len());
+        for (pos, t) in transfers.iter().enumerate() {
+            if t.atlas as usize >= self.atlases.len() {
+                return Err(KfError::InvalidArgument(format!(
+                    "transfer names atlas {} of {}",
+                    t.atlas,
+                    self.atlases.len()
+                )));
+            }
+            if !(t.weight.is_finite() && t.weight >= 0.0) {
+                return Err(KfError::InvalidArgument(format!(
+                    "transfer weight {} is not a finite non-negative number",
+                    t.weight
+                )));
+            }
+            let slot = self.labels.binary_search(&t.label).map_err(|_| {
+                KfError::InvalidArgument(format!(
+                    "transfer label {} is not in the atlases",
+                    t.label
+                ))
+            })?;
+            keyed.push((slot, t.atlas, t.shift, pos));
+        }
+        keyed.sort_unstable_by_key(|k| (k.0, k.1, k.2, k.3));
+        let mut total_weight = vec![0.0f64; n_labels];
+        // per label: (atlas, shift, weight)
+        let mut groups: Vec<Vec<(u32, [i32; 3], f32)>> = vec![Vec::new(); n_labels];
+        let mut i = 0;
+        while i < keyed.len() {
+            let (slot, atlas, shift, _) = keyed[i];
+            let mut w = 0.0f64;
+            while i < keyed.len() && (keyed[i].0, keyed[i].1, keyed[i].2) == (slot, atlas, shift) {
+                w += transfers[keyed[i].3].weight;
+                i += 1;
+            }
+            total_weight[slot] += w;
+            if w > 0.0 {
+                groups[slot].push((atlas, shift, w as f32));
+            }
+        }
+        let n_groups = groups.iter().map(Vec::len).sum();
+
+        let table = gauss_table();
+        let [nz, ny, nx] = shape;
+        let plane = ny * nx;
+        let mut acc = vec![0.0f32; n_labels * nz * plane];
+        let img = image.as_standard_layout();
+        let img = img.as_slice().expect("standard layout");
+        acc.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let slot = chunk / nz;
+                let z = (chunk % nz) as i64;
+                let label = self.labels[slot];
+                let sc = scale[slot];
+                let target_plane = &img[z as usize * plane..(z as usize + 1) * plane];
+                for &(atlas, shift, w) in &groups[slot] {
+                    let Some(organ) = self.atlases[atlas as usize].organ(label) else {
+                        continue;
+                    };
+                    let zs = z - shift[0] as i64;
+                    if zs < 0 || zs as usize + 1 >= organ.plane_start.len() {
+                        continue;
+                    }
+                    let (r0, r1) = (
+                        organ.plane_start[zs as usize] as usize,
+                        organ.plane_start[zs as usize + 1] as usize,
+                    );
+                    for run in &organ.runs[r0..r1] {
+                        let yt = run.y as i64 + shift[1] as i64;
+                        if yt < 0 || yt >= ny as i64 {
+                            continue;
+                        }
+                        // clip the run to the target row
+                        let xt0 = run.x0 as i64 + shift[2] as i64;
+                        let lo = (-xt0).max(0);
+                        let hi = (nx as i64 - xt0).min(run.len as i64);
+                        if lo >= hi {
+                            continue;
+                        }
+                        let (lo, hi) = (lo as usize, hi as usize);
+                        let src =
+                            &organ.intensity[run.offset as usize + lo..run.offset as usize + hi];
+                        let start = yt as usize * nx + (xt0 + lo as i64) as usize;
+                        let dst = &mut out[start..start + (hi - lo)];
+                        let tgt = &target_plane[start..start + (hi - lo)];
+                        if sc == 0.0 {
+                            for d in dst.iter_mut() {
+                                *d += w;
+                            }
+                        } else {
+                            for ((d, &s), &t) in dst.iter_mut().zip(src).zip(tgt) {
+                                let diff = t - s;
+                                let idx = ((diff * diff * sc) as usize).min(GAUSS_BINS);
+                                *d += w * table[idx];
+                            }
+                        }
+                    }
+                }
+            });
+
+        // normalise per label, then argmax with the background rule
+        let inv: Vec<f32> = total_weight
+            .iter()
+            .map(|&w| if w > 0.0 { (1.0 / w) as f32 } else { 0.0 })
+            .collect();
+        let n_vox = nz * plane;
+        acc.par_chunks_mut(n_vox)
+            .zip(inv.par_iter())
+            .for_each(|(map, &s)| {
+                for v in map.iter_mut() {
+                    *v = (*v * s).min(1.0);
+                }
+            });
+        let mut labels = vec![0i32; n_vox];
+        labels
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(z, row)| {
+                for (k, out) in row.iter_mut().enumerate() {
+                    let v = z * plane + k;
+                    let mut best = 0.0f32;
+                    let mut best_slot = usize::MAX;
+                    for slot in 0..n_labels {
+                        let p = acc[slot * n_vox + v];
+                        if p > best {
+                            best = p;
+                            best_slot = slot;
+                        }
+                    }
+                    if best_slot != usize::MAX && best >= background_fraction && best > 0.0 {
+                        *out = self.labels[best_slot];
+                    }
+                }
+            });
+        Ok(TransferResult {
+            labels: Array3::from_shape_vec(shape, labels).expect("shape"),
+            probabilities: Array4::from_shape_vec((n_labels, nz, ny, nx), acc).expect("shape"),
+            total_weight,
+            n_groups,
+        })
+    }
+}
+
+/// Keypoint label voting.
+///
+/// Match `m` links test keypoint `query[m]` to a training keypoint of label `label[m]`
+/// (> 0) at squared descriptor distance `dist2[m]`, with match probability `pm[m]`.
+/// Returns per test keypoint (`0..n_query`) the voted label (0 when it has no match or
+/// all weights vanish) and the vote certainty `p(L̂)` in `[0, 1]`. Ties go to the smaller
+/// label.
+pub fn vote_labels(
+    n_query: usize,
+    query: &[u32],
+    label: &[i32],
+    dist2: &[f32],
+    pm: &[f32],
+) -> Result<(Vec<i32>, Vec<f32>)> {
+    let n = query.len();
+    if label.len() != n || dist2.len() != n || pm.len() != n {
+        return Err(KfError::InvalidArgument(format!(
+            "match arrays differ in length: query {}, label {}, dist2 {}, pm {}",
+            n,
+            label.len(),
+            dist2.len(),
+            pm.len()
+        )));
+    }
+    if let Some(&q) = query.iter().find(|&&q| q as usize >= n_query) {
+        return Err(KfError::InvalidArgument(format!(
+            "match query index {q} out of range for {n_query} keypoints"
+        )));
+    }
+    if label.iter().any(|&l| l <= 0) {
+        return Err(KfError::InvalidArgument(
+            "training keypoint labels must be > 0 (background keypoints are dropped)".into(),
+        ));
+    }
+    if dist2
+        .iter()
+        .chain(pm)
+        .any(|v| !(v.is_finite() && *v >= 0.0))
+    {
+        return Err(KfError::InvalidArgument(
+            "distances and p(m) must be finite and non-negative".into(),
+        ));
+    }
+    // counting sort of the matches by query, stable
+    let mut start = vec![0usize; n_query + 1];
+    for &q in query {
+        start[q as usize + 1] += 1;
+    }
+    for i in 0..n_query {
+        start[i + 1] += start[i];
+    }
+    let mut order = vec![0usize; n];
+    let mut fill = start.clone();
+    for (m, &q) in query.iter().enumerate() {
+        order[fill[q as usize]] = m;
+        fill[q as usize] += 1;
+    }
+    let out: Vec<(i32, f32)> = (0..n_query)
+        .into_par_iter()
+        .map(|q| {
+            let ms = &order[start[q]..start[q + 1]];
+            if ms.is_empty() {
+                return (0, 0.0);
+            }
+            let tau2 = ms.iter().map(|&m| dist2[m] as f64).fold(0.0, f64::max);
+            let mut scores: Vec<(i32, f64)> = Vec::new();
+            for &m in ms {
+                let lik = if tau2 > 0.0 {
+                    (-(dist2[m] as f64) / (2.0 * tau2)).exp()
+                } else {
+                    1.0
+                };
+                let s = lik * pm[m] as f64;
+                match scores.iter_mut().find(|(l, _)| *l == label[m]) {
+                    Some(e) => e.1 += s,
+                    None => scores.push((label[m], s)),
+                }
+            }
+            scores.sort_unstable_by_key(|e| e.0);
+            let total: f64 = scores.iter().map(|e| e.1).sum();
+            let mut best = (0i32, 0.0f64);
+            for &(l, s) in &scores {
+                if s > best.1 {
+                    best = (l, s);
+                }
+            }
+            if total > 0.0 && best.0 > 0 {
+                (best.0, (best.1 / total) as f32)
+            } else {
+                (0, 0.0)
+            }
+        })
+        .collect();
+    Ok(out.into_iter().unzip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::s;
+
+    fn cube_atlas() -> (Array3<i32>, Array3<f32>) {
+        let mut l = Array3::<i32>::zeros((12, 10, 9));
+        l.slice_mut(s![3..7, 2..6, 1..5]).fill(2);
+        l.slice_mut(s![8..10, 6..9, 5..8]).fill(5);
+        let i = l.mapv(|v| v as f32 * 100.0);
+        (l, i)
+    }
+
+    #[test]
+    fn shifted_copy_is_reproduced_exactly() {
+        let (l, i) = cube_atlas();
+        let set = AtlasSet::new(&[l.view()], &[i.view()]).unwrap();
+        assert_eq!(set.labels(), &[2, 5]);
+        assert_eq!(set.organ_size(0, 2), 64);
+        // the test image is the atlas moved by (1, 1, 2)
+        let shift = [1, 1, 2];
+        let mut test_l = Array3::<i32>::zeros((12, 10, 9));
+        for ((z, y, x), &v) in l.indexed_iter() {
+            let (zt, yt, xt) = (z + 1, y + 1, x + 2);
+            if zt < 12 && yt < 10 && xt < 9 {
+                test_l[[zt, yt, xt]] = v;
+            }
+        }
+        let test_i = test_l.mapv(|v| v as f32 * 100.0);
+        let t = [
+            Transfer {
+                atlas: 0,
+                label: 2,
+                shift,
+                weight: 0.5,
+            },
+            Transfer {
+                atlas: 0,
+                label: 5,
+                shift,
+                weight: 2.0,
+            },
+            Transfer {
+                atlas: 0,
+                label: 2,
+                shift,
+                weight: 0.25,
+            },
+        ];
+        let out = set.transfer(test_i.view(), &t, &[50.0], 0.15).unwrap();
+        assert_eq!(out.labels, test_l);
+        assert_eq!(out.n_groups, 2);
+        assert_eq!(out.total_weight, vec![0.75, 2.0]);
+        assert!((out.probabilities[[0, 4, 3, 3]] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn intensity_likelihood_and_background_rule() {
+        let (l, i) = cube_atlas();
+        let set = AtlasSet::new(&[l.view()], &[i.view()]).unwrap();
+        // test intensities far from the atlas' organ intensity: weight ≈ 0 -> background
+        let test = Array3::<f32>::from_elem((12, 10, 9), 1000.0);
+        let t = [Transfer {
+            atlas: 0,
+            label: 2,
+            shift: [0, 0, 0],
+            weight: 1.0,
+        }];
+        let out = set.transfer(test.view(), &t, &[50.0], 0.15).unwrap();
+        assert!(out.labels.iter().all(|&v| v == 0));
+        // intensity term off: the organ is transferred whatever the intensities
+        let out = set
+            .transfer(test.view(), &t, &[f32::INFINITY], 0.15)
+            .unwrap();
+        assert_eq!(out.labels[[4, 3, 2]], 2);
+        // one standard deviation away gives exp(-1/2)
+        let test = i.mapv(|v| v + 50.0);
+        let out = set.transfer(test.view(), &t, &[50.0, 50.0], 0.15).unwrap();
+        let p = out.probabilities[[0, 4, 3, 2]];
+        assert!((p - (-0.5f32).exp()).abs() < 2e-3, "{p}");
+        // two weaker transfers disagreeing: the voxel covered by one of 10 is background
+        let t = [
+            Transfer {
+                atlas: 0,
+                label: 2,
+                shift: [0, 0, 0],
+                weight: 9.0,
+            },
+            Transfer {
+                atlas: 0,
+                label: 2,
+                shift: [0, 0, 4],
+                weight: 1.0,
+            },
+        ];
+        let out = set.transfer(i.view(), &t, &[f32::INFINITY], 0.15).unwrap();
+        assert_eq!(out.labels[[4, 3, 2]], 2);
+        assert_eq!(out.labels[[4, 3, 7]], 0);
+        assert!((out.probabilities[[0, 4, 3, 7]] - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn shifts_outside_the_grid_are_clipped() {
+        let (l, i) = cube_atlas();
+        let set = AtlasSet::new(&[l.view()], &[i.view()]).unwrap();
+        let test = Array3::<f32>::zeros((5, 4, 3));
+        let t = [
+            Transfer {
+                atlas: 0,
+                label: 2,
+                shift: [-4, -3, -2],
+                weight: 1.0,
+            },
+            Transfer {
+                atlas: 0,
+                label: 5,
+                shift: [100, -100, 7],
+                weight: 1.0,
+            },
+        ];
+        let out = set
+            .transfer(test.view(), &t, &[f32::INFINITY], 0.15)
+            .unwrap();
+        // organ 2 spans z 3..7 -> -1..3, y 2..6 -> -1..3, x 1..5 -> -1..3
+        assert_eq!(out.labels[[0, 0, 0]], 2);
+        assert_eq!(out.labels[[2, 2, 2]], 2);
+        assert_eq!(out.labels[[3, 0, 0]], 0);
+        assert_eq!(out.labels.iter().filter(|&&v| v == 2).count(), 3 * 3 * 3);
+    }
+
+    #[test]
+    fn deterministic_across_thread_counts() {
+        let (l, i) = cube_atlas();
+        let set = AtlasSet::new(&[l.view(), l.view()], &[i.view(), i.view()]).unwrap();
+        let t: Vec<Transfer> = (0..200)
+            .map(|k| Transfer {
+                atlas: (k % 2) as u32,
+                label: if k % 3 == 0 { 5 } else { 2 },
+                shift: [(k % 5) as i32 - 2, (k % 7) as i32 - 3, (k % 3) as i32 - 1],
+                weight: 0.1 + (k as f64 * 0.37).sin().abs(),
+            })
+            .collect();
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| set.transfer(i.view(), &t, &[80.0], 0.15).unwrap())
+        };
+        let (a, b) = (run(1), run(4));
+        assert_eq!(a.labels, b.labels);
+        assert_eq!(
+            a.probabilities
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            b.probabilities
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_rejected() {
+        let (l, i) = cube_atlas();
+        let small = Array3::<f32>::zeros((2, 2, 2));
+        assert!(AtlasSet::new(&[l.view()], &[small.view()]).is_err());
+        assert!(AtlasSet::new(&[], &[]).is_err());
+        let neg = l.mapv(|v| -v);
+        assert!(AtlasSet::new(&[neg.view()], &[i.view()]).is_err());
+        let set = AtlasSet::new(&[l.view()], &[i.view()]).unwrap();
+        let t = |atlas, label, weight| {
+            [Transfer {
+                atlas,
+                label,
+                shift: [0; 3],
+                weight,
+            }]
+        };
+        assert!(set.transfer(i.view(), &t(1, 2, 1.0), &[1.0], 0.15).is_err());
+        assert!(set.transfer(i.view(), &t(0, 3, 1.0), &[1.0], 0.15).is_err());
+        assert!(set
+            .transfer(i.view(), &t(0, 2, f64::NAN), &[1.0], 0.15)
+            .is_err());
+        assert!(set
+            .transfer(i.view(), &t(0, 2, 1.0), &[1.0, 2.0, 3.0], 0.15)
+            .is_err());
+        assert!(set.transfer(i.view(), &t(0, 2, 1.0), &[1.0], 1.5).is_err());
+        let nan = i.mapv(|_| f32::NAN);
+        assert!(set
+            .transfer(nan.view(), &t(0, 2, 1.0), &[1.0], 0.15)
+            .is_err());
+    }
+
+    #[test]
+    fn voting_follows_the_descriptor_likelihood() {
+        // keypoint 0: two weak matches to label 1 lose to a close match to label 2?
+        // d² = 0 (lik 1) for label 2; d² = τ² (lik e^-1/2 ≈ 0.61) twice for label 1 -> 1.21
+        let (l, c) = vote_labels(
+            3,
+            &[0, 0, 0, 2],
+            &[1, 1, 2, 7],
+            &[4.0, 4.0, 0.0, 9.0],
+            &[1.0, 1.0, 1.0, 0.5],
+        )
+        .unwrap();
+        assert_eq!(l, vec![1, 0, 7]);
+        let e = (-0.5f64).exp();
+        assert!((c[0] as f64 - 2.0 * e / (2.0 * e + 1.0)).abs() < 1e-6);
+        assert_eq!(c[1], 0.0);
+        assert_eq!(c[2], 1.0);
+        // p(m) tips the balance
+        let (l, _) = vote_labels(
+            1,
+            &[0, 0, 0],
+            &[1, 1, 2],
+            &[4.0, 4.0, 0.0],
+            &[0.1, 0.1, 1.0],
+        )
+        .unwrap();
+        assert_eq!(l, vec![2]);
+        assert!(vote_labels(1, &[1], &[1], &[0.0], &[1.0]).is_err());
+        assert!(vote_labels(1, &[0], &[0], &[0.0], &[1.0]).is_err());
+        assert!(vote_labels(1, &[0], &[1], &[0.0], &[1.0, 2.0]).is_err());
+    }
+}
