@@ -1,1 +1,668 @@
-//! (module under construction: see lib.rs for its purpose)
+//! Likelihoods of the shallow+deep fusion model (Chauvin et al., equations 5–9).
+//!
+//! * [`keypoint_log_likelihood`]: log p({f_i} | C_k) for every class k, the product over
+//!   query keypoints (eq. 5) of an adaptive-width kernel density over the training
+//!   keypoints of class k plus a uniform background (eqs. 6–7):
+//!   p(f_i | C_k) ∝ (1/N_k) Σ_{j ∈ k} exp(−‖f_i − f_j‖² / (1 + dNN_i²)) + b,
+//!   dNN_i = min_j ‖f_i − f_j‖ over all training keypoints.
+//! * [`vector_log_likelihood`] / [`binary_log_likelihood`]: log p(v | C_k) (eqs. 8–9),
+//!   p(v | C_k) ∝ (1/N_k) Σ_{j ∈ k} exp(−d(v, v_j)² / μ²) + b with μ the mean distance
+//!   from v to the training vectors; Euclidean for real vectors, Hamming for binary ones.
+//!
+//! Everything is computed in log space as a sum of `ln(S/N + b)` terms, so a product over
+//! thousands of keypoints never underflows. Work is split over rayon threads per query
+//! row, and every sum runs in a fixed order, so results are bit-identical whatever the
+//! thread count. Leave-one-out evaluation is built in: an excluded training sample is
+//! ignored everywhere (kernel sums, class counts, dNN and μ).
+//!
+//! ```
+//! use ndarray::array;
+//! use keyfuse_core::kde::{vector_log_likelihood, KdeOptions};
+//! let train = array![[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]];
+//! let classes = array![0_i64, 0, 1];
+//! let query = array![[0.05, 0.0]];
+//! let ll = vector_log_likelihood(query.view(), train.view(), classes.view(), 2, None,
+//!                                &KdeOptions::default()).unwrap();
+//! assert!(ll[[0, 0]] > ll[[0, 1]]);
+//! ```
+
+use crate::{KfError, Result};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
+use rayon::prelude::*;
+
+/// A kernel exponent beyond this adds less than e^-40 ≈ 4e-18 to a sum that already
+/// holds the background b (≥ f64 epsilon relative to it for b ≥ 1e-2), so it is skipped:
+/// the result is unchanged at f64 precision and most `exp` calls are saved.
+const EXP_CUTOFF: f64 = 40.0;
+
+/// Options shared by the likelihood functions.
+#[derive(Debug, Clone)]
+pub struct KdeOptions {
+    /// Uniform background density b added to every kernel sum (the paper's "+1"); > 0.
+    pub background: f64,
+    /// Keypoint term only: sum the kernel over the `k` nearest training keypoints of each
+    /// query keypoint instead of all of them (the paper evaluates it with a kd-tree k-NN).
+    /// `None` = exact sum over every training keypoint.
+    pub k: Option<usize>,
+}
+
+impl Default for KdeOptions {
+    fn default() -> Self {
+        Self {
+            background: 1.0,
+            k: None,
+        }
+    }
+}
+
+fn check_background(b: f64) -> Result<()> {
+    if !(b.is_finite() && b > 0.0) {
+        return Err(KfError::InvalidArgument(format!(
+            "background must be a finite number > 0, got {b}"
+        )));
+    }
+    Ok(())
+}
+
+/// Validate class labels (0 ≤ c < n_classes) and turn them into indices.
+fn class_indices(classes: ArrayView1<i64>, n_classes: usize, what: &str) -> Result<Vec<usize>> {
+    if n_classes == 0 {
+        return Err(KfError::InvalidArgument("n_classes must be ≥ 1".into()));
+    }
+    classes
+        .iter()
+        .map(|&c| {
+            if c < 0 || c as u64 >= n_classes as u64 {
+                Err(KfError::InvalidArgument(format!(
+                    "{what} label {c} is outside 0..{n_classes}"
+                )))
+            } else {
+                Ok(c as usize)
+            }
+        })
+        .collect()
+}
+
+#[inline]
+fn sqdist_u8(a: &[u8], b: &[u8]) -> u32 {
+    // i32 lanes: the compiler vectorises this over the 64 bytes of a descriptor
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let d = x as i32 - y as i32;
+            (d * d) as u32
+        })
+        .sum()
+}
+
+/// log p({f_i} | C_k) for each class k (eqs. 5–7), summed over the query keypoints.
+///
+/// * `query` (Nq, D) and `train` (Nt, D): uint8 descriptors (SIFT-Rank: D = 64).
+/// * `train_sample` (Nt,): the training sample (image) each training keypoint comes from.
+/// * `sample_class` (S,): the class of each training sample, in `0..n_classes`.
+/// * `exclude_sample`: a training sample to ignore (leave-one-out), or `None`.
+///
+/// Returns `n_classes` values Σ_i ln(S_ik / N_k + b), where N_k counts the training
+/// keypoints of class k (a class with none gets ln b per keypoint). An empty query gives
+/// zeros.
+pub fn keypoint_log_likelihood(
+    query: ArrayView2<u8>,
+    train: ArrayView2<u8>,
+    train_sample: ArrayView1<i64>,
+    sample_class: ArrayView1<i64>,
+    n_classes: usize,
+    exclude_sample: Option<usize>,
+    opts: &KdeOptions,
+) -> Result<Array1<f64>> {
+    check_background(opts.background)?;
+    let dim = query.ncols();
+    if train.ncols() != dim {
+        return Err(KfError::InvalidArgument(format!(
+            "query descriptors have {dim} columns but training descriptors have {}",
+            train.ncols()
+        )));
+    }
+    if train_sample.len() != train.nrows() {
+        return Err(KfError::InvalidArgument(format!(
+            "train_sample has {} entries for {} training keypoints",
+            train_sample.len(),
+            train.nrows()
+        )));
+    }
+    if opts.k == Some(0) {
+        return Err(KfError::InvalidArgument(
+            "k must be ≥ 1 (or None for all)".into(),
+        ));
+    }
+    let sample_cls = class_indices(sample_class, n_classes, "sample_class")?;
+    let n_samples = sample_cls.len();
+    // class of every training keypoint; usize::MAX marks an excluded keypoint
+    let kp_class: Vec<usize> = train_sample
+        .iter()
+        .map(|&s| {
+            if s < 0 || s as u64 >= n_samples as u64 {
+                Err(KfError::InvalidArgument(format!(
+                    "train_sample index {s} is outside 0..{n_samples}"
+                )))
+            } else if exclude_sample == Some(s as usize) {
+                Ok(usize::MAX)
+            } else {
+                Ok(sample_cls[s as usize])
+            }
+        })
+        .collect::<Result<_>>()?;
+    let mut n_per_class = vec![0usize; n_classes];
+    for &c in kp_class.iter().filter(|&&c| c != usize::MAX) {
+        n_per_class[c] += 1;
+    }
+    let b = opts.background;
+    let nq = query.nrows();
+    if nq == 0 {
+        return Ok(Array1::zeros(n_classes));
+    }
+    let query = query.as_standard_layout();
+    let train = train.as_standard_layout();
+    let qs = query.as_slice().expect("standard layout");
+    let ts = train.as_slice().expect("standard layout");
+    let active = kp_class.iter().filter(|&&c| c != usize::MAX).count();
+    if active == 0 || dim == 0 {
+        // no training keypoint at all: background only
+        return Ok(Array1::from_elem(n_classes, nq as f64 * b.ln()));
+    }
+
+    // per query keypoint: the n_classes kernel sums, in a (Nq, C) buffer
+    let mut sums = vec![0.0f64; nq * n_classes];
+    sums.par_chunks_mut(n_classes).enumerate().for_each_init(
+        || (Vec::<(u32, u32)>::new(), Vec::<u32>::new()),
+        |(cand, dist), (i, out)| {
+            let q = &qs[i * dim..(i + 1) * dim];
+            dist.clear();
+            dist.extend(
+                ts.chunks_exact(dim)
+                    .map(|t| sqdist_u8(q, t))
+                    .zip(&kp_class)
+                    .map(|(d, &c)| if c == usize::MAX { u32::MAX } else { d }),
+            );
+            let mut accumulate = |d2: u32, c: usize, width: f64| {
+                let x = d2 as f64 / width;
+                if x < EXP_CUTOFF {
+                    out[c] += (-x).exp();
+                }
+            };
+            match opts.k {
+                Some(k) if k < active => {
+                    // the k nearest by (distance, index): a total order, so ties are
+                    // broken the same way on every run
+                    cand.clear();
+                    cand.extend(
+                        dist.iter()
+                            .enumerate()
+                            .filter(|(j, _)| kp_class[*j] != usize::MAX)
+                            .map(|(j, &d)| (d, j as u32)),
+                    );
+                    cand.select_nth_unstable(k - 1);
+                    cand.truncate(k);
+                    cand.sort_unstable();
+                    let width = 1.0 + cand[0].0 as f64;
+                    for &(d2, j) in cand.iter() {
+                        accumulate(d2, kp_class[j as usize], width);
+                    }
+                }
+                _ => {
+                    let dmin = dist.iter().copied().min().unwrap_or(0);
+                    let width = 1.0 + dmin as f64;
+                    for (&d2, &c) in dist.iter().zip(&kp_class) {
+                        if c != usize::MAX {
+                            accumulate(d2, c, width);
+                        }
+                    }
+                }
+            }
+        },
+    );
+    let mut ll = Array1::<f64>::zeros(n_classes);
+    for row in sums.chunks_exact(n_classes) {
+        for (c, &s) in row.iter().enumerate() {
+            ll[c] += log_term(s, n_per_class[c], b);
+        }
+    }
+    Ok(ll)
+}
+
+/// ln(S/N + b), with an empty class contributing the background only.
+#[inline]
+fn log_term(s: f64, n: usize, b: f64) -> f64 {
+    if n == 0 {
+        b.ln()
+    } else {
+        let p = s / n as f64;
+        // ln(b) + ln(1 + p/b): exact near b where p ≪ b
+        b.ln() + (p / b).ln_1p()
+    }
+}
+
+/// Shared per-query logic of eqs. 8–9 once the distances d(v, v_j) are known.
+fn vector_row(
+    dists: &[f64],
+    train_cls: &[usize],
+    skip: Option<usize>,
+    counts: &[usize],
+    b: f64,
+    out: &mut [f64],
+) {
+    let mut n_used = 0usize;
+    let mut total = 0.0;
+    for (j, &d) in dists.iter().enumerate() {
+        if Some(j) != skip {
+            total += d;
+            n_used += 1;
+        }
+    }
+    let mu = if n_used > 0 {
+        total / n_used as f64
+    } else {
+        0.0
+    };
+    let mu2 = mu * mu;
+    let mut sums = vec![0.0f64; out.len()];
+    for (j, (&d, &c)) in dists.iter().zip(train_cls).enumerate() {
+        if Some(j) == skip {
+            continue;
+        }
+        // μ = 0 means every training vector equals v: the kernel is 1 at distance 0
+        let x = if mu2 > 0.0 {
+            d * d / mu2
+        } else if d == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        if x < EXP_CUTOFF {
+            sums[c] += (-x).exp();
+        }
+    }
+    for (c, o) in out.iter_mut().enumerate() {
+        let mut n = counts[c];
+        if let Some(s) = skip {
+            if train_cls[s] == c {
+                n -= 1;
+            }
+        }
+        *o = log_term(sums[c], n, b);
+    }
+}
+
+fn check_vectors(
+    qcols: usize,
+    tcols: usize,
+    tclass_len: usize,
+    trows: usize,
+    exclude: Option<&[i64]>,
+    nq: usize,
+) -> Result<()> {
+    if qcols != tcols {
+        return Err(KfError::InvalidArgument(format!(
+            "query vectors have {qcols} elements but training vectors have {tcols}"
+        )));
+    }
+    if tclass_len != trows {
+        return Err(KfError::InvalidArgument(format!(
+            "train_class has {tclass_len} entries for {trows} training vectors"
+        )));
+    }
+    if let Some(ex) = exclude {
+        if ex.len() != nq {
+            return Err(KfError::InvalidArgument(format!(
+                "exclude has {} entries for {nq} queries",
+                ex.len()
+            )));
+        }
+        if let Some(bad) = ex.iter().find(|&&e| e >= trows as i64) {
+            return Err(KfError::InvalidArgument(format!(
+                "exclude index {bad} is outside 0..{trows}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn per_query<F>(
+    nq: usize,
+    ntrain: usize,
+    train_cls: &[usize],
+    n_classes: usize,
+    exclude: Option<&[i64]>,
+    b: f64,
+    dist_row: F,
+) -> Array2<f64>
+where
+    F: Fn(usize, &mut [f64]) + Sync,
+{
+    let mut counts = vec![0usize; n_classes];
+    for &c in train_cls {
+        counts[c] += 1;
+    }
+    let mut out = Array2::<f64>::zeros((nq, n_classes));
+    out.as_slice_mut()
+        .expect("fresh array is contiguous")
+        .par_chunks_mut(n_classes.max(1))
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f64; ntrain],
+            |dists, (i, row)| {
+                dist_row(i, dists);
+                let skip = exclude.and_then(|ex| usize::try_from(ex[i]).ok());
+                vector_row(dists, train_cls, skip, &counts, b, row);
+            },
+        );
+    out
+}
+
+/// log p(v | C_k) for real vectors (eqs. 8–9, Euclidean distance), one row per query.
+///
+/// * `query` (Q, D), `train` (N, D); `train_class` (N,) in `0..n_classes`.
+/// * `exclude`: per query, the index of a training vector to ignore (leave-one-out:
+///   pass `0..Q` when the queries are the training vectors), negative = none.
+///
+/// Returns (Q, n_classes) values ln((1/N_k) Σ_{j∈k} exp(−‖v−v_j‖²/μ²) + b),
+/// μ = mean ‖v − v_j‖ over the (non-excluded) training vectors.
+pub fn vector_log_likelihood(
+    query: ArrayView2<f64>,
+    train: ArrayView2<f64>,
+    train_class: ArrayView1<i64>,
+    n_classes: usize,
+    exclude: Option<&[i64]>,
+    opts: &KdeOptions,
+) -> Result<Array2<f64>> {
+    check_background(opts.background)?;
+    check_vectors(
+        query.ncols(),
+        train.ncols(),
+        train_class.len(),
+        train.nrows(),
+        exclude,
+        query.nrows(),
+    )?;
+    if query.iter().chain(train.iter()).any(|v| !v.is_finite()) {
+        return Err(KfError::InvalidArgument(
+            "vectors contain NaN or Inf".into(),
+        ));
+    }
+    let cls = class_indices(train_class, n_classes, "train_class")?;
+    let query = query.as_standard_layout();
+    let train = train.as_standard_layout();
+    let d = query.ncols();
+    let qs = query.as_slice().expect("standard layout");
+    let ts = train.as_slice().expect("standard layout");
+    Ok(per_query(
+        query.nrows(),
+        train.nrows(),
+        &cls,
+        n_classes,
+        exclude,
+        opts.background,
+        |i, dists| {
+            let q = &qs[i * d..(i + 1) * d];
+            for (o, t) in dists.iter_mut().zip(ts.chunks_exact(d.max(1))) {
+                let s: f64 = q.iter().zip(t).map(|(a, b)| (a - b) * (a - b)).sum();
+                *o = s.sqrt();
+            }
+            if d == 0 {
+                dists.iter_mut().for_each(|o| *o = 0.0);
+            }
+        },
+    ))
+}
+
+fn pack_bits(m: ArrayView2<u8>) -> Result<(Vec<u64>, usize)> {
+    let words = m.ncols().div_ceil(64);
+    let mut out = vec![0u64; m.nrows() * words];
+    for (r, row) in m.rows().into_iter().enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            match v {
+                0 => {}
+                1 => out[r * words + c / 64] |= 1u64 << (c % 64),
+                _ => {
+                    return Err(KfError::InvalidArgument(format!(
+                        "binary vectors must hold only 0 and 1, found {v}"
+                    )))
+                }
+            }
+        }
+    }
+    Ok((out, words))
+}
+
+/// log p(v | C_k) for binary vectors (eqs. 8–9 with the Hamming distance d_H as the
+/// distance: kernel exp(−d_H²/μ²), μ = mean d_H). Same arguments and result as
+/// [`vector_log_likelihood`]; `query` and `train` hold 0/1 bytes.
+pub fn binary_log_likelihood(
+    query: ArrayView2<u8>,
+    train: ArrayView2<u8>,
+    train_class: ArrayView1<i64>,
+    n_classes: usize,
+    exclude: Option<&[i64]>,
+    opts: &KdeOptions,
+) -> Result<Array2<f64>> {
+    check_background(opts.background)?;
+    check_vectors(
+        query.ncols(),
+        train.ncols(),
+        train_class.len(),
+        train.nrows(),
+        exclude,
+        query.nrows(),
+    )?;
+    let cls = class_indices(train_class, n_classes, "train_class")?;
+    let (qb, words) = pack_bits(query)?;
+    let (tb, _) = pack_bits(train)?;
+    Ok(per_query(
+        query.nrows(),
+        train.nrows(),
+        &cls,
+        n_classes,
+        exclude,
+        opts.background,
+        |i, dists| {
+            if words == 0 {
+                dists.iter_mut().for_each(|o| *o = 0.0);
+                return;
+            }
+            let q = &qb[i * words..(i + 1) * words];
+            for (o, t) in dists.iter_mut().zip(tb.chunks_exact(words)) {
+                *o = q
+                    .iter()
+                    .zip(t)
+                    .map(|(a, b)| (a ^ b).count_ones())
+                    .sum::<u32>() as f64;
+            }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{array, Array2};
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    fn random_desc(n: usize, seed: u64) -> Array2<u8> {
+        let mut s = seed;
+        Array2::from_shape_fn((n, 64), |_| (lcg(&mut s) % 64) as u8)
+    }
+
+    /// Direct transcription of eq. 7 in f64, for comparison.
+    fn naive_kp(q: &Array2<u8>, t: &Array2<u8>, ts: &[i64], sc: &[i64], nc: usize) -> Vec<f64> {
+        let mut out = vec![0.0; nc];
+        let mut n = vec![0.0; nc];
+        for &s in ts {
+            n[sc[s as usize] as usize] += 1.0;
+        }
+        for qi in q.rows() {
+            let d2: Vec<f64> = t
+                .rows()
+                .into_iter()
+                .map(|tj| {
+                    qi.iter()
+                        .zip(tj)
+                        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                        .sum()
+                })
+                .collect();
+            let dnn = d2.iter().cloned().fold(f64::INFINITY, f64::min);
+            for (c, o) in out.iter_mut().enumerate() {
+                let s: f64 = d2
+                    .iter()
+                    .zip(ts)
+                    .filter(|(_, &s)| sc[s as usize] as usize == c)
+                    .map(|(&d, _)| (-d / (1.0 + dnn)).exp())
+                    .sum();
+                *o += (s / n[c] + 1.0).ln();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn keypoint_matches_direct_formula() {
+        let q = random_desc(7, 1);
+        let mut t = random_desc(30, 2);
+        // make some training keypoints near query keypoints so kernels are not all ~0
+        for r in 0..5 {
+            let mut row = q.row(r).to_owned();
+            row[0] = row[0].saturating_add(1);
+            t.row_mut(r * 3).assign(&row);
+        }
+        let ts: Vec<i64> = (0..30).map(|j| j / 10).collect();
+        let sc = vec![0_i64, 1, 0];
+        let got = keypoint_log_likelihood(
+            q.view(),
+            t.view(),
+            ArrayView1::from(&ts),
+            ArrayView1::from(&sc),
+            2,
+            None,
+            &KdeOptions::default(),
+        )
+        .unwrap();
+        let want = naive_kp(&q, &t, &ts, &sc, 2);
+        for c in 0..2 {
+            assert!(
+                (got[c] - want[c]).abs() < 1e-9 * want[c].abs().max(1.0),
+                "{got} {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn keypoint_exclusion_equals_removal() {
+        let q = random_desc(5, 3);
+        let t = random_desc(40, 4);
+        let ts: Vec<i64> = (0..40).map(|j| j / 10).collect();
+        let sc = vec![0_i64, 1, 1, 0];
+        let ex = keypoint_log_likelihood(
+            q.view(),
+            t.view(),
+            ArrayView1::from(&ts),
+            ArrayView1::from(&sc),
+            2,
+            Some(2),
+            &KdeOptions::default(),
+        )
+        .unwrap();
+        let keep: Vec<usize> = (0..40).filter(|j| j / 10 != 2).collect();
+        let t2 = t.select(ndarray::Axis(0), &keep);
+        let ts2: Vec<i64> = keep.iter().map(|&j| ts[j]).collect();
+        let rm = keypoint_log_likelihood(
+            q.view(),
+            t2.view(),
+            ArrayView1::from(&ts2),
+            ArrayView1::from(&sc),
+            2,
+            None,
+            &KdeOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(ex, rm);
+        // k = all equals the exact sum
+        let all = keypoint_log_likelihood(
+            q.view(),
+            t2.view(),
+            ArrayView1::from(&ts2),
+            ArrayView1::from(&sc),
+            2,
+            None,
+            &KdeOptions {
+                k: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(all, rm);
+    }
+
+    #[test]
+    fn vector_kde_and_errors() {
+        let train = array![[0.0, 0.0], [1.0, 0.0], [4.0, 3.0]];
+        let cls = array![0_i64, 0, 1];
+        let q = array![[0.0, 0.0]];
+        let ll = vector_log_likelihood(
+            q.view(),
+            train.view(),
+            cls.view(),
+            2,
+            None,
+            &KdeOptions::default(),
+        )
+        .unwrap();
+        let mu: f64 = (0.0 + 1.0 + 5.0) / 3.0;
+        let want0 = (0.5 * (1.0 + (-1.0 / (mu * mu)).exp()) + 1.0).ln();
+        let want1 = ((-25.0 / (mu * mu)).exp() + 1.0).ln();
+        assert!((ll[[0, 0]] - want0).abs() < 1e-12 && (ll[[0, 1]] - want1).abs() < 1e-12);
+        assert!(vector_log_likelihood(
+            q.view(),
+            train.view(),
+            array![0_i64, 0, 2].view(),
+            2,
+            None,
+            &KdeOptions::default()
+        )
+        .is_err());
+        let bad = array![[1u8, 2]];
+        assert!(binary_log_likelihood(
+            bad.view(),
+            bad.view(),
+            array![0_i64].view(),
+            1,
+            None,
+            &KdeOptions::default()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn binary_equals_hamming_formula() {
+        let train = array![[0u8, 0, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0]];
+        let cls = array![0_i64, 1, 1];
+        let ll = binary_log_likelihood(
+            train.view(),
+            train.view(),
+            cls.view(),
+            2,
+            Some(&[0, 1, 2]),
+            &KdeOptions::default(),
+        )
+        .unwrap();
+        // query 0 against 1 (d=1) and 2 (d=4): μ = 2.5; class 0 empty after exclusion
+        let mu2: f64 = 2.5 * 2.5;
+        let want = (0.5 * ((-1.0 / mu2).exp() + (-16.0 / mu2).exp()) + 1.0).ln();
+        assert_eq!(ll[[0, 0]], 0.0);
+        assert!((ll[[0, 1]] - want).abs() < 1e-12);
+    }
+}
