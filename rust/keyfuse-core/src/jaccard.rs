@@ -1,1 +1,576 @@
-//! (module under construction: see lib.rs for its purpose)
+//! Soft-Jaccard keypoint-set similarity (Chauvin et al. 2020/2021) and a deterministic
+//! re-implementation of the reference matcher's voting (`featMatchMultiple`).
+//!
+//! Soft intersection of A with B:
+//! `|A∩B| = Σ_{f_i∈A} max_{f_j ∈ NN_K(f_i) ∩ B} exp(−d²(f_i,f_j) / 2α_i²)`, with α_i² the
+//! squared distance from f_i to its nearest neighbour in the collection it is compared
+//! against (floored at [`SoftJaccardParams::alpha2_floor`] so that exact duplicates give 1),
+//! and `J = |A∩B| / (|A| + |B| − |A∩B|)`.
+//!
+//! * In a [`Cohort`] (an index), the collection is every other subject: a subject's scores
+//!   are relative to the cohort, as in the paper's large-scale retrieval.
+//! * For two sets alone ([`soft_jaccard_pair`]), it is `A∖{f_i} ∪ B`: with B alone the
+//!   nearest neighbour would always score exp(−½) and J would not depend on the data.
+//!
+//! Summation order never depends on the thread count (per-subject rows, fixed order),
+//! so every score is bit-identical from run to run.
+
+use crate::knn::{check_rows, knn_exact, ForestParams, KdForest, Neighbors};
+use crate::{KfError, Result, DESC_LEN};
+use rayon::prelude::*;
+
+/// Parameters of soft-Jaccard scoring.
+#[derive(Clone, Debug)]
+pub struct SoftJaccardParams {
+    /// Nearest neighbours per keypoint (K).
+    pub k: usize,
+    /// Exact brute-force k-NN instead of the kd-forest.
+    pub exact: bool,
+    /// Distance evaluations per query in the kd-forest.
+    pub checks: usize,
+    /// Lower bound of α² (squared rank-descriptor distance; the smallest non-zero distance
+    /// between two permutations is 2).
+    pub alpha2_floor: f64,
+}
+
+impl Default for SoftJaccardParams {
+    fn default() -> Self {
+        SoftJaccardParams {
+            k: 30,
+            exact: false,
+            checks: 128,
+            alpha2_floor: 1.0,
+        }
+    }
+}
+
+fn check_params(p: &SoftJaccardParams) -> Result<()> {
+    if p.k == 0 || p.checks == 0 || p.alpha2_floor.is_nan() || p.alpha2_floor <= 0.0 {
+        return Err(KfError::InvalidArgument(
+            "soft Jaccard needs k ≥ 1, checks ≥ 1 and alpha2_floor > 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Jaccard index from a soft intersection and the two set sizes.
+#[inline]
+pub fn jaccard_from(inter: f64, na: usize, nb: usize) -> f64 {
+    let union = na as f64 + nb as f64 - inter;
+    if union <= 0.0 {
+        0.0
+    } else {
+        (inter / union).clamp(0.0, 1.0)
+    }
+}
+
+/// A cohort of keypoint sets (descriptors only) with a lazily built kd-forest: the search
+/// engine of `keyfuse.Index`.
+#[derive(Clone, Debug, Default)]
+pub struct Cohort {
+    data: Vec<u8>,
+    owner: Vec<u32>,
+    offsets: Vec<usize>,
+    forest: Option<KdForest>,
+    forest_params: ForestParams,
+}
+
+impl Cohort {
+    pub fn new(forest_params: ForestParams) -> Self {
+        Cohort {
+            data: Vec::new(),
+            owner: Vec::new(),
+            offsets: vec![0],
+            forest: None,
+            forest_params,
+        }
+    }
+
+    /// Append one subject's descriptors (`n × 64` bytes); returns its subject number.
+    pub fn add(&mut self, desc: &[u8]) -> Result<usize> {
+        let n = check_rows("descriptors", desc)?;
+        let s = self.n_subjects();
+        if self.owner.len() + n >= u32::MAX as usize {
+            return Err(KfError::InvalidArgument(
+                "index is full (2³² keypoints)".into(),
+            ));
+        }
+        self.data.extend_from_slice(desc);
+        self.owner.extend(std::iter::repeat(s as u32).take(n));
+        self.offsets.push(self.owner.len());
+        self.forest = None;
+        Ok(s)
+    }
+
+    pub fn n_subjects(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn n_points(&self) -> usize {
+        self.owner.len()
+    }
+
+    /// Keypoints per subject.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    pub fn descriptors(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Bytes held: descriptors, owners and the forest.
+    pub fn memory_bytes(&self) -> usize {
+        self.data.len()
+            + self.owner.len() * 4
+            + self.forest.as_ref().map_or(0, |f| f.memory_bytes())
+    }
+
+    /// Build the kd-forest now (otherwise built on the first approximate search).
+    pub fn build_forest(&mut self) -> Result<()> {
+        if self.forest.is_none() {
+            self.forest = Some(KdForest::build(&self.data, &self.forest_params)?);
+        }
+        Ok(())
+    }
+
+    pub fn has_forest(&self) -> bool {
+        self.forest.is_some()
+    }
+
+    fn knn<F: Fn(usize, u32) -> bool + Sync>(
+        &self,
+        queries: &[u8],
+        p: &SoftJaccardParams,
+        filter: F,
+    ) -> Result<Neighbors> {
+        if p.exact {
+            return knn_exact(&self.data, queries, p.k, filter);
+        }
+        match &self.forest {
+            Some(f) => f.search(&self.data, queries, p.k, p.checks, filter),
+            None => Err(KfError::InvalidArgument(
+                "approximate search needs build_forest() first".into(),
+            )),
+        }
+    }
+
+    /// Soft intersection of a query set with every subject (`exclude`: the query's own
+    /// subject, skipped; `allowed`: per-subject mask restricting the search).
+    pub fn intersections(
+        &self,
+        queries: &[u8],
+        exclude: Option<usize>,
+        allowed: Option<&[bool]>,
+        p: &SoftJaccardParams,
+    ) -> Result<Vec<f64>> {
+        check_params(p)?;
+        check_rows("query descriptors", queries)?;
+        if let Some(a) = allowed {
+            if a.len() != self.n_subjects() {
+                return Err(KfError::InvalidArgument(
+                    "restriction mask length differs from the number of subjects".into(),
+                ));
+            }
+        }
+        let ex = exclude.map_or(u32::MAX, |e| e as u32);
+        let owner = &self.owner;
+        let nb = self.knn(queries, p, |_, c| {
+            let s = owner[c as usize];
+            s != ex && allowed.map_or(true, |a| a[s as usize])
+        })?;
+        let mut inter = vec![0.0f64; self.n_subjects()];
+        accumulate(&nb, owner, p.alpha2_floor, &mut inter);
+        Ok(inter)
+    }
+
+    /// Soft-Jaccard of a query set against every subject.
+    pub fn search(
+        &self,
+        queries: &[u8],
+        exclude: Option<usize>,
+        allowed: Option<&[bool]>,
+        p: &SoftJaccardParams,
+    ) -> Result<Vec<f64>> {
+        let nq = queries.len() / DESC_LEN;
+        let inter = self.intersections(queries, exclude, allowed, p)?;
+        let sizes = self.sizes();
+        Ok(inter
+            .iter()
+            .zip(&sizes)
+            .map(|(&i, &n)| jaccard_from(i, nq, n))
+            .collect())
+    }
+
+    /// N×N soft-Jaccard matrix (row = query subject, its own subject excluded), row-major.
+    /// `symmetric` averages the two soft intersections before forming J. The diagonal is 1.
+    pub fn pairwise(&self, p: &SoftJaccardParams, symmetric: bool) -> Result<Vec<f64>> {
+        check_params(p)?;
+        let n = self.n_subjects();
+        let owner = &self.owner;
+        // one row per subject, each computed by one task in a fixed order
+        let rows: Vec<Vec<f64>> = (0..n)
+            .into_par_iter()
+            .map(|s| {
+                let q = &self.data[self.offsets[s] * DESC_LEN..self.offsets[s + 1] * DESC_LEN];
+                let nb = self.knn_seq(q, p, |_, c| owner[c as usize] != s as u32)?;
+                let mut inter = vec![0.0f64; n];
+                accumulate(&nb, owner, p.alpha2_floor, &mut inter);
+                Ok(inter)
+            })
+            .collect::<Result<_>>()?;
+        let sizes = self.sizes();
+        let mut out = vec![0.0f64; n * n];
+        for a in 0..n {
+            for b in 0..n {
+                out[a * n + b] = if a == b {
+                    1.0
+                } else {
+                    let i = if symmetric {
+                        0.5 * (rows[a][b] + rows[b][a])
+                    } else {
+                        rows[a][b]
+                    };
+                    jaccard_from(i, sizes[a], sizes[b])
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// k-NN for one subject's rows, nested inside an outer parallel loop (rayon balances).
+    fn knn_seq<F: Fn(usize, u32) -> bool + Sync>(
+        &self,
+        queries: &[u8],
+        p: &SoftJaccardParams,
+        filter: F,
+    ) -> Result<Neighbors> {
+        self.knn(queries, p, filter)
+    }
+
+    /// The reference matcher's vote matrix (see [`reference_votes`]) over this cohort.
+    pub fn reference_votes(&self, p: &SoftJaccardParams) -> Result<Vec<f64>> {
+        check_params(p)?;
+        let n = self.n_subjects();
+        let owner = &self.owner;
+        let rows: Vec<Vec<f64>> = (0..n)
+            .into_par_iter()
+            .map(|s| {
+                let q = &self.data[self.offsets[s] * DESC_LEN..self.offsets[s + 1] * DESC_LEN];
+                let nb = self.knn_seq(q, p, |_, c| owner[c as usize] != s as u32)?;
+                Ok(vote_row(&nb, owner, n))
+            })
+            .collect::<Result<_>>()?;
+        Ok(rows.concat())
+    }
+}
+
+/// Add every query keypoint's best kernel value per subject into `inter`.
+fn accumulate(nb: &Neighbors, owner: &[u32], floor: f64, inter: &mut [f64]) {
+    let mut seen: Vec<u32> = Vec::with_capacity(nb.k);
+    for q in 0..nb.n_queries() {
+        let mut row = nb.row(q).peekable();
+        let Some(&(_, d1)) = row.peek() else { continue };
+        let a2 = (d1 as f64).max(floor);
+        seen.clear();
+        // neighbours come nearest first, so the first one of a subject is its maximum
+        for (c, d) in row {
+            let s = owner[c as usize];
+            if seen.contains(&s) {
+                continue;
+            }
+            seen.push(s);
+            inter[s as usize] += (-(d as f64) / (2.0 * a2)).exp();
+        }
+    }
+}
+
+/// One query subject's row of the vote matrix.
+fn vote_row(nb: &Neighbors, owner: &[u32], n: usize) -> Vec<f64> {
+    // (result feature, vote) from every query feature, at most one per other subject
+    let mut votes: Vec<(u32, f64)> = Vec::new();
+    let mut seen: Vec<u32> = Vec::with_capacity(nb.k);
+    for q in 0..nb.n_queries() {
+        let row: Vec<(u32, u32)> = nb.row(q).collect();
+        let Some(&(_, d1)) = row.first() else {
+            continue;
+        };
+        let dmin2 = (d1 as f64).max(1.0);
+        let w: Vec<f64> = row
+            .iter()
+            .map(|&(_, d)| (-(d as f64) / dmin2).exp())
+            .collect();
+        let wsum: f64 = w.iter().sum();
+        seen.clear();
+        for (&(c, _), &wj) in row.iter().zip(&w) {
+            let s = owner[c as usize];
+            if seen.contains(&s) {
+                continue;
+            }
+            seen.push(s);
+            votes.push((c, (1.0 + wj / wsum).log2()));
+        }
+    }
+    // keep each result feature's best vote, then sum per subject in a fixed order
+    votes.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+    let mut out = vec![0.0f64; n];
+    let mut last = u32::MAX;
+    for (c, v) in votes {
+        if c != last {
+            out[owner[c as usize] as usize] += v;
+            last = c;
+        }
+    }
+    out
+}
+
+/// The reference large-scale matcher's voting (`featMatchMultiple`), made deterministic:
+/// each keypoint of image a takes its K nearest neighbours among the other images
+/// (default K = 5, kd-forest with 8 trees and 64 checks), votes at most once per other
+/// image with `log2(1 + w_j/Σw)`, `w_j = exp(−D_j²/D_min²)`; each feature of image b keeps
+/// only its best vote from a; `V[a][b]` sums them. Row-major N×N, asymmetric.
+pub fn reference_votes(sets: &[&[u8]], p: &SoftJaccardParams) -> Result<Vec<f64>> {
+    let mut c = Cohort::new(ForestParams::default());
+    for s in sets {
+        c.add(s)?;
+    }
+    if !p.exact {
+        c.build_forest()?;
+    }
+    c.reference_votes(p)
+}
+
+/// Keypoint geometry for the soft-Jaccard geometry kernel: world positions (mm, already
+/// mapped into a common frame) and scales (mm).
+pub struct Geometry<'a> {
+    pub xyz_a: &'a [[f64; 3]],
+    pub scale_a: &'a [f64],
+    pub xyz_b: &'a [[f64; 3]],
+    pub scale_b: &'a [f64],
+}
+
+/// Soft intersections |A∩B| (A's keypoints into B) and |B∩A| for two sets alone; α_i is
+/// f_i's nearest-neighbour distance over `A∖{f_i} ∪ B` (see the module notes). With
+/// `geometry`, each kernel value is multiplied by
+/// `exp(−‖Δx‖²/(σ_a σ_b)²) · exp(−(ln σ_a − ln σ_b)²)`.
+pub fn soft_intersections_pair(
+    a: &[u8],
+    b: &[u8],
+    p: &SoftJaccardParams,
+    geometry: Option<&Geometry<'_>>,
+) -> Result<(f64, f64)> {
+    check_params(p)?;
+    let na = check_rows("a", a)?;
+    let nb = check_rows("b", b)?;
+    if let Some(g) = geometry {
+        if g.xyz_a.len() != na
+            || g.scale_a.len() != na
+            || g.xyz_b.len() != nb
+            || g.scale_b.len() != nb
+        {
+            return Err(KfError::InvalidArgument(
+                "geometry arrays must have one row per keypoint".into(),
+            ));
+        }
+        if g.scale_a
+            .iter()
+            .chain(g.scale_b)
+            .any(|s| !(*s > 0.0) || !s.is_finite())
+        {
+            return Err(KfError::InvalidArgument(
+                "keypoint scales must be positive".into(),
+            ));
+        }
+    }
+    let one_way = |x: &[u8], y: &[u8], flip: bool| -> Result<f64> {
+        let nx = x.len() / DESC_LEN;
+        if nx == 0 || y.is_empty() {
+            return Ok(0.0);
+        }
+        let within = knn_exact(x, x, 1, |q, c| c as usize != q)?;
+        let cross = if p.exact || nx * (y.len() / DESC_LEN) <= 1 << 22 {
+            knn_exact(y, x, p.k, |_, _| true)?
+        } else {
+            let f = KdForest::build(y, &ForestParams::default())?;
+            f.search(y, x, p.k, p.checks, |_, _| true)?
+        };
+        let mut total = 0.0f64;
+        for q in 0..nx {
+            let mut d1 = within.dist2[q] as f64;
+            if let Some((_, d)) = cross.row(q).next() {
+                d1 = d1.min(d as f64);
+            }
+            let a2 = d1.max(p.alpha2_floor);
+            let mut best = 0.0f64;
+            for (c, d) in cross.row(q) {
+                let mut w = (-(d as f64) / (2.0 * a2)).exp();
+                if let Some(g) = geometry {
+                    let (xa, sa, xb, sb) = if flip {
+                        (
+                            g.xyz_b[q],
+                            g.scale_b[q],
+                            g.xyz_a[c as usize],
+                            g.scale_a[c as usize],
+                        )
+                    } else {
+                        (
+                            g.xyz_a[q],
+                            g.scale_a[q],
+                            g.xyz_b[c as usize],
+                            g.scale_b[c as usize],
+                        )
+                    };
+                    let dx2: f64 = (0..3).map(|i| (xa[i] - xb[i]).powi(2)).sum();
+                    let ls = sa.ln() - sb.ln();
+                    w *= (-dx2 / (sa * sb).powi(2)).exp() * (-ls * ls).exp();
+                }
+                best = best.max(w);
+            }
+            total += best;
+        }
+        Ok(total)
+    };
+    Ok((one_way(a, b, false)?, one_way(b, a, true)?))
+}
+
+/// Soft Jaccard of two keypoint sets (see [`soft_intersections_pair`]); `symmetric`
+/// averages |A∩B| and |B∩A|.
+pub fn soft_jaccard_pair(
+    a: &[u8],
+    b: &[u8],
+    p: &SoftJaccardParams,
+    symmetric: bool,
+    geometry: Option<&Geometry<'_>>,
+) -> Result<f64> {
+    let (ab, ba) = soft_intersections_pair(a, b, p, geometry)?;
+    let i = if symmetric { 0.5 * (ab + ba) } else { ab };
+    Ok(jaccard_from(i, a.len() / DESC_LEN, b.len() / DESC_LEN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::knn::SplitMix;
+
+    fn perms(n: usize, seed: u64) -> Vec<u8> {
+        let mut rng = SplitMix(seed);
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let mut p: Vec<u8> = (0..64).collect();
+            for i in (1..64).rev() {
+                p.swap(i, rng.below(i + 1));
+            }
+            out.extend(p);
+        }
+        out
+    }
+
+    fn exact() -> SoftJaccardParams {
+        SoftJaccardParams {
+            exact: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn identical_sets_score_one() {
+        let a = perms(50, 1);
+        let j = soft_jaccard_pair(&a, &a, &exact(), false, None).unwrap();
+        assert!((j - 1.0).abs() < 1e-12, "{j}");
+    }
+
+    #[test]
+    fn far_apart_sets_score_near_zero() {
+        // A: small perturbations of the identity ranking, B: of its reverse
+        let mut rng = SplitMix(3);
+        let mut mk = |rev: bool| {
+            let mut out = Vec::new();
+            for _ in 0..40 {
+                let mut p: Vec<u8> = (0..64).collect();
+                if rev {
+                    p.reverse();
+                }
+                for _ in 0..3 {
+                    let i = rng.below(63);
+                    p.swap(i, i + 1);
+                }
+                out.extend(p);
+            }
+            out
+        };
+        let (a, b) = (mk(false), mk(true));
+        let j = soft_jaccard_pair(&a, &b, &exact(), true, None).unwrap();
+        assert!(j < 1e-6, "{j}");
+    }
+
+    #[test]
+    fn hand_computed_tiny_sets() {
+        // one keypoint each: A∖{f} is empty, so α² = d²(a,b) and |A∩B| = exp(−½)
+        let a: Vec<u8> = (0..64).collect();
+        let mut b = a.clone();
+        b.swap(0, 1); // d² = 2
+        let j = soft_jaccard_pair(&a, &b, &exact(), false, None).unwrap();
+        let i = (-0.5f64).exp();
+        assert!((j - i / (2.0 - i)).abs() < 1e-12);
+        // two keypoints in A: a0, a1 (d²(a0,a1)=8); B = {a0 with one swap}
+        let mut a1: Vec<u8> = (0..64).collect();
+        a1.swap(10, 12); // d² = 2·4 = 8
+        let aa = [a.clone(), a1.clone()].concat();
+        let jj = soft_jaccard_pair(&aa, &b, &exact(), false, None).unwrap();
+        // a0: α² = min(8, 2) = 2, kernel exp(−2/4); a1: d²(a1,b)=10, α²=min(8,10)=8,
+        // kernel exp(−10/16)
+        let inter = (-0.5f64).exp() + (-10.0f64 / 16.0).exp();
+        assert!((jj - inter / (3.0 - inter)).abs() < 1e-12, "{jj}");
+    }
+
+    #[test]
+    fn cohort_pairwise_is_deterministic_and_ranks_relatives() {
+        // 6 subjects: 0/1 share a prototype (relatives), the others are unrelated
+        let proto = perms(300, 11);
+        let mut rng = SplitMix(12);
+        let mut noisy = |src: &[u8]| {
+            let mut v = src.to_vec();
+            for row in v.chunks_exact_mut(64) {
+                for _ in 0..4 {
+                    let i = rng.below(63);
+                    row.swap(i, i + 1);
+                }
+            }
+            v
+        };
+        let mut c = Cohort::new(ForestParams::default());
+        c.add(&noisy(&proto)).unwrap();
+        c.add(&noisy(&proto)).unwrap();
+        for s in 0..4 {
+            c.add(&perms(300, 20 + s)).unwrap();
+        }
+        c.build_forest().unwrap();
+        let p = SoftJaccardParams::default();
+        let run = |t: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+                .install(|| c.pairwise(&p, false).unwrap())
+        };
+        let m = run(1);
+        assert_eq!(m, run(2));
+        for b in 2..6 {
+            assert!(m[1] > 2.0 * m[b], "{m:?}");
+        }
+        let ex = c.pairwise(&exact(), false).unwrap();
+        assert!((ex[1] - m[1]).abs() < 0.05);
+        let v = c.reference_votes(&p).unwrap();
+        assert!(v[1] > v[2] && v[1] > v[3]);
+        let s = c
+            .search(&c.descriptors()[..300 * 64], Some(0), None, &p)
+            .unwrap();
+        assert_eq!(s[0], 0.0);
+        assert_eq!(s[1], m[1]);
+        let mask = [true, false, true, true, true, true];
+        let r = c
+            .search(&c.descriptors()[..300 * 64], None, Some(&mask), &p)
+            .unwrap();
+        assert_eq!(r[1], 0.0);
+    }
+}

@@ -1,1 +1,719 @@
-//! (module under construction: see lib.rs for its purpose)
+//! k-nearest-neighbour search over 64-byte SIFT-Rank descriptors (squared Euclidean).
+//!
+//! * [`knn_exact`]: brute force, the ground truth. Integer distances (no rounding), one
+//!   rayon task per block of queries, AVX2 picked at run time on x86-64.
+//! * [`KdForest`]: randomized kd-trees searched best-bin-first across all trees (FLANN's
+//!   scheme: split on one of the 5 highest-variance dimensions at its mean; a shared
+//!   priority queue of unexplored branches; stop after `checks` distance evaluations).
+//!
+//! Both are deterministic: trees come from a fixed seed, each query is searched by one
+//! thread in a fixed order, ties are broken by point index, so results are bit-identical
+//! whatever the thread count.
+//!
+//! ```
+//! use keyfuse_core::knn::{knn_exact, KdForest, ForestParams};
+//! let data: Vec<u8> = (0..64 * 100).map(|i| ((i * 7919) % 64) as u8).collect();
+//! let exact = knn_exact(&data, &data[..64], 3, |_, _| true).unwrap();
+//! assert_eq!(exact.idx[0], 0);
+//! let forest = KdForest::build(&data, &ForestParams::default()).unwrap();
+//! let approx = forest.search(&data, &data[..64], 3, 64, |_, _| true).unwrap();
+//! assert_eq!(approx.idx[0], 0);
+//! ```
+
+use crate::{KfError, Result, DESC_LEN};
+use rayon::prelude::*;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Marks a missing neighbour (fewer than k candidates passed the filter).
+pub const NONE: u32 = u32::MAX;
+
+/// k neighbours per query, row-major (`nq × k`), nearest first; missing slots hold
+/// [`NONE`] with distance `u32::MAX`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbors {
+    pub k: usize,
+    pub idx: Vec<u32>,
+    pub dist2: Vec<u32>,
+}
+
+impl Neighbors {
+    pub fn n_queries(&self) -> usize {
+        self.idx.len().checked_div(self.k).unwrap_or(0)
+    }
+    /// The (index, squared distance) pairs of query `q`, nearest first, missing ones dropped.
+    pub fn row(&self, q: usize) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let r = q * self.k..(q + 1) * self.k;
+        self.idx[r.clone()]
+            .iter()
+            .zip(&self.dist2[r])
+            .filter(|(i, _)| **i != NONE)
+            .map(|(i, d)| (*i, *d))
+    }
+}
+
+/// Squared Euclidean distance between two 64-byte descriptors (exact, integer).
+#[inline(always)]
+pub fn dist2(a: &[u8], b: &[u8]) -> u32 {
+    let a: &[u8; DESC_LEN] = a[..DESC_LEN].try_into().unwrap();
+    let b: &[u8; DESC_LEN] = b[..DESC_LEN].try_into().unwrap();
+    let mut s = 0u32;
+    for i in 0..DESC_LEN {
+        let d = a[i] as i32 - b[i] as i32;
+        s += (d * d) as u32;
+    }
+    s
+}
+
+pub(crate) fn check_rows(name: &str, data: &[u8]) -> Result<usize> {
+    if data.len() % DESC_LEN != 0 {
+        return Err(KfError::InvalidArgument(format!(
+            "{name}: descriptor buffer of {} bytes is not a multiple of {DESC_LEN}",
+            data.len()
+        )));
+    }
+    let n = data.len() / DESC_LEN;
+    if n >= NONE as usize {
+        return Err(KfError::InvalidArgument(format!(
+            "{name}: too many descriptors ({n})"
+        )));
+    }
+    Ok(n)
+}
+
+/// A bounded, sorted list of the best (distance, index) pairs; ties go to the lower index.
+#[derive(Clone)]
+pub(crate) struct TopK {
+    k: usize,
+    items: Vec<(u32, u32)>,
+}
+
+impl TopK {
+    pub(crate) fn new(k: usize) -> Self {
+        TopK {
+            k,
+            items: Vec::with_capacity(k + 1),
+        }
+    }
+    #[inline]
+    pub(crate) fn worst(&self) -> u32 {
+        if self.items.len() < self.k {
+            u32::MAX
+        } else {
+            self.items[self.k - 1].0
+        }
+    }
+    #[inline]
+    pub(crate) fn push(&mut self, d: u32, i: u32) {
+        if self.items.len() == self.k {
+            let last = self.items[self.k - 1];
+            if (d, i) >= last {
+                return;
+            }
+            self.items.pop();
+        }
+        let pos = self.items.partition_point(|&e| e < (d, i));
+        self.items.insert(pos, (d, i));
+    }
+    fn write(&self, idx: &mut [u32], dist: &mut [u32]) {
+        for (s, (d, i)) in self.items.iter().enumerate() {
+            idx[s] = *i;
+            dist[s] = *d;
+        }
+        for s in self.items.len()..self.k {
+            idx[s] = NONE;
+            dist[s] = u32::MAX;
+        }
+    }
+}
+
+#[inline(always)]
+fn scan_block<F: Fn(usize, u32) -> bool>(
+    data: &[u8],
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    filter: &F,
+) {
+    for (j, b) in data.chunks_exact(DESC_LEN).enumerate() {
+        for (qi, heap) in heaps.iter_mut().enumerate() {
+            let q = &queries[qi * DESC_LEN..(qi + 1) * DESC_LEN];
+            let d = dist2(q, b);
+            if d <= heap.worst() && filter(q0 + qi, j as u32) {
+                heap.push(d, j as u32);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scan_block_avx2<F: Fn(usize, u32) -> bool>(
+    data: &[u8],
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    filter: &F,
+) {
+    scan_block(data, queries, q0, heaps, filter)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Exact k nearest neighbours of every query row among the `data` rows (both `n × 64`
+/// bytes). `filter(query, candidate)` rejects candidates (e.g. the query's own subject).
+pub fn knn_exact<F>(data: &[u8], queries: &[u8], k: usize, filter: F) -> Result<Neighbors>
+where
+    F: Fn(usize, u32) -> bool + Sync,
+{
+    check_rows("data", data)?;
+    let nq = check_rows("queries", queries)?;
+    if k == 0 {
+        return Err(KfError::InvalidArgument("k must be at least 1".into()));
+    }
+    const QB: usize = 4; // queries scanned together: each data row is loaded once per block
+    let mut idx = vec![NONE; nq * k];
+    let mut dist = vec![u32::MAX; nq * k];
+    let avx2 = has_avx2();
+    idx.par_chunks_mut(QB * k)
+        .zip(dist.par_chunks_mut(QB * k))
+        .enumerate()
+        .for_each(|(blk, (ib, db))| {
+            let q0 = blk * QB;
+            let nb = ib.len() / k;
+            let qs = &queries[q0 * DESC_LEN..(q0 + nb) * DESC_LEN];
+            let mut heaps = vec![TopK::new(k); nb];
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 support was checked at run time just above.
+                unsafe { scan_block_avx2(data, qs, q0, &mut heaps, &filter) };
+            } else {
+                scan_block(data, qs, q0, &mut heaps, &filter);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = avx2;
+                scan_block(data, qs, q0, &mut heaps, &filter);
+            }
+            for (h, heap) in heaps.iter().enumerate() {
+                heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
+            }
+        });
+    Ok(Neighbors {
+        k,
+        idx,
+        dist2: dist,
+    })
+}
+
+/// Build parameters of a [`KdForest`].
+#[derive(Clone, Debug)]
+pub struct ForestParams {
+    /// Number of randomized trees (FLANN's large-scale matcher uses 8).
+    pub trees: usize,
+    /// Points per leaf; small leaves keep the trees shallow in memory.
+    pub leaf_size: usize,
+    /// Seed of the per-tree shuffles and split choices.
+    pub seed: u64,
+}
+
+impl Default for ForestParams {
+    fn default() -> Self {
+        ForestParams {
+            trees: 8,
+            leaf_size: 8,
+            seed: 0x6b65_7966_7573_6521,
+        }
+    }
+}
+
+/// SplitMix64: a tiny, good-enough deterministic generator (no extra dependency).
+pub(crate) struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() >> 11) as u128 * n as u128 >> 53) as usize
+    }
+}
+
+const LEAF: u8 = u8::MAX;
+
+/// One node: internal (`dim`, threshold `split`, children `a`,`b`) or a leaf (`dim == LEAF`,
+/// points `perm[a..b]`).
+#[derive(Clone, Copy, Debug)]
+struct Node {
+    dim: u8,
+    split: f32,
+    a: u32,
+    b: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Tree {
+    nodes: Vec<Node>,
+    perm: Vec<u32>,
+}
+
+/// A randomized kd-forest over `n × 64` descriptors. It stores only the trees; the data
+/// is passed again to [`KdForest::search`] (the caller owns it, e.g. an index).
+#[derive(Clone, Debug)]
+pub struct KdForest {
+    n: usize,
+    trees: Vec<Tree>,
+}
+
+fn build_tree(data: &[u8], n: usize, leaf_size: usize, seed: u64) -> Tree {
+    let mut rng = SplitMix(seed);
+    let mut perm: Vec<u32> = (0..n as u32).collect();
+    // Fisher–Yates: the first points of every range are then a random sample for the mean
+    for i in (1..n).rev() {
+        let j = rng.below(i + 1);
+        perm.swap(i, j);
+    }
+    let mut nodes: Vec<Node> = Vec::with_capacity(2 * n / leaf_size.max(1) + 1);
+    nodes.push(Node {
+        dim: LEAF,
+        split: 0.0,
+        a: 0,
+        b: n as u32,
+    });
+    let mut stack = vec![0usize];
+    while let Some(ni) = stack.pop() {
+        let (lo, hi) = (nodes[ni].a as usize, nodes[ni].b as usize);
+        if hi - lo <= leaf_size {
+            continue;
+        }
+        // mean and variance per dimension over a sample of at most 128 points
+        let m = (hi - lo).min(128);
+        let mut sum = [0u32; DESC_LEN];
+        let mut sq = [0u32; DESC_LEN];
+        for &p in &perm[lo..lo + m] {
+            let row = &data[p as usize * DESC_LEN..(p as usize + 1) * DESC_LEN];
+            for d in 0..DESC_LEN {
+                sum[d] += row[d] as u32;
+                sq[d] += (row[d] as u32) * (row[d] as u32);
+            }
+        }
+        let mut var: Vec<(u64, usize)> = (0..DESC_LEN)
+            .map(|d| {
+                // m²·variance, exact in integers
+                let v = m as u64 * sq[d] as u64 - (sum[d] as u64) * (sum[d] as u64);
+                (v, d)
+            })
+            .collect();
+        var.sort_unstable_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
+        if var[0].0 == 0 {
+            continue; // all sampled points identical: keep as a (large) leaf
+        }
+        let top = var.iter().take(5).filter(|v| v.0 > 0).count();
+        let dim = var[rng.below(top)].1;
+        let mut split = sum[dim] as f32 / m as f32;
+        let slice = &mut perm[lo..hi];
+        let key = |p: u32| data[p as usize * DESC_LEN + dim];
+        let mut mid = partition(slice, |p| (key(p) as f32) < split);
+        if mid == 0 || mid == slice.len() {
+            // a skewed sample: split at the median value instead
+            let half = slice.len() / 2;
+            slice.select_nth_unstable_by_key(half, |&p| (key(p), p));
+            let med = key(slice[half]);
+            split = med as f32 + 0.5;
+            mid = partition(slice, |p| (key(p) as f32) < split);
+            if mid == 0 || mid == slice.len() {
+                split = med as f32 - 0.5;
+                mid = partition(slice, |p| (key(p) as f32) < split);
+            }
+            if mid == 0 || mid == slice.len() {
+                continue;
+            }
+        }
+        let l = nodes.len();
+        nodes.push(Node {
+            dim: LEAF,
+            split: 0.0,
+            a: lo as u32,
+            b: (lo + mid) as u32,
+        });
+        nodes.push(Node {
+            dim: LEAF,
+            split: 0.0,
+            a: (lo + mid) as u32,
+            b: hi as u32,
+        });
+        nodes[ni] = Node {
+            dim: dim as u8,
+            split,
+            a: l as u32,
+            b: l as u32 + 1,
+        };
+        stack.push(l + 1);
+        stack.push(l);
+    }
+    Tree { nodes, perm }
+}
+
+/// Stable-order-free in-place partition; returns the number of elements satisfying `pred`.
+fn partition<P: Fn(u32) -> bool>(s: &mut [u32], pred: P) -> usize {
+    let mut i = 0;
+    for j in 0..s.len() {
+        if pred(s[j]) {
+            s.swap(i, j);
+            i += 1;
+        }
+    }
+    i
+}
+
+/// The state of one query's best-bin-first walk.
+struct Walk<'a, F> {
+    data: &'a [u8],
+    query: &'a [u8],
+    q: usize,
+    filter: &'a F,
+    vis: &'a mut Visited,
+    top: &'a mut TopK,
+    done: &'a mut usize,
+}
+
+/// Open-addressing set of visited point ids, cleared in O(1) by a generation stamp.
+struct Visited {
+    keys: Vec<u32>,
+    stamp: Vec<u32>,
+    gen: u32,
+    len: usize,
+}
+
+impl Visited {
+    fn new() -> Self {
+        Visited {
+            keys: vec![0; 1024],
+            stamp: vec![0; 1024],
+            gen: 1,
+            len: 0,
+        }
+    }
+    fn clear(&mut self) {
+        self.gen = self.gen.wrapping_add(1);
+        if self.gen == 0 {
+            self.stamp.iter_mut().for_each(|s| *s = 0);
+            self.gen = 1;
+        }
+        self.len = 0;
+    }
+    /// True when `id` was not yet in the set (and inserts it).
+    #[inline]
+    fn insert(&mut self, id: u32) -> bool {
+        if 2 * (self.len + 1) > self.keys.len() {
+            self.grow();
+        }
+        let mask = self.keys.len() - 1;
+        let mut h = (id.wrapping_mul(0x9e37_79b1) as usize) & mask;
+        loop {
+            if self.stamp[h] != self.gen {
+                self.stamp[h] = self.gen;
+                self.keys[h] = id;
+                self.len += 1;
+                return true;
+            }
+            if self.keys[h] == id {
+                return false;
+            }
+            h = (h + 1) & mask;
+        }
+    }
+    fn grow(&mut self) {
+        let old: Vec<u32> = (0..self.keys.len())
+            .filter(|&h| self.stamp[h] == self.gen)
+            .map(|h| self.keys[h])
+            .collect();
+        let cap = self.keys.len() * 2;
+        self.keys = vec![0; cap];
+        self.stamp = vec![0; cap];
+        self.gen = 1;
+        self.len = 0;
+        for id in old {
+            self.insert(id);
+        }
+    }
+}
+
+impl KdForest {
+    /// Build the forest over `data` (`n × 64` bytes), one rayon task per tree.
+    pub fn build(data: &[u8], params: &ForestParams) -> Result<KdForest> {
+        let n = check_rows("data", data)?;
+        if params.trees == 0 || params.leaf_size == 0 {
+            return Err(KfError::InvalidArgument(
+                "forest needs at least one tree and a leaf size of at least 1".into(),
+            ));
+        }
+        let mut seeder = SplitMix(params.seed);
+        let seeds: Vec<u64> = (0..params.trees).map(|_| seeder.next_u64()).collect();
+        let trees = seeds
+            .par_iter()
+            .map(|&s| build_tree(data, n, params.leaf_size, s))
+            .collect();
+        Ok(KdForest { n, trees })
+    }
+
+    /// Number of indexed points.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Bytes held by the trees (not counting the data).
+    pub fn memory_bytes(&self) -> usize {
+        self.trees
+            .iter()
+            .map(|t| t.perm.len() * 4 + t.nodes.len() * std::mem::size_of::<Node>())
+            .sum()
+    }
+
+    /// Approximate k-NN of every query; `checks` bounds the number of distance evaluations
+    /// per query (more = better recall, slower). `data` must be the array the forest was
+    /// built on.
+    pub fn search<F>(
+        &self,
+        data: &[u8],
+        queries: &[u8],
+        k: usize,
+        checks: usize,
+        filter: F,
+    ) -> Result<Neighbors>
+    where
+        F: Fn(usize, u32) -> bool + Sync,
+    {
+        if check_rows("data", data)? != self.n {
+            return Err(KfError::InvalidArgument(
+                "data does not match the forest it was built on".into(),
+            ));
+        }
+        let nq = check_rows("queries", queries)?;
+        if k == 0 {
+            return Err(KfError::InvalidArgument("k must be at least 1".into()));
+        }
+        let mut idx = vec![NONE; nq * k];
+        let mut dist = vec![u32::MAX; nq * k];
+        idx.par_chunks_mut(k)
+            .zip(dist.par_chunks_mut(k))
+            .enumerate()
+            .for_each_init(
+                || (Visited::new(), BinaryHeap::new()),
+                |(vis, heap), (q, (ib, db))| {
+                    let query = &queries[q * DESC_LEN..(q + 1) * DESC_LEN];
+                    let top = self.search_one(data, query, q, k, checks, &filter, vis, heap);
+                    top.write(ib, db);
+                },
+            );
+        Ok(Neighbors {
+            k,
+            idx,
+            dist2: dist,
+        })
+    }
+
+    /// From node `ni` of tree `t`: follow the closer side down to a leaf, queueing the other
+    /// side with its bound; then check the leaf's points.
+    fn descend<F: Fn(usize, u32) -> bool>(
+        &self,
+        st: &mut Walk<'_, F>,
+        t: usize,
+        mut ni: u32,
+        mindist: f32,
+        heap: &mut BinaryHeap<Reverse<(u32, u32, u32)>>,
+    ) {
+        let tree = &self.trees[t];
+        loop {
+            let node = tree.nodes[ni as usize];
+            if node.dim == LEAF {
+                for &p in &tree.perm[node.a as usize..node.b as usize] {
+                    if !st.vis.insert(p) {
+                        continue;
+                    }
+                    *st.done += 1;
+                    let d = dist2(st.query, &st.data[p as usize * DESC_LEN..]);
+                    if d <= st.top.worst() && (st.filter)(st.q, p) {
+                        st.top.push(d, p);
+                    }
+                }
+                return;
+            }
+            let diff = st.query[node.dim as usize] as f32 - node.split;
+            let (near, far) = if diff < 0.0 {
+                (node.a, node.b)
+            } else {
+                (node.b, node.a)
+            };
+            let bound = mindist + diff * diff;
+            // (bound, tree, node) orders the queue totally: deterministic pops
+            heap.push(Reverse((bound.to_bits(), t as u32, far)));
+            ni = near;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn search_one<F: Fn(usize, u32) -> bool>(
+        &self,
+        data: &[u8],
+        query: &[u8],
+        q: usize,
+        k: usize,
+        checks: usize,
+        filter: &F,
+        vis: &mut Visited,
+        heap: &mut BinaryHeap<Reverse<(u32, u32, u32)>>,
+    ) -> TopK {
+        vis.clear();
+        heap.clear();
+        let mut top = TopK::new(k);
+        let mut done = 0usize;
+        let mut st = Walk {
+            data,
+            query,
+            q,
+            filter,
+            vis,
+            top: &mut top,
+            done: &mut done,
+        };
+        for t in 0..self.trees.len() {
+            self.descend(&mut st, t, 0, 0.0, heap);
+        }
+        while *st.done < checks {
+            let Some(Reverse((bound, t, ni))) = heap.pop() else {
+                break;
+            };
+            let b = f32::from_bits(bound);
+            if (b as f64) > st.top.worst() as f64 {
+                break; // (FLANN's approximate bound) nothing left is likely to beat the k-th
+            }
+            self.descend(&mut st, t as usize, ni, b, heap);
+        }
+        top
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_perms(n: usize, seed: u64) -> Vec<u8> {
+        let mut rng = SplitMix(seed);
+        let mut out = Vec::with_capacity(n * DESC_LEN);
+        for _ in 0..n {
+            let mut p: Vec<u8> = (0..64).collect();
+            for i in (1..64).rev() {
+                p.swap(i, rng.below(i + 1));
+            }
+            out.extend(p);
+        }
+        out
+    }
+
+    fn naive(data: &[u8], q: &[u8], k: usize) -> Vec<(u32, u32)> {
+        let mut all: Vec<(u32, u32)> = data
+            .chunks_exact(64)
+            .enumerate()
+            .map(|(i, r)| (dist2(q, r), i as u32))
+            .collect();
+        all.sort();
+        all.truncate(k);
+        all
+    }
+
+    #[test]
+    fn exact_matches_naive_sort() {
+        let data = random_perms(500, 1);
+        let qs = random_perms(17, 2);
+        let nb = knn_exact(&data, &qs, 5, |_, _| true).unwrap();
+        for q in 0..17 {
+            let got: Vec<(u32, u32)> = nb.row(q).map(|(i, d)| (d, i)).collect();
+            assert_eq!(got, naive(&data, &qs[q * 64..(q + 1) * 64], 5));
+        }
+    }
+
+    #[test]
+    fn exact_filter_and_short_rows() {
+        let data = random_perms(6, 3);
+        let nb = knn_exact(&data, &data[..64], 10, |_, c| c % 2 == 1).unwrap();
+        let ids: Vec<u32> = nb.row(0).map(|(i, _)| i).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(ids.iter().all(|i| i % 2 == 1));
+        assert_eq!(nb.idx[3], NONE);
+    }
+
+    #[test]
+    fn forest_finds_itself_and_agrees_with_exact() {
+        let mut data = random_perms(3000, 4);
+        // perturbed copies: each query has a true near neighbour, as for real matches
+        let mut rng = SplitMix(9);
+        let mut qs = data[..200 * 64].to_vec();
+        for row in qs.chunks_exact_mut(64) {
+            for _ in 0..6 {
+                let (i, j) = (rng.below(64), rng.below(64));
+                row.swap(i, j);
+            }
+        }
+        data.extend_from_slice(&random_perms(10, 5));
+        let forest = KdForest::build(&data, &ForestParams::default()).unwrap();
+        let ex = knn_exact(&data, &qs, 1, |_, _| true).unwrap();
+        let ap = forest.search(&data, &qs, 1, 256, |_, _| true).unwrap();
+        let agree = (0..200).filter(|&q| ex.idx[q] == ap.idx[q]).count();
+        assert!(agree >= 190, "recall@1 {agree}/200");
+        // approximate distances can only be worse than the exact ones
+        let ap3 = forest.search(&data, &qs, 3, 64, |_, _| true).unwrap();
+        let ex3 = knn_exact(&data, &qs, 3, |_, _| true).unwrap();
+        assert!(ap3.dist2.iter().zip(&ex3.dist2).all(|(a, e)| a >= e));
+    }
+
+    #[test]
+    fn forest_is_deterministic_across_pools() {
+        let data = random_perms(2000, 6);
+        let qs = random_perms(100, 7);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let f = KdForest::build(&data, &ForestParams::default()).unwrap();
+                f.search(&data, &qs, 5, 64, |_, _| true).unwrap()
+            })
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        assert!(knn_exact(&[0u8; 65], &[0u8; 64], 1, |_, _| true).is_err());
+        assert!(knn_exact(&[0u8; 64], &[0u8; 64], 0, |_, _| true).is_err());
+        let f = KdForest::build(&[0u8; 128], &ForestParams::default()).unwrap();
+        assert!(f.search(&[0u8; 64], &[0u8; 64], 1, 8, |_, _| true).is_err());
+    }
+
+    #[test]
+    fn identical_points_do_not_loop() {
+        let data = vec![5u8; 64 * 100];
+        let f = KdForest::build(&data, &ForestParams::default()).unwrap();
+        let nb = f.search(&data, &data[..64], 4, 16, |_, _| true).unwrap();
+        assert_eq!(nb.dist2[0], 0);
+    }
+}
