@@ -1,0 +1,388 @@
+"""Cohort-scale batch processing on Dask (or a plain thread pool).
+
+One output file per input; an existing output is skipped (so re-running a batch
+resumes it); every output is written atomically (a killed job never leaves a
+half-written file that a resume would trust); a failing input is recorded in the
+failure list (``failures.csv`` beside the outputs) and never aborts the batch.
+
+>>> res = kf.batch.extract_batch(["a.nii.gz", "b.nii.gz"], "keys/")
+>>> res.failures    # [] when every input worked
+>>> kf.batch.extract_batch(paths, "keys/", scheduler="tcp://10.0.0.5:8786")  # a cluster
+
+Schedulers (``scheduler=``):
+
+* ``None`` / ``"local"`` (default): a Dask ``LocalCluster`` in this process (threads;
+  the Rust extractor releases the GIL, so threads run truly in parallel). Falls back
+  to a thread pool when Dask is not installed (``pip install 'keyfuse[dask]'``).
+* ``"processes"``: a Dask ``LocalCluster`` of worker processes.
+* ``"threads"``: a ``concurrent.futures`` thread pool, no Dask; ``"sync"``: one by one
+  in the calling thread (debugging).
+* any Dask scheduler address (``"tcp://host:8786"``) or a ``distributed.Client``:
+  the workers need keyfuse installed and must see the input and output paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keyfuse.errors import InvalidArgumentError, KeyfuseIOError, MissingDependencyError
+
+__all__ = [
+    "BatchFailure",
+    "BatchResult",
+    "collect_inputs",
+    "extract_batch",
+    "output_path",
+    "run_batch",
+]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii")
+FAILURES_FILE = "failures.csv"
+
+Task = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class BatchFailure:
+    """One input that failed: its path, the exception type and the message."""
+
+    input: str
+    error: str
+    message: str
+
+
+@dataclass
+class BatchResult:
+    """What a batch did.
+
+    Attributes
+    ----------
+    outputs : the output path of every input, in input order (whether it exists or not).
+    written : outputs written by this run.
+    skipped : outputs that already existed (resume).
+    failures : the inputs that failed, with their errors.
+    seconds : wall time of the whole batch.
+    """
+
+    outputs: list[Path]
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failures: list[BatchFailure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no input failed."""
+        return not self.failures
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchResult({len(self.outputs)} inputs: {len(self.written)} written, "
+            f"{len(self.skipped)} skipped, {len(self.failures)} failed, {self.seconds:.1f} s)"
+        )
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in (*IMAGE_SUFFIXES, ".kfk", ".key"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def output_path(
+    input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = ".kfk"
+) -> Path:
+    """The output file of one input: ``out_dir/<name without .nii/.nii.gz><suffix>``."""
+    return Path(out_dir) / f"{_stem(Path(input_path))}{suffix}"
+
+
+def collect_inputs(
+    paths: Iterable[str | os.PathLike[str]], suffixes: Sequence[str] = IMAGE_SUFFIXES
+) -> list[Path]:
+    """Expand directories into the files inside them with one of ``suffixes`` (sorted);
+    plain files are kept as given (so a bad file still reaches the failure list)."""
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            out.extend(
+                sorted(
+                    f for f in path.iterdir() if f.is_file() and f.name.endswith(tuple(suffixes))
+                )
+            )
+        else:
+            out.append(path)
+    return out
+
+
+# ------------------------------------------------------------------------ the tasks
+
+
+Outcome = tuple[int, str | None, str, float]  # (position, error type or None, message, s)
+
+
+def _run_one(func: Task, pos: int, inp: str, out: str) -> Outcome:
+    """Run one task; never raises (the batch must survive any single input)."""
+    t0 = time.perf_counter()
+    try:
+        func(inp, out)
+    except Exception as exc:  # a failure is data for the failure list, whatever it is
+        msg = str(exc) or traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return pos, type(exc).__name__, msg, time.perf_counter() - t0
+    return pos, None, "", time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class ExtractTask:
+    """Extract keypoints from one image and save them (``.kfk``, or ``.key`` text).
+
+    A picklable callable, so Dask can ship it to worker processes or other machines.
+    """
+
+    device: str = "auto"
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, inp: str, out: str) -> None:
+        from keyfuse.extraction import extract
+        from keyfuse.keypoints import write_key
+
+        kps = extract(inp, device=self.device, **dict(self.params))
+        if out.endswith(".key"):
+            write_key(kps, out)
+        else:
+            kps.save(out)
+
+
+# ----------------------------------------------------------------------- executors
+
+
+@contextlib.contextmanager
+def _executor(scheduler: Any, n_workers: int | None) -> Iterator[tuple[str, Any]]:
+    """Yield ("dask", client) or ("pool", ThreadPoolExecutor) or ("sync", None)."""
+    workers = n_workers or os.cpu_count() or 1
+    if scheduler == "sync":
+        yield "sync", None
+        return
+    if scheduler == "threads":
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            yield "pool", pool
+        return
+    if hasattr(scheduler, "submit") and hasattr(scheduler, "gather"):  # a Client
+        yield "dask", scheduler
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        if scheduler in (None, "local"):
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                yield "pool", pool
+            return
+        raise MissingDependencyError(
+            "a Dask scheduler needs dask[distributed]: pip install 'keyfuse[dask]'"
+        ) from exc
+    if scheduler in (None, "local", "processes"):
+        processes = scheduler == "processes"
+        cluster = LocalCluster(
+            n_workers=workers if processes else 1,
+            threads_per_worker=1 if processes else workers,
+            processes=processes,
+            dashboard_address=None,
+        )
+        client = Client(cluster)
+        try:
+            yield "dask", client
+        finally:
+            client.close()
+            cluster.close()
+        return
+    if not isinstance(scheduler, str):
+        raise InvalidArgumentError(f"unsupported scheduler {scheduler!r}")
+    try:
+        client = Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError) as exc:
+        raise KeyfuseIOError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+    try:
+        yield "dask", client
+    finally:
+        client.close()
+
+
+def run_batch(
+    func: Task,
+    inputs: Sequence[str | os.PathLike[str]],
+    outputs: Sequence[str | os.PathLike[str]],
+    *,
+    scheduler: Any = None,
+    n_workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str = "batch",
+    failures_path: str | os.PathLike[str] | None = None,
+) -> BatchResult:
+    """Run ``func(input, output)`` for every input whose output does not exist yet.
+
+    Parameters
+    ----------
+    func : picklable callable ``(input_path, output_path) -> None`` that writes the
+        output (atomically, as keyfuse's writers do).
+    inputs, outputs : one output path per input; duplicate outputs are refused.
+    scheduler : see the module docstring (default None: a local Dask cluster).
+    n_workers : parallel tasks (default: the number of CPUs).
+    overwrite : recompute outputs that exist (default False: skip them = resume).
+    progress : show a tqdm progress bar (default True).
+    desc : progress-bar label.
+    failures_path : where to write the failure list (CSV: input, error, message);
+        default None writes none. A run without failures removes a stale list.
+    """
+    from tqdm.auto import tqdm
+
+    ins = [str(p) for p in inputs]
+    outs = [Path(p) for p in outputs]
+    if len(ins) != len(outs):
+        raise InvalidArgumentError(f"{len(ins)} inputs but {len(outs)} outputs")
+    seen: dict[Path, str] = {}
+    for i, o in zip(ins, outs, strict=True):
+        key = o.resolve()
+        if key in seen:
+            raise InvalidArgumentError(
+                f"inputs {seen[key]} and {i} would both write {o}: rename one of them"
+            )
+        seen[key] = i
+    if n_workers is not None and n_workers < 1:
+        raise InvalidArgumentError(f"n_workers must be >= 1, got {n_workers}")
+    for d in {o.parent for o in outs}:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KeyfuseIOError(f"cannot create output directory {d}: {exc}") from exc
+
+    t0 = time.perf_counter()
+    result = BatchResult(outputs=outs)
+    todo: list[int] = []
+    for n, o in enumerate(outs):
+        if o.exists() and not overwrite:
+            result.skipped.append(o)
+        else:
+            todo.append(n)
+    bar = tqdm(total=len(todo), desc=desc, unit="file", disable=not progress)
+    written: list[int] = []
+    failed: list[tuple[int, BatchFailure]] = []
+
+    def record(res: Outcome) -> None:
+        pos, err, msg, _ = res
+        if err is None:
+            written.append(pos)
+        else:
+            failed.append((pos, BatchFailure(ins[pos], err, msg)))
+            bar.set_postfix(failed=len(failed))
+        bar.update(1)
+
+    try:
+        if todo:
+            with _executor(scheduler, n_workers) as (kind, ex):
+                if kind == "sync":
+                    for n in todo:
+                        record(_run_one(func, n, ins[n], str(outs[n])))
+                elif kind == "pool":
+                    futs = [ex.submit(_run_one, func, n, ins[n], str(outs[n])) for n in todo]
+                    for fut in as_completed(futs):
+                        record(fut.result())
+                else:
+                    from distributed import as_completed as dask_completed
+
+                    dfuts = {
+                        ex.submit(_run_one, func, n, ins[n], str(outs[n]), pure=False): n
+                        for n in todo
+                    }
+                    for fut in dask_completed(list(dfuts)):
+                        try:
+                            record(fut.result())
+                        except Exception as exc:  # a worker died: still one input's failure
+                            record((dfuts[fut], type(exc).__name__, str(exc), 0.0))
+    finally:
+        bar.close()
+    # input order in the lists (completion order is arbitrary)
+    result.written = [outs[n] for n in sorted(written)]
+    result.failures = [f for _, f in sorted(failed, key=lambda t: t[0])]
+    result.seconds = time.perf_counter() - t0
+    if failures_path is not None:
+        _write_failures(Path(failures_path), result.failures)
+    return result
+
+
+def _write_failures(path: Path, failures: list[BatchFailure]) -> None:
+    from keyfuse._io import atomic_path
+
+    try:
+        if not failures:
+            path.unlink(missing_ok=True)
+            return
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["input", "error", "message"])
+            for f in failures:
+                w.writerow([f.input, f.error, f.message])
+    except OSError as exc:
+        raise KeyfuseIOError(f"cannot write the failure list {path}: {exc}") from exc
+
+
+def extract_batch(
+    inputs: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    scheduler: Any = None,
+    n_workers: int | None = None,
+    device: str = "auto",
+    fmt: str = "kfk",
+    overwrite: bool = False,
+    progress: bool = True,
+    **params: Any,
+) -> BatchResult:
+    """Extract keypoints from many images, one ``.kfk`` (or ``.key``) file per image.
+
+    Parameters
+    ----------
+    inputs : image paths (NIfTI); directories are expanded to the ``.nii``/``.nii.gz``
+        files inside them.
+    out_dir : output directory; each image ``name.nii.gz`` gives ``out_dir/name.kfk``,
+        and failures go to ``out_dir/failures.csv``.
+    scheduler : None (default: a local Dask cluster), ``"processes"``, ``"threads"``,
+        ``"sync"``, a Dask scheduler address or a ``distributed.Client``.
+    n_workers : parallel extractions (default: the number of CPUs).
+    device : ``"auto"`` (default), ``"cpu"`` or ``"cuda"``, passed to :func:`keyfuse.extract`.
+    fmt : ``"kfk"`` (default, compact binary) or ``"key"`` (featExtract text).
+    overwrite : recompute existing outputs (default False: resume).
+    progress : show a progress bar (default True).
+    **params : extraction parameters for :func:`keyfuse.extract`.
+    """
+    if fmt not in ("kfk", "key"):
+        raise InvalidArgumentError(f"fmt must be 'kfk' or 'key', not {fmt!r}")
+    # checked here rather than once per file; resolved on the workers, which may differ
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    files = collect_inputs(inputs)
+    if not files:
+        raise InvalidArgumentError("no input images (directories are searched for .nii/.nii.gz)")
+    outs = [output_path(f, out_dir, f".{fmt}") for f in files]
+    task = ExtractTask(device=device, params=tuple(sorted(params.items())))
+    return run_batch(
+        task,
+        files,
+        outs,
+        scheduler=scheduler,
+        n_workers=n_workers,
+        overwrite=overwrite,
+        progress=progress,
+        desc="extract",
+        failures_path=Path(out_dir) / FAILURES_FILE,
+    )
