@@ -1,0 +1,142 @@
+// Brute-force k-NN over 64-byte descriptors (uint8), exact integer squared distances.
+// d²(a, b) = |a|² + |b|² - 2 a·b, each term computed exactly with __dp4a on 4 bytes at a time,
+// so the result equals the CPU's sum of squared byte differences bit for bit.
+// One thread per query (its 16 words in registers); the database streams through shared
+// memory in tiles of KF_TILE descriptors; no distance matrix is ever stored.
+// Ties are broken by the smaller database index (the database is scanned in index order and
+// an equal distance never displaces an earlier entry), as the CPU path does.
+
+#define KF_TILE 128
+#define KF_KMAX 32
+#define KF_WORDS 16
+#define KF_NONE 0xFFFFFFFFu
+
+__device__ __forceinline__ unsigned int kf_norm(const unsigned int* v) {
+    unsigned int n = 0;
+    for (int w = 0; w < KF_WORDS; ++w) n = __dp4a(v[w], v[w], n);
+    return n;
+}
+
+// Load rows [t0, t0 + n) of the database into shared memory with their squared norms.
+__device__ __forceinline__ void kf_load_tile(const unsigned int* __restrict__ db, long long t0,
+                                             int n, unsigned int* tile, unsigned int* tnorm) {
+    for (int w = threadIdx.x; w < n * KF_WORDS; w += blockDim.x) tile[w] = db[t0 * KF_WORDS + w];
+    __syncthreads();
+    for (int r = threadIdx.x; r < n; r += blockDim.x) tnorm[r] = kf_norm(tile + r * KF_WORDS);
+    __syncthreads();
+}
+
+// The k (<= KF_KMAX) nearest database rows of each query within database chunk blockIdx.y
+// (rows [y * chunk, (y + 1) * chunk)); results (gridDim.y, nq, k), sorted by (distance, index),
+// missing entries as (KF_NONE, -1).
+extern "C" __global__ void kf_knn(const unsigned int* __restrict__ q, int nq,
+                                  const unsigned int* __restrict__ db, int nd, int k, int chunk,
+                                  unsigned int* __restrict__ out_d, int* __restrict__ out_i) {
+    __shared__ unsigned int tile[KF_TILE * KF_WORDS];
+    __shared__ unsigned int tnorm[KF_TILE];
+    int qi = blockIdx.x * blockDim.x + threadIdx.x;
+    bool active = qi < nq;
+    unsigned int qv[KF_WORDS];
+    for (int w = 0; w < KF_WORDS; ++w) qv[w] = active ? q[(long long)qi * KF_WORDS + w] : 0u;
+    unsigned int qn = kf_norm(qv);
+    unsigned int bd[KF_KMAX];
+    int bi[KF_KMAX];
+    for (int s = 0; s < KF_KMAX; ++s) { bd[s] = KF_NONE; bi[s] = -1; }
+    int start = blockIdx.y * chunk;
+    int end = min(nd, start + chunk);
+    for (int t0 = start; t0 < end; t0 += KF_TILE) {
+        int n = min(KF_TILE, end - t0);
+        kf_load_tile(db, t0, n, tile, tnorm);
+        if (active) {
+            for (int r = 0; r < n; ++r) {
+                unsigned int dot = 0;
+                const unsigned int* row = tile + r * KF_WORDS;
+#pragma unroll
+                for (int w = 0; w < KF_WORDS; ++w) dot = __dp4a(qv[w], row[w], dot);
+                unsigned int d = qn + tnorm[r] - 2u * dot;
+                if (d < bd[k - 1]) {
+                    int pos = k - 1;
+                    while (pos > 0 && bd[pos - 1] > d) {
+                        bd[pos] = bd[pos - 1];
+                        bi[pos] = bi[pos - 1];
+                        --pos;
+                    }
+                    bd[pos] = d;
+                    bi[pos] = t0 + r;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (!active) return;
+    long long o = ((long long)blockIdx.y * nq + qi) * k;
+    for (int s = 0; s < k; ++s) { out_d[o + s] = bd[s]; out_i[o + s] = bi[s]; }
+}
+
+// The two nearest rows (for the ratio test), best and second best held in registers.
+extern "C" __global__ void kf_knn2(const unsigned int* __restrict__ q, int nq,
+                                   const unsigned int* __restrict__ db, int nd, int chunk,
+                                   unsigned int* __restrict__ out_d, int* __restrict__ out_i) {
+    __shared__ unsigned int tile[KF_TILE * KF_WORDS];
+    __shared__ unsigned int tnorm[KF_TILE];
+    int qi = blockIdx.x * blockDim.x + threadIdx.x;
+    bool active = qi < nq;
+    unsigned int qv[KF_WORDS];
+    for (int w = 0; w < KF_WORDS; ++w) qv[w] = active ? q[(long long)qi * KF_WORDS + w] : 0u;
+    unsigned int qn = kf_norm(qv);
+    unsigned int d0 = KF_NONE, d1 = KF_NONE;
+    int i0 = -1, i1 = -1;
+    int start = blockIdx.y * chunk;
+    int end = min(nd, start + chunk);
+    for (int t0 = start; t0 < end; t0 += KF_TILE) {
+        int n = min(KF_TILE, end - t0);
+        kf_load_tile(db, t0, n, tile, tnorm);
+        if (active) {
+            for (int r = 0; r < n; ++r) {
+                unsigned int dot = 0;
+                const unsigned int* row = tile + r * KF_WORDS;
+#pragma unroll
+                for (int w = 0; w < KF_WORDS; ++w) dot = __dp4a(qv[w], row[w], dot);
+                unsigned int d = qn + tnorm[r] - 2u * dot;
+                if (d < d1) {
+                    if (d < d0) { d1 = d0; i1 = i0; d0 = d; i0 = t0 + r; }
+                    else { d1 = d; i1 = t0 + r; }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (!active) return;
+    long long o = ((long long)blockIdx.y * nq + qi) * 2;
+    out_d[o] = d0; out_i[o] = i0;
+    out_d[o + 1] = d1; out_i[o + 1] = i1;
+}
+
+// Merge the per-chunk sorted lists (nsplit, nq, k) into one (nq, k). Chunks cover increasing
+// index ranges, so visiting them in order with strict comparisons keeps index order on ties.
+extern "C" __global__ void kf_knn_merge(const unsigned int* __restrict__ part_d,
+                                        const int* __restrict__ part_i, int nsplit, int nq, int k,
+                                        unsigned int* __restrict__ out_d, int* __restrict__ out_i) {
+    int qi = blockIdx.x * blockDim.x + threadIdx.x;
+    if (qi >= nq) return;
+    unsigned int bd[KF_KMAX];
+    int bi[KF_KMAX];
+    for (int s = 0; s < KF_KMAX; ++s) { bd[s] = KF_NONE; bi[s] = -1; }
+    for (int sp = 0; sp < nsplit; ++sp) {
+        long long o = ((long long)sp * nq + qi) * k;
+        for (int s = 0; s < k; ++s) {
+            int idx = part_i[o + s];
+            unsigned int d = part_d[o + s];
+            if (idx < 0 || !(d < bd[k - 1])) break;  // lists are sorted: the rest are worse
+            int pos = k - 1;
+            while (pos > 0 && bd[pos - 1] > d) {
+                bd[pos] = bd[pos - 1];
+                bi[pos] = bi[pos - 1];
+                --pos;
+            }
+            bd[pos] = d;
+            bi[pos] = idx;
+        }
+    }
+    for (int s = 0; s < k; ++s) { out_d[(long long)qi * k + s] = bd[s]; out_i[(long long)qi * k + s] = bi[s]; }
+}
