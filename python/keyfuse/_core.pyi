@@ -7,3 +7,31 @@ __version__: str
 
 # --- gpu.rs ---
 def cuda_available() -> bool: ...
+
+# --- kde.rs ---
+def keypoint_log_likelihood(
+    query: npt.NDArray[np.uint8],
+    train: npt.NDArray[np.uint8],
+    train_sample: npt.NDArray[np.int64],
+    sample_class: npt.NDArray[np.int64],
+    n_classes: int,
+    exclude_sample: int | None = None,
+    k: int | None = None,
+    background: float = 1.0,
+) -> npt.NDArray[np.float64]: ...
+def vector_log_likelihood(
+    query: npt.NDArray[np.float64],
+    train: npt.NDArray[np.float64],
+    train_class: npt.NDArray[np.int64],
+    n_classes: int,
+    exclude: npt.NDArray[np.int64] | None = None,
+    background: float = 1.0,
+) -> npt.NDArray[np.float64]: ...
+def binary_log_likelihood(
+    query: npt.NDArray[np.uint8],
+    train: npt.NDArray[np.uint8],
+    train_class: npt.NDArray[np.int64],
+    n_classes: int,
+    exclude: npt.NDArray[np.int64] | None = None,
+    background: float = 1.0,
+) -> npt.NDArray[np.float64]: ...
