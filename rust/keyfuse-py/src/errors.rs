@@ -3,6 +3,52 @@
 use keyfuse_core::KfError;
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Set in a child process made by `fork()`: rayon's global pool did not survive the fork
+/// (its threads exist only in the parent), so using it there would hang forever.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn mark_forked_child() {
+    FORKED.store(true, Ordering::SeqCst);
+}
+
+/// Register the fork hook once (multiprocessing / DataLoader workers fork the interpreter).
+pub fn install_fork_guard() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        // SAFETY: registers a plain function that only stores to an atomic.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(mark_forked_child));
+        }
+    });
+}
+
+/// Run `f` on the global rayon pool, or, in a forked child, on a pool made in that child.
+fn on_a_live_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if !FORKED.load(Ordering::SeqCst) {
+        return f();
+    }
+    // keyed by pid: a grandchild must not reuse its parent's (dead) pool
+    static CHILD_POOL: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let pool = {
+        let mut slot = CHILD_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some((owner, pool)) if *owner == pid => Some(pool.clone()),
+            _ => {
+                let fresh = rayon::ThreadPoolBuilder::new().build().ok().map(Arc::new);
+                *slot = fresh.clone().map(|p| (pid, p));
+                fresh
+            }
+        }
+    };
+    match pool {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
+}
 
 /// Raise `keyfuse.errors.<name>(msg)`; the classes live in Python so that they can also
 /// subclass the matching builtins (ValueError, OSError, …).
@@ -37,7 +83,7 @@ where
     T: Send,
     F: FnOnce() -> keyfuse_core::Result<T> + Send,
 {
-    match py.detach(|| catch_unwind(AssertUnwindSafe(f))) {
+    match py.detach(|| catch_unwind(AssertUnwindSafe(|| on_a_live_pool(f)))) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(to_pyerr(py, err)),
         Err(payload) => {

@@ -16,6 +16,7 @@ pub use errors::{detach, to_pyerr};
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::install_fork_guard();
     extract::register(m)?;
     matching::register(m)?;
     kde::register(m)?;
