@@ -405,7 +405,8 @@ def simulate_cohort(
     Parameters
     ----------
     out_dir : None (default: keep everything in memory) or a directory that receives
-        ``images/<subject>.nii.gz``, ``labels/<subject>_labels.nii.gz`` and
+        ``images/<subject>.nii.gz``, ``labels/<subject>.nii.gz`` (same file names, so
+        tools can pair them) and
         ``cohort.csv``; existing files are overwritten.
     n_families : number of families (default 12). Families cycle through three
         structures: identical (MZ) twins + siblings, fraternal (DZ) twins + siblings,
@@ -595,7 +596,7 @@ def simulate_cohort(
         }
         if root is not None:
             row["image"] = f"images/{sid}.nii.gz"
-            row["labels"] = f"labels/{sid}_labels.nii.gz"
+            row["labels"] = f"labels/{sid}.nii.gz"
             try:
                 scan.save(root / row["image"])
                 labmap.save(root / row["labels"])
