@@ -1,1 +1,522 @@
 //! 3D/2D SIFT-Rank keypoint extraction.
+//!
+//! Pipeline (3D, see ALGORITHMS.md §1): robust intensity normalisation → isotropic
+//! resampling when voxels are anisotropic → Gaussian scale space (σ0 = 1.6, 3 scales
+//! per octave, 6 Gaussians / 5 DoGs per octave, next octave = 2×2×2 average of the
+//! σ = 2σ0 image) → strict 80-neighbour DoG extrema (maxima and minima) in the inner
+//! DoGs above a contrast threshold → one parabola per axis and over scale →
+//! structure-tensor blob test on a normalised patch → 3D orientations → 64-bin
+//! SIFT-Rank descriptors (2×2×2 cells × 8 octant bins, rank-transformed).
+//!
+//! The scale space is streamed: only two Gaussians and three DoGs of the current
+//! octave are alive at once, and keypoints are described as soon as their DoG level is
+//! complete. Work is split over `i`-planes and over candidates with rayon and collected
+//! in order, so the output is bit-identical whatever the thread count.
+//!
+//! ```
+//! use keyfuse_core::extract::{extract3d, ExtractParams};
+//! use ndarray::Array3;
+//! let vol = Array3::<f32>::from_shape_fn((40, 40, 40), |(i, j, k)| {
+//!     let r2 = ((i as f32 - 20.0).powi(2) + (j as f32 - 20.0).powi(2) + (k as f32 - 20.0).powi(2));
+//!     (-r2 / (2.0 * 3.0 * 3.0)).exp()
+//! });
+//! let kps = extract3d(vol.view(), [1.0, 1.0, 1.0], &ExtractParams::default()).unwrap();
+//! assert!(kps.len() >= 1);
+//! ```
+
+mod describe;
+mod detect;
+mod two_d;
+mod volume;
+
+use crate::{KfError, Result, DESC_LEN};
+use describe::Analysis;
+use ndarray::ArrayView3;
+use rayon::prelude::*;
+use volume::Vol;
+
+pub use two_d::extract2d;
+
+/// Every extraction parameter, with its default. Lengths are in voxels of the
+/// (isotropic) extraction grid unless stated; "scale" is the keypoint's characteristic
+/// scale σ (the standard deviation of the Gaussian blob it responds to most).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExtractParams {
+    /// σ of the first Gaussian of each octave (octave voxels). Default 1.6.
+    pub sigma0: f64,
+    /// DoG levels searched per octave (κ = 2^(1/S)). Default 3.
+    pub scales_per_octave: f64,
+    /// Blur the input is assumed to have already (voxels). Default 0.5.
+    pub initial_blur: f64,
+    /// Smallest side (voxels) an octave must have to be searched. Default 8.
+    pub min_size: f64,
+    /// Maximum number of octaves (0 = until `min_size`). Default 0.
+    pub max_octaves: f64,
+    /// Minimum |DoG| of an extremum, on intensities scaled so that the image's 99.5th
+    /// percentile of |value| is 1. Default 0.008.
+    pub peak_threshold: f64,
+    /// Edge test on the DoG Hessian (Lowe's r, generalised to 3D): keep if
+    /// (Σλ)³/Πλ < (r+2)³/r (2D: (Σλ)²/Πλ < (r+1)²/r). Default 10.
+    pub edge_ratio: f64,
+    /// Blob test on the structure tensor: keep if (e1+e2+e3)³ < ratio·e1·e2·e3. Default 140.
+    pub tensor_ratio: f64,
+    /// Extra border margin (octave voxels) beyond the descriptor radius. Default 2.
+    pub border: f64,
+    /// Descriptor half-width, in units of the keypoint scale. Default 3.
+    pub descriptor_radius: f64,
+    /// Radius of the orientation / structure-tensor patch, in units of scale. Default 2.5.
+    pub orientation_radius: f64,
+    /// Primary axes: sphere-histogram peaks ≥ this fraction of the maximum. Default 0.8.
+    pub primary_peak: f64,
+    /// Secondary axes: in-plane histogram peaks ≥ this fraction of its maximum. Default 0.8.
+    pub secondary_peak: f64,
+    /// Most orientations (output rows) per keypoint. Default 4.
+    pub max_orientations: f64,
+    /// Largest extraction grid accepted (voxels, after isotropic resampling); larger
+    /// inputs are refused with `InvalidImage` instead of exhausting memory. Default 2^28.
+    pub max_voxels: f64,
+}
+
+impl Default for ExtractParams {
+    fn default() -> Self {
+        ExtractParams {
+            sigma0: 1.6,
+            scales_per_octave: 3.0,
+            initial_blur: 0.5,
+            min_size: 8.0,
+            max_octaves: 0.0,
+            peak_threshold: 0.008,
+            edge_ratio: 10.0,
+            tensor_ratio: 140.0,
+            border: 2.0,
+            descriptor_radius: 3.0,
+            orientation_radius: 2.5,
+            primary_peak: 0.8,
+            secondary_peak: 0.8,
+            max_orientations: 4.0,
+            max_voxels: (1u64 << 28) as f64,
+        }
+    }
+}
+
+impl ExtractParams {
+    /// `(name, default)` for every parameter, in a fixed order.
+    pub fn defaults() -> Vec<(&'static str, f64)> {
+        let d = ExtractParams::default();
+        Self::NAMES
+            .iter()
+            .map(|&n| (n, *d.field(n).unwrap()))
+            .collect()
+    }
+
+    pub const NAMES: [&'static str; 15] = [
+        "sigma0",
+        "scales_per_octave",
+        "initial_blur",
+        "min_size",
+        "max_octaves",
+        "peak_threshold",
+        "edge_ratio",
+        "tensor_ratio",
+        "border",
+        "descriptor_radius",
+        "orientation_radius",
+        "primary_peak",
+        "secondary_peak",
+        "max_orientations",
+        "max_voxels",
+    ];
+
+    fn field(&self, name: &str) -> Option<&f64> {
+        Some(match name {
+            "sigma0" => &self.sigma0,
+            "scales_per_octave" => &self.scales_per_octave,
+            "initial_blur" => &self.initial_blur,
+            "min_size" => &self.min_size,
+            "max_octaves" => &self.max_octaves,
+            "peak_threshold" => &self.peak_threshold,
+            "edge_ratio" => &self.edge_ratio,
+            "tensor_ratio" => &self.tensor_ratio,
+            "border" => &self.border,
+            "descriptor_radius" => &self.descriptor_radius,
+            "orientation_radius" => &self.orientation_radius,
+            "primary_peak" => &self.primary_peak,
+            "secondary_peak" => &self.secondary_peak,
+            "max_orientations" => &self.max_orientations,
+            "max_voxels" => &self.max_voxels,
+            _ => return None,
+        })
+    }
+
+    /// Set one parameter by name; unknown names and out-of-range values are
+    /// `InvalidArgument` (the message lists the valid names).
+    pub fn set(&mut self, name: &str, value: f64) -> Result<()> {
+        let cur = self.field(name).copied().ok_or_else(|| {
+            KfError::InvalidArgument(format!(
+                "unknown extraction parameter {name:?}; valid: {}",
+                Self::NAMES.join(", ")
+            ))
+        })?;
+        let _ = cur;
+        let slot: &mut f64 = match name {
+            "sigma0" => &mut self.sigma0,
+            "scales_per_octave" => &mut self.scales_per_octave,
+            "initial_blur" => &mut self.initial_blur,
+            "min_size" => &mut self.min_size,
+            "max_octaves" => &mut self.max_octaves,
+            "peak_threshold" => &mut self.peak_threshold,
+            "edge_ratio" => &mut self.edge_ratio,
+            "tensor_ratio" => &mut self.tensor_ratio,
+            "border" => &mut self.border,
+            "descriptor_radius" => &mut self.descriptor_radius,
+            "orientation_radius" => &mut self.orientation_radius,
+            "primary_peak" => &mut self.primary_peak,
+            "secondary_peak" => &mut self.secondary_peak,
+            "max_orientations" => &mut self.max_orientations,
+            _ => &mut self.max_voxels,
+        };
+        *slot = value;
+        self.validate()
+    }
+
+    /// Check every parameter's range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |n: &str, why: &str| Err(KfError::InvalidArgument(format!("{n} {why}")));
+        for n in Self::NAMES {
+            if !self.field(n).unwrap().is_finite() {
+                return bad(n, "must be finite");
+            }
+        }
+        if self.sigma0 <= 0.0 || self.sigma0 > 20.0 {
+            return bad("sigma0", "must be in (0, 20]");
+        }
+        if self.scales_per_octave < 1.0
+            || self.scales_per_octave > 10.0
+            || self.scales_per_octave.fract() != 0.0
+        {
+            return bad("scales_per_octave", "must be an integer in [1, 10]");
+        }
+        if self.initial_blur < 0.0 || self.initial_blur >= self.sigma0 {
+            return bad("initial_blur", "must be in [0, sigma0)");
+        }
+        if self.min_size < 3.0 {
+            return bad("min_size", "must be ≥ 3");
+        }
+        if self.max_octaves < 0.0 {
+            return bad("max_octaves", "must be ≥ 0");
+        }
+        if self.peak_threshold < 0.0 {
+            return bad("peak_threshold", "must be ≥ 0");
+        }
+        if self.edge_ratio < 1.0 {
+            return bad("edge_ratio", "must be ≥ 1");
+        }
+        if self.tensor_ratio <= 0.0 {
+            return bad("tensor_ratio", "must be > 0");
+        }
+        if self.border < 0.0 {
+            return bad("border", "must be ≥ 0");
+        }
+        if self.descriptor_radius <= 0.0 || self.descriptor_radius > 20.0 {
+            return bad("descriptor_radius", "must be in (0, 20]");
+        }
+        if self.orientation_radius <= 0.0 || self.orientation_radius > 20.0 {
+            return bad("orientation_radius", "must be in (0, 20]");
+        }
+        if !(0.0..=1.0).contains(&self.primary_peak) || !(0.0..=1.0).contains(&self.secondary_peak)
+        {
+            return bad("primary_peak/secondary_peak", "must be in [0, 1]");
+        }
+        if self.max_orientations < 1.0 || self.max_orientations > 64.0 {
+            return bad("max_orientations", "must be in [1, 64]");
+        }
+        if self.max_voxels < 1.0 {
+            return bad("max_voxels", "must be ≥ 1");
+        }
+        Ok(())
+    }
+
+    /// κ = 2^(1/S) and the factor from the lower σ of a DoG pair to the characteristic
+    /// scale of the blob it responds to most: in `dim` dimensions the DoG
+    /// G(κσ) − G(σ) of a Gaussian blob of σ_b peaks at σ = σ_b·√t with
+    /// t = (a − 1)/(κ² − a), a = κ^(4/(dim+2)).
+    pub(crate) fn scale_factor(&self, dim: usize) -> f64 {
+        let k2 = 2f64.powf(2.0 / self.scales_per_octave);
+        let a = k2.powf(2.0 / (dim as f64 + 2.0));
+        1.0 / ((a - 1.0) / (k2 - a)).sqrt()
+    }
+}
+
+/// Extracted keypoints, one row per (detection, orientation).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Keypoints {
+    /// Voxel coordinates in the input grid (array-index order, centre at the index).
+    pub ijk: Vec<[f64; 3]>,
+    /// Characteristic scale σ in mm.
+    pub scale: Vec<f32>,
+    /// Rotation matrices; rows are the keypoint axes in voxel-index space (for
+    /// anisotropic voxels: in the isotropic physical frame aligned with the voxel axes).
+    pub orientation: Vec<[[f32; 3]; 3]>,
+    /// Rank descriptors: each a permutation of 0..63.
+    pub descriptors: Vec<[u8; DESC_LEN]>,
+    /// +1 DoG maximum, −1 DoG minimum.
+    pub polarity: Vec<i8>,
+    /// Interpolated DoG value (normalised intensities).
+    pub response: Vec<f32>,
+    /// Structure-tensor eigenvalues, descending.
+    pub eigenvalues: Vec<[f32; 3]>,
+    /// Index of the detection each row belongs to.
+    pub point: Vec<i64>,
+}
+
+impl Keypoints {
+    pub fn len(&self) -> usize {
+        self.ijk.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ijk.is_empty()
+    }
+    /// Number of distinct detections.
+    pub fn n_points(&self) -> usize {
+        self.point.last().map_or(0, |&p| p as usize + 1)
+    }
+}
+
+/// A described detection in extraction-grid coordinates.
+pub(crate) struct Described {
+    pub pos: [f64; 3],
+    pub sigma: f64,
+    pub response: f32,
+    pub polarity: i8,
+    pub eigenvalues: [f32; 3],
+    pub rows: Vec<([[f32; 3]; 3], [u8; DESC_LEN])>,
+}
+
+/// Check the input values; `Some(scale)` maps intensities so that the 99.5th
+/// percentile of |value| is 1, `None` means the image is all zero.
+pub(crate) fn intensity_scale(data: &[f32]) -> Result<Option<f32>> {
+    if data.par_iter().any(|x| !x.is_finite()) {
+        return Err(KfError::InvalidImage(
+            "image contains NaN or infinite values".into(),
+        ));
+    }
+    let stride = (data.len() / 1_000_000).max(1);
+    let mut s: Vec<f32> = data.iter().step_by(stride).map(|x| x.abs()).collect();
+    let max = s.iter().cloned().fold(0f32, f32::max);
+    if max <= 0.0 {
+        return Ok(None);
+    }
+    let q = ((s.len() as f64 * 0.995) as usize).min(s.len() - 1);
+    let (_, &mut v, _) = s.select_nth_unstable_by(q, |a, b| a.total_cmp(b));
+    let v = if v > 0.0 { v } else { max };
+    Ok(Some(1.0 / v))
+}
+
+pub(crate) fn check_spacing(spacing: &[f64]) -> Result<()> {
+    if spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        return Err(KfError::InvalidArgument(format!(
+            "voxel spacing must be finite and > 0, got {spacing:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Extract 3D SIFT-Rank keypoints from `volume` (index order i, j, k) with voxel sizes
+/// `spacing` (mm). An image that is constant, all zero or too small for one octave
+/// gives an empty result; non-finite values are `InvalidImage`.
+pub fn extract3d(
+    volume: ArrayView3<f32>,
+    spacing: [f64; 3],
+    params: &ExtractParams,
+) -> Result<Keypoints> {
+    params.validate()?;
+    check_spacing(&spacing)?;
+    let (ni, nj, nk) = volume.dim();
+    let n = [ni, nj, nk];
+    let total = ni.checked_mul(nj).and_then(|x| x.checked_mul(nk));
+    if total.is_none_or(|t| t as f64 > params.max_voxels) {
+        return Err(KfError::InvalidImage(format!(
+            "volume {n:?} exceeds the limit of {} voxels (parameter max_voxels)",
+            params.max_voxels
+        )));
+    }
+    if n.iter().any(|&x| x == 0) {
+        return Ok(Keypoints::default());
+    }
+    let mut vol = Vol::zeros(n)?;
+    match volume.as_slice() {
+        Some(s) => vol.data.copy_from_slice(s),
+        None => {
+            for (d, s) in vol.data.iter_mut().zip(volume.iter()) {
+                *d = *s;
+            }
+        }
+    }
+    let Some(iscale) = intensity_scale(&vol.data)? else {
+        return Ok(Keypoints::default());
+    };
+    vol.data.par_iter_mut().for_each(|x| *x *= iscale);
+
+    // anisotropic voxels: resample to an isotropic grid at the finest spacing
+    let iso = spacing.iter().cloned().fold(f64::INFINITY, f64::min);
+    let aniso = spacing.iter().any(|&s| (s - iso).abs() > 1e-6 * iso);
+    let step = spacing.map(|s| iso / s); // new index q sits at old index q·step
+    if aniso {
+        let m = [0, 1, 2].map(|a| (((n[a] - 1) as f64 * spacing[a] / iso).floor() as usize) + 1);
+        if (m[0] as f64) * (m[1] as f64) * (m[2] as f64) > params.max_voxels {
+            return Err(KfError::InvalidImage(format!(
+                "isotropic resampling of {n:?} at {iso} mm gives {m:?}, over the limit of {} voxels (parameter max_voxels)",
+                params.max_voxels
+            )));
+        }
+        vol = volume::resample(&vol, m, step)?;
+    }
+    let found = scale_space(vol, params, 3)?;
+    let step = if aniso { step } else { [1.0; 3] };
+    Ok(assemble(
+        found,
+        |p| [p[0] * step[0], p[1] * step[1], p[2] * step[2]],
+        iso,
+    ))
+}
+
+/// Flatten described detections into rows; `to_input` maps extraction-grid voxel
+/// coordinates to input-grid ones, `mm` is the extraction grid's voxel size.
+pub(crate) fn assemble(
+    found: Vec<Described>,
+    to_input: impl Fn([f64; 3]) -> [f64; 3],
+    mm: f64,
+) -> Keypoints {
+    let mut out = Keypoints::default();
+    for (pi, d) in found.into_iter().enumerate() {
+        let ijk = to_input(d.pos);
+        for (frame, desc) in d.rows {
+            out.ijk.push(ijk);
+            out.scale.push((d.sigma * mm) as f32);
+            out.orientation.push(frame);
+            out.descriptors.push(desc);
+            out.polarity.push(d.polarity);
+            out.response.push(d.response);
+            out.eigenvalues.push(d.eigenvalues);
+            out.point.push(pi as i64);
+        }
+    }
+    out
+}
+
+/// The streamed scale space (`dim` 3, or 2 for a `ni × nj × 1` image): detection,
+/// refinement and description, octave by octave.
+pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec<Described>> {
+    let s_n = p.scales_per_octave as usize;
+    let kappa = 2f64.powf(1.0 / s_n as f64);
+    let cf = p.scale_factor(dim);
+    let min_size = p.min_size as usize;
+    let mut found = Vec::new();
+    let small = |v: &Vol| v.n[..dim].iter().any(|&x| x < min_size);
+    if small(&vol) {
+        return Ok(found);
+    }
+    let pre = (p.sigma0 * p.sigma0 - p.initial_blur * p.initial_blur).sqrt();
+    let mut base = volume::blur(&vol, pre as f32)?;
+    drop(vol);
+    let mut octave = 0usize;
+    loop {
+        if small(&base) || (p.max_octaves > 0.0 && octave >= p.max_octaves as usize) {
+            break;
+        }
+        let mut next_base: Option<Vol> = None;
+        let mut g_prev = base;
+        let mut spare: Option<Vol> = None;
+        let mut dogs: Vec<Vol> = Vec::with_capacity(3);
+        for t in 1..s_n + 3 {
+            let inc = p.sigma0 * (kappa.powi(2 * t as i32) - kappa.powi(2 * (t as i32 - 1))).sqrt();
+            let mut g_cur = match spare.take() {
+                Some(v) => v,
+                None => Vol::zeros(g_prev.n)?,
+            };
+            volume::blur_into(&g_prev, inc as f32, &mut g_cur);
+            if t == s_n {
+                next_base = Some(volume::downsample(&g_cur)?);
+            }
+            let mut d = if dogs.len() == 3 {
+                dogs.remove(0)
+            } else {
+                Vol::zeros(g_prev.n)?
+            };
+            d.data
+                .par_iter_mut()
+                .zip(g_cur.data.par_iter())
+                .zip(g_prev.data.par_iter())
+                .for_each(|((o, &a), &b)| *o = a - b);
+            dogs.push(d);
+            if dogs.len() == 3 {
+                let level = t - 2; // DoG index of the middle one
+                let sig_lvl = p.sigma0 * kappa.powi(level as i32) * cf;
+                let margin = (p.descriptor_radius * sig_lvl + p.border).ceil() as usize;
+                let (thr, m) = (p.peak_threshold as f32, margin.max(1));
+                let cands = if dim == 3 {
+                    detect::extrema_3d(&dogs[0], &dogs[1], &dogs[2], thr, m, p.edge_ratio)
+                } else {
+                    detect::extrema_2d(&dogs[0], &dogs[1], &dogs[2], thr, m, p.edge_ratio)
+                };
+                // describe with G_{level+1}, the Gaussian still in memory (g_prev)
+                let g = &g_prev;
+                let described: Vec<Option<Described>> = cands
+                    .par_iter()
+                    .map(|c| {
+                        let s = level as f64 + c.ds as f64;
+                        let sigma = p.sigma0 * kappa.powf(s) * cf; // octave voxels
+                        let sg = sigma as f32;
+                        let an = if dim == 3 {
+                            describe::analyse(g, c.pos, sg, p)?
+                        } else {
+                            two_d::analyse(g, c.pos, sg, p)?
+                        };
+                        let rows: Vec<_> = an
+                            .frames
+                            .iter()
+                            .filter_map(|f| {
+                                let d = if dim == 3 {
+                                    describe::descriptor(g, c.pos, sg, f, p)
+                                } else {
+                                    two_d::descriptor(g, c.pos, sg, f, p)
+                                };
+                                d.map(|d| (*f, d))
+                            })
+                            .collect();
+                        if rows.is_empty() {
+                            return None;
+                        }
+                        let o = (1u64 << octave) as f64;
+                        let mut pos = c.pos.map(|x| x as f64 * o + (o - 1.0) * 0.5);
+                        if dim == 2 {
+                            pos[2] = 0.0;
+                        }
+                        Some(Described {
+                            pos,
+                            sigma: sigma * o,
+                            response: c.response,
+                            polarity: c.polarity,
+                            eigenvalues: an.eigenvalues,
+                            rows,
+                        })
+                    })
+                    .collect();
+                found.extend(described.into_iter().flatten());
+            }
+            spare = Some(std::mem::replace(&mut g_prev, g_cur));
+        }
+        drop(spare);
+        drop(dogs);
+        drop(g_prev);
+        match next_base {
+            Some(b) => base = b,
+            None => break,
+        }
+        octave += 1;
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests;

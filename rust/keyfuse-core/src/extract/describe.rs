@@ -1,0 +1,489 @@
+//! Per-keypoint analysis: the structure-tensor blob test, 3D orientations and the
+//! 64-bin SIFT-Rank descriptor, all sampled from the Gaussian image of the keypoint's
+//! octave by trilinear interpolation.
+
+use super::volume::Vol;
+use super::ExtractParams;
+use std::sync::OnceLock;
+
+/// A keypoint frame: rows are the keypoint's axes in (octave) voxel-index space.
+pub(crate) type Frame = [[f32; 3]; 3];
+
+/// Samples per axis of the analysis patch (gradients on the inner `N-2`³).
+const NA: usize = 11;
+/// Descriptor samples per axis (2 cells × 6), plus one ring for central differences.
+const ND: usize = 12;
+
+#[inline]
+fn dot(a: [f32; 3], b: [f32; 3]) -> f32 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+#[inline]
+fn cross(a: [f32; 3], b: [f32; 3]) -> [f32; 3] {
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
+}
+#[inline]
+fn normalise(a: [f32; 3]) -> Option<[f32; 3]> {
+    let n = dot(a, a).sqrt();
+    (n > 1e-12 && n.is_finite()).then(|| [a[0] / n, a[1] / n, a[2] / n])
+}
+
+/// Eigenvalues of a symmetric 3×3 matrix (cyclic Jacobi, fixed sweeps), descending.
+pub(crate) fn sym_eigenvalues(m: [[f64; 3]; 3]) -> [f64; 3] {
+    let mut a = m;
+    for _ in 0..12 {
+        let off = a[0][1].abs() + a[0][2].abs() + a[1][2].abs();
+        if off < 1e-30 {
+            break;
+        }
+        for (p, q) in [(0usize, 1usize), (0, 2), (1, 2)] {
+            if a[p][q].abs() < 1e-300 {
+                continue;
+            }
+            let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
+            let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+            let t = if theta == 0.0 { 1.0 } else { t };
+            let c = 1.0 / (t * t + 1.0).sqrt();
+            let s = t * c;
+            // A' = Jᵀ A J with the rotation in the (p, q) plane
+            for r in 0..3 {
+                let arp = a[r][p];
+                let arq = a[r][q];
+                a[r][p] = c * arp - s * arq;
+                a[r][q] = s * arp + c * arq;
+            }
+            for r in 0..3 {
+                let apr = a[p][r];
+                let aqr = a[q][r];
+                a[p][r] = c * apr - s * aqr;
+                a[q][r] = s * apr + c * aqr;
+            }
+        }
+    }
+    let mut e = [a[0][0], a[1][1], a[2][2]];
+    e.sort_by(|x, y| y.total_cmp(x));
+    e
+}
+
+/// The equal-area direction bins of the orientation sphere and their smoothing kernel.
+struct Sphere {
+    centres: Vec<[f32; 3]>,
+    /// for each bin, (neighbour, weight) pairs of the smoothing kernel
+    kernel: Vec<Vec<(usize, f32)>>,
+    /// for each bin, the bins within the peak-suppression angle
+    near: Vec<Vec<usize>>,
+}
+
+const NZ: usize = 8;
+const NPHI: usize = 16;
+
+fn sphere() -> &'static Sphere {
+    static S: OnceLock<Sphere> = OnceLock::new();
+    S.get_or_init(|| {
+        let mut centres = Vec::with_capacity(NZ * NPHI);
+        for zi in 0..NZ {
+            let z = -1.0 + (zi as f32 + 0.5) * 2.0 / NZ as f32;
+            let r = (1.0 - z * z).max(0.0).sqrt();
+            for pi in 0..NPHI {
+                let phi = (pi as f32 + 0.5) * std::f32::consts::TAU / NPHI as f32;
+                centres.push([r * phi.cos(), r * phi.sin(), z]);
+            }
+        }
+        let near_cos = 35f32.to_radians().cos();
+        let mut kernel = Vec::new();
+        let mut near = Vec::new();
+        for a in &centres {
+            let mut k = Vec::new();
+            let mut nb = Vec::new();
+            for (j, b) in centres.iter().enumerate() {
+                let c = dot(*a, *b);
+                let w = ((c - 1.0) / 0.06).exp();
+                if w > 1e-3 {
+                    k.push((j, w));
+                }
+                if c > near_cos && c < 0.99999 {
+                    nb.push(j);
+                }
+            }
+            kernel.push(k);
+            near.push(nb);
+        }
+        Sphere {
+            centres,
+            kernel,
+            near,
+        }
+    })
+}
+
+#[inline]
+fn sphere_bin(g: [f32; 3], mag: f32) -> usize {
+    let z = (g[2] / mag).clamp(-1.0, 1.0);
+    let zi = (((z + 1.0) * 0.5 * NZ as f32) as usize).min(NZ - 1);
+    let mut phi = g[1].atan2(g[0]);
+    if phi < 0.0 {
+        phi += std::f32::consts::TAU;
+    }
+    let pi = ((phi / std::f32::consts::TAU * NPHI as f32) as usize).min(NPHI - 1);
+    zi * NPHI + pi
+}
+
+/// Result of analysing a candidate: structure-tensor eigenvalues and its frames.
+pub(crate) struct Analysis {
+    pub eigenvalues: [f32; 3],
+    pub frames: Vec<Frame>,
+}
+
+/// Structure-tensor blob test and orientation estimation around `c` (octave voxel
+/// coordinates) at characteristic scale `sigma` (octave voxels). `None` when the patch
+/// is flat, the point is not blob-like, or no stable orientation exists.
+pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Option<Analysis> {
+    let radius = p.orientation_radius as f32 * sigma;
+    let h = 2.0 * radius / (NA - 1) as f32;
+    let half = (NA / 2) as f32;
+    let mut v = vec![0f32; NA * NA * NA];
+    for a in 0..NA {
+        for b in 0..NA {
+            for d in 0..NA {
+                let u = [
+                    (a as f32 - half) * h,
+                    (b as f32 - half) * h,
+                    (d as f32 - half) * h,
+                ];
+                v[(a * NA + b) * NA + d] = g.sample([c[0] + u[0], c[1] + u[1], c[2] + u[2]]);
+            }
+        }
+    }
+    // normalise the patch (mean 0, unit L2 norm); a flat patch has nothing to describe
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let ss = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>();
+    if ss / n < 1e-12 {
+        return None;
+    }
+    let inv = 1.0 / ss.sqrt();
+    for x in &mut v {
+        *x = ((*x as f64 - mean) * inv) as f32;
+    }
+    // gradients on the inner grid, Gaussian-weighted (σ_w = radius / 2)
+    let inner = NA - 2;
+    let mut grads: Vec<([f32; 3], f32)> = Vec::with_capacity(inner * inner * inner);
+    let mut t = [[0f64; 3]; 3];
+    let sw = (NA - 1) as f32 / 4.0; // radius/2 in sample units
+    for a in 1..NA - 1 {
+        for b in 1..NA - 1 {
+            for d in 1..NA - 1 {
+                let at = |x: usize, y: usize, z: usize| v[(x * NA + y) * NA + z];
+                let gv = [
+                    0.5 * (at(a + 1, b, d) - at(a - 1, b, d)),
+                    0.5 * (at(a, b + 1, d) - at(a, b - 1, d)),
+                    0.5 * (at(a, b, d + 1) - at(a, b, d - 1)),
+                ];
+                let r2 = (a as f32 - half).powi(2)
+                    + (b as f32 - half).powi(2)
+                    + (d as f32 - half).powi(2);
+                let w = (-r2 / (2.0 * sw * sw)).exp();
+                for (x, row) in t.iter_mut().enumerate() {
+                    for (y, cell) in row.iter_mut().enumerate() {
+                        *cell += (w * gv[x] * gv[y]) as f64;
+                    }
+                }
+                grads.push((gv, w));
+            }
+        }
+    }
+    let e = sym_eigenvalues(t);
+    let (tr, det) = (e[0] + e[1] + e[2], e[0] * e[1] * e[2]);
+    if e[2] <= 0.0 || !(tr * tr * tr < p.tensor_ratio * det) {
+        return None;
+    }
+    let frames = orientations(&grads, p);
+    if frames.is_empty() {
+        return None;
+    }
+    Some(Analysis {
+        eigenvalues: [e[0] as f32, e[1] as f32, e[2] as f32],
+        frames,
+    })
+}
+
+/// Mean-shift refinement of a direction: the weighted mean of the gradient directions
+/// within 25° of it, three times.
+fn refine_direction(grads: &[([f32; 3], f32)], mut d: [f32; 3]) -> [f32; 3] {
+    let cos_lim = 25f32.to_radians().cos();
+    for _ in 0..3 {
+        let mut acc = [0f32; 3];
+        for &(gv, w) in grads {
+            let m = dot(gv, gv).sqrt();
+            if m <= 0.0 || dot(gv, d) < cos_lim * m {
+                continue;
+            }
+            for x in 0..3 {
+                acc[x] += w * gv[x];
+            }
+        }
+        match normalise(acc) {
+            Some(n) => d = n,
+            None => break,
+        }
+    }
+    d
+}
+
+/// Full 3D orientations: primary axes from the peaks of a smoothed histogram of
+/// gradient directions on the sphere (≥ `primary_peak`·max), then for each primary
+/// axis the in-plane peaks of the projected gradients (≥ `secondary_peak`·max); the
+/// third axis is their cross product. Strongest first, at most `max_orientations`.
+fn orientations(grads: &[([f32; 3], f32)], p: &ExtractParams) -> Vec<Frame> {
+    let sph = sphere();
+    let nb = sph.centres.len();
+    let mut hist = vec![0f32; nb];
+    for &(gv, w) in grads {
+        let m = dot(gv, gv).sqrt();
+        if m > 0.0 {
+            hist[sphere_bin(gv, m)] += w * m;
+        }
+    }
+    let smooth: Vec<f32> = (0..nb)
+        .map(|b| sph.kernel[b].iter().map(|&(j, w)| w * hist[j]).sum())
+        .collect();
+    let max = smooth.iter().cloned().fold(0f32, f32::max);
+    if max <= 0.0 {
+        return Vec::new();
+    }
+    let mut peaks: Vec<(usize, f32)> = (0..nb)
+        .filter(|&b| {
+            smooth[b] >= p.primary_peak as f32 * max
+                && sph.near[b]
+                    .iter()
+                    .all(|&j| smooth[b] > smooth[j] || (smooth[b] == smooth[j] && b < j))
+        })
+        .map(|b| (b, smooth[b] / max))
+        .collect();
+    peaks.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut primaries: Vec<([f32; 3], f32)> = Vec::new();
+    for (b, s) in peaks {
+        let d = refine_direction(grads, sph.centres[b]);
+        if primaries
+            .iter()
+            .all(|(q, _)| dot(*q, d) < 10f32.to_radians().cos())
+        {
+            primaries.push((d, s));
+        }
+    }
+    let max_o = p.max_orientations.max(1.0) as usize;
+    let mut frames: Vec<(Frame, f32)> = Vec::new();
+    for (a1, s1) in primaries.into_iter().take(max_o) {
+        // a deterministic basis of the plane orthogonal to a1
+        let helper = if a1[0].abs() <= a1[1].abs() && a1[0].abs() <= a1[2].abs() {
+            [1.0, 0.0, 0.0]
+        } else if a1[1].abs() <= a1[2].abs() {
+            [0.0, 1.0, 0.0]
+        } else {
+            [0.0, 0.0, 1.0]
+        };
+        let Some(e1) = normalise(cross(a1, helper)) else {
+            continue;
+        };
+        let e2 = cross(a1, e1);
+        const NB: usize = 36;
+        let mut h = [0f32; NB];
+        for &(gv, w) in grads {
+            let x = dot(gv, e1);
+            let y = dot(gv, e2);
+            let m = (x * x + y * y).sqrt();
+            if m <= 0.0 {
+                continue;
+            }
+            let mut ang = y.atan2(x) / std::f32::consts::TAU * NB as f32;
+            if ang < 0.0 {
+                ang += NB as f32;
+            }
+            let f = ang - 0.5;
+            let lo = f.floor();
+            let frac = f - lo;
+            let i0 = (lo as isize).rem_euclid(NB as isize) as usize;
+            let i1 = (i0 + 1) % NB;
+            h[i0] += w * m * (1.0 - frac);
+            h[i1] += w * m * frac;
+        }
+        // circular [1 4 6 4 1]/16 smoothing
+        let mut hs = [0f32; NB];
+        for i in 0..NB {
+            let g = |o: isize| h[(i as isize + o).rem_euclid(NB as isize) as usize];
+            hs[i] = (g(-2) + 4.0 * g(-1) + 6.0 * g(0) + 4.0 * g(1) + g(2)) / 16.0;
+        }
+        let hmax = hs.iter().cloned().fold(0f32, f32::max);
+        if hmax <= 0.0 {
+            continue;
+        }
+        for i in 0..NB {
+            let (l, c, r) = (hs[(i + NB - 1) % NB], hs[i], hs[(i + 1) % NB]);
+            if !(c > l && c >= r && c >= p.secondary_peak as f32 * hmax) {
+                continue;
+            }
+            let den = l - 2.0 * c + r;
+            let off = if den.abs() > 1e-20 {
+                (0.5 * (l - r) / den).clamp(-0.5, 0.5)
+            } else {
+                0.0
+            };
+            let ang = (i as f32 + 0.5 + off) / NB as f32 * std::f32::consts::TAU;
+            let Some(a2) = normalise([
+                ang.cos() * e1[0] + ang.sin() * e2[0],
+                ang.cos() * e1[1] + ang.sin() * e2[1],
+                ang.cos() * e1[2] + ang.sin() * e2[2],
+            ]) else {
+                continue;
+            };
+            let a3 = cross(a1, a2);
+            frames.push(([a1, a2, a3], s1 * c / hmax));
+        }
+    }
+    frames.sort_by(|a, b| b.1.total_cmp(&a.1));
+    frames.truncate(max_o);
+    frames.into_iter().map(|(f, _)| f).collect()
+}
+
+/// Per-sample spatial weights of the descriptor grid: for each of the `ND`³ samples,
+/// its Gaussian window (σ = half the window) times its trilinear weight on each of the
+/// 2×2×2 cells. The same for every keypoint, so computed once.
+fn desc_weights() -> &'static Vec<[f32; 8]> {
+    static W: OnceLock<Vec<[f32; 8]>> = OnceLock::new();
+    W.get_or_init(|| {
+        let cell = ND as f32 / 2.0;
+        let mut out = Vec::with_capacity(ND * ND * ND);
+        for a in 0..ND {
+            for b in 0..ND {
+                for d in 0..ND {
+                    let pos = [a, b, d].map(|i| (i as f32 + 0.5) / cell - 0.5); // cell coords
+                    let u = [a, b, d].map(|i| (i as f32 + 0.5) / (ND as f32 / 2.0) - 1.0); // [-1, 1]
+                    let gw = (-(u[0] * u[0] + u[1] * u[1] + u[2] * u[2]) / 2.0).exp();
+                    let w1 = pos.map(|x| x.clamp(0.0, 1.0));
+                    let mut ws = [0f32; 8];
+                    for (ci, wsc) in ws.iter_mut().enumerate() {
+                        let mut w = gw;
+                        for ax in 0..3 {
+                            let bit = (ci >> (2 - ax)) & 1;
+                            w *= if bit == 1 { w1[ax] } else { 1.0 - w1[ax] };
+                        }
+                        *wsc = w;
+                    }
+                    out.push(ws);
+                }
+            }
+        }
+        out
+    })
+}
+
+/// The 64-bin SIFT-Rank descriptor of the patch of radius `descriptor_radius`·σ in the
+/// keypoint frame: gradients (components in the rotated frame) soft-binned into 2×2×2
+/// cells × 8 octant directions, gradient-magnitude weighted, then rank-transformed.
+/// `None` for a patch without gradient energy (nothing to rank).
+pub(crate) fn descriptor(
+    g: &Vol,
+    c: [f32; 3],
+    sigma: f32,
+    f: &Frame,
+    p: &ExtractParams,
+) -> Option<[u8; 64]> {
+    let radius = p.descriptor_radius as f32 * sigma;
+    let h = 2.0 * radius / ND as f32;
+    const NS: usize = ND + 2;
+    let mut v = vec![0f32; NS * NS * NS];
+    for a in 0..NS {
+        let ua = -radius + (a as f32 - 0.5) * h;
+        for b in 0..NS {
+            let ub = -radius + (b as f32 - 0.5) * h;
+            for d in 0..NS {
+                let ud = -radius + (d as f32 - 0.5) * h;
+                let q = [0, 1, 2].map(|x| c[x] + ua * f[0][x] + ub * f[1][x] + ud * f[2][x]);
+                v[(a * NS + b) * NS + d] = g.sample(q);
+            }
+        }
+    }
+    let s = 1.0 / 3f32.sqrt();
+    let weights = desc_weights();
+    let mut hist = [0f32; 64];
+    let mut n = 0;
+    for a in 1..=ND {
+        for b in 1..=ND {
+            for d in 1..=ND {
+                let at = |x: usize, y: usize, z: usize| v[(x * NS + y) * NS + z];
+                let gv = [
+                    at(a + 1, b, d) - at(a - 1, b, d),
+                    at(a, b + 1, d) - at(a, b - 1, d),
+                    at(a, b, d + 1) - at(a, b, d - 1),
+                ];
+                // soft octant binning: the positive part of the projection on each
+                // of the 8 directions (±1, ±1, ±1)/√3
+                let mut ob = [0f32; 8];
+                for (bi, o) in ob.iter_mut().enumerate() {
+                    let sx = if bi & 4 != 0 { s } else { -s };
+                    let sy = if bi & 2 != 0 { s } else { -s };
+                    let sz = if bi & 1 != 0 { s } else { -s };
+                    *o = (sx * gv[0] + sy * gv[1] + sz * gv[2]).max(0.0);
+                }
+                let ws = &weights[n];
+                n += 1;
+                for (ci, &wc) in ws.iter().enumerate() {
+                    for (bi, &o) in ob.iter().enumerate() {
+                        hist[ci * 8 + bi] += wc * o;
+                    }
+                }
+            }
+        }
+    }
+    let total: f32 = hist.iter().sum();
+    if !(total > 1e-9) {
+        return None;
+    }
+    Some(rank64(&hist))
+}
+
+/// Rank transform: each value replaced by its rank (0..63) in the vector, ties broken by
+/// position, so every descriptor is a permutation of 0..63.
+pub(crate) fn rank64(h: &[f32; 64]) -> [u8; 64] {
+    let mut idx: [u8; 64] = std::array::from_fn(|i| i as u8);
+    idx.sort_by(|&a, &b| h[a as usize].total_cmp(&h[b as usize]).then(a.cmp(&b)));
+    let mut out = [0u8; 64];
+    for (r, &i) in idx.iter().enumerate() {
+        out[i as usize] = r as u8;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eigenvalues_of_a_known_matrix() {
+        // rotation of diag(5, 2, 1)
+        let e = sym_eigenvalues([[3.5, 1.5, 0.0], [1.5, 3.5, 0.0], [0.0, 0.0, 1.0]]);
+        assert!(
+            (e[0] - 5.0).abs() < 1e-9 && (e[1] - 2.0).abs() < 1e-9 && (e[2] - 1.0).abs() < 1e-9
+        );
+    }
+
+    #[test]
+    fn rank_is_a_permutation() {
+        let mut h = [0f32; 64];
+        for (i, x) in h.iter_mut().enumerate() {
+            *x = ((i * 37) % 11) as f32;
+        }
+        let r = rank64(&h);
+        let mut seen = [false; 64];
+        for &x in &r {
+            seen[x as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+        // larger value → larger rank
+        assert!(r[1] > r[0]);
+    }
+}

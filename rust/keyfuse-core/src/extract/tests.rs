@@ -1,0 +1,273 @@
+use super::*;
+use ndarray::{Array2, Array3, Axis};
+
+fn blob(n: [usize; 3], c: [f32; 3], s: [f32; 3]) -> Array3<f32> {
+    Array3::from_shape_fn((n[0], n[1], n[2]), |(i, j, k)| {
+        let d = [i as f32 - c[0], j as f32 - c[1], k as f32 - c[2]];
+        (-(d[0] * d[0] / (2.0 * s[0] * s[0])
+            + d[1] * d[1] / (2.0 * s[1] * s[1])
+            + d[2] * d[2] / (2.0 * s[2] * s[2])))
+            .exp()
+    })
+}
+
+/// A reproducible textured volume: anisotropic blobs of both signs at random places.
+fn texture(n: [usize; 3], count: usize, seed: u64) -> Array3<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut rnd = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) as f32
+    };
+    let mut v = Array3::<f32>::zeros((n[0], n[1], n[2]));
+    for _ in 0..count {
+        let c = [0, 1, 2].map(|a| 6.0 + rnd() * (n[a] as f32 - 12.0));
+        let s = [0, 1, 2].map(|_| 1.5 + 3.0 * rnd());
+        let amp = if rnd() < 0.5 { -1.0 } else { 1.0 } * (0.5 + rnd());
+        v.zip_mut_with(&blob(n, c, s), |a, b| *a += amp * b);
+    }
+    v
+}
+
+fn assert_permutations(k: &Keypoints) {
+    for d in &k.descriptors {
+        let mut seen = [false; 64];
+        for &x in d {
+            assert!(!seen[x as usize], "duplicate rank");
+            seen[x as usize] = true;
+        }
+    }
+}
+
+#[test]
+fn gaussian_blob_found_at_centre_and_scale() {
+    for (sigma, c) in [(3.0f32, [24.3f32, 23.6, 24.0]), (4.5, [32.2, 31.6, 32.4])] {
+        let n = [64, 64, 64];
+        let v = blob(n, c, [sigma; 3]);
+        let k = extract3d(v.view(), [1.0; 3], &ExtractParams::default()).unwrap();
+        assert!(!k.is_empty(), "blob σ={sigma} not found");
+        // the strongest detection is the blob
+        let best = (0..k.len())
+            .max_by(|&a, &b| k.response[a].abs().total_cmp(&k.response[b].abs()))
+            .unwrap();
+        let p = k.ijk[best];
+        let err = ((p[0] - c[0] as f64).powi(2)
+            + (p[1] - c[1] as f64).powi(2)
+            + (p[2] - c[2] as f64).powi(2))
+        .sqrt();
+        assert!(err < 0.35, "σ={sigma}: found at {p:?}, want {c:?}");
+        let rel = (k.scale[best] / sigma - 1.0).abs();
+        assert!(rel < 0.15, "σ={sigma}: scale {} ({rel})", k.scale[best]);
+        // bright blob: more blur lowers its centre, so a DoG minimum
+        assert_eq!(k.polarity[best], -1);
+        assert_permutations(&k);
+        for o in &k.orientation {
+            let det = o[0][0] * (o[1][1] * o[2][2] - o[1][2] * o[2][1])
+                - o[0][1] * (o[1][0] * o[2][2] - o[1][2] * o[2][0])
+                + o[0][2] * (o[1][0] * o[2][1] - o[1][1] * o[2][0]);
+            assert!((det - 1.0).abs() < 1e-3, "not a rotation: det {det}");
+        }
+    }
+    // a dark blob is a maximum
+    let v = blob([48; 3], [24.0; 3], [3.0; 3]).mapv(|x| 1.0 - x);
+    let k = extract3d(v.view(), [1.0; 3], &ExtractParams::default()).unwrap();
+    assert!(k.polarity.contains(&1));
+}
+
+#[test]
+fn rotation_by_90_degrees_gives_the_same_keypoints() {
+    let n = [64, 72, 56];
+    let a = texture(n, 120, 7);
+    // C[x, y, z] = A[y, nj-1-x, z]: a 90° rotation about the third axis
+    let mut c = a.view().permuted_axes([1, 0, 2]);
+    c.invert_axis(Axis(0));
+    let c = c.as_standard_layout().to_owned();
+    let p = ExtractParams::default();
+    let ka = extract3d(a.view(), [1.0; 3], &p).unwrap();
+    let kc = extract3d(c.view(), [1.0; 3], &p).unwrap();
+    assert!(ka.n_points() >= 10, "only {} detections", ka.n_points());
+    let mut found = 0;
+    let mut same_desc = 0;
+    for r in 0..ka.len() {
+        if r > 0 && ka.point[r] == ka.point[r - 1] {
+            continue;
+        }
+        let q = ka.ijk[r];
+        let m = [(n[1] - 1) as f64 - q[1], q[0], q[2]];
+        let hits: Vec<usize> = (0..kc.len())
+            .filter(|&s| (0..3).map(|x| (kc.ijk[s][x] - m[x]).powi(2)).sum::<f64>() < 0.25)
+            .collect();
+        if hits.is_empty() {
+            continue;
+        }
+        found += 1;
+        let rows_a: Vec<usize> = (0..ka.len())
+            .filter(|&s| ka.point[s] == ka.point[r])
+            .collect();
+        let best = rows_a
+            .iter()
+            .flat_map(|&x| hits.iter().map(move |&y| (x, y)))
+            .map(|(x, y)| {
+                ka.descriptors[x]
+                    .iter()
+                    .zip(kc.descriptors[y].iter())
+                    .map(|(&u, &v)| (u as f64 - v as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .fold(f64::INFINITY, f64::min);
+        if best < 20.0 {
+            same_desc += 1;
+        }
+    }
+    let np = ka.n_points();
+    assert!(
+        found as f64 >= 0.9 * np as f64,
+        "{found}/{np} detections repeated"
+    );
+    assert!(
+        same_desc as f64 >= 0.85 * found as f64,
+        "{same_desc}/{found} with matching descriptors"
+    );
+}
+
+#[test]
+fn deterministic_across_thread_counts() {
+    let v = texture([40, 44, 36], 30, 3);
+    let p = ExtractParams::default();
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| extract3d(v.view(), [1.0; 3], &p).unwrap())
+    };
+    let (a, b, c) = (run(1), run(3), run(3));
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+    assert_eq!(b, c);
+    assert_permutations(&a);
+}
+
+#[test]
+fn degenerate_inputs_are_empty_or_errors() {
+    let p = ExtractParams::default();
+    let zero = Array3::<f32>::zeros((20, 20, 20));
+    assert!(extract3d(zero.view(), [1.0; 3], &p).unwrap().is_empty());
+    let constant = Array3::<f32>::from_elem((20, 21, 22), 7.5);
+    assert!(extract3d(constant.view(), [1.0; 3], &p).unwrap().is_empty());
+    for shape in [(1, 1, 1), (0, 5, 5), (3, 40, 40), (7, 7, 7)] {
+        let t = Array3::<f32>::from_shape_fn(shape, |(i, j, k)| (i * 31 + j * 7 + k) as f32 % 5.0);
+        assert!(
+            extract3d(t.view(), [1.0; 3], &p).unwrap().is_empty(),
+            "{shape:?}"
+        );
+    }
+    let mut nan = blob([20; 3], [10.0; 3], [2.0; 3]);
+    nan[[3, 4, 5]] = f32::NAN;
+    assert!(matches!(
+        extract3d(nan.view(), [1.0; 3], &p),
+        Err(KfError::InvalidImage(_))
+    ));
+    nan[[3, 4, 5]] = f32::INFINITY;
+    assert!(matches!(
+        extract3d(nan.view(), [1.0; 3], &p),
+        Err(KfError::InvalidImage(_))
+    ));
+    let ok = blob([20; 3], [10.0; 3], [2.0; 3]);
+    assert!(matches!(
+        extract3d(ok.view(), [1.0, 0.0, 1.0], &p),
+        Err(KfError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        extract3d(ok.view(), [1.0, f64::NAN, 1.0], &p),
+        Err(KfError::InvalidArgument(_))
+    ));
+    let mut small = p.clone();
+    small.max_voxels = 1000.0;
+    assert!(matches!(
+        extract3d(ok.view(), [1.0; 3], &small),
+        Err(KfError::InvalidImage(_))
+    ));
+    // zero padding (a flat region) next to structure: no keypoint inside the flat part
+    let mut pad = Array3::<f32>::zeros((48, 48, 48));
+    pad.slice_mut(ndarray::s![..24, .., ..])
+        .assign(&texture([24, 48, 48], 20, 5));
+    let k = extract3d(pad.view(), [1.0; 3], &p).unwrap();
+    assert_permutations(&k);
+    assert!(k.ijk.iter().all(|q| q[0] < 24.0 + 8.0));
+}
+
+#[test]
+fn parameters_are_checked() {
+    let mut p = ExtractParams::default();
+    assert!(matches!(p.set("nope", 1.0), Err(KfError::InvalidArgument(m)) if m.contains("sigma0")));
+    assert!(p.set("sigma0", -1.0).is_err());
+    let mut p = ExtractParams::default();
+    p.set("peak_threshold", 0.02).unwrap();
+    assert_eq!(p.peak_threshold, 0.02);
+    assert_eq!(ExtractParams::defaults().len(), ExtractParams::NAMES.len());
+}
+
+#[test]
+fn anisotropic_voxels_map_back_to_the_input_grid() {
+    // a blob of σ = 3 mm sampled with 1 × 1 × 2 mm voxels
+    let c = [24.2f32, 22.7, 12.3];
+    let v = blob([48, 48, 24], c, [3.0, 3.0, 1.5]);
+    let k = extract3d(v.view(), [1.0, 1.0, 2.0], &ExtractParams::default()).unwrap();
+    let best = (0..k.len())
+        .max_by(|&a, &b| k.response[a].abs().total_cmp(&k.response[b].abs()))
+        .unwrap();
+    let p = k.ijk[best];
+    assert!(
+        (p[0] - 24.2).abs() < 0.4 && (p[1] - 22.7).abs() < 0.4 && (p[2] - 12.3).abs() < 0.25,
+        "{p:?}"
+    );
+    assert!(
+        (k.scale[best] / 3.0 - 1.0).abs() < 0.15,
+        "scale {}",
+        k.scale[best]
+    );
+}
+
+#[test]
+fn two_dimensional_blob() {
+    let (c, s) = ([30.4f32, 25.7], 3.5f32);
+    let img = Array2::from_shape_fn((64, 60), |(i, j)| {
+        let d2 = (i as f32 - c[0]).powi(2) + (j as f32 - c[1]).powi(2);
+        (-d2 / (2.0 * s * s)).exp()
+    });
+    let k = extract2d(img.view(), [1.0, 1.0], &ExtractParams::default()).unwrap();
+    assert!(!k.is_empty());
+    let best = (0..k.len())
+        .max_by(|&a, &b| k.response[a].abs().total_cmp(&k.response[b].abs()))
+        .unwrap();
+    let p = k.ijk[best];
+    assert!(
+        (p[0] - c[0] as f64).abs() < 0.3 && (p[1] - c[1] as f64).abs() < 0.3 && p[2] == 0.0,
+        "{p:?}"
+    );
+    assert!(
+        (k.scale[best] / s - 1.0).abs() < 0.15,
+        "scale {}",
+        k.scale[best]
+    );
+    assert_permutations(&k);
+    assert!(extract2d(
+        Array2::<f32>::zeros((30, 30)).view(),
+        [1.0, 1.0],
+        &ExtractParams::default()
+    )
+    .unwrap()
+    .is_empty());
+    assert!(extract2d(
+        Array2::<f32>::zeros((2, 3)).view(),
+        [1.0, 1.0],
+        &ExtractParams::default()
+    )
+    .unwrap()
+    .is_empty());
+}
