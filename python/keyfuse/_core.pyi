@@ -5,6 +5,19 @@ import numpy.typing as npt
 
 __version__: str
 
+# --- extract.rs ---
+def extract3d(
+    volume: npt.NDArray[np.float32],
+    spacing: tuple[float, float, float],
+    **params: float,
+) -> dict[str, npt.NDArray[np.generic]]: ...
+def extract2d(
+    image: npt.NDArray[np.float32],
+    spacing: tuple[float, float],
+    **params: float,
+) -> dict[str, npt.NDArray[np.generic]]: ...
+def default_extract_params() -> dict[str, float | int]: ...
+
 # --- gpu.rs ---
 def cuda_available() -> bool: ...
 
