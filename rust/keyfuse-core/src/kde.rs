@@ -26,7 +26,7 @@
 //! assert!(ll[[0, 0]] > ll[[0, 1]]);
 //! ```
 
-use crate::{KfError, Result};
+use crate::{knn, KfError, Result, DESC_LEN};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use rayon::prelude::*;
 
@@ -83,28 +83,17 @@ fn class_indices(classes: ArrayView1<i64>, n_classes: usize, what: &str) -> Resu
         .collect()
 }
 
-#[inline]
-fn sqdist_u8(a: &[u8], b: &[u8]) -> u32 {
-    // i32 lanes: the compiler vectorises this over the 64 bytes of a descriptor
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| {
-            let d = x as i32 - y as i32;
-            (d * d) as u32
-        })
-        .sum()
-}
-
 /// log p({f_i} | C_k) for each class k (eqs. 5–7), summed over the query keypoints.
 ///
-/// * `query` (Nq, D) and `train` (Nt, D): uint8 descriptors (SIFT-Rank: D = 64).
+/// * `query` (Nq, 64) and `train` (Nt, 64): uint8 SIFT-Rank descriptors.
 /// * `train_sample` (Nt,): the training sample (image) each training keypoint comes from.
 /// * `sample_class` (S,): the class of each training sample, in `0..n_classes`.
 /// * `exclude_sample`: a training sample to ignore (leave-one-out), or `None`.
 ///
 /// Returns `n_classes` values Σ_i ln(S_ik / N_k + b), where N_k counts the training
 /// keypoints of class k (a class with none gets ln b per keypoint). An empty query gives
-/// zeros.
+/// zeros. With `opts.k`, S_ik sums over the k nearest training keypoints only, found by
+/// the exact k-NN of [`crate::knn::knn_exact`]; otherwise over all of them (exact eq. 7).
 pub fn keypoint_log_likelihood(
     query: ArrayView2<u8>,
     train: ArrayView2<u8>,
@@ -115,10 +104,11 @@ pub fn keypoint_log_likelihood(
     opts: &KdeOptions,
 ) -> Result<Array1<f64>> {
     check_background(opts.background)?;
-    let dim = query.ncols();
-    if train.ncols() != dim {
+    let dim = DESC_LEN;
+    if query.ncols() != dim || train.ncols() != dim {
         return Err(KfError::InvalidArgument(format!(
-            "query descriptors have {dim} columns but training descriptors have {}",
+            "descriptors must have {dim} columns: query has {}, training has {}",
+            query.ncols(),
             train.ncols()
         )));
     }
@@ -165,61 +155,56 @@ pub fn keypoint_log_likelihood(
     let qs = query.as_slice().expect("standard layout");
     let ts = train.as_slice().expect("standard layout");
     let active = kp_class.iter().filter(|&&c| c != usize::MAX).count();
-    if active == 0 || dim == 0 {
+    if active == 0 {
         // no training keypoint at all: background only
         return Ok(Array1::from_elem(n_classes, nq as f64 * b.ln()));
     }
 
+    let accumulate = |out: &mut [f64], d2: u32, c: usize, width: f64| {
+        let x = d2 as f64 / width;
+        if x < EXP_CUTOFF {
+            out[c] += (-x).exp();
+        }
+    };
     // per query keypoint: the n_classes kernel sums, in a (Nq, C) buffer
     let mut sums = vec![0.0f64; nq * n_classes];
-    sums.par_chunks_mut(n_classes).enumerate().for_each_init(
-        || (Vec::<(u32, u32)>::new(), Vec::<u32>::new()),
-        |(cand, dist), (i, out)| {
-            let q = &qs[i * dim..(i + 1) * dim];
-            dist.clear();
-            dist.extend(
-                ts.chunks_exact(dim)
-                    .map(|t| sqdist_u8(q, t))
-                    .zip(&kp_class)
-                    .map(|(d, &c)| if c == usize::MAX { u32::MAX } else { d }),
-            );
-            let mut accumulate = |d2: u32, c: usize, width: f64| {
-                let x = d2 as f64 / width;
-                if x < EXP_CUTOFF {
-                    out[c] += (-x).exp();
-                }
-            };
-            match opts.k {
-                Some(k) if k < active => {
-                    // the k nearest by (distance, index): a total order, so ties are
-                    // broken the same way on every run
-                    cand.clear();
-                    cand.extend(
-                        dist.iter()
-                            .enumerate()
-                            .filter(|(j, _)| kp_class[*j] != usize::MAX)
-                            .map(|(j, &d)| (d, j as u32)),
-                    );
-                    cand.select_nth_unstable(k - 1);
-                    cand.truncate(k);
-                    cand.sort_unstable();
-                    let width = 1.0 + cand[0].0 as f64;
-                    for &(d2, j) in cand.iter() {
-                        accumulate(d2, kp_class[j as usize], width);
+    match opts.k {
+        Some(k) if k < active => {
+            // k nearest (ties broken by index: deterministic), excluded sample filtered
+            let nb = knn::knn_exact(ts, qs, k, |_, j| kp_class[j as usize] != usize::MAX)?;
+            sums.par_chunks_mut(n_classes)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let mut row = nb.row(i).peekable();
+                    let width = 1.0 + row.peek().map_or(0.0, |&(_, d)| d as f64);
+                    for (j, d2) in row {
+                        accumulate(out, d2, kp_class[j as usize], width);
                     }
-                }
-                _ => {
-                    let dmin = dist.iter().copied().min().unwrap_or(0);
-                    let width = 1.0 + dmin as f64;
+                });
+        }
+        _ => {
+            sums.par_chunks_mut(n_classes).enumerate().for_each_init(
+                Vec::<u32>::new,
+                |dist, (i, out)| {
+                    let q = &qs[i * dim..(i + 1) * dim];
+                    dist.clear();
+                    dist.extend(ts.chunks_exact(dim).zip(&kp_class).map(|(t, &c)| {
+                        if c == usize::MAX {
+                            u32::MAX
+                        } else {
+                            knn::dist2(q, t)
+                        }
+                    }));
+                    let width = 1.0 + dist.iter().copied().min().unwrap_or(0) as f64;
                     for (&d2, &c) in dist.iter().zip(&kp_class) {
                         if c != usize::MAX {
-                            accumulate(d2, c, width);
+                            accumulate(out, d2, c, width);
                         }
                     }
-                }
-            }
-        },
-    );
+                },
+            );
+        }
+    }
     let mut ll = Array1::<f64>::zeros(n_classes);
     for row in sums.chunks_exact(n_classes) {
         for (c, &s) in row.iter().enumerate() {
