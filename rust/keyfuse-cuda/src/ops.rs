@@ -5,7 +5,48 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use keyfuse_core::{KfError, Result, DESC_LEN};
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 
+use keyfuse_core::jaccard::jaccard_from;
+
 use crate::runtime::{dev_err, Gpu};
+
+/// The k-NN row filter, on the device.
+struct DeviceFilter {
+    owner: CudaSlice<i32>,
+    exclude: CudaSlice<i32>,
+    allowed: CudaSlice<u8>,
+    mode: i32,
+}
+
+fn check_cohort(
+    rows: usize,
+    owner: &[i32],
+    n_subjects: usize,
+    k: usize,
+    alpha2_floor: f64,
+) -> Result<()> {
+    if owner.len() != rows {
+        return Err(KfError::InvalidArgument(
+            "one owner (subject id) per descriptor row".into(),
+        ));
+    }
+    if owner.iter().any(|&s| s < 0 || s as usize >= n_subjects) {
+        return Err(KfError::InvalidArgument("subject id out of range".into()));
+    }
+    if k == 0 || k > KNN_KMAX || alpha2_floor.is_nan() || alpha2_floor <= 0.0 {
+        return Err(KfError::InvalidArgument(format!(
+            "soft Jaccard on the GPU needs 1 ≤ k ≤ {KNN_KMAX} and alpha2_floor > 0"
+        )));
+    }
+    Ok(())
+}
+
+fn subject_sizes(owner: &[i32], n_subjects: usize) -> Vec<usize> {
+    let mut sizes = vec![0usize; n_subjects];
+    for &s in owner {
+        sizes[s as usize] += 1;
+    }
+    sizes
+}
 
 const BLOCK: u32 = 256;
 /// Descriptors per shared-memory tile in the k-NN kernels (KF_TILE in knn.cu).
@@ -79,44 +120,41 @@ pub struct Extremum {
     pub polarity: i8,
 }
 
-/// Normalised Gaussian taps for `sigma` (radius `ceil(truncate * sigma)`, computed in f64).
-/// The CPU extractor's own taps should be passed to [`Gpu::gaussian_blur`] for parity; this is
-/// the default for standalone use.
-pub fn gaussian_taps(sigma: f64, truncate: f64) -> Vec<f32> {
-    if sigma <= 0.0 {
-        return vec![1.0];
-    }
-    let radius = (truncate * sigma).ceil().max(1.0) as i64;
-    let w: Vec<f64> = (-radius..=radius)
-        .map(|x| (-(x * x) as f64 / (2.0 * sigma * sigma)).exp())
+/// Half of a normalised Gaussian kernel, built exactly as the CPU extractor builds it
+/// (f32 throughout): `w[0]` is the centre tap, `w[t]` the weight of offsets ±t, truncated at
+/// 3σ (at least one tap each side), normalised by `w[0] + 2·Σw[1..]`.
+pub fn gaussian_half_kernel(sigma: f32) -> Vec<f32> {
+    let r = ((3.0 * sigma).ceil() as usize).max(1);
+    let mut w: Vec<f32> = (0..=r)
+        .map(|t| (-((t * t) as f32) / (2.0 * sigma * sigma)).exp())
         .collect();
-    let total: f64 = w.iter().sum();
-    w.iter().map(|v| (v / total) as f32).collect()
+    let sum: f32 = w[0] + 2.0 * w[1..].iter().sum::<f32>();
+    for x in &mut w {
+        *x /= sum;
+    }
+    w
 }
 
-/// Parameters of the GPU scale space (defaults: featExtract's, ALGORITHMS.md §1).
+/// Parameters of the GPU scale space: the detection part of `keyfuse_core`'s
+/// `ExtractParams` (same names, same defaults, same formulas).
 #[derive(Clone, Debug)]
 pub struct ScaleSpaceParams {
     pub sigma0: f64,
     pub scales_per_octave: usize,
-    /// Blur assumed already present in the input.
+    /// Blur assumed already present in the input (voxels).
     pub initial_blur: f64,
-    /// Stop when an octave's smallest side would be below this.
+    /// Smallest side an octave must have to be searched.
     pub min_size: usize,
+    /// Maximum number of octaves (0 = until `min_size`).
     pub max_octaves: usize,
-    pub border: Border,
-    /// Candidates closer than this to a face are ignored (at least 1).
-    pub margin: usize,
-    /// Keep an extremum only if |DoG| >= threshold.
-    pub threshold: f32,
-    /// Download every Gaussian and DoG level (needed by CPU refinement/descriptors).
+    /// Minimum |DoG| of an extremum (strict).
+    pub peak_threshold: f32,
+    /// Descriptor half-width in units of scale (sets the border margin).
+    pub descriptor_radius: f64,
+    /// Extra border margin beyond the descriptor radius.
+    pub border: f64,
+    /// Download every Gaussian and DoG level (for CPU refinement/descriptors).
     pub keep_images: bool,
-    /// Taps for a blur of `sigma`; defaults to [`gaussian_taps`] with truncate 4.
-    pub taps: fn(f64) -> Vec<f32>,
-}
-
-fn default_taps(sigma: f64) -> Vec<f32> {
-    gaussian_taps(sigma, 4.0)
 }
 
 impl Default for ScaleSpaceParams {
@@ -126,25 +164,63 @@ impl Default for ScaleSpaceParams {
             scales_per_octave: 3,
             initial_blur: 0.5,
             min_size: 8,
-            max_octaves: 16,
-            border: Border::Clamp,
-            margin: 1,
-            threshold: 0.0,
+            max_octaves: 0,
+            peak_threshold: 0.008,
+            descriptor_radius: 3.0,
+            border: 2.0,
             keep_images: true,
-            taps: default_taps,
         }
     }
+}
+
+impl ScaleSpaceParams {
+    /// σ of the DoG extremum scale relative to the level's σ in 3D (the CPU's
+    /// `scale_factor(3)`).
+    fn scale_factor(&self) -> f64 {
+        let k2 = 2f64.powf(2.0 / self.scales_per_octave as f64);
+        let a = k2.powf(2.0 / 5.0);
+        1.0 / ((a - 1.0) / (k2 - a)).sqrt()
+    }
+
+    /// Border margin (octave voxels) of DoG `level`, as the CPU computes it.
+    pub fn margin(&self, level: usize) -> usize {
+        let kappa = 2f64.powf(1.0 / self.scales_per_octave as f64);
+        let sig = self.sigma0 * kappa.powi(level as i32) * self.scale_factor();
+        ((self.descriptor_radius * sig + self.border).ceil() as usize).max(1)
+    }
+}
+
+/// The intensity normalisation of the CPU extractor: the factor that maps the 99.5th
+/// percentile of |value| (over a ≤ 1 M-voxel stride sample) to 1; `None` for an all-zero
+/// image; `InvalidImage` for non-finite values.
+pub fn intensity_scale(data: &[f32]) -> Result<Option<f32>> {
+    if data.iter().any(|x| !x.is_finite()) {
+        return Err(KfError::InvalidImage(
+            "image contains NaN or infinite values".into(),
+        ));
+    }
+    let stride = (data.len() / 1_000_000).max(1);
+    let mut s: Vec<f32> = data.iter().step_by(stride).map(|x| x.abs()).collect();
+    let max = s.iter().cloned().fold(0f32, f32::max);
+    if max <= 0.0 {
+        return Ok(None);
+    }
+    let q = ((s.len() as f64 * 0.995) as usize).min(s.len() - 1);
+    let (_, &mut v, _) = s.select_nth_unstable_by(q, |a, b| a.total_cmp(b));
+    let v = if v > 0.0 { v } else { max };
+    Ok(Some(1.0 / v))
 }
 
 /// One octave of the GPU scale space.
 #[derive(Debug)]
 pub struct Octave {
     pub shape: [usize; 3],
-    /// The `scales_per_octave + 3` Gaussian levels (empty unless `keep_images`).
+    /// The `scales_per_octave + 3` Gaussian levels G_0..G_{S+2} (empty unless `keep_images`).
     pub gaussians: Vec<Array3<f32>>,
-    /// The `scales_per_octave + 2` DoG levels (empty unless `keep_images`).
+    /// The `scales_per_octave + 2` DoG levels D_l = G_{l+1} − G_l (empty unless `keep_images`).
     pub dogs: Vec<Array3<f32>>,
-    /// Extrema of the inner DoG levels, sorted.
+    /// Strict extrema of the inner DoG levels 1..=S, sorted by (level, i, j, k); the CPU
+    /// refines and describes DoG-level-l extrema with G_{l+1}.
     pub extrema: Vec<Extremum>,
 }
 
@@ -170,21 +246,26 @@ impl Gpu {
         Ok(DeviceVolume { data, shape })
     }
 
-    /// Separable blur with the given taps (odd length, applied along axes 0, 1, 2 in turn).
-    pub fn gaussian_blur(
+    /// Separable Gaussian blur of σ `sigma` voxels, replicated border: bit-identical to the
+    /// CPU extractor's blur (same half kernel, same summation order, no fused multiply-add).
+    pub fn gaussian_blur(&self, v: &DeviceVolume, sigma: f32) -> Result<DeviceVolume> {
+        self.blur_half_kernel(v, &gaussian_half_kernel(sigma), Border::Clamp)
+    }
+
+    /// Separable symmetric blur with an explicit half kernel (`half[t]` weighs offsets ±t),
+    /// along axes 0, 1, 2 in turn (an axis of length 1 is left alone).
+    pub fn blur_half_kernel(
         &self,
         v: &DeviceVolume,
-        taps: &[f32],
+        half: &[f32],
         border: Border,
     ) -> Result<DeviceVolume> {
-        if taps.is_empty() || taps.len().is_multiple_of(2) {
-            return Err(KfError::InvalidArgument(
-                "blur taps must have odd length".into(),
-            ));
+        if half.is_empty() {
+            return Err(KfError::InvalidArgument("empty blur kernel".into()));
         }
         let (n0, n1, n2) = v.dims()?;
-        let radius = (taps.len() / 2) as i32;
-        let taps_dev = self.stream.clone_htod(taps).map_err(dev_err)?;
+        let radius = as_i32(half.len() - 1, "kernel radius")?;
+        let taps_dev = self.stream.clone_htod(half).map_err(dev_err)?;
         let f = self.func("kf_blur_axis")?;
         let cfg = grid(v.len())?;
         let border = border as i32;
@@ -224,10 +305,16 @@ impl Gpu {
         Ok(out)
     }
 
-    /// Mean of each 2×2×2 block (odd trailing planes dropped).
+    /// Mean of each 2×2×2 block (2×2 for a flat `n × m × 1` image; odd trailing planes
+    /// dropped), bit-identical to the CPU extractor's downsampling.
     pub fn downsample2(&self, v: &DeviceVolume) -> Result<DeviceVolume> {
         let (n0, n1, n2) = v.dims()?;
-        let m = [v.shape[0] / 2, v.shape[1] / 2, v.shape[2] / 2];
+        let flat = v.shape[2] == 1;
+        let m = [
+            v.shape[0] / 2,
+            v.shape[1] / 2,
+            if flat { 1 } else { v.shape[2] / 2 },
+        ];
         let mut out = self.alloc_volume(m)?;
         let cfg = grid(out.len())?;
         let (m0, m1, m2) = (m[0] as i32, m[1] as i32, m[2] as i32);
@@ -291,8 +378,12 @@ impl Gpu {
         }
     }
 
-    /// The Gaussian/DoG scale space of `image` with extrema per octave, all on the device;
-    /// images are downloaded only when `params.keep_images`.
+    /// The Gaussian/DoG scale space of `image` (already intensity-normalised, see
+    /// [`intensity_scale`]) with strict extrema per octave, computed on the device with the
+    /// CPU extractor's exact schedule: G_0 = blur(image, √(σ0² − initial²)), G_t =
+    /// blur(G_{t−1}, σ0·√(κ^{2t} − κ^{2(t−1)})), D_l = G_{l+1} − G_l, extrema in D_1..D_S with
+    /// margin [`ScaleSpaceParams::margin`], next octave = 2×2×2 mean of G_S. Images are
+    /// downloaded only when `params.keep_images`.
     pub fn scale_space(
         &self,
         image: ArrayView3<f32>,
@@ -304,38 +395,33 @@ impl Gpu {
                 "invalid scale-space parameters".into(),
             ));
         }
+        if params.initial_blur >= params.sigma0 {
+            return Err(KfError::InvalidArgument(
+                "initial_blur must be below sigma0".into(),
+            ));
+        }
         if image.iter().any(|v| !v.is_finite()) {
             return Err(KfError::InvalidImage("image has non-finite values".into()));
         }
-        let min_size = params.min_size.max(3);
-        let sigma_at = |level: usize| params.sigma0 * 2f64.powf(level as f64 / s as f64);
-        let incr: Vec<Vec<f32>> = (0..s + 2)
-            .map(|l| {
-                let (a, b) = (sigma_at(l), sigma_at(l + 1));
-                (params.taps)((b * b - a * a).sqrt())
-            })
-            .collect();
+        let kappa = 2f64.powf(1.0 / s as f64);
+        let small = |shape: &[usize]| shape.iter().any(|&n| n < params.min_size);
         let mut octaves = Vec::new();
-        if image.shape().iter().any(|&n| n < min_size) {
+        if small(image.shape()) {
             return Ok(octaves);
         }
-        let mut base = {
-            let v = self.upload_volume(image)?;
-            let pre = params.sigma0 * params.sigma0 - params.initial_blur * params.initial_blur;
-            if pre > 0.0 {
-                self.gaussian_blur(&v, &(params.taps)(pre.sqrt()), params.border)?
-            } else {
-                v
-            }
-        };
-        for octave in 0..params.max_octaves {
-            if base.shape.iter().any(|&n| n < min_size) {
+        let pre =
+            (params.sigma0 * params.sigma0 - params.initial_blur * params.initial_blur).sqrt();
+        let mut base = self.gaussian_blur(&self.upload_volume(image)?, pre as f32)?;
+        let mut octave = 0usize;
+        loop {
+            if small(&base.shape) || (params.max_octaves > 0 && octave >= params.max_octaves) {
                 break;
             }
             let mut gauss = vec![base];
-            for taps in &incr {
-                let next =
-                    self.gaussian_blur(gauss.last().expect("non-empty"), taps, params.border)?;
+            for t in 1..s + 3 {
+                let inc = params.sigma0
+                    * (kappa.powi(2 * t as i32) - kappa.powi(2 * (t as i32 - 1))).sqrt();
+                let next = self.gaussian_blur(gauss.last().expect("non-empty"), inc as f32)?;
                 gauss.push(next);
             }
             let dogs: Vec<DeviceVolume> = gauss
@@ -344,12 +430,17 @@ impl Gpu {
                 .collect::<Result<_>>()?;
             let mut extrema = Vec::new();
             for level in 1..=s {
+                let margin = params.margin(level);
+                let [n0, n1, n2] = dogs[level].shape;
+                if n0 <= 2 * margin || n1 <= 2 * margin || n2 <= 2 * margin {
+                    continue;
+                }
                 for (ijk, polarity) in self.extrema(
                     &dogs[level - 1],
                     &dogs[level],
                     &dogs[level + 1],
-                    params.margin,
-                    params.threshold,
+                    margin,
+                    params.peak_threshold,
                 )? {
                     extrema.push(Extremum {
                         octave,
@@ -379,8 +470,8 @@ impl Gpu {
                 dogs: dog_images,
                 extrema,
             });
-            // the next octave starts from the level at twice sigma0
             base = self.downsample2(&gauss[s])?;
+            octave += 1;
         }
         Ok(octaves)
     }
@@ -401,20 +492,23 @@ impl Gpu {
         Ok(out)
     }
 
-    /// Rotated `side³` patches around keypoints (trilinear, zero outside), flattened
-    /// (K, side, side, side). `rotations` rows are each keypoint's axes.
+    /// Rotated `side³` patches around keypoints, sampled like the CPU's descriptor and
+    /// orientation code: sample (a, b, d) of keypoint p sits at
+    /// `centre + u[a]·F[0] + u[b]·F[1] + u[d]·F[2]` (F = the keypoint's frame, rows = axes,
+    /// u = `offsets[p]`, `side` values), read by clamped trilinear interpolation.
+    /// Returns (K·side³) values in (p, a, b, d) order.
     pub fn sample_patches(
         &self,
         v: &DeviceVolume,
         centres: &[[f32; 3]],
-        radii: &[f32],
-        rotations: &[[f32; 9]],
+        offsets: &[f32],
+        frames: &[[[f32; 3]; 3]],
         side: usize,
     ) -> Result<Vec<f32>> {
         let k = centres.len();
-        if radii.len() != k || rotations.len() != k || side == 0 {
+        if frames.len() != k || side == 0 || offsets.len() != k * side {
             return Err(KfError::InvalidArgument(
-                "centres, radii and rotations must have one row per keypoint".into(),
+                "centres, offsets (K·side) and frames must describe the same keypoints".into(),
             ));
         }
         if k == 0 {
@@ -423,9 +517,9 @@ impl Gpu {
         let (n0, n1, n2) = v.dims()?;
         let total = k * side * side * side;
         let c: Vec<f32> = centres.iter().flatten().copied().collect();
-        let r: Vec<f32> = rotations.iter().flatten().copied().collect();
+        let r: Vec<f32> = frames.iter().flatten().flatten().copied().collect();
         let c_dev = self.stream.clone_htod(&c).map_err(dev_err)?;
-        let rad_dev = self.stream.clone_htod(radii).map_err(dev_err)?;
+        let o_dev = self.stream.clone_htod(offsets).map_err(dev_err)?;
         let r_dev = self.stream.clone_htod(&r).map_err(dev_err)?;
         let mut out = self.stream.alloc_zeros::<f32>(total).map_err(dev_err)?;
         let (nkp, side_i) = (as_i32(k, "keypoints")?, as_i32(side, "side")?);
@@ -433,7 +527,7 @@ impl Gpu {
         let mut lb = self.stream.launch_builder(&f);
         lb.arg(&v.data).arg(&n0).arg(&n1).arg(&n2);
         lb.arg(&c_dev)
-            .arg(&rad_dev)
+            .arg(&o_dev)
             .arg(&r_dev)
             .arg(&nkp)
             .arg(&side_i)
@@ -465,8 +559,42 @@ impl Gpu {
         self.stream.clone_htod(&words).map_err(dev_err)
     }
 
+    /// The k-NN row filter on the device (mode 0 = none).
+    fn device_filter(
+        &self,
+        db_owner: Option<&[i32]>,
+        exclude: Option<&[i32]>,
+        allowed: Option<&[bool]>,
+    ) -> Result<DeviceFilter> {
+        let mut mode = 0;
+        if exclude.is_some() {
+            mode |= 1;
+        }
+        if allowed.is_some() {
+            mode |= 2;
+        }
+        if mode != 0 && db_owner.is_none() {
+            return Err(KfError::InvalidArgument(
+                "a k-NN filter needs row owners".into(),
+            ));
+        }
+        let allowed: Vec<u8> =
+            allowed.map_or_else(Vec::new, |a| a.iter().map(|&x| x as u8).collect());
+        Ok(DeviceFilter {
+            owner: self.upload_i32(db_owner.unwrap_or(&[]))?,
+            exclude: self.upload_i32(exclude.unwrap_or(&[]))?,
+            allowed: if allowed.is_empty() {
+                self.stream.alloc_zeros::<u8>(1).map_err(dev_err)?
+            } else {
+                self.stream.clone_htod(&allowed).map_err(dev_err)?
+            },
+            mode,
+        })
+    }
+
     /// k nearest database rows per query on the device: (distances, indices), (nq·k) each,
-    /// sorted by (distance, index); missing entries are (u32::MAX, -1).
+    /// sorted by (distance, index); missing entries are (u32::MAX, -1). Rows rejected by
+    /// `filter` are never candidates (as in the CPU's filtered search).
     fn knn_device(
         &self,
         q: &CudaSlice<u32>,
@@ -474,6 +602,7 @@ impl Gpu {
         db: &CudaSlice<u32>,
         nd: usize,
         k: usize,
+        filter: &DeviceFilter,
     ) -> Result<(CudaSlice<u32>, CudaSlice<i32>)> {
         if k == 0 || k > KNN_KMAX {
             return Err(KfError::InvalidArgument(format!(
@@ -489,9 +618,9 @@ impl Gpu {
         // split the database across grid.y when there are too few queries to fill the GPU
         let want = (4 * self.sm_count).div_ceil(qblocks);
         let nsplit = want.clamp(1, nd.div_ceil(4 * KNN_TILE).clamp(1, 65535));
-        let chunk = nd.div_ceil(nsplit).div_ceil(KNN_TILE) * KNN_TILE;
-        let nsplit = nd.div_ceil(chunk.max(1)).max(1);
-        let chunk_i = as_i32(chunk.max(KNN_TILE), "chunk")?;
+        let chunk = nd.div_ceil(nsplit).div_ceil(KNN_TILE).max(1) * KNN_TILE;
+        let nsplit = nd.div_ceil(chunk).max(1);
+        let chunk_i = as_i32(chunk, "chunk")?;
         let cfg = LaunchConfig {
             grid_dim: (qblocks as u32, nsplit as u32, 1),
             block_dim: (KNN_TILE as u32, 1, 1),
@@ -500,29 +629,19 @@ impl Gpu {
         let n_out = (nsplit * nq * k).max(1);
         let mut pd = self.stream.alloc_zeros::<u32>(n_out).map_err(dev_err)?;
         let mut pi = self.stream.alloc_zeros::<i32>(n_out).map_err(dev_err)?;
-        if k == 2 {
-            let f = self.func("kf_knn2")?;
-            let mut lb = self.stream.launch_builder(&f);
-            lb.arg(q)
-                .arg(&nq_i)
-                .arg(db)
-                .arg(&nd_i)
-                .arg(&chunk_i)
-                .arg(&mut pd)
-                .arg(&mut pi);
-            unsafe { lb.launch(cfg) }.map_err(dev_err)?;
-        } else {
-            let f = self.func("kf_knn")?;
-            let mut lb = self.stream.launch_builder(&f);
-            lb.arg(q)
-                .arg(&nq_i)
-                .arg(db)
-                .arg(&nd_i)
-                .arg(&k_i)
-                .arg(&chunk_i);
-            lb.arg(&mut pd).arg(&mut pi);
-            unsafe { lb.launch(cfg) }.map_err(dev_err)?;
+        let f = self.func(if k == 2 { "kf_knn2" } else { "kf_knn" })?;
+        let mut lb = self.stream.launch_builder(&f);
+        lb.arg(q).arg(&nq_i).arg(db).arg(&nd_i);
+        if k != 2 {
+            lb.arg(&k_i);
         }
+        lb.arg(&chunk_i);
+        lb.arg(&filter.owner)
+            .arg(&filter.exclude)
+            .arg(&filter.allowed)
+            .arg(&filter.mode);
+        lb.arg(&mut pd).arg(&mut pi);
+        unsafe { lb.launch(cfg) }.map_err(dev_err)?;
         if nsplit == 1 {
             return Ok((pd, pi));
         }
@@ -548,30 +667,32 @@ impl Gpu {
         Ok((od, oi))
     }
 
-    /// Exact k-NN (k ≤ 32) of uint8 descriptors by brute force: squared distances (exact
-    /// integers) and indices, each (nq, k), sorted by (distance, index); when the database
-    /// has fewer than k rows the tail is (u32::MAX, -1).
+    /// Exact k-NN (k ≤ 32) of uint8 descriptors by brute force, as
+    /// `keyfuse_core::knn::knn_exact`: squared distances (exact integers) and indices, each
+    /// (nq, k), sorted by (distance, index); when the database has fewer than k rows the
+    /// tail is (u32::MAX, -1).
     pub fn knn(
         &self,
         queries: ArrayView2<u8>,
         database: ArrayView2<u8>,
         k: usize,
     ) -> Result<(Array2<u32>, Array2<i64>)> {
+        if k == 0 || k > KNN_KMAX {
+            return Err(KfError::InvalidArgument(format!(
+                "k must be in 1..={KNN_KMAX}"
+            )));
+        }
         let (nq, nd) = (queries.nrows(), database.nrows());
         let q = self.upload_descriptors(queries, "queries")?;
         let db = self.upload_descriptors(database, "database")?;
         if nq == 0 || nd == 0 {
-            if k == 0 || k > KNN_KMAX {
-                return Err(KfError::InvalidArgument(format!(
-                    "k must be in 1..={KNN_KMAX}"
-                )));
-            }
             return Ok((
                 Array2::from_elem((nq, k), u32::MAX),
                 Array2::from_elem((nq, k), -1),
             ));
         }
-        let (d, i) = self.knn_device(&q, nq, &db, nd, k)?;
+        let filter = self.device_filter(None, None, None)?;
+        let (d, i) = self.knn_device(&q, nq, &db, nd, k, &filter)?;
         let mut d = self.stream.clone_dtoh(&d).map_err(dev_err)?;
         let mut i = self.stream.clone_dtoh(&i).map_err(dev_err)?;
         d.truncate(nq * k);
@@ -584,6 +705,7 @@ impl Gpu {
         Ok((d, i))
     }
 
+    /// Accumulate soft intersections from neighbour lists on the device (see score.cu).
     #[allow(clippy::too_many_arguments)]
     fn sj_launch(
         &self,
@@ -593,6 +715,7 @@ impl Gpu {
         k: usize,
         subject: &CudaSlice<i32>,
         alpha2: Option<&[f32]>,
+        alpha2_floor: f64,
         rows: &CudaSlice<i32>,
         n_rows: usize,
         n_subjects: usize,
@@ -616,13 +739,8 @@ impl Gpu {
         );
         let f = self.func("kf_sj_accumulate")?;
         let mut lb = self.stream.launch_builder(&f);
-        lb.arg(nn_i)
-            .arg(nn_d)
-            .arg(&nq_i)
-            .arg(&k_i)
-            .arg(subject)
-            .arg(&a2)
-            .arg(&from_nn);
+        lb.arg(nn_i).arg(nn_d).arg(&nq_i).arg(&k_i).arg(subject);
+        lb.arg(&a2).arg(&from_nn).arg(&alpha2_floor);
         lb.arg(rows).arg(&ns_i).arg(&ex).arg(&mut acc);
         unsafe { lb.launch(grid(nq)?) }.map_err(dev_err)?;
         let mut fixed = self.stream.clone_dtoh(&acc).map_err(dev_err)?;
@@ -632,68 +750,6 @@ impl Gpu {
             .map_err(|e| KfError::InvalidArgument(e.to_string()))
     }
 
-    /// Soft intersections |A∩B| from precomputed neighbour lists (ALGORITHMS.md §3): for each
-    /// query feature, its nearest neighbour in each subject s among its k neighbours adds
-    /// `exp(-d² / 2α²)` to `out[row[q], s]`. `alpha2` per query, or `None` to use the squared
-    /// distance of each query's first eligible neighbour. Sums are exact 32.32 fixed point
-    /// (deterministic); they differ from an f64 sum by < 1e-9 per term.
-    #[allow(clippy::too_many_arguments)]
-    pub fn soft_intersections(
-        &self,
-        nn_i: ArrayView2<i64>,
-        nn_d: ArrayView2<u32>,
-        db_subject: &[i32],
-        alpha2: Option<&[f32]>,
-        row: &[i32],
-        n_rows: usize,
-        n_subjects: usize,
-        exclude_same: bool,
-    ) -> Result<Array2<f64>> {
-        let (nq, k) = nn_i.dim();
-        if nn_d.dim() != (nq, k) || row.len() != nq || alpha2.is_some_and(|a| a.len() != nq) {
-            return Err(KfError::InvalidArgument(
-                "neighbour arrays disagree in shape".into(),
-            ));
-        }
-        if k > KNN_KMAX {
-            return Err(KfError::InvalidArgument(format!(
-                "k must be at most {KNN_KMAX}"
-            )));
-        }
-        if row.iter().any(|&r| r < 0 || r as usize >= n_rows) {
-            return Err(KfError::InvalidArgument("row index out of range".into()));
-        }
-        if nn_i.iter().any(|&j| j >= db_subject.len() as i64) {
-            return Err(KfError::InvalidArgument(
-                "neighbour index out of range".into(),
-            ));
-        }
-        if nq == 0 || k == 0 {
-            return Ok(Array2::zeros((n_rows, n_subjects)));
-        }
-        let idx: Vec<i32> = nn_i
-            .iter()
-            .map(|&j| if j < 0 { -1 } else { j as i32 })
-            .collect();
-        let dist: Vec<u32> = nn_d.iter().copied().collect();
-        let idx = self.stream.clone_htod(&idx).map_err(dev_err)?;
-        let dist = self.stream.clone_htod(&dist).map_err(dev_err)?;
-        let subj = self.upload_i32(db_subject)?;
-        let rows = self.upload_i32(row)?;
-        self.sj_launch(
-            &idx,
-            &dist,
-            nq,
-            k,
-            &subj,
-            alpha2,
-            &rows,
-            n_rows,
-            n_subjects,
-            exclude_same,
-        )
-    }
-
     fn upload_i32(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
         if v.is_empty() {
             return self.stream.alloc_zeros::<i32>(1).map_err(dev_err);
@@ -701,37 +757,154 @@ impl Gpu {
         self.stream.clone_htod(v).map_err(dev_err)
     }
 
-    /// All-pairs soft intersections of a cohort in one pass on the device: `descriptors` holds
-    /// every subject's rows, `subject[r]` says whose row r is (0..n_subjects). Each row's k
-    /// nearest neighbours over the whole set (its own subject's rows excluded from the scores;
-    /// α² = the squared distance to its nearest row of another subject) feed
-    /// [`Self::soft_intersections`]. Returns the (n_subjects, n_subjects) matrix I with
-    /// `I[a, b]` = the soft intersection of a's features in b. The neighbour lists never leave
-    /// the device.
-    pub fn pairwise_intersections(
+    /// Soft intersections of a query set with every subject of a cohort — the exact-search
+    /// version of `keyfuse_core::jaccard::Cohort::intersections`: each query row's k nearest
+    /// cohort rows (rows of subject `exclude` and of subjects not `allowed` are never
+    /// candidates), α² = max(d² to the first, `alpha2_floor`), and per subject the nearest of
+    /// its rows adds `exp(−d²/2α²)`. Sums are exact 32.32 fixed point (deterministic); they
+    /// differ from the CPU's f64 sums by < 2⁻³² per term.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cohort_intersections(
         &self,
-        descriptors: ArrayView2<u8>,
-        subject: &[i32],
+        data: ArrayView2<u8>,
+        owner: &[i32],
         n_subjects: usize,
+        queries: ArrayView2<u8>,
+        exclude: Option<usize>,
+        allowed: Option<&[bool]>,
         k: usize,
-    ) -> Result<Array2<f64>> {
-        let n = descriptors.nrows();
-        if subject.len() != n {
+        alpha2_floor: f64,
+    ) -> Result<Vec<f64>> {
+        check_cohort(data.nrows(), owner, n_subjects, k, alpha2_floor)?;
+        if allowed.is_some_and(|a| a.len() != n_subjects) {
             return Err(KfError::InvalidArgument(
-                "one subject id per descriptor row".into(),
+                "restriction mask length differs from the number of subjects".into(),
             ));
         }
-        if subject.iter().any(|&s| s < 0 || s as usize >= n_subjects) {
-            return Err(KfError::InvalidArgument("subject id out of range".into()));
+        let nq = queries.nrows();
+        let q = self.upload_descriptors(queries, "queries")?;
+        if nq == 0 || data.nrows() == 0 {
+            return Ok(vec![0.0; n_subjects]);
         }
+        let db = self.upload_descriptors(data, "cohort descriptors")?;
+        let ex: Vec<i32> = exclude.map_or_else(Vec::new, |e| vec![e as i32; nq]);
+        let filter = self.device_filter(Some(owner), exclude.map(|_| ex.as_slice()), allowed)?;
+        let (nn_d, nn_i) = self.knn_device(&q, nq, &db, data.nrows(), k, &filter)?;
+        let subj = self.upload_i32(owner)?;
+        let rows = self.stream.alloc_zeros::<i32>(nq).map_err(dev_err)?;
+        let inter = self.sj_launch(
+            &nn_i,
+            &nn_d,
+            nq,
+            k,
+            &subj,
+            None,
+            alpha2_floor,
+            &rows,
+            1,
+            n_subjects,
+            false,
+        )?;
+        Ok(inter.into_raw_vec_and_offset().0)
+    }
+
+    /// Soft-Jaccard of a query set against every subject (exact-search version of
+    /// `Cohort::search`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn cohort_search(
+        &self,
+        data: ArrayView2<u8>,
+        owner: &[i32],
+        n_subjects: usize,
+        queries: ArrayView2<u8>,
+        exclude: Option<usize>,
+        allowed: Option<&[bool]>,
+        k: usize,
+        alpha2_floor: f64,
+    ) -> Result<Vec<f64>> {
+        let inter = self.cohort_intersections(
+            data,
+            owner,
+            n_subjects,
+            queries,
+            exclude,
+            allowed,
+            k,
+            alpha2_floor,
+        )?;
+        let sizes = subject_sizes(owner, n_subjects);
+        let nq = queries.nrows();
+        Ok(inter
+            .iter()
+            .zip(&sizes)
+            .map(|(&i, &n)| jaccard_from(i, nq, n))
+            .collect())
+    }
+
+    /// N×N soft-Jaccard matrix of a cohort (row = query subject, its own rows excluded from
+    /// its neighbours; diagonal 1; `symmetric` averages the two intersections) — the
+    /// exact-search version of `Cohort::pairwise`, row-major. All subjects' rows are queried
+    /// in one k-NN launch; the neighbour lists never leave the device.
+    pub fn cohort_pairwise(
+        &self,
+        data: ArrayView2<u8>,
+        owner: &[i32],
+        n_subjects: usize,
+        k: usize,
+        alpha2_floor: f64,
+        symmetric: bool,
+    ) -> Result<Vec<f64>> {
+        let inter = self.pairwise_intersections(data, owner, n_subjects, k, alpha2_floor)?;
+        let sizes = subject_sizes(owner, n_subjects);
+        let n = n_subjects;
+        let mut out = vec![0.0f64; n * n];
+        for a in 0..n {
+            for b in 0..n {
+                out[a * n + b] = if a == b {
+                    1.0
+                } else {
+                    let i = if symmetric {
+                        0.5 * (inter[[a, b]] + inter[[b, a]])
+                    } else {
+                        inter[[a, b]]
+                    };
+                    jaccard_from(i, sizes[a], sizes[b])
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// The (n_subjects, n_subjects) soft-intersection matrix behind [`Self::cohort_pairwise`]:
+    /// `I[a, b]` = soft intersection of subject a's rows with subject b.
+    pub fn pairwise_intersections(
+        &self,
+        data: ArrayView2<u8>,
+        owner: &[i32],
+        n_subjects: usize,
+        k: usize,
+        alpha2_floor: f64,
+    ) -> Result<Array2<f64>> {
+        check_cohort(data.nrows(), owner, n_subjects, k, alpha2_floor)?;
+        let n = data.nrows();
         if n == 0 {
             return Ok(Array2::zeros((n_subjects, n_subjects)));
         }
-        let d = self.upload_descriptors(descriptors, "descriptors")?;
-        let (nn_d, nn_i) = self.knn_device(&d, n, &d, n, k)?;
-        let subj = self.upload_i32(subject)?;
+        let d = self.upload_descriptors(data, "cohort descriptors")?;
+        let filter = self.device_filter(Some(owner), Some(owner), None)?;
+        let (nn_d, nn_i) = self.knn_device(&d, n, &d, n, k, &filter)?;
         self.sj_launch(
-            &nn_i, &nn_d, n, k, &subj, None, &subj, n_subjects, n_subjects, true,
+            &nn_i,
+            &nn_d,
+            n,
+            k,
+            &filter.owner,
+            None,
+            alpha2_floor,
+            &filter.owner,
+            n_subjects,
+            n_subjects,
+            false,
         )
     }
 

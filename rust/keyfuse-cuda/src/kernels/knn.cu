@@ -18,12 +18,27 @@ __device__ __forceinline__ unsigned int kf_norm(const unsigned int* v) {
 }
 
 // Load rows [t0, t0 + n) of the database into shared memory with their squared norms.
+// With a filter, also their owners (subject ids) in `towner`.
 __device__ __forceinline__ void kf_load_tile(const unsigned int* __restrict__ db, long long t0,
-                                             int n, unsigned int* tile, unsigned int* tnorm) {
+                                             int n, unsigned int* tile, unsigned int* tnorm,
+                                             const int* __restrict__ db_owner, int filter,
+                                             int* towner) {
     for (int w = threadIdx.x; w < n * KF_WORDS; w += blockDim.x) tile[w] = db[t0 * KF_WORDS + w];
     __syncthreads();
-    for (int r = threadIdx.x; r < n; r += blockDim.x) tnorm[r] = kf_norm(tile + r * KF_WORDS);
+    for (int r = threadIdx.x; r < n; r += blockDim.x) {
+        tnorm[r] = kf_norm(tile + r * KF_WORDS);
+        towner[r] = filter ? db_owner[t0 + r] : 0;
+    }
     __syncthreads();
+}
+
+// The row filter of the CPU's k-NN (applied before choosing neighbours): bit 1 skips rows
+// owned by the query's own subject (q_exclude), bit 2 skips subjects not in `allowed`.
+__device__ __forceinline__ bool kf_keep(int owner, int exclude, const unsigned char* allowed,
+                                        int filter) {
+    if ((filter & 1) && owner == exclude) return false;
+    if ((filter & 2) && !allowed[owner]) return false;
+    return true;
 }
 
 // The k (<= KF_KMAX) nearest database rows of each query within database chunk blockIdx.y
@@ -31,14 +46,19 @@ __device__ __forceinline__ void kf_load_tile(const unsigned int* __restrict__ db
 // missing entries as (KF_NONE, -1).
 extern "C" __global__ void kf_knn(const unsigned int* __restrict__ q, int nq,
                                   const unsigned int* __restrict__ db, int nd, int k, int chunk,
+                                  const int* __restrict__ db_owner,
+                                  const int* __restrict__ q_exclude,
+                                  const unsigned char* __restrict__ allowed, int filter,
                                   unsigned int* __restrict__ out_d, int* __restrict__ out_i) {
     __shared__ unsigned int tile[KF_TILE * KF_WORDS];
     __shared__ unsigned int tnorm[KF_TILE];
+    __shared__ int towner[KF_TILE];
     int qi = blockIdx.x * blockDim.x + threadIdx.x;
     bool active = qi < nq;
     unsigned int qv[KF_WORDS];
     for (int w = 0; w < KF_WORDS; ++w) qv[w] = active ? q[(long long)qi * KF_WORDS + w] : 0u;
     unsigned int qn = kf_norm(qv);
+    int exclude = (active && (filter & 1)) ? q_exclude[qi] : -1;
     unsigned int bd[KF_KMAX];
     int bi[KF_KMAX];
     for (int s = 0; s < KF_KMAX; ++s) { bd[s] = KF_NONE; bi[s] = -1; }
@@ -46,9 +66,10 @@ extern "C" __global__ void kf_knn(const unsigned int* __restrict__ q, int nq,
     int end = min(nd, start + chunk);
     for (int t0 = start; t0 < end; t0 += KF_TILE) {
         int n = min(KF_TILE, end - t0);
-        kf_load_tile(db, t0, n, tile, tnorm);
+        kf_load_tile(db, t0, n, tile, tnorm, db_owner, filter, towner);
         if (active) {
             for (int r = 0; r < n; ++r) {
+                if (filter && !kf_keep(towner[r], exclude, allowed, filter)) continue;
                 unsigned int dot = 0;
                 const unsigned int* row = tile + r * KF_WORDS;
 #pragma unroll
@@ -76,23 +97,29 @@ extern "C" __global__ void kf_knn(const unsigned int* __restrict__ q, int nq,
 // The two nearest rows (for the ratio test), best and second best held in registers.
 extern "C" __global__ void kf_knn2(const unsigned int* __restrict__ q, int nq,
                                    const unsigned int* __restrict__ db, int nd, int chunk,
+                                   const int* __restrict__ db_owner,
+                                   const int* __restrict__ q_exclude,
+                                   const unsigned char* __restrict__ allowed, int filter,
                                    unsigned int* __restrict__ out_d, int* __restrict__ out_i) {
     __shared__ unsigned int tile[KF_TILE * KF_WORDS];
     __shared__ unsigned int tnorm[KF_TILE];
+    __shared__ int towner[KF_TILE];
     int qi = blockIdx.x * blockDim.x + threadIdx.x;
     bool active = qi < nq;
     unsigned int qv[KF_WORDS];
     for (int w = 0; w < KF_WORDS; ++w) qv[w] = active ? q[(long long)qi * KF_WORDS + w] : 0u;
     unsigned int qn = kf_norm(qv);
+    int exclude = (active && (filter & 1)) ? q_exclude[qi] : -1;
     unsigned int d0 = KF_NONE, d1 = KF_NONE;
     int i0 = -1, i1 = -1;
     int start = blockIdx.y * chunk;
     int end = min(nd, start + chunk);
     for (int t0 = start; t0 < end; t0 += KF_TILE) {
         int n = min(KF_TILE, end - t0);
-        kf_load_tile(db, t0, n, tile, tnorm);
+        kf_load_tile(db, t0, n, tile, tnorm, db_owner, filter, towner);
         if (active) {
             for (int r = 0; r < n; ++r) {
+                if (filter && !kf_keep(towner[r], exclude, allowed, filter)) continue;
                 unsigned int dot = 0;
                 const unsigned int* row = tile + r * KF_WORDS;
 #pragma unroll

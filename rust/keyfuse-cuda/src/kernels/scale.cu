@@ -17,11 +17,13 @@ __device__ __forceinline__ int kf_border(int p, int n, int mode) {
     return q < n ? q : period - q;
 }
 
-// One pass of a 1D convolution along `axis` (0, 1 or 2) with `2*radius+1` taps, taps
-// summed in order from offset -radius to +radius (the CPU reference's order).
+// One pass of a symmetric 1D convolution along `axis` (0, 1 or 2) with the half kernel
+// `half[0..=radius]` (half[t] weighs offsets ±t), in the CPU extractor's exact order:
+// acc = half[0]*x[p]; then acc += half[t]*(x[p-t] + x[p+t]) for t = 1..radius.
+// An axis of length 1 is copied unchanged (the CPU skips it).
 extern "C" __global__ void kf_blur_axis(const float* __restrict__ src, float* __restrict__ dst,
                                         int n0, int n1, int n2, int axis,
-                                        const float* __restrict__ taps, int radius, int border) {
+                                        const float* __restrict__ half, int radius, int border) {
     long long total = (long long)n0 * n1 * n2;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
@@ -30,13 +32,16 @@ extern "C" __global__ void kf_blur_axis(const float* __restrict__ src, float* __
     int i = (int)(idx / ((long long)n1 * n2));
     int pos = axis == 0 ? i : (axis == 1 ? j : k);
     int len = axis == 0 ? n0 : (axis == 1 ? n1 : n2);
+    if (len == 1) { dst[idx] = src[idx]; return; }
     long long stride = axis == 0 ? (long long)n1 * n2 : (axis == 1 ? (long long)n2 : 1LL);
     long long base = idx - (long long)pos * stride;
-    float acc = 0.0f;
-    for (int t = -radius; t <= radius; ++t) {
-        int p = kf_border(pos + t, len, border);
-        float v = p < 0 ? 0.0f : src[base + (long long)p * stride];
-        acc = acc + taps[t + radius] * v;
+    float acc = half[0] * src[idx];
+    for (int t = 1; t <= radius; ++t) {
+        int pa = kf_border(pos - t, len, border);
+        int pb = kf_border(pos + t, len, border);
+        float xa = pa < 0 ? 0.0f : src[base + (long long)pa * stride];
+        float xb = pb < 0 ? 0.0f : src[base + (long long)pb * stride];
+        acc = acc + half[t] * (xa + xb);
     }
     dst[idx] = acc;
 }
@@ -48,27 +53,33 @@ extern "C" __global__ void kf_sub(const float* __restrict__ a, const float* __re
     if (idx < n) out[idx] = a[idx] - b[idx];
 }
 
-// Next octave: the mean of each 2x2x2 block, summed in index order then times 1/8.
+// Next octave: the mean of each 2x2x2 block (2x2 when n2 == 1), in the CPU's order:
+// s += x[.., 2r] + x[.., 2r+1] over (di, dj), then s * 1/8 (1/4 when flat).
 extern "C" __global__ void kf_downsample2(const float* __restrict__ src, float* __restrict__ dst,
                                           int n0, int n1, int n2, int m0, int m1, int m2) {
     long long total = (long long)m0 * m1 * m2;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
-    int k = (int)(idx % m2);
-    int j = (int)((idx / m2) % m1);
-    int i = (int)(idx / ((long long)m1 * m2));
-    float acc = 0.0f;
-    for (int a = 0; a < 2; ++a)
-        for (int b = 0; b < 2; ++b)
-            for (int c = 0; c < 2; ++c)
-                acc = acc + src[((long long)(2 * i + a) * n1 + (2 * j + b)) * n2 + (2 * k + c)];
-    dst[idx] = acc * 0.125f;
+    int r = (int)(idx % m2);
+    int q = (int)((idx / m2) % m1);
+    int p = (int)(idx / ((long long)m1 * m2));
+    bool flat = n2 == 1;
+    float s = 0.0f;
+    for (int di = 0; di < 2; ++di)
+        for (int dj = 0; dj < 2; ++dj) {
+            long long row = ((long long)(2 * p + di) * n1 + (2 * q + dj)) * n2;
+            if (flat) s = s + src[row];
+            else s = s + (src[row + 2 * r] + src[row + 2 * r + 1]);
+        }
+    dst[idx] = flat ? s * 0.25f : s * 0.125f;
 }
 
 // Strict extrema over the 80 neighbours (3x3x3 in this DoG and the two adjacent ones, minus
-// the centre), at least `margin` voxels from every face and with |value| >= threshold.
-// Candidates are appended in arbitrary order through an atomic counter; the host sorts them
-// so the result is deterministic. Each candidate is (i, j, k, polarity ±1).
+// the centre), with the CPU extractor's rule: |v| > threshold, a positive v must exceed all
+// 80 (maximum), a negative or zero v must be below all 80 (minimum); at least `margin`
+// voxels (>= 1) from every face. Candidates are appended in arbitrary order through an
+// atomic counter; the host sorts them, so the result is deterministic.
+// Each candidate is (i, j, k, polarity ±1).
 extern "C" __global__ void kf_extrema(const float* __restrict__ below, const float* __restrict__ mid,
                                       const float* __restrict__ above, int n0, int n1, int n2,
                                       int margin, float threshold, unsigned int* __restrict__ count,
@@ -82,27 +93,27 @@ extern "C" __global__ void kf_extrema(const float* __restrict__ below, const flo
     int m = margin < 1 ? 1 : margin;
     if (i < m || j < m || k < m || i >= n0 - m || j >= n1 - m || k >= n2 - m) return;
     float v = mid[idx];
-    if (!(fabsf(v) >= threshold)) return;  // also rejects NaN
-    bool is_max = true, is_min = true;
+    if (!(fabsf(v) > threshold)) return;  // also rejects NaN
+    bool pos = v > 0.0f;
+    bool ok = true;
     const float* levels[3] = {below, mid, above};
-    for (int l = 0; l < 3 && (is_max || is_min); ++l) {
+    for (int l = 0; l < 3 && ok; ++l) {
         const float* vol = levels[l];
-        for (int a = -1; a <= 1; ++a)
-            for (int b = -1; b <= 1; ++b)
+        for (int a = -1; a <= 1 && ok; ++a)
+            for (int b = -1; b <= 1 && ok; ++b)
                 for (int c = -1; c <= 1; ++c) {
                     if (l == 1 && a == 0 && b == 0 && c == 0) continue;
                     float w = vol[((long long)(i + a) * n1 + (j + b)) * n2 + (k + c)];
-                    is_max = is_max && (v > w);
-                    is_min = is_min && (v < w);
+                    if (pos ? !(w < v) : !(w > v)) { ok = false; break; }
                 }
     }
-    if (!is_max && !is_min) return;
+    if (!ok) return;
     unsigned int slot = atomicAdd(count, 1u);
     if (slot < capacity) {
         out[4 * slot + 0] = i;
         out[4 * slot + 1] = j;
         out[4 * slot + 2] = k;
-        out[4 * slot + 3] = is_max ? 1 : -1;
+        out[4 * slot + 3] = pos ? 1 : -1;
     }
 }
 
@@ -125,55 +136,53 @@ extern "C" __global__ void kf_gradient(const float* __restrict__ src, float* __r
     grad[3 * idx + 2] = gk;
 }
 
-// Trilinear sample with zero outside the volume (so rotated patches near a face or in zero
-// padding read zeros instead of garbage).
+// Trilinear sample at a continuous index position, clamped to the grid (replicated border;
+// a non-finite coordinate reads index 0), in the CPU extractor's exact order of operations
+// (Vol::sample): interpolate along axis 2, then 1, then 0.
 __device__ __forceinline__ float kf_trilinear(const float* vol, int n0, int n1, int n2,
-                                              float x, float y, float z) {
-    float fx = floorf(x), fy = floorf(y), fz = floorf(z);
-    int x0 = (int)fx, y0 = (int)fy, z0 = (int)fz;
-    float tx = x - fx, ty = y - fy, tz = z - fz;
-    float acc = 0.0f;
-    for (int a = 0; a < 2; ++a) {
-        int xi = x0 + a;
-        if (xi < 0 || xi >= n0) continue;
-        float wa = a ? tx : 1.0f - tx;
-        for (int b = 0; b < 2; ++b) {
-            int yi = y0 + b;
-            if (yi < 0 || yi >= n1) continue;
-            float wb = b ? ty : 1.0f - ty;
-            for (int c = 0; c < 2; ++c) {
-                int zi = z0 + c;
-                if (zi < 0 || zi >= n2) continue;
-                float wc = c ? tz : 1.0f - tz;
-                acc = acc + (wa * wb * wc) * vol[((long long)xi * n1 + yi) * n2 + zi];
-            }
-        }
+                                              float x0, float x1, float x2) {
+    int n[3] = {n0, n1, n2};
+    float p[3] = {x0, x1, x2};
+    int i0[3], i1[3];
+    float f[3];
+    for (int a = 0; a < 3; ++a) {
+        float hi = (float)(n[a] - 1);
+        float x = isfinite(p[a]) ? fminf(fmaxf(p[a], 0.0f), hi) : 0.0f;
+        float fl = floorf(x);
+        i0[a] = (int)fl;
+        i1[a] = min(i0[a] + 1, n[a] - 1);
+        f[a] = x - fl;
     }
-    return acc;
+#define KF_AT(a, b, c) vol[((long long)(a) * n1 + (b)) * n2 + (c)]
+    float c00 = KF_AT(i0[0], i0[1], i0[2]) * (1.0f - f[2]) + KF_AT(i0[0], i0[1], i1[2]) * f[2];
+    float c01 = KF_AT(i0[0], i1[1], i0[2]) * (1.0f - f[2]) + KF_AT(i0[0], i1[1], i1[2]) * f[2];
+    float c10 = KF_AT(i1[0], i0[1], i0[2]) * (1.0f - f[2]) + KF_AT(i1[0], i0[1], i1[2]) * f[2];
+    float c11 = KF_AT(i1[0], i1[1], i0[2]) * (1.0f - f[2]) + KF_AT(i1[0], i1[1], i1[2]) * f[2];
+#undef KF_AT
+    float c0 = c00 * (1.0f - f[1]) + c01 * f[1];
+    float c1 = c10 * (1.0f - f[1]) + c11 * f[1];
+    return c0 * (1.0f - f[0]) + c1 * f[0];
 }
 
-// For each keypoint, an side^3 grid of samples spanning [-radius, radius] along the
-// keypoint's own axes (rows of its 3x3 rotation), centred on it: patch point (u, v, w) sits at
-// centre + sum_a o_a * R[a, :], o_a = radius * ((2 * idx_a + 1) / side - 1).
-// Output (K, side, side, side); gradients/histograms of the patch are then cheap on the host.
+// Rotated patches for orientation and descriptors: keypoint kp's sample (a, b, d) sits at
+// centre + u[a] * F[0, :] + u[b] * F[1, :] + u[d] * F[2, :] (rows of F are the keypoint's axes,
+// u = offsets[kp, 0..side]), summed left to right as the CPU does. Output (K, side^3) in
+// (a, b, d) order; gradients and histograms of the patches are then formed on the host.
 extern "C" __global__ void kf_sample_patch(const float* __restrict__ vol, int n0, int n1, int n2,
                                            const float* __restrict__ centres,
-                                           const float* __restrict__ radii,
-                                           const float* __restrict__ rot, int nkp, int side,
+                                           const float* __restrict__ offsets,
+                                           const float* __restrict__ frames, int nkp, int side,
                                            float* __restrict__ out) {
     long long per = (long long)side * side * side;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= per * nkp) return;
     int kp = (int)(idx / per);
     int p = (int)(idx % per);
-    int w = p % side, v = (p / side) % side, u = p / (side * side);
-    float r = radii[kp];
-    float o0 = r * ((2.0f * u + 1.0f) / side - 1.0f);
-    float o1 = r * ((2.0f * v + 1.0f) / side - 1.0f);
-    float o2 = r * ((2.0f * w + 1.0f) / side - 1.0f);
-    const float* R = rot + 9 * kp;
-    float x = centres[3 * kp + 0] + (o0 * R[0] + o1 * R[3] + o2 * R[6]);
-    float y = centres[3 * kp + 1] + (o0 * R[1] + o1 * R[4] + o2 * R[7]);
-    float z = centres[3 * kp + 2] + (o0 * R[2] + o1 * R[5] + o2 * R[8]);
-    out[idx] = kf_trilinear(vol, n0, n1, n2, x, y, z);
+    int d = p % side, b = (p / side) % side, a = p / (side * side);
+    const float* u = offsets + (long long)kp * side;
+    const float* F = frames + 9 * (long long)kp;
+    const float* c = centres + 3 * (long long)kp;
+    float q[3];
+    for (int x = 0; x < 3; ++x) q[x] = ((c[x] + u[a] * F[x]) + u[b] * F[3 + x]) + u[d] * F[6 + x];
+    out[idx] = kf_trilinear(vol, n0, n1, n2, q[0], q[1], q[2]);
 }
