@@ -21,6 +21,41 @@ def default_extract_params() -> dict[str, float | int]: ...
 # --- gpu.rs ---
 def cuda_available() -> bool: ...
 
+# --- segment.rs ---
+class TransferAtlases:
+    def __new__(
+        cls,
+        label_maps: list[npt.NDArray[np.int32]],
+        intensities: list[npt.NDArray[np.float32]],
+    ) -> TransferAtlases: ...
+    @property
+    def labels(self) -> list[int]: ...
+    def __len__(self) -> int: ...
+    def organ_size(self, atlas: int, label: int) -> int: ...
+    def transfer(
+        self,
+        image: npt.NDArray[np.float32],
+        atlas: npt.NDArray[np.uint32],
+        label: npt.NDArray[np.int32],
+        shift: npt.NDArray[np.int32],
+        weight: npt.NDArray[np.float64],
+        nu: npt.NDArray[np.float32],
+        background_fraction: float,
+    ) -> tuple[
+        npt.NDArray[np.int32],
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float64],
+        int,
+    ]: ...
+
+def vote_labels(
+    n_query: int,
+    query: npt.NDArray[np.uint32],
+    label: npt.NDArray[np.int32],
+    dist2: npt.NDArray[np.float32],
+    pm: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]: ...
+
 # --- kde.rs ---
 def keypoint_log_likelihood(
     query: npt.NDArray[np.uint8],
