@@ -20,6 +20,46 @@ def default_extract_params() -> dict[str, float | int]: ...
 
 # --- gpu.rs ---
 def cuda_available() -> bool: ...
+def cuda_info() -> dict[str, object]: ...
+def cuda_compile_check() -> dict[str, object]: ...
+def gpu_knn(
+    data: npt.NDArray[np.uint8], queries: npt.NDArray[np.uint8], k: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def gpu_cohort_search(
+    data: npt.NDArray[np.uint8],
+    sizes: npt.NDArray[np.int64],
+    desc: npt.NDArray[np.uint8],
+    exclude: int | None = None,
+    allowed: list[bool] | None = None,
+    k: int = 30,
+    alpha2_floor: float = 1.0,
+) -> npt.NDArray[np.float64]: ...
+def gpu_cohort_pairwise(
+    data: npt.NDArray[np.uint8],
+    sizes: npt.NDArray[np.int64],
+    k: int = 30,
+    alpha2_floor: float = 1.0,
+    symmetric: bool = False,
+) -> npt.NDArray[np.float64]: ...
+def gpu_kde_class_sums(
+    queries: npt.NDArray[np.uint8],
+    data: npt.NDArray[np.uint8],
+    classes: npt.NDArray[np.int64],
+    n_classes: int,
+    denom: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]: ...
+def gpu_scale_space(
+    volume: npt.NDArray[np.float32],
+    sigma0: float = 1.6,
+    scales_per_octave: int = 3,
+    initial_blur: float = 0.5,
+    min_size: int = 8,
+    max_octaves: int = 0,
+    peak_threshold: float = 0.008,
+    descriptor_radius: float = 3.0,
+    border: float = 2.0,
+    keep_images: bool = False,
+) -> list[dict[str, object]]: ...
 
 # --- segment.rs ---
 class TransferAtlases:
