@@ -621,6 +621,13 @@ def _make_command() -> _click.Command:
         show_default=True,
         help="Background where the best label's probability is below this.",
     )
+    @click.option(
+        "--extract-param",
+        "extract_param",
+        multiple=True,
+        metavar="NAME=VALUE",
+        help="Keypoint extraction parameter (repeatable), e.g. --extract-param sigma0=0.8.",
+    )
     @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
     @click.option("--quiet", is_flag=True, help="No progress bars.")
     def segment_command(
@@ -633,6 +640,7 @@ def _make_command() -> _click.Command:
         scale_factor: float,
         nu: float,
         background_fraction: float,
+        extract_param: tuple[str, ...],
         device: str,
         quiet: bool,
     ) -> None:
@@ -647,6 +655,17 @@ def _make_command() -> _click.Command:
         """
         from keyfuse.errors import KeyfuseError
 
+        params: dict[str, float] = {}
+        for item in extract_param:
+            name, sep, value = item.partition("=")
+            try:
+                if not sep:
+                    raise ValueError
+                params[name.strip()] = float(value)
+            except ValueError:
+                raise click.BadParameter(
+                    f"expected NAME=NUMBER, got {item!r}", param_hint="--extract-param"
+                ) from None
         try:
             pairs = pair_atlas_files(atlas_dir, label_dir)
             seg = KeypointTransferSegmenter(
@@ -655,6 +674,7 @@ def _make_command() -> _click.Command:
                 nu=None if nu <= 0 else nu,
                 background_fraction=background_fraction,
                 device=device,
+                extract_params=params,
                 progress=not quiet,
             )
             seg.fit([p[0] for p in pairs], [p[1] for p in pairs])
