@@ -1,30 +1,69 @@
-"""Backend choice: ``device="auto" | "cpu" | "cuda"`` everywhere, and ``KEYFUSE_DEVICE``."""
+"""Backend choice: ``device="auto" | "cpu" | "cuda"`` everywhere, and ``KEYFUSE_DEVICE``.
+
+The CUDA backend (rust/keyfuse-cuda) needs only the NVIDIA driver and the NVRTC library at
+run time — ``pip install nvidia-cuda-nvrtc`` provides the latter and is found automatically.
+The probe runs once per process, never raises and never prints: ``device="auto"`` quietly
+uses the CPU when anything is missing, and :func:`cuda_info` says why.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from keyfuse import _core
 from keyfuse.errors import DeviceUnavailableError, InvalidArgumentError
 
 Device = Literal["auto", "cpu", "cuda"]
 
+#: Environment variable that overrides ``device="auto"`` (``cpu``, ``cuda`` or ``auto``).
+DEVICE_ENV = "KEYFUSE_DEVICE"
+
 
 def cuda_available() -> bool:
-    """True when the CUDA driver and NVRTC libraries load and a GPU answers."""
+    """True when the CUDA driver and NVRTC libraries load, a GPU answers and the kernels
+    compile for it (probed once per process; never raises)."""
     return bool(_core.cuda_available())
+
+
+def cuda_info() -> dict[str, Any]:
+    """What the CUDA probe found.
+
+    Returns
+    -------
+    dict
+        ``available`` (bool), ``driver_found``, ``nvrtc_found`` (bool), ``nvrtc_path``
+        (the NVRTC library loaded from the pip wheel, or None), ``device_name``,
+        ``compute_capability`` ((major, minor)), ``sm_count``, ``total_memory`` (bytes), and
+        ``reason``: why the GPU is unavailable (None when it is available).
+    """
+    return dict(_core.cuda_info())
 
 
 def resolve_device(device: str | None = "auto") -> Literal["cpu", "cuda"]:
     """Turn a user's device request into the backend that will run.
 
-    ``KEYFUSE_DEVICE`` (``cpu``/``cuda``/``auto``) overrides ``"auto"``; an explicit
-    ``"cuda"`` with no usable GPU raises :class:`DeviceUnavailableError`.
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"} or None, default "auto"
+        ``"auto"`` (or None) picks CUDA when :func:`cuda_available`, else the CPU, silently;
+        ``KEYFUSE_DEVICE`` (``cpu``/``cuda``/``auto``) overrides ``"auto"`` only.
+
+    Raises
+    ------
+    DeviceUnavailableError
+        ``"cuda"`` was asked for (directly or through ``KEYFUSE_DEVICE``) and no usable GPU
+        exists; the message carries the probe's reason.
+    InvalidArgumentError
+        Any other value.
     """
     requested = (device or "auto").lower()
     if requested == "auto":
-        requested = os.environ.get("KEYFUSE_DEVICE", "auto").lower() or "auto"
+        requested = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+        if requested not in ("auto", "cpu", "cuda"):
+            raise InvalidArgumentError(
+                f"{DEVICE_ENV} must be 'auto', 'cpu' or 'cuda', not {requested!r}"
+            )
     if requested not in ("auto", "cpu", "cuda"):
         raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
     if requested == "cpu":
@@ -32,8 +71,9 @@ def resolve_device(device: str | None = "auto") -> Literal["cpu", "cuda"]:
     if cuda_available():
         return "cuda"
     if requested == "cuda":
+        reason = cuda_info().get("reason") or "unknown reason"
         raise DeviceUnavailableError(
-            "device='cuda' was requested but no usable GPU was found "
-            "(CUDA driver, NVRTC library or device missing); use device='auto' or 'cpu'"
+            f"device='cuda' was requested but no usable GPU was found ({reason}); "
+            "use device='auto' or 'cpu'"
         )
     return "cpu"

@@ -1,0 +1,229 @@
+"""The CUDA backend: NVRTC compiles every kernel (no GPU needed), ``device="auto"`` falls
+back to the CPU silently, ``device="cuda"`` raises without a GPU, and — on a GPU machine —
+GPU results equal the CPU path's (the parity harness)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keyfuse import _core
+from keyfuse.device import cuda_available, cuda_info, resolve_device
+from keyfuse.errors import DeviceUnavailableError, InvalidArgumentError
+
+HAS_GPU = cuda_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no usable CUDA device")
+
+
+def _nvrtc_wheel() -> Path | None:
+    spec = importlib.util.find_spec("nvidia")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        for sub in ("cu13/lib/libnvrtc.so.13", "cuda_nvrtc/lib/libnvrtc.so.13"):
+            if (Path(loc) / sub).is_file():
+                return Path(loc) / sub
+    return None
+
+
+def _ranks(n: int, seed: int) -> np.ndarray:
+    """n random SIFT-Rank descriptors (each row a permutation of 0..63)."""
+    rng = np.random.default_rng(seed)
+    return np.argsort(rng.random((n, 64)), axis=1).astype(np.uint8)
+
+
+def _cohort(n_subjects: int, per: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Subjects that share a base set, each perturbed by more rank swaps than the last."""
+    rng = np.random.default_rng(seed)
+    base = _ranks(per, seed + 1)
+    rows = []
+    for s in range(n_subjects):
+        d = base.copy()
+        for _ in range(2 * s):
+            a, b = rng.integers(0, 64, size=(2, per))
+            tmp = d[np.arange(per), a].copy()
+            d[np.arange(per), a] = d[np.arange(per), b]
+            d[np.arange(per), b] = tmp
+        rows.append(d)
+    return np.ascontiguousarray(np.concatenate(rows)), np.full(n_subjects, per, dtype=np.int64)
+
+
+# --- without a GPU: compile check, probe, fallback -----------------------------------------
+
+
+def test_nvrtc_compiles_every_kernel() -> None:
+    info = cuda_info()
+    if not info["nvrtc_found"]:
+        assert _nvrtc_wheel() is None, "the nvidia-cuda-nvrtc wheel is installed but not loaded"
+        pytest.skip("NVRTC not installed (pip install nvidia-cuda-nvrtc)")
+    out = _core.cuda_compile_check()
+    assert out["ptx_bytes"] > 10_000
+    assert {"kf_blur_axis", "kf_extrema", "kf_knn", "kf_sj_accumulate"} <= set(out["kernels"])
+    assert len(out["kernels"]) == len(set(out["kernels"])) >= 11
+    if _nvrtc_wheel() is not None and not os.environ.get("KEYFUSE_NVRTC_PATH"):
+        assert out["nvrtc_path"] == str(_nvrtc_wheel())
+
+
+def test_probe_is_consistent_and_explains_itself() -> None:
+    info = cuda_info()
+    assert info["available"] is HAS_GPU
+    if HAS_GPU:
+        assert info["reason"] is None and info["device_name"]
+        assert info["compute_capability"][0] >= 7
+    else:
+        assert isinstance(info["reason"], str) and info["reason"]
+        assert info["device_name"] is None
+
+
+def test_auto_falls_back_silently_in_a_fresh_process() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KEYFUSE_DEVICE"}
+    code = (
+        "import keyfuse as kf\n"
+        "from keyfuse.device import resolve_device\n"
+        "print(resolve_device('auto'), kf.cuda_available())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    assert out.stderr == ""  # no warnings, no library-loading noise
+    assert out.stdout.split() == (["cuda", "True"] if HAS_GPU else ["cpu", "False"])
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a GPU is present")
+def test_cuda_request_without_gpu_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEYFUSE_DEVICE", raising=False)
+    with pytest.raises(DeviceUnavailableError, match="no usable GPU"):
+        resolve_device("cuda")
+    monkeypatch.setenv("KEYFUSE_DEVICE", "cuda")
+    with pytest.raises(DeviceUnavailableError):
+        resolve_device("auto")
+    # every GPU entry point says so too (after checking its arguments)
+    d = _ranks(10, 1)
+    with pytest.raises(DeviceUnavailableError):
+        _core.gpu_knn(d, d, 2)
+    with pytest.raises(DeviceUnavailableError):
+        _core.gpu_cohort_pairwise(d, np.array([5, 5]))
+    with pytest.raises(DeviceUnavailableError):
+        _core.gpu_scale_space(np.ones((16, 16, 16), np.float32) + np.eye(16, dtype=np.float32))
+
+
+def test_device_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYFUSE_DEVICE", "cpu")
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device(None) == "cpu"
+    monkeypatch.setenv("KEYFUSE_DEVICE", "tpu")
+    with pytest.raises(InvalidArgumentError, match="KEYFUSE_DEVICE"):
+        resolve_device("auto")
+    monkeypatch.delenv("KEYFUSE_DEVICE")
+    assert resolve_device("CPU") == "cpu"
+    with pytest.raises(InvalidArgumentError):
+        resolve_device("gpu")
+
+
+def test_gpu_entry_points_check_arguments_first() -> None:
+    with pytest.raises(InvalidArgumentError):
+        _core.gpu_knn(np.zeros((3, 32), np.uint8), np.zeros((3, 64), np.uint8), 2)
+    with pytest.raises(InvalidArgumentError, match="sizes"):
+        _core.gpu_cohort_pairwise(np.zeros((3, 64), np.uint8), np.array([1, 1]))
+    with pytest.raises(InvalidArgumentError, match="classes"):
+        _core.gpu_kde_class_sums(
+            np.zeros((1, 64), np.uint8),
+            np.zeros((2, 64), np.uint8),
+            np.array([0, 5]),
+            2,
+            np.ones(1),
+        )
+
+
+# --- on a GPU: parity with the CPU path ----------------------------------------------------
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 2, 5, 30])
+def test_gpu_knn_equals_cpu_exact(k: int) -> None:
+    data = _ranks(3000, 2)
+    queries = _ranks(500, 3)
+    queries[:10] = data[100:110]  # exact duplicates: distance 0, ties by index
+    i_cpu, d_cpu = _core.knn_exact(data, queries, k)
+    i_gpu, d_gpu = _core.gpu_knn(data, queries, k)
+    np.testing.assert_array_equal(d_gpu, d_cpu)
+    np.testing.assert_array_equal(i_gpu, i_cpu)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gpu_pairwise_equals_cpu_cohort(symmetric: bool) -> None:
+    data, sizes = _cohort(8, 150)
+    cohort = _core.Cohort()
+    start = 0
+    for n in sizes:
+        cohort.add(data[start : start + n])
+        start += n
+    cpu = cohort.pairwise(k=30, exact=True, symmetric=symmetric)
+    gpu = _core.gpu_cohort_pairwise(data, sizes, k=30, symmetric=symmetric)
+    # GPU sums are exact 32.32 fixed point; the CPU sums f64 in order
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(gpu, _core.gpu_cohort_pairwise(data, sizes, symmetric=symmetric))
+    q = data[:150]
+    allowed = [True] * 8
+    allowed[3] = False
+    cpu_s = cohort.search(q, exclude=0, allowed=allowed, k=30, exact=True)
+    gpu_s = _core.gpu_cohort_search(data, sizes, q, exclude=0, allowed=allowed, k=30)
+    np.testing.assert_allclose(gpu_s, cpu_s, rtol=0, atol=1e-9)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_kde_class_sums_match_numpy() -> None:
+    q = _ranks(16, 5)
+    data = _ranks(400, 6)
+    classes = np.arange(400) % 5
+    d2 = ((q[:, None, :].astype(np.float64) - data[None, :, :]) ** 2).sum(-1)
+    denom = 1.0 + d2.min(axis=1)
+    want = np.stack([np.exp(-d2 / denom[:, None])[:, classes == c].sum(1) for c in range(5)], 1)
+    got = _core.gpu_kde_class_sums(q, data, classes, 5, denom)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_scale_space_is_deterministic() -> None:
+    rng = np.random.default_rng(7)
+    vol = rng.random((48, 44, 40)).astype(np.float32)
+    a = _core.gpu_scale_space(vol, keep_images=True)
+    b = _core.gpu_scale_space(vol, keep_images=True)
+    assert len(a) >= 2
+    for oa, ob in zip(a, b, strict=True):
+        np.testing.assert_array_equal(oa["extrema"], ob["extrema"])
+        for ga, gb in zip(oa["gaussians"], ob["gaussians"], strict=True):
+            np.testing.assert_array_equal(ga, gb)
+        for lvl, dog in enumerate(oa["dogs"]):
+            np.testing.assert_array_equal(dog, oa["gaussians"][lvl + 1] - oa["gaussians"][lvl])
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_extract_equals_cpu_extract() -> None:
+    import keyfuse as kf
+
+    if not hasattr(_core, "gpu_extract3d"):
+        pytest.skip("gpu_extract3d is not built yet (needs the core's describe hook)")
+    rng = np.random.default_rng(3)
+    vol = rng.random((64, 60, 56)).astype(np.float32)
+    img = kf.Image(vol, np.eye(4))
+    cpu = kf.extract(img, device="cpu")
+    gpu = kf.extract(img, device="cuda")
+    assert len(gpu) == len(cpu) > 0
+    np.testing.assert_allclose(gpu.ijk, cpu.ijk, atol=0.01)
+    np.testing.assert_array_equal(gpu.descriptors, cpu.descriptors)
