@@ -106,8 +106,59 @@ pub fn compile_module(arch: &'static str) -> std::result::Result<Ptx, String> {
         })
 }
 
-/// Compile every kernel without a device and check each entry point is in the PTX.
-/// Returns the PTX size in bytes. Used by the test suite on machines with no GPU.
+/// Compile the whole kernel module to a CUBIN (machine code) for a real architecture
+/// (e.g. `"sm_90"`). Loading machine code needs no PTX JIT, so a wheel NVRTC newer than the
+/// installed driver (same CUDA major) still works, where its PTX could be refused as too new.
+pub fn compile_cubin(arch: &str) -> std::result::Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::CString;
+    if !nvrtc_present() {
+        return Err(format!(
+            "NVRTC library not found (install the nvidia-cuda-nvrtc wheel, or set \
+             {NVRTC_PATH_ENV} / LD_LIBRARY_PATH)"
+        ));
+    }
+    let src = CString::new(module_source()).map_err(|e| e.to_string())?;
+    let name = CString::new("keyfuse_kernels.cu").expect("no NUL");
+    let options = vec![
+        "--fmad=false".to_string(),
+        format!("--gpu-architecture={arch}"),
+    ];
+    catch_unwind(AssertUnwindSafe(|| unsafe {
+        let prog = result::create_program(&src, Some(&name)).map_err(|e| e.to_string())?;
+        let out = (|| {
+            if let Err(e) = result::compile_program(prog, &options) {
+                let log = result::get_program_log(prog).unwrap_or_default();
+                let log: Vec<u8> = log
+                    .iter()
+                    .map(|&c| c as u8)
+                    .take_while(|&c| c != 0)
+                    .collect();
+                return Err(format!(
+                    "NVRTC failed to compile the keyfuse kernels ({e}):\n{}",
+                    String::from_utf8_lossy(&log)
+                ));
+            }
+            let mut size = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut size)
+                .result()
+                .map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
+                .result()
+                .map_err(|e| e.to_string())?;
+            Ok(buf)
+        })();
+        let _ = result::destroy_program(prog);
+        out
+    }))
+    .map_err(|_| "NVRTC panicked while compiling the keyfuse kernels".to_string())?
+}
+
+/// Compile every kernel without a device — to PTX for the oldest supported architecture
+/// (checking each entry point is there) and to machine code for an H100 (`sm_90`, the
+/// path the probe takes) — and return the PTX size in bytes. Used by the test suite on
+/// machines with no GPU.
 pub fn compile_check() -> std::result::Result<usize, String> {
     let ptx = compile_module(CHECK_ARCH)?;
     let text = ptx.to_src();
@@ -115,6 +166,10 @@ pub fn compile_check() -> std::result::Result<usize, String> {
         if !text.contains(&format!(".entry {name}(")) {
             return Err(format!("kernel {name} missing from the compiled PTX"));
         }
+    }
+    let cubin = compile_cubin("sm_90")?;
+    if cubin.len() < 1000 || !cubin.starts_with(b"\x7fELF") {
+        return Err("NVRTC returned no sm_90 machine code".into());
     }
     Ok(text.len())
 }
@@ -177,12 +232,16 @@ fn probe() -> std::result::Result<Gpu, String> {
         .map_err(|e| e.to_string())?
         .max(1) as usize;
     let total_memory = ctx.total_mem().map_err(|e| e.to_string())?;
-    // NVRTC wants a 'static arch string; this runs once per process.
-    let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-    let ptx = compile_module(arch)?;
-    let module = ctx.load_module(ptx).map_err(|e| {
-        format!("cannot load the kernels on {name} (driver older than NVRTC?): {e}")
-    })?;
+    // machine code for this device first (no driver JIT); PTX as the fallback
+    let module = match compile_cubin(&format!("sm_{major}{minor}")) {
+        Ok(cubin) => ctx.load_module(Ptx::from_binary(cubin)),
+        Err(_) => {
+            // NVRTC wants a 'static arch string; this runs once per process.
+            let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+            ctx.load_module(compile_module(arch)?)
+        }
+    }
+    .map_err(|e| format!("cannot load the kernels on {name}: {e}"))?;
     let stream = ctx.default_stream();
     Ok(Gpu {
         ctx,
