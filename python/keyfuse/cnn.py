@@ -464,7 +464,7 @@ class CNNFeatures:
         bar = tqdm(total=len(imgs), desc="CNN features", unit="img", disable=not progress)
         per = max(1, self.batch_size // n_slices)
         for start in range(0, len(imgs), per):
-            group = []
+            group: list[npt.NDArray[np.float32]] = []
             for img, tr in zip(imgs[start : start + per], trs[start : start + per], strict=True):
                 sl = self.slices_of(img, tr)
                 if len(sl) == 1 and n_slices > 1:  # a 2-D input has one slice only

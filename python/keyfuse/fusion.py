@@ -514,6 +514,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     # -- likelihood terms ------------------------------------------------------------
 
     def _kp_ll(self, kps: Sequence[Any], exclude: npt.ArrayLike | None = None) -> FloatArray:
+        assert self._train_kps is not None
         return keypoint_log_likelihoods(
             kps,
             self._train_kps,
@@ -721,6 +722,7 @@ def cohort_features(
         mat, good = np.eye(4), True
         if transform_source == "align":
             try:
+                assert atlas_kps is not None
                 al = align(k3, atlas_kps, device=device)
                 good = 0.75 <= al.scale <= 1.33 and al.n_inliers >= 4
                 mat = al.matrix if good else np.eye(4)
@@ -837,7 +839,7 @@ def evaluate_fusion(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    kw = {"exclude": loo, "n_neighbors": n_neighbors, "progress": progress}
+    kw: dict[str, Any] = {"exclude": loo, "n_neighbors": n_neighbors, "progress": progress}
     fam_kp3 = keypoint_log_likelihoods(feats.kps3d, feats.kps3d, subj, n, **kw)
     fam_kp2 = keypoint_log_likelihoods(feats.kps2d, feats.kps2d, subj, n, **kw)
     grp_kp3 = keypoint_log_likelihoods(feats.kps3d, feats.kps3d, grp, 2, **kw)

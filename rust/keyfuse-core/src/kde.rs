@@ -650,4 +650,67 @@ mod tests {
         assert_eq!(ll[[0, 0]], 0.0);
         assert!((ll[[0, 1]] - want).abs() < 1e-12);
     }
+
+    #[test]
+    fn k_nearest_and_thread_count_independence() {
+        let q = random_desc(40, 11);
+        let t = random_desc(300, 12);
+        let ts: Vec<i64> = (0..300).map(|j| j / 30).collect();
+        let sc: Vec<i64> = (0..10).map(|s| s % 3).collect();
+        let run = |threads: usize, k: Option<usize>| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                keypoint_log_likelihood(
+                    q.view(),
+                    t.view(),
+                    ArrayView1::from(&ts),
+                    ArrayView1::from(&sc),
+                    3,
+                    Some(4),
+                    &KdeOptions {
+                        k,
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            })
+        };
+        for k in [None, Some(7)] {
+            assert_eq!(run(1, k), run(4, k));
+        }
+        // k nearest: a direct top-k transcription (excluding sample 4)
+        let mut want = [0.0f64; 3];
+        let n_k: Vec<f64> = (0..3)
+            .map(|c| (0..300).filter(|&j| j / 30 != 4 && sc[j / 30] == c).count() as f64)
+            .collect();
+        for qi in q.rows() {
+            let mut d: Vec<(u32, usize)> = (0..300)
+                .filter(|&j| j / 30 != 4)
+                .map(|j| {
+                    let s: u32 = qi
+                        .iter()
+                        .zip(t.row(j))
+                        .map(|(&a, &b)| (a as i32 - b as i32).pow(2) as u32)
+                        .sum();
+                    (s, j)
+                })
+                .collect();
+            d.sort_unstable();
+            let width = 1.0 + d[0].0 as f64;
+            let mut s = [0.0f64; 3];
+            for &(d2, j) in &d[..7] {
+                s[sc[j / 30] as usize] += (-(d2 as f64) / width).exp();
+            }
+            for c in 0..3 {
+                want[c] += (s[c] / n_k[c] + 1.0).ln();
+            }
+        }
+        let got = run(2, Some(7));
+        for c in 0..3 {
+            assert!((got[c] - want[c]).abs() < 1e-9 * want[c].abs().max(1.0));
+        }
+    }
 }
