@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transform", choices=["align", "truth", "none"], default="align")
-    ap.add_argument("--neighbors", type=int, default=None)
+    ap.add_argument("--neighbors", type=int, default=5, help="0 = exact sum over all keypoints")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -46,7 +46,7 @@ def main() -> None:
         resolution_mm=args.resolution,
         seed=args.seed,
         transform_source=args.transform,
-        n_neighbors=args.neighbors,
+        n_neighbors=args.neighbors or None,
         device=args.device,
         progress=not args.quiet,
     )

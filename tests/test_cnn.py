@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keyfuse as kf
-from keyfuse.cnn import CNNFeatures, default_model_path, resample_to_atlas
+from keyfuse.cnn import CNNFeatures, default_model_path, resample_planes, resample_to_atlas
 from keyfuse.errors import (
     CorruptDataError,
     InvalidArgumentError,
@@ -83,6 +83,14 @@ def test_volume_slices_and_atlas_resampling(tiny_model: Path) -> None:
     t[2, 3] = 4.0
     moved = resample_to_atlas(img, t, img)
     np.testing.assert_allclose(moved.data[:, :, 4], vol[:, :, 2], atol=1e-5)
+    # plane-only resampling equals the full resampling, for an oblique transform too
+    rot = np.array(
+        [[0.96, -0.28, 0.0, 1.5], [0.28, 0.96, 0.0, -0.7], [0, 0, 1.0, 2.0], [0, 0, 0, 1]]
+    )
+    full = resample_to_atlas(img, rot, img)
+    for axis, idx in ((2, 3), (0, 5)):
+        (plane,) = resample_planes(img, rot, img, axis, [idx])
+        np.testing.assert_allclose(plane, np.take(full.data, idx, axis=axis), atol=1e-4)
     # several slices: mean or concatenation
     multi = CNNFeatures(
         tiny_model, layer="act", device="cpu", config=TINY_CONFIG, atlas=img, slices=(-2, 0, 2)

@@ -212,7 +212,7 @@ def test_alpha_extremes_reduce_to_single_sources() -> None:
     np.testing.assert_allclose(fused0.predict_proba(pairs), vec_only.predict_proba(vecs))
     # the fused log-likelihood is the α-weighted sum of the two
     half = kf.FusionClassifier(alpha=0.25).fit(pairs, labels)
-    want = 0.25 * keypoint_log_likelihoods(sets, sets, labels, 4) + 0.75 * (
+    want = 0.25 * keypoint_log_likelihoods(sets, sets, labels, 4, n_neighbors=5) + 0.75 * (
         vector_log_likelihoods(vecs, vecs, labels, 4)
     )
     np.testing.assert_allclose(half.joint_log_likelihood(pairs), want)

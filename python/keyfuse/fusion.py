@@ -454,8 +454,11 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         Binarise the vectors with :class:`MIBinarizer` fitted on the training set, and
         compare them with the Hamming distance (default False).
     n_neighbors:
-        Keypoint kernel sum over the k nearest training keypoints only (``None``,
-        default: exact sum over all).
+        Sum the keypoint kernel (eq. 7) over each query keypoint's k nearest training
+        keypoints (default 5, as the paper's kd-tree evaluation does); ``None`` = exact
+        sum over all training keypoints, where thousands of unrelated keypoints (each
+        contributing ~e^-2 under the adaptive width) drown the few true matches — family
+        AUC 0.57 instead of 0.85 on the simulated cohort.
     background:
         The uniform background density of both kernels (the paper's +1), default 1.0.
     progress:
@@ -472,7 +475,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         alpha: float | Literal["auto"] = "auto",
         *,
         binarize: bool = False,
-        n_neighbors: int | None = None,
+        n_neighbors: int | None = 5,
         background: float = 1.0,
         progress: bool = False,
     ) -> None:
@@ -652,18 +655,23 @@ class CohortFeatures:
     timings: dict[str, float]
 
 
+def _plane_affine(affine: FloatArray, axis: int, idx: int) -> FloatArray:
+    """4×4 affine of plane ``idx`` across ``axis`` as a 2-D image: the two in-plane
+    columns first, the normal third, the origin moved onto the plane."""
+    keep = [a for a in range(3) if a != axis]
+    aff = np.eye(4)
+    aff[:3, :3] = affine[:3, [*keep, axis]]
+    aff[:3, 3] = affine[:3, 3] + affine[:3, axis] * idx
+    return aff
+
+
 def _slice_image(vol: Any, axis: int) -> Any:
-    """The mid slice across ``axis`` as a 2-D :class:`~keyfuse.Image` (in-plane spacing
-    kept: the other two affine columns come first)."""
+    """The mid slice across ``axis`` of a 3-D image as a 2-D :class:`~keyfuse.Image`."""
     from keyfuse.image import Image
 
     idx = (vol.shape[axis] - 1) // 2
     data = np.take(np.asarray(vol.data, dtype=np.float32), idx, axis=axis)
-    keep = [a for a in range(3) if a != axis]
-    aff = np.eye(4)
-    aff[:3, :3] = vol.affine[:3, [*keep, axis]]
-    aff[:3, 3] = vol.affine[:3, 3] + vol.affine[:3, axis] * idx
-    return Image(data, aff)
+    return Image(data, _plane_affine(vol.affine, axis, idx))
 
 
 def cohort_features(
@@ -700,9 +708,10 @@ def cohort_features(
 
     from tqdm.auto import tqdm
 
-    from keyfuse.cnn import CNNFeatures, _axial_axis, resample_to_atlas
+    from keyfuse.cnn import CNNFeatures, _axial_axis, resample_planes
     from keyfuse.datasets import mni152
     from keyfuse.extraction import extract
+    from keyfuse.image import Image
     from keyfuse.matching import align
 
     params = dict(extract_params or {})
@@ -713,6 +722,7 @@ def cohort_features(
     timings = dict.fromkeys(("extract3d", "align", "resample", "extract2d", "cnn"), 0.0)
     atlas_kps = extract(atlas, device=device, **params) if transform_source == "align" else None
     axis = _axial_axis(atlas.affine)
+    mid = (atlas.shape[axis] - 1) // 2
     kps3d, kps2d, slices, transforms, ok = [], [], [], [], []
     for i in tqdm(range(len(cohort)), desc="cohort features", disable=not progress):
         img = cohort.image(i)
@@ -732,8 +742,8 @@ def cohort_features(
             pose = np.asarray(json.loads(cohort.table[i]["transform"]), float).reshape(4, 4)
             mat = np.linalg.inv(pose)  # table: subject mm -> scan mm; we need scan -> atlas
         t2 = time.perf_counter()
-        aligned = resample_to_atlas(img, mat, atlas)
-        sl = _slice_image(aligned, axis)
+        plane = resample_planes(img, mat, atlas, axis, [mid])[0]
+        sl = Image(plane, _plane_affine(atlas.affine, axis, mid))
         t3 = time.perf_counter()
         k2 = extract(sl, device=device, **params)
         t4 = time.perf_counter()
@@ -803,7 +813,7 @@ def _fold_alpha(
 
 
 def evaluate_fusion(
-    feats: CohortFeatures, *, n_neighbors: int | None = None, progress: bool = True
+    feats: CohortFeatures, *, n_neighbors: int | None = 5, progress: bool = True
 ) -> dict[str, Any]:
     """Leave-one-out family identification and group classification (paper's Table 1).
 
@@ -988,7 +998,7 @@ def run_experiment(
     resolution_mm: float = 1.5,
     seed: int = 0,
     transform_source: Literal["align", "truth", "none"] = "align",
-    n_neighbors: int | None = None,
+    n_neighbors: int | None = 5,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -1103,8 +1113,9 @@ def _make_command() -> Any:
         "--neighbors",
         "n_neighbors",
         type=int,
-        default=None,
-        help="Keypoint kernel over the k nearest training keypoints (default: all).",
+        default=5,
+        show_default=True,
+        help="Keypoint kernel over the k nearest training keypoints (0: all, exact eq. 7).",
     )
     @click.option(
         "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
@@ -1118,7 +1129,7 @@ def _make_command() -> Any:
         resolution: float,
         seed: int,
         transform_source: Literal["align", "truth", "none"],
-        n_neighbors: int | None,
+        n_neighbors: int,
         device: str,
         quiet: bool,
     ) -> None:
@@ -1139,7 +1150,7 @@ def _make_command() -> Any:
             resolution_mm=resolution,
             seed=seed,
             transform_source=transform_source,
-            n_neighbors=n_neighbors,
+            n_neighbors=n_neighbors or None,
             device=device,
             progress=not quiet,
         )
