@@ -164,3 +164,12 @@ def test_default_vgg16_one_slice() -> None:
     v = cnn(s)
     assert v.shape == (512,) and v.dtype == np.float32 and np.all(np.isfinite(v))
     np.testing.assert_array_equal(v, cnn(s))  # deterministic
+
+
+def test_auto_alignment_to_the_atlas(tiny_model: Path) -> None:
+    atlas = kf.datasets.mni152(resolution_mm=3.0)
+    cnn = CNNFeatures(tiny_model, layer="act", device="cpu", config=TINY_CONFIG, atlas=atlas)
+    mat = cnn.align(atlas)  # the atlas against itself: the identity
+    np.testing.assert_allclose(mat, np.eye(4), atol=1e-3)
+    with pytest.raises(InvalidArgumentError, match="auto"):
+        cnn.slices_of(atlas, transform="automatic")

@@ -311,6 +311,7 @@ class CNNFeatures:
             raise InvalidArgumentError(f"batch_size must be ≥ 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self._atlas = atlas
+        self._atlas_kps: Any = None
         is_default = model is None
         path = default_model_path() if is_default else Path(model)  # type: ignore[arg-type]
         if not path.is_file():
@@ -414,9 +415,23 @@ class CNNFeatures:
             self._atlas = mni152()
         return self._atlas
 
+    def align(self, image: Any, **align_params: Any) -> npt.NDArray[np.float64]:
+        """The image → atlas similarity (4×4, world mm) from keypoint matches:
+        ``kf.align(kf.extract(image), atlas keypoints)`` (atlas keypoints are cached).
+
+        Raises :class:`~keyfuse.InvalidArgumentError` when too few keypoints match."""
+        from keyfuse.extraction import extract
+        from keyfuse.matching import align
+
+        if self._atlas_kps is None:
+            self._atlas_kps = extract(self.atlas, device=self.device)
+        kps = extract(load_image(image), device=self.device)
+        return np.asarray(align(kps, self._atlas_kps, **align_params).matrix, dtype=np.float64)
+
     def slices_of(self, image: Any, transform: Any = None) -> list[npt.NDArray[np.float32]]:
         """The 2-D slices the network sees: the image (first resampled to the atlas when
-        ``transform`` is given) cut across its axial axis at the configured offsets."""
+        ``transform`` is given; ``"auto"`` finds it with :meth:`align`) cut across its
+        axial axis at the configured offsets."""
         if isinstance(image, np.ndarray) and image.ndim == 2:
             return [np.asarray(image, dtype=np.float32)]
         img = load_image(image)
@@ -424,6 +439,12 @@ class CNNFeatures:
             if transform is not None:
                 raise InvalidArgumentError("a 2-D image cannot take a 3-D transform")
             return [np.asarray(img.data, dtype=np.float32)]
+        if isinstance(transform, str):
+            if transform != "auto":
+                raise InvalidArgumentError(
+                    f"transform must be a 4×4 matrix, an Alignment, 'auto' or None: {transform!r}"
+                )
+            transform = self.align(img)
         grid = self.atlas if transform is not None else img
         axis = _axial_axis(grid.affine)
         step = float(grid.spacing[axis])
@@ -502,8 +523,8 @@ class CNNFeatures:
         images:
             Paths, :class:`~keyfuse.Image` objects, 3-D volumes or 2-D slices.
         transforms:
-            One image→atlas transform per image (4×4 or ``.matrix``), or ``None`` for
-            images already on the atlas grid / 2-D slices.
+            One image→atlas transform per image (4×4, ``.matrix``, or ``"auto"`` to align
+            by keypoints), or ``None`` for images already on the atlas grid / 2-D slices.
         progress:
             Show a tqdm bar (default True).
         """
