@@ -674,6 +674,23 @@ def _slice_image(vol: Any, axis: int) -> Any:
     return Image(data, _plane_affine(vol.affine, axis, idx))
 
 
+def _atlas_ncc(image: Any, matrix: FloatArray, atlas: Any) -> float:
+    """Normalised correlation between the atlas and the image resampled through
+    ``matrix`` on the atlas's three central orthogonal planes."""
+    from keyfuse.cnn import resample_planes
+
+    a_parts, b_parts = [], []
+    for axis in range(3):
+        mid = (atlas.shape[axis] - 1) // 2
+        (plane,) = resample_planes(image, matrix, atlas, axis, [mid])
+        a_parts.append(np.take(np.asarray(atlas.data, np.float64), mid, axis=axis).ravel())
+        b_parts.append(plane.astype(np.float64).ravel())
+    a, b = np.concatenate(a_parts), np.concatenate(b_parts)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
 def cohort_features(
     cohort: Any,
     *,
@@ -697,7 +714,8 @@ def cohort_features(
     transform_source:
         ``"align"`` (default): ``kf.align(scan keypoints, atlas keypoints)``, falling
         back to the identity when the result fails a sanity check (scale outside
-        [0.75, 1.33] or fewer than 4 inliers); ``"truth"``: the simulator's known pose
+        [0.75, 1.33], fewer than 4 inliers, or a worse correlation with the atlas on
+        the three central planes than the identity gives); ``"truth"``: the simulator's known pose
         (an oracle, for comparison); ``"none"``: no normalisation.
     device, extract_params:
         Passed to ``kf.extract`` (and ``kf.align``).
@@ -735,6 +753,12 @@ def cohort_features(
                 assert atlas_kps is not None
                 al = align(k3, atlas_kps, device=device)
                 good = 0.75 <= al.scale <= 1.33 and al.n_inliers >= 4
+                # a verification step: keep the keypoint transform only when it matches
+                # the atlas better than no transform at all (normalised correlation of
+                # the three central planes)
+                good = good and _atlas_ncc(img, al.matrix, atlas) > _atlas_ncc(
+                    img, np.eye(4), atlas
+                )
                 mat = al.matrix if good else np.eye(4)
             except InvalidArgumentError:
                 good = False
@@ -1038,6 +1062,7 @@ def run_experiment(
     )
     results = evaluate_fusion(feats, n_neighbors=n_neighbors, progress=progress)
     results["feature_timings"] = feats.timings
+    results["normalisation_error_mm"] = _pose_errors(feats)
     results["align_ok"] = int(sum(feats.align_ok))
     results["simulate_s"] = t_sim
     results["keypoints_per_scan"] = (
@@ -1046,6 +1071,24 @@ def run_experiment(
     )
     results["figures"] = [str(p) for p in save_figures(results, out_dir)]
     return results
+
+
+def _pose_errors(feats: CohortFeatures) -> list[float]:
+    """Mean distance (mm, over points within 60 mm of the origin) between where each
+    normalisation transform and the simulator's true pose send the scan; empty when
+    the table has no true pose."""
+    import json
+
+    if not feats.table or not feats.table[0].get("transform"):
+        return []
+    rng = np.random.default_rng(0)
+    pts = np.c_[rng.uniform(-60.0, 60.0, (500, 3)), np.ones(500)]
+    errs = []
+    for row, mat in zip(feats.table, feats.transforms, strict=True):
+        pose = np.asarray(json.loads(row["transform"]), float).reshape(4, 4)
+        diff = pts @ mat.T - pts @ np.linalg.inv(pose).T
+        errs.append(float(np.linalg.norm(diff[:, :3], axis=1).mean()))
+    return errs
 
 
 def report(results: dict[str, Any]) -> str:
@@ -1065,6 +1108,12 @@ def report(results: dict[str, Any]) -> str:
             f"{n} scans, {kp3:.0f} 3D / {kp2:.0f} 2D keypoints per scan; alignment passed "
             f"its check on {results.get('align_ok', n)}/{n}"
         )
+        err = results.get("normalisation_error_mm") or []
+        if err:
+            lines.append(
+                f"normalisation error vs the true pose: median {np.median(err):.1f} mm, "
+                f"max {np.max(err):.1f} mm"
+            )
         norm = ft["align"] + ft["resample"] + ft["cnn"]
         lines.append(
             "feature time: "
