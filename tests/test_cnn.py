@@ -141,6 +141,14 @@ def test_errors(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         cnn(np.full((8, 8), np.nan))
     with pytest.raises(InvalidArgumentError, match="4×4"):
         cnn(kf.Image(np.zeros((8, 8, 8))), transform=np.eye(3))
+    # without the onnx package only the model's own outputs can be used
+    import sys
+
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "onnx", None)
+        with pytest.raises(MissingDependencyError, match="onnx"):
+            CNNFeatures(tiny_model, layer="act", device="cpu", config=TINY_CONFIG)
+        assert CNNFeatures(tiny_model, layer="y", device="cpu", config=TINY_CONFIG).layer == "y"
     import importlib.util
 
     real = importlib.util.find_spec

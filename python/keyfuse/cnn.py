@@ -331,11 +331,12 @@ class CNNFeatures:
                 )
             else:
                 self.device = "cpu"
-        payload, self.layer = self._model_with_layer(path, layer)
+        payload, tensor = self._model_with_layer(path, layer)
         try:
             self._session = ort.InferenceSession(payload, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise CorruptDataError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self.layer: str = tensor or self._session.get_outputs()[0].name
         inputs = self._session.get_inputs()
         names = [i.name for i in inputs]
         self.input_name = self.config.input_name or names[0]
@@ -347,31 +348,37 @@ class CNNFeatures:
 
     # -- model handling --------------------------------------------------------------
 
-    def _model_with_layer(self, path: Path, layer: str | None) -> tuple[Any, str]:
-        """The model bytes (or path) whose single output is ``layer``, and its tensor name."""
-        ort = _ort()
-        try:
-            probe = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise CorruptDataError(f"not a loadable ONNX model: {path}: {exc}") from exc
-        outputs = [o.name for o in probe.get_outputs()]
-        del probe
+    def _model_with_layer(self, path: Path, layer: str | None) -> tuple[Any, str | None]:
+        """The model (path or bytes) whose single output is ``layer``, and that tensor's
+        name (``None``: keep the model's own outputs)."""
         if layer is None:
-            return str(path), outputs[0]
-        if layer in outputs:
-            return str(path), layer
+            return str(path), None
         try:
             import onnx
             from onnx import helper
-        except ImportError as exc:
+        except ImportError:
+            have_onnx = False
+        else:
+            have_onnx = True
+        if not have_onnx:
+            # without onnx only the model's own outputs can be named
+            ort = _ort()
+            try:
+                probe = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                raise CorruptDataError(f"not a loadable ONNX model: {path}: {exc}") from exc
+            if layer in [o.name for o in probe.get_outputs()]:
+                return str(path), layer
             raise MissingDependencyError(
                 f"exposing the intermediate layer {layer!r} needs the 'onnx' package: "
                 "pip install onnx (part of 'keyfuse[cnn]')"
-            ) from exc
+            )
         try:
             proto = onnx.load(str(path))
         except Exception as exc:
             raise CorruptDataError(f"cannot parse ONNX model {path}: {exc}") from exc
+        if layer in [o.name for o in proto.graph.output]:
+            return str(path), layer
         tensor = _resolve_layer(proto.graph, layer)
         # the requested tensor becomes the only output; onnxruntime then drops every
         # node after it, so the forward pass stops at that layer
