@@ -33,12 +33,14 @@ def gpu_cohort_search(
     allowed: list[bool] | None = None,
     k: int = 30,
     alpha2_floor: float = 1.0,
+    alpha2_cap_fraction: float = 0.1,
 ) -> npt.NDArray[np.float64]: ...
 def gpu_cohort_pairwise(
     data: npt.NDArray[np.uint8],
     sizes: npt.NDArray[np.int64],
     k: int = 30,
     alpha2_floor: float = 1.0,
+    alpha2_cap_fraction: float = 0.1,
     symmetric: bool = False,
 ) -> npt.NDArray[np.float64]: ...
 def gpu_kde_class_sums(

@@ -17,13 +17,7 @@ struct DeviceFilter {
     mode: i32,
 }
 
-fn check_cohort(
-    rows: usize,
-    owner: &[i32],
-    n_subjects: usize,
-    k: usize,
-    alpha2_floor: f64,
-) -> Result<()> {
+fn check_cohort(rows: usize, owner: &[i32], n_subjects: usize, sj: &SjParams) -> Result<()> {
     if owner.len() != rows {
         return Err(KfError::InvalidArgument(
             "one owner (subject id) per descriptor row".into(),
@@ -32,12 +26,70 @@ fn check_cohort(
     if owner.iter().any(|&s| s < 0 || s as usize >= n_subjects) {
         return Err(KfError::InvalidArgument("subject id out of range".into()));
     }
-    if k == 0 || k > KNN_KMAX || alpha2_floor.is_nan() || alpha2_floor <= 0.0 {
+    if sj.k == 0
+        || sj.k > KNN_KMAX
+        || sj.alpha2_floor.is_nan()
+        || sj.alpha2_floor <= 0.0
+        || sj.alpha2_cap_fraction.is_nan()
+        || sj.alpha2_cap_fraction <= 0.0
+    {
         return Err(KfError::InvalidArgument(format!(
-            "soft Jaccard on the GPU needs 1 ≤ k ≤ {KNN_KMAX} and alpha2_floor > 0"
+            "soft Jaccard on the GPU needs 1 ≤ k ≤ {KNN_KMAX}, alpha2_floor > 0 and \
+             alpha2_cap_fraction > 0"
         )));
     }
     Ok(())
+}
+
+/// Soft-Jaccard parameters of the GPU cohort engine (the exact-search subset of
+/// `keyfuse_core::jaccard::SoftJaccardParams`, same defaults).
+#[derive(Clone, Debug)]
+pub struct SjParams {
+    /// Nearest neighbours per keypoint (K ≤ 32).
+    pub k: usize,
+    /// Lower bound of α².
+    pub alpha2_floor: f64,
+    /// Upper bound of α² as a fraction of the data's mean squared pair distance.
+    pub alpha2_cap_fraction: f64,
+}
+
+impl Default for SjParams {
+    fn default() -> Self {
+        Self {
+            k: 30,
+            alpha2_floor: 1.0,
+            alpha2_cap_fraction: 0.1,
+        }
+    }
+}
+
+/// The α² clamp `[floor, γ·E]` of the CPU's soft Jaccard, E = the mean squared distance
+/// between two independent descriptors of `data` (`2 Σ_d Var_d`, from exact integer sums),
+/// computed exactly as `keyfuse_core::jaccard` does so the bounds are bit-identical.
+pub fn alpha2_bounds(data: ArrayView2<u8>, floor: f64, cap_fraction: f64) -> (f64, f64) {
+    let mut sum = [0u64; DESC_LEN];
+    let mut sq = [0u64; DESC_LEN];
+    for row in data.rows() {
+        for (d, &v) in row.iter().enumerate() {
+            sum[d] += v as u64;
+            sq[d] += (v as u64) * (v as u64);
+        }
+    }
+    let n = data.nrows() as u64;
+    let e = if n < 2 {
+        f64::INFINITY
+    } else {
+        let n = n as f64;
+        (0..DESC_LEN)
+            .map(|d| {
+                let m = sum[d] as f64 / n;
+                2.0 * (sq[d] as f64 / n - m * m).max(0.0)
+            })
+            .sum()
+    };
+    let cap = cap_fraction * e;
+    let cap = if cap.is_nan() { f64::INFINITY } else { cap };
+    (floor, cap.max(floor))
 }
 
 fn subject_sizes(owner: &[i32], n_subjects: usize) -> Vec<usize> {
@@ -715,7 +767,7 @@ impl Gpu {
         k: usize,
         subject: &CudaSlice<i32>,
         alpha2: Option<&[f32]>,
-        alpha2_floor: f64,
+        bounds: (f64, f64),
         rows: &CudaSlice<i32>,
         n_rows: usize,
         n_subjects: usize,
@@ -740,7 +792,7 @@ impl Gpu {
         let f = self.func("kf_sj_accumulate")?;
         let mut lb = self.stream.launch_builder(&f);
         lb.arg(nn_i).arg(nn_d).arg(&nq_i).arg(&k_i).arg(subject);
-        lb.arg(&a2).arg(&from_nn).arg(&alpha2_floor);
+        lb.arg(&a2).arg(&from_nn).arg(&bounds.0).arg(&bounds.1);
         lb.arg(rows).arg(&ns_i).arg(&ex).arg(&mut acc);
         unsafe { lb.launch(grid(nq)?) }.map_err(dev_err)?;
         let mut fixed = self.stream.clone_dtoh(&acc).map_err(dev_err)?;
@@ -760,9 +812,9 @@ impl Gpu {
     /// Soft intersections of a query set with every subject of a cohort — the exact-search
     /// version of `keyfuse_core::jaccard::Cohort::intersections`: each query row's k nearest
     /// cohort rows (rows of subject `exclude` and of subjects not `allowed` are never
-    /// candidates), α² = max(d² to the first, `alpha2_floor`), and per subject the nearest of
-    /// its rows adds `exp(−d²/2α²)`. Sums are exact 32.32 fixed point (deterministic); they
-    /// differ from the CPU's f64 sums by < 2⁻³² per term.
+    /// candidates), α² = d² to the first clamped to [`alpha2_bounds`] of the cohort data, and
+    /// per subject the nearest of its rows adds `exp(−d²/2α²)`. Sums are exact 32.32 fixed
+    /// point (deterministic); they differ from the CPU's f64 sums by < 2⁻³² per term.
     #[allow(clippy::too_many_arguments)]
     pub fn cohort_intersections(
         &self,
@@ -772,10 +824,9 @@ impl Gpu {
         queries: ArrayView2<u8>,
         exclude: Option<usize>,
         allowed: Option<&[bool]>,
-        k: usize,
-        alpha2_floor: f64,
+        sj: &SjParams,
     ) -> Result<Vec<f64>> {
-        check_cohort(data.nrows(), owner, n_subjects, k, alpha2_floor)?;
+        check_cohort(data.nrows(), owner, n_subjects, sj)?;
         if allowed.is_some_and(|a| a.len() != n_subjects) {
             return Err(KfError::InvalidArgument(
                 "restriction mask length differs from the number of subjects".into(),
@@ -786,24 +837,15 @@ impl Gpu {
         if nq == 0 || data.nrows() == 0 {
             return Ok(vec![0.0; n_subjects]);
         }
+        let bounds = alpha2_bounds(data, sj.alpha2_floor, sj.alpha2_cap_fraction);
         let db = self.upload_descriptors(data, "cohort descriptors")?;
         let ex: Vec<i32> = exclude.map_or_else(Vec::new, |e| vec![e as i32; nq]);
         let filter = self.device_filter(Some(owner), exclude.map(|_| ex.as_slice()), allowed)?;
-        let (nn_d, nn_i) = self.knn_device(&q, nq, &db, data.nrows(), k, &filter)?;
+        let (nn_d, nn_i) = self.knn_device(&q, nq, &db, data.nrows(), sj.k, &filter)?;
         let subj = self.upload_i32(owner)?;
         let rows = self.stream.alloc_zeros::<i32>(nq).map_err(dev_err)?;
         let inter = self.sj_launch(
-            &nn_i,
-            &nn_d,
-            nq,
-            k,
-            &subj,
-            None,
-            alpha2_floor,
-            &rows,
-            1,
-            n_subjects,
-            false,
+            &nn_i, &nn_d, nq, sj.k, &subj, None, bounds, &rows, 1, n_subjects, false,
         )?;
         Ok(inter.into_raw_vec_and_offset().0)
     }
@@ -819,19 +861,10 @@ impl Gpu {
         queries: ArrayView2<u8>,
         exclude: Option<usize>,
         allowed: Option<&[bool]>,
-        k: usize,
-        alpha2_floor: f64,
+        sj: &SjParams,
     ) -> Result<Vec<f64>> {
-        let inter = self.cohort_intersections(
-            data,
-            owner,
-            n_subjects,
-            queries,
-            exclude,
-            allowed,
-            k,
-            alpha2_floor,
-        )?;
+        let inter =
+            self.cohort_intersections(data, owner, n_subjects, queries, exclude, allowed, sj)?;
         let sizes = subject_sizes(owner, n_subjects);
         let nq = queries.nrows();
         Ok(inter
@@ -850,11 +883,10 @@ impl Gpu {
         data: ArrayView2<u8>,
         owner: &[i32],
         n_subjects: usize,
-        k: usize,
-        alpha2_floor: f64,
+        sj: &SjParams,
         symmetric: bool,
     ) -> Result<Vec<f64>> {
-        let inter = self.pairwise_intersections(data, owner, n_subjects, k, alpha2_floor)?;
+        let inter = self.pairwise_intersections(data, owner, n_subjects, sj)?;
         let sizes = subject_sizes(owner, n_subjects);
         let n = n_subjects;
         let mut out = vec![0.0f64; n * n];
@@ -882,25 +914,25 @@ impl Gpu {
         data: ArrayView2<u8>,
         owner: &[i32],
         n_subjects: usize,
-        k: usize,
-        alpha2_floor: f64,
+        sj: &SjParams,
     ) -> Result<Array2<f64>> {
-        check_cohort(data.nrows(), owner, n_subjects, k, alpha2_floor)?;
+        check_cohort(data.nrows(), owner, n_subjects, sj)?;
         let n = data.nrows();
         if n == 0 {
             return Ok(Array2::zeros((n_subjects, n_subjects)));
         }
+        let bounds = alpha2_bounds(data, sj.alpha2_floor, sj.alpha2_cap_fraction);
         let d = self.upload_descriptors(data, "cohort descriptors")?;
         let filter = self.device_filter(Some(owner), Some(owner), None)?;
-        let (nn_d, nn_i) = self.knn_device(&d, n, &d, n, k, &filter)?;
+        let (nn_d, nn_i) = self.knn_device(&d, n, &d, n, sj.k, &filter)?;
         self.sj_launch(
             &nn_i,
             &nn_d,
             n,
-            k,
+            sj.k,
             &filter.owner,
             None,
-            alpha2_floor,
+            bounds,
             &filter.owner,
             n_subjects,
             n_subjects,

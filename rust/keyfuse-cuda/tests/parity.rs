@@ -4,7 +4,7 @@
 
 use keyfuse_core::jaccard::{Cohort, SoftJaccardParams};
 use keyfuse_core::knn::{knn_exact, ForestParams};
-use keyfuse_cuda::ops::{gaussian_half_kernel, ScaleSpaceParams};
+use keyfuse_cuda::ops::{gaussian_half_kernel, ScaleSpaceParams, SjParams};
 use keyfuse_cuda::Gpu;
 use ndarray::{Array2, Array3};
 
@@ -376,16 +376,21 @@ fn cohort_scores_match_the_cpu_engine() {
             exact: true,
             ..Default::default()
         };
+        // the CPU defaults: α² clamped to [1, 0.1·E]
+        let sj = SjParams {
+            k,
+            ..Default::default()
+        };
         for symmetric in [false, true] {
             let want = cpu.pairwise(&p, symmetric).unwrap();
             let got = gpu
-                .cohort_pairwise(all.view(), &owner, n_subjects, k, p.alpha2_floor, symmetric)
+                .cohort_pairwise(all.view(), &owner, n_subjects, &sj, symmetric)
                 .unwrap();
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-9, "k={k}: {g} vs {w}");
             }
             let again = gpu
-                .cohort_pairwise(all.view(), &owner, n_subjects, k, p.alpha2_floor, symmetric)
+                .cohort_pairwise(all.view(), &owner, n_subjects, &sj, symmetric)
                 .unwrap();
             assert_eq!(got, again, "bit-identical run to run");
         }
@@ -408,8 +413,7 @@ fn cohort_scores_match_the_cpu_engine() {
                 q,
                 Some(0),
                 Some(&allowed),
-                k,
-                1.0,
+                &sj,
             )
             .unwrap();
         for (g, w) in got.iter().zip(&want) {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use keyfuse_core::{KfError, DESC_LEN};
-use keyfuse_cuda::ops::{intensity_scale, ScaleSpaceParams};
+use keyfuse_cuda::ops::{intensity_scale, ScaleSpaceParams, SjParams};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
 };
@@ -192,10 +192,12 @@ fn gpu_knn<'py>(
 }
 
 /// Soft-Jaccard of `desc` against every subject of a cohort on the GPU — the exact-search
-/// `Cohort.search`. `data` holds all subjects' rows in order, `sizes` their row counts.
+/// `Cohort.search` (same α² clamp: [alpha2_floor, alpha2_cap_fraction · E], E from `data`).
+/// `data` holds all subjects' rows in order, `sizes` their row counts.
 /// `exclude`: a subject whose rows are never neighbours; `allowed`: per-subject bool mask.
 #[pyfunction]
-#[pyo3(signature = (data, sizes, desc, exclude=None, allowed=None, k=30, alpha2_floor=1.0))]
+#[pyo3(signature = (data, sizes, desc, exclude=None, allowed=None, k=30, alpha2_floor=1.0,
+    alpha2_cap_fraction=0.1))]
 #[allow(clippy::too_many_arguments)]
 fn gpu_cohort_search<'py>(
     py: Python<'py>,
@@ -206,6 +208,7 @@ fn gpu_cohort_search<'py>(
     allowed: Option<Vec<bool>>,
     k: usize,
     alpha2_floor: f64,
+    alpha2_cap_fraction: f64,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     check_desc(py, "data", &data)?;
     check_desc(py, "desc", &desc)?;
@@ -224,8 +227,11 @@ fn gpu_cohort_search<'py>(
             q,
             exclude,
             allowed.as_deref(),
-            k,
-            alpha2_floor,
+            &SjParams {
+                k,
+                alpha2_floor,
+                alpha2_cap_fraction,
+            },
         )
     })?;
     Ok(scores.into_pyarray(py))
@@ -234,13 +240,15 @@ fn gpu_cohort_search<'py>(
 /// N×N soft-Jaccard matrix of a cohort on the GPU — the exact-search `Cohort.pairwise`
 /// (row = query subject, diagonal 1, `symmetric` averages the two intersections).
 #[pyfunction]
-#[pyo3(signature = (data, sizes, k=30, alpha2_floor=1.0, symmetric=false))]
+#[pyo3(signature = (data, sizes, k=30, alpha2_floor=1.0, alpha2_cap_fraction=0.1,
+    symmetric=false))]
 fn gpu_cohort_pairwise<'py>(
     py: Python<'py>,
     data: PyReadonlyArray2<'py, u8>,
     sizes: PyReadonlyArray1<'py, i64>,
     k: usize,
     alpha2_floor: f64,
+    alpha2_cap_fraction: f64,
     symmetric: bool,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
     check_desc(py, "data", &data)?;
@@ -249,7 +257,12 @@ fn gpu_cohort_pairwise<'py>(
     ensure_nvrtc(py);
     let d = data.as_array();
     let flat = detach(py, || {
-        gpu()?.cohort_pairwise(d, &owner, n, k, alpha2_floor, symmetric)
+        let sj = SjParams {
+            k,
+            alpha2_floor,
+            alpha2_cap_fraction,
+        };
+        gpu()?.cohort_pairwise(d, &owner, n, &sj, symmetric)
     })?;
     numpy::ndarray::Array2::from_shape_vec((n, n), flat)
         .map(|a| a.into_pyarray(py))

@@ -11,12 +11,13 @@
 // With exclude_same, neighbours of the query's own subject (row[q] == s) are skipped.
 // With alpha_from_nn, alpha2[q] is ignored and the squared distance of the first neighbour
 // that passes the exclusion is used instead (the nearest neighbour over the indexed set),
-// floored at alpha2_floor so that exact duplicates weigh 1 (the CPU's rule).
+// clamped to [alpha2_lo, alpha2_hi] (the CPU's rule: the floor keeps exact duplicates at 1,
+// the cap stops unrelated keypoints from scoring exp(-1/2)).
 extern "C" __global__ void kf_sj_accumulate(const int* __restrict__ nn_i,
                                             const unsigned int* __restrict__ nn_d, int nq, int k,
                                             const int* __restrict__ db_subject,
                                             const float* __restrict__ alpha2, int alpha_from_nn,
-                                            double alpha2_floor,
+                                            double alpha2_lo, double alpha2_hi,
                                             const int* __restrict__ row, int n_subjects,
                                             int exclude_same,
                                             unsigned long long* __restrict__ acc) {
@@ -37,7 +38,7 @@ extern "C" __global__ void kf_sj_accumulate(const int* __restrict__ nn_i,
         if (dup) continue;
         seen[nseen++] = subj;
         double d2 = (double)nn_d[(long long)qi * k + s];
-        if (a2 < 0.0) a2 = fmax(d2, alpha2_floor);
+        if (a2 < 0.0) a2 = fmin(fmax(d2, alpha2_lo), alpha2_hi);
         double w = a2 > 0.0 ? exp(-d2 / (2.0 * a2)) : (d2 == 0.0 ? 1.0 : 0.0);
         unsigned long long f = (unsigned long long)llrint(w * KF_FIX);
         if (f) atomicAdd(acc + (long long)r * n_subjects + subj, f);
