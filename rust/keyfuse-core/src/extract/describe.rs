@@ -141,6 +141,7 @@ pub(crate) struct Analysis {
 /// Structure-tensor blob test and orientation estimation around `c` (octave voxel
 /// coordinates) at characteristic scale `sigma` (octave voxels). `None` when the patch
 /// is flat, the point is not blob-like, or no stable orientation exists.
+#[inline(never)]
 pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Option<Analysis> {
     let radius = p.orientation_radius as f32 * sigma;
     let h = 2.0 * radius / (NA - 1) as f32;
@@ -198,7 +199,7 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
     }
     let e = sym_eigenvalues(t);
     let (tr, det) = (e[0] + e[1] + e[2], e[0] * e[1] * e[2]);
-    if e[2] <= 0.0 || !(tr * tr * tr < p.tensor_ratio * det) {
+    if p.tensor_ratio > 0.0 && (e[2] <= 0.0 || !(tr * tr * tr < p.tensor_ratio * det)) {
         return None;
     }
     let frames = orientations(&grads, p);
@@ -213,6 +214,7 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
 
 /// Mean-shift refinement of a direction: the weighted mean of the gradient directions
 /// within 25° of it, three times.
+#[inline(never)]
 fn refine_direction(grads: &[([f32; 3], f32)], mut d: [f32; 3]) -> [f32; 3] {
     let cos_lim = 25f32.to_radians().cos();
     for _ in 0..3 {
@@ -238,6 +240,7 @@ fn refine_direction(grads: &[([f32; 3], f32)], mut d: [f32; 3]) -> [f32; 3] {
 /// gradient directions on the sphere (≥ `primary_peak`·max), then for each primary
 /// axis the in-plane peaks of the projected gradients (≥ `secondary_peak`·max); the
 /// third axis is their cross product. Strongest first, at most `max_orientations`.
+#[inline(never)]
 fn orientations(grads: &[([f32; 3], f32)], p: &ExtractParams) -> Vec<Frame> {
     let sph = sphere();
     let nb = sph.centres.len();
@@ -385,6 +388,7 @@ fn desc_weights() -> &'static Vec<[f32; 8]> {
 /// keypoint frame: gradients (components in the rotated frame) soft-binned into 2×2×2
 /// cells × 8 octant directions, gradient-magnitude weighted, then rank-transformed.
 /// `None` for a patch without gradient energy (nothing to rank).
+#[inline(never)]
 pub(crate) fn descriptor(
     g: &Vol,
     c: [f32; 3],

@@ -54,6 +54,7 @@ fn parabola(m: f32, c: f32, p: f32) -> (f32, f32) {
 /// Extrema of `cur` against its 26 spatial neighbours and the 27 voxels of `prev` and
 /// `next` around it (strict), with |value| > `thr`, at least `margin` voxels from
 /// every face. Ordered by (i, j, k).
+#[inline(never)]
 pub(crate) fn extrema_3d(
     prev: &Vol,
     cur: &Vol,

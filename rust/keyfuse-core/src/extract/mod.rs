@@ -44,7 +44,8 @@ pub use two_d::extract2d;
 pub struct ExtractParams {
     /// σ of the first Gaussian of each octave (octave voxels). Default 1.6.
     pub sigma0: f64,
-    /// DoG levels searched per octave (κ = 2^(1/S)). Default 3.
+    /// DoG levels searched per octave (κ = 2^(1/S)). Default 4 (Lowe and featExtract use
+    /// 3; 4 measured better repeatability on the MNI rotation benchmark: 86% vs 85%).
     pub scales_per_octave: f64,
     /// Blur the input is assumed to have already (voxels). Default 0.5.
     pub initial_blur: f64,
@@ -58,7 +59,10 @@ pub struct ExtractParams {
     /// Edge test on the DoG Hessian (Lowe's r, generalised to 3D): keep if
     /// (Σλ)³/Πλ < (r+2)³/r (2D: (Σλ)²/Πλ < (r+1)²/r). Default 10.
     pub edge_ratio: f64,
-    /// Blob test on the structure tensor: keep if (e1+e2+e3)³ < ratio·e1·e2·e3. Default 140.
+    /// featExtract's blob test on the structure tensor of the normalised patch: keep if
+    /// (e1+e2+e3)³ < ratio·e1·e2·e3 (featExtract: 140). Default 0 = off: with the DoG
+    /// Hessian test in place it only removed repeatable points (MNI rotation benchmark:
+    /// repeatability 78.7% with 140, 84.8% without).
     pub tensor_ratio: f64,
     /// Extra border margin (octave voxels) beyond the descriptor radius. Default 2.
     pub border: f64,
@@ -68,7 +72,8 @@ pub struct ExtractParams {
     pub orientation_radius: f64,
     /// Primary axes: sphere-histogram peaks ≥ this fraction of the maximum. Default 0.8.
     pub primary_peak: f64,
-    /// Secondary axes: in-plane histogram peaks ≥ this fraction of its maximum. Default 0.8.
+    /// Secondary axes: in-plane histogram peaks ≥ this fraction of its maximum. Default 0.5
+    /// (as featExtract).
     pub secondary_peak: f64,
     /// Most orientations (output rows) per keypoint. Default 4.
     pub max_orientations: f64,
@@ -81,18 +86,18 @@ impl Default for ExtractParams {
     fn default() -> Self {
         ExtractParams {
             sigma0: 1.6,
-            scales_per_octave: 3.0,
+            scales_per_octave: 4.0,
             initial_blur: 0.5,
             min_size: 8.0,
             max_octaves: 0.0,
             peak_threshold: 0.008,
             edge_ratio: 10.0,
-            tensor_ratio: 140.0,
+            tensor_ratio: 0.0,
             border: 2.0,
             descriptor_radius: 3.0,
             orientation_radius: 2.5,
             primary_peak: 0.8,
-            secondary_peak: 0.8,
+            secondary_peak: 0.5,
             max_orientations: 4.0,
             max_voxels: (1u64 << 28) as f64,
         }
@@ -211,8 +216,8 @@ impl ExtractParams {
         if self.edge_ratio < 1.0 {
             return bad("edge_ratio", "must be ≥ 1");
         }
-        if self.tensor_ratio <= 0.0 {
-            return bad("tensor_ratio", "must be > 0");
+        if self.tensor_ratio < 0.0 {
+            return bad("tensor_ratio", "must be ≥ 0 (0 = off)");
         }
         if self.border < 0.0 {
             return bad("border", "must be ≥ 0");
@@ -463,45 +468,67 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                 let g = &g_prev;
                 let described: Vec<Option<Described>> = cands
                     .par_iter()
-                    .map(|c| {
-                        let s = level as f64 + c.ds as f64;
-                        let sigma = p.sigma0 * kappa.powf(s) * cf; // octave voxels
-                        let sg = sigma as f32;
-                        let an = if dim == 3 {
-                            describe::analyse(g, c.pos, sg, p)?
-                        } else {
-                            two_d::analyse(g, c.pos, sg, p)?
-                        };
-                        let rows: Vec<_> = an
-                            .frames
-                            .iter()
-                            .filter_map(|f| {
-                                let d = if dim == 3 {
-                                    describe::descriptor(g, c.pos, sg, f, p)
-                                } else {
-                                    two_d::descriptor(g, c.pos, sg, f, p)
-                                };
-                                d.map(|d| (*f, d))
+                    .map_init(
+                        || Vol {
+                            n: [0; 3],
+                            data: Vec::new(),
+                        },
+                        |blk, c| {
+                            let s = level as f64 + c.ds as f64;
+                            let sigma = p.sigma0 * kappa.powf(s) * cf; // octave voxels
+                            let sg = sigma as f32;
+                            // a local copy covering every rotated sample (+2 for gradients)
+                            let reach =
+                                p.descriptor_radius.max(p.orientation_radius) * sigma * 3f64.sqrt();
+                            // (the buffer is only scratch: results do not depend on its history)
+                            let origin =
+                                volume::block_into(g, c.pos, reach.ceil() as usize + 3, blk)
+                                    .ok()?;
+                            let cl = [0, 1, 2].map(|a| c.pos[a] - origin[a] as f32);
+                            let g = &*blk;
+                            let an = if dim == 3 {
+                                describe::analyse(g, cl, sg, p)?
+                            } else {
+                                two_d::analyse(g, cl, sg, p)?
+                            };
+                            let rows: Vec<_> = an
+                                .frames
+                                .iter()
+                                .filter_map(|f| {
+                                    let d = if dim == 3 {
+                                        describe::descriptor(g, cl, sg, f, p)
+                                    } else {
+                                        two_d::descriptor(g, cl, sg, f, p)
+                                    };
+                                    d.map(|d| (*f, d))
+                                })
+                                .collect();
+                            if rows.is_empty() {
+                                return None;
+                            }
+                            let o = (1u64 << octave) as f64;
+                            let mut pos = c.pos.map(|x| x as f64 * o + (o - 1.0) * 0.5);
+                            if dim == 2 {
+                                pos[2] = 0.0;
+                            }
+                            Some(Described {
+                                pos,
+                                sigma: sigma * o,
+                                response: c.response,
+                                polarity: c.polarity,
+                                eigenvalues: an.eigenvalues,
+                                rows,
                             })
-                            .collect();
-                        if rows.is_empty() {
-                            return None;
-                        }
-                        let o = (1u64 << octave) as f64;
-                        let mut pos = c.pos.map(|x| x as f64 * o + (o - 1.0) * 0.5);
-                        if dim == 2 {
-                            pos[2] = 0.0;
-                        }
-                        Some(Described {
-                            pos,
-                            sigma: sigma * o,
-                            response: c.response,
-                            polarity: c.polarity,
-                            eigenvalues: an.eigenvalues,
-                            rows,
-                        })
-                    })
+                        },
+                    )
                     .collect();
+                if std::env::var_os("KF_TRACE").is_some() {
+                    eprintln!(
+                        "TRACE oct {octave} lvl {level} cands {} kept {}",
+                        cands.len(),
+                        described.iter().flatten().count()
+                    );
+                }
                 found.extend(described.into_iter().flatten());
             }
             spare = Some(std::mem::replace(&mut g_prev, g_cur));

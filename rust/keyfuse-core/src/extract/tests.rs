@@ -271,3 +271,61 @@ fn two_dimensional_blob() {
     .unwrap()
     .is_empty());
 }
+
+/// Stage timings on a real volume (wall and process CPU time):
+/// `KF_BENCH_VOLUME=path.raw KF_BENCH_SHAPE=197,233,189 cargo test --release -p
+/// keyfuse-core stage_timings -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn stage_timings() {
+    use std::time::Instant;
+    let (Ok(path), Ok(shape)) = (
+        std::env::var("KF_BENCH_VOLUME"),
+        std::env::var("KF_BENCH_SHAPE"),
+    ) else {
+        return;
+    };
+    let cpu = || {
+        // process user + system time (clock ticks of 10 ms) from /proc/self/stat
+        std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .map_or(f64::NAN, |s| {
+                let f: Vec<&str> = s
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                (f[11].parse::<f64>().unwrap_or(f64::NAN)
+                    + f[12].parse::<f64>().unwrap_or(f64::NAN))
+                    * 0.01
+            })
+    };
+    let n: Vec<usize> = shape
+        .split(',')
+        .map(|x| x.trim().parse().unwrap())
+        .collect();
+    let bytes = std::fs::read(path).unwrap();
+    let data: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let a = Array3::from_shape_vec((n[0], n[1], n[2]), data).unwrap();
+    let p = ExtractParams::default();
+    let mut runs: Vec<(String, ExtractParams)> =
+        vec![("default".into(), p.clone()), ("default".into(), p.clone())];
+    let mut q = p.clone();
+    q.peak_threshold = 1e9;
+    runs.push(("scale space only".into(), q));
+    for (name, q) in runs {
+        let (t, c) = (Instant::now(), cpu());
+        let k = extract3d(a.view(), [1.0; 3], &q).unwrap();
+        eprintln!(
+            "{name}: wall {:?} cpu {:.3}s rows {} points {}",
+            t.elapsed(),
+            cpu() - c,
+            k.len(),
+            k.n_points()
+        );
+    }
+}
