@@ -14,7 +14,7 @@ Printed side by side: family AUC (same vs different family, rescans excluded), m
 precision@1, rescans at rank 1, identical twins above every unrelated scan, and the
 scoring time. Usage::
 
-    python benches/cohort.py                     # 12 families × 3 + 4 rescans, 2 mm
+    python benches/cohort.py                     # 12 families × 3 + 4 rescans, 1.5 mm
     python benches/cohort.py --families 6 --resolution 3
 """
 
@@ -34,14 +34,13 @@ def main() -> None:
     ap.add_argument("--family-size", type=int, default=3)
     ap.add_argument("--rescans", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--resolution", type=float, default=2.0)
+    ap.add_argument("--resolution", type=float, default=1.5)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    from keyfuse.index import Index
-
     from keyfuse import evaluate as ev
     from keyfuse.demo import DemoConfig, stage_extract, stage_simulate
+    from keyfuse.index import Index
     from keyfuse.keypoints import KeypointSet
     from keyfuse.matching import reference_votes, votes_to_jaccard
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -450,10 +449,10 @@ def index_info(index_path: Path) -> None:
         n_kp = n_kp() if callable(n_kp) else n_kp
         click.echo(f"keypoints:  {int(n_kp)} ({int(n_kp) / max(len(idx), 1):.0f} per subject)")
     click.echo(f"disk:       {size / 1e6:.2f} MB")
-    names = getattr(idx, "label_names", None)
-    if names is not None:
-        names = names() if callable(names) else names
-        click.echo(f"labels:     {', '.join(map(str, names)) or '(none)'}")
+    labels = getattr(idx, "labels", None)
+    if isinstance(labels, dict):
+        names = sorted({str(k) for lab in labels.values() for k in lab})
+        click.echo(f"labels:     {', '.join(names) or '(none)'}")
     ids = _index_ids(idx)
     preview = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
     click.echo(f"first ids:  {preview}")
@@ -547,7 +546,7 @@ def pairwise(index_path: Path, out: Path) -> None:
     help="Individuals scanned twice.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resolution", type=float, default=2.0, show_default=True, help="Voxel size, mm.")
+@click.option("--resolution", type=float, default=1.5, show_default=True, help="Voxel size, mm.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def simulate(
     out_dir: Path,
@@ -711,7 +710,7 @@ def evaluate_family(
 @click.option("--family-size", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--rescans", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resolution", type=float, default=2.0, show_default=True, help="Voxel size, mm.")
+@click.option("--resolution", type=float, default=1.5, show_default=True, help="Voxel size, mm.")
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
@@ -767,4 +766,4 @@ def demo(
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -48,7 +48,7 @@ class DemoConfig:
     out : output directory (default ``demo-output``): ``cohort/``, ``keys/``,
         ``index/``, ``roc.png``, ``report.json``.
     n_families, family_size, n_rescans, seed, resolution_mm : the simulated cohort
-        (defaults 12 × 3 + 4 rescans = 40 scans at 2 mm).
+        (defaults 12 × 3 + 4 rescans = 40 scans at 1.5 mm).
     device : extraction backend (``"auto"``).
     scheduler : batch scheduler (default ``"threads"``: no cluster start-up cost; any
         value of :func:`keyfuse.batch.run_batch` works, e.g. ``"local"`` or an address).
@@ -61,7 +61,7 @@ class DemoConfig:
     family_size: int = 3
     n_rescans: int = 4
     seed: int = 0
-    resolution_mm: float = 2.0
+    resolution_mm: float = 1.5
     device: str = "auto"
     scheduler: Any = "threads"
     n_workers: int | None = None
@@ -208,7 +208,8 @@ def stage_query(
     n = len(ids)
     scores = np.full((n, n), -np.inf)
     for i, key in enumerate(tqdm(keys, desc="query", unit="scan", disable=not cfg.progress)):
-        for sid, score in hits_to_pairs(index.search(KeypointSet.load(key), k=n)):
+        found = index.search(KeypointSet.load(key), k=None, exclude=ids[i])
+        for sid, score in hits_to_pairs(found):
             if sid in pos and pos[sid] != i:
                 scores[i, pos[sid]] = score
     # scans outside a query's top-n (none here, k = n) rank last
