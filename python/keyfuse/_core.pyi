@@ -125,3 +125,98 @@ def binary_log_likelihood(
     exclude: npt.NDArray[np.int64] | None = None,
     background: float = 1.0,
 ) -> npt.NDArray[np.float64]: ...
+
+# --- matching.rs ---
+def knn_exact(
+    data: npt.NDArray[np.uint8], queries: npt.NDArray[np.uint8], k: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def knn_forest(
+    data: npt.NDArray[np.uint8],
+    queries: npt.NDArray[np.uint8],
+    k: int,
+    checks: int = 128,
+    trees: int = 8,
+    leaf_size: int = 8,
+    seed: int = ...,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def match_sets(
+    desc_a: npt.NDArray[np.uint8],
+    xyz_a: npt.NDArray[np.float64],
+    scale_a: npt.NDArray[np.float64],
+    desc_b: npt.NDArray[np.uint8],
+    xyz_b: npt.NDArray[np.float64],
+    scale_b: npt.NDArray[np.float64],
+    ratio: float = 0.9,
+    scale_factor: float = 2.0,
+    hough: bool = False,
+    hough_sigma: float = 3.0,
+    keep_fraction: float = 0.1,
+    kde_bandwidth: float = 3.0,
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    tuple[float, float, float] | None,
+]: ...
+def ransac_similarity(
+    src: npt.NDArray[np.float64],
+    dst: npt.NDArray[np.float64],
+    iterations: int = 4000,
+    inlier_mm: float = 5.0,
+    max_scale: float = 2.0,
+    with_scale: bool = True,
+    seed: int = ...,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], float, float]: ...
+def soft_intersections(
+    desc_a: npt.NDArray[np.uint8],
+    desc_b: npt.NDArray[np.uint8],
+    k: int = 30,
+    exact: bool = False,
+    checks: int = 128,
+    alpha2_floor: float = 1.0,
+    alpha2_cap_fraction: float = 0.1,
+    xyz_a: npt.NDArray[np.float64] | None = None,
+    scale_a: npt.NDArray[np.float64] | None = None,
+    xyz_b: npt.NDArray[np.float64] | None = None,
+    scale_b: npt.NDArray[np.float64] | None = None,
+) -> tuple[float, float]: ...
+def reference_votes(
+    sets: list[npt.NDArray[np.uint8]], k: int = 5, exact: bool = False, checks: int = 64
+) -> npt.NDArray[np.float64]: ...
+
+class Cohort:
+    def __new__(cls, trees: int = 8, leaf_size: int = 8, seed: int = ...) -> Cohort: ...
+    def add(self, desc: npt.NDArray[np.uint8]) -> int: ...
+    def __len__(self) -> int: ...
+    @property
+    def n_points(self) -> int: ...
+    @property
+    def has_forest(self) -> bool: ...
+    def sizes(self) -> npt.NDArray[np.int64]: ...
+    def memory_bytes(self) -> int: ...
+    def build_forest(self) -> None: ...
+    def search(
+        self,
+        desc: npt.NDArray[np.uint8],
+        exclude: int | None = None,
+        allowed: npt.NDArray[np.bool_] | None = None,
+        k: int = 30,
+        exact: bool = False,
+        checks: int = 128,
+        alpha2_floor: float = 1.0,
+        alpha2_cap_fraction: float = 0.1,
+    ) -> npt.NDArray[np.float64]: ...
+    def pairwise(
+        self,
+        k: int = 30,
+        exact: bool = False,
+        checks: int = 128,
+        alpha2_floor: float = 1.0,
+        alpha2_cap_fraction: float = 0.1,
+        symmetric: bool = False,
+    ) -> npt.NDArray[np.float64]: ...
+    def reference_votes(
+        self, k: int = 5, exact: bool = False, checks: int = 64
+    ) -> npt.NDArray[np.float64]: ...

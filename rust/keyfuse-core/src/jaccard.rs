@@ -4,8 +4,13 @@
 //! Soft intersection of A with B:
 //! `|A∩B| = Σ_{f_i∈A} max_{f_j ∈ NN_K(f_i) ∩ B} exp(−d²(f_i,f_j) / 2α_i²)`, with α_i² the
 //! squared distance from f_i to its nearest neighbour in the collection it is compared
-//! against (floored at [`SoftJaccardParams::alpha2_floor`] so that exact duplicates give 1),
-//! and `J = |A∩B| / (|A| + |B| − |A∩B|)`.
+//! against, clamped to `[alpha2_floor, γ·E]`, and `J = |A∩B| / (|A| + |B| − |A∩B|)`.
+//! The floor keeps exact duplicates at 1. The cap (our addition; γ =
+//! [`SoftJaccardParams::alpha2_cap_fraction`], E = the mean squared distance between two
+//! independent descriptors of the pooled data, `2 Σ_d Var_d`) matters because distances
+//! concentrate in 64-d: without it every unrelated pair scores ≈ exp(−½) per keypoint,
+//! since a keypoint with no true match still has a nearest neighbour at about the typical
+//! distance. γ = ∞ gives the published formula.
 //!
 //! * In a [`Cohort`] (an index), the collection is every other subject: a subject's scores
 //!   are relative to the cohort, as in the paper's large-scale retrieval.
@@ -31,6 +36,9 @@ pub struct SoftJaccardParams {
     /// Lower bound of α² (squared rank-descriptor distance; the smallest non-zero distance
     /// between two permutations is 2).
     pub alpha2_floor: f64,
+    /// γ: α² is capped at γ·E (E: mean squared distance of unrelated descriptors);
+    /// `f64::INFINITY` disables the cap.
+    pub alpha2_cap_fraction: f64,
 }
 
 impl Default for SoftJaccardParams {
@@ -40,17 +48,74 @@ impl Default for SoftJaccardParams {
             exact: false,
             checks: 128,
             alpha2_floor: 1.0,
+            alpha2_cap_fraction: 0.1,
         }
     }
 }
 
 fn check_params(p: &SoftJaccardParams) -> Result<()> {
-    if p.k == 0 || p.checks == 0 || p.alpha2_floor.is_nan() || p.alpha2_floor <= 0.0 {
+    if p.k == 0
+        || p.checks == 0
+        || !(p.alpha2_floor > 0.0 && p.alpha2_floor.is_finite())
+        || !(p.alpha2_cap_fraction > 0.0)
+    {
         return Err(KfError::InvalidArgument(
-            "soft Jaccard needs k ≥ 1, checks ≥ 1 and alpha2_floor > 0".into(),
+            "soft Jaccard needs k ≥ 1, checks ≥ 1, alpha2_floor > 0 and alpha2_cap_fraction > 0"
+                .into(),
         ));
     }
     Ok(())
+}
+
+/// Per-dimension running sums, for E = 2 Σ_d Var_d (the mean squared distance between
+/// two independent descriptors of the data).
+#[derive(Clone, Debug)]
+struct DimStats {
+    n: u64,
+    sum: [u64; DESC_LEN],
+    sq: [u64; DESC_LEN],
+}
+
+impl Default for DimStats {
+    fn default() -> Self {
+        DimStats {
+            n: 0,
+            sum: [0; DESC_LEN],
+            sq: [0; DESC_LEN],
+        }
+    }
+}
+
+impl DimStats {
+    fn add(&mut self, desc: &[u8]) {
+        for row in desc.chunks_exact(DESC_LEN) {
+            for d in 0..DESC_LEN {
+                let v = row[d] as u64;
+                self.sum[d] += v;
+                self.sq[d] += v * v;
+            }
+        }
+        self.n += (desc.len() / DESC_LEN) as u64;
+    }
+    fn mean_sq_dist(&self) -> f64 {
+        if self.n < 2 {
+            return f64::INFINITY;
+        }
+        let n = self.n as f64;
+        (0..DESC_LEN)
+            .map(|d| {
+                let m = self.sum[d] as f64 / n;
+                2.0 * (self.sq[d] as f64 / n - m * m).max(0.0)
+            })
+            .sum()
+    }
+}
+
+/// The α² clamp `[floor, γ·E]` for data with statistics `stats`.
+fn alpha2_bounds(p: &SoftJaccardParams, stats: &DimStats) -> (f64, f64) {
+    let cap = p.alpha2_cap_fraction * stats.mean_sq_dist();
+    let cap = if cap.is_nan() { f64::INFINITY } else { cap };
+    (p.alpha2_floor, cap.max(p.alpha2_floor))
 }
 
 /// Jaccard index from a soft intersection and the two set sizes.
@@ -66,13 +131,14 @@ pub fn jaccard_from(inter: f64, na: usize, nb: usize) -> f64 {
 
 /// A cohort of keypoint sets (descriptors only) with a lazily built kd-forest: the search
 /// engine of `keyfuse.Index`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Cohort {
     data: Vec<u8>,
     owner: Vec<u32>,
     offsets: Vec<usize>,
     forest: Option<KdForest>,
     forest_params: ForestParams,
+    stats: DimStats,
 }
 
 impl Cohort {
@@ -83,6 +149,7 @@ impl Cohort {
             offsets: vec![0],
             forest: None,
             forest_params,
+            stats: DimStats::default(),
         }
     }
 
@@ -98,6 +165,7 @@ impl Cohort {
         self.data.extend_from_slice(desc);
         self.owner.extend(std::iter::repeat(s as u32).take(n));
         self.offsets.push(self.owner.len());
+        self.stats.add(desc);
         self.forest = None;
         Ok(s)
     }
@@ -180,7 +248,7 @@ impl Cohort {
             s != ex && allowed.map_or(true, |a| a[s as usize])
         })?;
         let mut inter = vec![0.0f64; self.n_subjects()];
-        accumulate(&nb, owner, p.alpha2_floor, &mut inter);
+        accumulate(&nb, owner, alpha2_bounds(p, &self.stats), &mut inter);
         Ok(inter)
     }
 
@@ -215,7 +283,7 @@ impl Cohort {
                 let q = &self.data[self.offsets[s] * DESC_LEN..self.offsets[s + 1] * DESC_LEN];
                 let nb = self.knn_seq(q, p, |_, c| owner[c as usize] != s as u32)?;
                 let mut inter = vec![0.0f64; n];
-                accumulate(&nb, owner, p.alpha2_floor, &mut inter);
+                accumulate(&nb, owner, alpha2_bounds(p, &self.stats), &mut inter);
                 Ok(inter)
             })
             .collect::<Result<_>>()?;
@@ -266,12 +334,12 @@ impl Cohort {
 }
 
 /// Add every query keypoint's best kernel value per subject into `inter`.
-fn accumulate(nb: &Neighbors, owner: &[u32], floor: f64, inter: &mut [f64]) {
+fn accumulate(nb: &Neighbors, owner: &[u32], bounds: (f64, f64), inter: &mut [f64]) {
     let mut seen: Vec<u32> = Vec::with_capacity(nb.k);
     for q in 0..nb.n_queries() {
         let mut row = nb.row(q).peekable();
         let Some(&(_, d1)) = row.peek() else { continue };
-        let a2 = (d1 as f64).max(floor);
+        let a2 = (d1 as f64).clamp(bounds.0, bounds.1);
         seen.clear();
         // neighbours come nearest first, so the first one of a subject is its maximum
         for (c, d) in row {
@@ -382,6 +450,10 @@ pub fn soft_intersections_pair(
             ));
         }
     }
+    let mut stats = DimStats::default();
+    stats.add(a);
+    stats.add(b);
+    let bounds = alpha2_bounds(p, &stats);
     let one_way = |x: &[u8], y: &[u8], flip: bool| -> Result<f64> {
         let nx = x.len() / DESC_LEN;
         if nx == 0 || y.is_empty() {
@@ -400,7 +472,7 @@ pub fn soft_intersections_pair(
             if let Some((_, d)) = cross.row(q).next() {
                 d1 = d1.min(d as f64);
             }
-            let a2 = d1.max(p.alpha2_floor);
+            let a2 = d1.clamp(bounds.0, bounds.1);
             let mut best = 0.0f64;
             for (c, d) in cross.row(q) {
                 let mut w = (-(d as f64) / (2.0 * a2)).exp();
@@ -509,14 +581,18 @@ mod tests {
         let a: Vec<u8> = (0..64).collect();
         let mut b = a.clone();
         b.swap(0, 1); // d² = 2
-        let j = soft_jaccard_pair(&a, &b, &exact(), false, None).unwrap();
+        let uncapped = SoftJaccardParams {
+            alpha2_cap_fraction: f64::INFINITY,
+            ..exact()
+        };
+        let j = soft_jaccard_pair(&a, &b, &uncapped, false, None).unwrap();
         let i = (-0.5f64).exp();
         assert!((j - i / (2.0 - i)).abs() < 1e-12);
         // two keypoints in A: a0, a1 (d²(a0,a1)=8); B = {a0 with one swap}
         let mut a1: Vec<u8> = (0..64).collect();
         a1.swap(10, 12); // d² = 2·4 = 8
         let aa = [a.clone(), a1.clone()].concat();
-        let jj = soft_jaccard_pair(&aa, &b, &exact(), false, None).unwrap();
+        let jj = soft_jaccard_pair(&aa, &b, &uncapped, false, None).unwrap();
         // a0: α² = min(8, 2) = 2, kernel exp(−2/4); a1: d²(a1,b)=10, α²=min(8,10)=8,
         // kernel exp(−10/16)
         let inter = (-0.5f64).exp() + (-10.0f64 / 16.0).exp();

@@ -57,12 +57,73 @@ impl Neighbors {
 pub fn dist2(a: &[u8], b: &[u8]) -> u32 {
     let a: &[u8; DESC_LEN] = a[..DESC_LEN].try_into().unwrap();
     let b: &[u8; DESC_LEN] = b[..DESC_LEN].try_into().unwrap();
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: SSE2 is part of the x86-64 baseline; the arrays are 64 bytes long.
+        unsafe { dist2_sse2(a, b) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        dist2_scalar(a, b)
+    }
+}
+
+#[allow(dead_code)]
+#[inline(always)]
+fn dist2_scalar(a: &[u8; DESC_LEN], b: &[u8; DESC_LEN]) -> u32 {
     let mut s = 0u32;
     for i in 0..DESC_LEN {
         let d = a[i] as i32 - b[i] as i32;
         s += (d * d) as u32;
     }
     s
+}
+
+/// |a−b| per byte (max − min), widened to i16 and squared-and-paired by `pmaddwd`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dist2_sse2(a: &[u8; DESC_LEN], b: &[u8; DESC_LEN]) -> u32 {
+    use std::arch::x86_64::*;
+    let zero = _mm_setzero_si128();
+    let mut acc = _mm_setzero_si128();
+    for c in 0..4 {
+        let x = _mm_loadu_si128(a.as_ptr().add(16 * c) as *const __m128i);
+        let y = _mm_loadu_si128(b.as_ptr().add(16 * c) as *const __m128i);
+        let d = _mm_sub_epi8(_mm_max_epu8(x, y), _mm_min_epu8(x, y));
+        let lo = _mm_unpacklo_epi8(d, zero);
+        let hi = _mm_unpackhi_epi8(d, zero);
+        acc = _mm_add_epi32(acc, _mm_madd_epi16(lo, lo));
+        acc = _mm_add_epi32(acc, _mm_madd_epi16(hi, hi));
+    }
+    let s = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s) as u32
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dist2_avx2(a: &[u8], b: &[u8]) -> u32 {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= DESC_LEN && b.len() >= DESC_LEN);
+    let zero = _mm256_setzero_si256();
+    let mut acc = _mm256_setzero_si256();
+    for c in 0..2 {
+        let x = _mm256_loadu_si256(a.as_ptr().add(32 * c) as *const __m256i);
+        let y = _mm256_loadu_si256(b.as_ptr().add(32 * c) as *const __m256i);
+        let d = _mm256_sub_epi8(_mm256_max_epu8(x, y), _mm256_min_epu8(x, y));
+        let lo = _mm256_unpacklo_epi8(d, zero);
+        let hi = _mm256_unpackhi_epi8(d, zero);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo, lo));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(hi, hi));
+    }
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(acc),
+        _mm256_extracti128_si256(acc, 1),
+    );
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s) as u32
 }
 
 pub(crate) fn check_rows(name: &str, data: &[u8]) -> Result<usize> {
@@ -128,17 +189,18 @@ impl TopK {
 }
 
 #[inline(always)]
-fn scan_block<F: Fn(usize, u32) -> bool>(
+fn scan_block<F: Fn(usize, u32) -> bool, D: Fn(&[u8], &[u8]) -> u32>(
     data: &[u8],
     queries: &[u8],
     q0: usize,
     heaps: &mut [TopK],
     filter: &F,
+    dist: D,
 ) {
     for (j, b) in data.chunks_exact(DESC_LEN).enumerate() {
         for (qi, heap) in heaps.iter_mut().enumerate() {
             let q = &queries[qi * DESC_LEN..(qi + 1) * DESC_LEN];
-            let d = dist2(q, b);
+            let d = dist(q, b);
             if d <= heap.worst() && filter(q0 + qi, j as u32) {
                 heap.push(d, j as u32);
             }
@@ -155,7 +217,10 @@ unsafe fn scan_block_avx2<F: Fn(usize, u32) -> bool>(
     heaps: &mut [TopK],
     filter: &F,
 ) {
-    scan_block(data, queries, q0, heaps, filter)
+    // SAFETY (of the inner calls): this function only runs where AVX2 was detected.
+    scan_block(data, queries, q0, heaps, filter, |a, b| unsafe {
+        dist2_avx2(a, b)
+    })
 }
 
 fn has_avx2() -> bool {
@@ -197,12 +262,12 @@ where
                 // SAFETY: AVX2 support was checked at run time just above.
                 unsafe { scan_block_avx2(data, qs, q0, &mut heaps, &filter) };
             } else {
-                scan_block(data, qs, q0, &mut heaps, &filter);
+                scan_block(data, qs, q0, &mut heaps, &filter, dist2);
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
                 let _ = avx2;
-                scan_block(data, qs, q0, &mut heaps, &filter);
+                scan_block(data, qs, q0, &mut heaps, &filter, dist2);
             }
             for (h, heap) in heaps.iter().enumerate() {
                 heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
@@ -544,7 +609,19 @@ impl KdForest {
         loop {
             let node = tree.nodes[ni as usize];
             if node.dim == LEAF {
-                for &p in &tree.perm[node.a as usize..node.b as usize] {
+                let pts = &tree.perm[node.a as usize..node.b as usize];
+                // the rows are scattered in memory: request them all before the first use
+                #[cfg(target_arch = "x86_64")]
+                for &p in pts {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                    let ptr = st.data[p as usize * DESC_LEN..].as_ptr();
+                    // SAFETY: prefetch is a hint; both addresses lie inside the row.
+                    unsafe {
+                        _mm_prefetch(ptr as *const i8, _MM_HINT_T0);
+                        _mm_prefetch(ptr.add(DESC_LEN - 1) as *const i8, _MM_HINT_T0);
+                    }
+                }
+                for &p in pts {
                     if !st.vis.insert(p) {
                         continue;
                     }
@@ -637,6 +714,26 @@ mod tests {
         all.sort();
         all.truncate(k);
         all
+    }
+
+    #[test]
+    fn simd_distances_match_scalar() {
+        let d = random_perms(50, 8);
+        let mut w = d.clone();
+        w.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = v.wrapping_mul(4).wrapping_add(i as u8));
+        for x in d.chunks_exact(64).chain(w.chunks_exact(64)) {
+            for y in d.chunks_exact(64).chain(w.chunks_exact(64)) {
+                let (xa, ya) = (x.try_into().unwrap(), y.try_into().unwrap());
+                let s = dist2_scalar(xa, ya);
+                assert_eq!(dist2(x, y), s);
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    assert_eq!(unsafe { dist2_avx2(x, y) }, s);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,197 @@
+"""The cohort index (keyfuse.Index): search, restriction, pairwise, storage, corruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import keyfuse as kf
+
+
+def rerank(values: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(values, axis=1), axis=1).astype(np.uint8)
+
+
+def make_cohort(n_families: int = 4, size: int = 3, n: int = 250, seed: int = 0):
+    """Families of keypoint sets: members are noisy copies of a family prototype."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for f in range(n_families):
+        proto = rng.random((n, 64)) * 64
+        xyz = rng.uniform(-70, 70, (n, 3))
+        for m in range(size):
+            desc = rerank(proto + 4.0 * rng.standard_normal(proto.shape))
+            kps = kf.KeypointSet(
+                xyz + rng.normal(0, 1, xyz.shape),
+                rng.uniform(1.5, 4, n),
+                orientation=np.tile(np.eye(3, dtype=np.float32), (n, 1, 1)),
+                descriptors=desc,
+                polarity=rng.choice([-1, 1], n),
+                response=rng.random(n),
+                eigenvalues=rng.random((n, 3)),
+                affine=np.diag([1.0, 1.0, 1.0, 1.0]),
+                shape=(64, 64, 64),
+            )
+            out.append((f"f{f}m{m}", kps, {"family": f"F{f}", "sex": "F" if f % 2 else "M"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return make_cohort()
+
+
+@pytest.fixture()
+def index(cohort) -> kf.Index:
+    ix = kf.Index()
+    for sid, kps, labels in cohort:
+        ix.add(sid, kps, vector=np.arange(4.0) + len(ix), **labels)
+    return ix
+
+
+def test_search_finds_family(index: kf.Index, cohort) -> None:
+    for sid, _, labels in cohort:
+        hits = index.search(sid, k=2)  # an indexed id: itself excluded
+        assert len(hits) == 2 and sid not in hits.ids
+        assert all(index.labels[h]["family"] == labels["family"] for h in hits.ids)
+        assert hits.scores[0] >= hits.scores[1]
+    # a KeypointSet query finds itself first with J = 1
+    sid, kps, _ = cohort[4]
+    top = index.search(kps, k=1)[0]
+    assert top.subject_id == sid and top.score == pytest.approx(1.0)
+    subject_id, score = top  # hits unpack as (id, score)
+    assert (subject_id, score) == (sid, top.score)
+
+
+def test_search_restrict_and_exclude(index: kf.Index, cohort) -> None:
+    _, kps, _ = cohort[0]  # family F0, sex M
+    hits = index.search(kps, k=None, restrict={"sex": "F"})
+    assert len(hits) == 6 and all(index.labels[h]["sex"] == "F" for h in hits.ids)
+    hits = index.search(kps, k=None, restrict={"family": ["F1", "F2"]})
+    assert {index.labels[h]["family"] for h in hits.ids} == {"F1", "F2"}
+    hits = index.search(kps, k=None, restrict=lambda lab: lab["family"] == "F3")
+    assert len(hits) == 3
+    hits = index.search(kps, k=None, restrict=["f0m1", "f2m0"])
+    assert set(hits.ids) == {"f0m1", "f2m0"}
+    hits = index.search(kps, k=3, exclude="f0m0")
+    assert "f0m0" not in hits.ids
+    with pytest.raises(kf.InvalidArgumentError):
+        index.search(kps, restrict=["nobody"])
+    with pytest.raises(kf.InvalidArgumentError):
+        index.search(kps, exclude="nobody")
+
+
+def test_duplicate_ids_raise(index: kf.Index, cohort) -> None:
+    with pytest.raises(kf.InvalidArgumentError):
+        index.add("f0m0", cohort[0][1])
+    with pytest.raises(kf.InvalidArgumentError):
+        index.add("x", cohort[0][1], bad=object())
+    assert len(index) == 12
+
+
+def test_pairwise_exact_and_approximate(index: kf.Index) -> None:
+    s = index.pairwise(exact=True)
+    assert s.shape == (12, 12) and np.all(np.diag(s) == 1)
+    fam = np.repeat(np.arange(4), 3)
+    same = fam[:, None] == fam[None, :]
+    off = ~np.eye(12, dtype=bool)
+    assert s[same & off].min() > s[~same].max()
+    approx = index.pairwise(exact=False)
+    assert approx[same & off].min() > approx[~same].max()
+    sym = index.pairwise(symmetric=True, exact=True)
+    assert np.array_equal(sym, sym.T)
+    row = index.scores("f1m0", exact=True)
+    assert np.allclose(row[np.arange(12) != 3], s[3][np.arange(12) != 3])
+    votes = index.reference_votes(exact=True)
+    assert votes.shape == (12, 12) and (votes[same & off].min() > votes[~same].max())
+
+
+def test_labels_and_accessors(index: kf.Index, cohort) -> None:
+    assert index.subjects[:2] == ["f0m0", "f0m1"] and "f3m2" in index
+    table = index.labels_table()
+    assert table.column_names == ["subject_id", "family", "sex"]
+    assert table.num_rows == 12
+    assert index.label("family")[3] == "F1"
+    assert np.array_equal(index.vector("f0m2"), np.arange(4.0) + 2)
+    assert index.keypoints("f1m1") is cohort[4][1]
+    assert index.memory_bytes() >= 12 * 250 * 64
+
+
+def test_save_load_round_trip(index: kf.Index, tmp_path: Path) -> None:
+    path = tmp_path / "cohort.kfi"
+    index.save(path)
+    back = kf.Index.load(path)
+    assert back.subjects == index.subjects and back.labels == index.labels
+    for sid in index.subjects:
+        assert back.keypoints(sid) == index.keypoints(sid)
+        assert np.array_equal(back.vector(sid), index.vector(sid))
+    assert np.array_equal(back.pairwise(exact=True), index.pairwise(exact=True))
+    index.save(path)  # overwriting an index is allowed
+    assert len(kf.Index.load(path)) == 12
+
+
+def test_on_disk_appends(cohort, tmp_path: Path) -> None:
+    path = tmp_path / "live"
+    ix = kf.Index(path)
+    for sid, kps, labels in cohort[:5]:
+        ix.add(sid, kps, **labels)
+    ix.add_many([(sid, kps, None, labels) for sid, kps, labels in cohort[5:]])
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["n_subjects"] == 12 and len(manifest["parts"]) == 6
+    # an orphan part (a crashed append) is ignored
+    (path / "keypoints-000099.parquet").write_bytes(b"garbage")
+    back = kf.Index(path)
+    assert back.subjects == ix.subjects
+    with pytest.raises(kf.InvalidArgumentError):
+        back.add("f0m0", cohort[0][1])
+    assert json.loads((path / "manifest.json").read_text())["n_subjects"] == 12
+    with pytest.raises(kf.KeyfuseIOError):
+        kf.Index.load(tmp_path / "nothing-here")
+
+
+def _saved(index: kf.Index, tmp_path: Path) -> Path:
+    path = tmp_path / "ix"
+    index.save(path)
+    return path
+
+
+def test_truncated_file_raises(index: kf.Index, tmp_path: Path) -> None:
+    path = _saved(index, tmp_path)
+    f = path / "keypoints-000001.parquet"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(kf.IndexCorruptError):
+        kf.Index.load(path)
+
+
+def test_corrupted_byte_raises(index: kf.Index, tmp_path: Path) -> None:
+    path = _saved(index, tmp_path)
+    f = path / "subjects-000001.parquet"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(kf.IndexCorruptError):
+        kf.Index.load(path)
+
+
+def test_missing_file_and_bad_manifest_raise(index: kf.Index, tmp_path: Path) -> None:
+    path = _saved(index, tmp_path)
+    (path / "keypoints-000001.parquet").unlink()
+    with pytest.raises(kf.IndexCorruptError):
+        kf.Index.load(path)
+    (path / "manifest.json").write_text('{"format": "keyfuse-index", "vers')
+    with pytest.raises(kf.IndexCorruptError):
+        kf.Index(path)
+    (path / "manifest.json").write_text('{"format": "keyfuse-index", "version": 99, "parts": []}')
+    with pytest.raises(kf.IndexCorruptError):
+        kf.Index(path)
+
+
+def test_empty_index(tmp_path: Path) -> None:
+    ix = kf.Index(tmp_path / "empty")
+    assert len(ix) == 0 and ix.pairwise().shape == (0, 0)
+    assert len(kf.Index.load(tmp_path / "empty")) == 0
+    with pytest.raises(kf.InvalidArgumentError):
+        kf.Index(k=0)
