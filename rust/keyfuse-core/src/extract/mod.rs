@@ -1,11 +1,12 @@
 //! 3D/2D SIFT-Rank keypoint extraction.
 //!
 //! Pipeline (3D, see ALGORITHMS.md §1): robust intensity normalisation → isotropic
-//! resampling when voxels are anisotropic → Gaussian scale space (σ0 = 1.6, 3 scales
-//! per octave, 6 Gaussians / 5 DoGs per octave, next octave = 2×2×2 average of the
+//! resampling when voxels are anisotropic → Gaussian scale space (σ0 = 1.6, 4 scales
+//! per octave, S+3 Gaussians / S+2 DoGs per octave, next octave = 2×2×2 average of the
 //! σ = 2σ0 image) → strict 80-neighbour DoG extrema (maxima and minima) in the inner
-//! DoGs above a contrast threshold → one parabola per axis and over scale →
-//! structure-tensor blob test on a normalised patch → 3D orientations → 64-bin
+//! DoGs above a contrast threshold → edge test on the DoG Hessian → one parabola per
+//! axis and over scale → (optional) structure-tensor blob test on a normalised patch,
+//! whose eigenvalues are reported → 3D orientations → 64-bin
 //! SIFT-Rank descriptors (2×2×2 cells × 8 octant bins, rank-transformed).
 //!
 //! The scale space is streamed: only two Gaussians and three DoGs of the current
@@ -47,7 +48,9 @@ pub struct ExtractParams {
     /// DoG levels searched per octave (κ = 2^(1/S)). Default 4 (Lowe and featExtract use
     /// 3; 4 measured better repeatability on the MNI rotation benchmark: 86% vs 85%).
     pub scales_per_octave: f64,
-    /// Blur the input is assumed to have already (voxels). Default 0.5.
+    /// Blur the input is assumed to have already (voxels). Default 0 (Lowe and
+    /// featExtract assume 0.5; assuming none, i.e. blurring the input by the full σ0,
+    /// measured better repeatability on the MNI rotation benchmark: 89% vs 86%).
     pub initial_blur: f64,
     /// Smallest side (voxels) an octave must have to be searched. Default 8.
     pub min_size: f64,
@@ -87,7 +90,7 @@ impl Default for ExtractParams {
         ExtractParams {
             sigma0: 1.6,
             scales_per_octave: 4.0,
-            initial_blur: 0.5,
+            initial_blur: 0.0,
             min_size: 8.0,
             max_octaves: 0.0,
             peak_threshold: 0.008,
