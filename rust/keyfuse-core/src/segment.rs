@@ -93,18 +93,16 @@ pub struct TransferResult {
     pub n_groups: usize,
 }
 
-/// exp(−t) tabulated on t ∈ [0, GAUSS_T_MAX); beyond that the weight is taken as 0
-/// (exp(−12) ≈ 6e−6). One multiply, a conversion and a load per voxel instead of `exp`.
-const GAUSS_BINS: usize = 4096;
-const GAUSS_T_MAX: f32 = 12.0;
-
-fn gauss_table() -> Vec<f32> {
-    let step = GAUSS_T_MAX / GAUSS_BINS as f32;
-    let mut t: Vec<f32> = (0..GAUSS_BINS)
-        .map(|i| (-(i as f32) * step).exp())
-        .collect();
-    t.push(0.0);
-    t
+/// exp(−u) ≈ (1 + u/256)^−256: eight squarings and a division, which the compiler
+/// vectorises (a table lookup or `expf` per voxel is several times slower). Relative error
+/// below 0.1% for u ≤ 1 and 1% at u = 2 (two standard deviations); it tends to 0 as u grows.
+#[inline(always)]
+fn fast_exp_neg(u: f32) -> f32 {
+    let mut v = 1.0 + u * (1.0 / 256.0);
+    for _ in 0..8 {
+        v *= v;
+    }
+    1.0 / v
 }
 
 fn check_shape(shape: &[usize]) -> Result<[usize; 3]> {
@@ -136,9 +134,16 @@ impl Atlas {
                 "label maps must not contain negative labels".into(),
             ));
         }
-        let mut present: Vec<i32> = labels.iter().copied().filter(|&l| l > 0).collect();
-        present.sort_unstable();
-        present.dedup();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut last = 0;
+        for &l in labels.iter() {
+            // label maps are mostly long runs of one value: skip the set for repeats
+            if l != last && l > 0 {
+                seen.insert(l);
+            }
+            last = l;
+        }
+        let present: Vec<i32> = seen.into_iter().collect();
         let mut organs: Vec<Organ> = present
             .iter()
             .map(|&label| Organ {
@@ -150,17 +155,24 @@ impl Atlas {
             })
             .collect();
         let slot = |l: i32| present.binary_search(&l).ok();
+        let labels = labels.as_standard_layout();
+        let labels = labels.as_slice().expect("standard layout");
+        let intensity = intensity.as_standard_layout();
+        let intensity = intensity.as_slice().expect("standard layout");
+        let nx = shape[2];
         for z in 0..shape[0] {
             for y in 0..shape[1] {
+                let row0 = (z * shape[1] + y) * nx;
+                let row = &labels[row0..row0 + nx];
                 let mut x = 0;
-                while x < shape[2] {
-                    let l = labels[[z, y, x]];
+                while x < nx {
+                    let l = row[x];
                     if l == 0 {
                         x += 1;
                         continue;
                     }
                     let x0 = x;
-                    while x < shape[2] && labels[[z, y, x]] == l {
+                    while x < nx && row[x] == l {
                         x += 1;
                     }
                     let organ = &mut organs[slot(l).expect("label collected above")];
@@ -172,7 +184,7 @@ impl Atlas {
                     });
                     organ
                         .intensity
-                        .extend((x0..x).map(|xx| intensity[[z, y, xx]]));
+                        .extend_from_slice(&intensity[row0 + x0..row0 + x]);
                     organ.n_voxels += x - x0;
                 }
             }
@@ -289,12 +301,12 @@ impl AtlasSet {
                 "test image has non-finite intensities".into(),
             ));
         }
-        // multiplier taking a squared intensity difference to a table index
+        // 1 / 2ν² per label (0 turns the intensity likelihood off)
         let scale: Vec<f32> = (0..n_labels)
             .map(|i| {
                 let v = if nu.len() == 1 { nu[0] } else { nu[i] };
                 if v.is_finite() && v > 0.0 {
-                    GAUSS_BINS as f32 / (GAUSS_T_MAX * 2.0 * v * v)
+                    1.0 / (2.0 * v * v)
                 } else {
                     0.0
                 }
@@ -345,7 +357,6 @@ impl AtlasSet {
         }
         let n_groups = groups.iter().map(Vec::len).sum();
 
-        let table = gauss_table();
         let [nz, ny, nx] = shape;
         let plane = ny * nx;
         let mut acc = vec![0.0f32; n_labels * nz * plane];
@@ -396,8 +407,7 @@ impl AtlasSet {
                         } else {
                             for ((d, &s), &t) in dst.iter_mut().zip(src).zip(tgt) {
                                 let diff = t - s;
-                                let idx = ((diff * diff * sc) as usize).min(GAUSS_BINS);
-                                *d += w * table[idx];
+                                *d += w * fast_exp_neg(diff * diff * sc);
                             }
                         }
                     }
