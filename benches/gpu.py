@@ -23,6 +23,7 @@ Run: ``.venv/bin/python benches/gpu.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -93,18 +94,22 @@ def bench_knn(gpu: bool, n_db: int, n_q: int, repeats: int) -> None:
     print(f"  CPU  {t:8.3f} s   {n_q / t:12.0f} queries/s   {n_q * n_db / t / 1e9:8.2f} G dist/s")
     if not gpu:
         return
-    i_gpu, d_gpu = _core.gpu_knn(db, q, 2)
     i_cpu, d_cpu = _core.knn_exact(db, q, 2)
-    same = bool(np.array_equal(i_gpu, i_cpu) and np.array_equal(d_gpu, d_cpu))
-    t = _median_time(lambda: _core.gpu_knn(db, q, 2), repeats)
-    print(
-        f"  GPU  {t:8.3f} s   {n_q / t:12.0f} queries/s   {n_q * n_db / t / 1e9:8.2f} G dist/s"
-        f"   identical to CPU: {same}"
-    )
     big = 20 * n_db
     db_big = _ranks(big, rng)
-    t = _median_time(lambda: _core.gpu_knn(db_big, q, 2), repeats)
-    print(f"  GPU  {t:8.3f} s   {n_q * big / t / 1e9:8.2f} G dist/s on {big} rows")
+    for kernel in ("dp4a", "mma"):
+        os.environ["KEYFUSE_CUDA_KNN"] = kernel
+        i_gpu, d_gpu = _core.gpu_knn(db, q, 2)
+        same = bool(np.array_equal(i_gpu, i_cpu) and np.array_equal(d_gpu, d_cpu))
+        t = _median_time(lambda: _core.gpu_knn(db, q, 2), repeats)
+        rate = n_q * n_db / t / 1e9
+        print(
+            f"  GPU {kernel:4s} {t:8.3f} s   {n_q / t:12.0f} queries/s   {rate:8.2f} G dist/s"
+            f"   identical to CPU: {same}"
+        )
+        t = _median_time(lambda: _core.gpu_knn(db_big, q, 2), repeats)
+        print(f"  GPU {kernel:4s} {t:8.3f} s   {n_q * big / t / 1e9:8.2f} G dist/s on {big} rows")
+    os.environ.pop("KEYFUSE_CUDA_KNN", None)
 
 
 def bench_pairwise(gpu: bool, n_subjects: int, per: int, cpu_exact: int, cpu_forest: int) -> None:
@@ -139,13 +144,19 @@ def bench_pairwise(gpu: bool, n_subjects: int, per: int, cpu_exact: int, cpu_for
     gpu_s = _core.gpu_cohort_pairwise(small, sizes, k=30)
     err = float(np.abs(np.asarray(gpu_s) - np.asarray(cpu_s)).max())
     data, sizes_all = _cohort(n_subjects, per, seed=2)
-    t = time.perf_counter()
-    _core.gpu_cohort_pairwise(data, sizes_all, k=30)
-    t = time.perf_counter() - t
-    print(
-        f"  GPU exact   {t:8.3f} s for {n_subjects} subjects ({t / n_subjects:.4f} s/image)"
-        f"   target ≤ 5 s; max |GPU − CPU| on {cpu_exact} subjects: {err:.2e}"
-    )
+    results = {}
+    for kernel in ("dp4a", "mma"):
+        os.environ["KEYFUSE_CUDA_KNN"] = kernel
+        t = time.perf_counter()
+        results[kernel] = _core.gpu_cohort_pairwise(data, sizes_all, k=30)
+        t = time.perf_counter() - t
+        print(
+            f"  GPU exact ({kernel:4s}) {t:8.3f} s for {n_subjects} subjects "
+            f"({t / n_subjects:.4f} s/image)   target ≤ 5 s"
+        )
+    os.environ.pop("KEYFUSE_CUDA_KNN", None)
+    same = bool(np.array_equal(results["dp4a"], results["mma"]))
+    print(f"  max |GPU − CPU| on {cpu_exact} subjects: {err:.2e}; dp4a == mma: {same}")
 
 
 def main() -> None:

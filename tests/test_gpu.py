@@ -149,9 +149,11 @@ def test_gpu_entry_points_check_arguments_first() -> None:
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["dp4a", "mma"])
 @pytest.mark.parametrize("k", [1, 2, 5, 30])
-def test_gpu_knn_equals_cpu_exact(k: int) -> None:
-    data = _ranks(3000, 2)
+def test_gpu_knn_equals_cpu_exact(k: int, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYFUSE_CUDA_KNN", kernel)
+    data = _ranks(3001, 2)
     queries = _ranks(500, 3)
     queries[:10] = data[100:110]  # exact duplicates: distance 0, ties by index
     i_cpu, d_cpu = _core.knn_exact(data, queries, k)
@@ -162,8 +164,12 @@ def test_gpu_knn_equals_cpu_exact(k: int) -> None:
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["dp4a", "mma"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_gpu_pairwise_equals_cpu_cohort(symmetric: bool) -> None:
+def test_gpu_pairwise_equals_cpu_cohort(
+    symmetric: bool, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYFUSE_CUDA_KNN", kernel)
     data, sizes = _cohort(8, 150)
     cohort = _core.Cohort()
     start = 0

@@ -4,6 +4,8 @@
 pub const SCALE_SRC: &str = include_str!("kernels/scale.cu");
 /// Brute-force k-NN over uint8 descriptors.
 pub const KNN_SRC: &str = include_str!("kernels/knn.cu");
+/// Tensor-core (integer MMA, sm_80+) k-NN, same results as the brute-force kernel.
+pub const KNN_MMA_SRC: &str = include_str!("kernels/knn_mma.cu");
 /// Soft-Jaccard and KDE score accumulation.
 pub const SCORE_SRC: &str = include_str!("kernels/score.cu");
 
@@ -18,11 +20,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "kf_knn",
     "kf_knn2",
     "kf_knn_merge",
+    "kf_knn_mma",
     "kf_sj_accumulate",
     "kf_kde_class",
 ];
 
-/// The whole module's source: the three files concatenated (one NVRTC compile, one module).
+/// The whole module's source: the files concatenated (one NVRTC compile, one module).
 pub fn module_source() -> String {
-    [SCALE_SRC, KNN_SRC, SCORE_SRC].join("\n")
+    [SCALE_SRC, KNN_SRC, KNN_MMA_SRC, SCORE_SRC].join("\n")
 }

@@ -51,6 +51,8 @@ pub struct SjParams {
     pub alpha2_floor: f64,
     /// Upper bound of α² as a fraction of the data's mean squared pair distance.
     pub alpha2_cap_fraction: f64,
+    /// k-NN kernel (None: [`Gpu::knn_kernel`], i.e. `KEYFUSE_CUDA_KNN`).
+    pub kernel: Option<KnnKernel>,
 }
 
 impl Default for SjParams {
@@ -59,6 +61,7 @@ impl Default for SjParams {
             k: 30,
             alpha2_floor: 1.0,
             alpha2_cap_fraction: 0.1,
+            kernel: None,
         }
     }
 }
@@ -107,6 +110,18 @@ const KNN_TILE: usize = 128;
 pub const KNN_KMAX: usize = 32;
 /// Fixed-point scale of the score accumulators (KF_FIX in score.cu).
 const FIX: f64 = 4294967296.0;
+
+/// Which k-NN kernel runs: the brute-force `__dp4a` one, or the tensor-core one (integer
+/// MMA, sm_80+), which gives the same results. Chosen by `KEYFUSE_CUDA_KNN=mma|dp4a`
+/// (default dp4a until the MMA kernel's parity has been run on a GPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KnnKernel {
+    Dp4a,
+    Mma,
+}
+
+/// Environment variable choosing the k-NN kernel (`mma` or `dp4a`).
+pub const KNN_KERNEL_ENV: &str = "KEYFUSE_CUDA_KNN";
 
 /// What a blur reads beyond the volume's faces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -277,6 +292,16 @@ pub struct Octave {
 }
 
 impl Gpu {
+    /// The k-NN kernel calls will use (see [`KnnKernel`]); MMA needs compute capability 8.0+.
+    pub fn knn_kernel(&self) -> KnnKernel {
+        let want = std::env::var(KNN_KERNEL_ENV).unwrap_or_default();
+        if want.eq_ignore_ascii_case("mma") && self.compute_capability.0 >= 8 {
+            KnnKernel::Mma
+        } else {
+            KnnKernel::Dp4a
+        }
+    }
+
     /// Copy a volume to the device.
     pub fn upload_volume(&self, v: ArrayView3<f32>) -> Result<DeviceVolume> {
         let shape = [v.shape()[0], v.shape()[1], v.shape()[2]];
@@ -647,6 +672,7 @@ impl Gpu {
     /// k nearest database rows per query on the device: (distances, indices), (nq·k) each,
     /// sorted by (distance, index); missing entries are (u32::MAX, -1). Rows rejected by
     /// `filter` are never candidates (as in the CPU's filtered search).
+    #[allow(clippy::too_many_arguments)]
     fn knn_device(
         &self,
         q: &CudaSlice<u32>,
@@ -655,6 +681,7 @@ impl Gpu {
         nd: usize,
         k: usize,
         filter: &DeviceFilter,
+        kernel: KnnKernel,
     ) -> Result<(CudaSlice<u32>, CudaSlice<i32>)> {
         if k == 0 || k > KNN_KMAX {
             return Err(KfError::InvalidArgument(format!(
@@ -666,7 +693,10 @@ impl Gpu {
             as_i32(nd, "database rows")?,
             k as i32,
         );
-        let qblocks = nq.div_ceil(KNN_TILE).max(1);
+        let mma = kernel == KnnKernel::Mma && self.compute_capability.0 >= 8;
+        // the MMA kernel's block holds 64 queries (4 warps × 16), the dp4a one 128
+        let per_block = if mma { 64 } else { KNN_TILE };
+        let qblocks = nq.div_ceil(per_block).max(1);
         // split the database across grid.y when there are too few queries to fill the GPU
         let want = (4 * self.sm_count).div_ceil(qblocks);
         let nsplit = want.clamp(1, nd.div_ceil(4 * KNN_TILE).clamp(1, 65535));
@@ -675,16 +705,21 @@ impl Gpu {
         let chunk_i = as_i32(chunk, "chunk")?;
         let cfg = LaunchConfig {
             grid_dim: (qblocks as u32, nsplit as u32, 1),
-            block_dim: (KNN_TILE as u32, 1, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         let n_out = (nsplit * nq * k).max(1);
         let mut pd = self.stream.alloc_zeros::<u32>(n_out).map_err(dev_err)?;
         let mut pi = self.stream.alloc_zeros::<i32>(n_out).map_err(dev_err)?;
-        let f = self.func(if k == 2 { "kf_knn2" } else { "kf_knn" })?;
+        let name = match (mma, k) {
+            (true, _) => "kf_knn_mma",
+            (false, 2) => "kf_knn2",
+            (false, _) => "kf_knn",
+        };
+        let f = self.func(name)?;
         let mut lb = self.stream.launch_builder(&f);
         lb.arg(q).arg(&nq_i).arg(db).arg(&nd_i);
-        if k != 2 {
+        if name != "kf_knn2" {
             lb.arg(&k_i);
         }
         lb.arg(&chunk_i);
@@ -729,6 +764,17 @@ impl Gpu {
         database: ArrayView2<u8>,
         k: usize,
     ) -> Result<(Array2<u32>, Array2<i64>)> {
+        self.knn_with_kernel(queries, database, k, self.knn_kernel())
+    }
+
+    /// [`Self::knn`] with an explicit kernel (both give the same results).
+    pub fn knn_with_kernel(
+        &self,
+        queries: ArrayView2<u8>,
+        database: ArrayView2<u8>,
+        k: usize,
+        kernel: KnnKernel,
+    ) -> Result<(Array2<u32>, Array2<i64>)> {
         if k == 0 || k > KNN_KMAX {
             return Err(KfError::InvalidArgument(format!(
                 "k must be in 1..={KNN_KMAX}"
@@ -744,7 +790,7 @@ impl Gpu {
             ));
         }
         let filter = self.device_filter(None, None, None)?;
-        let (d, i) = self.knn_device(&q, nq, &db, nd, k, &filter)?;
+        let (d, i) = self.knn_device(&q, nq, &db, nd, k, &filter, kernel)?;
         let mut d = self.stream.clone_dtoh(&d).map_err(dev_err)?;
         let mut i = self.stream.clone_dtoh(&i).map_err(dev_err)?;
         d.truncate(nq * k);
@@ -841,7 +887,8 @@ impl Gpu {
         let db = self.upload_descriptors(data, "cohort descriptors")?;
         let ex: Vec<i32> = exclude.map_or_else(Vec::new, |e| vec![e as i32; nq]);
         let filter = self.device_filter(Some(owner), exclude.map(|_| ex.as_slice()), allowed)?;
-        let (nn_d, nn_i) = self.knn_device(&q, nq, &db, data.nrows(), sj.k, &filter)?;
+        let kernel = sj.kernel.unwrap_or_else(|| self.knn_kernel());
+        let (nn_d, nn_i) = self.knn_device(&q, nq, &db, data.nrows(), sj.k, &filter, kernel)?;
         let subj = self.upload_i32(owner)?;
         let rows = self.stream.alloc_zeros::<i32>(nq).map_err(dev_err)?;
         let inter = self.sj_launch(
@@ -924,7 +971,8 @@ impl Gpu {
         let bounds = alpha2_bounds(data, sj.alpha2_floor, sj.alpha2_cap_fraction);
         let d = self.upload_descriptors(data, "cohort descriptors")?;
         let filter = self.device_filter(Some(owner), Some(owner), None)?;
-        let (nn_d, nn_i) = self.knn_device(&d, n, &d, n, sj.k, &filter)?;
+        let kernel = sj.kernel.unwrap_or_else(|| self.knn_kernel());
+        let (nn_d, nn_i) = self.knn_device(&d, n, &d, n, sj.k, &filter, kernel)?;
         self.sj_launch(
             &nn_i,
             &nn_d,

@@ -4,7 +4,10 @@
 
 use keyfuse_core::jaccard::{Cohort, SoftJaccardParams};
 use keyfuse_core::knn::{knn_exact, ForestParams};
-use keyfuse_cuda::ops::{gaussian_half_kernel, ScaleSpaceParams, SjParams};
+use keyfuse_cuda::ops::{gaussian_half_kernel, KnnKernel, ScaleSpaceParams, SjParams};
+
+/// Both k-NN kernels must give the CPU's results (MMA runs on sm_80+, else falls back).
+const KERNELS: [KnnKernel; 2] = [KnnKernel::Dp4a, KnnKernel::Mma];
 use keyfuse_cuda::Gpu;
 use ndarray::{Array2, Array3};
 
@@ -300,38 +303,44 @@ fn knn_matches_brute_force_exactly() {
     let Some(gpu) = gpu_or_skip("knn") else {
         return;
     };
-    let db = rank_descriptors(1000, 9);
-    let mut q = rank_descriptors(150, 10);
+    // sizes that are not multiples of the tiles (8, 16, 64, 128 rows)
+    let db = rank_descriptors(5003, 9);
+    let mut q = rank_descriptors(301, 10);
     // exact duplicates and ties: queries equal to database rows, and a duplicated row
     q.row_mut(0).assign(&db.row(17));
     let mut db2 = db.clone();
     db2.row_mut(500).assign(&db.row(17));
-    for k in [1, 2, 5, 30] {
-        let (wd, wi) = cpu_knn(&q, &db2, k);
-        let (gd, gi) = gpu.knn(q.view(), db2.view(), k).unwrap();
-        assert_eq!(gd, wd, "k={k}");
-        assert_eq!(gi, wi, "k={k}");
-        // and the core's exact search, the CPU path itself
-        let core = knn_exact(db2.as_slice().unwrap(), q.as_slice().unwrap(), k, |_, _| {
-            true
-        })
-        .unwrap();
-        assert_eq!(gd.as_slice().unwrap(), core.dist2.as_slice(), "k={k}");
-        let core_i: Vec<i64> = core
-            .idx
-            .iter()
-            .map(|&i| if i == u32::MAX { -1 } else { i as i64 })
-            .collect();
-        assert_eq!(gi.as_slice().unwrap(), core_i.as_slice(), "k={k}");
+    for kernel in KERNELS {
+        for k in [1, 2, 5, 30] {
+            let (wd, wi) = cpu_knn(&q, &db2, k);
+            let (gd, gi) = gpu
+                .knn_with_kernel(q.view(), db2.view(), k, kernel)
+                .unwrap();
+            assert_eq!(gd, wd, "{kernel:?} k={k}");
+            assert_eq!(gi, wi, "{kernel:?} k={k}");
+            // and the core's exact search, the CPU path itself
+            let core = knn_exact(db2.as_slice().unwrap(), q.as_slice().unwrap(), k, |_, _| {
+                true
+            })
+            .unwrap();
+            assert_eq!(gd.as_slice().unwrap(), core.dist2.as_slice(), "k={k}");
+        }
+        // a handful of queries: the database is split across blocks and merged
+        let few = q.slice(ndarray::s![..3, ..]).to_owned();
+        let (wd, wi) = cpu_knn(&few, &db2, 4);
+        let got = gpu
+            .knn_with_kernel(few.view(), db2.view(), 4, kernel)
+            .unwrap();
+        assert_eq!(got, (wd, wi), "{kernel:?} split");
+        // arbitrary bytes (not permutations) and a database smaller than k
+        let mut rng = Rng(3);
+        let raw = Array2::from_shape_simple_fn((40, 64), || (rng.next() & 255) as u8);
+        let (wd, wi) = cpu_knn(&raw, &raw.slice(ndarray::s![..7, ..]).to_owned(), 9);
+        let got = gpu
+            .knn_with_kernel(raw.view(), raw.slice(ndarray::s![..7, ..]), 9, kernel)
+            .unwrap();
+        assert_eq!(got, (wd, wi), "{kernel:?} raw bytes");
     }
-    // arbitrary bytes (not permutations) and a database smaller than k
-    let mut rng = Rng(3);
-    let raw = Array2::from_shape_simple_fn((40, 64), || (rng.next() & 255) as u8);
-    let (wd, wi) = cpu_knn(&raw, &raw.slice(ndarray::s![..7, ..]).to_owned(), 9);
-    let (gd, gi) = gpu
-        .knn(raw.view(), raw.slice(ndarray::s![..7, ..]), 9)
-        .unwrap();
-    assert_eq!((gd, gi), (wd, wi));
 }
 
 /// A small cohort: subject s is a base set with 2·s random swaps per row.
@@ -370,7 +379,10 @@ fn cohort_scores_match_the_cpu_engine() {
         )
         .unwrap();
     }
-    for k in [1, 5, 30] {
+    for (k, kernel) in [1, 5, 30]
+        .into_iter()
+        .flat_map(|k| KERNELS.map(|kn| (k, kn)))
+    {
         let p = SoftJaccardParams {
             k,
             exact: true,
@@ -379,6 +391,7 @@ fn cohort_scores_match_the_cpu_engine() {
         // the CPU defaults: α² clamped to [1, 0.1·E]
         let sj = SjParams {
             k,
+            kernel: Some(kernel),
             ..Default::default()
         };
         for symmetric in [false, true] {

@@ -231,6 +231,7 @@ fn gpu_cohort_search<'py>(
                 k,
                 alpha2_floor,
                 alpha2_cap_fraction,
+                kernel: None,
             },
         )
     })?;
@@ -261,6 +262,7 @@ fn gpu_cohort_pairwise<'py>(
             k,
             alpha2_floor,
             alpha2_cap_fraction,
+            kernel: None,
         };
         gpu()?.cohort_pairwise(d, &owner, n, &sj, symmetric)
     })?;
