@@ -286,6 +286,7 @@ def test_experiment_on_synthetic_features(tmp_path) -> None:
         {"subject": f"s{i}", "individual": f"s{i}", "family": f"f{c}", "group": "FM"[c % 2]}
         for i, c in enumerate(labels)
     ]
+    table[1]["individual"] = "s0"  # a rescan: never trains or ranks against its twin scan
     flat = [kpset(perm_rows(rng, 8)) for _ in sets]
     feats = CohortFeatures(table, sets, flat, vecs.astype(np.float32), [], [], {})
     res = evaluate_fusion(feats, progress=False)

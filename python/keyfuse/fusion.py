@@ -794,10 +794,11 @@ def cohort_features(
     )
 
 
-def _masked_posterior(scores: FloatArray) -> FloatArray:
-    """Row-normalised log posterior over the *other* scans (self excluded)."""
+def _masked_posterior(scores: FloatArray, same: npt.NDArray[np.bool_]) -> FloatArray:
+    """Row-normalised log posterior over the scans of *other* individuals (``same``
+    marks the query itself and its rescans)."""
     s = np.array(scores, dtype=np.float64)
-    np.fill_diagonal(s, -np.inf)
+    s[same] = -np.inf
     return log_posterior(s)
 
 
@@ -844,8 +845,9 @@ def evaluate_fusion(
     Family identification: every other scan is a class (instance-based indexing); the
     score of a pair is the row-normalised log posterior (eq. 4 over the other scans),
     symmetrised; AUC over unordered pairs of different individuals, positive = same
-    family. Group classification: two classes, leave-one-out (the binariser is refitted
-    without the held-out scan); AUC of the log-odds. Fused models pick α by 2-fold
+    family (a query's own rescans are left out of its posterior). Group classification:
+    two classes, leave one individual out (the binariser is refitted without it); AUC
+    of the log-odds. Fused models pick α by 2-fold
     cross-validation over families. Baseline: a linear SVM on standardised raw CNN
     vectors (leave-one-out decision values; group task only — one scan per class
     leaves nothing to train on for families).
@@ -854,7 +856,7 @@ def evaluate_fusion(
     (task → model → (scores, labels)), ``correlation`` (r between the shallow and deep
     pair log-likelihoods), ``scatter`` (their values), ``alphas`` and ``timings``.
     """
-    from sklearn.model_selection import LeaveOneOut, cross_val_predict
+    from sklearn.model_selection import LeaveOneGroupOut, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
@@ -876,8 +878,15 @@ def evaluate_fusion(
     kw: dict[str, Any] = {"exclude": loo, "n_neighbors": n_neighbors, "progress": progress}
     fam_kp3 = keypoint_log_likelihoods(feats.kps3d, feats.kps3d, subj, n, **kw)
     fam_kp2 = keypoint_log_likelihoods(feats.kps2d, feats.kps2d, subj, n, **kw)
-    grp_kp3 = keypoint_log_likelihoods(feats.kps3d, feats.kps3d, grp, 2, **kw)
-    grp_kp2 = keypoint_log_likelihoods(feats.kps2d, feats.kps2d, grp, 2, **kw)
+    same = ind[:, None] == ind[None, :]
+    # group task: leave one *individual* out, so a rescan never trains its own query
+    held = [np.flatnonzero(~same[i]) for i in range(n)]
+    grp_kp3, grp_kp2 = np.zeros((n, 2)), np.zeros((n, 2))
+    for i, tr in enumerate(held):
+        for out, sets in ((grp_kp3, feats.kps3d), (grp_kp2, feats.kps2d)):
+            out[i] = keypoint_log_likelihoods(
+                [sets[i]], [sets[j] for j in tr], grp[tr], 2, n_neighbors=n_neighbors
+            )[0]
     timings["keypoint_likelihoods"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -887,13 +896,12 @@ def evaluate_fusion(
     # which use no labels, so fitting them on every scan leaks nothing
     vb = MIBinarizer().fit(v).transform(v)
     fam_bin = vector_log_likelihoods(vb, vb, subj, n, exclude=loo)
-    grp_raw = vector_log_likelihoods(v, v, grp, 2, exclude=loo)
-    grp_bin = np.zeros((n, 2))
-    for i in range(n):
-        keep = loo != i
-        b = MIBinarizer().fit(v[keep], grp[keep])
+    grp_raw, grp_bin = np.zeros((n, 2)), np.zeros((n, 2))
+    for i, tr in enumerate(held):
+        grp_raw[i] = vector_log_likelihoods(v[i : i + 1], v[tr], grp[tr], 2)[0]
+        b = MIBinarizer().fit(v[tr], grp[tr])  # refitted without the held-out individual
         grp_bin[i] = vector_log_likelihoods(
-            b.transform(v[i : i + 1]), b.transform(v[keep]), grp[keep], 2
+            b.transform(v[i : i + 1]), b.transform(v[tr]), grp[tr], 2
         )[0]
     timings["vector_likelihoods"] = time.perf_counter() - t0
 
@@ -913,12 +921,12 @@ def evaluate_fusion(
         "CNN (binarized)": (fam_bin, grp_bin),
     }
     for name, (f, g) in single.items():
-        models[name] = (_masked_posterior(f), log_posterior(g))
+        models[name] = (_masked_posterior(f, same), log_posterior(g))
     for name, kf_, kg in (
         ("3D keypoints + CNN (B)", fam_kp3, grp_kp3),
         ("2D keypoints + CNN (B)", fam_kp2, grp_kp2),
     ):
-        f, af = _fold_alpha(kf_, fam_bin, folds, fam_score, _masked_posterior)
+        f, af = _fold_alpha(kf_, fam_bin, folds, fam_score, lambda x: _masked_posterior(x, same))
         g, ag = _fold_alpha(kg, grp_bin, folds, grp_score, log_posterior)
         models[name] = (f, g)
         alphas[name] = af + ag
@@ -938,7 +946,9 @@ def evaluate_fusion(
 
     t0 = time.perf_counter()
     svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=20000))
-    dec = cross_val_predict(svm, v, grp, cv=LeaveOneOut(), method="decision_function")
+    dec = cross_val_predict(
+        svm, v, grp, groups=ind, cv=LeaveOneGroupOut(), method="decision_function"
+    )
     rows["linear SVM on CNN (raw)"] = {"family": float("nan"), "group": roc_auc(dec, y_grp)}
     curves["group"]["linear SVM on CNN (raw)"] = (np.asarray(dec, dtype=np.float64), y_grp)
     timings["svm_loo"] = time.perf_counter() - t0
