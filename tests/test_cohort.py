@@ -146,3 +146,38 @@ def test_bad_arguments(kwargs: dict[str, object]) -> None:
     args = {**TINY, **kwargs}
     with pytest.raises(InvalidArgumentError):
         simulate_cohort(None, progress=False, **args)  # type: ignore[arg-type]
+
+
+def test_transform_column_is_the_scan_pose() -> None:
+    # with anatomy and acquisition effects off, a scan is the template seen through its pose
+    from scipy import ndimage as ndi
+
+    c = simulate_cohort(
+        None,
+        seed=2,
+        progress=False,
+        family_deformation_mm=0,
+        personal_deformation_mm=0,
+        family_texture=0,
+        personal_texture=0,
+        group_effect=0,
+        bias=0,
+        contrast=0,
+        noise=0,
+        n_families=1,
+        family_size=1,
+        n_rescans=0,
+        resolution_mm=4.0,
+        shape=(16, 18, 16),
+    )
+    tpl = C._template(4.0)
+    img = c.image(0)
+    pose = np.asarray(json.loads(c.table[0]["transform"])).reshape(4, 4)
+    assert c.table[0]["rotation_deg"] > 0
+    vox = np.linalg.inv(tpl.affine) @ np.linalg.inv(pose) @ img.affine
+    ijk = np.indices(img.shape).reshape(3, -1)
+    coords = vox[:3, :3] @ ijk + vox[:3, 3:4]
+    expect = ndi.map_coordinates(tpl.t1, coords, order=1, mode="constant").reshape(img.shape)
+    assert np.allclose(img.data, expect, atol=1e-2 * float(tpl.t1.max()))
+    lab = ndi.map_coordinates(tpl.labels, coords, order=0, mode="constant").reshape(img.shape)
+    assert (lab == c.label_map(0).data).mean() > 0.99
