@@ -111,3 +111,17 @@ def test_extract_batch_real(tmp_path: Path) -> None:
     kps = kf.KeypointSet.load(res.written[0])
     assert kps == kf.extract(good, device="cpu")
     assert (tmp_path / "keys" / "failures.csv").exists()
+
+
+def test_dask_scheduler_address(tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    ins = _inputs(tmp_path, ["x", "bad", "z"])
+    outs = [tmp_path / "out" / f"{p.stem}.up" for p in ins]
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        res = batch.run_batch(
+            _copy_upper, ins, outs, scheduler=cluster.scheduler_address, progress=False
+        )
+    assert res.written == [outs[0], outs[2]] and outs[2].read_text() == "Z"
+    assert [f.error for f in res.failures] == ["ValueError"]
