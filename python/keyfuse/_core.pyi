@@ -52,15 +52,8 @@ def gpu_kde_class_sums(
 ) -> npt.NDArray[np.float64]: ...
 def gpu_scale_space(
     volume: npt.NDArray[np.float32],
-    sigma0: float = 1.6,
-    scales_per_octave: int = 3,
-    initial_blur: float = 0.5,
-    min_size: int = 8,
-    max_octaves: int = 0,
-    peak_threshold: float = 0.008,
-    descriptor_radius: float = 3.0,
-    border: float = 2.0,
     keep_images: bool = False,
+    **params: float,
 ) -> list[dict[str, object]]: ...
 
 # --- segment.rs ---

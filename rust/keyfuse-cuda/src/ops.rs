@@ -5,6 +5,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use keyfuse_core::{KfError, Result, DESC_LEN};
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 
+use keyfuse_core::extract::ExtractParams;
 use keyfuse_core::jaccard::jaccard_from;
 
 use crate::runtime::{dev_err, Gpu};
@@ -224,18 +225,29 @@ pub struct ScaleSpaceParams {
     pub keep_images: bool,
 }
 
+impl ScaleSpaceParams {
+    /// The detection parameters of an extractor configuration (`keep_images` off).
+    pub fn from_extract(p: &ExtractParams) -> Self {
+        Self {
+            sigma0: p.sigma0,
+            scales_per_octave: p.scales_per_octave as usize,
+            initial_blur: p.initial_blur,
+            min_size: p.min_size as usize,
+            max_octaves: p.max_octaves as usize,
+            peak_threshold: p.peak_threshold as f32,
+            descriptor_radius: p.descriptor_radius,
+            border: p.border,
+            keep_images: false,
+        }
+    }
+}
+
 impl Default for ScaleSpaceParams {
+    /// The CPU extractor's defaults (`ExtractParams::default()`), images kept.
     fn default() -> Self {
         Self {
-            sigma0: 1.6,
-            scales_per_octave: 3,
-            initial_blur: 0.5,
-            min_size: 8,
-            max_octaves: 0,
-            peak_threshold: 0.008,
-            descriptor_radius: 3.0,
-            border: 2.0,
             keep_images: true,
+            ..Self::from_extract(&ExtractParams::default())
         }
     }
 }

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use keyfuse_core::extract::ExtractParams;
 use keyfuse_core::{KfError, DESC_LEN};
 use keyfuse_cuda::ops::{intensity_scale, ScaleSpaceParams, SjParams};
 use numpy::{
@@ -301,36 +302,32 @@ fn gpu_kde_class_sums<'py>(
 
 /// The extractor's DoG scale space on the GPU: intensities normalised as the CPU
 /// extractor does (99.5th percentile of |value| → 1), Gaussian levels, DoGs and strict
-/// 80-neighbour extrema per octave, with the CPU's blur, schedule and margins. Returns a
-/// list of dicts, one per octave: `shape`, `extrema` ((n, 5) int64: DoG level, i, j, k,
-/// polarity) and, with `keep_images`, `gaussians` / `dogs` (lists of float32 volumes).
+/// 80-neighbour extrema per octave, with the CPU's blur, schedule and margins. `params` are
+/// `extract3d`'s (same names and defaults; the detection ones are used). Returns a list of
+/// dicts, one per octave: `shape`, `extrema` ((n, 5) int64: DoG level, i, j, k, polarity)
+/// and, with `keep_images`, `gaussians` / `dogs` (lists of float32 volumes).
 #[pyfunction]
-#[pyo3(signature = (volume, sigma0=1.6, scales_per_octave=3, initial_blur=0.5, min_size=8,
-    max_octaves=0, peak_threshold=0.008, descriptor_radius=3.0, border=2.0, keep_images=false))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (volume, keep_images=false, **params))]
 fn gpu_scale_space<'py>(
     py: Python<'py>,
     volume: PyReadonlyArray3<'py, f32>,
-    sigma0: f64,
-    scales_per_octave: usize,
-    initial_blur: f64,
-    min_size: usize,
-    max_octaves: usize,
-    peak_threshold: f32,
-    descriptor_radius: f64,
-    border: f64,
     keep_images: bool,
+    params: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyList>> {
+    let mut ep = ExtractParams::default();
+    if let Some(kw) = params {
+        for (k, v) in kw.iter() {
+            let name: String = k.extract()?;
+            let value: f64 = v
+                .extract()
+                .map_err(|_| invalid(py, format!("parameter {name:?} must be a number")))?;
+            ep.set(&name, value).map_err(|e| to_pyerr(py, e))?;
+        }
+    }
+    ep.validate().map_err(|e| to_pyerr(py, e))?;
     let params = ScaleSpaceParams {
-        sigma0,
-        scales_per_octave,
-        initial_blur,
-        min_size,
-        max_octaves,
-        peak_threshold,
-        descriptor_radius,
-        border,
         keep_images,
+        ..ScaleSpaceParams::from_extract(&ep)
     };
     ensure_nvrtc(py);
     let v = volume.as_array();
