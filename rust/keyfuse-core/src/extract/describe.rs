@@ -33,6 +33,7 @@ fn normalise(a: [f32; 3]) -> Option<[f32; 3]> {
 }
 
 /// Eigenvalues of a symmetric 3×3 matrix (cyclic Jacobi, fixed sweeps), descending.
+#[allow(clippy::needless_range_loop)] // index loops mirror the matrix algebra
 pub(crate) fn sym_eigenvalues(m: [[f64; 3]; 3]) -> [f64; 3] {
     let mut a = m;
     for _ in 0..12 {
@@ -199,7 +200,11 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
     }
     let e = sym_eigenvalues(t);
     let (tr, det) = (e[0] + e[1] + e[2], e[0] * e[1] * e[2]);
-    if p.tensor_ratio > 0.0 && (e[2] <= 0.0 || !(tr * tr * tr < p.tensor_ratio * det)) {
+    if p.tensor_ratio > 0.0
+        && (e[2] <= 0.0
+            || (tr * tr * tr).partial_cmp(&(p.tensor_ratio * det))
+                != Some(std::cmp::Ordering::Less))
+    {
         return None;
     }
     let frames = orientations(&grads, p);
@@ -355,6 +360,7 @@ fn orientations(grads: &[([f32; 3], f32)], p: &ExtractParams) -> Vec<Frame> {
 /// Per-sample spatial weights of the descriptor grid: for each of the `ND`³ samples,
 /// its Gaussian window (σ = half the window) times its trilinear weight on each of the
 /// 2×2×2 cells. The same for every keypoint, so computed once.
+#[allow(clippy::needless_range_loop)]
 fn desc_weights() -> &'static Vec<[f32; 8]> {
     static W: OnceLock<Vec<[f32; 8]>> = OnceLock::new();
     W.get_or_init(|| {
@@ -444,7 +450,7 @@ pub(crate) fn descriptor(
         }
     }
     let total: f32 = hist.iter().sum();
-    if !(total > 1e-9) {
+    if total.is_nan() || total <= 1e-9 {
         return None;
     }
     Some(rank64(&hist))

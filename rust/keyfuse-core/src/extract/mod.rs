@@ -348,7 +348,7 @@ pub fn extract3d(
             params.max_voxels
         )));
     }
-    if n.iter().any(|&x| x == 0) {
+    if n.contains(&0) {
         return Ok(Keypoints::default());
     }
     let mut vol = Vol::zeros(n)?;

@@ -131,7 +131,8 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
         }
     }
     let (tr, det) = (txx + tyy, txx * tyy - txy * txy);
-    if det <= 0.0 || !(tr * tr < EDGE_RATIO_2D * det) {
+    if det <= 0.0 || (tr * tr).partial_cmp(&(EDGE_RATIO_2D * det)) != Some(std::cmp::Ordering::Less)
+    {
         return None;
     }
     let disc = ((txx - tyy).powi(2) / 4.0 + txy * txy).sqrt();
@@ -240,7 +241,7 @@ pub(crate) fn descriptor(
         }
     }
     let total: f32 = hist.iter().sum();
-    if !(total > 1e-9) {
+    if total.is_nan() || total <= 1e-9 {
         return None;
     }
     Some(rank64(&hist))

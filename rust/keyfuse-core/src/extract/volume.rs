@@ -262,6 +262,7 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
 /// the copy equals clamped sampling of `src`). Returns the block and its origin, the
 /// `src` index of the block's voxel (0, 0, 0). Sampling many rotated points from this
 /// small contiguous copy is much more cache-friendly than from the whole volume.
+#[cfg(test)]
 pub(crate) fn block(src: &Vol, c: [f32; 3], r: usize) -> Result<(Vol, [isize; 3])> {
     let mut out = Vol {
         n: [0; 3],

@@ -1,0 +1,262 @@
+"""Benchmark of ``kf.extract`` on the MNI152 template and on a copy rotated 15° about the
+third voxel axis and scaled 1.1 (issue 2, TARGETS.md).
+
+Prints, for keyfuse and (from the stored reference key files) for featExtract on the same
+two volumes: wall time (median of a few runs, keyfuse only), peak memory (``ru_maxrss`` of
+a fresh subprocess per measurement, since tracemalloc cannot see Rust allocations),
+keypoint counts, repeatability and nearest-neighbour + ratio-0.8 match precision.
+
+Definitions
+-----------
+* keypoint = one detection (distinct location); rows = oriented features.
+* repeatability = fraction of the original volume's keypoints whose location, mapped
+  through the known transform q = A·p + t, has a keypoint of the rotated volume within
+  2 voxels (distances in the rotated grid's voxels).
+* matches = for every row of the original set, its nearest row of the rotated set in
+  descriptor space (Euclidean on the 64 ranks), kept when d1/d2 ≤ 0.8 (d2 = distance to the
+  nearest row that belongs to a different keypoint, so a keypoint's own extra orientations
+  cannot veto its match; the "plain 2nd-NN" lines use the second-nearest row instead);
+  a match is correct when the mapped location of the original row lies within 2 voxels
+  of the matched row's location.
+
+Run: ``make bench`` or ``.venv/bin/python benches/extract.py [--repeats 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+import keyfuse as kf
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = next(
+    (
+        p / "data" / "reference-keys"
+        for p in (ROOT / "shared", ROOT.parent / "shared")
+        if (p / "data" / "reference-keys").is_dir()
+    ),
+    None,
+)
+
+# One measurement in a fresh interpreter: load the volume, time kf.extract `repeats`
+# times, report the times, the row/keypoint counts and the process's peak RSS.
+_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+import keyfuse as kf
+src, repeats = sys.argv[1], int(sys.argv[2])
+if src == "mni":
+    img = kf.datasets.mni152()
+else:
+    img = kf.Image(np.load(src), np.eye(4))
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times, cpu = [], []
+for _ in range(repeats):
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    kps = kf.extract(img, device="cpu")
+    times.append(time.perf_counter() - t0)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"times": times, "cpu": cpu, "rss_before_kb": rss0, "rss_kb": rss}))
+"""
+
+
+def rotated_volume(data: np.ndarray, angle_deg: float = 15.0, scale: float = 1.1):
+    """Rotate about the third voxel axis and scale; the grid is enlarged so that nothing
+    is cropped and the content is centred. Returns (volume, A, t) with q = A·p + t."""
+    a = math.radians(angle_deg)
+    A = scale * np.array(
+        [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]]
+    )
+    A[2, 2] = scale
+    n = np.array(data.shape)
+    corners = np.array(np.meshgrid(*[[0, m - 1] for m in n], indexing="ij")).reshape(3, -1)
+    q = A @ corners
+    span = q.max(axis=1) - q.min(axis=1)
+    new_shape = np.ceil(span).astype(int) + 1
+    t = (new_shape - 1 - span) / 2 - q.min(axis=1)
+    inv = np.linalg.inv(A)
+    out = ndimage.affine_transform(
+        data, inv, offset=-inv @ t, output_shape=tuple(new_shape), order=1, cval=0.0
+    )
+    return out.astype(np.float32), A, t
+
+
+def measure(src: str, repeats: int) -> dict:
+    """Run the child measurement in a fresh interpreter (single-threaded cold start)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, src, str(repeats)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def unique_points(kps: kf.KeypointSet) -> np.ndarray:
+    """Indices of the first row of each distinct keypoint location."""
+    _, first = np.unique(np.round(kps.ijk, 4), axis=0, return_index=True)
+    return np.sort(first)
+
+
+def repeatability(a: kf.KeypointSet, b: kf.KeypointSet, A: np.ndarray, t: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    pa = a.ijk[unique_points(a)] @ A.T + t
+    pb = b.ijk[unique_points(b)]
+    if len(pa) == 0 or len(pb) == 0:
+        return float("nan")
+    d, _ = cKDTree(pb).query(pa)
+    return float(np.mean(d <= 2.0))
+
+
+def ratio_matches(
+    a: kf.KeypointSet,
+    b: kf.KeypointSet,
+    A: np.ndarray,
+    t: np.ndarray,
+    ratio: float = 0.8,
+    per_keypoint: bool = True,
+) -> tuple[int, float]:
+    """(number of NN + ratio matches, fraction correct within 2 voxels).
+
+    ``per_keypoint``: the second neighbour is the nearest row of a *different* keypoint
+    (else simply the second-nearest row, which may be another orientation of the same
+    keypoint and then vetoes a correct match)."""
+    if len(a) == 0 or len(b) < 2:
+        return 0, float("nan")
+    da = a.descriptors.astype(np.float32)
+    db = b.descriptors.astype(np.float32)
+    # keypoint id of each row of b (rows of one detection share a location)
+    _, bid = np.unique(np.round(b.ijk, 4), axis=0, return_inverse=True)
+    bid = bid.ravel()
+    n_ok = n_all = 0
+    nb2 = (db * db).sum(1)
+    for s in range(0, len(da), 1024):
+        q = da[s : s + 1024]
+        d2 = (q * q).sum(1)[:, None] + nb2[None, :] - 2.0 * q @ db.T
+        d2 = np.maximum(d2, 0.0)
+        j1 = d2.argmin(1)
+        rows = np.arange(len(q))
+        d1 = d2[rows, j1]
+        other = d2.copy()
+        if per_keypoint:
+            other[bid[None, :] == bid[j1][:, None]] = np.inf  # rows of the same keypoint
+        else:
+            other[rows, j1] = np.inf
+        dd2 = other.min(1)
+        keep = np.sqrt(d1) <= ratio * np.sqrt(dd2)
+        mapped = a.ijk[s : s + 1024] @ A.T + t
+        err = np.linalg.norm(mapped - b.ijk[j1], axis=1)
+        n_all += int(keep.sum())
+        n_ok += int((keep & (err <= 2.0)).sum())
+    return n_all, (n_ok / n_all if n_all else float("nan"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per volume (median)")
+    args = ap.parse_args()
+
+    mni = kf.datasets.mni152()
+    rot, A, t = rotated_volume(np.asarray(mni.data, dtype=np.float32))
+    print(f"MNI152 {mni.shape}; rotated 15° ×1.1 → {rot.shape}")
+    if REF is not None:
+        ref_t = json.loads((REF / "mni152_t1_1mm_rot15z_s1.1.transform.json").read_text())
+        dA = np.abs(np.array(ref_t["A"]) - A).max()
+        dt = np.abs(np.array(ref_t["t"]) - t).max()
+        print(
+            f"  vs reference transform.json: max|ΔA| = {dA:.2e}, max|Δt| = {dt:.2e}, "
+            f"shape {tuple(ref_t['new_shape'])} vs {rot.shape}"
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rot_path = str(Path(tmp) / "rot.npy")
+        np.save(rot_path, rot)
+        m_orig = measure("mni", args.repeats)
+        m_rot = measure(rot_path, args.repeats)
+
+    k_orig = kf.extract(mni, device="cpu")
+    k_rot = kf.extract(kf.Image(rot, np.eye(4)), device="cpu")
+    rep = repeatability(k_orig, k_rot, A, t)
+    n_m, prec = ratio_matches(k_orig, k_rot, A, t)
+    n_p, prec_p = ratio_matches(k_orig, k_rot, A, t, per_keypoint=False)
+
+    print()
+    print(f"{'':34s}{'keyfuse':>14s}{'featExtract':>14s}{'target':>12s}")
+
+    def row(name: str, ours: str, ref: str = "", target: str = "") -> None:
+        print(f"{name:34s}{ours:>14s}{ref:>14s}{target:>12s}")
+
+    med = lambda m: float(np.median(m["times"]))  # noqa: E731
+    row("time MNI (s, median)", f"{med(m_orig):.3f}", "1.85*", "≤ 0.6")
+    row("time rotated (s, median)", f"{med(m_rot):.3f}", "4.35*", "≤ 1.4")
+    cpu = lambda m: float(np.median(m["cpu"]))  # noqa: E731
+    row("  CPU time MNI / rotated (s)", f"{cpu(m_orig):.2f}/{cpu(m_rot):.2f}")
+    row("peak RSS MNI (MB)", f"{m_orig['rss_kb'] / 1024:.0f}", "197*", "≤ 300")
+    row("  of which before extract (MB)", f"{m_orig['rss_before_kb'] / 1024:.0f}")
+    row("peak RSS rotated (MB)", f"{m_rot['rss_kb'] / 1024:.0f}")
+
+    ref_orig = ref_rot = None
+    if REF is not None:
+        ref_orig = kf.read_key(REF / "mni152_t1_1mm.featExtract.key")
+        ref_rot = kf.read_key(REF / "mni152_t1_1mm_rot15z_s1.1.featExtract.key")
+
+    def cnt(k: kf.KeypointSet | None) -> str:
+        return "" if k is None else f"{len(unique_points(k))}/{len(k)}"
+
+    row("keypoints/rows MNI", cnt(k_orig), cnt(ref_orig))
+    row("keypoints/rows rotated", cnt(k_rot), cnt(ref_rot))
+    ref_rep = ref_n = ref_prec = ref_np = ref_pp = None
+    if ref_orig is not None and ref_rot is not None:
+        ref_rep = repeatability(ref_orig, ref_rot, A, t)
+        ref_n, ref_prec = ratio_matches(ref_orig, ref_rot, A, t)
+        ref_np, ref_pp = ratio_matches(ref_orig, ref_rot, A, t, per_keypoint=False)
+    row(
+        "repeatability (2 vox)",
+        f"{100 * rep:.1f}%",
+        "" if ref_rep is None else f"{100 * ref_rep:.1f}%",
+        "≥ 90%",
+    )
+    row(
+        "NN+ratio 0.8 matches",
+        f"{n_m}",
+        "" if ref_n is None else f"{ref_n}",
+        "≥ 700",
+    )
+    row(
+        "  correct (2 vox)",
+        f"{100 * prec:.1f}%",
+        "" if ref_prec is None else f"{100 * ref_prec:.1f}%",
+        "≥ 92%",
+    )
+    row(
+        "  plain 2nd-NN: matches",
+        f"{n_p}",
+        "" if ref_np is None else f"{ref_np}",
+    )
+    row(
+        "  plain 2nd-NN: correct",
+        f"{100 * prec_p:.1f}%",
+        "" if ref_pp is None else f"{100 * ref_pp:.1f}%",
+    )
+    print(
+        "machine load average (1 min): "
+        f"{__import__('os').getloadavg()[0]:.1f} — wall times on a loaded machine are inflated"
+    )
+    print("* featExtract times/memory: TARGETS.md (measured by the project, not re-run here)")
+
+
+if __name__ == "__main__":
+    main()
