@@ -308,14 +308,12 @@ def roc_plot(
 ) -> Path:
     """Write a PNG with one ROC curve per entry of ``curves`` (name → (scores, labels)).
 
-    The legend gives each curve's AUC. Uses matplotlib's Agg backend (no display
-    needed). Returns the path written.
+    The legend gives each curve's AUC. Renders off-screen with matplotlib (no display
+    needed, pyplot's state untouched). Returns the path written.
     """
     if not curves:
         raise InvalidArgumentError("roc_plot needs at least one curve")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # a bare Figure renders with Agg and never touches pyplot's global backend
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.0, 5.0), dpi=100)
