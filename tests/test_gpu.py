@@ -233,3 +233,26 @@ def test_gpu_extract_equals_cpu_extract() -> None:
     assert len(gpu) == len(cpu) > 0
     np.testing.assert_allclose(gpu.ijk, cpu.ijk, atol=0.01)
     np.testing.assert_array_equal(gpu.descriptors, cpu.descriptors)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_index_on_the_gpu_equals_exact_cpu_search() -> None:
+    import keyfuse as kf
+
+    data, sizes = _cohort(6, 120, seed=4)
+    index = kf.Index()
+    start = 0
+    for s, n in enumerate(sizes):
+        desc = data[start : start + n]
+        start += n
+        ijk = np.zeros((n, 3))
+        kps = kf.KeypointSet(ijk, np.ones(n, np.float32), np.tile(np.eye(3), (n, 1, 1)), desc)
+        index.add(f"s{s}", kps)
+    for symmetric in (False, True):
+        cpu = index.pairwise(symmetric, exact=True, device="cpu")
+        gpu = index.pairwise(symmetric, device="cuda")
+        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-9)
+    cpu_s = index.scores("s2", exact=True, device="cpu")
+    gpu_s = index.scores("s2", device="cuda")
+    np.testing.assert_allclose(gpu_s, cpu_s, rtol=0, atol=1e-9)

@@ -307,6 +307,17 @@ class Index:
         self._sources.append(src)
 
     # -- searching --------------------------------------------------------------------
+    def _gpu_cohort(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every subject's descriptors in order and their counts (the GPU engine's input),
+        cached until a subject is added (subjects are only ever appended)."""
+        cached: tuple[int, np.ndarray, np.ndarray] | None = getattr(self, "_gpu_cache", None)
+        if cached is None or cached[0] != len(self):
+            data = np.concatenate([np.asarray(k.descriptors, dtype=np.uint8) for k in self._kps])
+            sizes = np.array([len(k) for k in self._kps], dtype=np.int64)
+            cached = (len(self), np.ascontiguousarray(data), sizes)
+            self._gpu_cache = cached
+        return cached[1], cached[2]
+
     def _use_exact(self, exact: bool | None) -> bool:
         return self.n_keypoints < self.exact_below if exact is None else bool(exact)
 
@@ -349,7 +360,7 @@ class Index:
         (0 for subjects excluded or outside ``restrict``). See :meth:`search`."""
         from keyfuse.matching import _as_keypoints
 
-        resolve_device(device)
+        backend = resolve_device(device)
         if isinstance(query, str) and query in self._pos and exclude is None:
             exclude = query
             query = self._kps[self._pos[query]]
@@ -358,6 +369,19 @@ class Index:
         mask = self._mask(restrict)
         if len(self) == 0:
             return np.zeros(0)
+        if backend == "cuda" and self.k <= 32:  # exact search on the GPU (keyfuse-cuda)
+            data, sizes = self._gpu_cohort()
+            return np.asarray(
+                _core.gpu_cohort_search(
+                    data,
+                    sizes,
+                    np.ascontiguousarray(kps.descriptors, dtype=np.uint8),
+                    exclude=ex,
+                    allowed=None if mask is None else [bool(x) for x in mask],
+                    k=self.k,
+                    alpha2_cap_fraction=self.alpha2_cap_fraction,
+                )
+            )
         return np.asarray(
             self._engine.search(
                 np.ascontiguousarray(kps.descriptors, dtype=np.uint8),
@@ -399,7 +423,7 @@ class Index:
             Brute-force k-NN; default: exact below ``exact_below`` keypoints, else the
             kd-forest.
         device : {"auto", "cpu", "cuda"}
-            Backend (CPU for now).
+            Backend; on CUDA the search is exact (brute force on the GPU).
 
         Returns
         -------
@@ -432,9 +456,20 @@ class Index:
         """N×N soft-Jaccard matrix: row a = subject a's keypoints scored against every
         other subject (its own excluded); diagonal 1. ``symmetric`` averages the two soft
         intersections, giving a symmetric matrix."""
-        resolve_device(device)
+        backend = resolve_device(device)
         if len(self) == 0:
             return np.zeros((0, 0))
+        if backend == "cuda" and self.k <= 32:  # exact, all subjects in one GPU pass
+            data, sizes = self._gpu_cohort()
+            return np.asarray(
+                _core.gpu_cohort_pairwise(
+                    data,
+                    sizes,
+                    k=self.k,
+                    alpha2_cap_fraction=self.alpha2_cap_fraction,
+                    symmetric=symmetric,
+                )
+            )
         return np.asarray(
             self._engine.pairwise(
                 k=self.k,
