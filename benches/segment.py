@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--baseline-tests", type=int, default=3)
     ap.add_argument("--affine-iterations", type=int, default=100)
     ap.add_argument("--demons-iterations", type=int, default=30)
-    ap.add_argument("--nu", type=float, default=50.0)
+    ap.add_argument("--nu", type=float, default=300.0)
     ap.add_argument("--no-crop", action="store_true")
     args = ap.parse_args()
 

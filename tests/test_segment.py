@@ -241,9 +241,6 @@ def test_core_transfer_matches_numpy_reference() -> None:
     assert agree.mean() > 0.999
 
 
-FINE = {"sigma0": 0.8, "initial_blur": 0.25}  # fine scales: many keypoints in a small volume
-
-
 def textured_atlas() -> tuple[np.ndarray, np.ndarray]:
     """A large ellipsoid split into three organs, filled with a blobby texture."""
     from scipy import ndimage
@@ -262,7 +259,8 @@ def test_real_keypoints_segment_a_translated_copy() -> None:
     """End to end with extracted keypoints and kf.match."""
     labels, image = textured_atlas()
     shift = (2, 3, -3)
-    seg = KeypointTransferSegmenter(progress=False, device="cpu", extract_params=FINE)
+    # 2 mm voxels: extraction at 1 mm-equivalent scales by default
+    seg = KeypointTransferSegmenter(progress=False, device="cpu")
     seg.fit([kf.Image(image, AFFINE)], [labels])
     assert len(seg._atlases[0].keypoints) > 30
     out = seg.predict(kf.Image(translate(image, shift), AFFINE))

@@ -8,10 +8,14 @@ maps are summed with weights (vote certainty × match probability × local inten
 likelihood) and each voxel takes the label of highest normalised weight, or background
 below 15%. The voting and the transfer accumulation run in Rust (``keyfuse._core``).
 
-Intensities (MRI) are normalised per image before the intensity likelihood is computed:
-the 99th percentile of the foreground voxels (those above 10% of the image's 99th
-percentile) is mapped to 1000 and zero stays zero, so bright tissue (T1 white matter)
-sits near 800–1000 in every image whatever its scanner gain. ``nu`` is in these units.
+Intensities (MRI) are normalised per image before the intensity likelihood is computed
+(:func:`normalize_intensity`): each voxel is divided by the mean foreground intensity
+within about 20 mm around it and multiplied by 1000, which removes the scanner gain and
+most of a smooth bias field, and behaves the same on a cropped field of view. ``nu`` is in
+these units; the default 300 was chosen on the simulated cohort (T1 grey and white matter
+differ by ~300 there). Mean Dice over the five labels on two leave-one-out scans of a
+20-scan 2 mm cohort: ν = 150 → 0.727, 300 → 0.760, 500 → 0.725, no intensity term → 0.61;
+with a global gain-only normalisation instead of the local one the best was 0.737.
 """
 
 from __future__ import annotations
@@ -36,26 +40,55 @@ if TYPE_CHECKING:
     from keyfuse.keypoints import KeypointSet
 
 PathLike = str | os.PathLike[str]
-NORMALISED_MAX = 1000.0
+NORMALISED_MEAN = 1000.0
+DEFAULT_NU = 300.0
 
 
-def normalize_intensity(data: npt.ArrayLike) -> npt.NDArray[np.float32]:
-    """Scale an MRI volume so that bright tissue sits near 1000 (zero stays zero).
+def normalize_intensity(
+    data: npt.ArrayLike,
+    spacing: Sequence[float] | npt.ArrayLike = (1.0, 1.0, 1.0),
+    bias_mm: float | None = 20.0,
+) -> npt.NDArray[np.float32]:
+    """Put an MRI volume on a common intensity scale: 1000 × intensity / local mean.
 
-    The scale maps the 99th percentile of the foreground (voxels above 10% of the whole
-    image's 99th percentile) to 1000. It is a gain correction only: robust to the crop
-    of a limited field of view as long as some bright tissue is in view, not a bias-field
-    correction. Non-finite voxels raise :class:`InvalidImageError`.
+    The foreground is the voxels above 10% of the image's robust maximum (99th
+    percentile). Each voxel is divided by the Gaussian-weighted mean (σ = ``bias_mm``) of
+    the foreground around it and multiplied by 1000: scanner gain and a smooth bias field
+    cancel, tissue contrast stays (T1: grey matter ≈ 850, white matter ≈ 1150). Background
+    voxels far from any foreground are scaled by the global foreground mean. With
+    ``bias_mm=None`` only the global gain is removed (foreground mean → 1000). Zero stays
+    zero; non-finite voxels raise :class:`InvalidImageError`.
+
+    Parameters
+    ----------
+    data : array
+        The 3D volume.
+    spacing : 3 floats, default (1, 1, 1)
+        Voxel sizes in mm (for the width of the local mean).
+    bias_mm : float or None, default 20.0
+        Width (mm) of the local mean.
     """
     arr = np.asarray(data, dtype=np.float32)
     if not np.all(np.isfinite(arr)):
         raise InvalidImageError("image has NaN or infinite voxels")
-    top = float(np.percentile(arr, 99.0))
+    top = float(np.percentile(arr, 99.0)) if arr.size else 0.0
     if top <= 0.0:
         return np.zeros_like(arr)
-    fg = arr[arr > 0.1 * top]
-    scale = float(np.percentile(fg, 99.0)) if fg.size else top
-    return (arr * np.float32(NORMALISED_MAX / scale)).astype(np.float32, copy=False)
+    fg = arr > 0.1 * top
+    global_mean = float(arr[fg].mean())
+    out = arr * np.float32(NORMALISED_MEAN / global_mean)
+    if bias_mm is None or arr.ndim != 3:
+        return out.astype(np.float32, copy=False)
+    from scipy import ndimage
+
+    sigma = [float(bias_mm) / max(float(s), 1e-6) for s in np.asarray(spacing).ravel()[:3]]
+    mask = fg.astype(np.float32)
+    num = ndimage.gaussian_filter(out * mask, sigma, mode="constant")
+    den = ndimage.gaussian_filter(mask, sigma, mode="constant")
+    # where the foreground is too sparse for a local mean, keep the global scaling
+    local = np.where(den > 0.05, num / np.maximum(den, 1e-6), NORMALISED_MEAN)
+    local = np.maximum(local, 0.05 * NORMALISED_MEAN)
+    return (out * (NORMALISED_MEAN / local)).astype(np.float32)
 
 
 @dataclass
@@ -192,10 +225,10 @@ class KeypointTransferSegmenter:
         Lowe's distance-ratio test for the keypoint matches.
     scale_factor : float, default 2.0
         Matched keypoints' scales may differ by at most this factor.
-    nu : float or mapping label → float or None, default 50.0
+    nu : float or mapping label → float or None, default 300.0
         Standard deviation of the intensity likelihood N(I(x) − I_m(x); ν²), in normalised
-        intensity units (bright tissue ≈ 1000, see :func:`normalize_intensity`); a
-        mapping sets it per label (labels it omits use 50). ``None`` or ``inf`` turns the
+        intensity units (local foreground mean = 1000, see :func:`normalize_intensity`); a
+        mapping sets it per label (labels it omits use 300). ``None`` or ``inf`` turns the
         intensity term off.
     background_fraction : float, default 0.15
         A voxel is background when its best label's probability is below this.
@@ -212,7 +245,9 @@ class KeypointTransferSegmenter:
     device : str, default "auto"
         Backend for extraction and matching (``"auto" | "cpu" | "cuda"``).
     extract_params : mapping, optional
-        Extra keyword arguments for :func:`keyfuse.extract`.
+        Extra keyword arguments for :func:`keyfuse.extract`. Unless given here, on scans
+        coarser than 1 mm ``sigma0`` and ``initial_blur`` are scaled by 1 mm / voxel size
+        (the scales of a 1 mm scan; the extractor's defaults find few keypoints at 2 mm).
     progress : bool, default True
         Show tqdm progress bars.
 
@@ -227,7 +262,7 @@ class KeypointTransferSegmenter:
         self,
         ratio: float = 0.9,
         scale_factor: float = 2.0,
-        nu: float | Mapping[int, float] | None = 50.0,
+        nu: float | Mapping[int, float] | None = DEFAULT_NU,
         background_fraction: float = 0.15,
         transfer_from: Mapping[int, Sequence[int]] | None = None,
         hough: bool = True,
@@ -280,7 +315,15 @@ class KeypointTransferSegmenter:
     def _extract(self, img: Image) -> KeypointSet:
         import keyfuse as kf
 
-        return kf.extract(img, device=self.device, **self.extract_params)
+        params = dict(self.extract_params)
+        # Keypoint transfer needs many keypoints: on coarse scans extract at the physical
+        # scales of a 1 mm scan (the extractor's σ0 and pre-blur are in voxels), which
+        # gives ~1200 rows on a 2 mm brain instead of ~30.
+        finest = float(np.min(img.spacing))
+        if finest > 1.0:
+            params.setdefault("sigma0", 1.6 / finest)
+            params.setdefault("initial_blur", 0.5 / finest)
+        return kf.extract(img, device=self.device, **params)
 
     def fit(
         self,
@@ -324,7 +367,7 @@ class KeypointTransferSegmenter:
             ):
                 raise InvalidArgumentError(f"label map {n} has a different affine than its image")
             intensity = (
-                normalize_intensity(img.data)
+                normalize_intensity(img.data, img.spacing)
                 if self.normalize
                 else np.asarray(img.data, dtype=np.float32)
             )
@@ -370,7 +413,7 @@ class KeypointTransferSegmenter:
             return float("inf") if v is None else float(v)
 
         if isinstance(self.nu, Mapping):
-            return np.array([one(self.nu.get(lab, 50.0)) for lab in labels], dtype=np.float32)
+            return np.array([one(self.nu.get(lab, DEFAULT_NU)) for lab in labels], dtype=np.float32)
         return np.full(len(labels), one(self.nu), dtype=np.float32)
 
     def _organs_for(self) -> dict[int, list[int]]:
@@ -413,7 +456,7 @@ class KeypointTransferSegmenter:
         kps = keypoints if keypoints is not None else self._extract(img)
         timings["extract"] = time.perf_counter() - t0
         intensity = (
-            normalize_intensity(img.data)
+            normalize_intensity(img.data, img.spacing)
             if self.normalize
             else np.asarray(img.data, dtype=np.float32)
         )
@@ -611,9 +654,9 @@ def _make_command() -> _click.Command:
     @click.option("--scale-factor", default=2.0, show_default=True, help="Match scale gate.")
     @click.option(
         "--nu",
-        default=50.0,
+        default=DEFAULT_NU,
         show_default=True,
-        help="Intensity likelihood σ (normalised units, bright tissue ≈ 1000); 0 = off.",
+        help="Intensity likelihood σ (normalised units: local tissue mean = 1000); 0 = off.",
     )
     @click.option(
         "--background-fraction",
