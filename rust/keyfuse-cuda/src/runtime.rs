@@ -4,7 +4,7 @@
 //! library it cannot open, so presence is checked first (`is_culib_present`), and the whole
 //! probe also runs inside `catch_unwind`. The outcome is cached in a `static OnceLock`.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, UnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -13,6 +13,27 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use keyfuse_core::{KfError, Result};
 
 use crate::kernels::{module_source, KERNEL_NAMES};
+
+/// Run `f`, turning a panic into `Err` without the default hook's message on stderr: a
+/// missing or too-old CUDA library must not print anything when `device="auto"` simply
+/// falls back to the CPU. (The hook is process-wide; it is swapped only around these
+/// short library probes.)
+fn quietly<T>(f: impl FnOnce() -> T + UnwindSafe) -> std::thread::Result<T> {
+    thread_local!(static DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) });
+    static LOCK: Mutex<()> = Mutex::new(());
+    if DEPTH.with(|d| d.get()) > 0 {
+        // nested inside an outer quiet section: its silent hook is already installed
+        return std::panic::catch_unwind(f);
+    }
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    DEPTH.with(|d| d.set(1));
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(f);
+    std::panic::set_hook(previous);
+    DEPTH.with(|d| d.set(0));
+    out
+}
 
 /// Environment variable naming an explicit `libnvrtc.so` to load (e.g. from the pip wheel).
 pub const NVRTC_PATH_ENV: &str = "KEYFUSE_NVRTC_PATH";
@@ -67,13 +88,13 @@ fn preload_from_env() {
 
 /// Whether the CUDA driver library (libcuda) can be opened. Never panics.
 pub fn driver_present() -> bool {
-    catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+    quietly(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
 }
 
 /// Whether the NVRTC library can be opened (after any preload). Never panics.
 pub fn nvrtc_present() -> bool {
     preload_from_env();
-    catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+    quietly(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
 
 /// Compile the whole kernel module to PTX for `arch` (e.g. `"compute_90"`).
@@ -93,7 +114,7 @@ pub fn compile_module(arch: &'static str) -> std::result::Result<Ptx, String> {
         ..Default::default()
     };
     let source = module_source();
-    catch_unwind(AssertUnwindSafe(|| compile_ptx_with_opts(&source, opts)))
+    quietly(AssertUnwindSafe(|| compile_ptx_with_opts(&source, opts)))
         .map_err(|_| "NVRTC panicked while compiling the keyfuse kernels".to_string())?
         .map_err(|e| match e {
             cudarc::nvrtc::CompileError::CompileError { log, .. } => {
@@ -124,7 +145,7 @@ pub fn compile_cubin(arch: &str) -> std::result::Result<Vec<u8>, String> {
         "--fmad=false".to_string(),
         format!("--gpu-architecture={arch}"),
     ];
-    catch_unwind(AssertUnwindSafe(|| unsafe {
+    quietly(AssertUnwindSafe(|| unsafe {
         let prog = result::create_program(&src, Some(&name)).map_err(|e| e.to_string())?;
         let out = (|| {
             if let Err(e) = result::compile_program(prog, &options) {
@@ -258,7 +279,9 @@ static GPU: OnceLock<std::result::Result<Gpu, String>> = OnceLock::new();
 
 fn probe_cached() -> &'static std::result::Result<Gpu, String> {
     GPU.get_or_init(|| {
-        catch_unwind(probe).unwrap_or_else(|_| Err("the CUDA probe panicked".into()))
+        quietly(probe).unwrap_or_else(|_| {
+            Err("the CUDA probe panicked (driver or NVRTC too old for CUDA 13?)".into())
+        })
     })
 }
 
@@ -345,6 +368,14 @@ mod tests {
             crate::kernels::KERNEL_NAMES.len()
         );
         assert!(bytes > 1000);
+    }
+
+    /// A panic inside a (nested) quiet section is caught and the sections do not deadlock.
+    #[test]
+    fn quiet_sections_catch_nested_panics() {
+        let inner = quietly(|| quietly(|| -> u8 { panic!("no libcuda") }).is_err());
+        assert!(matches!(inner, Ok(true)));
+        assert!(quietly(|| 7).is_ok());
     }
 
     /// The probe never panics and agrees with itself.
