@@ -1002,6 +1002,7 @@ impl Gpu {
 
     /// Per-class kernel sums of the fusion model (ALGORITHMS.md §4): for each query row q,
     /// `out[q, c] = Σ_{j: class[j]=c} exp(-d²(q, j) / denom[q])` over every database row.
+    /// Rows with a negative class are skipped, and so are terms with d²/denom ≥ `cutoff`.
     /// Exact 32.32 fixed-point sums (deterministic). At most 6,000 classes.
     pub fn kde_class_sums(
         &self,
@@ -1010,6 +1011,7 @@ impl Gpu {
         db_class: &[i32],
         n_class: usize,
         denom: &[f32],
+        cutoff: f64,
     ) -> Result<Array2<f64>> {
         let (nq, nd) = (queries.nrows(), database.nrows());
         if db_class.len() != nd || denom.len() != nq {
@@ -1052,11 +1054,148 @@ impl Gpu {
             .arg(&cls)
             .arg(&nc_i)
             .arg(&den)
+            .arg(&cutoff)
             .arg(&mut out);
         unsafe { lb.launch(cfg) }.map_err(dev_err)?;
         let fixed = self.stream.clone_dtoh(&out).map_err(dev_err)?;
         let vals = fixed.into_iter().map(|v| v as f64 / FIX).collect();
         Array2::from_shape_vec((nq, n_class), vals)
             .map_err(|e| KfError::InvalidArgument(e.to_string()))
+    }
+
+    /// The fusion model's keypoint term on the GPU, as
+    /// `keyfuse_core::kde::keypoint_log_likelihood`: Σ_i ln(S_ik/N_k + b) per class k, with
+    /// S_ik = Σ_{j ∈ k} exp(−d²(f_i, f_j) / (1 + dNN_i²)) over every training keypoint
+    /// (`k = None`) or over the k ≤ 32 nearest (`Some(k)`), training sample
+    /// `exclude_sample` left out everywhere. With `Some(k)` the neighbour lists come from the
+    /// GPU and the sums are formed on the host in the CPU's order (bit-identical); with
+    /// `None` they are 32.32 fixed-point sums on the GPU (within ~1e-9 of the CPU's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn keypoint_log_likelihood(
+        &self,
+        query: ArrayView2<u8>,
+        train: ArrayView2<u8>,
+        train_sample: &[i64],
+        sample_class: &[i64],
+        n_classes: usize,
+        exclude_sample: Option<usize>,
+        k: Option<usize>,
+        background: f64,
+    ) -> Result<Vec<f64>> {
+        // the CPU's EXP_CUTOFF: a term below e^-40 cannot change an f64 sum that holds b
+        const EXP_CUTOFF: f64 = 40.0;
+        if !(background.is_finite() && background > 0.0) {
+            return Err(KfError::InvalidArgument(format!(
+                "background must be a finite number > 0, got {background}"
+            )));
+        }
+        if query.ncols() != DESC_LEN || train.ncols() != DESC_LEN {
+            return Err(KfError::InvalidArgument(
+                "descriptors must have 64 columns".into(),
+            ));
+        }
+        if train_sample.len() != train.nrows() {
+            return Err(KfError::InvalidArgument(
+                "train_sample needs one entry per training keypoint".into(),
+            ));
+        }
+        if n_classes == 0 || n_classes > 6000 {
+            return Err(KfError::InvalidArgument(
+                "n_classes must be in 1..=6000".into(),
+            ));
+        }
+        if k == Some(0) || k.is_some_and(|k| k > KNN_KMAX) {
+            return Err(KfError::InvalidArgument(format!(
+                "k must be in 1..={KNN_KMAX} on the GPU (or None for all)"
+            )));
+        }
+        if sample_class
+            .iter()
+            .any(|&c| c < 0 || c as u64 >= n_classes as u64)
+        {
+            return Err(KfError::InvalidArgument(
+                "sample_class outside 0..n_classes".into(),
+            ));
+        }
+        let n_samples = sample_class.len();
+        if train_sample
+            .iter()
+            .any(|&s| s < 0 || s as u64 >= n_samples as u64)
+        {
+            return Err(KfError::InvalidArgument(
+                "train_sample outside 0..n_samples".into(),
+            ));
+        }
+        let kp_class: Vec<i32> = train_sample
+            .iter()
+            .map(|&s| {
+                if exclude_sample == Some(s as usize) {
+                    -1
+                } else {
+                    sample_class[s as usize] as i32
+                }
+            })
+            .collect();
+        let mut n_per_class = vec![0usize; n_classes];
+        for &c in kp_class.iter().filter(|&&c| c >= 0) {
+            n_per_class[c as usize] += 1;
+        }
+        let b = background;
+        let nq = query.nrows();
+        if nq == 0 {
+            return Ok(vec![0.0; n_classes]);
+        }
+        let active = kp_class.iter().filter(|&&c| c >= 0).count();
+        if active == 0 {
+            return Ok(vec![nq as f64 * b.ln(); n_classes]);
+        }
+        let q = self.upload_descriptors(query, "query")?;
+        let t = self.upload_descriptors(train, "train")?;
+        // excluded keypoints are never neighbours: owner = sample, allowed = not excluded
+        let owner: Vec<i32> = train_sample.iter().map(|&s| s as i32).collect();
+        let allowed: Vec<bool> = (0..n_samples).map(|s| Some(s) != exclude_sample).collect();
+        let filter = self.device_filter(Some(&owner), None, Some(&allowed))?;
+        let kernel = self.knn_kernel();
+        let nt = train.nrows();
+        let mut sums = vec![0.0f64; nq * n_classes];
+        match k {
+            Some(k) if k < active => {
+                let (d, i) = self.knn_device(&q, nq, &t, nt, k, &filter, kernel)?;
+                let d = self.stream.clone_dtoh(&d).map_err(dev_err)?;
+                let i = self.stream.clone_dtoh(&i).map_err(dev_err)?;
+                for (qi, out) in sums.chunks_exact_mut(n_classes).enumerate() {
+                    let row = (0..k)
+                        .map(|s| (i[qi * k + s], d[qi * k + s]))
+                        .filter(|&(j, _)| j >= 0);
+                    let width = 1.0 + row.clone().next().map_or(0.0, |(_, d)| d as f64);
+                    for (j, d2) in row {
+                        let x = d2 as f64 / width;
+                        if x < EXP_CUTOFF {
+                            out[kp_class[j as usize] as usize] += (-x).exp();
+                        }
+                    }
+                }
+            }
+            _ => {
+                let (d1, _) = self.knn_device(&q, nq, &t, nt, 1, &filter, kernel)?;
+                let d1 = self.stream.clone_dtoh(&d1).map_err(dev_err)?;
+                // 1 + dNN² ≤ 1 + 64·255² is exact in f32
+                let denom: Vec<f32> = d1[..nq].iter().map(|&d| 1.0 + d as f32).collect();
+                let s =
+                    self.kde_class_sums(query, train, &kp_class, n_classes, &denom, EXP_CUTOFF)?;
+                sums = s.into_raw_vec_and_offset().0;
+            }
+        }
+        let mut ll = vec![0.0f64; n_classes];
+        for row in sums.chunks_exact(n_classes) {
+            for (c, &s) in row.iter().enumerate() {
+                ll[c] += if n_per_class[c] == 0 {
+                    b.ln()
+                } else {
+                    b.ln() + ((s / n_per_class[c] as f64) / b).ln_1p()
+                };
+            }
+        }
+        Ok(ll)
     }
 }

@@ -3,6 +3,7 @@
 //! The CPU references below spell out the arithmetic the kernels must reproduce.
 
 use keyfuse_core::jaccard::{Cohort, SoftJaccardParams};
+use keyfuse_core::kde::{keypoint_log_likelihood, KdeOptions};
 use keyfuse_core::knn::{knn_exact, ForestParams};
 use keyfuse_cuda::ops::{gaussian_half_kernel, KnnKernel, ScaleSpaceParams, SjParams};
 
@@ -445,7 +446,7 @@ fn kde_class_sums_match_cpu() {
     let class: Vec<i32> = (0..300).map(|j| j % 7).collect();
     let denom: Vec<f32> = (0..20).map(|i| 20000.0 + 500.0 * i as f32).collect();
     let got = gpu
-        .kde_class_sums(q.view(), db.view(), &class, 7, &denom)
+        .kde_class_sums(q.view(), db.view(), &class, 7, &denom, f64::INFINITY)
         .unwrap();
     let (d, idx) = cpu_knn(&q, &db, 1);
     assert!(d[[0, 0]] > 0 && idx[[0, 0]] >= 0);
@@ -462,6 +463,56 @@ fn kde_class_sums_match_cpu() {
         }
         for c in 0..7 {
             assert!((got[[qi, c]] - want[c]).abs() <= 1e-6 * want[c].max(1.0));
+        }
+    }
+}
+
+#[test]
+#[allow(clippy::field_reassign_with_default)]
+fn keypoint_log_likelihood_matches_the_cpu_kde() {
+    let Some(gpu) = gpu_or_skip("keypoint_log_likelihood") else {
+        return;
+    };
+    let (train, owner) = cohort(6, 80);
+    let train_sample: Vec<i64> = owner.iter().map(|&s| s as i64).collect();
+    let sample_class = ndarray::arr1(&[0i64, 1, 0, 2, 1, 2]);
+    let query = rank_descriptors(40, 77);
+    let ts = ndarray::Array1::from(train_sample.clone());
+    for exclude in [None, Some(3)] {
+        for k in [None, Some(5)] {
+            // field by field: the options struct gains fields as the CPU engine grows
+            let mut opts = KdeOptions::default();
+            opts.background = 1.0;
+            opts.k = k;
+            let want = keypoint_log_likelihood(
+                query.view(),
+                train.view(),
+                ts.view(),
+                sample_class.view(),
+                3,
+                exclude,
+                &opts,
+            )
+            .unwrap();
+            let got = gpu
+                .keypoint_log_likelihood(
+                    query.view(),
+                    train.view(),
+                    &train_sample,
+                    sample_class.as_slice().unwrap(),
+                    3,
+                    exclude,
+                    k,
+                    1.0,
+                )
+                .unwrap();
+            for (g, w) in got.iter().zip(want.iter()) {
+                if k.is_some() {
+                    assert_eq!(g, w, "k-NN sums are formed on the host in the CPU's order");
+                } else {
+                    assert!((g - w).abs() <= 1e-9 * w.abs().max(1.0), "{g} vs {w}");
+                }
+            }
         }
     }
 }

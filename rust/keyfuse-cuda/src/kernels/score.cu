@@ -47,11 +47,12 @@ extern "C" __global__ void kf_sj_accumulate(const int* __restrict__ nn_i,
 
 // Fusion KDE: for each query descriptor (one block), sum over every database descriptor j
 // exp(-d²(q, j) / denom[q]) into its class db_class[j]; out (nq, n_class) as 32.32 fixed point.
-// The per-class sums live in dynamic shared memory (n_class * 8 bytes).
+// Terms with d²/denom >= cutoff are skipped (the CPU's EXP_CUTOFF). The per-class sums live in
+// dynamic shared memory (n_class * 8 bytes).
 extern "C" __global__ void kf_kde_class(const unsigned int* __restrict__ q, int nq,
                                         const unsigned int* __restrict__ db, int nd,
                                         const int* __restrict__ db_class, int n_class,
-                                        const float* __restrict__ denom,
+                                        const float* __restrict__ denom, double cutoff,
                                         unsigned long long* __restrict__ out) {
     extern __shared__ unsigned long long kf_class_acc[];
     int qi = blockIdx.x;
@@ -75,7 +76,9 @@ extern "C" __global__ void kf_kde_class(const unsigned int* __restrict__ q, int 
             nn = __dp4a(v, v, nn);
         }
         double d2 = (double)(qn + nn - 2u * dot);
-        double wgt = dn > 0.0 ? exp(-d2 / dn) : (d2 == 0.0 ? 1.0 : 0.0);
+        double x = dn > 0.0 ? d2 / dn : (d2 == 0.0 ? 0.0 : cutoff);
+        if (!(x < cutoff)) continue;  // negligible term, skipped as the CPU does
+        double wgt = exp(-x);
         unsigned long long f = (unsigned long long)llrint(wgt * KF_FIX);
         if (f) atomicAdd(kf_class_acc + c, f);
     }
