@@ -55,7 +55,8 @@ class KeypointSet:
     descriptors : (N, 64) uint8
         SIFT-Rank descriptors: each row is a permutation of 0..63.
     polarity : (N,) int8
-        +1 for a DoG maximum (bright blob), −1 for a minimum.
+        +1 for a DoG maximum, −1 for a minimum (DoG = f(κσ) − f(σ), so a bright blob
+        is a minimum, as in featExtract).
     response : (N,) float32
         DoG value at the refined extremum.
     eigenvalues : (N, 3) float32
