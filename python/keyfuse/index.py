@@ -480,12 +480,16 @@ class Index:
             )
         )
 
-    def reference_votes(self, k: int = 5, *, exact: bool | None = None) -> npt.NDArray[np.float64]:
-        """The reference matcher's (featMatchMultiple) N×N vote matrix over this index."""
+    def reference_votes(
+        self, k: int = 5, *, exact: bool = False, checks: int = 64
+    ) -> npt.NDArray[np.float64]:
+        """The reference matcher's (featMatchMultiple) N×N vote matrix over this index: by
+        default with the same search as the reference (kd-forest, 64 checks), made
+        deterministic; see :func:`keyfuse.matching.reference_votes`."""
         if len(self) == 0:
             return np.zeros((0, 0))
         return np.asarray(
-            self._engine.reference_votes(k=int(k), exact=self._use_exact(exact), checks=64)
+            self._engine.reference_votes(k=int(k), exact=bool(exact), checks=int(checks))
         )
 
     # -- storage ----------------------------------------------------------------------

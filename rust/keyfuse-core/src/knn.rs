@@ -375,18 +375,25 @@ fn build_tree(data: &[u8], n: usize, leaf_size: usize, seed: u64) -> Tree {
                 sq[d] += (row[d] as u32) * (row[d] as u32);
             }
         }
-        let mut var: Vec<(u64, usize)> = (0..DESC_LEN)
-            .map(|d| {
-                // m²·variance, exact in integers
-                let v = m as u64 * sq[d] as u64 - (sum[d] as u64) * (sum[d] as u64);
-                (v, d)
-            })
-            .collect();
-        var.sort_unstable_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
-        if var[0].0 == 0 {
+        // m²·variance per dimension, exact in integers; keep the 5 largest (ties → lower dim)
+        let mut var = [(0u64, 0usize); 5];
+        let mut top = 0usize;
+        for d in 0..DESC_LEN {
+            let v = m as u64 * sq[d] as u64 - (sum[d] as u64) * (sum[d] as u64);
+            if v == 0 || (top == 5 && v <= var[4].0) {
+                continue;
+            }
+            let mut pos = top.min(4);
+            var[pos] = (v, d);
+            while pos > 0 && var[pos - 1].0 < v {
+                var.swap(pos - 1, pos);
+                pos -= 1;
+            }
+            top = (top + 1).min(5);
+        }
+        if top == 0 {
             continue; // all sampled points identical: keep as a (large) leaf
         }
-        let top = var.iter().take(5).filter(|v| v.0 > 0).count();
         let dim = var[rng.below(top)].1;
         let mut split = sum[dim] as f32 / m as f32;
         let slice = &mut perm[lo..hi];
