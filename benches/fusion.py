@@ -33,13 +33,22 @@ def kde_timing(n_subjects: int = 40, n_kp: int = 1500, dim: int = 512) -> None:
     sample = np.repeat(np.arange(n_subjects, dtype=np.int64), n_kp)
     classes = np.arange(n_subjects, dtype=np.int64)
     query = np.ascontiguousarray(desc[:n_kp])
-    for k in (None, 5):
+    exact5 = None
+    for k, checks in ((None, None), (5, None), (5, 64)):
         t0 = time.perf_counter()
-        _core.keypoint_log_likelihood(query, desc, sample, classes, n_subjects, 0, k, 1.0)
+        ll = _core.keypoint_log_likelihood(
+            query, desc, sample, classes, n_subjects, 0, k, 1.0, checks
+        )
         dt = time.perf_counter() - t0
+        how = "exact" if checks is None else f"kd-forest, {checks} checks"
+        extra = ""
+        if k == 5 and checks is None:
+            exact5 = ll
+        elif exact5 is not None:
+            extra = f", max |Δ log-lik| vs exact k-NN {np.max(np.abs(ll - exact5)):.3g}"
         print(
             f"keypoint KDE, {n_kp} query keypoints vs {n_subjects} scans × {n_kp} "
-            f"(k={k or 'all'}): {dt:.3f} s per query scan"
+            f"(k={k or 'all'}, {how}): {dt:.3f} s per query scan{extra}"
         )
     vec = rng.random((n_subjects, dim))
     bits = (vec > 0.5).astype(np.uint8)
@@ -64,6 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transform", choices=["align", "truth", "none"], default="align")
     ap.add_argument("--neighbors", type=int, default=5, help="0 = exact sum over all keypoints")
+    ap.add_argument("--checks", type=int, default=0, help="kd-forest checks (0 = exact k-NN)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--kde-only", action="store_true", help="only the likelihood timings")
@@ -85,6 +95,7 @@ def main() -> None:
         seed=args.seed,
         transform_source=args.transform,
         n_neighbors=args.neighbors or None,
+        checks=args.checks or None,
         device=args.device,
         progress=not args.quiet,
     )

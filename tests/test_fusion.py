@@ -153,6 +153,11 @@ def test_keypoint_kde_matches_numpy() -> None:
     np.testing.assert_array_equal(k_all[0], got)
     k5 = keypoint_log_likelihoods([sets[0]], sets[1:], labels[1:], 3, n_neighbors=5)[0]
     assert np.all(k5 <= got + 1e-12) and np.argmax(k5) == labels[0]
+    # the kd-forest search with enough checks finds the same neighbours
+    k5_forest = keypoint_log_likelihoods(
+        [sets[0]], sets[1:], labels[1:], 3, n_neighbors=5, checks=10_000
+    )[0]
+    np.testing.assert_array_equal(k5_forest, k5)
 
 
 def test_keypoint_kde_no_underflow_with_many_keypoints() -> None:

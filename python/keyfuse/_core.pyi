@@ -101,6 +101,7 @@ def keypoint_log_likelihood(
     exclude_sample: int | None = None,
     k: int | None = None,
     background: float = 1.0,
+    checks: int | None = None,
 ) -> npt.NDArray[np.float64]: ...
 def vector_log_likelihood(
     query: npt.NDArray[np.float64],

@@ -44,6 +44,10 @@ pub struct KdeOptions {
     /// query keypoint instead of all of them (the paper evaluates it with a kd-tree k-NN).
     /// `None` = exact sum over every training keypoint.
     pub k: Option<usize>,
+    /// With `k`: find the neighbours approximately with a randomized kd-forest
+    /// ([`crate::knn::KdForest`], 8 trees, deterministic) visiting this many leaves'
+    /// points per query, instead of the exact brute force. `None` = exact.
+    pub checks: Option<usize>,
 }
 
 impl Default for KdeOptions {
@@ -51,6 +55,7 @@ impl Default for KdeOptions {
         Self {
             background: 1.0,
             k: None,
+            checks: None,
         }
     }
 }
@@ -171,7 +176,13 @@ pub fn keypoint_log_likelihood(
     match opts.k {
         Some(k) if k < active => {
             // k nearest (ties broken by index: deterministic), excluded sample filtered
-            let nb = knn::knn_exact(ts, qs, k, |_, j| kp_class[j as usize] != usize::MAX)?;
+            let keep = |_: usize, j: u32| kp_class[j as usize] != usize::MAX;
+            let nb =
+                match opts.checks {
+                    Some(checks) => knn::KdForest::build(ts, &knn::ForestParams::default())?
+                        .search(ts, qs, k, checks.max(k), keep)?,
+                    None => knn::knn_exact(ts, qs, k, keep)?,
+                };
             sums.par_chunks_mut(n_classes)
                 .enumerate()
                 .for_each(|(i, out)| {
@@ -681,6 +692,22 @@ mod tests {
         for k in [None, Some(7)] {
             assert_eq!(run(1, k), run(4, k));
         }
+        // the kd-forest with enough checks finds the exact neighbours
+        let approx = keypoint_log_likelihood(
+            q.view(),
+            t.view(),
+            ArrayView1::from(&ts),
+            ArrayView1::from(&sc),
+            3,
+            Some(4),
+            &KdeOptions {
+                k: Some(7),
+                checks: Some(10_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(approx, run(2, Some(7)));
         // k nearest: a direct top-k transcription (excluding sample 4)
         let mut want = [0.0f64; 3];
         let n_k: Vec<f64> = (0..3)

@@ -8,7 +8,7 @@ use crate::detach;
 
 /// log p({f_i}|C_k) per class (eqs. 5–7). See keyfuse_core::kde::keypoint_log_likelihood.
 #[pyfunction]
-#[pyo3(signature = (query, train, train_sample, sample_class, n_classes, exclude_sample=None, k=None, background=1.0))]
+#[pyo3(signature = (query, train, train_sample, sample_class, n_classes, exclude_sample=None, k=None, background=1.0, checks=None))]
 #[allow(clippy::too_many_arguments)]
 fn keypoint_log_likelihood<'py>(
     py: Python<'py>,
@@ -20,10 +20,15 @@ fn keypoint_log_likelihood<'py>(
     exclude_sample: Option<usize>,
     k: Option<usize>,
     background: f64,
+    checks: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let (q, t) = (query.as_array(), train.as_array());
     let (ts, sc) = (train_sample.as_array(), sample_class.as_array());
-    let opts = KdeOptions { background, k };
+    let opts = KdeOptions {
+        background,
+        k,
+        checks,
+    };
     let out = detach(py, || {
         kde::keypoint_log_likelihood(q, t, ts, sc, n_classes, exclude_sample, &opts)
     })?;
@@ -46,7 +51,7 @@ fn vector_log_likelihood<'py>(
     let ex: Option<Vec<i64>> = exclude.map(|e| e.as_array().to_vec());
     let opts = KdeOptions {
         background,
-        k: None,
+        ..Default::default()
     };
     let out = detach(py, || {
         kde::vector_log_likelihood(q, t, c, n_classes, ex.as_deref(), &opts)
@@ -70,7 +75,7 @@ fn binary_log_likelihood<'py>(
     let ex: Option<Vec<i64>> = exclude.map(|e| e.as_array().to_vec());
     let opts = KdeOptions {
         background,
-        k: None,
+        ..Default::default()
     };
     let out = detach(py, || {
         kde::binary_log_likelihood(q, t, c, n_classes, ex.as_deref(), &opts)
