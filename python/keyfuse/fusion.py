@@ -198,6 +198,7 @@ def keypoint_log_likelihoods(
     checks: int | None = None,
     background: float = 1.0,
     progress: bool = False,
+    device: str = "auto",
 ) -> FloatArray:
     """log p({f_i} | C_k) (eqs. 5–7) of each query keypoint set for each class.
 
@@ -225,6 +226,10 @@ def keypoint_log_likelihoods(
         The uniform background term (the paper's +1), default 1.
     progress:
         Show a tqdm bar over the queries.
+    device:
+        ``"auto"`` (default), ``"cpu"`` or ``"cuda"``: on a GPU the exact or k-nearest
+        sums run in the CUDA kernels of ``keyfuse-cuda`` (the kd-forest ``checks``
+        search is CPU-only).
 
     Returns
     -------
@@ -248,13 +253,22 @@ def keypoint_log_likelihoods(
     ex = None if exclude is None else np.asarray(exclude, dtype=np.int64).ravel()
     if ex is not None and len(ex) != len(queries):
         raise InvalidArgumentError(f"exclude has {len(ex)} entries for {len(queries)} queries")
+    from keyfuse.device import resolve_device
+
     core = _core()
+    gpu = (
+        checks is None
+        and hasattr(core, "gpu_keypoint_log_likelihood")
+        and resolve_device(device) == "cuda"
+    )
     out = np.empty((len(queries), nc), dtype=np.float64)
     for qi, q in _progress(enumerate(queries), len(queries), "keypoint KDE", progress):
         e = None if ex is None or ex[qi] < 0 else int(ex[qi])
-        out[qi] = core.keypoint_log_likelihood(
-            _descriptors(q), tdesc, tsample, cls, nc, e, n_neighbors, float(background), checks
-        )
+        args = (_descriptors(q), tdesc, tsample, cls, nc, e, n_neighbors, float(background))
+        if gpu:
+            out[qi] = core.gpu_keypoint_log_likelihood(*args)
+        else:
+            out[qi] = core.keypoint_log_likelihood(*args, checks)
     return out
 
 
@@ -472,6 +486,8 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         The uniform background density of both kernels (the paper's +1), default 1.0.
     progress:
         Show progress bars over queries (default False).
+    device:
+        Where the keypoint term runs: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
 
     Attributes
     ----------
@@ -488,6 +504,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         checks: int | None = None,
         background: float = 1.0,
         progress: bool = False,
+        device: str = "auto",
     ) -> None:
         self.alpha = alpha
         self.binarize = binarize
@@ -495,6 +512,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.checks = checks
         self.background = background
         self.progress = progress
+        self.device = device
 
     # -- input handling --------------------------------------------------------------
 
@@ -541,6 +559,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             checks=self.checks,
             background=self.background,
             progress=self.progress,
+            device=self.device,
         )
 
     def _vec_ll(self, vecs: npt.NDArray[Any], exclude: npt.ArrayLike | None = None) -> FloatArray:
