@@ -256,3 +256,21 @@ def test_index_on_the_gpu_equals_exact_cpu_search() -> None:
     cpu_s = index.scores("s2", exact=True, device="cpu")
     gpu_s = index.scores("s2", device="cuda")
     np.testing.assert_allclose(gpu_s, cpu_s, rtol=0, atol=1e-9)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [None, 5])
+@pytest.mark.parametrize("exclude", [None, 2])
+def test_gpu_keypoint_log_likelihood_matches_cpu(k: int | None, exclude: int | None) -> None:
+    train, sizes = _cohort(5, 80, seed=9)
+    train_sample = np.repeat(np.arange(5), sizes)
+    sample_class = np.array([0, 1, 0, 1, 2])
+    query = _ranks(30, 10)
+    args = (query, train, train_sample, sample_class, 3)
+    cpu = _core.keypoint_log_likelihood(*args, exclude_sample=exclude, k=k)
+    gpu = _core.gpu_keypoint_log_likelihood(*args, exclude_sample=exclude, k=k)
+    if k is None:
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-9)
+    else:
+        np.testing.assert_array_equal(gpu, cpu)

@@ -49,6 +49,17 @@ def gpu_kde_class_sums(
     classes: npt.NDArray[np.int64],
     n_classes: int,
     denom: npt.NDArray[np.float64],
+    cutoff: float = ...,
+) -> npt.NDArray[np.float64]: ...
+def gpu_keypoint_log_likelihood(
+    query: npt.NDArray[np.uint8],
+    train: npt.NDArray[np.uint8],
+    train_sample: npt.NDArray[np.int64],
+    sample_class: npt.NDArray[np.int64],
+    n_classes: int,
+    exclude_sample: int | None = None,
+    k: int | None = None,
+    background: float = 1.0,
 ) -> npt.NDArray[np.float64]: ...
 def gpu_scale_space(
     volume: npt.NDArray[np.float32],
