@@ -19,6 +19,8 @@
 //!
 //! Summation order never depends on the thread count (per-subject rows, fixed order),
 //! so every score is bit-identical from run to run.
+// Index loops mirror the formulas; `!(x > 0.0)` is deliberate: it also rejects NaN.
+#![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
 use crate::knn::{check_rows, knn_exact, ForestParams, KdForest, Neighbors};
 use crate::{KfError, Result, DESC_LEN};
@@ -163,7 +165,7 @@ impl Cohort {
             ));
         }
         self.data.extend_from_slice(desc);
-        self.owner.extend(std::iter::repeat(s as u32).take(n));
+        self.owner.extend(std::iter::repeat_n(s as u32, n));
         self.offsets.push(self.owner.len());
         self.stats.add(desc);
         self.forest = None;
@@ -245,7 +247,7 @@ impl Cohort {
         let owner = &self.owner;
         let nb = self.knn(queries, p, |_, c| {
             let s = owner[c as usize];
-            s != ex && allowed.map_or(true, |a| a[s as usize])
+            s != ex && allowed.is_none_or(|a| a[s as usize])
         })?;
         let mut inter = vec![0.0f64; self.n_subjects()];
         accumulate(&nb, owner, alpha2_bounds(p, &self.stats), &mut inter);

@@ -19,6 +19,8 @@
 //! let approx = forest.search(&data, &data[..64], 3, 64, |_, _| true).unwrap();
 //! assert_eq!(approx.idx[0], 0);
 //! ```
+// Index loops mirror the formulas; `!(x > 0.0)` is deliberate: it also rejects NaN.
+#![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
 use crate::{KfError, Result, DESC_LEN};
 use rayon::prelude::*;
@@ -127,7 +129,7 @@ unsafe fn dist2_avx2(a: &[u8], b: &[u8]) -> u32 {
 }
 
 pub(crate) fn check_rows(name: &str, data: &[u8]) -> Result<usize> {
-    if data.len() % DESC_LEN != 0 {
+    if !data.len().is_multiple_of(DESC_LEN) {
         return Err(KfError::InvalidArgument(format!(
             "{name}: descriptor buffer of {} bytes is not a multiple of {DESC_LEN}",
             data.len()
@@ -313,7 +315,7 @@ impl SplitMix {
         z ^ (z >> 31)
     }
     pub(crate) fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 11) as u128 * n as u128 >> 53) as usize
+        (((self.next_u64() >> 11) as u128 * n as u128) >> 53) as usize
     }
 }
 

@@ -5,6 +5,8 @@
 //!
 //! Everything here is deterministic: exact integer distances, ties broken by index,
 //! RANSAC hypotheses drawn from per-iteration seeds and reduced with a total order.
+// Index loops mirror the formulas; `!(x > 0.0)` is deliberate: it also rejects NaN.
+#![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
 use crate::knn::{check_rows, dist2, knn_exact, SplitMix};
 use crate::{KfError, Result, DESC_LEN};

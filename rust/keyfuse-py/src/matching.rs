@@ -44,10 +44,10 @@ fn points(py: Python<'_>, name: &str, a: &PyReadonlyArray2<'_, f64>) -> PyResult
     Ok(v.rows().into_iter().map(|r| [r[0], r[1], r[2]]).collect())
 }
 
-fn neighbors_out<'py>(
-    py: Python<'py>,
-    nb: knn::Neighbors,
-) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>)> {
+/// (neighbour indices, squared distances), both (m, k) int64.
+type NeighborsOut<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>);
+
+fn neighbors_out<'py>(py: Python<'py>, nb: knn::Neighbors) -> PyResult<NeighborsOut<'py>> {
     let (k, nq) = (nb.k, nb.n_queries());
     let idx: Vec<i64> = nb
         .idx
@@ -75,7 +75,7 @@ fn knn_exact<'py>(
     data: PyReadonlyArray2<'py, u8>,
     queries: PyReadonlyArray2<'py, u8>,
     k: usize,
-) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>)> {
+) -> PyResult<NeighborsOut<'py>> {
     let (d, q) = (
         desc_slice(py, "data", &data)?,
         desc_slice(py, "queries", &queries)?,
@@ -87,6 +87,7 @@ fn knn_exact<'py>(
 /// Approximate k-NN through a randomized kd-forest built on `data`.
 #[pyfunction]
 #[pyo3(signature = (data, queries, k, checks=128, trees=8, leaf_size=8, seed=0x6b65_7966_7573_6521))]
+#[allow(clippy::too_many_arguments)]
 fn knn_forest<'py>(
     py: Python<'py>,
     data: PyReadonlyArray2<'py, u8>,
@@ -96,7 +97,7 @@ fn knn_forest<'py>(
     trees: usize,
     leaf_size: usize,
     seed: u64,
-) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>)> {
+) -> PyResult<NeighborsOut<'py>> {
     let (d, q) = (
         desc_slice(py, "data", &data)?,
         desc_slice(py, "queries", &queries)?,
@@ -408,6 +409,7 @@ impl Cohort {
 
     /// N×N soft-Jaccard (row = query subject), diagonal 1.
     #[pyo3(signature = (k=30, exact=false, checks=128, alpha2_floor=1.0, alpha2_cap_fraction=0.1, symmetric=false))]
+    #[allow(clippy::too_many_arguments)]
     fn pairwise<'py>(
         &mut self,
         py: Python<'py>,
