@@ -12,7 +12,7 @@ pub(crate) type Frame = [[f32; 3]; 3];
 /// Samples per axis of the analysis patch (gradients on the inner `N-2`³).
 const NA: usize = 11;
 /// Descriptor samples per axis (2 cells × 6), plus one ring for central differences.
-const ND: usize = 12;
+const ND: usize = 8;
 
 #[inline]
 fn dot(a: [f32; 3], b: [f32; 3]) -> f32 {

@@ -85,14 +85,42 @@ pub(crate) fn extrema_3d(
         .into_par_iter()
         .map(|i| {
             let mut out = Vec::new();
+            let mut flags: Vec<u8> = vec![0; nk];
             for j in margin..nj - margin {
                 let row = (i * nj + j) * nk;
+                // branchless (vectorisable) prefilter against the 6 face neighbours
+                let (k0, k1) = (row + margin, row + nk - margin);
+                let c = &cur.data[k0..k1];
+                let l = &cur.data[k0 - 1..k1 - 1];
+                let r = &cur.data[k0 + 1..k1 + 1];
+                let u = &cur.data[k0 - sj..k1 - sj];
+                let dn = &cur.data[k0 + sj..k1 + sj];
+                let f = &cur.data[k0 - si..k1 - si];
+                let b = &cur.data[k0 + si..k1 + si];
+                for (q, fl) in flags[..k1 - k0].iter_mut().enumerate() {
+                    let v = c[q];
+                    let mx = (v > thr)
+                        & (v > l[q])
+                        & (v > r[q])
+                        & (v > u[q])
+                        & (v > dn[q])
+                        & (v > f[q])
+                        & (v > b[q]);
+                    let mn = (v < -thr)
+                        & (v < l[q])
+                        & (v < r[q])
+                        & (v < u[q])
+                        & (v < dn[q])
+                        & (v < f[q])
+                        & (v < b[q]);
+                    *fl = mx as u8 | mn as u8;
+                }
                 for k in margin..nk - margin {
-                    let x = row + k;
-                    let v = cur.data[x];
-                    if v.abs() <= thr {
+                    if flags[k - margin] == 0 {
                         continue;
                     }
+                    let x = row + k;
+                    let v = cur.data[x];
                     let is_ext = if v > 0.0 {
                         offs.iter()
                             .all(|&o| cur.data[(x as isize + o) as usize] < v)

@@ -442,20 +442,15 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                 Some(v) => v,
                 None => Vol::zeros(g_prev.n)?,
             };
-            volume::blur_into(&g_prev, inc as f32, &mut g_cur);
-            if t == s_n {
-                next_base = Some(volume::downsample(&g_cur)?);
-            }
             let mut d = if dogs.len() == 3 {
                 dogs.remove(0)
             } else {
                 Vol::zeros(g_prev.n)?
             };
-            d.data
-                .par_iter_mut()
-                .zip(g_cur.data.par_iter())
-                .zip(g_prev.data.par_iter())
-                .for_each(|((o, &a), &b)| *o = a - b);
+            volume::blur_dog_into(&g_prev, inc as f32, &mut g_cur, &mut d);
+            if t == s_n {
+                next_base = Some(volume::downsample(&g_cur)?);
+            }
             dogs.push(d);
             if dogs.len() == 3 {
                 let level = t - 2; // DoG index of the middle one

@@ -173,54 +173,92 @@ pub(crate) fn blur(src: &Vol, sigma: f32) -> Result<Vol> {
 }
 
 /// [`blur`] into an existing volume of the same shape (reuses its memory).
-#[inline(never)]
 pub(crate) fn blur_into(src: &Vol, sigma: f32, out: &mut Vol) {
+    blur_impl(src, sigma, out, None);
+}
+
+/// [`blur_into`] that also writes the difference `out − src` (the DoG) into `dog`,
+/// plane by plane while the plane is still in cache.
+pub(crate) fn blur_dog_into(src: &Vol, sigma: f32, out: &mut Vol, dog: &mut Vol) {
+    blur_impl(src, sigma, out, Some(dog));
+}
+
+#[inline(never)]
+fn blur_impl(src: &Vol, sigma: f32, out: &mut Vol, dog: Option<&mut Vol>) {
     let [ni, nj, nk] = src.n;
     let plane = nj * nk;
     let w = gaussian_half_kernel(sigma);
     out.n = src.n;
     out.data.resize(src.data.len(), 0.0);
+    let mut no_dog = Vec::new();
+    let dog_data: &mut Vec<f32> = match dog {
+        Some(d) => {
+            d.n = src.n;
+            d.data.resize(src.data.len(), 0.0);
+            &mut d.data
+        }
+        None => &mut no_dog,
+    };
+    let with_dog = !dog_data.is_empty();
     if plane == 0 || ni == 0 {
         return;
     }
-    out.data.par_chunks_mut(plane).enumerate().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(copy, pad), (p, o)| {
-            // axis i: a weighted sum of whole planes
-            let s = &src.data[p * plane..(p + 1) * plane];
-            if ni == 1 {
-                o.copy_from_slice(s);
-            }
-            if ni > 1 {
-                // in chunks, so that the output chunk stays in L1 across all taps
-                const CH: usize = 2048;
-                let mut c0 = 0;
-                while c0 < plane {
-                    let c1 = (c0 + CH).min(plane);
-                    let oc = &mut o[c0..c1];
-                    for (x, &v) in oc.iter_mut().zip(&s[c0..c1]) {
-                        *x = w[0] * v;
-                    }
-                    for (t, &wt) in w.iter().enumerate().skip(1) {
-                        let pa = clampi(p as isize - t as isize, ni) * plane;
-                        let pb = clampi(p as isize + t as isize, ni) * plane;
-                        let a = &src.data[pa + c0..pa + c1];
-                        let b = &src.data[pb + c0..pb + c1];
-                        for ((x, &u), &v) in oc.iter_mut().zip(a).zip(b) {
-                            *x += wt * (u + v);
-                        }
-                    }
-                    c0 = c1;
+    // without a DoG, zip with empty chunks of an empty plane-sized dummy
+    let mut dummy = Vec::new();
+    let dchunks: &mut [f32] = if with_dog {
+        dog_data
+    } else {
+        dummy.resize(ni, 0.0);
+        &mut dummy
+    };
+    let dplane = if with_dog { plane } else { 1 };
+    out.data
+        .par_chunks_mut(plane)
+        .zip(dchunks.par_chunks_mut(dplane))
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(copy, pad), (p, (o, dg))| {
+                // axis i: a weighted sum of whole planes
+                let s = &src.data[p * plane..(p + 1) * plane];
+                if ni == 1 {
+                    o.copy_from_slice(s);
                 }
-            }
-            if nj > 1 {
-                blur_plane_j(o, nj, nk, &w, copy);
-            }
-            if nk > 1 {
-                blur_rows_k(o, nk, &w, pad);
-            }
-        },
-    );
+                if ni > 1 {
+                    // in chunks, so that the output chunk stays in L1 across all taps
+                    const CH: usize = 2048;
+                    let mut c0 = 0;
+                    while c0 < plane {
+                        let c1 = (c0 + CH).min(plane);
+                        let oc = &mut o[c0..c1];
+                        for (x, &v) in oc.iter_mut().zip(&s[c0..c1]) {
+                            *x = w[0] * v;
+                        }
+                        for (t, &wt) in w.iter().enumerate().skip(1) {
+                            let pa = clampi(p as isize - t as isize, ni) * plane;
+                            let pb = clampi(p as isize + t as isize, ni) * plane;
+                            let a = &src.data[pa + c0..pa + c1];
+                            let b = &src.data[pb + c0..pb + c1];
+                            for ((x, &u), &v) in oc.iter_mut().zip(a).zip(b) {
+                                *x += wt * (u + v);
+                            }
+                        }
+                        c0 = c1;
+                    }
+                }
+                if nj > 1 {
+                    blur_plane_j(o, nj, nk, &w, copy);
+                }
+                if nk > 1 {
+                    blur_rows_k(o, nk, &w, pad);
+                }
+                if with_dog {
+                    for ((d, &a), &b) in dg.iter_mut().zip(o.iter()).zip(s) {
+                        *d = a - b;
+                    }
+                }
+            },
+        );
 }
 
 /// Halve the grid by averaging 2×2×2 blocks (2×2 for a 2D image): child index `p`
