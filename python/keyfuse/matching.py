@@ -214,9 +214,8 @@ class Alignment:
 
     def inverse(self) -> Alignment:
         """The fixed → moving transform (same inliers and matches)."""
-        return Alignment(
-            np.linalg.inv(self.matrix), self.inliers, self.matches, self.rmse, 1.0 / self.scale
-        )
+        inv = np.asarray(np.linalg.inv(self.matrix), dtype=np.float64)
+        return Alignment(inv, self.inliers, self.matches, self.rmse, 1.0 / self.scale)
 
     def transform_keypoints(self, kps: KeypointSet) -> KeypointSet:
         """``kps`` with world coordinates mapped into fixed space (scales unchanged)."""
