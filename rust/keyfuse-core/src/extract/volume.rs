@@ -120,14 +120,14 @@ fn clampi(x: isize, n: usize) -> usize {
     x.clamp(0, n as isize - 1) as usize
 }
 
-/// Blur the rows of one `nj × nk` plane in place along `k` (contiguous), replicated border.
-fn blur_rows_k(plane: &mut [f32], nk: usize, w: &[f32], pad: &mut Vec<f32>) {
+/// Blur the rows (length `nk`) of `src` along `k` into `dst`, replicated border.
+fn blur_rows_k(src: &[f32], dst: &mut [f32], nk: usize, w: &[f32], pad: &mut Vec<f32>) {
     let r = w.len() - 1;
     pad.resize(nk + 2 * r, 0.0);
-    for row in plane.chunks_exact_mut(nk) {
-        let (first, last) = (row[0], row[nk - 1]);
+    for (srow, row) in src.chunks_exact(nk).zip(dst.chunks_exact_mut(nk)) {
+        let (first, last) = (srow[0], srow[nk - 1]);
         pad[..r].fill(first);
-        pad[r..r + nk].copy_from_slice(row);
+        pad[r..r + nk].copy_from_slice(srow);
         pad[r + nk..].fill(last);
         let centre = &pad[r..r + nk];
         for (o, &c) in row.iter_mut().zip(centre) {
@@ -143,20 +143,19 @@ fn blur_rows_k(plane: &mut [f32], nk: usize, w: &[f32], pad: &mut Vec<f32>) {
     }
 }
 
-/// Blur one `nj × nk` plane in place along `j` (rows of length `nk`), replicated border.
-fn blur_plane_j(plane: &mut [f32], nj: usize, nk: usize, w: &[f32], copy: &mut Vec<f32>) {
-    copy.clear();
-    copy.extend_from_slice(plane);
-    for (y, out) in plane.chunks_exact_mut(nk).enumerate() {
-        let c = &copy[y * nk..(y + 1) * nk];
+/// Blur one `nj × nk` plane `src` along `j` (rows of length `nk`) into `dst`,
+/// replicated border.
+fn blur_plane_j(src: &[f32], dst: &mut [f32], nj: usize, nk: usize, w: &[f32]) {
+    for (y, out) in dst.chunks_exact_mut(nk).enumerate() {
+        let c = &src[y * nk..(y + 1) * nk];
         for (o, &x) in out.iter_mut().zip(c) {
             *o = w[0] * x;
         }
         for (t, &wt) in w.iter().enumerate().skip(1) {
             let ya = clampi(y as isize - t as isize, nj);
             let yb = clampi(y as isize + t as isize, nj);
-            let a = &copy[ya * nk..(ya + 1) * nk];
-            let b = &copy[yb * nk..(yb + 1) * nk];
+            let a = &src[ya * nk..(ya + 1) * nk];
+            let b = &src[yb * nk..(yb + 1) * nk];
             for ((o, &x), &z) in out.iter_mut().zip(a).zip(b) {
                 *o += wt * (x + z);
             }
@@ -246,11 +245,22 @@ fn blur_impl(src: &Vol, sigma: f32, out: &mut Vol, dog: Option<&mut Vol>) {
                         c0 = c1;
                     }
                 }
-                if nj > 1 {
-                    blur_plane_j(o, nj, nk, &w, copy);
-                }
-                if nk > 1 {
-                    blur_rows_k(o, nk, &w, pad);
+                // j then k, through a plane-sized scratch (no extra copy when both run)
+                copy.resize(plane, 0.0);
+                match (nj > 1, nk > 1) {
+                    (true, true) => {
+                        blur_plane_j(o, copy, nj, nk, &w);
+                        blur_rows_k(copy, o, nk, &w, pad);
+                    }
+                    (true, false) => {
+                        blur_plane_j(o, copy, nj, nk, &w);
+                        o.copy_from_slice(copy);
+                    }
+                    (false, true) => {
+                        copy.copy_from_slice(o);
+                        blur_rows_k(copy, o, nk, &w, pad);
+                    }
+                    (false, false) => {}
                 }
                 if with_dog {
                     for ((d, &a), &b) in dg.iter_mut().zip(o.iter()).zip(s) {
