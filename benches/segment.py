@@ -190,9 +190,10 @@ def main() -> None:
 
     # atlas keypoints, extracted once (extraction of a test scan is timed per volume)
     kps, ext_secs = [], []
+    extractor = KeypointTransferSegmenter()
     for img in images:
         t = time.perf_counter()
-        kps.append(kf.extract(img))
+        kps.append(extractor.extract_keypoints(img))
         ext_secs.append(time.perf_counter() - t)
     print(
         f"extraction: {np.median(ext_secs):.2f} s per volume, "

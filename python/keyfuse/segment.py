@@ -236,6 +236,13 @@ class KeypointTransferSegmenter:
         Which keypoint labels transfer each organ. By default an organ is transferred by
         its own keypoints only; ``{5: [3, 4, 5]}`` also lets keypoints voted 3 or 4
         transfer organ 5 (the paper's "spleen across" from liver/lung keypoints).
+    min_weight : float, default 0.2
+        Transfers whose weight p(L̂)·p(m) is below this fraction of the largest weight
+        transferred for the same label are skipped (0 keeps all). The weights are very
+        skewed (p(m) is a density over translations); on the simulated cohort (3 scans)
+        thresholds 0, 0.05, 0.1, 0.2, 0.3 kept 4034, 2285, 875, 314, 189 transfers with
+        mean Dice 0.728, 0.732, 0.740, 0.747, 0.746 and transfer times 2.8, 1.7, 0.76,
+        0.23, 0.21 s.
     hough : bool, default True
         Hough translation mode per training image and spatially constrained re-matching
         (keeps the 10% closest) before p(m) is estimated.
@@ -265,6 +272,7 @@ class KeypointTransferSegmenter:
         nu: float | Mapping[int, float] | None = DEFAULT_NU,
         background_fraction: float = 0.15,
         transfer_from: Mapping[int, Sequence[int]] | None = None,
+        min_weight: float = 0.2,
         hough: bool = True,
         normalize: bool = True,
         device: str = "auto",
@@ -279,6 +287,8 @@ class KeypointTransferSegmenter:
             raise InvalidArgumentError(
                 f"background_fraction must be in [0, 1], got {background_fraction}"
             )
+        if not 0.0 <= min_weight <= 1.0:
+            raise InvalidArgumentError(f"min_weight must be in [0, 1], got {min_weight}")
         nus = nu.values() if isinstance(nu, Mapping) else [nu]
         for v in nus:
             if v is not None and not (float(v) > 0.0):
@@ -288,6 +298,7 @@ class KeypointTransferSegmenter:
         self.nu = nu
         self.background_fraction = background_fraction
         self.transfer_from = transfer_from
+        self.min_weight = min_weight
         self.hough = hough
         self.normalize = normalize
         self.device = device
@@ -312,17 +323,25 @@ class KeypointTransferSegmenter:
         if not self._atlases:
             raise InvalidArgumentError("the segmenter is not fitted: call fit() first")
 
-    def _extract(self, img: Image) -> KeypointSet:
+    def extract_keypoints(self, image: Any) -> KeypointSet:
+        """The keypoints this segmenter uses for ``image`` (what :meth:`fit` and
+        :meth:`predict` extract when not given keypoints)."""
         import keyfuse as kf
+
+        img = load_image(image)
 
         params = dict(self.extract_params)
         # Keypoint transfer needs many keypoints: on coarse scans extract at the physical
         # scales of a 1 mm scan (the extractor's σ0 and pre-blur are in voxels), which
-        # gives ~1200 rows on a 2 mm brain instead of ~30.
+        # gives thousands of rows on a 2 mm brain instead of a few dozen.
         finest = float(np.min(img.spacing))
         if finest > 1.0:
-            params.setdefault("sigma0", 1.6 / finest)
-            params.setdefault("initial_blur", 0.5 / finest)
+            from keyfuse.extraction import default_params
+
+            defaults = default_params()
+            for name in ("sigma0", "initial_blur"):
+                if name in defaults:
+                    params.setdefault(name, float(defaults[name]) / finest)
         return kf.extract(img, device=self.device, **params)
 
     def fit(
@@ -371,7 +390,7 @@ class KeypointTransferSegmenter:
                 if self.normalize
                 else np.asarray(img.data, dtype=np.float32)
             )
-            kps = keypoints[n] if keypoints is not None else self._extract(img)
+            kps = keypoints[n] if keypoints is not None else self.extract_keypoints(img)
             idx = np.rint(kps.ijk).astype(np.int64)
             idx = np.clip(idx, 0, np.array(labels.shape) - 1)
             kp_labels = labels[idx[:, 0], idx[:, 1], idx[:, 2]] if len(kps) else np.zeros(0)
@@ -453,7 +472,7 @@ class KeypointTransferSegmenter:
             raise InvalidImageError(f"expected a 3D image, got shape {img.shape}")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        kps = keypoints if keypoints is not None else self._extract(img)
+        kps = keypoints if keypoints is not None else self.extract_keypoints(img)
         timings["extract"] = time.perf_counter() - t0
         intensity = (
             normalize_intensity(img.data, img.spacing)
@@ -551,6 +570,13 @@ class KeypointTransferSegmenter:
             tl = np.concatenate(t_label)
             ts = np.concatenate(t_shift).astype(np.int32)
             tw = np.concatenate(t_weight)
+            if self.min_weight > 0.0:
+                # skip transfers far weaker than the label's strongest one
+                values, inverse = np.unique(tl, return_inverse=True)
+                top = np.zeros(len(values))
+                np.maximum.at(top, inverse, tw)
+                keep = tw >= self.min_weight * top[inverse]
+                ta, tl, ts, tw = ta[keep], tl[keep], ts[keep], tw[keep]
         else:
             ta = np.zeros(0, np.uint32)
             tl = np.zeros(0, np.int32)
@@ -665,6 +691,12 @@ def _make_command() -> _click.Command:
         help="Background where the best label's probability is below this.",
     )
     @click.option(
+        "--min-weight",
+        default=0.2,
+        show_default=True,
+        help="Skip transfers weaker than this fraction of the label's strongest (0: keep all).",
+    )
+    @click.option(
         "--extract-param",
         "extract_param",
         multiple=True,
@@ -683,6 +715,7 @@ def _make_command() -> _click.Command:
         scale_factor: float,
         nu: float,
         background_fraction: float,
+        min_weight: float,
         extract_param: tuple[str, ...],
         device: str,
         quiet: bool,
@@ -716,6 +749,7 @@ def _make_command() -> _click.Command:
                 scale_factor=scale_factor,
                 nu=None if nu <= 0 else nu,
                 background_fraction=background_fraction,
+                min_weight=min_weight,
                 device=device,
                 extract_params=params,
                 progress=not quiet,
