@@ -113,6 +113,8 @@ def test_cuda_request_without_gpu_raises(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(DeviceUnavailableError):
         _core.gpu_cohort_pairwise(d, np.array([5, 5]))
     with pytest.raises(DeviceUnavailableError):
+        _core.GpuCohort(d, np.array([5, 5]))
+    with pytest.raises(DeviceUnavailableError):
         _core.gpu_scale_space(np.ones((16, 16, 16), np.float32) + np.eye(16, dtype=np.float32))
 
 
@@ -187,6 +189,10 @@ def test_gpu_pairwise_equals_cpu_cohort(
     cpu_s = cohort.search(q, exclude=0, allowed=allowed, k=30, exact=True)
     gpu_s = _core.gpu_cohort_search(data, sizes, q, exclude=0, allowed=allowed, k=30)
     np.testing.assert_allclose(gpu_s, cpu_s, rtol=0, atol=1e-9)
+    resident = _core.GpuCohort(data, sizes)  # uploaded once, same answers
+    assert len(resident) == 8 and resident.n_points == len(data)
+    np.testing.assert_array_equal(resident.search(q, exclude=0, allowed=allowed), gpu_s)
+    np.testing.assert_array_equal(resident.pairwise(symmetric=symmetric), gpu)
 
 
 @needs_gpu

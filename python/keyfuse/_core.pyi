@@ -35,6 +35,30 @@ def gpu_cohort_search(
     alpha2_floor: float = 1.0,
     alpha2_cap_fraction: float = 0.1,
 ) -> npt.NDArray[np.float64]: ...
+class GpuCohort:
+    def __new__(
+        cls, data: npt.NDArray[np.uint8], sizes: npt.NDArray[np.int64]
+    ) -> GpuCohort: ...
+    def __len__(self) -> int: ...
+    @property
+    def n_points(self) -> int: ...
+    def search(
+        self,
+        desc: npt.NDArray[np.uint8],
+        exclude: int | None = None,
+        allowed: list[bool] | None = None,
+        k: int = 30,
+        alpha2_floor: float = 1.0,
+        alpha2_cap_fraction: float = 0.1,
+    ) -> npt.NDArray[np.float64]: ...
+    def pairwise(
+        self,
+        k: int = 30,
+        alpha2_floor: float = 1.0,
+        alpha2_cap_fraction: float = 0.1,
+        symmetric: bool = False,
+    ) -> npt.NDArray[np.float64]: ...
+
 def gpu_cohort_pairwise(
     data: npt.NDArray[np.uint8],
     sizes: npt.NDArray[np.int64],

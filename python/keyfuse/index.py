@@ -307,16 +307,16 @@ class Index:
         self._sources.append(src)
 
     # -- searching --------------------------------------------------------------------
-    def _gpu_cohort(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every subject's descriptors in order and their counts (the GPU engine's input),
-        cached until a subject is added (subjects are only ever appended)."""
-        cached: tuple[int, np.ndarray, np.ndarray] | None = getattr(self, "_gpu_cache", None)
+    def _gpu_cohort(self) -> _core.GpuCohort:
+        """Every subject's descriptors uploaded to the GPU once, re-uploaded only after a
+        subject is added (subjects are only ever appended)."""
+        cached: tuple[int, _core.GpuCohort] | None = getattr(self, "_gpu_cache", None)
         if cached is None or cached[0] != len(self):
             data = np.concatenate([np.asarray(k.descriptors, dtype=np.uint8) for k in self._kps])
             sizes = np.array([len(k) for k in self._kps], dtype=np.int64)
-            cached = (len(self), np.ascontiguousarray(data), sizes)
+            cached = (len(self), _core.GpuCohort(np.ascontiguousarray(data), sizes))
             self._gpu_cache = cached
-        return cached[1], cached[2]
+        return cached[1]
 
     def _use_exact(self, exact: bool | None) -> bool:
         return self.n_keypoints < self.exact_below if exact is None else bool(exact)
@@ -370,11 +370,8 @@ class Index:
         if len(self) == 0:
             return np.zeros(0)
         if backend == "cuda" and self.k <= 32:  # exact search on the GPU (keyfuse-cuda)
-            data, sizes = self._gpu_cohort()
             return np.asarray(
-                _core.gpu_cohort_search(
-                    data,
-                    sizes,
+                self._gpu_cohort().search(
                     np.ascontiguousarray(kps.descriptors, dtype=np.uint8),
                     exclude=ex,
                     allowed=None if mask is None else [bool(x) for x in mask],
@@ -460,11 +457,8 @@ class Index:
         if len(self) == 0:
             return np.zeros((0, 0))
         if backend == "cuda" and self.k <= 32:  # exact, all subjects in one GPU pass
-            data, sizes = self._gpu_cohort()
             return np.asarray(
-                _core.gpu_cohort_pairwise(
-                    data,
-                    sizes,
+                self._gpu_cohort().pairwise(
                     k=self.k,
                     alpha2_cap_fraction=self.alpha2_cap_fraction,
                     symmetric=symmetric,

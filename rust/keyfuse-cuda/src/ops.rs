@@ -18,15 +18,7 @@ struct DeviceFilter {
     mode: i32,
 }
 
-fn check_cohort(rows: usize, owner: &[i32], n_subjects: usize, sj: &SjParams) -> Result<()> {
-    if owner.len() != rows {
-        return Err(KfError::InvalidArgument(
-            "one owner (subject id) per descriptor row".into(),
-        ));
-    }
-    if owner.iter().any(|&s| s < 0 || s as usize >= n_subjects) {
-        return Err(KfError::InvalidArgument("subject id out of range".into()));
-    }
+fn check_sj(sj: &SjParams) -> Result<()> {
     if sj.k == 0
         || sj.k > KNN_KMAX
         || sj.alpha2_floor.is_nan()
@@ -71,6 +63,11 @@ impl Default for SjParams {
 /// between two independent descriptors of `data` (`2 Σ_d Var_d`, from exact integer sums),
 /// computed exactly as `keyfuse_core::jaccard` does so the bounds are bit-identical.
 pub fn alpha2_bounds(data: ArrayView2<u8>, floor: f64, cap_fraction: f64) -> (f64, f64) {
+    bounds_from(mean_sq_dist(data), floor, cap_fraction)
+}
+
+/// E = `2 Σ_d Var_d` of the rows of `data` (∞ for fewer than two rows).
+fn mean_sq_dist(data: ArrayView2<u8>) -> f64 {
     let mut sum = [0u64; DESC_LEN];
     let mut sq = [0u64; DESC_LEN];
     for row in data.rows() {
@@ -80,20 +77,48 @@ pub fn alpha2_bounds(data: ArrayView2<u8>, floor: f64, cap_fraction: f64) -> (f6
         }
     }
     let n = data.nrows() as u64;
-    let e = if n < 2 {
-        f64::INFINITY
-    } else {
-        let n = n as f64;
-        (0..DESC_LEN)
-            .map(|d| {
-                let m = sum[d] as f64 / n;
-                2.0 * (sq[d] as f64 / n - m * m).max(0.0)
-            })
-            .sum()
-    };
+    if n < 2 {
+        return f64::INFINITY;
+    }
+    let n = n as f64;
+    (0..DESC_LEN)
+        .map(|d| {
+            let m = sum[d] as f64 / n;
+            2.0 * (sq[d] as f64 / n - m * m).max(0.0)
+        })
+        .sum()
+}
+
+fn bounds_from(e: f64, floor: f64, cap_fraction: f64) -> (f64, f64) {
     let cap = cap_fraction * e;
     let cap = if cap.is_nan() { f64::INFINITY } else { cap };
     (floor, cap.max(floor))
+}
+
+/// A cohort's descriptors resident on the device (upload once, search many times): the
+/// GPU counterpart of `keyfuse_core::jaccard::Cohort` for exact search.
+pub struct DeviceCohort {
+    data: CudaSlice<u32>,
+    owner: CudaSlice<i32>,
+    owner_host: Vec<i32>,
+    sizes: Vec<usize>,
+    n_rows: usize,
+    mean_sq: f64,
+}
+
+impl DeviceCohort {
+    /// Number of subjects.
+    pub fn n_subjects(&self) -> usize {
+        self.sizes.len()
+    }
+    /// Number of descriptor rows.
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+    /// Rows per subject.
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
 }
 
 fn subject_sizes(owner: &[i32], n_subjects: usize) -> Vec<usize> {
@@ -867,50 +892,109 @@ impl Gpu {
         self.stream.clone_htod(v).map_err(dev_err)
     }
 
-    /// Soft intersections of a query set with every subject of a cohort — the exact-search
-    /// version of `keyfuse_core::jaccard::Cohort::intersections`: each query row's k nearest
-    /// cohort rows (rows of subject `exclude` and of subjects not `allowed` are never
-    /// candidates), α² = d² to the first clamped to [`alpha2_bounds`] of the cohort data, and
-    /// per subject the nearest of its rows adds `exp(−d²/2α²)`. Sums are exact 32.32 fixed
-    /// point (deterministic); they differ from the CPU's f64 sums by < 2⁻³² per term.
-    #[allow(clippy::too_many_arguments)]
-    pub fn cohort_intersections(
+    /// Upload a cohort: `data` holds every subject's rows, `owner[r]` the subject (0..n)
+    /// of row r.
+    pub fn upload_cohort(
         &self,
         data: ArrayView2<u8>,
         owner: &[i32],
         n_subjects: usize,
+    ) -> Result<DeviceCohort> {
+        if owner.len() != data.nrows() {
+            return Err(KfError::InvalidArgument(
+                "one owner (subject id) per descriptor row".into(),
+            ));
+        }
+        if owner.iter().any(|&s| s < 0 || s as usize >= n_subjects) {
+            return Err(KfError::InvalidArgument("subject id out of range".into()));
+        }
+        Ok(DeviceCohort {
+            data: self.upload_descriptors(data, "cohort descriptors")?,
+            owner: self.upload_i32(owner)?,
+            owner_host: owner.to_vec(),
+            sizes: subject_sizes(owner, n_subjects),
+            n_rows: data.nrows(),
+            mean_sq: mean_sq_dist(data),
+        })
+    }
+
+    /// Soft intersections of a query set with every subject of a device cohort — the
+    /// exact-search version of `keyfuse_core::jaccard::Cohort::intersections`: each query
+    /// row's k nearest cohort rows (rows of subject `exclude` and of subjects not `allowed`
+    /// are never candidates), α² = d² to the first clamped to [`alpha2_bounds`] of the cohort
+    /// data, and per subject the nearest of its rows adds `exp(−d²/2α²)`. Sums are exact
+    /// 32.32 fixed point (deterministic); they differ from the CPU's f64 sums by < 2⁻³² per
+    /// term.
+    pub fn cohort_intersections_on(
+        &self,
+        cohort: &DeviceCohort,
         queries: ArrayView2<u8>,
         exclude: Option<usize>,
         allowed: Option<&[bool]>,
         sj: &SjParams,
     ) -> Result<Vec<f64>> {
-        check_cohort(data.nrows(), owner, n_subjects, sj)?;
+        let n_subjects = cohort.n_subjects();
+        check_sj(sj)?;
         if allowed.is_some_and(|a| a.len() != n_subjects) {
             return Err(KfError::InvalidArgument(
                 "restriction mask length differs from the number of subjects".into(),
             ));
         }
+        if exclude.is_some_and(|e| e >= n_subjects) {
+            return Err(KfError::InvalidArgument("exclude is not a subject".into()));
+        }
         let nq = queries.nrows();
         let q = self.upload_descriptors(queries, "queries")?;
-        if nq == 0 || data.nrows() == 0 {
+        if nq == 0 || cohort.n_rows == 0 {
             return Ok(vec![0.0; n_subjects]);
         }
-        let bounds = alpha2_bounds(data, sj.alpha2_floor, sj.alpha2_cap_fraction);
-        let db = self.upload_descriptors(data, "cohort descriptors")?;
+        let bounds = bounds_from(cohort.mean_sq, sj.alpha2_floor, sj.alpha2_cap_fraction);
         let ex: Vec<i32> = exclude.map_or_else(Vec::new, |e| vec![e as i32; nq]);
-        let filter = self.device_filter(Some(owner), exclude.map(|_| ex.as_slice()), allowed)?;
+        let filter = self.device_filter(
+            Some(&cohort.owner_host),
+            exclude.map(|_| ex.as_slice()),
+            allowed,
+        )?;
         let kernel = sj.kernel.unwrap_or_else(|| self.knn_kernel());
-        let (nn_d, nn_i) = self.knn_device(&q, nq, &db, data.nrows(), sj.k, &filter, kernel)?;
-        let subj = self.upload_i32(owner)?;
+        let (nn_d, nn_i) =
+            self.knn_device(&q, nq, &cohort.data, cohort.n_rows, sj.k, &filter, kernel)?;
         let rows = self.stream.alloc_zeros::<i32>(nq).map_err(dev_err)?;
         let inter = self.sj_launch(
-            &nn_i, &nn_d, nq, sj.k, &subj, None, bounds, &rows, 1, n_subjects, false,
+            &nn_i,
+            &nn_d,
+            nq,
+            sj.k,
+            &cohort.owner,
+            None,
+            bounds,
+            &rows,
+            1,
+            n_subjects,
+            false,
         )?;
         Ok(inter.into_raw_vec_and_offset().0)
     }
 
-    /// Soft-Jaccard of a query set against every subject (exact-search version of
-    /// `Cohort::search`).
+    /// Soft-Jaccard of a query set against every subject of a device cohort (exact-search
+    /// version of `Cohort::search`).
+    pub fn cohort_search_on(
+        &self,
+        cohort: &DeviceCohort,
+        queries: ArrayView2<u8>,
+        exclude: Option<usize>,
+        allowed: Option<&[bool]>,
+        sj: &SjParams,
+    ) -> Result<Vec<f64>> {
+        let inter = self.cohort_intersections_on(cohort, queries, exclude, allowed, sj)?;
+        let nq = queries.nrows();
+        Ok(inter
+            .iter()
+            .zip(&cohort.sizes)
+            .map(|(&i, &n)| jaccard_from(i, nq, n))
+            .collect())
+    }
+
+    /// [`Self::cohort_search_on`] for a cohort given as host arrays (uploaded for this call).
     #[allow(clippy::too_many_arguments)]
     pub fn cohort_search(
         &self,
@@ -922,32 +1006,23 @@ impl Gpu {
         allowed: Option<&[bool]>,
         sj: &SjParams,
     ) -> Result<Vec<f64>> {
-        let inter =
-            self.cohort_intersections(data, owner, n_subjects, queries, exclude, allowed, sj)?;
-        let sizes = subject_sizes(owner, n_subjects);
-        let nq = queries.nrows();
-        Ok(inter
-            .iter()
-            .zip(&sizes)
-            .map(|(&i, &n)| jaccard_from(i, nq, n))
-            .collect())
+        let cohort = self.upload_cohort(data, owner, n_subjects)?;
+        self.cohort_search_on(&cohort, queries, exclude, allowed, sj)
     }
 
-    /// N×N soft-Jaccard matrix of a cohort (row = query subject, its own rows excluded from
-    /// its neighbours; diagonal 1; `symmetric` averages the two intersections) — the
+    /// N×N soft-Jaccard matrix of a device cohort (row = query subject, its own rows excluded
+    /// from its neighbours; diagonal 1; `symmetric` averages the two intersections) — the
     /// exact-search version of `Cohort::pairwise`, row-major. All subjects' rows are queried
     /// in one k-NN launch; the neighbour lists never leave the device.
-    pub fn cohort_pairwise(
+    pub fn cohort_pairwise_on(
         &self,
-        data: ArrayView2<u8>,
-        owner: &[i32],
-        n_subjects: usize,
+        cohort: &DeviceCohort,
         sj: &SjParams,
         symmetric: bool,
     ) -> Result<Vec<f64>> {
-        let inter = self.pairwise_intersections(data, owner, n_subjects, sj)?;
-        let sizes = subject_sizes(owner, n_subjects);
-        let n = n_subjects;
+        let inter = self.pairwise_intersections_on(cohort, sj)?;
+        let sizes = &cohort.sizes;
+        let n = cohort.n_subjects();
         let mut out = vec![0.0f64; n * n];
         for a in 0..n {
             for b in 0..n {
@@ -966,34 +1041,46 @@ impl Gpu {
         Ok(out)
     }
 
-    /// The (n_subjects, n_subjects) soft-intersection matrix behind [`Self::cohort_pairwise`]:
-    /// `I[a, b]` = soft intersection of subject a's rows with subject b.
-    pub fn pairwise_intersections(
+    /// [`Self::cohort_pairwise_on`] for a cohort given as host arrays.
+    pub fn cohort_pairwise(
         &self,
         data: ArrayView2<u8>,
         owner: &[i32],
         n_subjects: usize,
         sj: &SjParams,
+        symmetric: bool,
+    ) -> Result<Vec<f64>> {
+        let cohort = self.upload_cohort(data, owner, n_subjects)?;
+        self.cohort_pairwise_on(&cohort, sj, symmetric)
+    }
+
+    /// The (n_subjects, n_subjects) soft-intersection matrix behind
+    /// [`Self::cohort_pairwise_on`]: `I[a, b]` = soft intersection of a's rows with subject b.
+    pub fn pairwise_intersections_on(
+        &self,
+        cohort: &DeviceCohort,
+        sj: &SjParams,
     ) -> Result<Array2<f64>> {
-        check_cohort(data.nrows(), owner, n_subjects, sj)?;
-        let n = data.nrows();
+        check_sj(sj)?;
+        let (n, n_subjects) = (cohort.n_rows, cohort.n_subjects());
         if n == 0 {
             return Ok(Array2::zeros((n_subjects, n_subjects)));
         }
-        let bounds = alpha2_bounds(data, sj.alpha2_floor, sj.alpha2_cap_fraction);
-        let d = self.upload_descriptors(data, "cohort descriptors")?;
+        let bounds = bounds_from(cohort.mean_sq, sj.alpha2_floor, sj.alpha2_cap_fraction);
+        let owner = &cohort.owner_host;
         let filter = self.device_filter(Some(owner), Some(owner), None)?;
         let kernel = sj.kernel.unwrap_or_else(|| self.knn_kernel());
-        let (nn_d, nn_i) = self.knn_device(&d, n, &d, n, sj.k, &filter, kernel)?;
+        let (nn_d, nn_i) =
+            self.knn_device(&cohort.data, n, &cohort.data, n, sj.k, &filter, kernel)?;
         self.sj_launch(
             &nn_i,
             &nn_d,
             n,
             sj.k,
-            &filter.owner,
+            &cohort.owner,
             None,
             bounds,
-            &filter.owner,
+            &cohort.owner,
             n_subjects,
             n_subjects,
             false,

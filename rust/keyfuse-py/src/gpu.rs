@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use keyfuse_core::extract::ExtractParams;
 use keyfuse_core::{KfError, DESC_LEN};
-use keyfuse_cuda::ops::{intensity_scale, ScaleSpaceParams, SjParams};
+use keyfuse_cuda::ops::{intensity_scale, DeviceCohort, ScaleSpaceParams, SjParams};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
 };
@@ -239,6 +239,95 @@ fn gpu_cohort_search<'py>(
     Ok(scores.into_pyarray(py))
 }
 
+/// A cohort's descriptors resident on the GPU — upload once, search many times (the GPU
+/// counterpart of `Cohort` for exact search). `data`: every subject's rows in order;
+/// `sizes`: their row counts.
+#[pyclass(module = "keyfuse._core", frozen)]
+struct GpuCohort {
+    inner: DeviceCohort,
+}
+
+#[pymethods]
+impl GpuCohort {
+    #[new]
+    fn new(
+        py: Python<'_>,
+        data: PyReadonlyArray2<'_, u8>,
+        sizes: PyReadonlyArray1<'_, i64>,
+    ) -> PyResult<Self> {
+        check_desc(py, "data", &data)?;
+        let owner = owners(py, &sizes, data.as_array().nrows())?;
+        let n = sizes.as_array().len();
+        ensure_nvrtc(py);
+        let d = data.as_array();
+        let inner = detach(py, || gpu()?.upload_cohort(d, &owner, n))?;
+        Ok(GpuCohort { inner })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.n_subjects()
+    }
+
+    /// Number of descriptor rows held.
+    #[getter]
+    fn n_points(&self) -> usize {
+        self.inner.n_rows()
+    }
+
+    /// Soft-Jaccard of `desc` against every subject (as `gpu_cohort_search`).
+    #[pyo3(signature = (desc, exclude=None, allowed=None, k=30, alpha2_floor=1.0,
+        alpha2_cap_fraction=0.1))]
+    #[allow(clippy::too_many_arguments)]
+    fn search<'py>(
+        &self,
+        py: Python<'py>,
+        desc: PyReadonlyArray2<'py, u8>,
+        exclude: Option<usize>,
+        allowed: Option<Vec<bool>>,
+        k: usize,
+        alpha2_floor: f64,
+        alpha2_cap_fraction: f64,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        check_desc(py, "desc", &desc)?;
+        let q = desc.as_array();
+        let sj = SjParams {
+            k,
+            alpha2_floor,
+            alpha2_cap_fraction,
+            kernel: None,
+        };
+        let inner = &self.inner;
+        let scores = detach(py, || {
+            gpu()?.cohort_search_on(inner, q, exclude, allowed.as_deref(), &sj)
+        })?;
+        Ok(scores.into_pyarray(py))
+    }
+
+    /// N×N soft-Jaccard matrix (as `gpu_cohort_pairwise`).
+    #[pyo3(signature = (k=30, alpha2_floor=1.0, alpha2_cap_fraction=0.1, symmetric=false))]
+    fn pairwise<'py>(
+        &self,
+        py: Python<'py>,
+        k: usize,
+        alpha2_floor: f64,
+        alpha2_cap_fraction: f64,
+        symmetric: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let sj = SjParams {
+            k,
+            alpha2_floor,
+            alpha2_cap_fraction,
+            kernel: None,
+        };
+        let inner = &self.inner;
+        let n = inner.n_subjects();
+        let flat = detach(py, || gpu()?.cohort_pairwise_on(inner, &sj, symmetric))?;
+        numpy::ndarray::Array2::from_shape_vec((n, n), flat)
+            .map(|a| a.into_pyarray(py))
+            .map_err(|e| invalid(py, e.to_string()))
+    }
+}
+
 /// N×N soft-Jaccard matrix of a cohort on the GPU — the exact-search `Cohort.pairwise`
 /// (row = query subject, diagonal 1, `symmetric` averages the two intersections).
 #[pyfunction]
@@ -420,6 +509,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gpu_knn, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_cohort_search, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_cohort_pairwise, m)?)?;
+    m.add_class::<GpuCohort>()?;
     m.add_function(wrap_pyfunction!(gpu_kde_class_sums, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_keypoint_log_likelihood, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_scale_space, m)?)?;
