@@ -8,6 +8,7 @@ Prints, for the rayon (CPU) path and, when a CUDA device is usable, the GPU path
   runs on the GPU today: the DoG scale space with extrema (``_core.gpu_scale_space``);
 * k-NN throughput: exact k = 2 search of ``--queries`` rank descriptors in a database of
   ``--database`` rows (queries/s and distance evaluations/s);
+* one query set against ``--search-subjects`` subjects held on the GPU (GPU only);
 * all-pairs soft-Jaccard scoring (k = 30) of ``--subjects`` synthetic subjects of
   ``--per-subject`` keypoints. The GPU scores the whole cohort exactly. The CPU cannot do
   1,000 subjects here in reasonable time, so it is measured on small cohorts and
@@ -159,6 +160,27 @@ def bench_pairwise(gpu: bool, n_subjects: int, per: int, cpu_exact: int, cpu_for
     print(f"  max |GPU − CPU| on {cpu_exact} subjects: {err:.2e}; dp4a == mma: {same}")
 
 
+def bench_search(gpu: bool, n_subjects: int, per: int, repeats: int) -> None:
+    """One query set against a large GPU-resident cohort (TARGETS.md: 25,000 subjects)."""
+    if not gpu:
+        return
+    print(f"one query ({per} keypoints) against {n_subjects} subjects × {per} keypoints, GPU:")
+    rng = np.random.default_rng(5)
+    # random bytes in 0..63: the brute-force cost does not depend on the content
+    data = rng.integers(0, 64, size=(n_subjects * per, 64), dtype=np.uint8)
+    sizes = np.full(n_subjects, per, dtype=np.int64)
+    t = time.perf_counter()
+    cohort = _core.GpuCohort(data, sizes)
+    print(f"  upload {time.perf_counter() - t:8.3f} s ({data.nbytes / 1e9:.1f} GB)")
+    q = data[:per]
+    for kernel in ("dp4a", "mma"):
+        os.environ["KEYFUSE_CUDA_KNN"] = kernel
+        cohort.search(q, exclude=0)
+        t = _median_time(lambda: cohort.search(q, exclude=0), repeats)
+        print(f"  search ({kernel:4s}) {t:8.3f} s per query   (CPU target ≤ 0.3 s, approximate)")
+    os.environ.pop("KEYFUSE_CUDA_KNN", None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -168,13 +190,14 @@ def main() -> None:
     ap.add_argument("--cpu-forest-subjects", type=int, default=16)
     ap.add_argument("--database", type=int, default=50_000)
     ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--search-subjects", type=int, default=25_000)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     ap.add_argument("--skip-extract", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.per_subject, args.subjects = 1, 300, 50
         args.cpu_exact_subjects, args.cpu_forest_subjects = 4, 6
-        args.database, args.queries = 5000, 500
+        args.database, args.queries, args.search_subjects = 5000, 500, 200
     info = cuda_info()
     gpu = bool(info["available"])
     if gpu:
@@ -187,6 +210,7 @@ def main() -> None:
     bench_pairwise(
         gpu, args.subjects, args.per_subject, args.cpu_exact_subjects, args.cpu_forest_subjects
     )
+    bench_search(gpu, args.search_subjects, args.per_subject, args.repeats)
 
 
 if __name__ == "__main__":
