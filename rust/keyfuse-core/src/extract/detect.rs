@@ -1,6 +1,8 @@
 //! DoG extrema: strict comparisons with every neighbour in space and scale (80 in 3D,
-//! 26 in 2D), then one parabola per axis and one over scale for sub-voxel, sub-scale
-//! positions.
+//! 26 in 2D), an edge test on the DoG Hessian, then sub-voxel, sub-scale positions from
+//! a quadratic fit (3D: full fit in space and scale with cross terms, falling back to one
+//! parabola per axis when the step leaves the voxel's neighbourhood; 2D: one parabola
+//! per axis and one over scale).
 
 use super::describe::sym_eigenvalues;
 use super::volume::Vol;
@@ -37,6 +39,33 @@ pub(crate) struct Candidate {
     pub ds: f32,
     pub response: f32,
     pub polarity: i8,
+}
+
+/// Solve the 4×4 system `m·x = r` (Gaussian elimination with partial pivoting);
+/// `None` when singular.
+#[allow(clippy::needless_range_loop)]
+fn solve4(mut m: [[f64; 4]; 4], mut r: [f64; 4]) -> Option<[f64; 4]> {
+    for c in 0..4 {
+        let p = (c..4).max_by(|&x, &y| m[x][c].abs().total_cmp(&m[y][c].abs()))?;
+        if m[p][c].abs() < 1e-12 {
+            return None;
+        }
+        m.swap(c, p);
+        r.swap(c, p);
+        for row in c + 1..4 {
+            let f = m[row][c] / m[c][c];
+            for col in c..4 {
+                m[row][col] -= f * m[c][col];
+            }
+            r[row] -= f * r[c];
+        }
+    }
+    let mut x = [0f64; 4];
+    for c in (0..4).rev() {
+        let s: f64 = (c + 1..4).map(|q| m[c][q] * x[q]).sum();
+        x[c] = (r[c] - s) / m[c][c];
+    }
+    x.iter().all(|v| v.is_finite()).then_some(x)
 }
 
 /// Vertex of the parabola through (-1, m), (0, c), (1, p), clipped to ±0.5, and the
@@ -156,14 +185,42 @@ pub(crate) fn extrema_3d(
                     if !blob_like_3d(hess, if v > 0.0 { 1.0 } else { -1.0 }, edge) {
                         continue;
                     }
-                    let (oi, ri) = parabola(cur.data[x - si], v, cur.data[x + si]);
-                    let (oj, rj) = parabola(cur.data[x - sj], v, cur.data[x + sj]);
-                    let (ok, rk) = parabola(cur.data[x - 1], v, cur.data[x + 1]);
-                    let (os, rs) = parabola(prev.data[x], v, next.data[x]);
+                    // full quadratic fit in (i, j, k, s) with cross terms (Lowe); when the
+                    // step leaves the voxel, one parabola per axis instead
+                    let sv = |o: isize, w: &Vol| w.data[(x as isize + o) as usize] as f64;
+                    let grad = [
+                        0.5 * (d(a) - d(-a)),
+                        0.5 * (d(b) - d(-b)),
+                        0.5 * (d(1) - d(-1)),
+                        0.5 * (sv(0, next) - sv(0, prev)),
+                    ];
+                    let hs =
+                        |o: isize| 0.25 * (sv(o, next) - sv(-o, next) - sv(o, prev) + sv(-o, prev));
+                    let h4 = [
+                        [hess[0][0], hess[0][1], hess[0][2], hs(a)],
+                        [hess[1][0], hess[1][1], hess[1][2], hs(b)],
+                        [hess[2][0], hess[2][1], hess[2][2], hs(1)],
+                        [hs(a), hs(b), hs(1), sv(0, next) + sv(0, prev) - c2],
+                    ];
+                    let step =
+                        solve4(h4, grad.map(|g| -g)).filter(|o| o.iter().all(|x| x.abs() <= 1.0));
+                    let (off, resp) = match step {
+                        Some(o) => {
+                            let dv: f64 = (0..4).map(|q| grad[q] * o[q]).sum::<f64>() * 0.5;
+                            (o.map(|x| x as f32), v + dv as f32)
+                        }
+                        None => {
+                            let (oi, ri) = parabola(cur.data[x - si], v, cur.data[x + si]);
+                            let (oj, rj) = parabola(cur.data[x - sj], v, cur.data[x + sj]);
+                            let (ok, rk) = parabola(cur.data[x - 1], v, cur.data[x + 1]);
+                            let (os, rs) = parabola(prev.data[x], v, next.data[x]);
+                            ([oi, oj, ok, os], v + ri + rj + rk + rs)
+                        }
+                    };
                     out.push(Candidate {
-                        pos: [i as f32 + oi, j as f32 + oj, k as f32 + ok],
-                        ds: os,
-                        response: v + ri + rj + rk + rs,
+                        pos: [i as f32 + off[0], j as f32 + off[1], k as f32 + off[2]],
+                        ds: off[3].clamp(-0.5, 0.5),
+                        response: resp,
                         polarity: if v > 0.0 { 1 } else { -1 },
                     });
                 }

@@ -4,8 +4,8 @@
 //! resampling when voxels are anisotropic → Gaussian scale space (σ0 = 1.6, 4 scales
 //! per octave, S+3 Gaussians / S+2 DoGs per octave, next octave = 2×2×2 average of the
 //! σ = 2σ0 image) → strict 80-neighbour DoG extrema (maxima and minima) in the inner
-//! DoGs above a contrast threshold → edge test on the DoG Hessian → one parabola per
-//! axis and over scale → (optional) structure-tensor blob test on a normalised patch,
+//! DoGs above a contrast threshold → edge test on the DoG Hessian → quadratic sub-voxel
+//! and sub-scale fit → (optional) structure-tensor blob test on a normalised patch,
 //! whose eigenvalues are reported → 3D orientations → 64-bin
 //! SIFT-Rank descriptors (2×2×2 cells × 8 octant bins, rank-transformed).
 //!
