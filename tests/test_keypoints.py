@@ -94,7 +94,7 @@ def test_reads_the_reference_key_file(data_dir: Path) -> None:
     assert kps.shape == (197, 233, 189)
     # first row of the file: 98.5 48.607330 32.963707 4.320208, flag 0 (minimum)
     np.testing.assert_allclose(kps.ijk[0], [98.0, 48.10733, 32.463707], atol=1e-6)
-    assert kps.scale[0] == pytest.approx(4.320208 / 2)
+    assert kps.scale[0] == pytest.approx(4.320208 / kf.keypoints.KEY_SCALE_PER_SIGMA)
     assert kps.polarity[0] == -1
     # every reference descriptor is a permutation of 0..63
     assert np.all(np.sort(kps.descriptors, axis=1) == np.arange(64))
