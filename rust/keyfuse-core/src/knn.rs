@@ -612,7 +612,7 @@ impl KdForest {
         t: usize,
         mut ni: u32,
         mindist: f32,
-        heap: &mut BinaryHeap<Reverse<(u32, u32, u32)>>,
+        queue: &mut impl FnMut(Reverse<(u32, u32, u32)>),
     ) {
         let tree = &self.trees[t];
         loop {
@@ -650,7 +650,7 @@ impl KdForest {
             };
             let bound = mindist + diff * diff;
             // (bound, tree, node) orders the queue totally: deterministic pops
-            heap.push(Reverse((bound.to_bits(), t as u32, far)));
+            queue(Reverse((bound.to_bits(), t as u32, far)));
             ni = near;
         }
     }
@@ -680,8 +680,14 @@ impl KdForest {
             top: &mut top,
             done: &mut done,
         };
+        // First one descent per tree, keeping the untaken branches aside: when those leaves
+        // already use up `checks` (the usual case), the priority queue is never needed.
+        let mut pending = Vec::with_capacity(self.trees.len() * 24);
         for t in 0..self.trees.len() {
-            self.descend(&mut st, t, 0, 0.0, heap);
+            self.descend(&mut st, t, 0, 0.0, &mut |e| pending.push(e));
+        }
+        if *st.done < checks {
+            heap.extend(pending);
         }
         while *st.done < checks {
             let Some(Reverse((bound, t, ni))) = heap.pop() else {
@@ -691,7 +697,7 @@ impl KdForest {
             if (b as f64) > st.top.worst() as f64 {
                 break; // (FLANN's approximate bound) nothing left is likely to beat the k-th
             }
-            self.descend(&mut st, t as usize, ni, b, heap);
+            self.descend(&mut st, t as usize, ni, b, &mut |e| heap.push(e));
         }
         top
     }
