@@ -320,10 +320,20 @@ fn stage_timings() {
     for (name, q) in runs {
         let (t, c) = (Instant::now(), cpu());
         let k = extract3d(a.view(), [1.0; 3], &q).unwrap();
+        let (wall, cpu_s) = (t.elapsed(), cpu() - c);
+        // a checksum of the output, to see at a glance whether a change altered it
+        let mut h = 0xcbf29ce484222325u64;
+        for r in 0..k.len() {
+            let words = k.ijk[r]
+                .iter()
+                .map(|x| x.to_bits())
+                .chain(k.descriptors[r].iter().map(|&d| d as u64));
+            for x in words {
+                h = (h ^ x).wrapping_mul(0x100000001b3);
+            }
+        }
         eprintln!(
-            "{name}: wall {:?} cpu {:.3}s rows {} points {}",
-            t.elapsed(),
-            cpu() - c,
+            "{name}: wall {wall:?} cpu {cpu_s:.3}s rows {} points {} checksum {h:016x}",
             k.len(),
             k.n_points()
         );
