@@ -691,7 +691,7 @@ mod tests {
             .map(|k| Transfer {
                 atlas: (k % 2) as u32,
                 label: if k % 3 == 0 { 5 } else { 2 },
-                shift: [(k % 5) as i32 - 2, (k % 7) as i32 - 3, (k % 3) as i32 - 1],
+                shift: [k % 5 - 2, k % 7 - 3, k % 3 - 1],
                 weight: 0.1 + (k as f64 * 0.37).sin().abs(),
             })
             .collect();
