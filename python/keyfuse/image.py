@@ -126,7 +126,7 @@ def _load_path(path: Path) -> Image:
     if path.is_dir():
         raise KeyfuseIOError(f"expected an image file, got a directory: {path}")
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
         affine = img.affine
     except Exception as exc:  # nibabel raises many types for damaged files

@@ -145,6 +145,16 @@ class KeypointSet:
         return cls(np.zeros((0, 3)), np.zeros(0), affine=affine, shape=shape)
 
     @classmethod
+    def _from_columns(
+        cls, columns: Sequence[np.ndarray], affine: Any, shape: Sequence[int] | None
+    ) -> KeypointSet:
+        """Build from arrays given in ``_FIELDS`` order."""
+        named: dict[str, Any] = {
+            name: col for (name, _, _), col in zip(_FIELDS, columns, strict=True)
+        }
+        return cls(**named, affine=affine, shape=shape)
+
+    @classmethod
     def _from_core(
         cls, fields: dict[str, np.ndarray], affine: np.ndarray, shape: Sequence[int]
     ) -> KeypointSet:
@@ -167,10 +177,10 @@ class KeypointSet:
         if not sets:
             raise InvalidArgumentError("concatenate needs at least one KeypointSet")
         first = sets[0]
-        return cls(
-            *(np.concatenate([getattr(s, name) for s in sets]) for name, _, _ in _FIELDS),
-            affine=first.affine,
-            shape=first.shape,
+        return cls._from_columns(
+            [np.concatenate([getattr(s, name) for s in sets]) for name, _, _ in _FIELDS],
+            first.affine,
+            first.shape,
         )
 
     # -- container protocol -------------------------------------------------------------
@@ -181,10 +191,8 @@ class KeypointSet:
         """A subset: boolean mask, integer indices or a slice."""
         if isinstance(index, (int, np.integer)):
             index = [int(index)]
-        return KeypointSet(
-            *(getattr(self, name)[index] for name, _, _ in _FIELDS),
-            affine=self.affine,
-            shape=self.shape,
+        return KeypointSet._from_columns(
+            [getattr(self, name)[index] for name, _, _ in _FIELDS], self.affine, self.shape
         )
 
     def __eq__(self, other: object) -> bool:
@@ -222,10 +230,8 @@ class KeypointSet:
         mat = np.asarray(matrix, dtype=np.float64)
         if mat.shape != (4, 4):
             raise InvalidArgumentError(f"transform must be 4×4, got {mat.shape}")
-        return KeypointSet(
-            *(getattr(self, name) for name, _, _ in _FIELDS),
-            affine=mat @ self.affine,
-            shape=self.shape,
+        return KeypointSet._from_columns(
+            [getattr(self, name) for name, _, _ in _FIELDS], mat @ self.affine, self.shape
         )
 
     # -- compact binary file --------------------------------------------------------------
@@ -293,7 +299,7 @@ class KeypointSet:
             offset += size
         if offset != len(payload):
             raise CorruptDataError(f"{path} has {len(payload) - offset} unexpected trailing bytes")
-        return cls(*columns, affine=header["affine"], shape=header["shape"])
+        return cls._from_columns(columns, header["affine"], header["shape"])
 
 
 # -- featExtract .key text format ---------------------------------------------------------
