@@ -115,6 +115,7 @@ pub(crate) fn extrema_3d(
         .map(|i| {
             let mut out = Vec::new();
             let mut flags: Vec<u8> = vec![0; nk];
+            let mut hits: Vec<usize> = Vec::new();
             for j in margin..nj - margin {
                 let row = (i * nj + j) * nk;
                 // branchless (vectorisable) prefilter against the 6 face neighbours
@@ -144,10 +145,21 @@ pub(crate) fn extrema_3d(
                         & (v < b[q]);
                     *fl = mx as u8 | mn as u8;
                 }
-                for k in margin..nk - margin {
-                    if flags[k - margin] == 0 {
+                // the few flagged voxels, skipping 8 clear flags at a time
+                hits.clear();
+                let len = k1 - k0;
+                let mut q = 0;
+                while q < len {
+                    if q + 8 <= len && flags[q..q + 8].iter().all(|&f| f == 0) {
+                        q += 8;
                         continue;
                     }
+                    if flags[q] != 0 {
+                        hits.push(margin + q);
+                    }
+                    q += 1;
+                }
+                for &k in &hits {
                     let x = row + k;
                     let v = cur.data[x];
                     let is_ext = if v > 0.0 {

@@ -426,7 +426,13 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     }
     let pre = (p.sigma0 * p.sigma0 - p.initial_blur * p.initial_blur).sqrt();
     let mut base = volume::blur(&vol, pre as f32)?;
-    drop(vol);
+    // full-size buffers are recycled (the input copy included) rather than freed and
+    // reallocated: every fresh buffer costs a page fault per 4 KiB
+    let mut pool: Vec<Vol> = vec![vol];
+    let take = |pool: &mut Vec<Vol>, n: [usize; 3]| match pool.pop() {
+        Some(v) => Ok(v),
+        None => Vol::zeros(n),
+    };
     let mut octave = 0usize;
     loop {
         if small(&base) || (p.max_octaves > 0.0 && octave >= p.max_octaves as usize) {
@@ -440,12 +446,12 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
             let inc = p.sigma0 * (kappa.powi(2 * t as i32) - kappa.powi(2 * (t as i32 - 1))).sqrt();
             let mut g_cur = match spare.take() {
                 Some(v) => v,
-                None => Vol::zeros(g_prev.n)?,
+                None => take(&mut pool, g_prev.n)?,
             };
             let mut d = if dogs.len() == 3 {
                 dogs.remove(0)
             } else {
-                Vol::zeros(g_prev.n)?
+                take(&mut pool, g_prev.n)?
             };
             volume::blur_dog_into(&g_prev, inc as f32, &mut g_cur, &mut d);
             if t == s_n {
@@ -531,9 +537,9 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
             }
             spare = Some(std::mem::replace(&mut g_prev, g_cur));
         }
-        drop(spare);
-        drop(dogs);
-        drop(g_prev);
+        pool.extend(spare);
+        pool.extend(dogs);
+        pool.push(g_prev);
         match next_base {
             Some(b) => base = b,
             None => break,
