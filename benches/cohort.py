@@ -91,12 +91,12 @@ def main() -> None:
         t0 = time.perf_counter()
         sym = np.asarray(index.pairwise(symmetric=True), dtype=np.float64)
         methods["soft Jaccard symmetric"] = (sym, time.perf_counter() - t0)
-        raw = Index(alpha2_cap_fraction=float("inf"))
+        raw = Index(kernel="published", alpha2_cap_fraction=float("inf"))
         for sid, s in zip(cohort.subjects, sets, strict=True):
             raw.add(sid, s)
         t0 = time.perf_counter()
         unc = np.asarray(raw.pairwise(), dtype=np.float64)
-        methods["soft Jaccard uncapped α"] = (unc, time.perf_counter() - t0)
+        methods["published kernel uncapped"] = (unc, time.perf_counter() - t0)
     rows = [
         ("family AUC", "family_auc"),
         ("family AP", "family_ap"),

@@ -57,12 +57,13 @@ def test_soft_jaccard_hand_computed() -> None:
     inf = float("inf")
     # a0: α² = min(8, 2) = 2 → exp(−2/4); a1: α² = min(8, 10) = 8 → exp(−10/16)
     inter = np.exp(-0.5) + np.exp(-10 / 16)
-    j = kf.soft_jaccard(a, b, exact=True, alpha2_cap_fraction=inf)
+    pub = {"kernel": "published"}
+    j = kf.soft_jaccard(a, b, exact=True, alpha2_cap_fraction=inf, **pub)
     assert j == pytest.approx(inter / (3 - inter), abs=1e-12)
     # B into A: b0's nearest is a0 at d² = 2 (α² = 2) → exp(−½)
     back = np.exp(-0.5)
     sym = 0.5 * (inter + back)
-    j = kf.soft_jaccard(a, b, symmetric=True, exact=True, alpha2_cap_fraction=inf)
+    j = kf.soft_jaccard(a, b, symmetric=True, exact=True, alpha2_cap_fraction=inf, **pub)
     assert j == pytest.approx(sym / (3 - sym), abs=1e-12)
     assert kf.soft_jaccard(a, b, symmetric=True) == kf.soft_jaccard(b, a, symmetric=True)
     # with the cap: E = 2 Σ Var over the pooled rows = 2·(2 · 2/9 + 2 · 8/9) = 40/9
@@ -72,10 +73,20 @@ def test_soft_jaccard_hand_computed() -> None:
     cap = 0.1 * e  # 0.44: below 1, so the floor 1 wins for every keypoint
     a2 = np.clip([2.0, 8.0], 1.0, max(cap, 1.0))
     inter = np.exp(-2 / (2 * a2[0])) + np.exp(-10 / (2 * a2[1]))
-    assert kf.soft_jaccard(a, b, exact=True) == pytest.approx(inter / (3 - inter), abs=1e-12)
-    j = kf.soft_jaccard(a, b, exact=True, alpha2_cap_fraction=1.0)  # cap 4.44
+    j = kf.soft_jaccard(a, b, exact=True, **pub)
+    assert j == pytest.approx(inter / (3 - inter), abs=1e-12)
+    j = kf.soft_jaccard(a, b, exact=True, alpha2_cap_fraction=1.0, **pub)  # cap 4.44
     inter = np.exp(-2 / 4) + np.exp(-10 / (2 * e))
     assert j == pytest.approx(inter / (3 - inter), abs=1e-12)
+    # posterior kernel (K = 5 ≥ all candidates): a0's candidates b0 (d² 2) and a1 (8),
+    # α² = 2; a1's a0 (8) and b0 (10), α² = 8; b0 keeps its best share (from a0)
+    s0 = np.exp(-0.5) / (np.exp(-0.5) + np.exp(-2.0))
+    s1 = np.exp(-10 / 16) / (np.exp(-0.5) + np.exp(-10 / 16))
+    inter = max(s0, s1)
+    j = kf.soft_jaccard(a, b, exact=True, kernel="posterior")
+    assert j == pytest.approx(inter / (3 - inter), abs=1e-12)
+    with pytest.raises(kf.InvalidArgumentError):
+        kf.soft_jaccard(a, b, kernel="gaussian")
 
 
 def test_soft_jaccard_identical_and_disjoint() -> None:
@@ -90,9 +101,15 @@ def test_soft_jaccard_identical_and_disjoint() -> None:
     assert 0.0 <= j < 1e-3
     # a noisy copy lies in between and above an unrelated set
     base = perms(rng, 400)
-    j_rel = kf.soft_jaccard(kset(base), kset(noisy(rng, base, 4.0)))
-    j_unrel = kf.soft_jaccard(kset(base), kset(perms(rng, 400)))
+    rel, unrel = kset(noisy(rng, base, 4.0)), kset(perms(rng, 400))
+    j_rel = kf.soft_jaccard(kset(base), rel, kernel="published")
+    j_unrel = kf.soft_jaccard(kset(base), unrel, kernel="published")
     assert j_unrel < 0.05 and j_rel > 10 * j_unrel
+    # posterior: two sets alone have no cohort to compete with, so unrelated random sets
+    # keep a floor (~0.07 here: B wins some soft assignments against A's own keypoints)
+    j_rel = kf.soft_jaccard(kset(base), rel)
+    j_unrel = kf.soft_jaccard(kset(base), unrel)
+    assert j_unrel < 0.1 and j_rel > 0.95 and j_rel > 10 * j_unrel
 
 
 def test_soft_jaccard_geometry_kernel() -> None:

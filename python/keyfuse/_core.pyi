@@ -210,6 +210,7 @@ def soft_intersections(
     scale_a: npt.NDArray[np.float64] | None = None,
     xyz_b: npt.NDArray[np.float64] | None = None,
     scale_b: npt.NDArray[np.float64] | None = None,
+    posterior: bool = False,
 ) -> tuple[float, float]: ...
 def reference_votes(
     sets: list[npt.NDArray[np.uint8]], k: int = 5, exact: bool = False, checks: int = 64
@@ -236,6 +237,7 @@ class Cohort:
         checks: int = 128,
         alpha2_floor: float = 1.0,
         alpha2_cap_fraction: float = 0.1,
+        posterior: bool = False,
     ) -> npt.NDArray[np.float64]: ...
     def pairwise(
         self,
@@ -245,6 +247,7 @@ class Cohort:
         alpha2_floor: float = 1.0,
         alpha2_cap_fraction: float = 0.1,
         symmetric: bool = False,
+        posterior: bool = False,
     ) -> npt.NDArray[np.float64]: ...
     def reference_votes(
         self, k: int = 5, exact: bool = False, checks: int = 64

@@ -99,8 +99,9 @@ class Index:
     path : str or Path, optional
         ``None``: in memory only (``save`` writes it). A directory: opened if it holds an
         index, else created; every :meth:`add` is then appended to disk atomically.
-    k : int, default 30
-        Nearest neighbours per query keypoint (K of the soft Jaccard).
+    k : int, optional
+        Nearest neighbours per query keypoint (K of the soft Jaccard); default 5 for the
+        posterior kernel, 30 for the published one.
     checks : int, default 64
         Distance evaluations per keypoint in the approximate (kd-forest) search.
     trees : int, default 8
@@ -108,9 +109,13 @@ class Index:
     exact_below : int, default 200_000
         Indices with fewer keypoints than this are searched exactly (brute force) unless
         ``exact=False`` is passed; larger ones use the forest.
-    alpha2_cap_fraction : float, default 0.1
-        Cap of the adaptive kernel width (see :func:`keyfuse.soft_jaccard`); ``inf`` gives
-        the published formula.
+    kernel : {"posterior", "published"}, default "posterior"
+        Soft-Jaccard kernel (see :func:`keyfuse.soft_jaccard`, which gives the measured
+        figures): "posterior" normalises each keypoint's kernel values over its K
+        neighbours in the cohort; "published" is Chauvin et al.'s unnormalised kernel.
+    alpha2_cap_fraction : float, optional
+        Cap of the adaptive kernel width (see :func:`keyfuse.soft_jaccard`); default
+        ``inf`` (posterior) or 0.1 (published); ``inf`` gives the published formula.
 
     Scores are cohort-relative: α_i is the distance from a query keypoint to its nearest
     neighbour among all the other subjects.
@@ -127,17 +132,21 @@ class Index:
         self,
         path: PathLike | None = None,
         *,
-        k: int = 30,
+        k: int | None = None,
         checks: int = 64,
         trees: int = 8,
         exact_below: int = 200_000,
-        alpha2_cap_fraction: float = 0.1,
+        kernel: str = "posterior",
+        alpha2_cap_fraction: float | None = None,
     ) -> None:
-        if k < 1 or checks < 1 or trees < 1 or not alpha2_cap_fraction > 0:
-            raise InvalidArgumentError("k, checks, trees and alpha2_cap_fraction must be > 0")
-        self.alpha2_cap_fraction = float(alpha2_cap_fraction)
+        from keyfuse.matching import _kernel_defaults
+
+        post, kk, cap = _kernel_defaults(kernel, k, alpha2_cap_fraction)
+        if checks < 1 or trees < 1:
+            raise InvalidArgumentError("checks and trees must be ≥ 1")
+        self.kernel, self.posterior, self.alpha2_cap_fraction = kernel, post, cap
         self.k, self.checks, self.trees, self.exact_below = (
-            int(k),
+            kk,
             int(checks),
             int(trees),
             int(exact_below),
@@ -369,7 +378,8 @@ class Index:
         mask = self._mask(restrict)
         if len(self) == 0:
             return np.zeros(0)
-        if backend == "cuda" and self.k <= 32:  # exact search on the GPU (keyfuse-cuda)
+        # exact search on the GPU (keyfuse-cuda), which has the published kernel only
+        if backend == "cuda" and self.k <= 32 and not self.posterior:
             return np.asarray(
                 self._gpu_cohort().search(
                     np.ascontiguousarray(kps.descriptors, dtype=np.uint8),
@@ -388,6 +398,7 @@ class Index:
                 exact=self._use_exact(exact),
                 checks=self.checks,
                 alpha2_cap_fraction=self.alpha2_cap_fraction,
+                posterior=self.posterior,
             )
         )
 
@@ -456,7 +467,8 @@ class Index:
         backend = resolve_device(device)
         if len(self) == 0:
             return np.zeros((0, 0))
-        if backend == "cuda" and self.k <= 32:  # exact, all subjects in one GPU pass
+        # exact, all subjects in one GPU pass (published kernel only)
+        if backend == "cuda" and self.k <= 32 and not self.posterior:
             return np.asarray(
                 self._gpu_cohort().pairwise(
                     k=self.k,
@@ -471,6 +483,7 @@ class Index:
                 checks=self.checks,
                 alpha2_cap_fraction=self.alpha2_cap_fraction,
                 symmetric=symmetric,
+                posterior=self.posterior,
             )
         )
 

@@ -296,38 +296,75 @@ def align(
     return Alignment(mat, inl, m, float(rmse), float(scale))
 
 
+_KERNELS = ("posterior", "published")
+
+
+def _kernel_defaults(
+    kernel: str, k: int | None, alpha2_cap_fraction: float | None
+) -> tuple[bool, int, float]:
+    """(posterior?, K, γ) for a kernel name; None means the kernel's default."""
+    if kernel not in _KERNELS:
+        raise InvalidArgumentError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
+    post = kernel == "posterior"
+    kk = (5 if post else 30) if k is None else int(k)
+    cap = (float("inf") if post else 0.1) if alpha2_cap_fraction is None else alpha2_cap_fraction
+    if kk < 1 or not float(cap) > 0:
+        raise InvalidArgumentError("k must be ≥ 1 and alpha2_cap_fraction > 0")
+    return post, kk, float(cap)
+
+
 def soft_jaccard(
     a: KeypointSet,
     b: KeypointSet,
-    k: int = 30,
+    k: int | None = None,
     symmetric: bool = False,
     geometry: bool = False,
     transform: Alignment | npt.ArrayLike | None = None,
     *,
+    kernel: str = "posterior",
     exact: bool | None = None,
     checks: int = 128,
     alpha2_floor: float = 1.0,
-    alpha2_cap_fraction: float = 0.1,
+    alpha2_cap_fraction: float | None = None,
     device: str = "auto",
 ) -> float:
     """Soft Jaccard similarity J(A, B) ∈ [0, 1] of two keypoint sets.
 
-    ``|A∩B| = Σ_{f_i∈A} max_{f_j ∈ NN_K(f_i) ∩ B} exp(−d²(f_i, f_j) / 2α_i²)`` and
-    ``J = |A∩B| / (|A| + |B| − |A∩B|)``. The adaptive kernel width α_i² is the squared
-    distance from f_i to its nearest neighbour among ``A∖{f_i} ∪ B`` (for two sets alone;
-    with B alone the nearest neighbour would always score exp(−½)); in
-    :class:`keyfuse.Index` it is the nearest neighbour over the whole cohort instead.
-    α_i² is clamped to ``[alpha2_floor, alpha2_cap_fraction · E]``, E = ``2 Σ_d Var_d``
-    the mean squared distance between two unrelated descriptors of the pooled data. The
-    cap is our addition: distances concentrate in 64-d, so without it a keypoint with no
-    true match still scores ≈ exp(−½) against its nearest stranger and unrelated sets get
-    J ≈ 0.4; ``alpha2_cap_fraction=inf`` gives the published formula.
+    ``J = |A∩B| / (|A| + |B| − |A∩B|)`` with a soft intersection built from the kernel
+    ``w_ij = exp(−d²(f_i, f_j) / 2α_i²)``, α_i² the squared distance from f_i to its
+    nearest neighbour in the collection it is compared against (the published adaptive
+    width): ``A∖{f_i} ∪ B`` for two sets alone, every other subject in
+    :class:`keyfuse.Index`. J = 1 for identical sets, ≈ 0 for disjoint ones.
+
+    ``kernel="posterior"`` (default): each f_i's kernel values over its K nearest
+    neighbours are normalised to sum to 1 (a soft assignment of f_i among the
+    candidates), B receives the share of its best neighbour, and each keypoint of B keeps
+    only its best share from A (so |A∩B| ≤ min(|A|, |B|)). This competition among
+    candidates is what the reference matcher's voting gets right. Measured on the
+    simulated demo cohort (40 scans, 46k keypoints; ``benches/cohort.py``), family AUC /
+    mAP: in :class:`keyfuse.Index` (exact k-NN) 0.9991 / 0.989 against 0.9495 / 0.881 for
+    the capped published kernel (K = 30, γ = 0.1) and, on the same keypoints, the
+    reference votes read as J = V/(n_i + n_j − V) 0.9989 / 0.990 with exact k-NN or
+    0.997 / 0.974 with its kd-forest (raw V 0.980 / 0.937); for two sets alone (this
+    function, all 1,560 ordered pairs) 0.987 / 0.938 against 0.918 / 0.316 for the capped
+    published kernel (rescans at rank 1: 100% vs 75%). K = 5 as in the reference
+    (K = 3…6 within ±0.0005 AUC; K = 30 drops to 0.98). Two unrelated sets alone keep a
+    small floor (≈ 0.06: B wins some assignments against A's own keypoints); disjoint
+    sets score ≈ 0.
+
+    ``kernel="published"``: ``|A∩B| = Σ_i max_{f_j ∈ NN_K(f_i) ∩ B} w_ij`` (Chauvin et
+    al. 2020), with α_i² clamped to ``[alpha2_floor, alpha2_cap_fraction · E]``,
+    E = ``2 Σ_d Var_d`` the mean squared distance between two unrelated descriptors of
+    the pooled data. The cap (default γ = 0.1 for this kernel) is our addition: distances
+    concentrate in 64-d, so without it a keypoint with no true match still scores
+    ≈ exp(−½) against its nearest stranger; ``alpha2_cap_fraction=inf`` gives the
+    published formula exactly.
 
     Parameters
     ----------
     a, b : KeypointSet (or Image / path, extracted first)
-    k : int, default 30
-        Nearest neighbours per keypoint (K).
+    k : int, optional
+        Nearest neighbours per keypoint (K); default 5 (posterior) or 30 (published).
     symmetric : bool, default False
         J from the mean of |A∩B| and |B∩A| (then J(A,B) = J(B,A)).
     geometry : bool, default False
@@ -336,16 +373,18 @@ def soft_jaccard(
         σ the scales in mm (A's scaled by the transform's scale).
     transform : Alignment or (4, 4) array, optional
         A → B world transform for the geometry kernel; default ``align(a, b)``.
+    kernel : {"posterior", "published"}, default "posterior"
     exact : bool, optional
         Brute-force k-NN (default: exact unless both sets are large).
     checks : int, default 128
         Distance evaluations per keypoint in the approximate search.
     alpha2_floor : float, default 1.0
         Lower bound of α² (keeps exact duplicates at kernel value 1).
-    alpha2_cap_fraction : float, default 0.1
-        γ of the upper bound γ·E of α² (``inf``: no cap).
+    alpha2_cap_fraction : float, optional
+        γ of the upper bound γ·E of α²; default ``inf`` (posterior) or 0.1 (published).
     device : {"auto", "cpu", "cuda"}
     """
+    post, k, alpha2_cap_fraction = _kernel_defaults(kernel, k, alpha2_cap_fraction)
     resolve_device(device)
     a = _as_keypoints(a, device, "a")
     b = _as_keypoints(b, device, "b")
@@ -373,6 +412,7 @@ def soft_jaccard(
         checks=int(checks),
         alpha2_floor=float(alpha2_floor),
         alpha2_cap_fraction=float(alpha2_cap_fraction),
+        posterior=post,
         **geo,
     )
     inter = 0.5 * (ab + ba) if symmetric else ab

@@ -235,6 +235,7 @@ fn sj_params(
     checks: usize,
     alpha2_floor: f64,
     alpha2_cap_fraction: f64,
+    posterior: bool,
 ) -> SoftJaccardParams {
     SoftJaccardParams {
         k,
@@ -242,13 +243,15 @@ fn sj_params(
         checks,
         alpha2_floor,
         alpha2_cap_fraction,
+        posterior,
     }
 }
 
 /// Soft intersections (|A∩B|, |B∩A|) of two sets; geometry arrays optional (all or none).
 #[pyfunction]
 #[pyo3(signature = (desc_a, desc_b, k=30, exact=false, checks=128, alpha2_floor=1.0,
-    alpha2_cap_fraction=0.1, xyz_a=None, scale_a=None, xyz_b=None, scale_b=None))]
+    alpha2_cap_fraction=0.1, xyz_a=None, scale_a=None, xyz_b=None, scale_b=None,
+    posterior=false))]
 #[allow(clippy::too_many_arguments)]
 fn soft_intersections<'py>(
     py: Python<'py>,
@@ -263,9 +266,10 @@ fn soft_intersections<'py>(
     scale_a: Option<PyReadonlyArray1<'py, f64>>,
     xyz_b: Option<PyReadonlyArray2<'py, f64>>,
     scale_b: Option<PyReadonlyArray1<'py, f64>>,
+    posterior: bool,
 ) -> PyResult<(f64, f64)> {
     let (da, db) = (desc_slice(py, "a", &desc_a)?, desc_slice(py, "b", &desc_b)?);
-    let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction);
+    let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction, posterior);
     let geo = match (xyz_a, scale_a, xyz_b, scale_b) {
         (Some(xa), Some(sa), Some(xb), Some(sb)) => Some((
             points(py, "a", &xa)?,
@@ -308,7 +312,7 @@ fn reference_votes<'py>(
         .map(|(i, s)| desc_slice(py, &format!("sets[{i}]"), s))
         .collect::<PyResult<_>>()?;
     let n = slices.len();
-    let p = sj_params(k, exact, checks, 1.0, f64::INFINITY);
+    let p = sj_params(k, exact, checks, 1.0, f64::INFINITY, false);
     let v = detach(py, || jaccard::reference_votes(&slices, &p))?;
     let v = numpy::ndarray::Array2::from_shape_vec((n, n), v)
         .map_err(|e| invalid(py, e.to_string()))?;
@@ -380,7 +384,7 @@ impl Cohort {
     }
 
     /// Soft-Jaccard of a query set against every subject, shape (N,).
-    #[pyo3(signature = (desc, exclude=None, allowed=None, k=30, exact=false, checks=128, alpha2_floor=1.0, alpha2_cap_fraction=0.1))]
+    #[pyo3(signature = (desc, exclude=None, allowed=None, k=30, exact=false, checks=128, alpha2_floor=1.0, alpha2_cap_fraction=0.1, posterior=false))]
     #[allow(clippy::too_many_arguments)]
     fn search<'py>(
         &mut self,
@@ -393,10 +397,11 @@ impl Cohort {
         checks: usize,
         alpha2_floor: f64,
         alpha2_cap_fraction: f64,
+        posterior: bool,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let q = desc_slice(py, "query", &desc)?;
         let mask: Option<Vec<bool>> = allowed.map(|a| a.as_array().to_vec());
-        let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction);
+        let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction, posterior);
         let inner = &mut self.inner;
         let out = detach(py, || {
             if !p.exact {
@@ -408,7 +413,7 @@ impl Cohort {
     }
 
     /// N×N soft-Jaccard (row = query subject), diagonal 1.
-    #[pyo3(signature = (k=30, exact=false, checks=128, alpha2_floor=1.0, alpha2_cap_fraction=0.1, symmetric=false))]
+    #[pyo3(signature = (k=30, exact=false, checks=128, alpha2_floor=1.0, alpha2_cap_fraction=0.1, symmetric=false, posterior=false))]
     #[allow(clippy::too_many_arguments)]
     fn pairwise<'py>(
         &mut self,
@@ -419,8 +424,9 @@ impl Cohort {
         alpha2_floor: f64,
         alpha2_cap_fraction: f64,
         symmetric: bool,
+        posterior: bool,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction);
+        let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction, posterior);
         let n = self.inner.n_subjects();
         let inner = &mut self.inner;
         let out = detach(py, || {
@@ -443,7 +449,7 @@ impl Cohort {
         exact: bool,
         checks: usize,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let p = sj_params(k, exact, checks, 1.0, f64::INFINITY);
+        let p = sj_params(k, exact, checks, 1.0, f64::INFINITY, false);
         let n = self.inner.n_subjects();
         let inner = &mut self.inner;
         let out = detach(py, || {
