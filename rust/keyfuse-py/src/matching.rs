@@ -269,7 +269,14 @@ fn soft_intersections<'py>(
     posterior: bool,
 ) -> PyResult<(f64, f64)> {
     let (da, db) = (desc_slice(py, "a", &desc_a)?, desc_slice(py, "b", &desc_b)?);
-    let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction, posterior);
+    let p = sj_params(
+        k,
+        exact,
+        checks,
+        alpha2_floor,
+        alpha2_cap_fraction,
+        posterior,
+    );
     let geo = match (xyz_a, scale_a, xyz_b, scale_b) {
         (Some(xa), Some(sa), Some(xb), Some(sb)) => Some((
             points(py, "a", &xa)?,
@@ -401,7 +408,14 @@ impl Cohort {
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let q = desc_slice(py, "query", &desc)?;
         let mask: Option<Vec<bool>> = allowed.map(|a| a.as_array().to_vec());
-        let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction, posterior);
+        let p = sj_params(
+            k,
+            exact,
+            checks,
+            alpha2_floor,
+            alpha2_cap_fraction,
+            posterior,
+        );
         let inner = &mut self.inner;
         let out = detach(py, || {
             if !p.exact {
@@ -426,7 +440,14 @@ impl Cohort {
         symmetric: bool,
         posterior: bool,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let p = sj_params(k, exact, checks, alpha2_floor, alpha2_cap_fraction, posterior);
+        let p = sj_params(
+            k,
+            exact,
+            checks,
+            alpha2_floor,
+            alpha2_cap_fraction,
+            posterior,
+        );
         let n = self.inner.n_subjects();
         let inner = &mut self.inner;
         let out = detach(py, || {
