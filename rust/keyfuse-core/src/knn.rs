@@ -225,6 +225,90 @@ unsafe fn scan_block_avx2<F: Fn(usize, u32) -> bool>(
     })
 }
 
+/// Exact scan of one block of 4 queries by dot products: d² = |q|² + |b|² − 2 q·b, the
+/// products by `maddubs` (u8 × i8, exact while every byte is ≤ 127, which the caller
+/// checks; rank descriptors are 0..63) and the four horizontal sums done together. The
+/// distances are the same integers as [`dist2`], so results are unchanged.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scan_block4_dot_avx2<F: Fn(usize, u32) -> bool>(
+    data: &[u8],
+    data_norms: &[u32],
+    j0: usize,
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    filter: &F,
+) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(queries.len(), 4 * DESC_LEN);
+    let ones = _mm256_set1_epi16(1);
+    // macros, not closures: closures do not inherit `target_feature`, and the intrinsics
+    // would become calls
+    macro_rules! ld {
+        ($p:expr) => {
+            _mm256_loadu_si256($p as *const __m256i)
+        };
+    }
+    macro_rules! dot {
+        ($b0:expr, $b1:expr, $x0:expr, $x1:expr) => {
+            _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16($b0, $x0), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16($b1, $x1), ones),
+            )
+        };
+    }
+    let qp = queries.as_ptr();
+    let (q00, q01) = (ld!(qp), ld!(qp.add(32)));
+    let (q10, q11) = (ld!(qp.add(64)), ld!(qp.add(96)));
+    let (q20, q21) = (ld!(qp.add(128)), ld!(qp.add(160)));
+    let (q30, q31) = (ld!(qp.add(192)), ld!(qp.add(224)));
+    let qn: [u32; 4] = std::array::from_fn(|i| {
+        queries[i * DESC_LEN..(i + 1) * DESC_LEN]
+            .iter()
+            .map(|&v| v as u32 * v as u32)
+            .sum()
+    });
+    let qn4 = _mm_loadu_si128(qn.as_ptr() as *const __m128i);
+    // k-th distances so far, as i32 (≤ i32::MAX: every real d² is far below)
+    let worst_of = |h: &[TopK]| {
+        let w: [i32; 4] = std::array::from_fn(|i| h[i].worst().min(i32::MAX as u32) as i32);
+        _mm_loadu_si128(w.as_ptr() as *const __m128i)
+    };
+    let mut worst4 = worst_of(heaps);
+    for (j, b) in data.chunks_exact(DESC_LEN).enumerate() {
+        let (b0, b1) = (ld!(b.as_ptr()), ld!(b.as_ptr().add(32)));
+        let a0 = dot!(b0, b1, q00, q01);
+        let a1 = dot!(b0, b1, q10, q11);
+        let a2 = dot!(b0, b1, q20, q21);
+        let a3 = dot!(b0, b1, q30, q31);
+        // lanes [a0 a0 a1 a1 | …] → per 128-bit half [a0 a1 a2 a3]; add the halves
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+        let d4 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        // d² = |q|² + |b|² − 2 q·b for the four queries; scalar work only where one of
+        // them beats its current k-th distance
+        let bn = _mm_set1_epi32(data_norms[j] as i32);
+        let d4 = _mm_sub_epi32(_mm_add_epi32(qn4, bn), _mm_slli_epi32(d4, 1));
+        let worse = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(d4, worst4)));
+        if worse == 0b1111 {
+            continue;
+        }
+        let mut ds = [0u32; 4];
+        _mm_storeu_si128(ds.as_mut_ptr() as *mut __m128i, d4);
+        let jj = (j0 + j) as u32;
+        for qi in 0..4 {
+            if worse & (1 << qi) != 0 {
+                continue;
+            }
+            let heap = &mut heaps[qi];
+            if ds[qi] <= heap.worst() && filter(q0 + qi, jj) {
+                heap.push(ds[qi], jj);
+            }
+        }
+        worst4 = worst_of(heaps);
+    }
+}
+
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -247,20 +331,57 @@ where
     if k == 0 {
         return Err(KfError::InvalidArgument("k must be at least 1".into()));
     }
-    const QB: usize = 4; // queries scanned together: each data row is loaded once per block
+    // queries per task: 64 with the cache-blocked dot-product kernel (each data chunk is
+    // read from memory once per 64 queries), else 4 (each data row loaded once per block)
+
     let mut idx = vec![NONE; nq * k];
     let mut dist = vec![u32::MAX; nq * k];
     let avx2 = has_avx2();
-    idx.par_chunks_mut(QB * k)
-        .zip(dist.par_chunks_mut(QB * k))
+    // the dot-product kernel needs every byte ≤ 127 (rank descriptors are 0..63)
+    let small = avx2 && data.iter().chain(queries).all(|&v| v < 128);
+    let data_norms: Vec<u32> = if small {
+        data.chunks_exact(DESC_LEN)
+            .map(|r| r.iter().map(|&v| v as u32 * v as u32).sum())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let qb = if small { 64 } else { 4 };
+    idx.par_chunks_mut(qb * k)
+        .zip(dist.par_chunks_mut(qb * k))
         .enumerate()
         .for_each(|(blk, (ib, db))| {
-            let q0 = blk * QB;
+            let q0 = blk * qb;
             let nb = ib.len() / k;
             let qs = &queries[q0 * DESC_LEN..(q0 + nb) * DESC_LEN];
             let mut heaps = vec![TopK::new(k); nb];
             #[cfg(target_arch = "x86_64")]
-            if avx2 {
+            if small && nb.is_multiple_of(4) {
+                // cache blocking: a chunk of data rows stays in L2 while every group of 4
+                // queries of this block scans it (the order of pushes does not change a
+                // TopK: it keeps the smallest (distance, index) pairs)
+                const CHUNK: usize = 2048;
+                for j0 in (0..data_norms.len()).step_by(CHUNK) {
+                    let j1 = (j0 + CHUNK).min(data_norms.len());
+                    let dc = &data[j0 * DESC_LEN..j1 * DESC_LEN];
+                    for g in 0..nb / 4 {
+                        let qg = &qs[g * 4 * DESC_LEN..(g + 1) * 4 * DESC_LEN];
+                        let hg = &mut heaps[g * 4..(g + 1) * 4];
+                        // SAFETY: AVX2 support was checked at run time; every byte ≤ 127.
+                        unsafe {
+                            scan_block4_dot_avx2(
+                                dc,
+                                &data_norms[j0..j1],
+                                j0,
+                                qg,
+                                q0 + g * 4,
+                                hg,
+                                &filter,
+                            )
+                        };
+                    }
+                }
+            } else if avx2 {
                 // SAFETY: AVX2 support was checked at run time just above.
                 unsafe { scan_block_avx2(data, qs, q0, &mut heaps, &filter) };
             } else {
