@@ -36,13 +36,16 @@ test-rust:
 test-python: build
 	$(PY) -m pytest -q
 
-test: test-rust test-python
+# every test, then the lint gates (rustfmt, clippy -D warnings, ruff, mypy, stub check)
+test: test-rust test-python lint
 
 lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest keyfuse._core --allowlist .stubtest-allowlist
 
 fmt: setup
 	cargo fmt --all
@@ -52,8 +55,10 @@ fmt: setup
 demo: build
 	$(VENV)/bin/keyfuse demo
 
+# the quick benchmarks; benches/{index,segment,fusion,cohort,gpu}.py take minutes each
 bench: build
 	$(PY) benches/extract.py
+	$(PY) benches/matching.py
 
 wheel: setup
 	$(VENV)/bin/maturin build --release -o dist

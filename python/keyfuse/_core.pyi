@@ -2,6 +2,7 @@
 # One section per binding file; keep each in step with its .rs file.
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import final
 
 __version__: str
 
@@ -35,10 +36,10 @@ def gpu_cohort_search(
     alpha2_floor: float = 1.0,
     alpha2_cap_fraction: float = 0.1,
 ) -> npt.NDArray[np.float64]: ...
+
+@final
 class GpuCohort:
-    def __new__(
-        cls, data: npt.NDArray[np.uint8], sizes: npt.NDArray[np.int64]
-    ) -> GpuCohort: ...
+    def __new__(cls, data: npt.NDArray[np.uint8], sizes: npt.NDArray[np.int64]) -> GpuCohort: ...
     def __len__(self) -> int: ...
     @property
     def n_points(self) -> int: ...
@@ -92,6 +93,7 @@ def gpu_scale_space(
 ) -> list[dict[str, object]]: ...
 
 # --- segment.rs ---
+@final
 class TransferAtlases:
     def __new__(
         cls,
@@ -216,6 +218,7 @@ def reference_votes(
     sets: list[npt.NDArray[np.uint8]], k: int = 5, exact: bool = False, checks: int = 64
 ) -> npt.NDArray[np.float64]: ...
 
+@final
 class Cohort:
     def __new__(cls, trees: int = 8, leaf_size: int = 8, seed: int = ...) -> Cohort: ...
     def add(self, desc: npt.NDArray[np.uint8]) -> int: ...
