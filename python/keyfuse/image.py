@@ -14,6 +14,12 @@ from keyfuse.errors import CorruptDataError, InvalidImageError, KeyfuseIOError
 PathLike = str | os.PathLike[str]
 
 
+def voxel_sizes(affine: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Voxel sizes in mm along each array axis: the column norms of the affine's 3×3 part."""
+    mat = np.asarray(affine, dtype=np.float64)
+    return np.sqrt((mat[:3, :3] ** 2).sum(axis=0))
+
+
 class Image:
     """A 2D or 3D image and its 4×4 voxel-to-world affine (RAS millimetres).
 
@@ -63,7 +69,7 @@ class Image:
     @property
     def spacing(self) -> npt.NDArray[np.float64]:
         """Voxel sizes in mm along each array axis (length 3, also for 2D images)."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return voxel_sizes(self.affine)
 
     def to_nifti(self) -> Any:
         """This image as a ``nibabel.Nifti1Image``."""

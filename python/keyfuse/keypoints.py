@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from keyfuse._io import atomic_path
 from keyfuse.errors import CorruptDataError, InvalidArgumentError, KeyfuseIOError
+from keyfuse.image import voxel_sizes
 
 PathLike = str | os.PathLike[str]
 
@@ -215,7 +216,7 @@ class KeypointSet:
     @property
     def spacing(self) -> npt.NDArray[np.float64]:
         """Voxel sizes (mm) of the source image."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return voxel_sizes(self.affine)
 
     @property
     def nbytes(self) -> int:
@@ -424,7 +425,7 @@ def read_key(path: PathLike, affine: npt.ArrayLike | None = None) -> KeypointSet
             else np.diag([*voxel_size, 1.0])
         )
         ijk = table[:, :3] - 0.5
-        voxel_mm = float(np.mean(np.sqrt((mm_affine[:3, :3] ** 2).sum(0))))
+        voxel_mm = float(np.mean(voxel_sizes(mm_affine)))
         sigma_mm = table[:, 3] / KEY_SCALE_PER_SIGMA * voxel_mm
     return KeypointSet(
         ijk,
