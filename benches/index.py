@@ -26,6 +26,10 @@ import numpy as np
 from keyfuse import _core
 
 
+# kf.Index's default soft-Jaccard kernel (keyfuse.matching._kernel_defaults("posterior"))
+KERNEL = {"k": 5, "posterior": True, "alpha2_cap_fraction": float("inf")}
+
+
 def rerank(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, axis=1)
     out = np.empty(x.shape, dtype=np.uint8)
@@ -57,13 +61,13 @@ def main() -> None:
     ap.add_argument("--keypoints", type=int, default=2000)
     ap.add_argument("--trees", type=int, default=8)
     ap.add_argument("--checks", type=int, default=64)
-    ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--recall-keypoints", type=int, default=200)
     args = ap.parse_args()
     rng = np.random.default_rng(123)
     print(
         f"# keyfuse index search: {args.keypoints} keypoints/subject, {args.trees} trees, "
-        f"{args.checks} checks, K=30"
+        f"{args.checks} checks, kf.Index's default kernel (posterior, K=5)"
     )
     for n in args.sizes:
         t0 = time.perf_counter()
@@ -80,13 +84,13 @@ def main() -> None:
             vals = keep[s] + 5.0 * rng.standard_normal(keep[s].shape, dtype=np.float32)
             q = rerank(vals)
             w, c = time.perf_counter(), time.process_time()
-            scores = engine.search(q, k=30, exact=False, checks=args.checks)
+            scores = engine.search(q, exact=False, checks=args.checks, **KERNEL)
             walls.append(time.perf_counter() - w)
             cpus.append(time.process_time() - c)
             correct += int(np.argmax(scores) == s)
             sub = np.ascontiguousarray(q[rng.choice(len(q), args.recall_keypoints, replace=False)])
-            ap_top = np.argmax(engine.search(sub, exact=False, checks=args.checks))
-            ex_top = np.argmax(engine.search(sub, exact=True))
+            ap_top = np.argmax(engine.search(sub, exact=False, checks=args.checks, **KERNEL))
+            ex_top = np.argmax(engine.search(sub, exact=True, **KERNEL))
             agree += int(ap_top == ex_top)
         m = len(subjects)
         print(

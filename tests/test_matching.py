@@ -150,6 +150,23 @@ def test_approximate_knn_agrees_with_exact() -> None:
     assert np.array_equal(ap, ap2)
 
 
+def test_forest_results_are_pinned_and_order_free() -> None:
+    """The forest's neighbours are a fixed function of data and query: pinned by a hash
+    (taken before the search was reordered for cache locality) and the same whether a
+    query is searched alone or in a batch."""
+    rng = np.random.default_rng(2024)
+    data = np.argsort(rng.random((3000, 64)), axis=1).astype(np.uint8)
+    q = np.concatenate([data[:100], np.argsort(rng.random((100, 64)), axis=1).astype(np.uint8)])
+    idx, d2 = _core.knn_forest(data, q, 5, checks=64, trees=8)
+    blob = (
+        np.ascontiguousarray(idx, np.int64).tobytes() + np.ascontiguousarray(d2, np.int64).tobytes()
+    )
+    assert hashlib.sha256(blob).hexdigest()[:16] == "a5c432b95af330b5"
+    for i in (0, 57, 150, 199):
+        one, d_one = _core.knn_forest(data, q[i : i + 1], 5, checks=64, trees=8)
+        assert np.array_equal(one[0], idx[i]) and np.array_equal(d_one[0], d2[i])
+
+
 def test_knn_rejects_bad_shapes() -> None:
     with pytest.raises(kf.InvalidArgumentError):
         _core.knn_exact(np.zeros((3, 32), np.uint8), np.zeros((1, 32), np.uint8), 1)

@@ -310,24 +310,12 @@ impl Cohort {
     pub fn pairwise(&self, p: &SoftJaccardParams, symmetric: bool) -> Result<Vec<f64>> {
         check_params(p)?;
         let n = self.n_subjects();
-        let owner = &self.owner;
-        // one row per subject, each computed by one task in a fixed order
-        let rows: Vec<Vec<f64>> = (0..n)
-            .into_par_iter()
-            .map(|s| {
-                let q = &self.data[self.offsets[s] * DESC_LEN..self.offsets[s + 1] * DESC_LEN];
-                let nb = self.knn_seq(q, p, |_, c| owner[c as usize] != s as u32)?;
-                let mut inter = vec![0.0f64; n];
-                accumulate(
-                    &nb,
-                    owner,
-                    alpha2_bounds(p, &self.stats),
-                    p.posterior,
-                    &mut inter,
-                );
-                Ok(inter)
-            })
-            .collect::<Result<_>>()?;
+        let bounds = alpha2_bounds(p, &self.stats);
+        let rows = self.per_subject(p, |nb| {
+            let mut inter = vec![0.0f64; n];
+            accumulate(nb, &self.owner, bounds, p.posterior, &mut inter);
+            inter
+        })?;
         let sizes = self.sizes();
         let mut out = vec![0.0f64; n * n];
         for a in 0..n {
@@ -347,30 +335,29 @@ impl Cohort {
         Ok(out)
     }
 
-    /// k-NN for one subject's rows, nested inside an outer parallel loop (rayon balances).
-    fn knn_seq<F: Fn(usize, u32) -> bool + Sync>(
+    /// Every indexed keypoint's neighbours among the other subjects, searched as one batch
+    /// (the forest orders it for cache locality), then `row(neighbours of subject s)` per
+    /// subject in parallel; each row is computed by one task in a fixed order.
+    fn per_subject<R: Send, G: Fn(&Neighbors) -> R + Sync>(
         &self,
-        queries: &[u8],
         p: &SoftJaccardParams,
-        filter: F,
-    ) -> Result<Neighbors> {
-        self.knn(queries, p, filter)
+        row: G,
+    ) -> Result<Vec<R>> {
+        let owner = &self.owner;
+        let nb = self.knn(&self.data, p, |q, c| owner[q] != owner[c as usize])?;
+        Ok((0..self.n_subjects())
+            .into_par_iter()
+            .map(|s| row(&nb.rows(self.offsets[s]..self.offsets[s + 1])))
+            .collect())
     }
 
     /// The reference matcher's vote matrix (see [`reference_votes`]) over this cohort.
     pub fn reference_votes(&self, p: &SoftJaccardParams) -> Result<Vec<f64>> {
         check_params(p)?;
         let n = self.n_subjects();
-        let owner = &self.owner;
-        let rows: Vec<Vec<f64>> = (0..n)
-            .into_par_iter()
-            .map(|s| {
-                let q = &self.data[self.offsets[s] * DESC_LEN..self.offsets[s + 1] * DESC_LEN];
-                let nb = self.knn_seq(q, p, |_, c| owner[c as usize] != s as u32)?;
-                Ok(vote_row(&nb, owner, n))
-            })
-            .collect::<Result<_>>()?;
-        Ok(rows.concat())
+        Ok(self
+            .per_subject(p, |nb| vote_row(nb, &self.owner, n))?
+            .concat())
     }
 }
 

@@ -43,6 +43,15 @@ impl Neighbors {
     pub fn n_queries(&self) -> usize {
         self.idx.len().checked_div(self.k).unwrap_or(0)
     }
+    /// The neighbours of queries `r` only, as their own [`Neighbors`].
+    pub fn rows(&self, r: std::ops::Range<usize>) -> Neighbors {
+        let r = r.start * self.k..r.end * self.k;
+        Neighbors {
+            k: self.k,
+            idx: self.idx[r.clone()].to_vec(),
+            dist2: self.dist2[r].to_vec(),
+        }
+    }
     /// The (index, squared distance) pairs of query `q`, nearest first, missing ones dropped.
     pub fn row(&self, q: usize) -> impl Iterator<Item = (u32, u32)> + '_ {
         let r = q * self.k..(q + 1) * self.k;
@@ -574,6 +583,43 @@ fn partition<P: Fn(u32) -> bool>(s: &mut [u32], pred: P) -> usize {
     i
 }
 
+/// An untaken branch queued for later: (bound, tree, node) packed into one integer whose
+/// order is the lexicographic order of the triple (a total order, so pops are
+/// deterministic; one integer compares faster than a tuple). Bounds are ≥ 0, where the
+/// bits of an f32 sort like the values.
+type Branch = u128;
+
+#[inline(always)]
+fn branch(bound: f32, t: usize, node: u32) -> Branch {
+    ((bound.to_bits() as u128) << 64) | ((t as u128) << 32) | node as u128
+}
+
+#[inline(always)]
+fn unbranch(b: Branch) -> (f32, usize, u32) {
+    (
+        f32::from_bits((b >> 64) as u32),
+        (b >> 32) as u32 as usize,
+        b as u32,
+    )
+}
+
+/// Ask for the descriptor rows of `pts` ahead of their use (they are scattered in memory).
+#[inline(always)]
+fn prefetch_rows(data: &[u8], pts: &[u32]) {
+    #[cfg(target_arch = "x86_64")]
+    for &p in pts {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let ptr = data[p as usize * DESC_LEN..].as_ptr();
+        // SAFETY: prefetch is a hint; both addresses lie inside the row.
+        unsafe {
+            _mm_prefetch(ptr as *const i8, _MM_HINT_T0);
+            _mm_prefetch(ptr.add(DESC_LEN - 1) as *const i8, _MM_HINT_T0);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, pts);
+}
+
 /// The state of one query's best-bin-first walk.
 struct Walk<'a, F> {
     data: &'a [u8],
@@ -705,24 +751,67 @@ impl KdForest {
         if k == 0 {
             return Err(KfError::InvalidArgument("k must be at least 1".into()));
         }
+        // Queries run in the order of their leaf in the first tree: consecutive queries
+        // then walk the same nodes and read the same data rows while these are still in
+        // cache. Each query's result does not depend on the order, so this is only faster.
+        let order = self.leaf_order(queries, nq);
+        const BLOCK: usize = 32;
+        let blocks: Vec<(Vec<u32>, Vec<u32>)> = order
+            .par_chunks(BLOCK)
+            .map_init(
+                || (Visited::new(), BinaryHeap::new(), Vec::new(), Vec::new()),
+                |(vis, heap, pending, leaves), qs| {
+                    let mut ib = vec![NONE; qs.len() * k];
+                    let mut db = vec![u32::MAX; qs.len() * k];
+                    for (j, &q) in qs.iter().enumerate() {
+                        let q = q as usize;
+                        let query = &queries[q * DESC_LEN..(q + 1) * DESC_LEN];
+                        let top = self.search_one(
+                            data, query, q, k, checks, &filter, vis, heap, pending, leaves,
+                        );
+                        top.write(&mut ib[j * k..(j + 1) * k], &mut db[j * k..(j + 1) * k]);
+                    }
+                    (ib, db)
+                },
+            )
+            .collect();
         let mut idx = vec![NONE; nq * k];
         let mut dist = vec![u32::MAX; nq * k];
-        idx.par_chunks_mut(k)
-            .zip(dist.par_chunks_mut(k))
-            .enumerate()
-            .for_each_init(
-                || (Visited::new(), BinaryHeap::new()),
-                |(vis, heap), (q, (ib, db))| {
-                    let query = &queries[q * DESC_LEN..(q + 1) * DESC_LEN];
-                    let top = self.search_one(data, query, q, k, checks, &filter, vis, heap);
-                    top.write(ib, db);
-                },
-            );
+        for (qs, (ib, db)) in order.chunks(BLOCK).zip(&blocks) {
+            for (j, &q) in qs.iter().enumerate() {
+                let (q, r) = (q as usize * k, j * k);
+                idx[q..q + k].copy_from_slice(&ib[r..r + k]);
+                dist[q..q + k].copy_from_slice(&db[r..r + k]);
+            }
+        }
         Ok(Neighbors {
             k,
             idx,
             dist2: dist,
         })
+    }
+
+    /// Query numbers sorted by the position of their leaf in the first tree (ties by
+    /// number): a fixed order in which neighbouring queries are close in descriptor space.
+    fn leaf_order(&self, queries: &[u8], nq: usize) -> Vec<u32> {
+        let tree = &self.trees[0];
+        let mut keyed: Vec<(u32, u32)> = (0..nq)
+            .into_par_iter()
+            .map(|q| {
+                let query = &queries[q * DESC_LEN..(q + 1) * DESC_LEN];
+                let mut ni = 0usize;
+                loop {
+                    let node = tree.nodes[ni];
+                    if node.dim == LEAF {
+                        return (node.a, q as u32);
+                    }
+                    let diff = query[node.dim as usize] as f32 - node.split;
+                    ni = if diff < 0.0 { node.a } else { node.b } as usize;
+                }
+            })
+            .collect();
+        keyed.par_sort_unstable();
+        keyed.into_iter().map(|(_, q)| q).collect()
     }
 
     /// From node `ni` of tree `t`: follow the closer side down to a leaf, queueing the other
@@ -733,34 +822,14 @@ impl KdForest {
         t: usize,
         mut ni: u32,
         mindist: f32,
-        queue: &mut impl FnMut(Reverse<(u32, u32, u32)>),
+        queue: &mut impl FnMut(Reverse<Branch>),
     ) {
         let tree = &self.trees[t];
         loop {
             let node = tree.nodes[ni as usize];
             if node.dim == LEAF {
-                let pts = &tree.perm[node.a as usize..node.b as usize];
-                // the rows are scattered in memory: request them all before the first use
-                #[cfg(target_arch = "x86_64")]
-                for &p in pts {
-                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                    let ptr = st.data[p as usize * DESC_LEN..].as_ptr();
-                    // SAFETY: prefetch is a hint; both addresses lie inside the row.
-                    unsafe {
-                        _mm_prefetch(ptr as *const i8, _MM_HINT_T0);
-                        _mm_prefetch(ptr.add(DESC_LEN - 1) as *const i8, _MM_HINT_T0);
-                    }
-                }
-                for &p in pts {
-                    if !st.vis.insert(p) {
-                        continue;
-                    }
-                    *st.done += 1;
-                    let d = dist2(st.query, &st.data[p as usize * DESC_LEN..]);
-                    if d <= st.top.worst() && (st.filter)(st.q, p) {
-                        st.top.push(d, p);
-                    }
-                }
+                prefetch_rows(st.data, &tree.perm[node.a as usize..node.b as usize]);
+                self.check_leaf(st, t, node);
                 return;
             }
             let diff = st.query[node.dim as usize] as f32 - node.split;
@@ -771,8 +840,67 @@ impl KdForest {
             };
             let bound = mindist + diff * diff;
             // (bound, tree, node) orders the queue totally: deterministic pops
-            queue(Reverse((bound.to_bits(), t as u32, far)));
+            queue(Reverse(branch(bound, t, far)));
             ni = near;
+        }
+    }
+
+    /// Distance to every not yet visited point of a leaf.
+    #[inline]
+    fn check_leaf<F: Fn(usize, u32) -> bool>(&self, st: &mut Walk<'_, F>, t: usize, leaf: Node) {
+        for &p in &self.trees[t].perm[leaf.a as usize..leaf.b as usize] {
+            if !st.vis.insert(p) {
+                continue;
+            }
+            *st.done += 1;
+            let d = dist2(st.query, &st.data[p as usize * DESC_LEN..]);
+            if d <= st.top.worst() && (st.filter)(st.q, p) {
+                st.top.push(d, p);
+            }
+        }
+    }
+
+    /// The first descent of every tree from its root, all trees a level at a time so
+    /// that their node loads overlap in memory instead of waiting on each other; the
+    /// untaken branches go to `pending`, the leaves are checked in tree order after. Same
+    /// result as descending the trees one after the other.
+    fn descend_all<F: Fn(usize, u32) -> bool>(
+        &self,
+        st: &mut Walk<'_, F>,
+        leaves: &mut Vec<Node>,
+        pending: &mut Vec<Reverse<Branch>>,
+    ) {
+        let nt = self.trees.len();
+        leaves.clear();
+        leaves.extend(self.trees.iter().map(|t| t.nodes[0]));
+        let mut walking = true;
+        while walking {
+            walking = false;
+            for t in 0..nt {
+                let node = leaves[t];
+                if node.dim == LEAF {
+                    continue;
+                }
+                walking = true;
+                let diff = st.query[node.dim as usize] as f32 - node.split;
+                let (near, far) = if diff < 0.0 {
+                    (node.a, node.b)
+                } else {
+                    (node.b, node.a)
+                };
+                pending.push(Reverse(branch(diff * diff, t, far)));
+                let next = self.trees[t].nodes[near as usize];
+                if next.dim == LEAF {
+                    prefetch_rows(
+                        st.data,
+                        &self.trees[t].perm[next.a as usize..next.b as usize],
+                    );
+                }
+                leaves[t] = next;
+            }
+        }
+        for t in 0..nt {
+            self.check_leaf(st, t, leaves[t]);
         }
     }
 
@@ -786,7 +914,9 @@ impl KdForest {
         checks: usize,
         filter: &F,
         vis: &mut Visited,
-        heap: &mut BinaryHeap<Reverse<(u32, u32, u32)>>,
+        heap: &mut BinaryHeap<Reverse<Branch>>,
+        pending: &mut Vec<Reverse<Branch>>,
+        leaves: &mut Vec<Node>,
     ) -> TopK {
         vis.clear();
         heap.clear();
@@ -803,22 +933,20 @@ impl KdForest {
         };
         // First one descent per tree, keeping the untaken branches aside: when those leaves
         // already use up `checks` (the usual case), the priority queue is never needed.
-        let mut pending = Vec::with_capacity(self.trees.len() * 24);
-        for t in 0..self.trees.len() {
-            self.descend(&mut st, t, 0, 0.0, &mut |e| pending.push(e));
-        }
+        pending.clear();
+        self.descend_all(&mut st, leaves, pending);
         if *st.done < checks {
-            heap.extend(pending);
+            heap.extend(pending.drain(..));
         }
         while *st.done < checks {
-            let Some(Reverse((bound, t, ni))) = heap.pop() else {
+            let Some(Reverse(e)) = heap.pop() else {
                 break;
             };
-            let b = f32::from_bits(bound);
+            let (b, t, ni) = unbranch(e);
             if (b as f64) > st.top.worst() as f64 {
                 break; // (FLANN's approximate bound) nothing left is likely to beat the k-th
             }
-            self.descend(&mut st, t as usize, ni, b, &mut |e| heap.push(e));
+            self.descend(&mut st, t, ni, b, &mut |e| heap.push(e));
         }
         top
     }
