@@ -25,7 +25,6 @@ import numpy as np
 
 from keyfuse import _core
 
-
 # kf.Index's default soft-Jaccard kernel (keyfuse.matching._kernel_defaults("posterior"))
 KERNEL = {"k": 5, "posterior": True, "alpha2_cap_fraction": float("inf")}
 
