@@ -78,10 +78,11 @@ def test_soft_jaccard_hand_computed() -> None:
     j = kf.soft_jaccard(a, b, exact=True, alpha2_cap_fraction=1.0, **pub)  # cap 4.44
     inter = np.exp(-2 / 4) + np.exp(-10 / (2 * e))
     assert j == pytest.approx(inter / (3 - inter), abs=1e-12)
-    # posterior kernel (K = 5 ≥ all candidates): a0's candidates b0 (d² 2) and a1 (8),
-    # α² = 2; a1's a0 (8) and b0 (10), α² = 8; b0 keeps its best share (from a0)
-    s0 = np.exp(-0.5) / (np.exp(-0.5) + np.exp(-2.0))
-    s1 = np.exp(-10 / 16) / (np.exp(-0.5) + np.exp(-10 / 16))
+    # posterior kernel (K = 10 ≥ all candidates, α = half the nearest distance): a0's
+    # candidates b0 (d² 2) and a1 (8), α² = 2/4 raised to the floor 1; a1's a0 (8) and
+    # b0 (10), α² = 8/4 = 2; b0 keeps its best share (from a0)
+    s0 = np.exp(-1.0) / (np.exp(-1.0) + np.exp(-4.0))
+    s1 = np.exp(-10 / 4) / (np.exp(-8 / 4) + np.exp(-10 / 4))
     inter = max(s0, s1)
     j = kf.soft_jaccard(a, b, exact=True, kernel="posterior")
     assert j == pytest.approx(inter / (3 - inter), abs=1e-12)

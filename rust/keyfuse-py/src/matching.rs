@@ -244,6 +244,12 @@ fn sj_params(
         alpha2_floor,
         alpha2_cap_fraction,
         posterior,
+        // the posterior kernel's width is part of its definition (keyfuse_core::jaccard)
+        alpha_scale: if posterior {
+            SoftJaccardParams::posterior().alpha_scale
+        } else {
+            1.0
+        },
     }
 }
 

@@ -27,6 +27,9 @@ use rayon::prelude::*;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// Marks a missing neighbour (fewer than k candidates passed the filter).
 pub const NONE: u32 = u32::MAX;
 
@@ -329,6 +332,85 @@ fn has_avx2() -> bool {
     }
 }
 
+/// The brute-force kernels, fastest first; all give the same integer distances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExactKernel {
+    /// AMX tiles (x86-64 Linux where the CPU and OS allow it).
+    Amx,
+    /// AVX2 dot products, for descriptors whose bytes are all ≤ 127 (rank descriptors).
+    Dot,
+    /// AVX2 differences.
+    Avx2,
+    /// Portable.
+    Plain,
+}
+
+impl ExactKernel {
+    fn pick(data: &[u8], queries: &[u8]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if amx::available() {
+            return ExactKernel::Amx;
+        }
+        if !has_avx2() {
+            ExactKernel::Plain
+        } else if data.iter().chain(queries).all(|&v| v < 128) {
+            ExactKernel::Dot
+        } else {
+            ExactKernel::Avx2
+        }
+    }
+
+    /// Scan every data row for one block of queries (one heap per query).
+    fn scan<F: Fn(usize, u32) -> bool>(
+        self,
+        data: &[u8],
+        data_norms: &[u32],
+        qs: &[u8],
+        q0: usize,
+        heaps: &mut [TopK],
+        filter: &F,
+    ) {
+        match self {
+            // SAFETY: `pick` chose AMX only where `amx::available()` said so.
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Amx => unsafe { amx::scan(data, data_norms, qs, q0, heaps, filter) },
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Dot if heaps.len().is_multiple_of(4) => {
+                // cache blocking: a chunk of data rows stays in L2 while every group of 4
+                // queries of this block scans it (the order of pushes does not change a
+                // TopK: it keeps the smallest (distance, index) pairs)
+                const CHUNK: usize = 2048;
+                for j0 in (0..data_norms.len()).step_by(CHUNK) {
+                    let j1 = (j0 + CHUNK).min(data_norms.len());
+                    let dc = &data[j0 * DESC_LEN..j1 * DESC_LEN];
+                    for g in 0..heaps.len() / 4 {
+                        let qg = &qs[g * 4 * DESC_LEN..(g + 1) * 4 * DESC_LEN];
+                        let hg = &mut heaps[g * 4..(g + 1) * 4];
+                        // SAFETY: AVX2 was detected and every byte is ≤ 127 (`pick`).
+                        unsafe {
+                            scan_block4_dot_avx2(
+                                dc,
+                                &data_norms[j0..j1],
+                                j0,
+                                qg,
+                                q0 + g * 4,
+                                hg,
+                                filter,
+                            )
+                        };
+                    }
+                }
+            }
+            // SAFETY: AVX2 support was detected at run time (`pick`).
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Dot | ExactKernel::Avx2 => unsafe {
+                scan_block_avx2(data, qs, q0, heaps, filter)
+            },
+            _ => scan_block(data, qs, q0, heaps, filter, dist2),
+        }
+    }
+}
+
 /// Exact k nearest neighbours of every query row among the `data` rows (both `n × 64`
 /// bytes). `filter(query, candidate)` rejects candidates (e.g. the query's own subject).
 pub fn knn_exact<F>(data: &[u8], queries: &[u8], k: usize, filter: F) -> Result<Neighbors>
@@ -340,22 +422,23 @@ where
     if k == 0 {
         return Err(KfError::InvalidArgument("k must be at least 1".into()));
     }
-    // queries per task: 64 with the cache-blocked dot-product kernel (each data chunk is
-    // read from memory once per 64 queries), else 4 (each data row loaded once per block)
-
     let mut idx = vec![NONE; nq * k];
     let mut dist = vec![u32::MAX; nq * k];
-    let avx2 = has_avx2();
-    // the dot-product kernel needs every byte ≤ 127 (rank descriptors are 0..63)
-    let small = avx2 && data.iter().chain(queries).all(|&v| v < 128);
-    let data_norms: Vec<u32> = if small {
-        data.chunks_exact(DESC_LEN)
+    let kernel = ExactKernel::pick(data, queries);
+    let data_norms: Vec<u32> = match kernel {
+        ExactKernel::Amx | ExactKernel::Dot => data
+            .chunks_exact(DESC_LEN)
             .map(|r| r.iter().map(|&v| v as u32 * v as u32).sum())
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
+        _ => Vec::new(),
     };
-    let qb = if small { 64 } else { 4 };
+    // queries per task: the blocked kernels read each data chunk from memory once per
+    // task, the plain ones each data row once per block of 4
+    let qb = match kernel {
+        ExactKernel::Amx => 128,
+        ExactKernel::Dot => 64,
+        _ => 4,
+    };
     idx.par_chunks_mut(qb * k)
         .zip(dist.par_chunks_mut(qb * k))
         .enumerate()
@@ -364,43 +447,7 @@ where
             let nb = ib.len() / k;
             let qs = &queries[q0 * DESC_LEN..(q0 + nb) * DESC_LEN];
             let mut heaps = vec![TopK::new(k); nb];
-            #[cfg(target_arch = "x86_64")]
-            if small && nb.is_multiple_of(4) {
-                // cache blocking: a chunk of data rows stays in L2 while every group of 4
-                // queries of this block scans it (the order of pushes does not change a
-                // TopK: it keeps the smallest (distance, index) pairs)
-                const CHUNK: usize = 2048;
-                for j0 in (0..data_norms.len()).step_by(CHUNK) {
-                    let j1 = (j0 + CHUNK).min(data_norms.len());
-                    let dc = &data[j0 * DESC_LEN..j1 * DESC_LEN];
-                    for g in 0..nb / 4 {
-                        let qg = &qs[g * 4 * DESC_LEN..(g + 1) * 4 * DESC_LEN];
-                        let hg = &mut heaps[g * 4..(g + 1) * 4];
-                        // SAFETY: AVX2 support was checked at run time; every byte ≤ 127.
-                        unsafe {
-                            scan_block4_dot_avx2(
-                                dc,
-                                &data_norms[j0..j1],
-                                j0,
-                                qg,
-                                q0 + g * 4,
-                                hg,
-                                &filter,
-                            )
-                        };
-                    }
-                }
-            } else if avx2 {
-                // SAFETY: AVX2 support was checked at run time just above.
-                unsafe { scan_block_avx2(data, qs, q0, &mut heaps, &filter) };
-            } else {
-                scan_block(data, qs, q0, &mut heaps, &filter, dist2);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = avx2;
-                scan_block(data, qs, q0, &mut heaps, &filter, dist2);
-            }
+            kernel.scan(data, &data_norms, qs, q0, &mut heaps, &filter);
             for (h, heap) in heaps.iter().enumerate() {
                 heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
             }
@@ -1008,6 +1055,69 @@ mod tests {
         for q in 0..17 {
             let got: Vec<(u32, u32)> = nb.row(q).map(|(i, d)| (d, i)).collect();
             assert_eq!(got, naive(&data, &qs[q * 64..(q + 1) * 64], 5));
+        }
+    }
+
+    /// Every brute-force kernel this machine can run gives the naive answer, on sizes that
+    /// are not multiples of the tile or block sizes, with a filter, bytes above 127 (the
+    /// dot kernel's limit) and duplicate distances (ties go to the lower index).
+    #[test]
+    fn every_exact_kernel_matches_naive() {
+        let mut kernels = vec![ExactKernel::Plain];
+        if has_avx2() {
+            kernels.extend([ExactKernel::Dot, ExactKernel::Avx2]);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if amx::available() {
+            kernels.push(ExactKernel::Amx);
+        }
+        let mut rng = SplitMix(11);
+        for (n, nq, wide) in [
+            (1usize, 3usize, false),
+            (37, 45, false),
+            (2100, 132, false),
+            (300, 40, true),
+        ] {
+            let mut data = random_perms(n, 12 + n as u64);
+            let mut qs = random_perms(nq, 13);
+            if wide {
+                data.iter_mut()
+                    .chain(qs.iter_mut())
+                    .for_each(|v| *v = v.wrapping_mul(4));
+            }
+            // exact duplicates: ties in distance
+            if n > 10 {
+                let first = data[..64].to_vec();
+                data[5 * 64..6 * 64].copy_from_slice(&first);
+                qs[..64].copy_from_slice(&first);
+            }
+            let norms: Vec<u32> = data
+                .chunks_exact(64)
+                .map(|r| r.iter().map(|&v| v as u32 * v as u32).sum())
+                .collect();
+            let skip = rng.below(7) as u32 + 2;
+            let filter = |q: usize, c: u32| !(c + q as u32).is_multiple_of(skip);
+            for &kern in &kernels {
+                if kern == ExactKernel::Dot && wide {
+                    continue;
+                }
+                for k in [1usize, 5] {
+                    let mut heaps = vec![TopK::new(k); nq];
+                    kern.scan(&data, &norms, &qs, 0, &mut heaps, &filter);
+                    for q in 0..nq {
+                        let qrow = &qs[q * 64..(q + 1) * 64];
+                        let mut all: Vec<(u32, u32)> = data
+                            .chunks_exact(64)
+                            .enumerate()
+                            .filter(|&(i, _)| filter(q, i as u32))
+                            .map(|(i, r)| (dist2(qrow, r), i as u32))
+                            .collect();
+                        all.sort();
+                        all.truncate(k);
+                        assert_eq!(heaps[q].items, all, "{kern:?} n={n} q={q} k={k}");
+                    }
+                }
+            }
         }
     }
 

@@ -1,0 +1,289 @@
+//! Exact k-NN on Intel AMX tiles (Sapphire Rapids and later), chosen at run time.
+//!
+//! One `tdpbuud` multiplies 16 descriptors by 16 queries (16×16 dot products of 64
+//! bytes, exact unsigned-byte integer arithmetic), so the distances
+//! `d² = |q|² + |b|² − 2 q·b` are the same integers as the SIMD kernels': results are
+//! bit-identical whichever kernel runs. The data rows are the A operand, read straight
+//! from the descriptor array; each block of 32 queries is transposed once into the B
+//! operand's layout (4-byte groups). Each step multiplies 16 rows by 32 queries (two
+//! tiles), alternate steps on disjoint tiles so that they overlap; AVX-512 then tests
+//! the step's 16 distances per query against the queries' current k-th distances at
+//! once (a tile's best row first), and only the rare winners reach the scalar top-k.
+//! Measured on 40k × 40k rank descriptors: k = 5 in 0.34 s CPU against 1.8 s for the
+//! AVX2 kernel.
+//!
+//! Stable Rust has no AMX intrinsics, so the tile instructions are inline assembly. Linux
+//! must grant the process the tile state first (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); where
+//! that, the CPU or the OS says no, [`available`] is false and the AVX2 kernels run.
+
+use super::TopK;
+use crate::DESC_LEN;
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Whether the AMX kernel can run in this process (checked, and permission asked, once).
+pub(crate) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        if std::env::var_os("KEYFUSE_NO_AMX").is_some() {
+            return false;
+        }
+        // SAFETY: CPUID is always available on x86-64 (a safe fn in newer Rust).
+        #[allow(unused_unsafe)]
+        let leaf7 = unsafe { __cpuid_count(7, 0) };
+        let amx = leaf7.edx & (1 << 24) != 0 && leaf7.edx & (1 << 25) != 0;
+        if !(amx
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("xsave"))
+        {
+            return false;
+        }
+        // SAFETY: XGETBV(0) is valid once CPUID reports XSAVE (checked above).
+        let xcr0 = unsafe { _xgetbv(0) };
+        if xcr0 & (0b11 << 17) != 0b11 << 17 {
+            return false; // the OS does not manage the tile state
+        }
+        request_tile_permission()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn request_tile_permission() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a plain syscall; the kernel clobbers rcx and r11 only.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_permission() -> bool {
+    false
+}
+
+/// Tile configuration (palette 1): all eight tiles 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+    tail: [u8; 16],
+}
+
+const TILE: usize = 16 * DESC_LEN; // bytes in one tile
+/// Data rows per cache block: a block stays in L2 while every query group of a task
+/// scans it.
+const CHUNK: usize = 2048;
+
+/// Exact scan of all `data` rows for one block of queries (`queries.len() / 64` of them,
+/// any number), updating `heaps` (one per query). `filter(query, row)` as in
+/// [`super::knn_exact`]; `data_norms[j] = |data_j|²`.
+///
+/// # Safety
+/// [`available`] must have returned true in this process.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
+    data: &[u8],
+    data_norms: &[u32],
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    filter: &F,
+) {
+    let n = data_norms.len();
+    let nq = heaps.len();
+    let groups = nq.div_ceil(32);
+    // B operands: per group of 32 queries two tiles, row r = bytes 4r..4r+4 of each of
+    // 16 queries side by side; missing queries are zero and masked out below
+    let mut bt = vec![0u8; groups * 2 * TILE];
+    for (q, row) in queries.chunks_exact(DESC_LEN).enumerate() {
+        let base = (q / 16) * TILE + (q % 16) * 4;
+        for r in 0..16 {
+            bt[base + r * 64..base + r * 64 + 4].copy_from_slice(&row[4 * r..4 * r + 4]);
+        }
+    }
+    let mut qn = vec![0i32; groups * 32];
+    for (q, row) in queries.chunks_exact(DESC_LEN).enumerate() {
+        qn[q] = row.iter().map(|&v| v as i32 * v as i32).sum();
+    }
+    let mut worst = vec![-1i32; groups * 32]; // −1: a padding lane never wins
+    for (w, h) in worst.iter_mut().zip(heaps.iter()) {
+        *w = worst_i32(h);
+    }
+    // the last rows, zero-padded to a whole step of 16 (tiles always load 16 rows)
+    let full = n / 16 * 16;
+    let mut tail = vec![0u8; 16 * DESC_LEN];
+    tail[..(n - full) * DESC_LEN].copy_from_slice(&data[full * DESC_LEN..n * DESC_LEN]);
+
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+        tail: [0; 16],
+    };
+    for t in 0..8 {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    // two result buffers: while the tiles of one step compute, the previous step's
+    // distances are compared (AMX latency hidden behind the vector work)
+    let mut c = [[0i32; 2 * 256]; 2];
+    let mut st = Compare {
+        data_norms,
+        qn: &qn,
+        worst: &mut worst,
+        heaps,
+        q0,
+        filter,
+    };
+    asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
+    for c0 in (0..n).step_by(CHUNK) {
+        let c1 = (c0 + CHUNK).min(n);
+        for g in 0..groups {
+            let b = bt.as_ptr().add(g * 2 * TILE);
+            asm!(
+                "tileloadd tmm6, [{b} + {s}*1]",
+                "tileloadd tmm7, [{b2} + {s}*1]",
+                b = in(reg) b, b2 = in(reg) b.add(TILE), s = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+            let mut prev: Option<(usize, usize)> = None;
+            for (step, r0) in (c0..c1).step_by(16).enumerate() {
+                let a = if r0 + 16 <= n {
+                    data.as_ptr().add(r0 * DESC_LEN)
+                } else {
+                    tail.as_ptr()
+                };
+                let out = c[step % 2].as_mut_ptr();
+                // tiles are not renamed: alternate steps use disjoint tiles so that one
+                // step's products overlap the previous step's stores
+                macro_rules! step {
+                    ($c0:literal, $c1:literal, $a:literal) => {
+                        asm!(
+                            concat!("tilezero tmm", $c0),
+                            concat!("tilezero tmm", $c1),
+                            concat!("tileloadd tmm", $a, ", [{a} + {s}*1]"),
+                            concat!("tdpbuud tmm", $c0, ", tmm", $a, ", tmm6"),
+                            concat!("tdpbuud tmm", $c1, ", tmm", $a, ", tmm7"),
+                            concat!("tilestored [{c} + {s}*1], tmm", $c0),
+                            concat!("tilestored [{c1} + {s}*1], tmm", $c1),
+                            a = in(reg) a, s = in(reg) 64usize,
+                            c = in(reg) out, c1 = in(reg) out.add(256),
+                            options(nostack)
+                        )
+                    };
+                }
+                if step % 2 == 0 {
+                    step!("0", "1", "4");
+                } else {
+                    step!("2", "3", "5");
+                }
+                if let Some((pr0, pb)) = prev {
+                    st.step(&c[pb], pr0, g, n);
+                }
+                prev = Some((r0, step % 2));
+            }
+            if let Some((pr0, pb)) = prev {
+                st.step(&c[pb], pr0, g, n);
+            }
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// The per-query state the distance comparisons update.
+struct Compare<'a, F> {
+    data_norms: &'a [u32],
+    qn: &'a [i32],
+    worst: &'a mut [i32],
+    heaps: &'a mut [TopK],
+    q0: usize,
+    filter: &'a F,
+}
+
+impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
+    /// Compare one step's 16 rows × 32 queries of dot products (tile t: rows r0 ..,
+    /// queries 32·g + 16·t ..) with the queries' k-th distances.
+    /// Row j can enter query q's top k only if d² = |q|² + |b_j|² − 2 q·b_j ≤ worst_q, i.e.
+    /// 2 q·b_j − |b_j|² ≥ |q|² − worst_q: the left side's maximum over a tile's 16 rows is
+    /// tested first, and the rows are gone through one by one only when it passes.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn step(&mut self, c: &[i32; 2 * 256], r0: usize, g: usize, n: usize) {
+        for t in 0..2 {
+            let qb = g * 32 + 16 * t;
+            let rb = r0;
+            let rows = 16.min(n.saturating_sub(rb));
+            if rows == 0 {
+                continue; // padding past the last row
+            }
+            let ct = c.as_ptr().add(t * 256);
+            let qn_v = _mm512_loadu_si512(self.qn.as_ptr().add(qb) as *const _);
+            let mut need = _mm512_sub_epi32(
+                qn_v,
+                _mm512_loadu_si512(self.worst.as_ptr().add(qb) as *const _),
+            );
+            let gain = |i: usize| {
+                let dot = _mm512_loadu_si512(ct.add(i * 16) as *const _);
+                _mm512_sub_epi32(
+                    _mm512_add_epi32(dot, dot),
+                    _mm512_set1_epi32(self.data_norms[rb + i] as i32),
+                )
+            };
+            let mut best = gain(0);
+            for i in 1..rows {
+                best = _mm512_max_epi32(best, gain(i));
+            }
+            if _mm512_cmpge_epi32_mask(best, need) == 0 {
+                continue;
+            }
+            for i in 0..rows {
+                let gi = gain(i);
+                let mut m = _mm512_cmpge_epi32_mask(gi, need);
+                if m == 0 {
+                    continue;
+                }
+                let d = _mm512_sub_epi32(qn_v, gi);
+                let mut ds = [0i32; 16];
+                _mm512_storeu_si512(ds.as_mut_ptr() as *mut _, d);
+                let j = rb + i;
+                while m != 0 {
+                    let lane = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    let q = qb + lane;
+                    if (self.filter)(self.q0 + q, j as u32) {
+                        let heap = &mut self.heaps[q];
+                        heap.push(ds[lane] as u32, j as u32);
+                        self.worst[q] = worst_i32(heap);
+                    }
+                }
+                need = _mm512_sub_epi32(
+                    qn_v,
+                    _mm512_loadu_si512(self.worst.as_ptr().add(qb) as *const _),
+                );
+            }
+        }
+    }
+}
+
+/// A query's k-th distance as i32 (every real d² is far below i32::MAX).
+#[inline]
+fn worst_i32(h: &TopK) -> i32 {
+    h.worst().min(i32::MAX as u32) as i32
+}
