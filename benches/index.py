@@ -24,9 +24,11 @@ import time
 import numpy as np
 
 from keyfuse import _core
+from keyfuse.matching import _kernel_defaults
 
-# kf.Index's default soft-Jaccard kernel (keyfuse.matching._kernel_defaults("posterior"))
-KERNEL = {"k": 5, "posterior": True, "alpha2_cap_fraction": float("inf")}
+# kf.Index's default soft-Jaccard kernel
+_post, _k, _cap = _kernel_defaults("posterior", None, None)
+KERNEL = {"k": _k, "posterior": _post, "alpha2_cap_fraction": _cap}
 
 
 def rerank(x: np.ndarray) -> np.ndarray:
@@ -66,7 +68,7 @@ def main() -> None:
     rng = np.random.default_rng(123)
     print(
         f"# keyfuse index search: {args.keypoints} keypoints/subject, {args.trees} trees, "
-        f"{args.checks} checks, kf.Index's default kernel (posterior, K=5)"
+        f"{args.checks} checks, kf.Index's default kernel (posterior, K={KERNEL['k']})"
     )
     for n in args.sizes:
         t0 = time.perf_counter()

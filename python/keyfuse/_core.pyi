@@ -161,6 +161,7 @@ def binary_log_likelihood(
 def knn_exact(
     data: npt.NDArray[np.uint8], queries: npt.NDArray[np.uint8], k: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def knn_exact_kernel() -> str: ...
 def knn_forest(
     data: npt.NDArray[np.uint8],
     queries: npt.NDArray[np.uint8],

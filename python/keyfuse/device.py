@@ -40,6 +40,16 @@ def cuda_info() -> dict[str, Any]:
     return dict(_core.cuda_info())
 
 
+def cpu_knn_kernel() -> str:
+    """The CPU kernel of exact nearest-neighbour search on this machine.
+
+    ``"amx"`` (Intel AMX tiles, Sapphire Rapids and later, Linux), ``"avx2"`` or
+    ``"portable"``; chosen at run time, all give bit-identical results. The variable
+    ``KEYFUSE_NO_AMX`` (set before keyfuse first searches) disables the AMX kernel.
+    """
+    return str(_core.knn_exact_kernel())
+
+
 def resolve_device(device: str | None = "auto") -> Literal["cpu", "cuda"]:
     """Turn a user's device request into the backend that will run.
 

@@ -84,6 +84,12 @@ fn knn_exact<'py>(
     neighbors_out(py, nb)
 }
 
+/// The exact k-NN kernel this machine runs: "amx", "avx2" or "portable".
+#[pyfunction]
+fn knn_exact_kernel() -> &'static str {
+    knn::exact_kernel_name()
+}
+
 /// Approximate k-NN through a randomized kd-forest built on `data`.
 #[pyfunction]
 #[pyo3(signature = (data, queries, k, checks=128, trees=8, leaf_size=8, seed=0x6b65_7966_7573_6521))]
@@ -493,6 +499,7 @@ impl Cohort {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(knn_exact, m)?)?;
+    m.add_function(wrap_pyfunction!(knn_exact_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(knn_forest, m)?)?;
     m.add_function(wrap_pyfunction!(match_sets, m)?)?;
     m.add_function(wrap_pyfunction!(ransac_similarity, m)?)?;

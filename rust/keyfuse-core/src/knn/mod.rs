@@ -411,6 +411,16 @@ impl ExactKernel {
     }
 }
 
+/// Which brute-force kernel [`knn_exact`] runs on this machine for rank descriptors:
+/// "amx", "avx2" or "portable" (all give the same results).
+pub fn exact_kernel_name() -> &'static str {
+    match ExactKernel::pick(&[], &[]) {
+        ExactKernel::Amx => "amx",
+        ExactKernel::Dot | ExactKernel::Avx2 => "avx2",
+        ExactKernel::Plain => "portable",
+    }
+}
+
 /// Exact k nearest neighbours of every query row among the `data` rows (both `n × 64`
 /// bytes). `filter(query, candidate)` rejects candidates (e.g. the query's own subject).
 pub fn knn_exact<F>(data: &[u8], queries: &[u8], k: usize, filter: F) -> Result<Neighbors>
