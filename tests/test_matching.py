@@ -297,10 +297,14 @@ _DETERMINISM_SCRIPT = textwrap.dedent(
 )
 
 
-def test_results_identical_across_thread_counts() -> None:
+def test_results_identical_across_thread_counts_and_kernels() -> None:
+    """Same scores with 1, 2 and 3 threads, and with the AMX exact kernel switched off
+    (where this CPU has AMX, that compares it with the AVX2 kernel)."""
     digests = []
-    for threads in ("1", "2", "3"):
+    for threads, no_amx in (("1", False), ("2", False), ("3", False), ("2", True)):
         env = {**os.environ, "RAYON_NUM_THREADS": threads}
+        if no_amx:
+            env["KEYFUSE_NO_AMX"] = "1"
         out = subprocess.run(
             [sys.executable, "-c", _DETERMINISM_SCRIPT],
             env=env,
@@ -310,5 +314,5 @@ def test_results_identical_across_thread_counts() -> None:
         )
         digests.append(out.stdout.strip())
     assert len(digests[0]) == 64
-    assert digests[0] == digests[1] == digests[2], digests
+    assert digests[0] == digests[1] == digests[2] == digests[3], digests
     assert hashlib.sha256(b"").hexdigest() not in digests
