@@ -239,22 +239,38 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                 qn_v,
                 _mm512_loadu_si512(self.worst.as_ptr().add(qb) as *const _),
             );
-            let gain = |i: usize| {
-                let dot = _mm512_loadu_si512(ct.add(i * 16) as *const _);
-                _mm512_sub_epi32(
-                    _mm512_add_epi32(dot, dot),
-                    _mm512_set1_epi32(self.data_norms[rb + i] as i32),
-                )
-            };
-            let mut best = gain(0);
-            for i in 1..rows {
-                best = _mm512_max_epi32(best, gain(i));
+            let norms = self.data_norms.as_ptr().add(rb);
+            // 2 q·b − |b|² of row i for the 16 queries (macro: a closure would not inherit
+            // the target features, and the intrinsics would become calls)
+            macro_rules! gain {
+                ($i:expr) => {{
+                    let dot = _mm512_loadu_si512(ct.add($i * 16) as *const _);
+                    _mm512_sub_epi32(
+                        _mm512_add_epi32(dot, dot),
+                        _mm512_set1_epi32(*norms.add($i) as i32),
+                    )
+                }};
             }
+            let best = if rows == 16 {
+                // two independent maximum chains
+                let (mut b0, mut b1) = (gain!(0), gain!(1));
+                for i in (2..16).step_by(2) {
+                    b0 = _mm512_max_epi32(b0, gain!(i));
+                    b1 = _mm512_max_epi32(b1, gain!(i + 1));
+                }
+                _mm512_max_epi32(b0, b1)
+            } else {
+                let mut b = gain!(0);
+                for i in 1..rows {
+                    b = _mm512_max_epi32(b, gain!(i));
+                }
+                b
+            };
             if _mm512_cmpge_epi32_mask(best, need) == 0 {
                 continue;
             }
             for i in 0..rows {
-                let gi = gain(i);
+                let gi = gain!(i);
                 let mut m = _mm512_cmpge_epi32_mask(gi, need);
                 if m == 0 {
                     continue;
