@@ -316,3 +316,18 @@ def test_results_identical_across_thread_counts_and_kernels() -> None:
     assert len(digests[0]) == 64
     assert digests[0] == digests[1] == digests[2] == digests[3], digests
     assert hashlib.sha256(b"").hexdigest() not in digests
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_exact_knn_in_a_forked_child() -> None:
+    """Forked workers (Dask processes) inherit the AMX tile permission and the kernel
+    choice: the child's search must run and agree with the parent's."""
+    rng = np.random.default_rng(9)
+    data = perms(rng, 500)
+    parent = _core.knn_exact(data, data, 3)[0]
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        ok = np.array_equal(_core.knn_exact(data, data, 3)[0], parent)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
