@@ -180,15 +180,22 @@ impl TopK {
     }
     #[inline]
     pub(crate) fn push(&mut self, d: u32, i: u32) {
-        if self.items.len() == self.k {
-            let last = self.items[self.k - 1];
-            if (d, i) >= last {
+        let key = (d, i);
+        let mut p = self.items.len();
+        if p == self.k {
+            if key >= self.items[p - 1] {
                 return;
             }
-            self.items.pop();
+            p -= 1; // the last one drops out
+        } else {
+            self.items.push(key);
         }
-        let pos = self.items.partition_point(|&e| e < (d, i));
-        self.items.insert(pos, (d, i));
+        // insertion from the end (k is small: cheaper than a search and a memmove)
+        while p > 0 && self.items[p - 1] > key {
+            self.items[p] = self.items[p - 1];
+            p -= 1;
+        }
+        self.items[p] = key;
     }
     fn write(&self, idx: &mut [u32], dist: &mut [u32]) {
         for (s, (d, i)) in self.items.iter().enumerate() {
