@@ -641,18 +641,7 @@ mod tests {
     use super::*;
     use crate::knn::SplitMix;
 
-    fn perms(n: usize, seed: u64) -> Vec<u8> {
-        let mut rng = SplitMix(seed);
-        let mut out = Vec::new();
-        for _ in 0..n {
-            let mut p: Vec<u8> = (0..64).collect();
-            for i in (1..64).rev() {
-                p.swap(i, rng.below(i + 1));
-            }
-            out.extend(p);
-        }
-        out
-    }
+    use crate::knn::tests::random_perms as perms;
 
     fn exact() -> SoftJaccardParams {
         SoftJaccardParams {

@@ -1017,10 +1017,11 @@ impl KdForest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn random_perms(n: usize, seed: u64) -> Vec<u8> {
+    /// `n` random permutations of 0..64 (rank descriptors), from a seed.
+    pub(crate) fn random_perms(n: usize, seed: u64) -> Vec<u8> {
         let mut rng = SplitMix(seed);
         let mut out = Vec::with_capacity(n * DESC_LEN);
         for _ in 0..n {
