@@ -133,6 +133,30 @@ def test_save_load_round_trip(index: kf.Index, tmp_path: Path) -> None:
     assert len(kf.Index.load(path)) == 12
 
 
+def test_opened_index_reads_keypoints_back_lazily(
+    index: kf.Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An opened index holds only descriptors: a subject's keypoints are read back from
+    its part on demand, also across Parquet row groups (tiny groups here), and a
+    directory removed after opening gives a clear error while searching still works."""
+    import shutil
+
+    import keyfuse.index as kfi
+
+    monkeypatch.setattr(kfi, "ROW_GROUP", 97)  # subjects of 250 rows span 3-4 groups
+    path = tmp_path / "lazy.kfi"
+    index.save(path)
+    back = kf.Index.load(path)
+    for sid in index.subjects:
+        assert back.keypoints(sid) == index.keypoints(sid)
+    query = index.keypoints(index.subjects[4])
+    expected = back.scores(query, exact=True)
+    shutil.rmtree(path)
+    with pytest.raises(kf.IndexCorruptError, match="changed or removed"):
+        back.keypoints(index.subjects[0])
+    assert np.array_equal(back.scores(query, exact=True), expected)
+
+
 def test_on_disk_appends(cohort, tmp_path: Path) -> None:
     path = tmp_path / "live"
     ix = kf.Index(path)

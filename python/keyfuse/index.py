@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -162,7 +163,10 @@ class Index:
         self._labels: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray | None] = []
         self._sources: list[str | None] = []
-        self._kps: list[KeypointSet] = []
+        # a subject's full keypoints: resident (added in this process), or None with
+        # where they lie on disk (opened indexes keep only the descriptors, in the engine)
+        self._kps: list[KeypointSet | None] = []
+        self._on_disk: list[_Rows | None] = []
         self._engine = _core.Cohort(trees=self.trees)
         self._parts: list[dict[str, Any]] = []
         self.path: Path | None = None
@@ -226,7 +230,15 @@ class Index:
         return [lab.get(name) for lab in self._labels]
 
     def keypoints(self, subject_id: str) -> KeypointSet:
-        return self._kps[self._index_of(subject_id)]
+        """A subject's keypoints (read from the index directory when it was opened from
+        disk: an opened index holds only the descriptors in memory)."""
+        i = self._index_of(subject_id)
+        kp = self._kps[i]
+        if kp is not None:
+            return kp
+        rows = self._on_disk[i]
+        assert rows is not None  # every subject is resident or on disk
+        return rows.read()
 
     def vector(self, subject_id: str) -> np.ndarray | None:
         return self._vectors[self._index_of(subject_id)]
@@ -311,12 +323,22 @@ class Index:
             self._register(sid, kp, v, labs, src)
 
     def _register(
-        self, sid: str, kp: KeypointSet, v: np.ndarray | None, labs: dict[str, Any], src: str | None
+        self,
+        sid: str,
+        kp: KeypointSet | _Rows,
+        v: np.ndarray | None,
+        labs: dict[str, Any],
+        src: str | None,
+        descriptors: np.ndarray | None = None,
     ) -> None:
-        self._engine.add(np.ascontiguousarray(kp.descriptors, dtype=np.uint8))
+        """Add one subject to memory: its KeypointSet, or (from disk) its rows' place and
+        descriptors."""
+        desc = kp.descriptors if isinstance(kp, KeypointSet) else descriptors
+        self._engine.add(np.ascontiguousarray(desc, dtype=np.uint8))
         self._pos[sid] = len(self._ids)
         self._ids.append(sid)
-        self._kps.append(kp)
+        self._kps.append(kp if isinstance(kp, KeypointSet) else None)
+        self._on_disk.append(None if isinstance(kp, KeypointSet) else kp)
         self._vectors.append(v)
         self._labels.append(labs)
         self._sources.append(src)
@@ -327,8 +349,8 @@ class Index:
         subject is added (subjects are only ever appended)."""
         cached: tuple[int, _core.GpuCohort] | None = getattr(self, "_gpu_cache", None)
         if cached is None or cached[0] != len(self):
-            data = np.concatenate([np.asarray(k.descriptors, dtype=np.uint8) for k in self._kps])
-            sizes = np.array([len(k) for k in self._kps], dtype=np.int64)
+            data = self._engine.descriptors()
+            sizes = np.asarray(self._engine.sizes(), dtype=np.int64)
             cached = (len(self), _core.GpuCohort(np.ascontiguousarray(data), sizes))
             self._gpu_cache = cached
         return cached[1]
@@ -378,7 +400,7 @@ class Index:
         backend = resolve_device(device)
         if isinstance(query, str) and query in self._pos and exclude is None:
             exclude = query
-            query = self._kps[self._pos[query]]
+            query = self.keypoints(query)
         kps = _as_keypoints(query, device, "query")
         ex = None if exclude is None else self._index_of(exclude)
         mask = self._mask(restrict)
@@ -520,9 +542,12 @@ class Index:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         try:
-            staged = list(
-                zip(self._ids, self._kps, self._vectors, self._labels, self._sources, strict=True)
-            )
+            staged = [
+                (sid, self.keypoints(sid), v, labs, src)
+                for sid, v, labs, src in zip(
+                    self._ids, self._vectors, self._labels, self._sources, strict=True
+                )
+            ]
             self._write_manifest(tmp, [])
             if staged:
                 self._append_part(tmp, staged, parts=[])
@@ -585,7 +610,7 @@ class Index:
             ):
                 name = f"{kind}-{seq:06d}.parquet"
                 with atomic_path(root / name) as tmp:
-                    pq.write_table(table, tmp, compression="zstd")
+                    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
                     with open(tmp, "rb+") as f:
                         os.fsync(f.fileno())
                 written.append(root / name)
@@ -619,13 +644,15 @@ class Index:
                 f"{root}: index format version {manifest.get('version')} is not supported "
                 f"(this keyfuse reads version {FORMAT_VERSION})"
             )
-        staged: list[tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]] = []
         parts = manifest.get("parts")
         if not isinstance(parts, list):
             raise IndexCorruptError(f"{root / MANIFEST}: no list of parts")
         try:
+            # first every file's checksum and the subject tables (small), so that a
+            # damaged index is refused before anything is read into memory
+            checked: list[tuple[dict[str, Any], Path]] = []
             for part in parts:
-                tables = {}
+                files = {}
                 for kind in ("subjects", "keypoints"):
                     info = part["files"][kind]
                     f = root / info["name"]
@@ -633,19 +660,21 @@ class Index:
                         raise IndexCorruptError(f"{f}: listed in the manifest but missing")
                     if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
                         raise IndexCorruptError(f"{f}: size or sha256 checksum mismatch")
-                    tables[kind] = pq.read_table(f)
-                    if tables[kind].num_rows != info["rows"]:
+                    if pq.ParquetFile(f).metadata.num_rows != info["rows"]:
                         raise IndexCorruptError(f"{f}: row count differs from the manifest")
-                staged.extend(_parse_part(tables["subjects"], tables["keypoints"], root))
+                    files[kind] = f
+                checked.append((pq.read_table(files["subjects"]).to_pydict(), files["keypoints"]))
+            ids = [sid for sub, _ in checked for sid in sub["subject_id"]]
+            if len(set(ids)) != len(ids):
+                raise IndexCorruptError(f"{root}: duplicate subject ids")
+            # then the descriptors, streamed: only they stay in memory (in the engine)
+            for sub, kp_file in checked:
+                for sid, rows, v, labs, src, desc in _stream_part(sub, kp_file, root):
+                    self._register(sid, rows, v, labs, src, descriptors=desc)
         except IndexCorruptError:
             raise
         except (KeyError, TypeError, ValueError, pa.ArrowException, OSError) as e:
             raise IndexCorruptError(f"{root}: corrupt index ({type(e).__name__}: {e})") from e
-        ids = [s[0] for s in staged]
-        if len(set(ids)) != len(ids):
-            raise IndexCorruptError(f"{root}: duplicate subject ids")
-        for sid, kp, v, labs, src in staged:
-            self._register(sid, kp, v, labs, src)
         self._parts = list(parts)
 
     # -- misc ---------------------------------------------------------------------------
@@ -674,6 +703,10 @@ def _subjects_table(
         }
     )
 
+
+# keypoint rows per Parquet row group: one subject's keypoints are read back from disk
+# without decoding more than a group or two around them
+ROW_GROUP = 32_768
 
 _KP_COLUMNS: tuple[tuple[str, Any, int], ...] = (
     ("ijk", np.float64, 3),
@@ -721,15 +754,16 @@ def _keypoints_table(
     return pa.table(cols)
 
 
-def _parse_part(subjects: Any, keypoints: Any, root: Path) -> list[tuple[Any, ...]]:
-    """Rebuild (id, KeypointSet, vector, labels, source) rows from one part's tables."""
-    sub = subjects.to_pydict()
-    counts = np.asarray(sub["n_keypoints"], dtype=np.int64)
-    if keypoints.num_rows != int(counts.sum()):
-        raise IndexCorruptError(f"{root}: keypoint rows do not add up to the subjects' counts")
+def _column_arrays(keypoints: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Numpy arrays (one row per keypoint) of some keypoint columns of a table or a
+    record batch."""
     arrays: dict[str, np.ndarray] = {}
     for name, dtype, width in _KP_COLUMNS:
-        col = keypoints.column(name).combine_chunks()
+        if name not in names:
+            continue
+        col = keypoints.column(name)
+        if hasattr(col, "combine_chunks"):  # a table's column is chunked
+            col = col.combine_chunks()
         if name == "descriptors":
             buf = col.buffers()[1]
             flat = np.frombuffer(buf, dtype=np.uint8, count=col.offset * 64 + len(col) * 64)
@@ -740,37 +774,104 @@ def _parse_part(subjects: Any, keypoints: Any, root: Path) -> list[tuple[Any, ..
             arrays[name] = np.asarray(
                 col.flatten().to_numpy(zero_copy_only=False), dtype=dtype
             ).reshape(-1, width)
-    subj_col = keypoints.column("subject").combine_chunks()
-    owners = np.asarray(subj_col.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
-    expect = np.repeat(np.arange(len(counts)), counts)
-    if not np.array_equal(owners, expect):
-        raise IndexCorruptError(f"{root}: keypoint rows are not grouped by subject")
-    out = []
+    return arrays
+
+
+def _keypoint_set(arrays: dict[str, np.ndarray], sl: slice, affine: Any, shape: Any) -> KeypointSet:
+    return KeypointSet(
+        arrays["ijk"][sl],
+        arrays["scale"][sl],
+        arrays["orientation"][sl].reshape(-1, 3, 3),
+        arrays["descriptors"][sl],
+        arrays["polarity"][sl],
+        arrays["response"][sl],
+        arrays["eigenvalues"][sl],
+        arrays["flags"][sl],
+        affine=np.asarray(affine, dtype=np.float64).reshape(4, 4),
+        shape=shape,
+    )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Where one subject's keypoints lie in an index part: rows [start, stop) of a
+    keypoints Parquet file (verified when the index was opened)."""
+
+    path: Path
+    start: int
+    stop: int
+    affine: tuple[float, ...]
+    shape: tuple[int, ...]
+
+    def read(self) -> KeypointSet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+            ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+            first = int(np.searchsorted(ends, self.start, side="right"))
+            last = int(np.searchsorted(ends, self.stop - 1, side="right")) if self.stop else first
+            table = pf.read_row_groups(list(range(first, last + 1)))
+            offset = int(ends[first - 1]) if first else 0
+            table = table.slice(self.start - offset, self.stop - self.start)
+            arrays = _column_arrays(table, [c[0] for c in _KP_COLUMNS])
+        except (OSError, ValueError, IndexError, pa.ArrowException) as e:
+            raise IndexCorruptError(
+                f"{self.path}: cannot read keypoints back ({type(e).__name__}: {e}); was the "
+                "index directory changed or removed after it was opened?"
+            ) from e
+        return _keypoint_set(arrays, slice(None), self.affine, self.shape)
+
+
+def _stream_part(
+    sub: dict[str, list[Any]], keypoints_file: Path, root: Path
+) -> Iterator[tuple[Any, ...]]:
+    """(id, rows on disk, vector, labels, source, descriptors) of one part's subjects in
+    order, reading only the descriptor column, a row group at a time."""
+    import pyarrow.parquet as pq
+
+    counts = np.asarray(sub["n_keypoints"], dtype=np.int64)
+    pf = pq.ParquetFile(keypoints_file)
+    if pf.metadata.num_rows != int(counts.sum()):
+        raise IndexCorruptError(f"{root}: keypoint rows do not add up to the subjects' counts")
     ends = np.cumsum(counts)
-    starts = ends - counts
-    for i, sid in enumerate(sub["subject_id"]):
-        sl = slice(int(starts[i]), int(ends[i]))
-        affine = np.asarray(sub["affine"][i], dtype=np.float64).reshape(4, 4)
-        kp = KeypointSet(
-            arrays["ijk"][sl],
-            arrays["scale"][sl],
-            arrays["orientation"][sl].reshape(-1, 3, 3),
-            arrays["descriptors"][sl],
-            arrays["polarity"][sl],
-            arrays["response"][sl],
-            arrays["eigenvalues"][sl],
-            arrays["flags"][sl],
-            affine=affine,
-            shape=sub["shape"][i],
-        )
-        vec = sub["vector"][i]
-        out.append(
-            (
-                sid,
-                kp,
-                None if vec is None else np.asarray(vec, dtype=np.float32),
-                json.loads(sub["labels"][i]),
-                sub["source"][i],
-            )
-        )
-    return out
+    position = {sid: i for i, sid in enumerate(sub["subject_id"])}
+    buf = np.zeros((0, 64), np.uint8)  # descriptor rows read but not yet handed out
+    done, subject = 0, 0  # rows handed out, next subject
+    for batch in pf.iter_batches(columns=["subject", "descriptors"], batch_size=ROW_GROUP):
+        # each row's subject, through the batch's own dictionary of subject ids
+        col = batch.column(0)
+        lookup = np.array([position.get(v, -1) for v in col.dictionary.to_pylist()], np.int64)
+        owners = lookup[np.asarray(col.indices.to_numpy(zero_copy_only=False), np.int64)]
+        first = done + len(buf)
+        expect = np.searchsorted(ends, np.arange(first, first + len(owners)), side="right")
+        if not np.array_equal(owners, expect):
+            raise IndexCorruptError(f"{root}: keypoint rows are not grouped by subject")
+        buf = np.concatenate([buf, _column_arrays(batch, ["descriptors"])["descriptors"]])
+        while subject < len(counts) and ends[subject] <= done + len(buf):
+            n = int(counts[subject])
+            yield (*_subject_row(sub, subject, keypoints_file, done), buf[:n])
+            buf = buf[n:]
+            done += n
+            subject += 1
+    while subject < len(counts):  # subjects without keypoints at the end
+        if counts[subject] != 0:
+            raise IndexCorruptError(f"{root}: keypoint rows end early")
+        yield (*_subject_row(sub, subject, keypoints_file, done), np.zeros((0, 64), np.uint8))
+        subject += 1
+
+
+def _subject_row(
+    sub: dict[str, list[Any]], i: int, keypoints_file: Path, start: int
+) -> tuple[Any, ...]:
+    """(id, rows on disk, vector, labels, source) of subject ``i`` of a part."""
+    vec = sub["vector"][i]
+    n = int(sub["n_keypoints"][i])
+    return (
+        sub["subject_id"][i],
+        _Rows(keypoints_file, start, start + n, tuple(sub["affine"][i]), tuple(sub["shape"][i])),
+        None if vec is None else np.asarray(vec, dtype=np.float32),
+        json.loads(sub["labels"][i]),
+        sub["source"][i],
+    )

@@ -387,6 +387,15 @@ impl Cohort {
             .into_pyarray(py)
     }
 
+    /// A copy of every indexed descriptor, (n_points, 64) uint8, subjects in order.
+    fn descriptors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        let d = self.inner.descriptors().to_vec();
+        let n = d.len() / keyfuse_core::DESC_LEN;
+        numpy::ndarray::Array2::from_shape_vec((n, keyfuse_core::DESC_LEN), d)
+            .map(|a| a.into_pyarray(py))
+            .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
+    }
+
     /// Bytes held by descriptors, owners and the forest.
     fn memory_bytes(&self) -> usize {
         self.inner.memory_bytes()
