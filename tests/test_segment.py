@@ -314,3 +314,44 @@ def test_segment_command(tmp_path: Path) -> None:
          "--extract-param", "sigma0"],
     )  # fmt: skip
     assert bad.exit_code != 0
+
+
+def test_match_all_equals_match_per_atlas() -> None:
+    """The segmenter's one-call matcher gives exactly kf.match's matches per atlas."""
+    rng = np.random.default_rng(3)
+
+    def kps(n: int) -> kf.KeypointSet:
+        ijk = rng.uniform(0, 30, (n, 3)).round()  # coarse: spatial ties occur
+        desc = np.stack([rng.permutation(64) for _ in range(n)]).astype(np.uint8)
+        return kf.KeypointSet(
+            ijk, rng.uniform(1.0, 4.0, n), descriptors=desc, affine=np.diag([2.0, 2.0, 2.0, 1.0])
+        )
+
+    test = kps(200)
+    atlases = [kps(150), kps(300), kps(1)]
+    labels = [rng.integers(1, 4, len(a)).astype(np.int32) for a in atlases]
+    core = _core.AtlasKeypoints(
+        [a.descriptors for a in atlases],
+        [np.ascontiguousarray(a.xyz) for a in atlases],
+        [np.ascontiguousarray(a.scale, dtype=np.float64) for a in atlases],
+        labels,
+    )
+    assert len(core) == 3 and core.n_keypoints(1) == 300
+    for hough in (True, False):
+        q, atlas, index, lab, d2, p, shift = core.match_all(
+            test.descriptors,
+            np.ascontiguousarray(test.xyz),
+            np.ascontiguousarray(test.scale, dtype=np.float64),
+            hough=hough,
+        )
+        for i, a in enumerate(atlases):
+            m = kf.match(test, a, hough=hough)
+            sel = atlas == i
+            np.testing.assert_array_equal(q[sel], m.ia)
+            np.testing.assert_array_equal(index[sel], m.ib)
+            np.testing.assert_array_equal(lab[sel], labels[i][m.ib])
+            np.testing.assert_array_equal(np.sqrt(d2[sel].astype(np.float64)), m.distance)
+            np.testing.assert_array_equal(p[sel], m.p)
+            np.testing.assert_array_equal(shift[sel], -m.translation)
+    with pytest.raises(InvalidArgumentError):
+        _core.AtlasKeypoints([atlases[0].descriptors], [atlases[0].xyz], [], [labels[0]])

