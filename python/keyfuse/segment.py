@@ -6,7 +6,10 @@ a vote over its matches, and every match that agrees with the vote transfers the
 organ label map of its training image, shifted by the match's translation. The shifted
 maps are summed with weights (vote certainty × match probability × local intensity
 likelihood) and each voxel takes the label of highest normalised weight, or background
-below 15%. The voting and the transfer accumulation run in Rust (``keyfuse._core``).
+below 15%. By default an organ is also carried, with a tenth of the weight, by the
+keypoints of the organs it touches (the paper's "spleen across"), which keeps small organs
+on a limited field of view. Matching, voting and the transfer accumulation run in Rust
+(``keyfuse._core``).
 
 Intensities (MRI) are normalised per image before the intensity likelihood is computed
 (:func:`normalize_intensity`): each voxel is divided by the mean foreground intensity
@@ -42,6 +45,9 @@ if TYPE_CHECKING:
 PathLike = str | os.PathLike[str]
 NORMALISED_MEAN = 1000.0
 DEFAULT_NU = 300.0
+# transfer_from="auto": an organ is also carried by the keypoints of labels that make up at
+# least this share of its boundary in the training maps
+AUTO_CONTACT_SHARE = 0.05
 
 
 def normalize_intensity(
@@ -141,6 +147,35 @@ def _upsample_linear(
         w = w.reshape(bshape)
         out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _contact_shares(label_maps: Sequence[npt.NDArray[np.int32]]) -> dict[int, dict[int, float]]:
+    """For each label, the share of its boundary (face-adjacent voxel pairs with another
+    value, summed over the maps) that each other non-background label makes up."""
+    pairs: dict[tuple[int, int], int] = {}
+    for labels in label_maps:
+        base = int(labels.max()) + 1 if labels.size else 1
+        for axis in range(labels.ndim):
+            a = np.moveaxis(labels, axis, 0)
+            x, y = a[:-1].ravel(), a[1:].ravel()
+            diff = x != y
+            if not diff.any():
+                continue
+            u, v = x[diff].astype(np.int64), y[diff].astype(np.int64)
+            keys, counts = np.unique(
+                np.concatenate([u * base + v, v * base + u]), return_counts=True
+            )
+            for key, c in zip(keys.tolist(), counts.tolist(), strict=True):
+                pair = (key // base, key % base)
+                pairs[pair] = pairs.get(pair, 0) + c
+    totals: dict[int, int] = {}
+    for (u, _), c in pairs.items():
+        totals[u] = totals.get(u, 0) + c
+    out: dict[int, dict[int, float]] = {}
+    for (u, v), c in sorted(pairs.items()):
+        if u > 0 and v > 0:
+            out.setdefault(u, {})[v] = c / totals[u]
+    return out
 
 
 @dataclass
@@ -285,10 +320,27 @@ class KeypointTransferSegmenter:
         intensity term off.
     background_fraction : float, default 0.15
         A voxel is background when its best label's probability is below this.
-    transfer_from : mapping label → sequence of labels, optional
-        Which keypoint labels transfer each organ. By default an organ is transferred by
-        its own keypoints only; ``{5: [3, 4, 5]}`` also lets keypoints voted 3 or 4
-        transfer organ 5 (the paper's "spleen across" from liver/lung keypoints).
+    transfer_from : "auto", mapping label → sequence of labels, or None; default "auto"
+        Which keypoint labels transfer each organ besides its own keypoints (the paper's
+        "spleen across", transferred from liver and lung keypoints too). ``"auto"``: the
+        labels that make up at least 5% of the organ's boundary in the training maps
+        (face-adjacent voxels, pooled over the atlases); a mapping such as
+        ``{5: [3, 4]}`` names them; ``None`` transfers every organ by its own keypoints
+        only. Why: a small organ has few keypoints and a limited field of view often
+        loses them (on crops of the simulated cohort 3 test keypoints voted "ventricles"
+        where the full scan has 30, and the ventricles' Dice fell to 0.15), while the
+        neighbouring organs' keypoints still carry the ventricles along with the right
+        shift.
+    across_weight : float, default 0.1
+        Factor on the weight of a transfer of an organ by another organ's keypoint. With
+        the ``min_weight`` rule these weaker transfers are dropped wherever the organ's
+        own keypoints transfer it well, so they only fill in for missing own evidence.
+        Measured on the simulated 2 mm cohort (leave-one-out, first 8 scans, mean Dice
+        over the five labels; full scans / crops): own keypoints only 0.759 / 0.657;
+        "auto" with across_weight 1.0 → 0.753 / 0.756, 0.3 → 0.758 / 0.754,
+        0.1 → 0.759 / 0.757, 0.03 → 0.759 / 0.751, 0.01 → 0.759 / 0.699 (ventricles on
+        crops 0.15 → 0.65 at 0.1, full scans unchanged). On the other 12 scans: own only
+        0.767 / 0.654, 0.3 → 0.763 / 0.752, 0.1 → 0.767 / 0.755, 0.05 → 0.767 / 0.754.
     min_weight : float, default 0.2
         Transfers whose weight p(L̂)·p(m) is below this fraction of the largest weight
         transferred for the same label are skipped (0 keeps all). The weights are very
@@ -324,7 +376,8 @@ class KeypointTransferSegmenter:
         scale_factor: float = 2.0,
         nu: float | Mapping[int, float] | None = DEFAULT_NU,
         background_fraction: float = 0.15,
-        transfer_from: Mapping[int, Sequence[int]] | None = None,
+        transfer_from: Mapping[int, Sequence[int]] | str | None = "auto",
+        across_weight: float = 0.1,
         min_weight: float = 0.2,
         hough: bool = True,
         normalize: bool = True,
@@ -350,7 +403,14 @@ class KeypointTransferSegmenter:
         self.scale_factor = scale_factor
         self.nu = nu
         self.background_fraction = background_fraction
+        if isinstance(transfer_from, str) and transfer_from != "auto":
+            raise InvalidArgumentError(
+                f"transfer_from must be 'auto', None or a mapping, got {transfer_from!r}"
+            )
+        if not 0.0 <= across_weight <= 1.0:
+            raise InvalidArgumentError(f"across_weight must be in [0, 1], got {across_weight}")
         self.transfer_from = transfer_from
+        self.across_weight = across_weight
         self.min_weight = min_weight
         self.hough = hough
         self.normalize = normalize
@@ -361,6 +421,7 @@ class KeypointTransferSegmenter:
         self._labels: list[int] = []
         self._cache: dict[bytes, tuple[_core.TransferAtlases, list[npt.NDArray[np.float64]]]] = {}
         self._kp_atlases: _core.AtlasKeypoints | None = None
+        self._contact: dict[int, dict[int, float]] = {}
 
     # ------------------------------------------------------------------ fitting
     @property
@@ -464,6 +525,7 @@ class KeypointTransferSegmenter:
         self._atlases = atlases
         self._labels = present
         self._cache = {}
+        self._contact = _contact_shares([a.labels for a in atlases])
         # the training keypoints in the matcher's form, built once
         self._kp_atlases = _core.AtlasKeypoints(
             [np.ascontiguousarray(a.keypoints.descriptors, dtype=np.uint8) for a in atlases],
@@ -497,14 +559,25 @@ class KeypointTransferSegmenter:
         return np.full(len(labels), one(self.nu), dtype=np.float32)
 
     def _organs_for(self) -> dict[int, list[int]]:
-        """keypoint label → organs it transfers."""
+        """keypoint label → organs it transfers (its own first)."""
         organs: dict[int, list[int]] = {lab: [lab] for lab in self._labels}
-        for organ, sources in (self.transfer_from or {}).items():
-            if int(organ) not in organs:
+        if self.across_weight <= 0.0:
+            across = {}
+        elif self.transfer_from == "auto":
+            across = {
+                organ: [src for src, share in shares.items() if share >= AUTO_CONTACT_SHARE]
+                for organ, shares in self._contact.items()
+            }
+        elif isinstance(self.transfer_from, Mapping):
+            across = {int(k): [int(v) for v in vs] for k, vs in self.transfer_from.items()}
+        else:
+            across = {}
+        for organ, sources in across.items():
+            if organ not in organs:
                 raise InvalidArgumentError(f"transfer_from names label {organ} not in the maps")
             for src in sources:
-                if int(src) in organs and int(organ) not in organs[int(src)]:
-                    organs[int(src)].append(int(organ))
+                if src in organs and organ not in organs[src]:
+                    organs[src].append(organ)
         return organs
 
     # --------------------------------------------------------------- prediction
@@ -598,7 +671,8 @@ class KeypointTransferSegmenter:
                 t_atlas.append(atlas_idx[agree][sel])
                 t_label.append(np.full(int(sel.sum()), organ, dtype=np.int32))
                 t_shift.append(shift[sel])
-                t_weight.append(weight[sel])
+                # an organ carried by another organ's keypoint: weaker evidence
+                t_weight.append(weight[sel] * (1.0 if organ == src else self.across_weight))
         if t_atlas:
             ta = np.concatenate(t_atlas).astype(np.uint32)
             tl = np.concatenate(t_label)
@@ -731,6 +805,13 @@ def _make_command() -> _click.Command:
         help="Skip transfers weaker than this fraction of the label's strongest (0: keep all).",
     )
     @click.option(
+        "--across-weight",
+        default=0.1,
+        show_default=True,
+        help="Weight factor when an organ is carried by a touching organ's keypoints "
+        "(transfer_from='auto'); 0: each organ by its own keypoints only.",
+    )
+    @click.option(
         "--extract-param",
         "extract_param",
         multiple=True,
@@ -750,6 +831,7 @@ def _make_command() -> _click.Command:
         nu: float,
         background_fraction: float,
         min_weight: float,
+        across_weight: float,
         extract_param: tuple[str, ...],
         device: str,
         quiet: bool,
@@ -784,6 +866,7 @@ def _make_command() -> _click.Command:
                 nu=None if nu <= 0 else nu,
                 background_fraction=background_fraction,
                 min_weight=min_weight,
+                across_weight=across_weight,
                 device=device,
                 extract_params=params,
                 progress=not quiet,
