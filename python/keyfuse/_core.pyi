@@ -142,6 +142,7 @@ class AtlasKeypoints:
         hough_sigma: float = 3.0,
         keep_fraction: float = 0.1,
         kde_bandwidth: float = 3.0,
+        hough_queries: int = 0,
     ) -> tuple[
         npt.NDArray[np.uint32],
         npt.NDArray[np.uint32],

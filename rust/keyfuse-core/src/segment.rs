@@ -732,6 +732,10 @@ fn sq_dist(x: [f64; 3], y: [f64; 3]) -> f64 {
     d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
 }
 
+/// First radius tried for a query's closest points: the previous query's radius plus this
+/// fraction of the step between the two (1 always suffices; less usually does).
+const TIGHT: f64 = 0.3;
+
 /// Per-thread scratch of the re-matching.
 #[derive(Default)]
 struct Scratch {
@@ -748,12 +752,16 @@ impl KpSet {
         }
     }
 
-    /// As [`Self::closest`], given that the ball of radius `r` around `y` holds at least
-    /// `keep` points (not required for correctness: it falls back to the full scan).
-    /// Returns the `keep`-th smallest squared distance.
-    fn closest_within(&self, y: [f64; 3], keep: usize, r: f64, s: &mut Scratch) -> f64 {
+    /// As [`Self::closest`], trying the balls of the given radii around `y` first (any
+    /// radius is correct: a ball is used only when it provably holds the `keep` closest
+    /// points, else the next radius, finally the full scan). Returns the `keep`-th
+    /// smallest squared distance.
+    fn closest_within(&self, y: [f64; 3], keep: usize, radii: &[f64], s: &mut Scratch) -> f64 {
         let nb = self.xyz.len();
-        if keep < nb && r.is_finite() {
+        for &r in radii {
+            if keep >= nb || !r.is_finite() {
+                break;
+            }
             // a little margin so rounding cannot drop a point at the boundary
             let r = r * (1.0 + 1e-9) + 1e-9;
             let r2 = r * r;
@@ -854,10 +862,16 @@ impl AtlasKeypoints {
 
     /// Match the test keypoints `a` to every atlas (see [`crate::matching::match_sets`])
     /// and concatenate the matches in atlas order.
+    ///
+    /// `hough_queries`: when > 0 and `a` has more keypoints, the Hough translation mode is
+    /// voted by every ⌈n/hough_queries⌉-th test keypoint only (the first, unconstrained
+    /// matching is the costliest step; the re-matching still covers every keypoint).
+    /// With 0 the matches are exactly those of `match_sets`.
     pub fn match_all(
         &self,
         a: &crate::matching::KeypointView,
         p: &crate::matching::MatchParams,
+        hough_queries: usize,
     ) -> Result<AtlasMatches> {
         let ok = p.ratio > 0.0
             && p.ratio <= 1.0
@@ -891,7 +905,7 @@ impl AtlasKeypoints {
         let per: Vec<Vec<(u32, u32, u32)>> = self
             .sets
             .par_iter()
-            .map(|b| self.match_one(a, b, p))
+            .map(|b| self.match_one(a, b, p, hough_queries))
             .collect::<Result<_>>()?;
         let mut out = AtlasMatches::default();
         for (i, (pairs, b)) in per.iter().zip(&self.sets).enumerate() {
@@ -921,6 +935,7 @@ impl AtlasKeypoints {
         a: &crate::matching::KeypointView,
         b: &KpSet,
         p: &crate::matching::MatchParams,
+        hough_queries: usize,
     ) -> Result<Vec<(u32, u32, u32)>> {
         let (na, nb) = (a.xyz.len(), b.xyz.len());
         if na == 0 || nb == 0 {
@@ -928,14 +943,33 @@ impl AtlasKeypoints {
         }
         let f = p.scale_factor;
         let bv = b.view();
-        let nn = crate::knn::knn_exact(bv.desc, a.desc, 2, |q, c| {
-            kt_scale_ok(a.scale[q], b.scale[c as usize], f)
+        // the Hough vote needs only a sample of the test keypoints: every stride-th
+        let stride = if p.hough && hough_queries > 0 {
+            na.div_ceil(hough_queries)
+        } else {
+            1
+        };
+        let qs: Vec<usize> = (0..na).step_by(stride).collect();
+        let sub: Vec<u8> = if stride == 1 {
+            Vec::new()
+        } else {
+            qs.iter()
+                .flat_map(|&q| {
+                    a.desc[q * crate::DESC_LEN..(q + 1) * crate::DESC_LEN]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        let qdesc = if stride == 1 { a.desc } else { &sub[..] };
+        let nn = crate::knn::knn_exact(bv.desc, qdesc, 2, |i, c| {
+            kt_scale_ok(a.scale[qs[i]], b.scale[c as usize], f)
         })?;
-        let pairs: Vec<(u32, u32, u32)> = (0..na)
-            .filter_map(|q| {
-                let (i1, d1) = (nn.idx[2 * q], nn.dist2[2 * q]);
-                (i1 != crate::knn::NONE && kt_ratio_ok(d1, nn.dist2[2 * q + 1], p.ratio))
-                    .then_some((q as u32, i1, d1))
+        let pairs: Vec<(u32, u32, u32)> = (0..qs.len())
+            .filter_map(|i| {
+                let (i1, d1) = (nn.idx[2 * i], nn.dist2[2 * i]);
+                (i1 != crate::knn::NONE && kt_ratio_ok(d1, nn.dist2[2 * i + 1], p.ratio))
+                    .then_some((qs[i] as u32, i1, d1))
             })
             .collect();
         if !p.hough || pairs.is_empty() {
@@ -973,11 +1007,15 @@ impl AtlasKeypoints {
                     .iter()
                     .map(|&q| {
                         let q = q as usize;
-                        let r = match prev {
-                            Some((yp, dk)) => dk.sqrt() + sq_dist(y[q], yp).sqrt(),
-                            None => f64::INFINITY,
+                        // a tight guess first, then the bound that always holds enough
+                        let radii = match prev {
+                            Some((yp, dk)) => {
+                                let (rk, step) = (dk.sqrt(), sq_dist(y[q], yp).sqrt());
+                                [rk + TIGHT * step, rk + step]
+                            }
+                            None => [f64::INFINITY; 2],
                         };
-                        let dk = b.closest_within(y[q], keep, r, &mut s);
+                        let dk = b.closest_within(y[q], keep, &radii, &mut s);
                         prev = Some((y[q], dk));
                         let qd = &a.desc[q * crate::DESC_LEN..(q + 1) * crate::DESC_LEN];
                         let (mut b1, mut b2) = ((u32::MAX, u32::MAX), (u32::MAX, u32::MAX));
@@ -1253,7 +1291,7 @@ mod tests {
                 keep_fraction: keep,
                 ..MatchParams::default()
             };
-            let all = set.match_all(&a, &p).unwrap();
+            let all = set.match_all(&a, &p, 0).unwrap();
             let mut k = 0;
             for (i, (d, x, s, l)) in atlases.iter().enumerate() {
                 let b = KeypointView {
@@ -1277,6 +1315,20 @@ mod tests {
             }
             assert_eq!(k, all.query.len());
             assert!(k > 0);
+        }
+        // a Hough vote on a sample: same matches whenever it finds the same mode
+        let p = MatchParams {
+            hough: true,
+            ..MatchParams::default()
+        };
+        let all = set.match_all(&a, &p, 1000).unwrap();
+        assert_eq!(all, set.match_all(&a, &p, 0).unwrap());
+        let sampled = set.match_all(&a, &p, 100).unwrap();
+        assert!(!sampled.query.is_empty());
+        // in atlas order, each atlas' queries ascending (at most one match per query)
+        for k in 1..sampled.query.len() {
+            let (a0, a1) = (sampled.atlas[k - 1], sampled.atlas[k]);
+            assert!(a0 < a1 || (a0 == a1 && sampled.query[k - 1] < sampled.query[k]));
         }
         assert!(AtlasKeypoints::new(vec![]).is_err());
         let (d, x, s) = random_set(3, 9);

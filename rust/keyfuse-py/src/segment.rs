@@ -196,10 +196,12 @@ impl AtlasKeypoints {
         self.inner.n_keypoints(atlas)
     }
 
-    /// Match test keypoints to every atlas (as `match_sets` per atlas); returns
-    /// `(query, atlas, index, label, dist2, p, shift (n, 3) = x_test − x_atlas)`.
+    /// Match test keypoints to every atlas (as `match_sets` per atlas; with
+    /// `hough_queries` > 0 the Hough mode is voted by at most about that many test
+    /// keypoints); returns `(query, atlas, index, label, dist2, p, shift (n, 3) =
+    /// x_test − x_atlas)`.
     #[pyo3(signature = (descriptors, xyz, scale, ratio=0.9, scale_factor=2.0, hough=true,
-        hough_sigma=3.0, keep_fraction=0.1, kde_bandwidth=3.0))]
+        hough_sigma=3.0, keep_fraction=0.1, kde_bandwidth=3.0, hough_queries=0))]
     #[allow(clippy::too_many_arguments)]
     fn match_all<'py>(
         &self,
@@ -213,6 +215,7 @@ impl AtlasKeypoints {
         hough_sigma: f64,
         keep_fraction: f64,
         kde_bandwidth: f64,
+        hough_queries: usize,
     ) -> PyResult<AtlasMatchOut<'py>> {
         let d = desc_rows("descriptors", &descriptors).map_err(|e| crate::to_pyerr(py, e))?;
         let x = rows3("xyz", &xyz).map_err(|e| crate::to_pyerr(py, e))?;
@@ -232,7 +235,7 @@ impl AtlasKeypoints {
                 xyz: &x,
                 scale: &s,
             };
-            inner.match_all(&a, &params)
+            inner.match_all(&a, &params, hough_queries)
         })?;
         let n = m.query.len();
         let shift = numpy::ndarray::Array2::from_shape_vec(
