@@ -574,6 +574,10 @@ struct KpSet {
     scale: Vec<f64>,
     label: Vec<i32>,
     grid: Grid,
+    /// Squared norms of the descriptors (for the dot-product distance kernel).
+    norm: Vec<u32>,
+    /// Every descriptor byte ≤ 127 (rank descriptors are 0..63): the AVX2 kernel applies.
+    small: bool,
 }
 
 /// The keypoint positions bucketed in a uniform grid of cubic cells (row-major cells,
@@ -650,7 +654,7 @@ impl Grid {
     /// Points of the cells that meet the ball of radius `r` around `y`, with squared
     /// distance ≤ `r2`, pushed to `out` as (squared distance, original index). Every point
     /// left out is farther than `r` from `y`.
-    fn ball(&self, y: [f64; 3], r: f64, r2: f64, out: &mut Vec<(f64, u32)>) {
+    fn ball(&self, y: [f64; 3], r: f64, r2: f64, out: &mut Vec<u128>) {
         let range =
             |d: usize| -> (usize, usize) { (self.coord(y[d] - r, d), self.coord(y[d] + r, d)) };
         let (z0, z1) = range(0);
@@ -684,7 +688,7 @@ impl Grid {
                 for k in a..b {
                     let d = sq_dist(self.xyz[k], y);
                     if d <= r2 {
-                        out.push((d, self.index[k]));
+                        out.push(dist_key(d, self.index[k]));
                     }
                 }
             }
@@ -715,6 +719,17 @@ pub struct AtlasMatches {
     pub shift: Vec<[f64; 3]>,
 }
 
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[inline]
 fn kt_scale_ok(sa: f64, sb: f64, f: f64) -> bool {
     let r = sb / sa;
@@ -732,6 +747,84 @@ fn sq_dist(x: [f64; 3], y: [f64; 3]) -> f64 {
     d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
 }
 
+fn desc_norms(desc: &[u8]) -> Vec<u32> {
+    desc.chunks_exact(crate::DESC_LEN)
+        .map(|r| r.iter().map(|&v| v as u32 * v as u32).sum())
+        .collect()
+}
+
+/// The two candidates closest to descriptor `qd` by (squared distance, index) among those
+/// within the scale factor `f` of scale `sa`.
+#[inline(always)]
+fn best_two_by<D: Fn(usize) -> u32>(
+    sa: f64,
+    b: &KpSet,
+    cand: &[u32],
+    f: f64,
+    dist: D,
+) -> ((u32, u32), (u32, u32)) {
+    let (mut b1, mut b2) = ((u32::MAX, u32::MAX), (u32::MAX, u32::MAX));
+    for &c in cand {
+        if !kt_scale_ok(sa, b.scale[c as usize], f) {
+            continue;
+        }
+        let d = dist(c as usize);
+        if (d, c) < b1 {
+            b2 = b1;
+            b1 = (d, c);
+        } else if (d, c) < b2 {
+            b2 = (d, c);
+        }
+    }
+    (b1, b2)
+}
+
+/// [`best_two_by`] with squared distances `|q|² + |b|² − 2 q·b` from an AVX2 dot product
+/// (exact integers: every byte ≤ 127, so `maddubs` cannot saturate).
+///
+/// # Safety
+/// AVX2 must be available; `qd` and every descriptor of `b` must have bytes ≤ 127.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn best_two_avx2(
+    qd: &[u8],
+    qn: u32,
+    sa: f64,
+    b: &KpSet,
+    cand: &[u32],
+    f: f64,
+) -> ((u32, u32), (u32, u32)) {
+    use std::arch::x86_64::*;
+    let q0 = _mm256_loadu_si256(qd.as_ptr() as *const __m256i);
+    let q1 = _mm256_loadu_si256(qd.as_ptr().add(32) as *const __m256i);
+    let ones = _mm256_set1_epi16(1);
+    best_two_by(sa, b, cand, f, |c| {
+        let p = b.desc.as_ptr().add(c * crate::DESC_LEN);
+        let b0 = _mm256_loadu_si256(p as *const __m256i);
+        let b1 = _mm256_loadu_si256(p.add(32) as *const __m256i);
+        let s = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(b0, q0), ones),
+            _mm256_madd_epi16(_mm256_maddubs_epi16(b1, q1), ones),
+        );
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        let dot = _mm_cvtsi128_si32(s) as u32;
+        qn + b.norm[c] - 2 * dot
+    })
+}
+
+/// A squared distance (≥ 0, not NaN) and an index as one integer in (distance, index) order.
+#[inline]
+fn dist_key(d: f64, index: u32) -> u128 {
+    ((d.to_bits() as u128) << 32) | index as u128
+}
+
+#[inline]
+fn key_dist(key: u128) -> f64 {
+    f64::from_bits((key >> 32) as u64)
+}
+
 /// First radius tried for a query's closest points: the previous query's radius plus this
 /// fraction of the step between the two (1 always suffices; less usually does).
 const TIGHT: f64 = 0.3;
@@ -739,7 +832,9 @@ const TIGHT: f64 = 0.3;
 /// Per-thread scratch of the re-matching.
 #[derive(Default)]
 struct Scratch {
-    edge: Vec<(f64, u32)>,
+    /// (squared distance, index) packed as `bits(d) << 32 | index`: d ≥ 0, so integer order
+    /// is (distance, index) order.
+    edge: Vec<u128>,
     cand: Vec<u32>,
 }
 
@@ -768,14 +863,12 @@ impl KpSet {
             s.edge.clear();
             self.grid.ball(y, r, r2, &mut s.edge);
             if s.edge.len() >= keep {
-                s.edge.select_nth_unstable_by(keep - 1, |x, z| {
-                    x.0.total_cmp(&z.0).then(x.1.cmp(&z.1))
-                });
-                let dk = s.edge[keep - 1].0;
+                s.edge.select_nth_unstable(keep - 1);
+                let dk = key_dist(s.edge[keep - 1]);
                 // every point left out is farther than r: exact when dk is clearly inside
                 if dk < r2 * (1.0 - 1e-9) {
                     s.cand.clear();
-                    s.cand.extend(s.edge[..keep].iter().map(|e| e.1));
+                    s.cand.extend(s.edge[..keep].iter().map(|&e| e as u32));
                     return dk;
                 }
             }
@@ -797,12 +890,11 @@ impl KpSet {
             self.xyz
                 .iter()
                 .enumerate()
-                .map(|(c, &x)| (sq_dist(x, y), c as u32)),
+                .map(|(c, &x)| dist_key(sq_dist(x, y), c as u32)),
         );
-        s.edge
-            .select_nth_unstable_by(keep - 1, |x, z| x.0.total_cmp(&z.0).then(x.1.cmp(&z.1)));
-        s.cand.extend(s.edge[..keep].iter().map(|e| e.1));
-        s.edge[keep - 1].0
+        s.edge.select_nth_unstable(keep - 1);
+        s.cand.extend(s.edge[..keep].iter().map(|&e| e as u32));
+        key_dist(s.edge[keep - 1])
     }
 }
 
@@ -834,12 +926,16 @@ impl AtlasKeypoints {
                 )));
             }
             let grid = Grid::new(&xyz);
+            let norm = desc_norms(&desc);
+            let small = desc.iter().all(|&v| v < 128);
             out.push(KpSet {
                 desc,
                 xyz,
                 scale,
                 label,
                 grid,
+                norm,
+                small,
             });
         }
         Ok(AtlasKeypoints { sets: out })
@@ -998,6 +1094,8 @@ impl AtlasKeypoints {
             .collect();
         let mut order: Vec<u32> = (0..na as u32).collect();
         order.sort_by_key(|&q| (b.grid.cell_of(y[q as usize]), q));
+        let fast = b.small && has_avx2() && a.desc.iter().all(|&v| v < 128);
+        let qnorm = if fast { desc_norms(a.desc) } else { Vec::new() };
         let mut found: Vec<(u32, Option<(u32, u32)>)> = order
             .par_chunks(32)
             .flat_map_iter(|chunk| {
@@ -1018,19 +1116,19 @@ impl AtlasKeypoints {
                         let dk = b.closest_within(y[q], keep, &radii, &mut s);
                         prev = Some((y[q], dk));
                         let qd = &a.desc[q * crate::DESC_LEN..(q + 1) * crate::DESC_LEN];
-                        let (mut b1, mut b2) = ((u32::MAX, u32::MAX), (u32::MAX, u32::MAX));
-                        for &c in &s.cand {
-                            if !kt_scale_ok(a.scale[q], b.scale[c as usize], f) {
-                                continue;
-                            }
-                            let d = crate::knn::dist2(qd, &b.desc[c as usize * crate::DESC_LEN..]);
-                            if (d, c) < b1 {
-                                b2 = b1;
-                                b1 = (d, c);
-                            } else if (d, c) < b2 {
-                                b2 = (d, c);
-                            }
-                        }
+                        #[cfg(target_arch = "x86_64")]
+                        let (b1, b2) = if fast {
+                            // SAFETY: AVX2 detected and all bytes ≤ 127 (checked above)
+                            unsafe { best_two_avx2(qd, qnorm[q], a.scale[q], b, &s.cand, f) }
+                        } else {
+                            best_two_by(a.scale[q], b, &s.cand, f, |c| {
+                                crate::knn::dist2(qd, &b.desc[c * crate::DESC_LEN..])
+                            })
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let (b1, b2) = best_two_by(a.scale[q], b, &s.cand, f, |c| {
+                            crate::knn::dist2(qd, &b.desc[c * crate::DESC_LEN..])
+                        });
                         let hit = (b1.1 != u32::MAX && kt_ratio_ok(b1.0, b2.0, p.ratio))
                             .then_some((b1.1, b1.0));
                         (q as u32, hit)
@@ -1330,6 +1428,27 @@ mod tests {
             let (a0, a1) = (sampled.atlas[k - 1], sampled.atlas[k]);
             assert!(a0 < a1 || (a0 == a1 && sampled.query[k - 1] < sampled.query[k]));
         }
+        // bytes above 127: the portable distance kernel, same matches
+        let wide: Vec<u8> = qd.iter().map(|&v| v * 3).collect();
+        let aw = KeypointView {
+            desc: &wide,
+            xyz: &qx,
+            scale: &qs,
+        };
+        let (d, x, s) = random_set(200, 11);
+        let d: Vec<u8> = d.iter().map(|&v| v * 3).collect();
+        let l = vec![1; 200];
+        let set = AtlasKeypoints::new(vec![(d.clone(), x.clone(), s.clone(), l)]).unwrap();
+        let all = set.match_all(&aw, &p, 0).unwrap();
+        let b = KeypointView {
+            desc: &d,
+            xyz: &x,
+            scale: &s,
+        };
+        let r = match_sets(&aw, &b, &p).unwrap();
+        assert_eq!(all.query, r.ia);
+        assert_eq!(all.index, r.ib);
+        assert!(!r.ia.is_empty());
         assert!(AtlasKeypoints::new(vec![]).is_err());
         let (d, x, s) = random_set(3, 9);
         assert!(AtlasKeypoints::new(vec![(d, x, s, vec![1, 0, 2])]).is_err());
