@@ -1449,6 +1449,26 @@ mod tests {
         assert_eq!(all.query, r.ia);
         assert_eq!(all.index, r.ib);
         assert!(!r.ia.is_empty());
+        // the same matches whatever the thread count, sampled Hough vote included
+        let (d, x, s) = random_set(2000, 21);
+        let l = vec![2; 2000];
+        let big =
+            AtlasKeypoints::new(vec![(d.clone(), x.clone(), s.clone(), l.clone()); 3]).unwrap();
+        let (qd2, qx2, qs2) = random_set(1500, 22);
+        let a2 = KeypointView {
+            desc: &qd2,
+            xyz: &qx2,
+            scale: &qs2,
+        };
+        let run = |threads, hq| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| big.match_all(&a2, &p, hq).unwrap())
+        };
+        assert_eq!(run(1, 0), run(4, 0));
+        assert_eq!(run(1, 500), run(3, 500));
         assert!(AtlasKeypoints::new(vec![]).is_err());
         let (d, x, s) = random_set(3, 9);
         assert!(AtlasKeypoints::new(vec![(d, x, s, vec![1, 0, 2])]).is_err());
