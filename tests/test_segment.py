@@ -150,7 +150,7 @@ def test_transfer_from_other_labels() -> None:
     idx = np.rint(kps.ijk).astype(int)
     not3 = labels[idx[:, 0], idx[:, 1], idx[:, 2]] != 3
     keep = kps[np.flatnonzero(not3)]
-    plain = KeypointTransferSegmenter(progress=False)
+    plain = KeypointTransferSegmenter(progress=False, transfer_from=None)
     plain.fit([kf.Image(image, AFFINE)], [labels], keypoints=[keep])
     out = plain.predict(test_img, keypoints=test_kps)
     assert not (out.labels == 3).any()
@@ -159,6 +159,49 @@ def test_transfer_from_other_labels() -> None:
     out = across.predict(test_img, keypoints=test_kps)
     assert dice(out.labels == 3, truth == 3) > 0.99
     assert dice(out.labels == 2, truth == 2) > 0.99
+
+
+def test_auto_transfer_from_adjacent_labels() -> None:
+    """By default a small organ without keypoints of its own in the test image is carried
+    by the keypoints of the organ it touches; where it has its own keypoints the weaker
+    across transfers change nothing."""
+    labels, _ = make_atlas()
+    z, y, x = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
+    labels[labels == 3] = 0
+    labels[(z - 26) ** 2 + (y - 28) ** 2 + (x - 28) ** 2 <= 9] = 3  # on organ 2's edge
+    rng = np.random.default_rng(5)
+    image = (np.where(labels > 0, 300.0 + 200.0 * labels, 60.0) + rng.normal(0, 5, SHAPE)).astype(
+        np.float32
+    )
+    kps = synthetic_keypoints(labels, AFFINE, 80, seed=2)
+    shift = (2, -1, -3)
+    test_img = kf.Image(translate(image, shift), AFFINE)
+    truth = translate(labels, shift)
+    moved = kf.KeypointSet(
+        kps.ijk + shift, kps.scale, descriptors=kps.descriptors, affine=AFFINE, shape=SHAPE
+    )
+    idx = np.rint(moved.ijk).astype(int)
+    no3 = moved[np.flatnonzero(truth[idx[:, 0], idx[:, 1], idx[:, 2]] != 3)]
+    auto = KeypointTransferSegmenter(progress=False)
+    auto.fit([kf.Image(image, AFFINE)], [labels], keypoints=[kps])
+    assert 3 in auto._organs_for()[2]  # organ 2 carries organ 3 (they touch)
+    assert 3 not in auto._organs_for()[1]
+    own = KeypointTransferSegmenter(progress=False, transfer_from=None)
+    own.fit([kf.Image(image, AFFINE)], [labels], keypoints=[kps])
+    # test keypoints of organ 3 removed: only the default finds it
+    assert not (own.predict(test_img, keypoints=no3).labels == 3).any()
+    out = auto.predict(test_img, keypoints=no3)
+    assert dice(out.labels == 3, truth == 3) > 0.99
+    assert dice(out.labels == 2, truth == 2) > 0.99
+    # with its own keypoints: the same segmentation as without across transfers
+    a = auto.predict(test_img, keypoints=moved)
+    b = own.predict(test_img, keypoints=moved)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert dice(a.labels == 3, truth == 3) > 0.99
+    with pytest.raises(InvalidArgumentError):
+        KeypointTransferSegmenter(transfer_from="all")
+    with pytest.raises(InvalidArgumentError):
+        KeypointTransferSegmenter(across_weight=2.0)
 
 
 def test_intensity_likelihood_rejects_mismatched_tissue() -> None:
@@ -290,7 +333,7 @@ def test_segment_command(tmp_path: Path) -> None:
             "-o", str(tmp_path / "out.nii.gz"),
             "--probabilities", str(tmp_path / "prob.nii.gz"),
             "--extract-param", "sigma0=0.8", "--extract-param", "initial_blur=0.25",
-            "--quiet", "--device", "cpu",
+            "--across-weight", "0.1", "--quiet", "--device", "cpu",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -314,3 +357,44 @@ def test_segment_command(tmp_path: Path) -> None:
          "--extract-param", "sigma0"],
     )  # fmt: skip
     assert bad.exit_code != 0
+
+
+def test_match_all_equals_match_per_atlas() -> None:
+    """The segmenter's one-call matcher gives exactly kf.match's matches per atlas."""
+    rng = np.random.default_rng(3)
+
+    def kps(n: int) -> kf.KeypointSet:
+        ijk = rng.uniform(0, 30, (n, 3)).round()  # coarse: spatial ties occur
+        desc = np.stack([rng.permutation(64) for _ in range(n)]).astype(np.uint8)
+        return kf.KeypointSet(
+            ijk, rng.uniform(1.0, 4.0, n), descriptors=desc, affine=np.diag([2.0, 2.0, 2.0, 1.0])
+        )
+
+    test = kps(200)
+    atlases = [kps(150), kps(300), kps(1)]
+    labels = [rng.integers(1, 4, len(a)).astype(np.int32) for a in atlases]
+    core = _core.AtlasKeypoints(
+        [a.descriptors for a in atlases],
+        [np.ascontiguousarray(a.xyz) for a in atlases],
+        [np.ascontiguousarray(a.scale, dtype=np.float64) for a in atlases],
+        labels,
+    )
+    assert len(core) == 3 and core.n_keypoints(1) == 300
+    for hough in (True, False):
+        q, atlas, index, lab, d2, p, shift = core.match_all(
+            test.descriptors,
+            np.ascontiguousarray(test.xyz),
+            np.ascontiguousarray(test.scale, dtype=np.float64),
+            hough=hough,
+        )
+        for i, a in enumerate(atlases):
+            m = kf.match(test, a, hough=hough)
+            sel = atlas == i
+            np.testing.assert_array_equal(q[sel], m.ia)
+            np.testing.assert_array_equal(index[sel], m.ib)
+            np.testing.assert_array_equal(lab[sel], labels[i][m.ib])
+            np.testing.assert_array_equal(np.sqrt(d2[sel].astype(np.float64)), m.distance)
+            np.testing.assert_array_equal(p[sel], m.p)
+            np.testing.assert_array_equal(shift[sel], -m.translation)
+    with pytest.raises(InvalidArgumentError):
+        _core.AtlasKeypoints([atlases[0].descriptors], [atlases[0].xyz], [], [labels[0]])

@@ -120,6 +120,39 @@ class TransferAtlases:
         int,
     ]: ...
 
+@final
+class AtlasKeypoints:
+    def __new__(
+        cls,
+        descriptors: list[npt.NDArray[np.uint8]],
+        xyz: list[npt.NDArray[np.float64]],
+        scale: list[npt.NDArray[np.float64]],
+        labels: list[npt.NDArray[np.int32]],
+    ) -> AtlasKeypoints: ...
+    def __len__(self) -> int: ...
+    def n_keypoints(self, atlas: int) -> int: ...
+    def match_all(
+        self,
+        descriptors: npt.NDArray[np.uint8],
+        xyz: npt.NDArray[np.float64],
+        scale: npt.NDArray[np.float64],
+        ratio: float = 0.9,
+        scale_factor: float = 2.0,
+        hough: bool = True,
+        hough_sigma: float = 3.0,
+        keep_fraction: float = 0.1,
+        kde_bandwidth: float = 3.0,
+        hough_queries: int = 0,
+    ) -> tuple[
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.int32],
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+    ]: ...
+
 def vote_labels(
     n_query: int,
     query: npt.NDArray[np.uint32],

@@ -6,7 +6,10 @@ a vote over its matches, and every match that agrees with the vote transfers the
 organ label map of its training image, shifted by the match's translation. The shifted
 maps are summed with weights (vote certainty × match probability × local intensity
 likelihood) and each voxel takes the label of highest normalised weight, or background
-below 15%. The voting and the transfer accumulation run in Rust (``keyfuse._core``).
+below 15%. By default an organ is also carried, with a tenth of the weight, by the
+keypoints of the organs it touches (the paper's "spleen across"), which keeps small organs
+on a limited field of view. Matching, voting and the transfer accumulation run in Rust
+(``keyfuse._core``).
 
 Intensities (MRI) are normalised per image before the intensity likelihood is computed
 (:func:`normalize_intensity`): each voxel is divided by the mean foreground intensity
@@ -42,6 +45,16 @@ if TYPE_CHECKING:
 PathLike = str | os.PathLike[str]
 NORMALISED_MEAN = 1000.0
 DEFAULT_NU = 300.0
+# The Hough translation mode per atlas is voted by at most about this many test keypoints
+# (every k-th, k = ⌈n / 2000⌉; the re-matching still covers all of them). The unconstrained
+# first matching is the costliest step of predict: on the 2 mm cohort (~3000 keypoints per
+# scan, so k = 2) sampling takes matching from 0.65 to 0.55 s on one core and changes the
+# mean Dice over the 5 labels on 10 leave-one-out scans from 0.7537 to 0.7535 (k = 3:
+# 0.7534, 0.50 s). Crops (~800 keypoints) are not sampled; k = 2 would cost them 0.004.
+HOUGH_QUERIES = 2000
+# transfer_from="auto": an organ is also carried by the keypoints of labels that make up at
+# least this share of its boundary in the training maps
+AUTO_CONTACT_SHARE = 0.05
 
 
 def normalize_intensity(
@@ -81,14 +94,95 @@ def normalize_intensity(
         return out.astype(np.float32, copy=False)
     from scipy import ndimage
 
-    sigma = [float(bias_mm) / max(float(s), 1e-6) for s in np.asarray(spacing).ravel()[:3]]
+    sigma = np.array(
+        [float(bias_mm) / max(float(s), 1e-6) for s in np.asarray(spacing).ravel()[:3]]
+    )
+    # The local mean is very smooth (σ = 20 mm): compute it on a grid coarser by an integer
+    # factor per axis (block means; the Gaussian's σ reduced by the block's own spread) and
+    # interpolate it back linearly. On the 2 mm cohort this takes the two filters from
+    # ~0.15 s to ~0.01 s and changes normalised intensities by < 1%.
+    factor = np.maximum(1, np.floor(sigma / 3.0)).astype(int)
     mask = fg.astype(np.float32)
-    num = ndimage.gaussian_filter(out * mask, sigma, mode="constant")
-    den = ndimage.gaussian_filter(mask, sigma, mode="constant")
+    num_c = _block_mean(out * mask, factor)
+    den_c = _block_mean(mask, factor)
+    sigma_c = np.sqrt(np.maximum(sigma**2 - (factor**2 - 1) / 12.0, 0.0)) / factor
+    num_c = ndimage.gaussian_filter(num_c, sigma_c, mode="constant")
+    den_c = ndimage.gaussian_filter(den_c, sigma_c, mode="constant")
     # where the foreground is too sparse for a local mean, keep the global scaling
-    local = np.where(den > 0.05, num / np.maximum(den, 1e-6), NORMALISED_MEAN)
-    local = np.maximum(local, 0.05 * NORMALISED_MEAN)
+    local_c = np.where(den_c > 0.05, num_c / np.maximum(den_c, 1e-6), NORMALISED_MEAN)
+    local_c = np.maximum(local_c, 0.05 * NORMALISED_MEAN).astype(np.float32)
+    local = _upsample_linear(local_c, factor, arr.shape)
     return (out * (NORMALISED_MEAN / local)).astype(np.float32)
+
+
+def _block_mean(
+    a: npt.NDArray[np.float32], factor: npt.NDArray[np.int_]
+) -> npt.NDArray[np.float32]:
+    """Means over blocks of ``factor`` voxels (the last blocks are partial)."""
+    out = np.asarray(a, dtype=np.float32)
+    for axis, f in enumerate(int(v) for v in factor):
+        if f == 1:
+            continue
+        n = out.shape[axis]
+        starts = np.arange(0, n, f)
+        sums = np.add.reduceat(out, starts, axis=axis)
+        counts = np.diff(np.append(starts, n)).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = counts.size
+        out = (sums / counts.reshape(shape)).astype(np.float32)
+    return out
+
+
+def _upsample_linear(
+    c: npt.NDArray[np.float32], factor: npt.NDArray[np.int_], shape: tuple[int, ...]
+) -> npt.NDArray[np.float32]:
+    """Linear interpolation of block means (block ``b`` centred at voxel ``b·f + (f−1)/2``)
+    back to a grid of ``shape``, one axis at a time (constant beyond the end centres)."""
+    out = c
+    for axis, f in enumerate(int(v) for v in factor):
+        if f == 1:
+            continue
+        n = shape[axis]
+        m = out.shape[axis]
+        pos = (np.arange(n, dtype=np.float64) - (f - 1) / 2.0) / f
+        pos = np.clip(pos, 0.0, m - 1)
+        lo = np.minimum(np.floor(pos).astype(np.intp), max(m - 2, 0))
+        hi = np.minimum(lo + 1, m - 1)
+        w = (pos - lo).astype(np.float32)
+        bshape = [1] * out.ndim
+        bshape[axis] = n
+        w = w.reshape(bshape)
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _contact_shares(label_maps: Sequence[npt.NDArray[np.int32]]) -> dict[int, dict[int, float]]:
+    """For each label, the share of its boundary (face-adjacent voxel pairs with another
+    value, summed over the maps) that each other non-background label makes up."""
+    pairs: dict[tuple[int, int], int] = {}
+    for labels in label_maps:
+        base = int(labels.max()) + 1 if labels.size else 1
+        for axis in range(labels.ndim):
+            a = np.moveaxis(labels, axis, 0)
+            x, y = a[:-1].ravel(), a[1:].ravel()
+            diff = x != y
+            if not diff.any():
+                continue
+            u, v = x[diff].astype(np.int64), y[diff].astype(np.int64)
+            keys, counts = np.unique(
+                np.concatenate([u * base + v, v * base + u]), return_counts=True
+            )
+            for key, c in zip(keys.tolist(), counts.tolist(), strict=True):
+                pair = (key // base, key % base)
+                pairs[pair] = pairs.get(pair, 0) + c
+    totals: dict[int, int] = {}
+    for (u, _), c in pairs.items():
+        totals[u] = totals.get(u, 0) + c
+    out: dict[int, dict[int, float]] = {}
+    for (u, v), c in sorted(pairs.items()):
+        if u > 0 and v > 0:
+            out.setdefault(u, {})[v] = c / totals[u]
+    return out
 
 
 @dataclass
@@ -113,7 +207,8 @@ class Segmentation:
     n_matches, n_transfers : int
         Matches over all training images, and agreeing matches that transferred a map.
     timings : dict[str, float]
-        Seconds spent in extraction, matching, voting and transfer.
+        Seconds spent in extraction, intensity normalisation, matching, voting and
+        transfer.
     """
 
     labels: npt.NDArray[np.int32]
@@ -232,10 +327,27 @@ class KeypointTransferSegmenter:
         intensity term off.
     background_fraction : float, default 0.15
         A voxel is background when its best label's probability is below this.
-    transfer_from : mapping label → sequence of labels, optional
-        Which keypoint labels transfer each organ. By default an organ is transferred by
-        its own keypoints only; ``{5: [3, 4, 5]}`` also lets keypoints voted 3 or 4
-        transfer organ 5 (the paper's "spleen across" from liver/lung keypoints).
+    transfer_from : "auto", mapping label → sequence of labels, or None; default "auto"
+        Which keypoint labels transfer each organ besides its own keypoints (the paper's
+        "spleen across", transferred from liver and lung keypoints too). ``"auto"``: the
+        labels that make up at least 5% of the organ's boundary in the training maps
+        (face-adjacent voxels, pooled over the atlases); a mapping such as
+        ``{5: [3, 4]}`` names them; ``None`` transfers every organ by its own keypoints
+        only. Why: a small organ has few keypoints and a limited field of view often
+        loses them (on crops of the simulated cohort 3 test keypoints voted "ventricles"
+        where the full scan has 30, and the ventricles' Dice fell to 0.15), while the
+        neighbouring organs' keypoints still carry the ventricles along with the right
+        shift.
+    across_weight : float, default 0.1
+        Factor on the weight of a transfer of an organ by another organ's keypoint. With
+        the ``min_weight`` rule these weaker transfers are dropped wherever the organ's
+        own keypoints transfer it well, so they only fill in for missing own evidence.
+        Measured on the simulated 2 mm cohort (leave-one-out, first 8 scans, mean Dice
+        over the five labels; full scans / crops): own keypoints only 0.759 / 0.657;
+        "auto" with across_weight 1.0 → 0.753 / 0.756, 0.3 → 0.758 / 0.754,
+        0.1 → 0.759 / 0.757, 0.03 → 0.759 / 0.751, 0.01 → 0.759 / 0.699 (ventricles on
+        crops 0.15 → 0.65 at 0.1, full scans unchanged). On the other 12 scans: own only
+        0.767 / 0.654, 0.3 → 0.763 / 0.752, 0.1 → 0.767 / 0.755, 0.05 → 0.767 / 0.754.
     min_weight : float, default 0.2
         Transfers whose weight p(L̂)·p(m) is below this fraction of the largest weight
         transferred for the same label are skipped (0 keeps all). The weights are very
@@ -271,7 +383,8 @@ class KeypointTransferSegmenter:
         scale_factor: float = 2.0,
         nu: float | Mapping[int, float] | None = DEFAULT_NU,
         background_fraction: float = 0.15,
-        transfer_from: Mapping[int, Sequence[int]] | None = None,
+        transfer_from: Mapping[int, Sequence[int]] | str | None = "auto",
+        across_weight: float = 0.1,
         min_weight: float = 0.2,
         hough: bool = True,
         normalize: bool = True,
@@ -297,7 +410,14 @@ class KeypointTransferSegmenter:
         self.scale_factor = scale_factor
         self.nu = nu
         self.background_fraction = background_fraction
+        if isinstance(transfer_from, str) and transfer_from != "auto":
+            raise InvalidArgumentError(
+                f"transfer_from must be 'auto', None or a mapping, got {transfer_from!r}"
+            )
+        if not 0.0 <= across_weight <= 1.0:
+            raise InvalidArgumentError(f"across_weight must be in [0, 1], got {across_weight}")
         self.transfer_from = transfer_from
+        self.across_weight = across_weight
         self.min_weight = min_weight
         self.hough = hough
         self.normalize = normalize
@@ -307,6 +427,8 @@ class KeypointTransferSegmenter:
         self._atlases: list[_Atlas] = []
         self._labels: list[int] = []
         self._cache: dict[bytes, tuple[_core.TransferAtlases, list[npt.NDArray[np.float64]]]] = {}
+        self._kp_atlases: _core.AtlasKeypoints | None = None
+        self._contact: dict[int, dict[int, float]] = {}
 
     # ------------------------------------------------------------------ fitting
     @property
@@ -410,6 +532,14 @@ class KeypointTransferSegmenter:
         self._atlases = atlases
         self._labels = present
         self._cache = {}
+        self._contact = _contact_shares([a.labels for a in atlases])
+        # the training keypoints in the matcher's form, built once
+        self._kp_atlases = _core.AtlasKeypoints(
+            [np.ascontiguousarray(a.keypoints.descriptors, dtype=np.uint8) for a in atlases],
+            [np.ascontiguousarray(a.keypoints.xyz, dtype=np.float64) for a in atlases],
+            [np.ascontiguousarray(a.keypoints.scale, dtype=np.float64) for a in atlases],
+            [np.ascontiguousarray(a.keypoint_labels, dtype=np.int32) for a in atlases],
+        )
         # build the run-form atlases now for the training grid (the usual test grid)
         self._transfer_atlases(atlases[0].affine[:3, :3])
         return self
@@ -436,14 +566,25 @@ class KeypointTransferSegmenter:
         return np.full(len(labels), one(self.nu), dtype=np.float32)
 
     def _organs_for(self) -> dict[int, list[int]]:
-        """keypoint label → organs it transfers."""
+        """keypoint label → organs it transfers (its own first)."""
         organs: dict[int, list[int]] = {lab: [lab] for lab in self._labels}
-        for organ, sources in (self.transfer_from or {}).items():
-            if int(organ) not in organs:
+        if self.across_weight <= 0.0:
+            across = {}
+        elif self.transfer_from == "auto":
+            across = {
+                organ: [src for src, share in shares.items() if share >= AUTO_CONTACT_SHARE]
+                for organ, shares in self._contact.items()
+            }
+        elif isinstance(self.transfer_from, Mapping):
+            across = {int(k): [int(v) for v in vs] for k, vs in self.transfer_from.items()}
+        else:
+            across = {}
+        for organ, sources in across.items():
+            if organ not in organs:
                 raise InvalidArgumentError(f"transfer_from names label {organ} not in the maps")
             for src in sources:
-                if int(src) in organs and int(organ) not in organs[int(src)]:
-                    organs[int(src)].append(int(organ))
+                if src in organs and organ not in organs[src]:
+                    organs[src].append(organ)
         return organs
 
     # --------------------------------------------------------------- prediction
@@ -462,10 +603,6 @@ class KeypointTransferSegmenter:
         Segmentation
             Labels and per-label probabilities on the input's grid, with its affine.
         """
-        from tqdm.auto import tqdm
-
-        import keyfuse as kf
-
         self._check_fitted()
         img = load_image(image)
         if img.ndim != 3:
@@ -474,51 +611,35 @@ class KeypointTransferSegmenter:
         t0 = time.perf_counter()
         kps = keypoints if keypoints is not None else self.extract_keypoints(img)
         timings["extract"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         intensity = (
             normalize_intensity(img.data, img.spacing)
             if self.normalize
             else np.asarray(img.data, dtype=np.float32)
         )
+        timings["normalise"] = time.perf_counter() - t0
 
-        # 1. matches to every training image
+        # 1. matches to every training image (Rust, atlases in parallel): ratio test, Hough
+        # mode, spatially constrained re-matching, p(m) by KDE over translations
         t0 = time.perf_counter()
-        q_all, lab_all, d2_all, pm_all, atlas_all, tr_all = [], [], [], [], [], []
-        bar = tqdm(
-            enumerate(self._atlases),
-            total=len(self._atlases),
-            desc="matching atlases",
-            unit="atlas",
-            disable=not self.progress,
-        )
-        for i, atlas in bar:
-            if len(kps) == 0 or len(atlas.keypoints) == 0:
-                continue
-            m = kf.match(
-                kps,
-                atlas.keypoints,
-                ratio=self.ratio,
-                scale_factor=self.scale_factor,
-                hough=self.hough,
-                device=self.device,
+        assert self._kp_atlases is not None
+        n = len(kps)
+        if n:
+            q, atlas_idx, _, lab, d2, pm, translation = self._kp_atlases.match_all(
+                np.ascontiguousarray(kps.descriptors, dtype=np.uint8),
+                np.ascontiguousarray(kps.xyz, dtype=np.float64),
+                np.ascontiguousarray(kps.scale, dtype=np.float64),
+                ratio=float(self.ratio),
+                scale_factor=float(self.scale_factor),
+                hough=bool(self.hough),
+                hough_queries=HOUGH_QUERIES,
             )
-            ia = np.asarray(m.ia, dtype=np.int64)
-            ib = np.asarray(m.ib, dtype=np.int64)
-            if ia.size == 0:
-                continue
-            diff = kps.descriptors[ia].astype(np.float32) - atlas.keypoints.descriptors[ib]
-            p = getattr(m, "p", None)
-            pm = np.ones(ia.size) if p is None else np.asarray(p, dtype=np.float64)
-            q_all.append(ia)
-            lab_all.append(atlas.keypoint_labels[ib])
-            d2_all.append(np.einsum("ij,ij->i", diff, diff))
-            pm_all.append(pm)
-            atlas_all.append(np.full(ia.size, i, dtype=np.uint32))
-            tr_all.append(kps.xyz[ia] - atlas.keypoints.xyz[ib])
+        else:
+            q = np.zeros(0, np.uint32)
         timings["match"] = time.perf_counter() - t0
 
-        n = len(kps)
         labels_out = np.zeros(img.shape, dtype=np.int32)
-        if not q_all:
+        if q.size == 0:
             return Segmentation(
                 labels=labels_out,
                 probabilities={lab: np.zeros(img.shape, np.float32) for lab in self._labels},
@@ -528,17 +649,11 @@ class KeypointTransferSegmenter:
                 keypoint_certainty=np.zeros(n, np.float32),
                 timings=timings,
             )
-        q = np.concatenate(q_all)
-        lab = np.concatenate(lab_all).astype(np.int32)
-        d2 = np.concatenate(d2_all).astype(np.float32)
-        pm = np.concatenate(pm_all)
         pm32 = np.where(np.isfinite(pm) & (pm > 0), pm, 0.0).astype(np.float32)
-        atlas_idx = np.concatenate(atlas_all)
-        translation = np.concatenate(tr_all)
 
         # 2. keypoint label voting (Rust)
         t0 = time.perf_counter()
-        kp_labels, certainty = _core.vote_labels(n, q.astype(np.uint32), lab, d2, pm32)
+        kp_labels, certainty = _core.vote_labels(n, q, lab, d2, pm32)
         timings["vote"] = time.perf_counter() - t0
 
         # 3. transfer of whole organ maps along the agreeing matches (Rust)
@@ -564,7 +679,8 @@ class KeypointTransferSegmenter:
                 t_atlas.append(atlas_idx[agree][sel])
                 t_label.append(np.full(int(sel.sum()), organ, dtype=np.int32))
                 t_shift.append(shift[sel])
-                t_weight.append(weight[sel])
+                # an organ carried by another organ's keypoint: weaker evidence
+                t_weight.append(weight[sel] * (1.0 if organ == src else self.across_weight))
         if t_atlas:
             ta = np.concatenate(t_atlas).astype(np.uint32)
             tl = np.concatenate(t_label)
@@ -697,6 +813,13 @@ def _make_command() -> _click.Command:
         help="Skip transfers weaker than this fraction of the label's strongest (0: keep all).",
     )
     @click.option(
+        "--across-weight",
+        default=0.1,
+        show_default=True,
+        help="Weight factor when an organ is carried by a touching organ's keypoints "
+        "(transfer_from='auto'); 0: each organ by its own keypoints only.",
+    )
+    @click.option(
         "--extract-param",
         "extract_param",
         multiple=True,
@@ -716,6 +839,7 @@ def _make_command() -> _click.Command:
         nu: float,
         background_fraction: float,
         min_weight: float,
+        across_weight: float,
         extract_param: tuple[str, ...],
         device: str,
         quiet: bool,
@@ -750,6 +874,7 @@ def _make_command() -> _click.Command:
                 nu=None if nu <= 0 else nu,
                 background_fraction=background_fraction,
                 min_weight=min_weight,
+                across_weight=across_weight,
                 device=device,
                 extract_params=params,
                 progress=not quiet,

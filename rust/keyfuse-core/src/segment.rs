@@ -553,6 +553,598 @@ pub fn vote_labels(
     Ok(out.into_iter().unzip())
 }
 
+/// The training keypoints of a keypoint-transfer segmenter (background keypoints already
+/// dropped), kept in the form the matcher reads, so that `predict` matches a test image
+/// against every atlas in one call.
+///
+/// [`AtlasKeypoints::match_all`] gives exactly the matches of
+/// [`crate::matching::match_sets`] for each atlas (same pairs, distances, translations and
+/// p(m)); it runs the atlases in parallel and replaces the spatially constrained
+/// re-matching's per-query sort of all atlas keypoints by a bucket selection of the
+/// `keep_fraction` closest (same candidates, same (distance, index) tie-break).
+#[derive(Debug, Clone)]
+pub struct AtlasKeypoints {
+    sets: Vec<KpSet>,
+}
+
+#[derive(Debug, Clone)]
+struct KpSet {
+    desc: Vec<u8>,
+    xyz: Vec<[f64; 3]>,
+    scale: Vec<f64>,
+    label: Vec<i32>,
+    grid: Grid,
+    /// Squared norms of the descriptors (for the dot-product distance kernel).
+    norm: Vec<u32>,
+    /// Every descriptor byte ≤ 127 (rank descriptors are 0..63): the AVX2 kernel applies.
+    small: bool,
+}
+
+/// The keypoint positions bucketed in a uniform grid of cubic cells (row-major cells,
+/// points sorted by cell then index), for the closest-points queries of the re-matching.
+#[derive(Debug, Clone, Default)]
+struct Grid {
+    origin: [f64; 3],
+    cell: f64,
+    dims: [usize; 3],
+    /// `start[c]..start[c + 1]` are the points of cell `c` in `xyz` / `index`.
+    start: Vec<u32>,
+    xyz: Vec<[f64; 3]>,
+    index: Vec<u32>,
+}
+
+impl Grid {
+    fn new(xyz: &[[f64; 3]]) -> Grid {
+        let n = xyz.len();
+        if n == 0 {
+            return Grid::default();
+        }
+        let mut lo = [f64::INFINITY; 3];
+        let mut hi = [f64::NEG_INFINITY; 3];
+        for p in xyz {
+            for d in 0..3 {
+                lo[d] = lo[d].min(p[d]);
+                hi[d] = hi[d].max(p[d]);
+            }
+        }
+        let ext: Vec<f64> = (0..3).map(|d| (hi[d] - lo[d]).max(1e-6)).collect();
+        // about one point per cell over the bounding box, at most 64 cells per axis
+        let cell = ((ext[0] * ext[1] * ext[2]) / n as f64)
+            .cbrt()
+            .max(ext.iter().copied().fold(0.0, f64::max) / 64.0);
+        let dims = [0, 1, 2].map(|d| ((ext[d] / cell).floor() as usize + 1).min(65));
+        let mut g = Grid {
+            origin: lo,
+            cell,
+            dims,
+            ..Grid::default()
+        };
+        let key: Vec<usize> = xyz.iter().map(|&p| g.cell_of(p)).collect();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by_key(|&i| (key[i as usize], i));
+        let n_cells = dims[0] * dims[1] * dims[2];
+        let mut start = vec![0u32; n_cells + 1];
+        for &k in &key {
+            start[k + 1] += 1;
+        }
+        for c in 0..n_cells {
+            start[c + 1] += start[c];
+        }
+        g.start = start;
+        g.xyz = order.iter().map(|&i| xyz[i as usize]).collect();
+        g.index = order;
+        g
+    }
+
+    #[inline]
+    fn coord(&self, v: f64, d: usize) -> usize {
+        let c = ((v - self.origin[d]) / self.cell).floor();
+        if c.is_nan() || c < 0.0 {
+            0
+        } else {
+            (c as usize).min(self.dims[d] - 1)
+        }
+    }
+
+    fn cell_of(&self, p: [f64; 3]) -> usize {
+        let c = [0, 1, 2].map(|d| self.coord(p[d], d));
+        (c[0] * self.dims[1] + c[1]) * self.dims[2] + c[2]
+    }
+
+    /// Points of the cells that meet the ball of radius `r` around `y`, with squared
+    /// distance ≤ `r2`, pushed to `out` as (squared distance, original index). Every point
+    /// left out is farther than `r` from `y`.
+    fn ball(&self, y: [f64; 3], r: f64, r2: f64, out: &mut Vec<u128>) {
+        let range =
+            |d: usize| -> (usize, usize) { (self.coord(y[d] - r, d), self.coord(y[d] + r, d)) };
+        let (z0, z1) = range(0);
+        let (y0, y1) = range(1);
+        let (x0, x1) = range(2);
+        // squared distance from y to the slab of cell index c along axis d (0 inside)
+        let gap = |c: usize, d: usize| -> f64 {
+            let lo = self.origin[d] + c as f64 * self.cell;
+            let hi = lo + self.cell;
+            let g = if y[d] < lo {
+                lo - y[d]
+            } else if y[d] > hi {
+                y[d] - hi
+            } else {
+                0.0
+            };
+            g * g
+        };
+        for cz in z0..=z1 {
+            let gz = gap(cz, 0);
+            for cy in y0..=y1 {
+                let gyz = gz + gap(cy, 1);
+                if gyz > r2 * (1.0 + 1e-9) + 1e-9 {
+                    continue;
+                }
+                let row = (cz * self.dims[1] + cy) * self.dims[2];
+                let (a, b) = (
+                    self.start[row + x0] as usize,
+                    self.start[row + x1 + 1] as usize,
+                );
+                for k in a..b {
+                    let d = sq_dist(self.xyz[k], y);
+                    if d <= r2 {
+                        out.push(dist_key(d, self.index[k]));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One atlas' keypoints for [`AtlasKeypoints::new`]: descriptors (`n × 64`, row-major),
+/// world positions (mm), scales (mm) and labels (> 0).
+pub type AtlasKeypointSet = (Vec<u8>, Vec<[f64; 3]>, Vec<f64>, Vec<i32>);
+
+/// All matches of a test image to every atlas, concatenated in atlas order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AtlasMatches {
+    /// Test keypoint of each match.
+    pub query: Vec<u32>,
+    /// Atlas of each match.
+    pub atlas: Vec<u32>,
+    /// Keypoint index within the atlas.
+    pub index: Vec<u32>,
+    /// The atlas keypoint's label.
+    pub label: Vec<i32>,
+    /// Squared descriptor distance.
+    pub dist2: Vec<u32>,
+    /// p(m): the KDE of the match's translation among its atlas' matches (mm⁻³).
+    pub p: Vec<f64>,
+    /// `x_test − x_atlas` (mm): the shift that moves the atlas onto the test image.
+    pub shift: Vec<[f64; 3]>,
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[inline]
+fn kt_scale_ok(sa: f64, sb: f64, f: f64) -> bool {
+    let r = sb / sa;
+    r <= f && r * f >= 1.0
+}
+
+#[inline]
+fn kt_ratio_ok(d1: u32, d2: u32, ratio: f64) -> bool {
+    d2 == u32::MAX || (d1 as f64) <= ratio * ratio * d2 as f64
+}
+
+#[inline]
+fn sq_dist(x: [f64; 3], y: [f64; 3]) -> f64 {
+    let d = [x[0] - y[0], x[1] - y[1], x[2] - y[2]];
+    d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+}
+
+fn desc_norms(desc: &[u8]) -> Vec<u32> {
+    desc.chunks_exact(crate::DESC_LEN)
+        .map(|r| r.iter().map(|&v| v as u32 * v as u32).sum())
+        .collect()
+}
+
+/// The two candidates closest to descriptor `qd` by (squared distance, index) among those
+/// within the scale factor `f` of scale `sa`.
+#[inline(always)]
+fn best_two_by<D: Fn(usize) -> u32>(
+    sa: f64,
+    b: &KpSet,
+    cand: &[u32],
+    f: f64,
+    dist: D,
+) -> ((u32, u32), (u32, u32)) {
+    let (mut b1, mut b2) = ((u32::MAX, u32::MAX), (u32::MAX, u32::MAX));
+    for &c in cand {
+        if !kt_scale_ok(sa, b.scale[c as usize], f) {
+            continue;
+        }
+        let d = dist(c as usize);
+        if (d, c) < b1 {
+            b2 = b1;
+            b1 = (d, c);
+        } else if (d, c) < b2 {
+            b2 = (d, c);
+        }
+    }
+    (b1, b2)
+}
+
+/// [`best_two_by`] with squared distances `|q|² + |b|² − 2 q·b` from an AVX2 dot product
+/// (exact integers: every byte ≤ 127, so `maddubs` cannot saturate).
+///
+/// # Safety
+/// AVX2 must be available; `qd` and every descriptor of `b` must have bytes ≤ 127.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn best_two_avx2(
+    qd: &[u8],
+    qn: u32,
+    sa: f64,
+    b: &KpSet,
+    cand: &[u32],
+    f: f64,
+) -> ((u32, u32), (u32, u32)) {
+    use std::arch::x86_64::*;
+    let q0 = _mm256_loadu_si256(qd.as_ptr() as *const __m256i);
+    let q1 = _mm256_loadu_si256(qd.as_ptr().add(32) as *const __m256i);
+    let ones = _mm256_set1_epi16(1);
+    best_two_by(sa, b, cand, f, |c| {
+        let p = b.desc.as_ptr().add(c * crate::DESC_LEN);
+        let b0 = _mm256_loadu_si256(p as *const __m256i);
+        let b1 = _mm256_loadu_si256(p.add(32) as *const __m256i);
+        let s = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(b0, q0), ones),
+            _mm256_madd_epi16(_mm256_maddubs_epi16(b1, q1), ones),
+        );
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        let dot = _mm_cvtsi128_si32(s) as u32;
+        qn + b.norm[c] - 2 * dot
+    })
+}
+
+/// A squared distance (≥ 0, not NaN) and an index as one integer in (distance, index) order.
+#[inline]
+fn dist_key(d: f64, index: u32) -> u128 {
+    ((d.to_bits() as u128) << 32) | index as u128
+}
+
+#[inline]
+fn key_dist(key: u128) -> f64 {
+    f64::from_bits((key >> 32) as u64)
+}
+
+/// First radius tried for a query's closest points: the previous query's radius plus this
+/// fraction of the step between the two (1 always suffices; less usually does).
+const TIGHT: f64 = 0.3;
+
+/// Per-thread scratch of the re-matching.
+#[derive(Default)]
+struct Scratch {
+    /// (squared distance, index) packed as `bits(d) << 32 | index`: d ≥ 0, so integer order
+    /// is (distance, index) order.
+    edge: Vec<u128>,
+    cand: Vec<u32>,
+}
+
+impl KpSet {
+    fn view(&self) -> crate::matching::KeypointView<'_> {
+        crate::matching::KeypointView {
+            desc: &self.desc,
+            xyz: &self.xyz,
+            scale: &self.scale,
+        }
+    }
+
+    /// As [`Self::closest`], trying the balls of the given radii around `y` first (any
+    /// radius is correct: a ball is used only when it provably holds the `keep` closest
+    /// points, else the next radius, finally the full scan). Returns the `keep`-th
+    /// smallest squared distance.
+    fn closest_within(&self, y: [f64; 3], keep: usize, radii: &[f64], s: &mut Scratch) -> f64 {
+        let nb = self.xyz.len();
+        for &r in radii {
+            if keep >= nb || !r.is_finite() {
+                break;
+            }
+            // a little margin so rounding cannot drop a point at the boundary
+            let r = r * (1.0 + 1e-9) + 1e-9;
+            let r2 = r * r;
+            s.edge.clear();
+            self.grid.ball(y, r, r2, &mut s.edge);
+            if s.edge.len() >= keep {
+                s.edge.select_nth_unstable(keep - 1);
+                let dk = key_dist(s.edge[keep - 1]);
+                // every point left out is farther than r: exact when dk is clearly inside
+                if dk < r2 * (1.0 - 1e-9) {
+                    s.cand.clear();
+                    s.cand.extend(s.edge[..keep].iter().map(|&e| e as u32));
+                    return dk;
+                }
+            }
+        }
+        self.closest(y, keep, s)
+    }
+
+    /// `keep` atlas keypoints closest to `y` (ties by index), into `s.cand` (any order);
+    /// returns the `keep`-th smallest squared distance (infinite when all are kept).
+    fn closest(&self, y: [f64; 3], keep: usize, s: &mut Scratch) -> f64 {
+        let nb = self.xyz.len();
+        s.cand.clear();
+        if keep >= nb {
+            s.cand.extend(0..nb as u32);
+            return f64::INFINITY;
+        }
+        s.edge.clear();
+        s.edge.extend(
+            self.xyz
+                .iter()
+                .enumerate()
+                .map(|(c, &x)| dist_key(sq_dist(x, y), c as u32)),
+        );
+        s.edge.select_nth_unstable(keep - 1);
+        s.cand.extend(s.edge[..keep].iter().map(|&e| e as u32));
+        key_dist(s.edge[keep - 1])
+    }
+}
+
+impl AtlasKeypoints {
+    /// One entry per atlas: descriptors (`n × 64`, row-major), world positions (mm), scales
+    /// (mm) and labels (> 0).
+    pub fn new(sets: Vec<AtlasKeypointSet>) -> Result<Self> {
+        if sets.is_empty() {
+            return Err(KfError::InvalidArgument("no training keypoint sets".into()));
+        }
+        let mut out = Vec::with_capacity(sets.len());
+        for (i, (desc, xyz, scale, label)) in sets.into_iter().enumerate() {
+            let n = xyz.len();
+            if desc.len() != n * crate::DESC_LEN || scale.len() != n || label.len() != n {
+                return Err(KfError::InvalidArgument(format!(
+                    "atlas {i}: descriptors, positions, scales and labels disagree in length"
+                )));
+            }
+            if xyz.iter().flatten().any(|v| !v.is_finite())
+                || scale.iter().any(|s| !(*s > 0.0 && s.is_finite()))
+            {
+                return Err(KfError::InvalidArgument(format!(
+                    "atlas {i}: positions must be finite and scales positive"
+                )));
+            }
+            if label.iter().any(|&l| l <= 0) {
+                return Err(KfError::InvalidArgument(format!(
+                    "atlas {i}: keypoint labels must be > 0 (drop background keypoints)"
+                )));
+            }
+            let grid = Grid::new(&xyz);
+            let norm = desc_norms(&desc);
+            let small = desc.iter().all(|&v| v < 128);
+            out.push(KpSet {
+                desc,
+                xyz,
+                scale,
+                label,
+                grid,
+                norm,
+                small,
+            });
+        }
+        Ok(AtlasKeypoints { sets: out })
+    }
+
+    /// Number of atlases.
+    pub fn len(&self) -> usize {
+        self.sets.len()
+    }
+
+    /// True when there are no atlases (never, for a successfully built set).
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+
+    /// Keypoints of atlas `atlas`.
+    pub fn n_keypoints(&self, atlas: usize) -> usize {
+        self.sets.get(atlas).map_or(0, |s| s.xyz.len())
+    }
+
+    /// Match the test keypoints `a` to every atlas (see [`crate::matching::match_sets`])
+    /// and concatenate the matches in atlas order.
+    ///
+    /// `hough_queries`: when > 0 and `a` has more keypoints, the Hough translation mode is
+    /// voted by every ⌈n/hough_queries⌉-th test keypoint only (the first, unconstrained
+    /// matching is the costliest step; the re-matching still covers every keypoint).
+    /// With 0 the matches are exactly those of `match_sets`.
+    pub fn match_all(
+        &self,
+        a: &crate::matching::KeypointView,
+        p: &crate::matching::MatchParams,
+        hough_queries: usize,
+    ) -> Result<AtlasMatches> {
+        let ok = p.ratio > 0.0
+            && p.ratio <= 1.0
+            && p.scale_factor >= 1.0
+            && p.hough_sigma > 0.0
+            && p.hough_sigma.is_finite()
+            && p.keep_fraction > 0.0
+            && p.keep_fraction <= 1.0
+            && p.kde_bandwidth > 0.0
+            && p.kde_bandwidth.is_finite();
+        if !ok {
+            return Err(KfError::InvalidArgument(
+                "match needs 0 < ratio ≤ 1, scale_factor ≥ 1, 0 < keep_fraction ≤ 1 and \
+                 positive finite hough_sigma / kde_bandwidth"
+                    .into(),
+            ));
+        }
+        let na = a.xyz.len();
+        if a.desc.len() != na * crate::DESC_LEN || a.scale.len() != na {
+            return Err(KfError::InvalidArgument(
+                "test keypoints: descriptors, positions and scales disagree in length".into(),
+            ));
+        }
+        if a.xyz.iter().flatten().any(|v| !v.is_finite())
+            || a.scale.iter().any(|s| !(*s > 0.0 && s.is_finite()))
+        {
+            return Err(KfError::InvalidArgument(
+                "test keypoints: positions must be finite and scales positive".into(),
+            ));
+        }
+        let per: Vec<Vec<(u32, u32, u32)>> = self
+            .sets
+            .par_iter()
+            .map(|b| self.match_one(a, b, p, hough_queries))
+            .collect::<Result<_>>()?;
+        let mut out = AtlasMatches::default();
+        for (i, (pairs, b)) in per.iter().zip(&self.sets).enumerate() {
+            let t: Vec<[f64; 3]> = pairs
+                .iter()
+                .map(|&(q, c, _)| {
+                    let (x, y) = (b.xyz[c as usize], a.xyz[q as usize]);
+                    [x[0] - y[0], x[1] - y[1], x[2] - y[2]]
+                })
+                .collect();
+            out.p.extend(crate::matching::kde3(&t, p.kde_bandwidth));
+            for (&(q, c, d), t) in pairs.iter().zip(&t) {
+                out.query.push(q);
+                out.atlas.push(i as u32);
+                out.index.push(c);
+                out.label.push(b.label[c as usize]);
+                out.dist2.push(d);
+                out.shift.push([-t[0], -t[1], -t[2]]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// (query, atlas keypoint, squared distance) of one atlas, as `match_sets` pairs them.
+    fn match_one(
+        &self,
+        a: &crate::matching::KeypointView,
+        b: &KpSet,
+        p: &crate::matching::MatchParams,
+        hough_queries: usize,
+    ) -> Result<Vec<(u32, u32, u32)>> {
+        let (na, nb) = (a.xyz.len(), b.xyz.len());
+        if na == 0 || nb == 0 {
+            return Ok(Vec::new());
+        }
+        let f = p.scale_factor;
+        let bv = b.view();
+        // the Hough vote needs only a sample of the test keypoints: every stride-th
+        let stride = if p.hough && hough_queries > 0 {
+            na.div_ceil(hough_queries)
+        } else {
+            1
+        };
+        let qs: Vec<usize> = (0..na).step_by(stride).collect();
+        let sub: Vec<u8> = if stride == 1 {
+            Vec::new()
+        } else {
+            qs.iter()
+                .flat_map(|&q| {
+                    a.desc[q * crate::DESC_LEN..(q + 1) * crate::DESC_LEN]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        let qdesc = if stride == 1 { a.desc } else { &sub[..] };
+        let nn = crate::knn::knn_exact(bv.desc, qdesc, 2, |i, c| {
+            kt_scale_ok(a.scale[qs[i]], b.scale[c as usize], f)
+        })?;
+        let pairs: Vec<(u32, u32, u32)> = (0..qs.len())
+            .filter_map(|i| {
+                let (i1, d1) = (nn.idx[2 * i], nn.dist2[2 * i]);
+                (i1 != crate::knn::NONE && kt_ratio_ok(d1, nn.dist2[2 * i + 1], p.ratio))
+                    .then_some((qs[i] as u32, i1, d1))
+            })
+            .collect();
+        if !p.hough || pairs.is_empty() {
+            return Ok(pairs);
+        }
+        let t: Vec<[f64; 3]> = pairs
+            .iter()
+            .map(|&(q, c, _)| {
+                let (x, y) = (b.xyz[c as usize], a.xyz[q as usize]);
+                [x[0] - y[0], x[1] - y[1], x[2] - y[2]]
+            })
+            .collect();
+        let mode = crate::matching::hough_mode(&t, p.hough_sigma);
+        let keep = ((p.keep_fraction * nb as f64).ceil() as usize).clamp(1, nb);
+        // Queries in grid-cell order, in chunks: within a chunk the previous query's
+        // keep-th distance plus the step between the two bounds the next one's radius
+        // (triangle inequality), so each query scans only the cells near its ball.
+        let y: Vec<[f64; 3]> = (0..na)
+            .map(|q| {
+                [
+                    a.xyz[q][0] + mode[0],
+                    a.xyz[q][1] + mode[1],
+                    a.xyz[q][2] + mode[2],
+                ]
+            })
+            .collect();
+        let mut order: Vec<u32> = (0..na as u32).collect();
+        order.sort_by_key(|&q| (b.grid.cell_of(y[q as usize]), q));
+        let fast = b.small && has_avx2() && a.desc.iter().all(|&v| v < 128);
+        let qnorm = if fast { desc_norms(a.desc) } else { Vec::new() };
+        let mut found: Vec<(u32, Option<(u32, u32)>)> = order
+            .par_chunks(32)
+            .flat_map_iter(|chunk| {
+                let mut s = Scratch::default();
+                let mut prev: Option<([f64; 3], f64)> = None;
+                chunk
+                    .iter()
+                    .map(|&q| {
+                        let q = q as usize;
+                        // a tight guess first, then the bound that always holds enough
+                        let radii = match prev {
+                            Some((yp, dk)) => {
+                                let (rk, step) = (dk.sqrt(), sq_dist(y[q], yp).sqrt());
+                                [rk + TIGHT * step, rk + step]
+                            }
+                            None => [f64::INFINITY; 2],
+                        };
+                        let dk = b.closest_within(y[q], keep, &radii, &mut s);
+                        prev = Some((y[q], dk));
+                        let qd = &a.desc[q * crate::DESC_LEN..(q + 1) * crate::DESC_LEN];
+                        #[cfg(target_arch = "x86_64")]
+                        let (b1, b2) = if fast {
+                            // SAFETY: AVX2 detected and all bytes ≤ 127 (checked above)
+                            unsafe { best_two_avx2(qd, qnorm[q], a.scale[q], b, &s.cand, f) }
+                        } else {
+                            best_two_by(a.scale[q], b, &s.cand, f, |c| {
+                                crate::knn::dist2(qd, &b.desc[c * crate::DESC_LEN..])
+                            })
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let (b1, b2) = best_two_by(a.scale[q], b, &s.cand, f, |c| {
+                            crate::knn::dist2(qd, &b.desc[c * crate::DESC_LEN..])
+                        });
+                        let hit = (b1.1 != u32::MAX && kt_ratio_ok(b1.0, b2.0, p.ratio))
+                            .then_some((b1.1, b1.0));
+                        (q as u32, hit)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        found.sort_unstable_by_key(|e| e.0);
+        let r: Vec<(u32, u32, u32)> = found
+            .into_iter()
+            .filter_map(|(q, hit)| hit.map(|(c, d)| (q, c, d)))
+            .collect();
+        Ok(r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -746,6 +1338,140 @@ mod tests {
         assert!(set
             .transfer(nan.view(), &t(0, 2, 1.0), &[1.0], 0.15)
             .is_err());
+    }
+
+    fn random_set(n: usize, seed: u64) -> (Vec<u8>, Vec<[f64; 3]>, Vec<f64>) {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let desc: Vec<u8> = (0..n * crate::DESC_LEN)
+            .map(|_| (next() % 64) as u8)
+            .collect();
+        // coarse positions so that distance ties occur
+        let xyz: Vec<[f64; 3]> = (0..n)
+            .map(|_| {
+                [
+                    (next() % 40) as f64 * 2.0,
+                    (next() % 40) as f64 * 2.0,
+                    (next() % 30) as f64 * 2.0,
+                ]
+            })
+            .collect();
+        let scale: Vec<f64> = (0..n).map(|_| 1.0 + (next() % 100) as f64 / 25.0).collect();
+        (desc, xyz, scale)
+    }
+
+    #[test]
+    fn match_all_equals_match_sets_per_atlas() {
+        use crate::matching::{match_sets, KeypointView, MatchParams};
+        let (qd, qx, qs) = random_set(300, 1);
+        let a = KeypointView {
+            desc: &qd,
+            xyz: &qx,
+            scale: &qs,
+        };
+        let atlases: Vec<_> = [(250, 2), (0, 3), (1, 4), (400, 5)]
+            .iter()
+            .map(|&(n, seed)| {
+                let (d, x, s) = random_set(n, seed);
+                let l = (0..n).map(|i| 1 + (i % 3) as i32).collect::<Vec<_>>();
+                (d, x, s, l)
+            })
+            .collect();
+        let set = AtlasKeypoints::new(atlases.clone()).unwrap();
+        for (hough, keep) in [(true, 0.1), (true, 0.37), (true, 1.0), (false, 0.1)] {
+            let p = MatchParams {
+                hough,
+                keep_fraction: keep,
+                ..MatchParams::default()
+            };
+            let all = set.match_all(&a, &p, 0).unwrap();
+            let mut k = 0;
+            for (i, (d, x, s, l)) in atlases.iter().enumerate() {
+                let b = KeypointView {
+                    desc: d,
+                    xyz: x,
+                    scale: s,
+                };
+                let r = match_sets(&a, &b, &p).unwrap();
+                let n = r.ia.len();
+                assert_eq!(&all.query[k..k + n], &r.ia[..]);
+                assert_eq!(&all.index[k..k + n], &r.ib[..]);
+                assert!(all.atlas[k..k + n].iter().all(|&v| v == i as u32));
+                for m in 0..n {
+                    assert_eq!(all.label[k + m], l[r.ib[m] as usize]);
+                    assert_eq!((all.dist2[k + m] as f64).sqrt(), r.distance[m]);
+                    assert_eq!(all.p[k + m], r.p[m]);
+                    let t = r.translation[m];
+                    assert_eq!(all.shift[k + m], [-t[0], -t[1], -t[2]]);
+                }
+                k += n;
+            }
+            assert_eq!(k, all.query.len());
+            assert!(k > 0);
+        }
+        // a Hough vote on a sample: same matches whenever it finds the same mode
+        let p = MatchParams {
+            hough: true,
+            ..MatchParams::default()
+        };
+        let all = set.match_all(&a, &p, 1000).unwrap();
+        assert_eq!(all, set.match_all(&a, &p, 0).unwrap());
+        let sampled = set.match_all(&a, &p, 100).unwrap();
+        assert!(!sampled.query.is_empty());
+        // in atlas order, each atlas' queries ascending (at most one match per query)
+        for k in 1..sampled.query.len() {
+            let (a0, a1) = (sampled.atlas[k - 1], sampled.atlas[k]);
+            assert!(a0 < a1 || (a0 == a1 && sampled.query[k - 1] < sampled.query[k]));
+        }
+        // bytes above 127: the portable distance kernel, same matches
+        let wide: Vec<u8> = qd.iter().map(|&v| v * 3).collect();
+        let aw = KeypointView {
+            desc: &wide,
+            xyz: &qx,
+            scale: &qs,
+        };
+        let (d, x, s) = random_set(200, 11);
+        let d: Vec<u8> = d.iter().map(|&v| v * 3).collect();
+        let l = vec![1; 200];
+        let set = AtlasKeypoints::new(vec![(d.clone(), x.clone(), s.clone(), l)]).unwrap();
+        let all = set.match_all(&aw, &p, 0).unwrap();
+        let b = KeypointView {
+            desc: &d,
+            xyz: &x,
+            scale: &s,
+        };
+        let r = match_sets(&aw, &b, &p).unwrap();
+        assert_eq!(all.query, r.ia);
+        assert_eq!(all.index, r.ib);
+        assert!(!r.ia.is_empty());
+        // the same matches whatever the thread count, sampled Hough vote included
+        let (d, x, s) = random_set(2000, 21);
+        let l = vec![2; 2000];
+        let big =
+            AtlasKeypoints::new(vec![(d.clone(), x.clone(), s.clone(), l.clone()); 3]).unwrap();
+        let (qd2, qx2, qs2) = random_set(1500, 22);
+        let a2 = KeypointView {
+            desc: &qd2,
+            xyz: &qx2,
+            scale: &qs2,
+        };
+        let run = |threads, hq| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| big.match_all(&a2, &p, hq).unwrap())
+        };
+        assert_eq!(run(1, 0), run(4, 0));
+        assert_eq!(run(1, 500), run(3, 500));
+        assert!(AtlasKeypoints::new(vec![]).is_err());
+        let (d, x, s) = random_set(3, 9);
+        assert!(AtlasKeypoints::new(vec![(d, x, s, vec![1, 0, 2])]).is_err());
     }
 
     #[test]

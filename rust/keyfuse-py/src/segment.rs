@@ -1,9 +1,11 @@
 //! Bindings for keypoint-transfer segmentation: `TransferAtlases` (training label maps in
 //! run form, built once) and `vote_labels`.
 
-use keyfuse_core::segment::{AtlasSet, Transfer};
+use keyfuse_core::matching::{KeypointView, MatchParams};
+use keyfuse_core::segment::{AtlasKeypoints as CoreAtlasKeypoints, AtlasSet, Transfer};
 use numpy::{
-    IntoPyArray, PyArray1, PyArray3, PyArray4, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
+    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArray3,
 };
 use pyo3::prelude::*;
 
@@ -107,6 +109,153 @@ impl TransferAtlases {
     }
 }
 
+/// `(n, 3)` float64 rows as points.
+fn rows3(name: &str, a: &PyReadonlyArray2<'_, f64>) -> Result<Vec<[f64; 3]>, KfError> {
+    let a = a.as_array();
+    if a.ncols() != 3 {
+        return Err(KfError::InvalidArgument(format!(
+            "{name} must have 3 columns, got shape {:?}",
+            a.shape()
+        )));
+    }
+    Ok(a.rows().into_iter().map(|r| [r[0], r[1], r[2]]).collect())
+}
+
+/// `(n, 64)` uint8 descriptors, row-major.
+fn desc_rows(name: &str, a: &PyReadonlyArray2<'_, u8>) -> Result<Vec<u8>, KfError> {
+    let a = a.as_array();
+    if a.ncols() != keyfuse_core::DESC_LEN {
+        return Err(KfError::InvalidArgument(format!(
+            "{name} must have {} columns, got shape {:?}",
+            keyfuse_core::DESC_LEN,
+            a.shape()
+        )));
+    }
+    Ok(a.iter().copied().collect())
+}
+
+/// The training keypoints of a keypoint-transfer segmenter (labels > 0), matched against
+/// a test image's keypoints in one call (`match_all`), atlases in parallel.
+#[pyclass(frozen, module = "keyfuse._core")]
+pub struct AtlasKeypoints {
+    inner: CoreAtlasKeypoints,
+}
+
+type AtlasMatchOut<'py> = (
+    Bound<'py, PyArray1<u32>>,
+    Bound<'py, PyArray1<u32>>,
+    Bound<'py, PyArray1<u32>>,
+    Bound<'py, PyArray1<i32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray2<f64>>,
+);
+
+#[pymethods]
+impl AtlasKeypoints {
+    #[new]
+    fn new(
+        py: Python<'_>,
+        descriptors: Vec<PyReadonlyArray2<'_, u8>>,
+        xyz: Vec<PyReadonlyArray2<'_, f64>>,
+        scale: Vec<PyReadonlyArray1<'_, f64>>,
+        labels: Vec<PyReadonlyArray1<'_, i32>>,
+    ) -> PyResult<Self> {
+        let n = descriptors.len();
+        let sets = (|| {
+            if xyz.len() != n || scale.len() != n || labels.len() != n {
+                return Err(KfError::InvalidArgument(format!(
+                    "{n} descriptor sets, {} positions, {} scales, {} label sets",
+                    xyz.len(),
+                    scale.len(),
+                    labels.len()
+                )));
+            }
+            (0..n)
+                .map(|i| {
+                    Ok((
+                        desc_rows("descriptors", &descriptors[i])?,
+                        rows3("xyz", &xyz[i])?,
+                        scale[i].as_array().to_vec(),
+                        labels[i].as_array().to_vec(),
+                    ))
+                })
+                .collect::<Result<Vec<_>, KfError>>()
+        })();
+        let sets = sets.map_err(|e| crate::to_pyerr(py, e))?;
+        let inner = detach(py, || CoreAtlasKeypoints::new(sets))?;
+        Ok(AtlasKeypoints { inner })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Number of keypoints of atlas `atlas`.
+    fn n_keypoints(&self, atlas: usize) -> usize {
+        self.inner.n_keypoints(atlas)
+    }
+
+    /// Match test keypoints to every atlas (as `match_sets` per atlas; with
+    /// `hough_queries` > 0 the Hough mode is voted by at most about that many test
+    /// keypoints); returns `(query, atlas, index, label, dist2, p, shift (n, 3) =
+    /// x_test − x_atlas)`.
+    #[pyo3(signature = (descriptors, xyz, scale, ratio=0.9, scale_factor=2.0, hough=true,
+        hough_sigma=3.0, keep_fraction=0.1, kde_bandwidth=3.0, hough_queries=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn match_all<'py>(
+        &self,
+        py: Python<'py>,
+        descriptors: PyReadonlyArray2<'py, u8>,
+        xyz: PyReadonlyArray2<'py, f64>,
+        scale: PyReadonlyArray1<'py, f64>,
+        ratio: f64,
+        scale_factor: f64,
+        hough: bool,
+        hough_sigma: f64,
+        keep_fraction: f64,
+        kde_bandwidth: f64,
+        hough_queries: usize,
+    ) -> PyResult<AtlasMatchOut<'py>> {
+        let d = desc_rows("descriptors", &descriptors).map_err(|e| crate::to_pyerr(py, e))?;
+        let x = rows3("xyz", &xyz).map_err(|e| crate::to_pyerr(py, e))?;
+        let s = scale.as_array().to_vec();
+        let params = MatchParams {
+            ratio,
+            scale_factor,
+            hough,
+            hough_sigma,
+            keep_fraction,
+            kde_bandwidth,
+        };
+        let inner = &self.inner;
+        let m = detach(py, || {
+            let a = KeypointView {
+                desc: &d,
+                xyz: &x,
+                scale: &s,
+            };
+            inner.match_all(&a, &params, hough_queries)
+        })?;
+        let n = m.query.len();
+        let shift = numpy::ndarray::Array2::from_shape_vec(
+            (n, 3),
+            m.shift.iter().flatten().copied().collect(),
+        )
+        .expect("n × 3");
+        let dist2: Vec<f32> = m.dist2.iter().map(|&v| v as f32).collect();
+        Ok((
+            m.query.into_pyarray(py),
+            m.atlas.into_pyarray(py),
+            m.index.into_pyarray(py),
+            m.label.into_pyarray(py),
+            dist2.into_pyarray(py),
+            m.p.into_pyarray(py),
+            shift.into_pyarray(py),
+        ))
+    }
+}
+
 type VoteOut<'py> = (Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<f32>>);
 
 /// Keypoint label voting; returns `(label per test keypoint (0 = none), certainty)`.
@@ -134,6 +283,7 @@ fn vote_labels<'py>(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TransferAtlases>()?;
+    m.add_class::<AtlasKeypoints>()?;
     m.add_function(wrap_pyfunction!(vote_labels, m)?)?;
     Ok(())
 }
