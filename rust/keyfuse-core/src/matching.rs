@@ -85,7 +85,7 @@ pub struct MatchResult {
     pub mode: Option<[f64; 3]>,
 }
 
-fn check_params(p: &MatchParams) -> Result<()> {
+pub(crate) fn check_params(p: &MatchParams) -> Result<()> {
     let ok = p.ratio > 0.0
         && p.ratio <= 1.0
         && p.scale_factor >= 1.0

@@ -567,6 +567,21 @@ pub struct AtlasKeypoints {
     sets: Vec<KpSet>,
 }
 
+/// The translation `x_atlas − x_test` of every (test, atlas keypoint, distance) pair.
+fn translations(
+    pairs: &[(u32, u32, u32)],
+    a: &crate::matching::KeypointView,
+    b: &KpSet,
+) -> Vec<[f64; 3]> {
+    pairs
+        .iter()
+        .map(|&(q, c, _)| {
+            let (x, y) = (b.xyz[c as usize], a.xyz[q as usize]);
+            [x[0] - y[0], x[1] - y[1], x[2] - y[2]]
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 struct KpSet {
     desc: Vec<u8>,
@@ -969,22 +984,7 @@ impl AtlasKeypoints {
         p: &crate::matching::MatchParams,
         hough_queries: usize,
     ) -> Result<AtlasMatches> {
-        let ok = p.ratio > 0.0
-            && p.ratio <= 1.0
-            && p.scale_factor >= 1.0
-            && p.hough_sigma > 0.0
-            && p.hough_sigma.is_finite()
-            && p.keep_fraction > 0.0
-            && p.keep_fraction <= 1.0
-            && p.kde_bandwidth > 0.0
-            && p.kde_bandwidth.is_finite();
-        if !ok {
-            return Err(KfError::InvalidArgument(
-                "match needs 0 < ratio ≤ 1, scale_factor ≥ 1, 0 < keep_fraction ≤ 1 and \
-                 positive finite hough_sigma / kde_bandwidth"
-                    .into(),
-            ));
-        }
+        crate::matching::check_params(p)?;
         let na = a.xyz.len();
         if a.desc.len() != na * crate::DESC_LEN || a.scale.len() != na {
             return Err(KfError::InvalidArgument(
@@ -1005,13 +1005,7 @@ impl AtlasKeypoints {
             .collect::<Result<_>>()?;
         let mut out = AtlasMatches::default();
         for (i, (pairs, b)) in per.iter().zip(&self.sets).enumerate() {
-            let t: Vec<[f64; 3]> = pairs
-                .iter()
-                .map(|&(q, c, _)| {
-                    let (x, y) = (b.xyz[c as usize], a.xyz[q as usize]);
-                    [x[0] - y[0], x[1] - y[1], x[2] - y[2]]
-                })
-                .collect();
+            let t = translations(pairs, a, b);
             out.p.extend(crate::matching::kde3(&t, p.kde_bandwidth));
             for (&(q, c, d), t) in pairs.iter().zip(&t) {
                 out.query.push(q);
@@ -1071,13 +1065,7 @@ impl AtlasKeypoints {
         if !p.hough || pairs.is_empty() {
             return Ok(pairs);
         }
-        let t: Vec<[f64; 3]> = pairs
-            .iter()
-            .map(|&(q, c, _)| {
-                let (x, y) = (b.xyz[c as usize], a.xyz[q as usize]);
-                [x[0] - y[0], x[1] - y[1], x[2] - y[2]]
-            })
-            .collect();
+        let t = translations(&pairs, a, b);
         let mode = crate::matching::hough_mode(&t, p.hough_sigma);
         let keep = ((p.keep_fraction * nb as f64).ceil() as usize).clamp(1, nb);
         // Queries in grid-cell order, in chunks: within a chunk the previous query's
