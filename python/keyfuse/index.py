@@ -706,7 +706,7 @@ def _subjects_table(
 
 # keypoint rows per Parquet row group: one subject's keypoints are read back from disk
 # without decoding more than a group or two around them
-ROW_GROUP = 32_768
+ROW_GROUP = 65_536
 
 _KP_COLUMNS: tuple[tuple[str, Any, int], ...] = (
     ("ijk", np.float64, 3),
