@@ -157,6 +157,33 @@ def test_opened_index_reads_keypoints_back_lazily(
     assert np.array_equal(back.scores(query, exact=True), expected)
 
 
+def test_opened_index_notices_a_rewritten_directory(
+    index: kf.Index, cohort, tmp_path: Path
+) -> None:
+    """Keypoints are read back lazily: when another index was saved over the directory
+    since it was opened, the read is refused instead of returning someone else's rows."""
+    path = tmp_path / "shared.kfi"
+    index.save(path)
+    opened = kf.Index.load(path)
+    other = kf.Index()
+    for sid, kps, labels in reversed(cohort):
+        other.add(sid, kps, **labels)
+    other.save(path)
+    with pytest.raises(kf.IndexCorruptError, match="changed"):
+        opened.keypoints(index.subjects[0])
+
+
+def test_subject_without_keypoints_round_trips(cohort, tmp_path: Path) -> None:
+    empty = kf.KeypointSet(np.zeros((0, 3)), np.zeros(0), descriptors=np.zeros((0, 64), np.uint8))
+    ix = kf.Index()
+    ix.add("blank", empty)
+    ix.add(cohort[0][0], cohort[0][1])
+    ix.save(tmp_path / "with-blank.kfi")
+    back = kf.Index.load(tmp_path / "with-blank.kfi")
+    assert len(back.keypoints("blank")) == 0
+    assert back.keypoints(cohort[0][0]) == cohort[0][1]
+
+
 def test_on_disk_appends(cohort, tmp_path: Path) -> None:
     path = tmp_path / "live"
     ix = kf.Index(path)

@@ -795,11 +795,14 @@ def _keypoint_set(arrays: dict[str, np.ndarray], sl: slice, affine: Any, shape: 
 @dataclass(frozen=True)
 class _Rows:
     """Where one subject's keypoints lie in an index part: rows [start, stop) of a
-    keypoints Parquet file (verified when the index was opened)."""
+    keypoints Parquet file, verified when the index was opened. ``stamp`` (size,
+    modification time) and the subject column guard against a file changed since."""
 
+    subject: str
     path: Path
     start: int
     stop: int
+    stamp: tuple[int, int]
     affine: tuple[float, ...]
     shape: tuple[int, ...]
 
@@ -807,19 +810,32 @@ class _Rows:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        hint = "was the index directory changed or removed after it was opened?"
         try:
+            st = self.path.stat()
+            if (st.st_size, st.st_mtime_ns) != self.stamp:
+                raise IndexCorruptError(f"{self.path}: changed since the index was opened; {hint}")
             pf = pq.ParquetFile(self.path)
             ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-            first = int(np.searchsorted(ends, self.start, side="right"))
-            last = int(np.searchsorted(ends, self.stop - 1, side="right")) if self.stop else first
-            table = pf.read_row_groups(list(range(first, last + 1)))
-            offset = int(ends[first - 1]) if first else 0
-            table = table.slice(self.start - offset, self.stop - self.start)
+            if self.stop > self.start:
+                first = int(np.searchsorted(ends, self.start, side="right"))
+                last = int(np.searchsorted(ends, self.stop - 1, side="right"))
+                table = pf.read_row_groups(list(range(first, last + 1)))
+                offset = int(ends[first - 1]) if first else 0
+                table = table.slice(self.start - offset, self.stop - self.start)
+            else:
+                table = pf.schema_arrow.empty_table()
+            owners = table.column("subject").combine_chunks()
+            if table.num_rows != self.stop - self.start or any(
+                v != self.subject for v in owners.dictionary.take(owners.indices).to_pylist()
+            ):
+                raise IndexCorruptError(f"{self.path}: rows of {self.subject!r} moved; {hint}")
             arrays = _column_arrays(table, [c[0] for c in _KP_COLUMNS])
+        except IndexCorruptError:
+            raise
         except (OSError, ValueError, IndexError, pa.ArrowException) as e:
             raise IndexCorruptError(
-                f"{self.path}: cannot read keypoints back ({type(e).__name__}: {e}); was the "
-                "index directory changed or removed after it was opened?"
+                f"{self.path}: cannot read keypoints back ({type(e).__name__}: {e}); {hint}"
             ) from e
         return _keypoint_set(arrays, slice(None), self.affine, self.shape)
 
@@ -832,6 +848,8 @@ def _stream_part(
     import pyarrow.parquet as pq
 
     counts = np.asarray(sub["n_keypoints"], dtype=np.int64)
+    st = keypoints_file.stat()
+    stamp = (st.st_size, st.st_mtime_ns)
     pf = pq.ParquetFile(keypoints_file)
     if pf.metadata.num_rows != int(counts.sum()):
         raise IndexCorruptError(f"{root}: keypoint rows do not add up to the subjects' counts")
@@ -851,26 +869,37 @@ def _stream_part(
         buf = np.concatenate([buf, _column_arrays(batch, ["descriptors"])["descriptors"]])
         while subject < len(counts) and ends[subject] <= done + len(buf):
             n = int(counts[subject])
-            yield (*_subject_row(sub, subject, keypoints_file, done), buf[:n])
+            yield (*_subject_row(sub, subject, keypoints_file, done, stamp), buf[:n])
             buf = buf[n:]
             done += n
             subject += 1
     while subject < len(counts):  # subjects without keypoints at the end
         if counts[subject] != 0:
             raise IndexCorruptError(f"{root}: keypoint rows end early")
-        yield (*_subject_row(sub, subject, keypoints_file, done), np.zeros((0, 64), np.uint8))
+        yield (
+            *_subject_row(sub, subject, keypoints_file, done, stamp),
+            np.zeros((0, 64), np.uint8),
+        )
         subject += 1
 
 
 def _subject_row(
-    sub: dict[str, list[Any]], i: int, keypoints_file: Path, start: int
+    sub: dict[str, list[Any]], i: int, keypoints_file: Path, start: int, stamp: tuple[int, int]
 ) -> tuple[Any, ...]:
     """(id, rows on disk, vector, labels, source) of subject ``i`` of a part."""
     vec = sub["vector"][i]
     n = int(sub["n_keypoints"][i])
     return (
         sub["subject_id"][i],
-        _Rows(keypoints_file, start, start + n, tuple(sub["affine"][i]), tuple(sub["shape"][i])),
+        _Rows(
+            sub["subject_id"][i],
+            keypoints_file,
+            start,
+            start + n,
+            stamp,
+            tuple(sub["affine"][i]),
+            tuple(sub["shape"][i]),
+        ),
         None if vec is None else np.asarray(vec, dtype=np.float32),
         json.loads(sub["labels"][i]),
         sub["source"][i],
