@@ -187,5 +187,18 @@ def test_index_query_pairwise(runner: CliRunner, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     rows = list(csv.reader((tmp_path / "m.csv").open()))
     assert rows[0][0] == "subject" and len(rows) == 6 and all(len(r) == 6 for r in rows)
+    # the small index is searched exactly by default: --search exact gives the same matrix
+    res = runner.invoke(
+        kcli.cli, ["pairwise", str(idx), "-o", str(tmp_path / "e.csv"), "--search", "exact"]
+    )
+    assert (
+        res.exit_code == 0 and (tmp_path / "e.csv").read_text() == (tmp_path / "m.csv").read_text()
+    )
+    res = runner.invoke(
+        kcli.cli, ["pairwise", str(idx), "-o", str(tmp_path / "f.csv"), "--search", "forest"]
+    )
+    assert res.exit_code == 0 and len(list(csv.reader((tmp_path / "f.csv").open()))) == 6
+    res = runner.invoke(kcli.cli, ["pairwise", str(idx), "-o", "x.csv", "--search", "fast"])
+    assert res.exit_code == 2 and "Invalid value" in res.output
     res = runner.invoke(kcli.cli, ["index", "info", str(tmp_path / "keys")])
     assert res.exit_code == 1 and "Traceback" not in res.output

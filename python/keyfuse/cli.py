@@ -461,6 +461,21 @@ def index_info(index_path: Path) -> None:
 # -------------------------------------------------------------------- query/pairwise
 
 
+def _search_option(f: Any) -> Any:
+    """--search auto|exact|forest, for commands that search an index."""
+    return click.option(
+        "--search",
+        type=click.Choice(["auto", "exact", "forest"]),
+        default="auto",
+        show_default=True,
+        help="Nearest-neighbour search: exact brute force, the kd-forest, or auto (exact "
+        "below the index's exact_below keypoints, 100,000 by default).",
+    )(f)
+
+
+_SEARCH_EXACT = {"auto": None, "exact": True, "forest": False}
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, path_type=Path))
 @click.argument(
@@ -475,7 +490,10 @@ def index_info(index_path: Path) -> None:
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV (rank,subject,score).")
-def query(index_path: Path, query_path: Path, k: int, device: str, as_csv: bool) -> None:
+@_search_option
+def query(
+    index_path: Path, query_path: Path, k: int, device: str, as_csv: bool, search: str
+) -> None:
     """Rank the subjects of INDEX by similarity to one image or keypoint file.
 
     \b
@@ -487,7 +505,7 @@ def query(index_path: Path, query_path: Path, k: int, device: str, as_csv: bool)
         raise InvalidArgumentError(f"{query_path} is neither a keypoint file nor a NIfTI image")
     idx = _open_index(index_path)
     kps = _keypoints(query_path, device)
-    hits = _hits(idx.search(kps, k=k))
+    hits = _hits(idx.search(kps, k=k, exact=_SEARCH_EXACT[search]))
     if as_csv:
         click.echo("rank,subject,score")
         for r, (sid, score) in enumerate(hits, 1):
@@ -507,7 +525,8 @@ def query(index_path: Path, query_path: Path, k: int, device: str, as_csv: bool)
     type=click.Path(dir_okay=False, path_type=Path),
     help="CSV file: a header of subject ids, then one row per subject.",
 )
-def pairwise(index_path: Path, out: Path) -> None:
+@_search_option
+def pairwise(index_path: Path, out: Path, search: str) -> None:
     """Write the N×N soft-Jaccard similarity matrix of every pair in INDEX.
 
     Row i, column j is the similarity of subject i (query) to subject j.
@@ -521,7 +540,7 @@ def pairwise(index_path: Path, out: Path) -> None:
     from keyfuse._io import atomic_path
 
     idx = _open_index(index_path)
-    mat = np.asarray(idx.pairwise(), dtype=np.float64)
+    mat = np.asarray(idx.pairwise(exact=_SEARCH_EXACT[search]), dtype=np.float64)
     ids = _index_ids(idx)
     with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
