@@ -181,21 +181,22 @@ impl TopK {
     #[inline]
     pub(crate) fn push(&mut self, d: u32, i: u32) {
         let key = (d, i);
-        let mut p = self.items.len();
-        if p == self.k {
-            if key >= self.items[p - 1] {
+        if self.items.len() == self.k {
+            if key >= self.items[self.k - 1] {
                 return;
             }
-            p -= 1; // the last one drops out
         } else {
             self.items.push(key);
         }
-        // insertion from the end (k is small: cheaper than a search and a memmove)
-        while p > 0 && self.items[p - 1] > key {
-            self.items[p] = self.items[p - 1];
+        // insertion from the end (k is small: cheaper than a search and a memmove); the
+        // last item, duplicated or dropping out, is overwritten
+        let items = self.items.as_mut_slice();
+        let mut p = items.len() - 1;
+        while p > 0 && items[p - 1] > key {
+            items[p] = items[p - 1];
             p -= 1;
         }
-        self.items[p] = key;
+        items[p] = key;
     }
     fn write(&self, idx: &mut [u32], dist: &mut [u32]) {
         for (s, (d, i)) in self.items.iter().enumerate() {
