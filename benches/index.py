@@ -10,7 +10,11 @@ rescanned subject, and recall@1 of the approximate search against exact brute fo
 same queries (cut to ``--recall-keypoints`` keypoints each, since exact search over tens of
 millions of descriptors takes seconds per query keypoint batch).
 
-The bench drives the Rust search engine of ``kf.Index`` (``keyfuse._core.Cohort``) directly:
+Then (``--opened N``) a ``kf.Index`` of N subjects with full keypoint geometry is saved and
+opened in a fresh process: its load time, peak memory (an opened index keeps only the
+descriptors) and the time to read one subject's keypoints back from disk.
+
+The search figures drive the Rust search engine of ``kf.Index`` (``keyfuse._core.Cohort``) directly:
 at this scale holding every keypoint's full geometry as Python objects is not the point
 being measured. Subjects come in families of 4 sharing 60% of their keypoints.
 """
@@ -64,6 +68,13 @@ def main() -> None:
     ap.add_argument("--checks", type=int, default=64)
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--recall-keypoints", type=int, default=200)
+    ap.add_argument(
+        "--opened",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="also save a kf.Index of N subjects and open it in a fresh process (0: skip)",
+    )
     args = ap.parse_args()
     rng = np.random.default_rng(123)
     print(
@@ -104,6 +115,57 @@ def main() -> None:
             flush=True,
         )
         del engine
+    if args.opened:
+        opened_index(args.opened, args.keypoints)
+
+
+# Run in a fresh interpreter: open a saved index, report its load time and memory.
+# (peak memory from VmHWM: ru_maxrss would keep the parent's peak across exec)
+_OPEN_SCRIPT = """
+import sys, time
+import keyfuse as kf
+t = time.perf_counter()
+ix = kf.Index.load(sys.argv[1])
+load = time.perf_counter() - t
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
+rss = int(hwm.split()[1]) / 2**20
+t = time.perf_counter()
+kps = ix.keypoints(ix.subjects[len(ix) // 2])
+one = time.perf_counter() - t
+print(f"{load:.2f} {rss:.3f} {ix._engine.memory_bytes() / 2**30:.3f} {one * 1e3:.1f} {len(kps)}")
+"""
+
+
+def opened_index(n: int, n_kp: int) -> None:
+    """Save a kf.Index of n synthetic subjects (with full keypoint geometry), then open it
+    in a fresh process: an opened index keeps only the descriptors in memory."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import keyfuse as kf
+
+    rng = np.random.default_rng(7)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/cohort.kfi"
+        ix = kf.Index()
+        t0 = time.perf_counter()
+        for s in range(n):
+            desc = rerank(rng.random((n_kp, 64), dtype=np.float32))
+            xyz = rng.uniform(-80, 80, (n_kp, 3))
+            ix.add(f"s{s:06d}", kf.KeypointSet(xyz, rng.uniform(1, 6, n_kp), descriptors=desc))
+        ix.save(path)
+        del ix
+        built = time.perf_counter() - t0
+        out = subprocess.run(
+            [sys.executable, "-c", _OPEN_SCRIPT, path], capture_output=True, text=True, check=True
+        ).stdout.split()
+        load, rss, engine, one, rows = out
+        print(
+            f"opened kf.Index, {n} subjects × {n_kp} keypoints ({n * n_kp / 1e6:.1f} M; built and "
+            f"saved in {built:.0f} s): load {load} s, process peak RSS {rss} GiB (engine "
+            f"{engine} GiB); one subject's keypoints read back in {one} ms ({rows} rows)"
+        )
 
 
 if __name__ == "__main__":
