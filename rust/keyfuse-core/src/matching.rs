@@ -106,14 +106,14 @@ pub(crate) fn check_params(p: &MatchParams) -> Result<()> {
 }
 
 #[inline]
-fn scale_ok(sa: f64, sb: f64, f: f64) -> bool {
+pub(crate) fn scale_ok(sa: f64, sb: f64, f: f64) -> bool {
     let r = sb / sa;
     r <= f && r * f >= 1.0
 }
 
 /// Ratio test on the two best squared distances.
 #[inline]
-fn ratio_ok(d1: u32, d2: u32, ratio: f64) -> bool {
+pub(crate) fn ratio_ok(d1: u32, d2: u32, ratio: f64) -> bool {
     d2 == u32::MAX || (d1 as f64) <= ratio * ratio * d2 as f64
 }
 

@@ -746,17 +746,6 @@ fn has_avx2() -> bool {
 }
 
 #[inline]
-fn kt_scale_ok(sa: f64, sb: f64, f: f64) -> bool {
-    let r = sb / sa;
-    r <= f && r * f >= 1.0
-}
-
-#[inline]
-fn kt_ratio_ok(d1: u32, d2: u32, ratio: f64) -> bool {
-    d2 == u32::MAX || (d1 as f64) <= ratio * ratio * d2 as f64
-}
-
-#[inline]
 fn sq_dist(x: [f64; 3], y: [f64; 3]) -> f64 {
     let d = [x[0] - y[0], x[1] - y[1], x[2] - y[2]];
     d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
@@ -780,7 +769,7 @@ fn best_two_by<D: Fn(usize) -> u32>(
 ) -> ((u32, u32), (u32, u32)) {
     let (mut b1, mut b2) = ((u32::MAX, u32::MAX), (u32::MAX, u32::MAX));
     for &c in cand {
-        if !kt_scale_ok(sa, b.scale[c as usize], f) {
+        if !crate::matching::scale_ok(sa, b.scale[c as usize], f) {
             continue;
         }
         let d = dist(c as usize);
@@ -1053,13 +1042,14 @@ impl AtlasKeypoints {
         };
         let qdesc = if stride == 1 { a.desc } else { &sub[..] };
         let nn = crate::knn::knn_exact(bv.desc, qdesc, 2, |i, c| {
-            kt_scale_ok(a.scale[qs[i]], b.scale[c as usize], f)
+            crate::matching::scale_ok(a.scale[qs[i]], b.scale[c as usize], f)
         })?;
         let pairs: Vec<(u32, u32, u32)> = (0..qs.len())
             .filter_map(|i| {
                 let (i1, d1) = (nn.idx[2 * i], nn.dist2[2 * i]);
-                (i1 != crate::knn::NONE && kt_ratio_ok(d1, nn.dist2[2 * i + 1], p.ratio))
-                    .then_some((qs[i] as u32, i1, d1))
+                (i1 != crate::knn::NONE
+                    && crate::matching::ratio_ok(d1, nn.dist2[2 * i + 1], p.ratio))
+                .then_some((qs[i] as u32, i1, d1))
             })
             .collect();
         if !p.hough || pairs.is_empty() {
@@ -1117,8 +1107,9 @@ impl AtlasKeypoints {
                         let (b1, b2) = best_two_by(a.scale[q], b, &s.cand, f, |c| {
                             crate::knn::dist2(qd, &b.desc[c * crate::DESC_LEN..])
                         });
-                        let hit = (b1.1 != u32::MAX && kt_ratio_ok(b1.0, b2.0, p.ratio))
-                            .then_some((b1.1, b1.0));
+                        let hit = (b1.1 != u32::MAX
+                            && crate::matching::ratio_ok(b1.0, b2.0, p.ratio))
+                        .then_some((b1.1, b1.0));
                         (q as u32, hit)
                     })
                     .collect::<Vec<_>>()
