@@ -751,12 +751,6 @@ fn sq_dist(x: [f64; 3], y: [f64; 3]) -> f64 {
     d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
 }
 
-fn desc_norms(desc: &[u8]) -> Vec<u32> {
-    desc.chunks_exact(crate::DESC_LEN)
-        .map(|r| r.iter().map(|&v| v as u32 * v as u32).sum())
-        .collect()
-}
-
 /// The two candidates closest to descriptor `qd` by (squared distance, index) among those
 /// within the scale factor `f` of scale `sa`.
 #[inline(always)]
@@ -930,7 +924,7 @@ impl AtlasKeypoints {
                 )));
             }
             let grid = Grid::new(&xyz);
-            let norm = desc_norms(&desc);
+            let norm = crate::knn::sq_norms(&desc);
             let small = desc.iter().all(|&v| v < 128);
             out.push(KpSet {
                 desc,
@@ -1073,7 +1067,11 @@ impl AtlasKeypoints {
         let mut order: Vec<u32> = (0..na as u32).collect();
         order.sort_by_key(|&q| (b.grid.cell_of(y[q as usize]), q));
         let fast = b.small && has_avx2() && a.desc.iter().all(|&v| v < 128);
-        let qnorm = if fast { desc_norms(a.desc) } else { Vec::new() };
+        let qnorm = if fast {
+            crate::knn::sq_norms(a.desc)
+        } else {
+            Vec::new()
+        };
         let mut found: Vec<(u32, Option<(u32, u32)>)> = order
             .par_chunks(32)
             .flat_map_iter(|chunk| {

@@ -111,15 +111,13 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     // B operands: per group of 32 queries two tiles, row r = bytes 4r..4r+4 of each of
     // 16 queries side by side; missing queries are zero and masked out below
     let mut bt = vec![0u8; groups * 2 * TILE];
+    let mut qn = vec![0i32; groups * 32];
     for (q, row) in queries.chunks_exact(DESC_LEN).enumerate() {
         let base = (q / 16) * TILE + (q % 16) * 4;
         for r in 0..16 {
             bt[base + r * 64..base + r * 64 + 4].copy_from_slice(&row[4 * r..4 * r + 4]);
         }
-    }
-    let mut qn = vec![0i32; groups * 32];
-    for (q, row) in queries.chunks_exact(DESC_LEN).enumerate() {
-        qn[q] = row.iter().map(|&v| v as i32 * v as i32).sum();
+        qn[q] = super::sq_norm(row) as i32;
     }
     let mut worst = vec![-1i32; groups * 32]; // −1: a padding lane never wins
     for (w, h) in worst.iter_mut().zip(heaps.iter()) {
@@ -228,8 +226,7 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
     unsafe fn step(&mut self, c: &[i32; 2 * 256], r0: usize, g: usize, n: usize) {
         for t in 0..2 {
             let qb = g * 32 + 16 * t;
-            let rb = r0;
-            let rows = 16.min(n.saturating_sub(rb));
+            let rows = 16.min(n.saturating_sub(r0));
             if rows == 0 {
                 continue; // padding past the last row
             }
@@ -239,7 +236,7 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                 qn_v,
                 _mm512_loadu_si512(self.worst.as_ptr().add(qb) as *const _),
             );
-            let norms = self.data_norms.as_ptr().add(rb);
+            let norms = self.data_norms.as_ptr().add(r0);
             // 2 q·b − |b|² of row i for the 16 queries (macro: a closure would not inherit
             // the target features, and the intrinsics would become calls)
             macro_rules! gain {
@@ -278,7 +275,7 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                 let d = _mm512_sub_epi32(qn_v, gi);
                 let mut ds = [0i32; 16];
                 _mm512_storeu_si512(ds.as_mut_ptr() as *mut _, d);
-                let j = rb + i;
+                let j = r0 + i;
                 while m != 0 {
                     let lane = m.trailing_zeros() as usize;
                     m &= m - 1;

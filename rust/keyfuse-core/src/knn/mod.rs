@@ -140,6 +140,17 @@ unsafe fn dist2_avx2(a: &[u8], b: &[u8]) -> u32 {
     _mm_cvtsi128_si32(s) as u32
 }
 
+/// |row|², the squared norm of one descriptor (for d² = |q|² + |b|² − 2 q·b).
+#[inline]
+pub(crate) fn sq_norm(row: &[u8]) -> u32 {
+    row.iter().map(|&v| v as u32 * v as u32).sum()
+}
+
+/// The squared norm of every `64`-byte row.
+pub(crate) fn sq_norms(desc: &[u8]) -> Vec<u32> {
+    desc.chunks_exact(DESC_LEN).map(sq_norm).collect()
+}
+
 pub(crate) fn check_rows(name: &str, data: &[u8]) -> Result<usize> {
     if !data.len().is_multiple_of(DESC_LEN) {
         return Err(KfError::InvalidArgument(format!(
@@ -283,12 +294,7 @@ unsafe fn scan_block4_dot_avx2<F: Fn(usize, u32) -> bool>(
     let (q10, q11) = (ld!(qp.add(64)), ld!(qp.add(96)));
     let (q20, q21) = (ld!(qp.add(128)), ld!(qp.add(160)));
     let (q30, q31) = (ld!(qp.add(192)), ld!(qp.add(224)));
-    let qn: [u32; 4] = std::array::from_fn(|i| {
-        queries[i * DESC_LEN..(i + 1) * DESC_LEN]
-            .iter()
-            .map(|&v| v as u32 * v as u32)
-            .sum()
-    });
+    let qn: [u32; 4] = std::array::from_fn(|i| sq_norm(&queries[i * DESC_LEN..(i + 1) * DESC_LEN]));
     let qn4 = _mm_loadu_si128(qn.as_ptr() as *const __m128i);
     // k-th distances so far, as i32 (≤ i32::MAX: every real d² is far below)
     let worst_of = |h: &[TopK]| {
@@ -444,10 +450,7 @@ where
     let mut dist = vec![u32::MAX; nq * k];
     let kernel = ExactKernel::pick(data, queries);
     let data_norms: Vec<u32> = match kernel {
-        ExactKernel::Amx | ExactKernel::Dot => data
-            .chunks_exact(DESC_LEN)
-            .map(|r| r.iter().map(|&v| v as u32 * v as u32).sum())
-            .collect(),
+        ExactKernel::Amx | ExactKernel::Dot => sq_norms(data),
         _ => Vec::new(),
     };
     // queries per task: the blocked kernels read each data chunk from memory once per
@@ -1110,10 +1113,7 @@ pub(crate) mod tests {
                 data[5 * 64..6 * 64].copy_from_slice(&first);
                 qs[..64].copy_from_slice(&first);
             }
-            let norms: Vec<u32> = data
-                .chunks_exact(64)
-                .map(|r| r.iter().map(|&v| v as u32 * v as u32).sum())
-                .collect();
+            let norms = sq_norms(&data);
             let skip = rng.below(7) as u32 + 2;
             let filter = |q: usize, c: u32| !(c + q as u32).is_multiple_of(skip);
             for &kern in &kernels {
