@@ -163,10 +163,9 @@ class Index:
         self._labels: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray | None] = []
         self._sources: list[str | None] = []
-        # a subject's full keypoints: resident (added in this process), or None with
-        # where they lie on disk (opened indexes keep only the descriptors, in the engine)
-        self._kps: list[KeypointSet | None] = []
-        self._on_disk: list[_Rows | None] = []
+        # a subject's full keypoints: resident (added in this process), or where they lie
+        # on disk (opened indexes keep only the descriptors, in the engine)
+        self._kps: list[KeypointSet | _Rows] = []
         self._engine = _core.Cohort(trees=self.trees)
         self._parts: list[dict[str, Any]] = []
         self.path: Path | None = None
@@ -232,13 +231,8 @@ class Index:
     def keypoints(self, subject_id: str) -> KeypointSet:
         """A subject's keypoints (read from the index directory when it was opened from
         disk: an opened index holds only the descriptors in memory)."""
-        i = self._index_of(subject_id)
-        kp = self._kps[i]
-        if kp is not None:
-            return kp
-        rows = self._on_disk[i]
-        assert rows is not None  # every subject is resident or on disk
-        return rows.read()
+        kp = self._kps[self._index_of(subject_id)]
+        return kp if isinstance(kp, KeypointSet) else kp.read()
 
     def vector(self, subject_id: str) -> np.ndarray | None:
         return self._vectors[self._index_of(subject_id)]
@@ -337,8 +331,7 @@ class Index:
         self._engine.add(np.ascontiguousarray(desc, dtype=np.uint8))
         self._pos[sid] = len(self._ids)
         self._ids.append(sid)
-        self._kps.append(kp if isinstance(kp, KeypointSet) else None)
-        self._on_disk.append(None if isinstance(kp, KeypointSet) else kp)
+        self._kps.append(kp)
         self._vectors.append(v)
         self._labels.append(labs)
         self._sources.append(src)
@@ -777,16 +770,16 @@ def _column_arrays(keypoints: Any, names: Sequence[str]) -> dict[str, np.ndarray
     return arrays
 
 
-def _keypoint_set(arrays: dict[str, np.ndarray], sl: slice, affine: Any, shape: Any) -> KeypointSet:
+def _keypoint_set(arrays: dict[str, np.ndarray], affine: Any, shape: Any) -> KeypointSet:
     return KeypointSet(
-        arrays["ijk"][sl],
-        arrays["scale"][sl],
-        arrays["orientation"][sl].reshape(-1, 3, 3),
-        arrays["descriptors"][sl],
-        arrays["polarity"][sl],
-        arrays["response"][sl],
-        arrays["eigenvalues"][sl],
-        arrays["flags"][sl],
+        arrays["ijk"],
+        arrays["scale"],
+        arrays["orientation"].reshape(-1, 3, 3),
+        arrays["descriptors"],
+        arrays["polarity"],
+        arrays["response"],
+        arrays["eigenvalues"],
+        arrays["flags"],
         affine=np.asarray(affine, dtype=np.float64).reshape(4, 4),
         shape=shape,
     )
@@ -837,7 +830,7 @@ class _Rows:
             raise IndexCorruptError(
                 f"{self.path}: cannot read keypoints back ({type(e).__name__}: {e}); {hint}"
             ) from e
-        return _keypoint_set(arrays, slice(None), self.affine, self.shape)
+        return _keypoint_set(arrays, self.affine, self.shape)
 
 
 def _stream_part(
