@@ -15,8 +15,10 @@ pub mod extract;
 pub mod jaccard;
 pub mod kde;
 pub mod knn;
+mod linalg;
 pub mod matching;
 pub mod segment;
+mod simd;
 
 pub use error::{KfError, Result};
 

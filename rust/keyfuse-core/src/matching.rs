@@ -9,6 +9,7 @@
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
 use crate::knn::{check_rows, dist2, knn_exact, SplitMix};
+use crate::linalg::{norm2, sq_dist, sub, sym4_top_eigenvector};
 use crate::{KfError, Result, DESC_LEN};
 use rayon::prelude::*;
 
@@ -161,16 +162,6 @@ pub fn match_sets(a: &KeypointView, b: &KeypointView, p: &MatchParams) -> Result
     })
 }
 
-#[inline]
-fn sub(x: [f64; 3], y: [f64; 3]) -> [f64; 3] {
-    [x[0] - y[0], x[1] - y[1], x[2] - y[2]]
-}
-
-#[inline]
-fn norm2(x: [f64; 3]) -> f64 {
-    x[0] * x[0] + x[1] * x[1] + x[2] * x[2]
-}
-
 /// The mode of a set of translations: a sparse histogram (bins of σ) smoothed by a Gaussian
 /// of σ over ±2 bins, then mean-shift refinement from the best bin.
 pub fn hough_mode(t: &[[f64; 3]], sigma: f64) -> [f64; 3] {
@@ -217,7 +208,7 @@ pub fn hough_mode(t: &[[f64; 3]], sigma: f64) -> [f64; 3] {
     for _ in 0..20 {
         let (mut w, mut acc) = (0.0, [0.0; 3]);
         for &v in t {
-            let g = (-0.5 * norm2(sub(v, m)) / (sigma * sigma)).exp();
+            let g = (-0.5 * sq_dist(v, m) / (sigma * sigma)).exp();
             w += g;
             for d in 0..3 {
                 acc[d] += g * v[d];
@@ -227,7 +218,7 @@ pub fn hough_mode(t: &[[f64; 3]], sigma: f64) -> [f64; 3] {
             break;
         }
         let next = [acc[0] / w, acc[1] / w, acc[2] / w];
-        let step = norm2(sub(next, m));
+        let step = sq_dist(next, m);
         m = next;
         if step < 1e-8 * sigma * sigma {
             break;
@@ -255,7 +246,7 @@ fn rematch(
                 a.xyz[q][2] + mode[2],
             ];
             near.clear();
-            near.extend((0..nb).map(|c| (norm2(sub(b.xyz[c], y)), c as u32)));
+            near.extend((0..nb).map(|c| (sq_dist(b.xyz[c], y), c as u32)));
             if keep < nb {
                 near.select_nth_unstable_by(keep - 1, |x, z| {
                     x.0.total_cmp(&z.0).then(x.1.cmp(&z.1))
@@ -301,7 +292,7 @@ pub fn kde3(t: &[[f64; 3]], h: f64) -> Vec<f64> {
             let hi = xs.partition_point(|&x| x <= t[i][0] + cut);
             let s: f64 = order[lo..hi]
                 .iter()
-                .map(|&j| (-0.5 * norm2(sub(t[i], t[j])) / (h * h)).exp())
+                .map(|&j| (-0.5 * sq_dist(t[i], t[j]) / (h * h)).exp())
                 .sum();
             s * norm
         })
@@ -336,55 +327,6 @@ impl Similarity {
         m[3][3] = 1.0;
         m
     }
-}
-
-/// Eigen-decomposition of a symmetric 4×4 matrix by cyclic Jacobi rotations; returns the
-/// eigenvector of the largest eigenvalue.
-fn top_eigvec4(mut a: [[f64; 4]; 4]) -> [f64; 4] {
-    let mut v = [[0.0; 4]; 4];
-    for (i, row) in v.iter_mut().enumerate() {
-        row[i] = 1.0;
-    }
-    for _ in 0..50 {
-        let off: f64 = (0..4)
-            .flat_map(|i| (0..4).filter(move |&j| j != i).map(move |j| (i, j)))
-            .map(|(i, j)| a[i][j] * a[i][j])
-            .sum();
-        if off < 1e-30 {
-            break;
-        }
-        for p in 0..3 {
-            for q in p + 1..4 {
-                if a[p][q].abs() < 1e-300 {
-                    continue;
-                }
-                let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let t = if theta == 0.0 { 1.0 } else { t };
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let s = t * c;
-                for k in 0..4 {
-                    let (akp, akq) = (a[k][p], a[k][q]);
-                    a[k][p] = c * akp - s * akq;
-                    a[k][q] = s * akp + c * akq;
-                }
-                for k in 0..4 {
-                    let (apk, aqk) = (a[p][k], a[q][k]);
-                    a[p][k] = c * apk - s * aqk;
-                    a[q][k] = s * apk + c * aqk;
-                }
-                for row in v.iter_mut() {
-                    let (vp, vq) = (row[p], row[q]);
-                    row[p] = c * vp - s * vq;
-                    row[q] = s * vp + c * vq;
-                }
-            }
-        }
-    }
-    let best = (0..4)
-        .max_by(|&i, &j| a[i][i].total_cmp(&a[j][j]).then(j.cmp(&i)))
-        .unwrap();
-    [v[0][best], v[1][best], v[2][best], v[3][best]]
 }
 
 /// Least-squares similarity from point pairs (Horn's unit-quaternion method; the scale
@@ -425,7 +367,7 @@ pub fn fit_similarity(src: &[[f64; 3]], dst: &[[f64; 3]], with_scale: bool) -> O
         [szx - sxz, sxy + syx, -sxx + syy - szz, syz + szy],
         [sxy - syx, szx + sxz, syz + szy, -sxx - syy + szz],
     ];
-    let [q0, qx, qy, qz] = top_eigvec4(nmat);
+    let [q0, qx, qy, qz] = sym4_top_eigenvector(nmat);
     let qn = (q0 * q0 + qx * qx + qy * qy + qz * qz).sqrt();
     if !(qn > 0.0) {
         return None;
@@ -505,7 +447,7 @@ pub struct AlignResult {
 fn msac_cost(tr: &Similarity, src: &[[f64; 3]], dst: &[[f64; 3]], thr2: f64) -> f64 {
     src.iter()
         .zip(dst)
-        .map(|(x, y)| norm2(sub(tr.apply(*x), *y)).min(thr2))
+        .map(|(x, y)| sq_dist(tr.apply(*x), *y).min(thr2))
         .sum()
 }
 
@@ -580,7 +522,7 @@ pub fn ransac_similarity(
     let inl = |tr: &Similarity| -> Vec<bool> {
         src.iter()
             .zip(dst)
-            .map(|(x, y)| norm2(sub(tr.apply(*x), *y)) <= thr2)
+            .map(|(x, y)| sq_dist(tr.apply(*x), *y) <= thr2)
             .collect()
     };
     let mut inliers = inl(&tr);
@@ -612,7 +554,7 @@ pub fn ransac_similarity(
     let (mut sse, mut cnt) = (0.0, 0usize);
     for ((x, y), &k) in src.iter().zip(dst).zip(&inliers) {
         if k {
-            sse += norm2(sub(tr.apply(*x), *y));
+            sse += sq_dist(tr.apply(*x), *y);
             cnt += 1;
         }
     }

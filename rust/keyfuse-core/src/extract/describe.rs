@@ -4,6 +4,7 @@
 
 use super::volume::Vol;
 use super::ExtractParams;
+use crate::linalg::sym3_eigenvalues;
 use std::sync::OnceLock;
 
 /// A keypoint frame: rows are the keypoint's axes in (octave) voxel-index space.
@@ -30,44 +31,6 @@ fn cross(a: [f32; 3], b: [f32; 3]) -> [f32; 3] {
 fn normalise(a: [f32; 3]) -> Option<[f32; 3]> {
     let n = dot(a, a).sqrt();
     (n > 1e-12 && n.is_finite()).then(|| [a[0] / n, a[1] / n, a[2] / n])
-}
-
-/// Eigenvalues of a symmetric 3×3 matrix (cyclic Jacobi, fixed sweeps), descending.
-#[allow(clippy::needless_range_loop)] // index loops mirror the matrix algebra
-pub(crate) fn sym_eigenvalues(m: [[f64; 3]; 3]) -> [f64; 3] {
-    let mut a = m;
-    for _ in 0..12 {
-        let off = a[0][1].abs() + a[0][2].abs() + a[1][2].abs();
-        if off < 1e-30 {
-            break;
-        }
-        for (p, q) in [(0usize, 1usize), (0, 2), (1, 2)] {
-            if a[p][q].abs() < 1e-300 {
-                continue;
-            }
-            let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
-            let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-            let t = if theta == 0.0 { 1.0 } else { t };
-            let c = 1.0 / (t * t + 1.0).sqrt();
-            let s = t * c;
-            // A' = Jᵀ A J with the rotation in the (p, q) plane
-            for r in 0..3 {
-                let arp = a[r][p];
-                let arq = a[r][q];
-                a[r][p] = c * arp - s * arq;
-                a[r][q] = s * arp + c * arq;
-            }
-            for r in 0..3 {
-                let apr = a[p][r];
-                let aqr = a[q][r];
-                a[p][r] = c * apr - s * aqr;
-                a[q][r] = s * apr + c * aqr;
-            }
-        }
-    }
-    let mut e = [a[0][0], a[1][1], a[2][2]];
-    e.sort_by(|x, y| y.total_cmp(x));
-    e
 }
 
 /// The equal-area direction bins of the orientation sphere and their smoothing kernel.
@@ -139,6 +102,22 @@ pub(crate) struct Analysis {
     pub frames: Vec<Frame>,
 }
 
+/// Normalise a sampled patch to mean 0 and unit L2 norm, in place (sums in f64). False,
+/// and the patch untouched, when it is flat (variance below 1e-12): nothing to describe.
+pub(crate) fn normalise_patch(v: &mut [f32]) -> bool {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let ss = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>();
+    if ss / n < 1e-12 {
+        return false;
+    }
+    let inv = 1.0 / ss.sqrt();
+    for x in v.iter_mut() {
+        *x = ((*x as f64 - mean) * inv) as f32;
+    }
+    true
+}
+
 /// Structure-tensor blob test and orientation estimation around `c` (octave voxel
 /// coordinates) at characteristic scale `sigma` (octave voxels). `None` when the patch
 /// is flat, the point is not blob-like, or no stable orientation exists.
@@ -160,16 +139,8 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
             }
         }
     }
-    // normalise the patch (mean 0, unit L2 norm); a flat patch has nothing to describe
-    let n = v.len() as f64;
-    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let ss = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>();
-    if ss / n < 1e-12 {
+    if !normalise_patch(&mut v) {
         return None;
-    }
-    let inv = 1.0 / ss.sqrt();
-    for x in &mut v {
-        *x = ((*x as f64 - mean) * inv) as f32;
     }
     // gradients on the inner grid, Gaussian-weighted (σ_w = radius / 2)
     let inner = NA - 2;
@@ -198,7 +169,7 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
             }
         }
     }
-    let e = sym_eigenvalues(t);
+    let e = sym3_eigenvalues(t);
     let (tr, det) = (e[0] + e[1] + e[2], e[0] * e[1] * e[2]);
     if p.tensor_ratio > 0.0
         && (e[2] <= 0.0
@@ -471,15 +442,6 @@ pub(crate) fn rank64(h: &[f32; 64]) -> [u8; 64] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn eigenvalues_of_a_known_matrix() {
-        // rotation of diag(5, 2, 1)
-        let e = sym_eigenvalues([[3.5, 1.5, 0.0], [1.5, 3.5, 0.0], [0.0, 0.0, 1.0]]);
-        assert!(
-            (e[0] - 5.0).abs() < 1e-9 && (e[1] - 2.0).abs() < 1e-9 && (e[2] - 1.0).abs() < 1e-9
-        );
-    }
 
     #[test]
     fn rank_is_a_permutation() {

@@ -4,8 +4,8 @@
 //! parabola per axis when the step leaves the voxel's neighbourhood; 2D: one parabola
 //! per axis and one over scale).
 
-use super::describe::sym_eigenvalues;
 use super::volume::Vol;
+use crate::linalg::sym3_eigenvalues;
 use rayon::prelude::*;
 
 /// Lowe's edge test generalised to 3D on the DoG Hessian `h` at an extremum of sign
@@ -15,7 +15,7 @@ use rayon::prelude::*;
 #[inline]
 fn blob_like_3d(h: [[f64; 3]; 3], pol: f64, r: f64) -> bool {
     let m = h.map(|row| row.map(|x| -pol * x));
-    let e = sym_eigenvalues(m);
+    let e = sym3_eigenvalues(m);
     if e[2] <= 0.0 {
         return false;
     }

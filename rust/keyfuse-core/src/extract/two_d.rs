@@ -3,7 +3,7 @@
 //! extrema, a 2×2 structure-tensor edge test (Lowe's r = 10), one 36-bin orientation
 //! histogram, and a 64-bin descriptor of 4×4 cells × 4 orientation bins, rank-transformed.
 
-use super::describe::{rank64, Frame};
+use super::describe::{normalise_patch, rank64, Frame};
 use super::volume::{self, Vol};
 use super::{
     assemble, check_spacing, intensity_scale, scale_space, Analysis, ExtractParams, Keypoints,
@@ -92,15 +92,8 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
             ]);
         }
     }
-    let n = v.len() as f64;
-    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let ss = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>();
-    if ss / n < 1e-12 {
+    if !normalise_patch(&mut v) {
         return None;
-    }
-    let inv = 1.0 / ss.sqrt();
-    for x in &mut v {
-        *x = ((*x as f64 - mean) * inv) as f32;
     }
     let sw = (NA - 1) as f32 / 4.0;
     let (mut txx, mut txy, mut tyy) = (0f64, 0f64, 0f64);

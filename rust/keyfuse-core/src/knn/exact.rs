@@ -1,0 +1,257 @@
+//! Exact (brute-force) k-NN: one rayon task per block of queries, the fastest kernel
+//! this machine runs (AMX tiles, AVX2 dot products, AVX2 or portable differences), all
+//! giving the same integer distances.
+
+#[cfg(target_arch = "x86_64")]
+use super::amx;
+use super::{check_rows, dist2, sq_norm, sq_norms, Neighbors, TopK, NONE};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::dot64_avx2;
+use crate::simd::has_avx2;
+use crate::{KfError, Result, DESC_LEN};
+use rayon::prelude::*;
+
+#[inline(always)]
+fn scan_block<F: Fn(usize, u32) -> bool, D: Fn(&[u8], &[u8]) -> u32>(
+    data: &[u8],
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    filter: &F,
+    dist: D,
+) {
+    for (j, b) in data.chunks_exact(DESC_LEN).enumerate() {
+        for (qi, heap) in heaps.iter_mut().enumerate() {
+            let q = &queries[qi * DESC_LEN..(qi + 1) * DESC_LEN];
+            let d = dist(q, b);
+            if d <= heap.worst() && filter(q0 + qi, j as u32) {
+                heap.push(d, j as u32);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scan_block_avx2<F: Fn(usize, u32) -> bool>(
+    data: &[u8],
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    filter: &F,
+) {
+    // SAFETY (of the inner calls): this function only runs where AVX2 was detected.
+    scan_block(data, queries, q0, heaps, filter, |a, b| unsafe {
+        crate::simd::dist2_avx2(a, b)
+    })
+}
+
+/// Exact scan of one block of 4 queries by dot products: d² = |q|² + |b|² − 2 q·b, the
+/// products by `maddubs` (u8 × i8, exact while every byte is ≤ 127, which the caller
+/// checks; rank descriptors are 0..63) and the four horizontal sums done together. The
+/// distances are the same integers as [`dist2`], so results are unchanged.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scan_block4_dot_avx2<F: Fn(usize, u32) -> bool>(
+    data: &[u8],
+    data_norms: &[u32],
+    j0: usize,
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    filter: &F,
+) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(queries.len(), 4 * DESC_LEN);
+    let ones = _mm256_set1_epi16(1);
+    // macros, not closures: closures do not inherit `target_feature`, and the intrinsics
+    // would become calls
+    macro_rules! ld {
+        ($p:expr) => {
+            _mm256_loadu_si256($p as *const __m256i)
+        };
+    }
+    macro_rules! dot {
+        ($b0:expr, $b1:expr, $x0:expr, $x1:expr) => {
+            dot64_avx2!($b0, $b1, $x0, $x1, ones)
+        };
+    }
+    let qp = queries.as_ptr();
+    let (q00, q01) = (ld!(qp), ld!(qp.add(32)));
+    let (q10, q11) = (ld!(qp.add(64)), ld!(qp.add(96)));
+    let (q20, q21) = (ld!(qp.add(128)), ld!(qp.add(160)));
+    let (q30, q31) = (ld!(qp.add(192)), ld!(qp.add(224)));
+    let qn: [u32; 4] = std::array::from_fn(|i| sq_norm(&queries[i * DESC_LEN..(i + 1) * DESC_LEN]));
+    let qn4 = _mm_loadu_si128(qn.as_ptr() as *const __m128i);
+    // k-th distances so far, as i32 (≤ i32::MAX: every real d² is far below)
+    let worst_of = |h: &[TopK]| {
+        let w: [i32; 4] = std::array::from_fn(|i| h[i].worst().min(i32::MAX as u32) as i32);
+        _mm_loadu_si128(w.as_ptr() as *const __m128i)
+    };
+    let mut worst4 = worst_of(heaps);
+    for (j, b) in data.chunks_exact(DESC_LEN).enumerate() {
+        let (b0, b1) = (ld!(b.as_ptr()), ld!(b.as_ptr().add(32)));
+        let a0 = dot!(b0, b1, q00, q01);
+        let a1 = dot!(b0, b1, q10, q11);
+        let a2 = dot!(b0, b1, q20, q21);
+        let a3 = dot!(b0, b1, q30, q31);
+        // lanes [a0 a0 a1 a1 | …] → per 128-bit half [a0 a1 a2 a3]; add the halves
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+        let d4 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        // d² = |q|² + |b|² − 2 q·b for the four queries; scalar work only where one of
+        // them beats its current k-th distance
+        let bn = _mm_set1_epi32(data_norms[j] as i32);
+        let d4 = _mm_sub_epi32(_mm_add_epi32(qn4, bn), _mm_slli_epi32(d4, 1));
+        let worse = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(d4, worst4)));
+        if worse == 0b1111 {
+            continue;
+        }
+        let mut ds = [0u32; 4];
+        _mm_storeu_si128(ds.as_mut_ptr() as *mut __m128i, d4);
+        let jj = (j0 + j) as u32;
+        for qi in 0..4 {
+            if worse & (1 << qi) != 0 {
+                continue;
+            }
+            let heap = &mut heaps[qi];
+            if ds[qi] <= heap.worst() && filter(q0 + qi, jj) {
+                heap.push(ds[qi], jj);
+            }
+        }
+        worst4 = worst_of(heaps);
+    }
+}
+
+/// The brute-force kernels, fastest first; all give the same integer distances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ExactKernel {
+    /// AMX tiles (x86-64 Linux where the CPU and OS allow it).
+    Amx,
+    /// AVX2 dot products, for descriptors whose bytes are all ≤ 127 (rank descriptors).
+    Dot,
+    /// AVX2 differences.
+    Avx2,
+    /// Portable.
+    Plain,
+}
+
+impl ExactKernel {
+    fn pick(data: &[u8], queries: &[u8]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if amx::available() {
+            return ExactKernel::Amx;
+        }
+        if !has_avx2() {
+            ExactKernel::Plain
+        } else if data.iter().chain(queries).all(|&v| v < 128) {
+            ExactKernel::Dot
+        } else {
+            ExactKernel::Avx2
+        }
+    }
+
+    /// Scan every data row for one block of queries (one heap per query).
+    pub(super) fn scan<F: Fn(usize, u32) -> bool>(
+        self,
+        data: &[u8],
+        data_norms: &[u32],
+        qs: &[u8],
+        q0: usize,
+        heaps: &mut [TopK],
+        filter: &F,
+    ) {
+        match self {
+            // SAFETY: `pick` chose AMX only where `amx::available()` said so.
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Amx => unsafe { amx::scan(data, data_norms, qs, q0, heaps, filter) },
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Dot if heaps.len().is_multiple_of(4) => {
+                // cache blocking: a chunk of data rows stays in L2 while every group of 4
+                // queries of this block scans it (the order of pushes does not change a
+                // TopK: it keeps the smallest (distance, index) pairs)
+                const CHUNK: usize = 2048;
+                for j0 in (0..data_norms.len()).step_by(CHUNK) {
+                    let j1 = (j0 + CHUNK).min(data_norms.len());
+                    let dc = &data[j0 * DESC_LEN..j1 * DESC_LEN];
+                    for g in 0..heaps.len() / 4 {
+                        let qg = &qs[g * 4 * DESC_LEN..(g + 1) * 4 * DESC_LEN];
+                        let hg = &mut heaps[g * 4..(g + 1) * 4];
+                        // SAFETY: AVX2 was detected and every byte is ≤ 127 (`pick`).
+                        unsafe {
+                            scan_block4_dot_avx2(
+                                dc,
+                                &data_norms[j0..j1],
+                                j0,
+                                qg,
+                                q0 + g * 4,
+                                hg,
+                                filter,
+                            )
+                        };
+                    }
+                }
+            }
+            // SAFETY: AVX2 support was detected at run time (`pick`).
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Dot | ExactKernel::Avx2 => unsafe {
+                scan_block_avx2(data, qs, q0, heaps, filter)
+            },
+            _ => scan_block(data, qs, q0, heaps, filter, dist2),
+        }
+    }
+}
+
+/// Which brute-force kernel [`knn_exact`] runs on this machine for rank descriptors:
+/// "amx", "avx2" or "portable" (all give the same results).
+pub fn exact_kernel_name() -> &'static str {
+    match ExactKernel::pick(&[], &[]) {
+        ExactKernel::Amx => "amx",
+        ExactKernel::Dot | ExactKernel::Avx2 => "avx2",
+        ExactKernel::Plain => "portable",
+    }
+}
+
+/// Exact k nearest neighbours of every query row among the `data` rows (both `n × 64`
+/// bytes). `filter(query, candidate)` rejects candidates (e.g. the query's own subject).
+pub fn knn_exact<F>(data: &[u8], queries: &[u8], k: usize, filter: F) -> Result<Neighbors>
+where
+    F: Fn(usize, u32) -> bool + Sync,
+{
+    check_rows("data", data)?;
+    let nq = check_rows("queries", queries)?;
+    if k == 0 {
+        return Err(KfError::InvalidArgument("k must be at least 1".into()));
+    }
+    let mut idx = vec![NONE; nq * k];
+    let mut dist = vec![u32::MAX; nq * k];
+    let kernel = ExactKernel::pick(data, queries);
+    let data_norms: Vec<u32> = match kernel {
+        ExactKernel::Amx | ExactKernel::Dot => sq_norms(data),
+        _ => Vec::new(),
+    };
+    // queries per task: the blocked kernels read each data chunk from memory once per
+    // task, the plain ones each data row once per block of 4
+    let qb = match kernel {
+        ExactKernel::Amx => 128,
+        ExactKernel::Dot => 64,
+        _ => 4,
+    };
+    idx.par_chunks_mut(qb * k)
+        .zip(dist.par_chunks_mut(qb * k))
+        .enumerate()
+        .for_each(|(blk, (ib, db))| {
+            let q0 = blk * qb;
+            let nb = ib.len() / k;
+            let qs = &queries[q0 * DESC_LEN..(q0 + nb) * DESC_LEN];
+            let mut heaps = vec![TopK::new(k); nb];
+            kernel.scan(data, &data_norms, qs, q0, &mut heaps, &filter);
+            for (h, heap) in heaps.iter().enumerate() {
+                heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
+            }
+        });
+    Ok(Neighbors {
+        k,
+        idx,
+        dist2: dist,
+    })
+}

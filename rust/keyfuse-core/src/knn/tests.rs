@@ -1,0 +1,192 @@
+//! Tests of the k-NN kernels and the forest.
+
+#[cfg(target_arch = "x86_64")]
+use super::amx;
+use super::exact::ExactKernel;
+use super::*;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::dist2_avx2;
+use crate::simd::{dist2_scalar, has_avx2};
+
+/// `n` random permutations of 0..64 (rank descriptors), from a seed.
+pub(crate) fn random_perms(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SplitMix(seed);
+    let mut out = Vec::with_capacity(n * DESC_LEN);
+    for _ in 0..n {
+        let mut p: Vec<u8> = (0..64).collect();
+        for i in (1..64).rev() {
+            p.swap(i, rng.below(i + 1));
+        }
+        out.extend(p);
+    }
+    out
+}
+
+fn naive(data: &[u8], q: &[u8], k: usize) -> Vec<(u32, u32)> {
+    let mut all: Vec<(u32, u32)> = data
+        .chunks_exact(64)
+        .enumerate()
+        .map(|(i, r)| (dist2(q, r), i as u32))
+        .collect();
+    all.sort();
+    all.truncate(k);
+    all
+}
+
+#[test]
+fn simd_distances_match_scalar() {
+    let d = random_perms(50, 8);
+    let mut w = d.clone();
+    w.iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = v.wrapping_mul(4).wrapping_add(i as u8));
+    for x in d.chunks_exact(64).chain(w.chunks_exact(64)) {
+        for y in d.chunks_exact(64).chain(w.chunks_exact(64)) {
+            let (xa, ya) = (x.try_into().unwrap(), y.try_into().unwrap());
+            let s = dist2_scalar(xa, ya);
+            assert_eq!(dist2(x, y), s);
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                assert_eq!(unsafe { dist2_avx2(x, y) }, s);
+            }
+        }
+    }
+}
+
+#[test]
+fn exact_matches_naive_sort() {
+    let data = random_perms(500, 1);
+    let qs = random_perms(17, 2);
+    let nb = knn_exact(&data, &qs, 5, |_, _| true).unwrap();
+    for q in 0..17 {
+        let got: Vec<(u32, u32)> = nb.row(q).map(|(i, d)| (d, i)).collect();
+        assert_eq!(got, naive(&data, &qs[q * 64..(q + 1) * 64], 5));
+    }
+}
+
+/// Every brute-force kernel this machine can run gives the naive answer, on sizes that
+/// are not multiples of the tile or block sizes, with a filter, bytes above 127 (the
+/// dot kernel's limit) and duplicate distances (ties go to the lower index).
+#[test]
+fn every_exact_kernel_matches_naive() {
+    let mut kernels = vec![ExactKernel::Plain];
+    if has_avx2() {
+        kernels.extend([ExactKernel::Dot, ExactKernel::Avx2]);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        kernels.push(ExactKernel::Amx);
+    }
+    let mut rng = SplitMix(11);
+    for (n, nq, wide) in [
+        (1usize, 3usize, false),
+        (37, 45, false),
+        (2100, 132, false),
+        (300, 40, true),
+    ] {
+        let mut data = random_perms(n, 12 + n as u64);
+        let mut qs = random_perms(nq, 13);
+        if wide {
+            data.iter_mut()
+                .chain(qs.iter_mut())
+                .for_each(|v| *v = v.wrapping_mul(4));
+        }
+        // exact duplicates: ties in distance
+        if n > 10 {
+            let first = data[..64].to_vec();
+            data[5 * 64..6 * 64].copy_from_slice(&first);
+            qs[..64].copy_from_slice(&first);
+        }
+        let norms = sq_norms(&data);
+        let skip = rng.below(7) as u32 + 2;
+        let filter = |q: usize, c: u32| !(c + q as u32).is_multiple_of(skip);
+        for &kern in &kernels {
+            if kern == ExactKernel::Dot && wide {
+                continue;
+            }
+            for k in [1usize, 5] {
+                let mut heaps = vec![TopK::new(k); nq];
+                kern.scan(&data, &norms, &qs, 0, &mut heaps, &filter);
+                for q in 0..nq {
+                    let qrow = &qs[q * 64..(q + 1) * 64];
+                    let mut all: Vec<(u32, u32)> = data
+                        .chunks_exact(64)
+                        .enumerate()
+                        .filter(|&(i, _)| filter(q, i as u32))
+                        .map(|(i, r)| (dist2(qrow, r), i as u32))
+                        .collect();
+                    all.sort();
+                    all.truncate(k);
+                    assert_eq!(heaps[q].items, all, "{kern:?} n={n} q={q} k={k}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn exact_filter_and_short_rows() {
+    let data = random_perms(6, 3);
+    let nb = knn_exact(&data, &data[..64], 10, |_, c| c % 2 == 1).unwrap();
+    let ids: Vec<u32> = nb.row(0).map(|(i, _)| i).collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.iter().all(|i| i % 2 == 1));
+    assert_eq!(nb.idx[3], NONE);
+}
+
+#[test]
+fn forest_finds_itself_and_agrees_with_exact() {
+    let mut data = random_perms(3000, 4);
+    // perturbed copies: each query has a true near neighbour, as for real matches
+    let mut rng = SplitMix(9);
+    let mut qs = data[..200 * 64].to_vec();
+    for row in qs.chunks_exact_mut(64) {
+        for _ in 0..6 {
+            let (i, j) = (rng.below(64), rng.below(64));
+            row.swap(i, j);
+        }
+    }
+    data.extend_from_slice(&random_perms(10, 5));
+    let forest = KdForest::build(&data, &ForestParams::default()).unwrap();
+    let ex = knn_exact(&data, &qs, 1, |_, _| true).unwrap();
+    let ap = forest.search(&data, &qs, 1, 256, |_, _| true).unwrap();
+    let agree = (0..200).filter(|&q| ex.idx[q] == ap.idx[q]).count();
+    assert!(agree >= 190, "recall@1 {agree}/200");
+    // approximate distances can only be worse than the exact ones
+    let ap3 = forest.search(&data, &qs, 3, 64, |_, _| true).unwrap();
+    let ex3 = knn_exact(&data, &qs, 3, |_, _| true).unwrap();
+    assert!(ap3.dist2.iter().zip(&ex3.dist2).all(|(a, e)| a >= e));
+}
+
+#[test]
+fn forest_is_deterministic_across_pools() {
+    let data = random_perms(2000, 6);
+    let qs = random_perms(100, 7);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let f = KdForest::build(&data, &ForestParams::default()).unwrap();
+            f.search(&data, &qs, 5, 64, |_, _| true).unwrap()
+        })
+    };
+    assert_eq!(run(1), run(3));
+}
+
+#[test]
+fn bad_sizes_are_errors() {
+    assert!(knn_exact(&[0u8; 65], &[0u8; 64], 1, |_, _| true).is_err());
+    assert!(knn_exact(&[0u8; 64], &[0u8; 64], 0, |_, _| true).is_err());
+    let f = KdForest::build(&[0u8; 128], &ForestParams::default()).unwrap();
+    assert!(f.search(&[0u8; 64], &[0u8; 64], 1, 8, |_, _| true).is_err());
+}
+
+#[test]
+fn identical_points_do_not_loop() {
+    let data = vec![5u8; 64 * 100];
+    let f = KdForest::build(&data, &ForestParams::default()).unwrap();
+    let nb = f.search(&data, &data[..64], 4, 16, |_, _| true).unwrap();
+    assert_eq!(nb.dist2[0], 0);
+}
