@@ -33,7 +33,31 @@ use rayon::prelude::*;
 /// A kernel exponent beyond this adds less than e^-40 ≈ 4e-18 to a sum that already
 /// holds the background b (≥ f64 epsilon relative to it for b ≥ 1e-2), so it is skipped:
 /// the result is unchanged at f64 precision and most `exp` calls are saved.
-const EXP_CUTOFF: f64 = 40.0;
+pub const EXP_CUTOFF: f64 = 40.0;
+
+/// Add the kernel value `exp(−d2/width)` to `out[c]`, unless it is below e^−[`EXP_CUTOFF`].
+/// The keypoint term's one kernel, shared with the CUDA likelihood.
+#[inline]
+pub fn add_kernel_term(out: &mut [f64], c: usize, d2: u32, width: f64) {
+    let x = d2 as f64 / width;
+    if x < EXP_CUTOFF {
+        out[c] += (-x).exp();
+    }
+}
+
+/// Σ over query rows of ln(S_qc/N_c + b) for each class c, from the row-major
+/// (Nq × C) kernel sums `sums` and the class sizes `n_per_class` (a class with no
+/// training keypoint contributes ln b per row). Rows are added in order, so the result is
+/// deterministic; the CUDA keypoint likelihood finishes with it too.
+pub fn log_likelihood_from_sums(sums: &[f64], n_per_class: &[usize], background: f64) -> Vec<f64> {
+    let mut ll = vec![0.0f64; n_per_class.len()];
+    for row in sums.chunks_exact(n_per_class.len().max(1)) {
+        for (c, &s) in row.iter().enumerate() {
+            ll[c] += log_term(s, n_per_class[c], background);
+        }
+    }
+    ll
+}
 
 /// Options shared by the likelihood functions.
 #[derive(Debug, Clone)]
@@ -165,12 +189,6 @@ pub fn keypoint_log_likelihood(
         return Ok(Array1::from_elem(n_classes, nq as f64 * b.ln()));
     }
 
-    let accumulate = |out: &mut [f64], d2: u32, c: usize, width: f64| {
-        let x = d2 as f64 / width;
-        if x < EXP_CUTOFF {
-            out[c] += (-x).exp();
-        }
-    };
     // per query keypoint: the n_classes kernel sums, in a (Nq, C) buffer
     let mut sums = vec![0.0f64; nq * n_classes];
     match opts.k {
@@ -189,7 +207,7 @@ pub fn keypoint_log_likelihood(
                     let mut row = nb.row(i).peekable();
                     let width = 1.0 + row.peek().map_or(0.0, |&(_, d)| d as f64);
                     for (j, d2) in row {
-                        accumulate(out, d2, kp_class[j as usize], width);
+                        add_kernel_term(out, kp_class[j as usize], d2, width);
                     }
                 });
         }
@@ -209,20 +227,18 @@ pub fn keypoint_log_likelihood(
                     let width = 1.0 + dist.iter().copied().min().unwrap_or(0) as f64;
                     for (&d2, &c) in dist.iter().zip(&kp_class) {
                         if c != usize::MAX {
-                            accumulate(out, d2, c, width);
+                            add_kernel_term(out, c, d2, width);
                         }
                     }
                 },
             );
         }
     }
-    let mut ll = Array1::<f64>::zeros(n_classes);
-    for row in sums.chunks_exact(n_classes) {
-        for (c, &s) in row.iter().enumerate() {
-            ll[c] += log_term(s, n_per_class[c], b);
-        }
-    }
-    Ok(ll)
+    Ok(Array1::from(log_likelihood_from_sums(
+        &sums,
+        &n_per_class,
+        b,
+    )))
 }
 
 /// ln(S/N + b), with an empty class contributing the background only.

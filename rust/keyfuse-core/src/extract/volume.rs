@@ -101,9 +101,11 @@ impl Vol {
     }
 }
 
-/// Half of a normalised Gaussian kernel: `w[0]` is the centre tap, `w[t]` the weight
-/// of offsets ±t. Truncated at 3σ (at least one tap each side).
-pub(crate) fn gaussian_half_kernel(sigma: f32) -> Vec<f32> {
+/// Half of a normalised Gaussian kernel of σ `sigma` voxels, in f32 throughout: `w[0]` is
+/// the centre tap, `w[t]` the weight of offsets ±t, truncated at 3σ (at least one tap each
+/// side) and normalised by `w[0] + 2·Σw[1..]`. The extractor's blur and the CUDA blur both
+/// take their taps from here, so their results stay bit-identical.
+pub fn gaussian_half_kernel(sigma: f32) -> Vec<f32> {
     let r = ((3.0 * sigma).ceil() as usize).max(1);
     let mut w: Vec<f32> = (0..=r)
         .map(|t| (-((t * t) as f32) / (2.0 * sigma * sigma)).exp())
