@@ -23,9 +23,7 @@
 //! keypoint of B keeps its best share from one query set (|A∩B| ≤ min(|A|,|B|), so J
 //! stays a soft Jaccard: 1 for identical sets, ≈ 0 for disjoint ones). The competition
 //! among candidates is what the reference voting gets right; with the narrower width it
-//! beats the votes read as J on the same exact neighbours (family AUC / mAP: demo cohort
-//! 0.9993 / 0.996 vs 0.9974 / 0.989; a 104-scan 2 mm cohort 0.9899 / 0.932 vs
-//! 0.9897 / 0.909; `benches/cohort.py`).
+//! beats the votes read as J on the same exact neighbours (see docs/decisions.md).
 //!
 //! Summation order never depends on the thread count (per-subject rows, fixed order),
 //! so every score is bit-identical from run to run.

@@ -304,70 +304,91 @@ fn vector_row(
     }
 }
 
-fn check_vectors(
-    qcols: usize,
-    tcols: usize,
-    tclass_len: usize,
-    trows: usize,
-    exclude: Option<&[i64]>,
-    nq: usize,
-) -> Result<()> {
-    if qcols != tcols {
-        return Err(KfError::InvalidArgument(format!(
-            "query vectors have {qcols} elements but training vectors have {tcols}"
-        )));
-    }
-    if tclass_len != trows {
-        return Err(KfError::InvalidArgument(format!(
-            "train_class has {tclass_len} entries for {trows} training vectors"
-        )));
-    }
-    if let Some(ex) = exclude {
-        if ex.len() != nq {
-            return Err(KfError::InvalidArgument(format!(
-                "exclude has {} entries for {nq} queries",
-                ex.len()
-            )));
-        }
-        if let Some(bad) = ex.iter().find(|&&e| e >= trows as i64) {
-            return Err(KfError::InvalidArgument(format!(
-                "exclude index {bad} is outside 0..{trows}"
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn per_query<F>(
+/// A checked vector-likelihood problem (eqs. 8–9), shared by the real and the binary
+/// versions: everything but the distances.
+struct VectorTask<'a> {
     nq: usize,
     ntrain: usize,
-    train_cls: &[usize],
+    /// Training classes as indices.
+    cls: Vec<usize>,
     n_classes: usize,
-    exclude: Option<&[i64]>,
-    b: f64,
-    dist_row: F,
-) -> Array2<f64>
-where
-    F: Fn(usize, &mut [f64]) + Sync,
-{
-    let mut counts = vec![0usize; n_classes];
-    for &c in train_cls {
-        counts[c] += 1;
+    exclude: Option<&'a [i64]>,
+    background: f64,
+}
+
+impl<'a> VectorTask<'a> {
+    /// Check the arguments common to both versions.
+    fn new<T>(
+        query: &ArrayView2<T>,
+        train: &ArrayView2<T>,
+        train_class: ArrayView1<i64>,
+        n_classes: usize,
+        exclude: Option<&'a [i64]>,
+        opts: &KdeOptions,
+    ) -> Result<Self> {
+        check_background(opts.background)?;
+        let (nq, qcols) = query.dim();
+        let (trows, tcols) = train.dim();
+        if qcols != tcols {
+            return Err(KfError::InvalidArgument(format!(
+                "query vectors have {qcols} elements but training vectors have {tcols}"
+            )));
+        }
+        if train_class.len() != trows {
+            return Err(KfError::InvalidArgument(format!(
+                "train_class has {} entries for {trows} training vectors",
+                train_class.len()
+            )));
+        }
+        if let Some(ex) = exclude {
+            if ex.len() != nq {
+                return Err(KfError::InvalidArgument(format!(
+                    "exclude has {} entries for {nq} queries",
+                    ex.len()
+                )));
+            }
+            if let Some(bad) = ex.iter().find(|&&e| e >= trows as i64) {
+                return Err(KfError::InvalidArgument(format!(
+                    "exclude index {bad} is outside 0..{trows}"
+                )));
+            }
+        }
+        Ok(VectorTask {
+            nq,
+            ntrain: trows,
+            cls: class_indices(train_class, n_classes, "train_class")?,
+            n_classes,
+            exclude,
+            background: opts.background,
+        })
     }
-    let mut out = Array2::<f64>::zeros((nq, n_classes));
-    out.as_slice_mut()
-        .expect("fresh array is contiguous")
-        .par_chunks_mut(n_classes.max(1))
-        .enumerate()
-        .for_each_init(
-            || vec![0.0f64; ntrain],
-            |dists, (i, row)| {
-                dist_row(i, dists);
-                let skip = exclude.and_then(|ex| usize::try_from(ex[i]).ok());
-                vector_row(dists, train_cls, skip, &counts, b, row);
-            },
-        );
-    out
+
+    /// The (Q, n_classes) log-likelihoods, given `dist_row(i, dists)`: the distances from
+    /// query `i` to every training vector.
+    fn solve<F>(&self, dist_row: F) -> Array2<f64>
+    where
+        F: Fn(usize, &mut [f64]) + Sync,
+    {
+        let (train_cls, n_classes) = (&self.cls, self.n_classes);
+        let mut counts = vec![0usize; n_classes];
+        for &c in train_cls {
+            counts[c] += 1;
+        }
+        let mut out = Array2::<f64>::zeros((self.nq, n_classes));
+        out.as_slice_mut()
+            .expect("fresh array is contiguous")
+            .par_chunks_mut(n_classes.max(1))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f64; self.ntrain],
+                |dists, (i, row)| {
+                    dist_row(i, dists);
+                    let skip = self.exclude.and_then(|ex| usize::try_from(ex[i]).ok());
+                    vector_row(dists, train_cls, skip, &counts, self.background, row);
+                },
+            );
+        out
+    }
 }
 
 /// log p(v | C_k) for real vectors (eqs. 8–9, Euclidean distance), one row per query.
@@ -386,44 +407,27 @@ pub fn vector_log_likelihood(
     exclude: Option<&[i64]>,
     opts: &KdeOptions,
 ) -> Result<Array2<f64>> {
-    check_background(opts.background)?;
-    check_vectors(
-        query.ncols(),
-        train.ncols(),
-        train_class.len(),
-        train.nrows(),
-        exclude,
-        query.nrows(),
-    )?;
+    let task = VectorTask::new(&query, &train, train_class, n_classes, exclude, opts)?;
     if query.iter().chain(train.iter()).any(|v| !v.is_finite()) {
         return Err(KfError::InvalidArgument(
             "vectors contain NaN or Inf".into(),
         ));
     }
-    let cls = class_indices(train_class, n_classes, "train_class")?;
     let query = query.as_standard_layout();
     let train = train.as_standard_layout();
     let d = query.ncols();
     let qs = query.as_slice().expect("standard layout");
     let ts = train.as_slice().expect("standard layout");
-    Ok(per_query(
-        query.nrows(),
-        train.nrows(),
-        &cls,
-        n_classes,
-        exclude,
-        opts.background,
-        |i, dists| {
-            let q = &qs[i * d..(i + 1) * d];
-            for (o, t) in dists.iter_mut().zip(ts.chunks_exact(d.max(1))) {
-                let s: f64 = q.iter().zip(t).map(|(a, b)| (a - b) * (a - b)).sum();
-                *o = s.sqrt();
-            }
-            if d == 0 {
-                dists.iter_mut().for_each(|o| *o = 0.0);
-            }
-        },
-    ))
+    Ok(task.solve(|i, dists| {
+        let q = &qs[i * d..(i + 1) * d];
+        for (o, t) in dists.iter_mut().zip(ts.chunks_exact(d.max(1))) {
+            let s: f64 = q.iter().zip(t).map(|(a, b)| (a - b) * (a - b)).sum();
+            *o = s.sqrt();
+        }
+        if d == 0 {
+            dists.iter_mut().for_each(|o| *o = 0.0);
+        }
+    }))
 }
 
 fn pack_bits(m: ArrayView2<u8>) -> Result<(Vec<u64>, usize)> {
@@ -456,40 +460,23 @@ pub fn binary_log_likelihood(
     exclude: Option<&[i64]>,
     opts: &KdeOptions,
 ) -> Result<Array2<f64>> {
-    check_background(opts.background)?;
-    check_vectors(
-        query.ncols(),
-        train.ncols(),
-        train_class.len(),
-        train.nrows(),
-        exclude,
-        query.nrows(),
-    )?;
-    let cls = class_indices(train_class, n_classes, "train_class")?;
+    let task = VectorTask::new(&query, &train, train_class, n_classes, exclude, opts)?;
     let (qb, words) = pack_bits(query)?;
     let (tb, _) = pack_bits(train)?;
-    Ok(per_query(
-        query.nrows(),
-        train.nrows(),
-        &cls,
-        n_classes,
-        exclude,
-        opts.background,
-        |i, dists| {
-            if words == 0 {
-                dists.iter_mut().for_each(|o| *o = 0.0);
-                return;
-            }
-            let q = &qb[i * words..(i + 1) * words];
-            for (o, t) in dists.iter_mut().zip(tb.chunks_exact(words)) {
-                *o = q
-                    .iter()
-                    .zip(t)
-                    .map(|(a, b)| (a ^ b).count_ones())
-                    .sum::<u32>() as f64;
-            }
-        },
-    ))
+    Ok(task.solve(|i, dists| {
+        if words == 0 {
+            dists.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let q = &qb[i * words..(i + 1) * words];
+        for (o, t) in dists.iter_mut().zip(tb.chunks_exact(words)) {
+            *o = q
+                .iter()
+                .zip(t)
+                .map(|(a, b)| (a ^ b).count_ones())
+                .sum::<u32>() as f64;
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -47,11 +47,11 @@ pub struct ExtractParams {
     /// σ of the first Gaussian of each octave (octave voxels). Default 1.6.
     pub sigma0: f64,
     /// DoG levels searched per octave (κ = 2^(1/S)). Default 4 (Lowe and featExtract use
-    /// 3; 4 measured better repeatability on the MNI rotation benchmark: 86% vs 85%).
+    /// 3; 4 repeats better on the MNI rotation benchmark, see docs/decisions.md).
     pub scales_per_octave: f64,
     /// Blur the input is assumed to have already (voxels). Default 0 (Lowe and
     /// featExtract assume 0.5; assuming none, i.e. blurring the input by the full σ0,
-    /// measured better repeatability on the MNI rotation benchmark: 89% vs 86%).
+    /// repeats better on the MNI rotation benchmark, see docs/decisions.md).
     pub initial_blur: f64,
     /// Smallest side (voxels) an octave must have to be searched. Default 8.
     pub min_size: f64,
@@ -65,8 +65,7 @@ pub struct ExtractParams {
     pub edge_ratio: f64,
     /// featExtract's blob test on the structure tensor of the normalised patch: keep if
     /// (e1+e2+e3)³ < ratio·e1·e2·e3 (featExtract: 140). Default 0 = off: with the DoG
-    /// Hessian test in place it only removed repeatable points (MNI rotation benchmark:
-    /// repeatability 78.7% with 140, 84.8% without).
+    /// Hessian test in place it only removes repeatable points (see docs/decisions.md).
     pub tensor_ratio: f64,
     /// Extra border margin (octave voxels) beyond the descriptor radius. Default 2.
     pub border: f64,
