@@ -23,9 +23,7 @@
 //! keypoint of B keeps its best share from one query set (|A∩B| ≤ min(|A|,|B|), so J
 //! stays a soft Jaccard: 1 for identical sets, ≈ 0 for disjoint ones). The competition
 //! among candidates is what the reference voting gets right; with the narrower width it
-//! beats the votes read as J on the same exact neighbours (family AUC / mAP: demo cohort
-//! 0.9993 / 0.996 vs 0.9974 / 0.989; a 104-scan 2 mm cohort 0.9899 / 0.932 vs
-//! 0.9897 / 0.909; `benches/cohort.py`).
+//! beats the votes read as J on the same exact neighbours (see docs/decisions.md).
 //!
 //! Summation order never depends on the thread count (per-subject rows, fixed order),
 //! so every score is bit-identical from run to run.
@@ -105,10 +103,11 @@ fn check_params(p: &SoftJaccardParams) -> Result<()> {
     Ok(())
 }
 
-/// Per-dimension running sums, for E = 2 Σ_d Var_d (the mean squared distance between
-/// two independent descriptors of the data).
+/// Per-dimension running sums of descriptor rows, for E = 2 Σ_d Var_d (the mean squared
+/// distance between two independent descriptors of the data). The sums are exact integers,
+/// so E does not depend on the order rows were added in.
 #[derive(Clone, Debug)]
-struct DimStats {
+pub struct DimStats {
     n: u64,
     sum: [u64; DESC_LEN],
     sq: [u64; DESC_LEN],
@@ -125,7 +124,8 @@ impl Default for DimStats {
 }
 
 impl DimStats {
-    fn add(&mut self, desc: &[u8]) {
+    /// Add descriptor rows (`n × 64` bytes, row-major).
+    pub fn add(&mut self, desc: &[u8]) {
         for row in desc.chunks_exact(DESC_LEN) {
             for d in 0..DESC_LEN {
                 let v = row[d] as u64;
@@ -135,7 +135,8 @@ impl DimStats {
         }
         self.n += (desc.len() / DESC_LEN) as u64;
     }
-    fn mean_sq_dist(&self) -> f64 {
+    /// E = 2 Σ_d Var_d of the rows added so far (∞ for fewer than two rows).
+    pub fn mean_sq_dist(&self) -> f64 {
         if self.n < 2 {
             return f64::INFINITY;
         }
@@ -149,14 +150,22 @@ impl DimStats {
     }
 }
 
-/// The α² clamp `[floor, γ·E]` for data with statistics `stats`.
-fn alpha2_bounds(p: &SoftJaccardParams, stats: &DimStats) -> KernelWidth {
-    let cap = p.alpha2_cap_fraction * stats.mean_sq_dist();
+/// The α² clamp `(floor, max(γ·E, floor))` for `floor` = [`SoftJaccardParams::alpha2_floor`],
+/// γ = `cap_fraction` and E = `mean_sq_dist` ([`DimStats::mean_sq_dist`]); a NaN cap
+/// (γ = ∞ with E = 0) means no cap. The CUDA cohort engine clamps with the same bounds.
+pub fn alpha2_clamp(floor: f64, cap_fraction: f64, mean_sq_dist: f64) -> (f64, f64) {
+    let cap = cap_fraction * mean_sq_dist;
     let cap = if cap.is_nan() { f64::INFINITY } else { cap };
+    (floor, cap.max(floor))
+}
+
+/// The kernel width of `p` for data with statistics `stats`.
+fn alpha2_bounds(p: &SoftJaccardParams, stats: &DimStats) -> KernelWidth {
+    let (floor, cap) = alpha2_clamp(p.alpha2_floor, p.alpha2_cap_fraction, stats.mean_sq_dist());
     KernelWidth {
         scale2: p.alpha_scale * p.alpha_scale,
-        floor: p.alpha2_floor,
-        cap: cap.max(p.alpha2_floor),
+        floor,
+        cap,
     }
 }
 
@@ -184,6 +193,34 @@ pub fn jaccard_from(inter: f64, na: usize, nb: usize) -> f64 {
     } else {
         (inter / union).clamp(0.0, 1.0)
     }
+}
+
+/// The N×N soft-Jaccard matrix, row-major, of subjects with keypoint counts `sizes`, from
+/// their soft intersections `inter(a, b)` (a's keypoints into subject b): diagonal 1;
+/// `symmetric` averages `inter(a, b)` and `inter(b, a)` before forming J. CPU and CUDA
+/// cohorts both assemble their matrices here.
+pub fn jaccard_matrix(
+    sizes: &[usize],
+    symmetric: bool,
+    inter: impl Fn(usize, usize) -> f64,
+) -> Vec<f64> {
+    let n = sizes.len();
+    let mut out = vec![0.0f64; n * n];
+    for a in 0..n {
+        for b in 0..n {
+            out[a * n + b] = if a == b {
+                1.0
+            } else {
+                let i = if symmetric {
+                    0.5 * (inter(a, b) + inter(b, a))
+                } else {
+                    inter(a, b)
+                };
+                jaccard_from(i, sizes[a], sizes[b])
+            };
+        }
+    }
+    out
 }
 
 /// A cohort of keypoint sets (descriptors only) with a lazily built kd-forest: the search
@@ -344,23 +381,7 @@ impl Cohort {
             accumulate(nb, &self.owner, bounds, p.posterior, &mut inter);
             inter
         })?;
-        let sizes = self.sizes();
-        let mut out = vec![0.0f64; n * n];
-        for a in 0..n {
-            for b in 0..n {
-                out[a * n + b] = if a == b {
-                    1.0
-                } else {
-                    let i = if symmetric {
-                        0.5 * (rows[a][b] + rows[b][a])
-                    } else {
-                        rows[a][b]
-                    };
-                    jaccard_from(i, sizes[a], sizes[b])
-                };
-            }
-        }
-        Ok(out)
+        Ok(jaccard_matrix(&self.sizes(), symmetric, |a, b| rows[a][b]))
     }
 
     /// Every indexed keypoint's neighbours among the other subjects, searched as one batch
@@ -637,169 +658,4 @@ pub fn soft_jaccard_pair(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::knn::SplitMix;
-
-    use crate::knn::tests::random_perms as perms;
-
-    fn exact() -> SoftJaccardParams {
-        SoftJaccardParams {
-            exact: true,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn identical_sets_score_one() {
-        let a = perms(50, 1);
-        let j = soft_jaccard_pair(&a, &a, &exact(), false, None).unwrap();
-        assert!((j - 1.0).abs() < 1e-12, "{j}");
-        let post = SoftJaccardParams {
-            exact: true,
-            ..SoftJaccardParams::posterior()
-        };
-        let j = soft_jaccard_pair(&a, &a, &post, false, None).unwrap();
-        assert!((j - 1.0).abs() < 1e-12, "{j}");
-    }
-
-    #[test]
-    fn far_apart_sets_score_near_zero() {
-        // A: small perturbations of the identity ranking, B: of its reverse
-        let mut rng = SplitMix(3);
-        let mut mk = |rev: bool| {
-            let mut out = Vec::new();
-            for _ in 0..40 {
-                let mut p: Vec<u8> = (0..64).collect();
-                if rev {
-                    p.reverse();
-                }
-                for _ in 0..3 {
-                    let i = rng.below(63);
-                    p.swap(i, i + 1);
-                }
-                out.extend(p);
-            }
-            out
-        };
-        let (a, b) = (mk(false), mk(true));
-        let j = soft_jaccard_pair(&a, &b, &exact(), true, None).unwrap();
-        assert!(j < 1e-6, "{j}");
-        let post = SoftJaccardParams {
-            exact: true,
-            ..SoftJaccardParams::posterior()
-        };
-        let j = soft_jaccard_pair(&a, &b, &post, true, None).unwrap();
-        assert!(j < 1e-6, "{j}");
-    }
-
-    #[test]
-    fn hand_computed_tiny_sets() {
-        // one keypoint each: A∖{f} is empty, so α² = d²(a,b) and |A∩B| = exp(−½)
-        let a: Vec<u8> = (0..64).collect();
-        let mut b = a.clone();
-        b.swap(0, 1); // d² = 2
-        let uncapped = SoftJaccardParams {
-            alpha2_cap_fraction: f64::INFINITY,
-            ..exact()
-        };
-        let j = soft_jaccard_pair(&a, &b, &uncapped, false, None).unwrap();
-        let i = (-0.5f64).exp();
-        assert!((j - i / (2.0 - i)).abs() < 1e-12);
-        // two keypoints in A: a0, a1 (d²(a0,a1)=8); B = {a0 with one swap}
-        let mut a1: Vec<u8> = (0..64).collect();
-        a1.swap(10, 12); // d² = 2·4 = 8
-        let aa = [a.clone(), a1.clone()].concat();
-        let jj = soft_jaccard_pair(&aa, &b, &uncapped, false, None).unwrap();
-        // a0: α² = min(8, 2) = 2, kernel exp(−2/4); a1: d²(a1,b)=10, α²=min(8,10)=8,
-        // kernel exp(−10/16)
-        let inter = (-0.5f64).exp() + (-10.0f64 / 16.0).exp();
-        assert!((jj - inter / (3.0 - inter)).abs() < 1e-12, "{jj}");
-    }
-
-    #[test]
-    fn hand_computed_posterior() {
-        let a0: Vec<u8> = (0..64).collect();
-        let mut b0 = a0.clone();
-        b0.swap(0, 1); // d²(a0,b0) = 2
-        let mut a1 = a0.clone();
-        a1.swap(10, 12); // d²(a0,a1) = 8, d²(a1,b0) = 10
-        let aa = [a0.clone(), a1.clone()].concat();
-        let p = SoftJaccardParams {
-            exact: true,
-            ..SoftJaccardParams::posterior()
-        };
-        let j = soft_jaccard_pair(&aa, &b0, &p, false, None).unwrap();
-        // α = half the nearest distance: a0: α² = 2/4, raised to the floor 1, shares
-        // e^{-2/2} : e^{-8/2} (b0 : a1); a1: α² = 8/4, e^{-8/4} : e^{-10/4} (a0 : b0);
-        // b0 keeps its best share (a0's)
-        let s0 = (-1.0f64).exp() / ((-1.0f64).exp() + (-4.0f64).exp());
-        let s1 = (-2.5f64).exp() / ((-2.0f64).exp() + (-2.5f64).exp());
-        let inter = s0.max(s1);
-        assert!((j - inter / (3.0 - inter)).abs() < 1e-12, "{j}");
-    }
-
-    #[test]
-    fn cohort_pairwise_is_deterministic_and_ranks_relatives() {
-        // 6 subjects: 0/1 share a prototype (relatives), the others are unrelated
-        let proto = perms(300, 11);
-        let mut rng = SplitMix(12);
-        let mut noisy = |src: &[u8]| {
-            let mut v = src.to_vec();
-            for row in v.chunks_exact_mut(64) {
-                for _ in 0..4 {
-                    let i = rng.below(63);
-                    row.swap(i, i + 1);
-                }
-            }
-            v
-        };
-        let mut c = Cohort::new(ForestParams::default());
-        c.add(&noisy(&proto)).unwrap();
-        c.add(&noisy(&proto)).unwrap();
-        for s in 0..4 {
-            c.add(&perms(300, 20 + s)).unwrap();
-        }
-        c.build_forest().unwrap();
-        let p = SoftJaccardParams::default();
-        let run = |t: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .unwrap()
-                .install(|| c.pairwise(&p, false).unwrap())
-        };
-        let run_with = |t: usize, p: &SoftJaccardParams| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .unwrap()
-                .install(|| c.pairwise(p, false).unwrap())
-        };
-        let m = run(1);
-        assert_eq!(m, run(2));
-        for b in 2..6 {
-            assert!(m[1] > 2.0 * m[b], "{m:?}");
-        }
-        let ex = c.pairwise(&exact(), false).unwrap();
-        assert!((ex[1] - m[1]).abs() < 0.05);
-        let post = SoftJaccardParams::posterior();
-        let mp = run_with(1, &post);
-        assert_eq!(mp, run_with(2, &post));
-        for b in 2..6 {
-            assert!(mp[1] > 2.0 * mp[b], "{mp:?}");
-        }
-        let v = c.reference_votes(&p).unwrap();
-        assert!(v[1] > v[2] && v[1] > v[3]);
-        let s = c
-            .search(&c.descriptors()[..300 * 64], Some(0), None, &p)
-            .unwrap();
-        assert_eq!(s[0], 0.0);
-        assert_eq!(s[1], m[1]);
-        let mask = [true, false, true, true, true, true];
-        let r = c
-            .search(&c.descriptors()[..300 * 64], None, Some(&mask), &p)
-            .unwrap();
-        assert_eq!(r[1], 0.0);
-    }
-}
+mod tests;

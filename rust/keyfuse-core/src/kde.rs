@@ -33,7 +33,31 @@ use rayon::prelude::*;
 /// A kernel exponent beyond this adds less than e^-40 ≈ 4e-18 to a sum that already
 /// holds the background b (≥ f64 epsilon relative to it for b ≥ 1e-2), so it is skipped:
 /// the result is unchanged at f64 precision and most `exp` calls are saved.
-const EXP_CUTOFF: f64 = 40.0;
+pub const EXP_CUTOFF: f64 = 40.0;
+
+/// Add the kernel value `exp(−d2/width)` to `out[c]`, unless it is below e^−[`EXP_CUTOFF`].
+/// The keypoint term's one kernel, shared with the CUDA likelihood.
+#[inline]
+pub fn add_kernel_term(out: &mut [f64], c: usize, d2: u32, width: f64) {
+    let x = d2 as f64 / width;
+    if x < EXP_CUTOFF {
+        out[c] += (-x).exp();
+    }
+}
+
+/// Σ over query rows of ln(S_qc/N_c + b) for each class c, from the row-major
+/// (Nq × C) kernel sums `sums` and the class sizes `n_per_class` (a class with no
+/// training keypoint contributes ln b per row). Rows are added in order, so the result is
+/// deterministic; the CUDA keypoint likelihood finishes with it too.
+pub fn log_likelihood_from_sums(sums: &[f64], n_per_class: &[usize], background: f64) -> Vec<f64> {
+    let mut ll = vec![0.0f64; n_per_class.len()];
+    for row in sums.chunks_exact(n_per_class.len().max(1)) {
+        for (c, &s) in row.iter().enumerate() {
+            ll[c] += log_term(s, n_per_class[c], background);
+        }
+    }
+    ll
+}
 
 /// Options shared by the likelihood functions.
 #[derive(Debug, Clone)]
@@ -165,12 +189,6 @@ pub fn keypoint_log_likelihood(
         return Ok(Array1::from_elem(n_classes, nq as f64 * b.ln()));
     }
 
-    let accumulate = |out: &mut [f64], d2: u32, c: usize, width: f64| {
-        let x = d2 as f64 / width;
-        if x < EXP_CUTOFF {
-            out[c] += (-x).exp();
-        }
-    };
     // per query keypoint: the n_classes kernel sums, in a (Nq, C) buffer
     let mut sums = vec![0.0f64; nq * n_classes];
     match opts.k {
@@ -189,7 +207,7 @@ pub fn keypoint_log_likelihood(
                     let mut row = nb.row(i).peekable();
                     let width = 1.0 + row.peek().map_or(0.0, |&(_, d)| d as f64);
                     for (j, d2) in row {
-                        accumulate(out, d2, kp_class[j as usize], width);
+                        add_kernel_term(out, kp_class[j as usize], d2, width);
                     }
                 });
         }
@@ -209,20 +227,18 @@ pub fn keypoint_log_likelihood(
                     let width = 1.0 + dist.iter().copied().min().unwrap_or(0) as f64;
                     for (&d2, &c) in dist.iter().zip(&kp_class) {
                         if c != usize::MAX {
-                            accumulate(out, d2, c, width);
+                            add_kernel_term(out, c, d2, width);
                         }
                     }
                 },
             );
         }
     }
-    let mut ll = Array1::<f64>::zeros(n_classes);
-    for row in sums.chunks_exact(n_classes) {
-        for (c, &s) in row.iter().enumerate() {
-            ll[c] += log_term(s, n_per_class[c], b);
-        }
-    }
-    Ok(ll)
+    Ok(Array1::from(log_likelihood_from_sums(
+        &sums,
+        &n_per_class,
+        b,
+    )))
 }
 
 /// ln(S/N + b), with an empty class contributing the background only.
@@ -288,70 +304,91 @@ fn vector_row(
     }
 }
 
-fn check_vectors(
-    qcols: usize,
-    tcols: usize,
-    tclass_len: usize,
-    trows: usize,
-    exclude: Option<&[i64]>,
-    nq: usize,
-) -> Result<()> {
-    if qcols != tcols {
-        return Err(KfError::InvalidArgument(format!(
-            "query vectors have {qcols} elements but training vectors have {tcols}"
-        )));
-    }
-    if tclass_len != trows {
-        return Err(KfError::InvalidArgument(format!(
-            "train_class has {tclass_len} entries for {trows} training vectors"
-        )));
-    }
-    if let Some(ex) = exclude {
-        if ex.len() != nq {
-            return Err(KfError::InvalidArgument(format!(
-                "exclude has {} entries for {nq} queries",
-                ex.len()
-            )));
-        }
-        if let Some(bad) = ex.iter().find(|&&e| e >= trows as i64) {
-            return Err(KfError::InvalidArgument(format!(
-                "exclude index {bad} is outside 0..{trows}"
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn per_query<F>(
+/// A checked vector-likelihood problem (eqs. 8–9), shared by the real and the binary
+/// versions: everything but the distances.
+struct VectorTask<'a> {
     nq: usize,
     ntrain: usize,
-    train_cls: &[usize],
+    /// Training classes as indices.
+    cls: Vec<usize>,
     n_classes: usize,
-    exclude: Option<&[i64]>,
-    b: f64,
-    dist_row: F,
-) -> Array2<f64>
-where
-    F: Fn(usize, &mut [f64]) + Sync,
-{
-    let mut counts = vec![0usize; n_classes];
-    for &c in train_cls {
-        counts[c] += 1;
+    exclude: Option<&'a [i64]>,
+    background: f64,
+}
+
+impl<'a> VectorTask<'a> {
+    /// Check the arguments common to both versions.
+    fn new<T>(
+        query: &ArrayView2<T>,
+        train: &ArrayView2<T>,
+        train_class: ArrayView1<i64>,
+        n_classes: usize,
+        exclude: Option<&'a [i64]>,
+        opts: &KdeOptions,
+    ) -> Result<Self> {
+        check_background(opts.background)?;
+        let (nq, qcols) = query.dim();
+        let (trows, tcols) = train.dim();
+        if qcols != tcols {
+            return Err(KfError::InvalidArgument(format!(
+                "query vectors have {qcols} elements but training vectors have {tcols}"
+            )));
+        }
+        if train_class.len() != trows {
+            return Err(KfError::InvalidArgument(format!(
+                "train_class has {} entries for {trows} training vectors",
+                train_class.len()
+            )));
+        }
+        if let Some(ex) = exclude {
+            if ex.len() != nq {
+                return Err(KfError::InvalidArgument(format!(
+                    "exclude has {} entries for {nq} queries",
+                    ex.len()
+                )));
+            }
+            if let Some(bad) = ex.iter().find(|&&e| e >= trows as i64) {
+                return Err(KfError::InvalidArgument(format!(
+                    "exclude index {bad} is outside 0..{trows}"
+                )));
+            }
+        }
+        Ok(VectorTask {
+            nq,
+            ntrain: trows,
+            cls: class_indices(train_class, n_classes, "train_class")?,
+            n_classes,
+            exclude,
+            background: opts.background,
+        })
     }
-    let mut out = Array2::<f64>::zeros((nq, n_classes));
-    out.as_slice_mut()
-        .expect("fresh array is contiguous")
-        .par_chunks_mut(n_classes.max(1))
-        .enumerate()
-        .for_each_init(
-            || vec![0.0f64; ntrain],
-            |dists, (i, row)| {
-                dist_row(i, dists);
-                let skip = exclude.and_then(|ex| usize::try_from(ex[i]).ok());
-                vector_row(dists, train_cls, skip, &counts, b, row);
-            },
-        );
-    out
+
+    /// The (Q, n_classes) log-likelihoods, given `dist_row(i, dists)`: the distances from
+    /// query `i` to every training vector.
+    fn solve<F>(&self, dist_row: F) -> Array2<f64>
+    where
+        F: Fn(usize, &mut [f64]) + Sync,
+    {
+        let (train_cls, n_classes) = (&self.cls, self.n_classes);
+        let mut counts = vec![0usize; n_classes];
+        for &c in train_cls {
+            counts[c] += 1;
+        }
+        let mut out = Array2::<f64>::zeros((self.nq, n_classes));
+        out.as_slice_mut()
+            .expect("fresh array is contiguous")
+            .par_chunks_mut(n_classes.max(1))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f64; self.ntrain],
+                |dists, (i, row)| {
+                    dist_row(i, dists);
+                    let skip = self.exclude.and_then(|ex| usize::try_from(ex[i]).ok());
+                    vector_row(dists, train_cls, skip, &counts, self.background, row);
+                },
+            );
+        out
+    }
 }
 
 /// log p(v | C_k) for real vectors (eqs. 8–9, Euclidean distance), one row per query.
@@ -370,44 +407,27 @@ pub fn vector_log_likelihood(
     exclude: Option<&[i64]>,
     opts: &KdeOptions,
 ) -> Result<Array2<f64>> {
-    check_background(opts.background)?;
-    check_vectors(
-        query.ncols(),
-        train.ncols(),
-        train_class.len(),
-        train.nrows(),
-        exclude,
-        query.nrows(),
-    )?;
+    let task = VectorTask::new(&query, &train, train_class, n_classes, exclude, opts)?;
     if query.iter().chain(train.iter()).any(|v| !v.is_finite()) {
         return Err(KfError::InvalidArgument(
             "vectors contain NaN or Inf".into(),
         ));
     }
-    let cls = class_indices(train_class, n_classes, "train_class")?;
     let query = query.as_standard_layout();
     let train = train.as_standard_layout();
     let d = query.ncols();
     let qs = query.as_slice().expect("standard layout");
     let ts = train.as_slice().expect("standard layout");
-    Ok(per_query(
-        query.nrows(),
-        train.nrows(),
-        &cls,
-        n_classes,
-        exclude,
-        opts.background,
-        |i, dists| {
-            let q = &qs[i * d..(i + 1) * d];
-            for (o, t) in dists.iter_mut().zip(ts.chunks_exact(d.max(1))) {
-                let s: f64 = q.iter().zip(t).map(|(a, b)| (a - b) * (a - b)).sum();
-                *o = s.sqrt();
-            }
-            if d == 0 {
-                dists.iter_mut().for_each(|o| *o = 0.0);
-            }
-        },
-    ))
+    Ok(task.solve(|i, dists| {
+        let q = &qs[i * d..(i + 1) * d];
+        for (o, t) in dists.iter_mut().zip(ts.chunks_exact(d.max(1))) {
+            let s: f64 = q.iter().zip(t).map(|(a, b)| (a - b) * (a - b)).sum();
+            *o = s.sqrt();
+        }
+        if d == 0 {
+            dists.iter_mut().for_each(|o| *o = 0.0);
+        }
+    }))
 }
 
 fn pack_bits(m: ArrayView2<u8>) -> Result<(Vec<u64>, usize)> {
@@ -440,40 +460,23 @@ pub fn binary_log_likelihood(
     exclude: Option<&[i64]>,
     opts: &KdeOptions,
 ) -> Result<Array2<f64>> {
-    check_background(opts.background)?;
-    check_vectors(
-        query.ncols(),
-        train.ncols(),
-        train_class.len(),
-        train.nrows(),
-        exclude,
-        query.nrows(),
-    )?;
-    let cls = class_indices(train_class, n_classes, "train_class")?;
+    let task = VectorTask::new(&query, &train, train_class, n_classes, exclude, opts)?;
     let (qb, words) = pack_bits(query)?;
     let (tb, _) = pack_bits(train)?;
-    Ok(per_query(
-        query.nrows(),
-        train.nrows(),
-        &cls,
-        n_classes,
-        exclude,
-        opts.background,
-        |i, dists| {
-            if words == 0 {
-                dists.iter_mut().for_each(|o| *o = 0.0);
-                return;
-            }
-            let q = &qb[i * words..(i + 1) * words];
-            for (o, t) in dists.iter_mut().zip(tb.chunks_exact(words)) {
-                *o = q
-                    .iter()
-                    .zip(t)
-                    .map(|(a, b)| (a ^ b).count_ones())
-                    .sum::<u32>() as f64;
-            }
-        },
-    ))
+    Ok(task.solve(|i, dists| {
+        if words == 0 {
+            dists.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let q = &qb[i * words..(i + 1) * words];
+        for (o, t) in dists.iter_mut().zip(tb.chunks_exact(words)) {
+            *o = q
+                .iter()
+                .zip(t)
+                .map(|(a, b)| (a ^ b).count_ones())
+                .sum::<u32>() as f64;
+        }
+    }))
 }
 
 #[cfg(test)]

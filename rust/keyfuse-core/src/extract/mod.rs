@@ -37,6 +37,7 @@ use rayon::prelude::*;
 use volume::Vol;
 
 pub use two_d::extract2d;
+pub use volume::gaussian_half_kernel;
 
 /// Every extraction parameter, with its default. Lengths are in voxels of the
 /// (isotropic) extraction grid unless stated; "scale" is the keypoint's characteristic
@@ -46,11 +47,11 @@ pub struct ExtractParams {
     /// σ of the first Gaussian of each octave (octave voxels). Default 1.6.
     pub sigma0: f64,
     /// DoG levels searched per octave (κ = 2^(1/S)). Default 4 (Lowe and featExtract use
-    /// 3; 4 measured better repeatability on the MNI rotation benchmark: 86% vs 85%).
+    /// 3; 4 repeats better on the MNI rotation benchmark, see docs/decisions.md).
     pub scales_per_octave: f64,
     /// Blur the input is assumed to have already (voxels). Default 0 (Lowe and
     /// featExtract assume 0.5; assuming none, i.e. blurring the input by the full σ0,
-    /// measured better repeatability on the MNI rotation benchmark: 89% vs 86%).
+    /// repeats better on the MNI rotation benchmark, see docs/decisions.md).
     pub initial_blur: f64,
     /// Smallest side (voxels) an octave must have to be searched. Default 8.
     pub min_size: f64,
@@ -64,8 +65,7 @@ pub struct ExtractParams {
     pub edge_ratio: f64,
     /// featExtract's blob test on the structure tensor of the normalised patch: keep if
     /// (e1+e2+e3)³ < ratio·e1·e2·e3 (featExtract: 140). Default 0 = off: with the DoG
-    /// Hessian test in place it only removed repeatable points (MNI rotation benchmark:
-    /// repeatability 78.7% with 140, 84.8% without).
+    /// Hessian test in place it only removes repeatable points (see docs/decisions.md).
     pub tensor_ratio: f64,
     /// Extra border margin (octave voxels) beyond the descriptor radius. Default 2.
     pub border: f64,
@@ -253,6 +253,17 @@ impl ExtractParams {
         let a = k2.powf(2.0 / (dim as f64 + 2.0));
         1.0 / ((a - 1.0) / (k2 - a)).sqrt()
     }
+
+    /// Border margin (octave voxels, at least 1) of DoG `level` in `dim` dimensions: the
+    /// descriptor radius at the level's characteristic scale plus [`Self::border`].
+    /// Extrema closer to a face are not searched; the CUDA scale space uses the same
+    /// margins.
+    pub fn level_margin(&self, level: usize, dim: usize) -> usize {
+        let kappa = 2f64.powf(1.0 / (self.scales_per_octave as usize) as f64);
+        let sig_lvl = self.sigma0 * kappa.powi(level as i32) * self.scale_factor(dim);
+        let margin = (self.descriptor_radius * sig_lvl + self.border).ceil() as usize;
+        margin.max(1)
+    }
 }
 
 /// Extracted keypoints, one row per (detection, orientation).
@@ -300,9 +311,10 @@ pub(crate) struct Described {
     pub rows: Vec<([[f32; 3]; 3], [u8; DESC_LEN])>,
 }
 
-/// Check the input values; `Some(scale)` maps intensities so that the 99.5th
-/// percentile of |value| is 1, `None` means the image is all zero.
-pub(crate) fn intensity_scale(data: &[f32]) -> Result<Option<f32>> {
+/// The extractor's intensity normalisation: the factor that maps the 99.5th percentile of
+/// |value| (over a stride sample of at most ~1 M voxels) to 1. `None` for an all-zero
+/// image; non-finite values are `InvalidImage`. The CUDA scale space normalises with it too.
+pub fn intensity_scale(data: &[f32]) -> Result<Option<f32>> {
     if data.par_iter().any(|x| !x.is_finite()) {
         return Err(KfError::InvalidImage(
             "image contains NaN or infinite values".into(),
@@ -460,9 +472,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
             dogs.push(d);
             if dogs.len() == 3 {
                 let level = t - 2; // DoG index of the middle one
-                let sig_lvl = p.sigma0 * kappa.powi(level as i32) * cf;
-                let margin = (p.descriptor_radius * sig_lvl + p.border).ceil() as usize;
-                let (thr, m) = (p.peak_threshold as f32, margin.max(1));
+                let (thr, m) = (p.peak_threshold as f32, p.level_margin(level, dim));
                 let cands = if dim == 3 {
                     detect::extrema_3d(&dogs[0], &dogs[1], &dogs[2], thr, m, p.edge_ratio)
                 } else {

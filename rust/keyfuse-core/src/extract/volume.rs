@@ -37,6 +37,27 @@ impl Vol {
         })
     }
 
+    /// A volume of shape `m` whose voxel (p, q, r) is `value(p, q, r)`, filled in
+    /// parallel over `p`-planes.
+    fn from_fn(m: [usize; 3], value: impl Fn(usize, usize, usize) -> f32 + Sync) -> Result<Vol> {
+        let mut out = Vol::zeros(m)?;
+        let mplane = m[1] * m[2];
+        if mplane == 0 {
+            return Ok(out);
+        }
+        out.data
+            .par_chunks_mut(mplane)
+            .enumerate()
+            .for_each(|(p, o)| {
+                for q in 0..m[1] {
+                    for r in 0..m[2] {
+                        o[q * m[2] + r] = value(p, q, r);
+                    }
+                }
+            });
+        Ok(out)
+    }
+
     #[inline]
     pub fn idx(&self, i: usize, j: usize, k: usize) -> usize {
         (i * self.n[1] + j) * self.n[2] + k
@@ -101,9 +122,11 @@ impl Vol {
     }
 }
 
-/// Half of a normalised Gaussian kernel: `w[0]` is the centre tap, `w[t]` the weight
-/// of offsets ±t. Truncated at 3σ (at least one tap each side).
-pub(crate) fn gaussian_half_kernel(sigma: f32) -> Vec<f32> {
+/// Half of a normalised Gaussian kernel of σ `sigma` voxels, in f32 throughout: `w[0]` is
+/// the centre tap, `w[t]` the weight of offsets ±t, truncated at 3σ (at least one tap each
+/// side) and normalised by `w[0] + 2·Σw[1..]`. The extractor's blur and the CUDA blur both
+/// take their taps from here, so their results stay bit-identical.
+pub fn gaussian_half_kernel(sigma: f32) -> Vec<f32> {
     let r = ((3.0 * sigma).ceil() as usize).max(1);
     let mut w: Vec<f32> = (0..=r)
         .map(|t| (-((t * t) as f32) / (2.0 * sigma * sigma)).exp())
@@ -360,33 +383,24 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     let [ni, nj, nk] = src.n;
     let flat = nk == 1;
     let m = [ni / 2, nj / 2, if flat { 1 } else { nk / 2 }];
-    let mut out = Vol::zeros(m)?;
-    let mplane = m[1] * m[2];
-    if mplane == 0 {
-        return Ok(out);
-    }
-    out.data
-        .par_chunks_mut(mplane)
-        .enumerate()
-        .for_each(|(p, o)| {
-            for q in 0..m[1] {
-                for r in 0..m[2] {
-                    let mut s = 0.0f32;
-                    for di in 0..2 {
-                        for dj in 0..2 {
-                            if flat {
-                                s += src.at(2 * p + di, 2 * q + dj, 0);
-                            } else {
-                                s += src.at(2 * p + di, 2 * q + dj, 2 * r)
-                                    + src.at(2 * p + di, 2 * q + dj, 2 * r + 1);
-                            }
-                        }
-                    }
-                    o[q * m[2] + r] = if flat { s * 0.25 } else { s * 0.125 };
+    Vol::from_fn(m, |p, q, r| {
+        let mut s = 0.0f32;
+        for di in 0..2 {
+            for dj in 0..2 {
+                if flat {
+                    s += src.at(2 * p + di, 2 * q + dj, 0);
+                } else {
+                    s += src.at(2 * p + di, 2 * q + dj, 2 * r)
+                        + src.at(2 * p + di, 2 * q + dj, 2 * r + 1);
                 }
             }
-        });
-    Ok(out)
+        }
+        if flat {
+            s * 0.25
+        } else {
+            s * 0.125
+        }
+    })
 }
 
 /// Copy the cube of half-width `r` voxels around `c` (border replicated, so sampling
@@ -448,26 +462,13 @@ pub(crate) fn block_into(src: &Vol, c: [f32; 3], r: usize, out: &mut Vol) -> Res
 /// Trilinear resampling onto a grid of shape `m` where new index `q` sits at old index
 /// `q * step` (per axis).
 pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> {
-    let mut out = Vol::zeros(m)?;
-    let mplane = m[1] * m[2];
-    if mplane == 0 {
-        return Ok(out);
-    }
-    out.data
-        .par_chunks_mut(mplane)
-        .enumerate()
-        .for_each(|(p, o)| {
-            for q in 0..m[1] {
-                for r in 0..m[2] {
-                    o[q * m[2] + r] = src.sample([
-                        (p as f64 * step[0]) as f32,
-                        (q as f64 * step[1]) as f32,
-                        (r as f64 * step[2]) as f32,
-                    ]);
-                }
-            }
-        });
-    Ok(out)
+    Vol::from_fn(m, |p, q, r| {
+        src.sample([
+            (p as f64 * step[0]) as f32,
+            (q as f64 * step[1]) as f32,
+            (r as f64 * step[2]) as f32,
+        ])
+    })
 }
 
 #[cfg(test)]
