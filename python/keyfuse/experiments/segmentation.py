@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 import keyfuse as kf
+from keyfuse.datasets.cohort import simulate_cohort
 from keyfuse.evaluate import dice
 from keyfuse.segment import KeypointTransferSegmenter
 
@@ -217,7 +218,7 @@ def run_experiment(
         {method: (per-scan label Dice, wall seconds, CPU seconds)} for :func:`report`.
     """
     t0 = time.perf_counter()
-    cohort = kf.datasets.simulate_cohort(
+    cohort = simulate_cohort(
         n_families=n_families,
         family_size=family_size,
         n_rescans=0,
