@@ -31,7 +31,8 @@ from keyfuse import KeypointSet
 from keyfuse.experiments.fusion_table1 import report, run_experiment
 from keyfuse.fusion import keypoint_log_likelihoods, vector_log_likelihoods
 
-# --quick: 3 families x 2 scans at 4 mm (seed 3 puts both groups in every training set) and small synthetic likelihoods
+# --quick: 3 families x 2 scans at 4 mm (seed 3 puts both groups in every training set),
+# and small synthetic likelihoods
 QUICK = {"families": 3, "family_size": 2, "seed": 3, "resolution": 4.0}
 QUICK_KDE = {"n_subjects": 6, "n_kp": 200, "dim": 64}
 
