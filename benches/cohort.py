@@ -1,27 +1,12 @@
 """Cohort-level figures: keyfuse soft-Jaccard vs the reference matcher's voting.
 
-On a simulated cohort (families with identical/fraternal twins and siblings, plus
-rescans; ``kf.datasets.simulate_cohort``), the SAME keypoint sets are scored two ways:
-
-* keyfuse: the soft Jaccard index of ALGORITHMS.md §3 (``Index.pairwise()``, the
-  default posterior kernel: K = 10 neighbours, width half the nearest distance);
-* the reference large-scale matcher's voting (``featMatchMultiple``, re-implemented
-  deterministically in ``keyfuse.matching.reference_votes``: one kd-forest over all
-  images, k = 5, vote = log2(1 + w/Σw)), both as the raw vote matrix V and read as a
-  soft intersection J = V / (n_i + n_j − V).
-
-Both are scored with the same neighbour search, exact (the Index default below 100k
-keypoints) and the kd-forest (8 trees, 64 checks, the reference matcher's search).
-
-Printed side by side: family AUC (same vs different family, rescans excluded), mAP,
-precision@1, rescans at rank 1, identical twins above every unrelated scan, and the
-scoring time. Usage::
+Runs ``keyfuse.experiments.cohort`` (its docstring says what is scored and how) and prints
+family AUC, mAP, precision@1, rescans at rank 1, twins above every unrelated scan and the
+scoring time side by side. Usage::
 
     python benches/cohort.py                     # 12 families × 3 + 4 rescans, 1.5 mm
     python benches/cohort.py --families 6 --resolution 3
     python benches/cohort.py --quick             # 2 families at 4 mm, seconds
-
-The experiment itself lives in ``keyfuse.experiments.cohort``.
 """
 
 from __future__ import annotations

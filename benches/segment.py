@@ -1,33 +1,12 @@
 """Keypoint-transfer segmentation vs a SimpleITK multi-atlas registration baseline.
 
-On a simulated cohort (label maps: left/right GM, left/right WM, ventricles), leave-one-out:
-every scan is segmented from the other scans (19 atlases by default) by
-
-* keypoint transfer (``kf.KeypointTransferSegmenter``; timed per volume including the
-  test image's keypoint extraction; the atlases' keypoints are extracted once), and
-* multi-atlas registration: for each atlas an affine (Mattes MI, 2 levels) and then a
-  deformable (fast symmetric-forces demons) SimpleITK registration to the test scan, the
-  atlas labels resampled through both, and majority voting. This is slow, so it runs on
-  the first ``--baseline-tests`` scans only (keypoint transfer is reported on those and on
-  all scans).
-
-Then both are repeated on cropped test scans (a limited field of view: the superior and
-central part of the head, the crop moves the image origin, nothing else changes).
-Keypoint transfer runs with its defaults (an organ is also carried, at a tenth of the
-weight, by the keypoints of the organs it touches); for comparison also with each organ
-transferred by its own keypoints only (``transfer_from=None``) and, on the crops, with
-``transfer_from={5: [3, 4, 5]}, across_weight=1`` (ventricles carried by white-matter
-keypoints at full weight).
-
-Prints per-label Dice (mean ± standard error over test scans), median wall seconds per
-volume and median CPU seconds per volume (all threads; the machine may be shared, so the
-speed-up is measured on the same scans in the same run).
+Runs ``keyfuse.experiments.segmentation`` (its docstring describes both methods and the
+crops) and prints per-label Dice (mean ± standard error over test scans), median wall and
+CPU seconds per volume, and the speed-up. Usage::
 
     python benches/segment.py                      # 20 scans at 2 mm, baseline on 3
     python benches/segment.py --baseline-tests 0   # keypoint transfer only
     python benches/segment.py --quick              # 4 small scans, seconds
-
-The experiment itself lives in ``keyfuse.experiments.segmentation``.
 """
 
 from __future__ import annotations

@@ -58,9 +58,11 @@ def load_keypoints(path: Path, device: str) -> Any:
     return extract(path, device=device)
 
 
-def read_label_table(path: Path, id_column: str | None) -> dict[str, dict[str, str]]:
+def read_label_table(
+    path: Path, id_column: str | None, columns: str | None = None
+) -> dict[str, dict[str, str]]:
     """A CSV table → {subject id: {column: value}}; the id column is ``id_column``, else
-    ``subject``, else the first."""
+    ``subject``, else the first; ``columns`` ("A,B") keeps only those columns."""
     try:
         with path.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
@@ -72,37 +74,34 @@ def read_label_table(path: Path, id_column: str | None) -> dict[str, dict[str, s
     col = id_column or ("subject" if "subject" in cols else cols[0])
     if col not in cols:
         raise InvalidArgumentError(f"label table {path} has no column {col!r} (columns: {cols})")
-    return {str(r[col]): {k: v for k, v in r.items() if k != col and k is not None} for r in rows}
+    keep = [c.strip() for c in columns.split(",")] if columns else None
+    return {
+        str(r[col]): {
+            k: v for k, v in r.items() if k != col and k is not None and (not keep or k in keep)
+        }
+        for r in rows
+    }
 
 
 def add_to_index(
     index: Any,
-    paths: Sequence[Path],
+    sources: Sequence[Path],
+    labels: dict[str, dict[str, str]],
     *,
-    labels_csv: Path | None,
-    id_column: str | None,
-    columns: str | None,
     device: str,
     quiet: bool,
 ) -> int:
-    """Add the keypoint files or images of ``paths`` to ``index``, each under its subject
-    id (:func:`keyfuse._io.subject_id_from_path`) with its labels; returns how many."""
+    """Add keypoint files or images to ``index``, each under its subject id
+    (:func:`keyfuse._io.subject_id_from_path`) with its row of ``labels``; returns how
+    many."""
     from tqdm.auto import tqdm
 
     from keyfuse._io import subject_id_from_path
 
-    sources = keypoint_sources(paths)
-    labels = read_label_table(labels_csv, id_column) if labels_csv else {}
-    keep = [c.strip() for c in columns.split(",")] if columns else None
-    n = 0
     for src in tqdm(sources, desc="index", unit="file", disable=quiet):
         sid = subject_id_from_path(src)
-        extra = labels.get(sid, {})
-        if keep:
-            extra = {k: v for k, v in extra.items() if k in keep}
-        index.add(sid, load_keypoints(src, device), **extra)
-        n += 1
-    return n
+        index.add(sid, load_keypoints(src, device), **labels.get(sid, {}))
+    return len(sources)
 
 
 def open_index(path: Path) -> Any:

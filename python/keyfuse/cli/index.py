@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyfuse.cli._inputs import add_to_index, open_index
+from keyfuse.cli._inputs import add_to_index, keypoint_sources, open_index, read_label_table
 from keyfuse.cli.options import (
     CONTEXT,
     device_option,
@@ -59,15 +59,9 @@ def index_build(
     if out.exists() and not overwrite:
         raise InvalidArgumentError(f"{out} exists: use 'keyfuse index add' or --overwrite")
     idx = Index()
-    n = add_to_index(
-        idx,
-        sources,
-        labels_csv=labels_csv,
-        id_column=id_column,
-        columns=columns,
-        device=device,
-        quiet=quiet,
-    )
+    paths = keypoint_sources(sources)
+    labels = read_label_table(labels_csv, id_column, columns) if labels_csv else {}
+    n = add_to_index(idx, paths, labels, device=device, quiet=quiet)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     idx.save(out)
@@ -96,15 +90,9 @@ def index_add(
       keyfuse index add cohort.kfi new_keys/ --labels new.csv
     """
     idx = open_index(index_path)
-    n = add_to_index(
-        idx,
-        sources,
-        labels_csv=labels_csv,
-        id_column=id_column,
-        columns=columns,
-        device=device,
-        quiet=quiet,
-    )
+    paths = keypoint_sources(sources)
+    labels = read_label_table(labels_csv, id_column, columns) if labels_csv else {}
+    n = add_to_index(idx, paths, labels, device=device, quiet=quiet)
     idx.save(index_path)
     click.echo(f"added {n} subjects -> {index_path} ({len(idx)} in all)")
 
