@@ -110,7 +110,11 @@ def evaluate_family(
         click.echo(f"ROC plot -> {plot}")
 
 
-@evaluate.command("fusion", context_settings=CONTEXT)
+@evaluate.command(
+    "fusion",
+    context_settings=CONTEXT,
+    short_help="Fusion of keypoints and CNN features (AUC table).",
+)
 @click.option(
     "--cohort",
     "cohort_dir",

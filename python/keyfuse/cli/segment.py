@@ -29,7 +29,9 @@ def _extract_params(items: tuple[str, ...]) -> dict[str, float]:
     return params
 
 
-@click.command("segment", context_settings=CONTEXT)
+@click.command(
+    "segment", context_settings=CONTEXT, short_help="Segment an image by keypoint transfer."
+)
 @click.option(
     "--atlases",
     "atlas_dir",
