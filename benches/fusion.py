@@ -13,32 +13,47 @@ Usage::
     python benches/fusion.py                          # 10 families × 4 scans, 1.5 mm
     python benches/fusion.py --families 6 --resolution 2 --transform truth
     python benches/fusion.py --cohort path/to/simulated-cohort
+    python benches/fusion.py --quick                  # 3 families × 2 scans at 4 mm
+
+The experiment itself lives in ``keyfuse.experiments.fusion_table1``; this script adds
+the timing of the likelihoods on synthetic data.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+
+import numpy as np
+
+from keyfuse import KeypointSet
+from keyfuse.experiments.fusion_table1 import report, run_experiment
+from keyfuse.fusion import keypoint_log_likelihoods, vector_log_likelihoods
+
+# --quick: 3 families x 2 scans at 4 mm (seed 3 puts both groups in every training set),
+# and small synthetic likelihoods
+QUICK = {"families": 3, "family_size": 2, "seed": 3, "resolution": 4.0}
+QUICK_KDE = {"n_subjects": 6, "n_kp": 200, "dim": 64}
 
 
 def kde_timing(n_subjects: int = 40, n_kp: int = 1500, dim: int = 512) -> None:
-    """Time the Rust likelihoods on synthetic data of a realistic size (1 mm scans carry
+    """Time the likelihoods on synthetic data of a realistic size (1 mm scans carry
     ~700-2500 keypoints): one query scan against all the others, exact sum and k = 5."""
-    import numpy as np
-
-    from keyfuse import _core
-
     rng = np.random.default_rng(0)
     desc = np.argsort(rng.random((n_subjects * n_kp, 64)), axis=1).astype(np.uint8)
-    sample = np.repeat(np.arange(n_subjects, dtype=np.int64), n_kp)
+    sets = [
+        KeypointSet(np.zeros((n_kp, 3)), np.ones(n_kp), descriptors=desc[i * n_kp : (i + 1) * n_kp])
+        for i in range(n_subjects)
+    ]
     classes = np.arange(n_subjects, dtype=np.int64)
-    query = np.ascontiguousarray(desc[:n_kp])
     exact5 = None
     for k, checks in ((None, None), (5, None), (5, 64)):
         t0 = time.perf_counter()
-        ll = _core.keypoint_log_likelihood(
-            query, desc, sample, classes, n_subjects, 0, k, 1.0, checks
-        )
+        ll = keypoint_log_likelihoods(
+            sets[:1], sets, classes, n_subjects, exclude=[0], n_neighbors=k, checks=checks,
+            device="cpu",
+        )[0]  # fmt: skip
         dt = time.perf_counter() - t0
         how = "exact" if checks is None else f"kd-forest, {checks} checks"
         extra = ""
@@ -52,13 +67,9 @@ def kde_timing(n_subjects: int = 40, n_kp: int = 1500, dim: int = 512) -> None:
         )
     vec = rng.random((n_subjects, dim))
     bits = (vec > 0.5).astype(np.uint8)
-    loo = np.arange(n_subjects, dtype=np.int64)
-    for name, fn, v in (
-        ("real", _core.vector_log_likelihood, vec),
-        ("binary", _core.binary_log_likelihood, bits),
-    ):
+    for name, v in (("real", vec), ("binary", bits)):
         t0 = time.perf_counter()
-        fn(v, v, classes, n_subjects, loo, 1.0)
+        vector_log_likelihoods(v, v, classes, n_subjects, exclude=classes)
         dt = time.perf_counter() - t0
         print(f"vector KDE ({name}, {dim}-d), all {n_subjects} leave-one-out queries: {dt:.4f} s")
 
@@ -66,7 +77,9 @@ def kde_timing(n_subjects: int = 40, n_kp: int = 1500, dim: int = 512) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cohort", default=None, help="existing cohort directory")
-    ap.add_argument("--out", default="fusion-output", help="directory for the PNG figures")
+    ap.add_argument(
+        "--out", default=None, help="directory for the PNG figures (default: fusion-output)"
+    )
     ap.add_argument("--families", type=int, default=10)
     ap.add_argument("--family-size", type=int, default=4)
     ap.add_argument("--resolution", type=float, default=1.5)
@@ -77,29 +90,32 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--kde-only", action="store_true", help="only the likelihood timings")
+    ap.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
     args = ap.parse_args()
+    if args.quick:
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args()
 
-    kde_timing()
+    kde_timing(**(QUICK_KDE if args.quick else {}))
     if args.kde_only:
         return
 
-    from keyfuse.fusion import report, run_experiment
-
     t0 = time.perf_counter()
-    res = run_experiment(
-        args.cohort,
-        out_dir=args.out,
-        n_families=args.families,
-        family_size=args.family_size,
-        resolution_mm=args.resolution,
-        seed=args.seed,
-        transform_source=args.transform,
-        n_neighbors=args.neighbors or None,
-        checks=args.checks or None,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    print(report(res))
+    with tempfile.TemporaryDirectory(prefix="keyfuse-fusion-") as scratch:
+        res = run_experiment(
+            args.cohort,
+            out_dir=args.out or (scratch if args.quick else "fusion-output"),
+            n_families=args.families,
+            family_size=args.family_size,
+            resolution_mm=args.resolution,
+            seed=args.seed,
+            transform_source=args.transform,
+            n_neighbors=args.neighbors or None,
+            checks=args.checks or None,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        print(report(res))
     rows = res["rows"]
     for task in ("family", "group"):
         fused = max(rows[k][task] for k in rows if "+" in k)

@@ -78,12 +78,23 @@ def test_bad_batch_arguments(tmp_path: Path) -> None:
 def test_paths(tmp_path: Path) -> None:
     assert batch.output_path("/x/sub-01.nii.gz", "/k") == Path("/k/sub-01.kfk")
     assert batch.output_path("sub-01.nii", "/k", ".key") == Path("/k/sub-01.key")
+    assert batch.output_path("x/scan.v2.mgz", "/k") == Path("/k/scan.v2.kfk")
     d = tmp_path / "imgs"
     d.mkdir()
     for name in ("b.nii.gz", "a.nii", "notes.txt"):
         (d / name).write_bytes(b"")
     got = batch.collect_inputs([d, tmp_path / "x.nii.gz"])
     assert [p.name for p in got] == ["a.nii", "b.nii.gz", "x.nii.gz"]
+
+
+def test_subject_id_from_path() -> None:
+    from keyfuse._io import subject_id_from_path
+
+    assert subject_id_from_path("/d/sub-01.nii.gz") == "sub-01"
+    assert subject_id_from_path("sub-01.nii") == "sub-01"
+    assert subject_id_from_path(Path("k/sub-01.kfk")) == "sub-01"
+    assert subject_id_from_path("sub.01.key") == "sub.01"
+    assert subject_id_from_path("scan.mgz") == "scan"  # any other suffix: the last one
 
 
 @pytest.mark.skipif(not hasattr(_core, "extract3d"), reason="extension built without extract3d")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -25,6 +26,8 @@ COMMANDS = [
     ["simulate"],
     ["evaluate"],
     ["evaluate", "family"],
+    ["evaluate", "fusion"],
+    ["segment"],
     ["demo"],
 ]
 
@@ -43,18 +46,31 @@ def test_help(runner: CliRunner, cmd: list[str]) -> None:
         assert "Example" in res.output  # every leaf command teaches by example
 
 
-def test_lazy_commands_never_break_the_cli(runner: CliRunner) -> None:
-    @click.group(cls=kcli._Group, lazy={"ghost": ("keyfuse.no_such_module", "cmd", "A ghost.")})
-    def grp() -> None:
-        pass
+def test_cli_import_is_light() -> None:
+    """``keyfuse --help`` loads no numerical module: commands import the library inside."""
+    code = (
+        "import sys, keyfuse.cli as c; c.cli.main(['--help'], standalone_mode=False); "
+        "c.cli.main(['evaluate', '--help'], standalone_mode=False); "
+        "heavy = {'numpy', 'sklearn', 'keyfuse._core', 'keyfuse.segment', 'keyfuse.fusion'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
-    res = runner.invoke(grp, ["--help"])
-    assert res.exit_code == 0 and "ghost" in res.output and "unavailable" in res.output
-    res = runner.invoke(grp, ["ghost"])
-    assert res.exit_code == 1
-    assert "unavailable" in res.output and "Traceback" not in res.output
+
+def test_missing_module_is_a_clean_error(runner: CliRunner, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "keyfuse.datasets.cohort", None)  # import fails
+    res = runner.invoke(kcli.cli, ["simulate", str(tmp_path / "c"), "-q"])
+    assert "missing module" in _one_error_line(res)
     assert "segment" in runner.invoke(kcli.cli, ["--help"]).output
     assert "fusion" in runner.invoke(kcli.cli, ["evaluate", "--help"]).output
+
+
+def test_segment_default_nu_is_the_segmenters() -> None:
+    from keyfuse import segment
+    from keyfuse.cli import segment as segment_cli
+
+    assert segment_cli.DEFAULT_NU == segment.DEFAULT_NU
 
 
 def _one_error_line(res: object) -> str:

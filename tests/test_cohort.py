@@ -13,6 +13,8 @@ from keyfuse.datasets.cohort import Cohort, simulate_cohort
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
 
 TINY = dict(n_families=3, family_size=2, n_rescans=1, resolution_mm=4.0, shape=(20, 24, 20))
+# no group change and no scanner effects (bias field, contrast, noise)
+PLAIN = dict(group_effect=0, bias=0, contrast=0, noise=0)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +87,7 @@ def test_relatives_closer_without_acquisition_effects() -> None:
         rotation_deg=0,
         scale_range=0,
         translation_mm=0,
-        bias=0,
-        contrast=0,
-        noise=0,
-        group_effect=0,
+        **PLAIN,
         **TINY,  # type: ignore[arg-type]
     )
     rows = c.table
@@ -160,10 +159,7 @@ def test_transform_column_is_the_scan_pose() -> None:
         personal_deformation_mm=0,
         family_texture=0,
         personal_texture=0,
-        group_effect=0,
-        bias=0,
-        contrast=0,
-        noise=0,
+        **PLAIN,
         n_families=1,
         family_size=1,
         n_rescans=0,

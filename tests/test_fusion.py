@@ -12,6 +12,7 @@ from keyfuse.fusion import (
     keypoint_log_likelihoods,
     log_posterior,
     mi_thresholds,
+    pick_alpha,
     select_alpha,
     vector_log_likelihoods,
 )
@@ -241,6 +242,15 @@ def test_auto_alpha_and_fusion_helps() -> None:
     assert aucs[-1] == 1.0 and aucs[cand == a][0] == 1.0 and a > 0.0
 
 
+def test_pick_alpha_takes_the_middle_of_ties() -> None:
+    grid = [0.0, 0.1, 0.2, 0.3, 0.4, 1.0]
+    assert pick_alpha(grid, [0.5, 0.9, 0.9, 0.9, 0.7, np.nan]) == 0.2
+    assert pick_alpha(grid, [0.5, 0.9, 0.9, 0.9, 0.9, 0.1]) == 0.3  # middle of 4: upper
+    assert pick_alpha(grid, [1.0, 0.2, 0.2, 0.2, 0.2, 0.2]) == 0.0
+    assert pick_alpha(grid, [np.nan] * 6) == 0.5
+    assert pick_alpha(grid, [np.nan] * 6, undecided=0.0) == 0.0
+
+
 def test_classifier_api_and_errors() -> None:
     sets, vecs, labels = cohort(seed=8, n_classes=2, per_class=4)
     names = np.array(["F", "M"])[labels]
@@ -276,12 +286,12 @@ def test_check_estimator_on_vectors() -> None:
 def test_experiment_on_synthetic_features(tmp_path) -> None:
     from click.testing import CliRunner
 
-    from keyfuse.fusion import (
+    from keyfuse.cli import cli
+    from keyfuse.experiments.fusion_table1 import (
         CohortFeatures,
         _slice_image,
         evaluate_fusion,
         format_table,
-        fusion_command,
         save_figures,
     )
 
@@ -305,7 +315,7 @@ def test_experiment_on_synthetic_features(tmp_path) -> None:
     assert text.splitlines()[1].startswith("3D keypoints")  # best family AUC first
     paths = save_figures(res, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
-    out = CliRunner().invoke(fusion_command, ["--help"])
+    out = CliRunner().invoke(cli, ["evaluate", "fusion", "--help"])
     assert out.exit_code == 0 and "--transform" in out.output
     img = kf.Image(np.arange(60.0).reshape(3, 4, 5), np.diag([2.0, 3.0, 4.0, 1.0]))
     sl = _slice_image(img, 2)

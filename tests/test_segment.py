@@ -315,7 +315,7 @@ def test_real_keypoints_segment_a_translated_copy() -> None:
 def test_segment_command(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from keyfuse.segment import segment_command
+    from keyfuse.cli import cli
 
     labels, image = textured_atlas()
     (tmp_path / "img").mkdir()
@@ -325,9 +325,9 @@ def test_segment_command(tmp_path: Path) -> None:
     kf.Image(translate(image, (1, 1, 1)), AFFINE).save(tmp_path / "new.nii.gz")
     assert pair_atlas_files(tmp_path / "img", tmp_path / "lab")[0][1].name == "s1_labels.nii.gz"
     result = CliRunner().invoke(
-        segment_command,
+        cli,
         [
-            "--atlases", str(tmp_path / "img"),
+            "segment", "--atlases", str(tmp_path / "img"),
             "--labels", str(tmp_path / "lab"),
             str(tmp_path / "new.nii.gz"),
             "-o", str(tmp_path / "out.nii.gz"),
@@ -345,14 +345,14 @@ def test_segment_command(tmp_path: Path) -> None:
 
     assert nib.load(tmp_path / "prob.nii.gz").shape == (*SHAPE, 3)
     bad = CliRunner().invoke(
-        segment_command,
-        ["--atlases", str(tmp_path / "img"), "--labels", str(tmp_path / "img"),
+        cli,
+        ["segment", "--atlases", str(tmp_path / "img"), "--labels", str(tmp_path / "img"),
          str(tmp_path / "new.nii.gz"), "-o", str(tmp_path / "x.nii.gz")],
     )  # fmt: skip
     assert bad.exit_code != 0
     bad = CliRunner().invoke(
-        segment_command,
-        ["--atlases", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
+        cli,
+        ["segment", "--atlases", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
          str(tmp_path / "new.nii.gz"), "-o", str(tmp_path / "x.nii.gz"),
          "--extract-param", "sigma0"],
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Small file helpers shared by every writer: nothing on disk is ever half-written."""
+"""Small file helpers: subject ids from file names, and atomic writes (nothing on disk
+is ever half-written)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii")
+KEY_SUFFIXES = (".kfk", ".key")
+
+
+def subject_id_from_path(path: str | os.PathLike[str]) -> str:
+    """The subject id a file stands for: its name without a known suffix.
+
+    ``.nii.gz``, ``.nii``, ``.kfk`` and ``.key`` are removed whole (``sub-01.nii.gz`` →
+    ``sub-01``); any other name loses its last suffix only (``scan.mgz`` → ``scan``).
+    """
+    p = Path(path)
+    for suffix in (*IMAGE_SUFFIXES, *KEY_SUFFIXES):
+        if p.name.endswith(suffix):
+            return p.name[: -len(suffix)]
+    return p.stem
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError, MissingDependencyError
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "run_batch",
 ]
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii")
 FAILURES_FILE = "failures.csv"
 
 Task = Callable[[str, str], None]
@@ -91,19 +91,11 @@ class BatchResult:
         )
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suf in (*IMAGE_SUFFIXES, ".kfk", ".key"):
-        if name.endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
-
-
 def output_path(
     input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = ".kfk"
 ) -> Path:
     """The output file of one input: ``out_dir/<name without .nii/.nii.gz><suffix>``."""
-    return Path(out_dir) / f"{_stem(Path(input_path))}{suffix}"
+    return Path(out_dir) / f"{subject_id_from_path(input_path)}{suffix}"
 
 
 def collect_inputs(

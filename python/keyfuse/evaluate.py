@@ -140,10 +140,19 @@ def _matrix_inputs(
     return s, r.astype(bool), ex
 
 
-def _rankings(s: NDArray[np.float64], ex: NDArray[np.bool_]) -> NDArray[np.int64]:
-    """Column order per row, best first; excluded items last; ties by column index."""
-    key = np.where(ex, np.inf, -s)
-    return np.argsort(key, axis=1, kind="stable").astype(np.int64)
+def _ranked_relevance(
+    scores: ArrayLike, relevant: ArrayLike, exclude: ArrayLike | None
+) -> list[NDArray[np.bool_]]:
+    """Per query, the relevance of its non-excluded items in rank order (best first,
+    ties by column index)."""
+    s, r, ex = _matrix_inputs(scores, relevant, exclude)
+    order = np.argsort(np.where(ex, np.inf, -s), axis=1, kind="stable")
+    return [r[q][order[q][~ex[q][order[q]]]] for q in range(s.shape[0])]
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise InvalidArgumentError(f"k must be >= 1, got {k}")
 
 
 def mean_average_precision(
@@ -164,12 +173,8 @@ def mean_average_precision(
     Queries with no relevant (non-excluded) item are skipped; if none remains an
     :class:`InvalidArgumentError` is raised.
     """
-    s, r, ex = _matrix_inputs(scores, relevant, exclude)
-    order = _rankings(s, ex)
     aps: list[float] = []
-    for q in range(s.shape[0]):
-        keep = order[q][~ex[q][order[q]]]
-        rel = r[q][keep]
+    for rel in _ranked_relevance(scores, relevant, exclude):
         n_rel = int(rel.sum())
         if n_rel == 0:
             continue
@@ -189,15 +194,11 @@ def precision_at_k(
     Same inputs as :func:`mean_average_precision`; a query with fewer than ``k``
     non-excluded items is scored over the items it has.
     """
-    if k < 1:
-        raise InvalidArgumentError(f"k must be >= 1, got {k}")
-    s, r, ex = _matrix_inputs(scores, relevant, exclude)
-    order = _rankings(s, ex)
+    _check_k(k)
     vals: list[float] = []
-    for q in range(s.shape[0]):
-        keep = order[q][~ex[q][order[q]]][:k]
-        if keep.size:
-            vals.append(float(r[q][keep].mean()))
+    for rel in _ranked_relevance(scores, relevant, exclude):
+        if rel.size:
+            vals.append(float(rel[:k].mean()))
     if not vals:
         raise InvalidArgumentError("every item is excluded: precision@k is undefined")
     return float(np.mean(vals))
@@ -211,17 +212,13 @@ def recall_at_k(
     Queries with no relevant item are skipped. For the recall of an approximate search
     against exact search, see :func:`approx_recall_at_k`.
     """
-    if k < 1:
-        raise InvalidArgumentError(f"k must be >= 1, got {k}")
-    s, r, ex = _matrix_inputs(scores, relevant, exclude)
-    order = _rankings(s, ex)
+    _check_k(k)
     vals: list[float] = []
-    for q in range(s.shape[0]):
-        keep = order[q][~ex[q][order[q]]]
-        n_rel = int(r[q][keep].sum())
+    for rel in _ranked_relevance(scores, relevant, exclude):
+        n_rel = int(rel.sum())
         if n_rel == 0:
             continue
-        vals.append(float(r[q][keep[:k]].sum()) / n_rel)
+        vals.append(float(rel[:k].sum()) / n_rel)
     if not vals:
         raise InvalidArgumentError("no query has a relevant item: recall@k is undefined")
     return float(np.mean(vals))

@@ -16,9 +16,7 @@ Intensities (MRI) are normalised per image before the intensity likelihood is co
 within about 20 mm around it and multiplied by 1000, which removes the scanner gain and
 most of a smooth bias field, and behaves the same on a cropped field of view. ``nu`` is in
 these units; the default 300 was chosen on the simulated cohort (T1 grey and white matter
-differ by ~300 there). Mean Dice over the five labels on two leave-one-out scans of a
-20-scan 2 mm cohort: ν = 150 → 0.727, 300 → 0.760, 500 → 0.725, no intensity term → 0.61;
-with a global gain-only normalisation instead of the local one the best was 0.737.
+differ by ~300 there; see docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -34,23 +32,19 @@ import numpy as np
 import numpy.typing as npt
 
 from keyfuse import _core
+from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
 from keyfuse.errors import InvalidArgumentError, InvalidImageError
 from keyfuse.image import Image, load_image
 
 if TYPE_CHECKING:
-    import click as _click
-
     from keyfuse.keypoints import KeypointSet
 
 PathLike = str | os.PathLike[str]
 NORMALISED_MEAN = 1000.0
 DEFAULT_NU = 300.0
 # The Hough translation mode per atlas is voted by at most about this many test keypoints
-# (every k-th, k = ⌈n / 2000⌉; the re-matching still covers all of them). The unconstrained
-# first matching is the costliest step of predict: on the 2 mm cohort (~3000 keypoints per
-# scan, so k = 2) sampling takes matching from 0.65 to 0.55 s on one core and changes the
-# mean Dice over the 5 labels on 10 leave-one-out scans from 0.7537 to 0.7535 (k = 3:
-# 0.7534, 0.50 s). Crops (~800 keypoints) are not sampled; k = 2 would cost them 0.004.
+# (every k-th, k = ⌈n / 2000⌉; the re-matching still covers all of them): the unconstrained
+# first matching is the costliest step of predict (see docs/decisions.md).
 HOUGH_QUERIES = 2000
 # transfer_from="auto": an organ is also carried by the keypoints of labels that make up at
 # least this share of its boundary in the training maps
@@ -99,8 +93,7 @@ def normalize_intensity(
     )
     # The local mean is very smooth (σ = 20 mm): compute it on a grid coarser by an integer
     # factor per axis (block means; the Gaussian's σ reduced by the block's own spread) and
-    # interpolate it back linearly. On the 2 mm cohort this takes the two filters from
-    # ~0.15 s to ~0.01 s and changes normalised intensities by < 1%.
+    # interpolate it back linearly (see docs/decisions.md).
     factor = np.maximum(1, np.floor(sigma / 3.0)).astype(int)
     mask = fg.astype(np.float32)
     num_c = _block_mean(out * mask, factor)
@@ -334,27 +327,18 @@ class KeypointTransferSegmenter:
         (face-adjacent voxels, pooled over the atlases); a mapping such as
         ``{5: [3, 4]}`` names them; ``None`` transfers every organ by its own keypoints
         only. Why: a small organ has few keypoints and a limited field of view often
-        loses them (on crops of the simulated cohort 3 test keypoints voted "ventricles"
-        where the full scan has 30, and the ventricles' Dice fell to 0.15), while the
-        neighbouring organs' keypoints still carry the ventricles along with the right
-        shift.
+        loses them, while the neighbouring organs' keypoints still carry it along with the
+        right shift (see docs/decisions.md).
     across_weight : float, default 0.1
         Factor on the weight of a transfer of an organ by another organ's keypoint. With
         the ``min_weight`` rule these weaker transfers are dropped wherever the organ's
-        own keypoints transfer it well, so they only fill in for missing own evidence.
-        Measured on the simulated 2 mm cohort (leave-one-out, first 8 scans, mean Dice
-        over the five labels; full scans / crops): own keypoints only 0.759 / 0.657;
-        "auto" with across_weight 1.0 → 0.753 / 0.756, 0.3 → 0.758 / 0.754,
-        0.1 → 0.759 / 0.757, 0.03 → 0.759 / 0.751, 0.01 → 0.759 / 0.699 (ventricles on
-        crops 0.15 → 0.65 at 0.1, full scans unchanged). On the other 12 scans: own only
-        0.767 / 0.654, 0.3 → 0.763 / 0.752, 0.1 → 0.767 / 0.755, 0.05 → 0.767 / 0.754.
+        own keypoints transfer it well, so they only fill in for missing own evidence
+        (see docs/decisions.md).
     min_weight : float, default 0.2
         Transfers whose weight p(L̂)·p(m) is below this fraction of the largest weight
         transferred for the same label are skipped (0 keeps all). The weights are very
-        skewed (p(m) is a density over translations); on the simulated cohort (3 scans)
-        thresholds 0, 0.05, 0.1, 0.2, 0.3 kept 4034, 2285, 875, 314, 189 transfers with
-        mean Dice 0.728, 0.732, 0.740, 0.747, 0.746 and transfer times 2.8, 1.7, 0.76,
-        0.23, 0.21 s.
+        skewed (p(m) is a density over translations), so few transfers carry most of the
+        weight (see docs/decisions.md).
     hough : bool, default True
         Hough translation mode per training image and spatially constrained re-matching
         (keeps the 10% closest) before p(m) is estimated.
@@ -722,21 +706,13 @@ class KeypointTransferSegmenter:
         )
 
 
-# ---------------------------------------------------------------------- command line
-_IMAGE_SUFFIXES = (".nii.gz", ".nii")
+# ------------------------------------------------------------------- atlas folders
 
 
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise InvalidArgumentError(f"not a directory: {folder}")
-    return sorted(p for p in folder.iterdir() if p.name.endswith(_IMAGE_SUFFIXES))
-
-
-def _stem(path: Path) -> str:
-    for suffix in _IMAGE_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
+    return sorted(p for p in folder.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
 
 
 def pair_atlas_files(atlases: Path, labels: Path) -> list[tuple[Path, Path]]:
@@ -747,10 +723,10 @@ def pair_atlas_files(atlases: Path, labels: Path) -> list[tuple[Path, Path]]:
     maps = _image_files(labels)
     if not images:
         raise InvalidArgumentError(f"no .nii/.nii.gz images in {atlases}")
-    by_stem = {_stem(p): p for p in maps}
+    by_stem = {subject_id_from_path(p): p for p in maps}
     pairs = []
     for img in images:
-        stem = _stem(img)
+        stem = subject_id_from_path(img)
         match = by_stem.get(stem)
         if match is None:
             cands = [p for s, p in by_stem.items() if s.startswith(stem)]
@@ -761,143 +737,3 @@ def pair_atlas_files(atlases: Path, labels: Path) -> list[tuple[Path, Path]]:
             match = cands[0]
         pairs.append((img, match))
     return pairs
-
-
-def _make_command() -> _click.Command:
-    import click
-
-    @click.command("segment")
-    @click.option(
-        "--atlases",
-        "atlas_dir",
-        required=True,
-        type=click.Path(exists=True, file_okay=False, path_type=Path),
-        help="Folder of annotated training images (.nii/.nii.gz).",
-    )
-    @click.option(
-        "--labels",
-        "label_dir",
-        required=True,
-        type=click.Path(exists=True, file_okay=False, path_type=Path),
-        help="Folder of their label maps (same file names, or names starting with the "
-        "image's name, e.g. sub01_labels.nii.gz).",
-    )
-    @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-    @click.option(
-        "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output labels."
-    )
-    @click.option(
-        "--probabilities",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="Also write the per-label probability maps (4D NIfTI).",
-    )
-    @click.option("--ratio", default=0.9, show_default=True, help="Match distance-ratio test.")
-    @click.option("--scale-factor", default=2.0, show_default=True, help="Match scale gate.")
-    @click.option(
-        "--nu",
-        default=DEFAULT_NU,
-        show_default=True,
-        help="Intensity likelihood σ (normalised units: local tissue mean = 1000); 0 = off.",
-    )
-    @click.option(
-        "--background-fraction",
-        default=0.15,
-        show_default=True,
-        help="Background where the best label's probability is below this.",
-    )
-    @click.option(
-        "--min-weight",
-        default=0.2,
-        show_default=True,
-        help="Skip transfers weaker than this fraction of the label's strongest (0: keep all).",
-    )
-    @click.option(
-        "--across-weight",
-        default=0.1,
-        show_default=True,
-        help="Weight factor when an organ is carried by a touching organ's keypoints "
-        "(transfer_from='auto'); 0: each organ by its own keypoints only.",
-    )
-    @click.option(
-        "--extract-param",
-        "extract_param",
-        multiple=True,
-        metavar="NAME=VALUE",
-        help="Keypoint extraction parameter (repeatable), e.g. --extract-param sigma0=0.8.",
-    )
-    @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-    @click.option("--quiet", is_flag=True, help="No progress bars.")
-    def segment_command(
-        atlas_dir: Path,
-        label_dir: Path,
-        image: Path,
-        output: Path,
-        probabilities: Path | None,
-        ratio: float,
-        scale_factor: float,
-        nu: float,
-        background_fraction: float,
-        min_weight: float,
-        across_weight: float,
-        extract_param: tuple[str, ...],
-        device: str,
-        quiet: bool,
-    ) -> None:
-        """Segment IMAGE by keypoint transfer from annotated atlases (no registration).
-
-        Every test keypoint is matched to the atlases' keypoints; matches that agree
-        with the keypoint's voted label transfer that atlas' whole organ map, shifted
-        by the match. Works on a limited field of view (a crop) unchanged.
-
-        Example: keyfuse segment --atlases train/ --labels train_labels/ new.nii.gz
-        -o new_labels.nii.gz
-        """
-        from keyfuse.errors import KeyfuseError
-
-        params: dict[str, float] = {}
-        for item in extract_param:
-            name, sep, value = item.partition("=")
-            try:
-                if not sep:
-                    raise ValueError
-                params[name.strip()] = float(value)
-            except ValueError:
-                raise click.BadParameter(
-                    f"expected NAME=NUMBER, got {item!r}", param_hint="--extract-param"
-                ) from None
-        try:
-            pairs = pair_atlas_files(atlas_dir, label_dir)
-            seg = KeypointTransferSegmenter(
-                ratio=ratio,
-                scale_factor=scale_factor,
-                nu=None if nu <= 0 else nu,
-                background_fraction=background_fraction,
-                min_weight=min_weight,
-                across_weight=across_weight,
-                device=device,
-                extract_params=params,
-                progress=not quiet,
-            )
-            seg.fit([p[0] for p in pairs], [p[1] for p in pairs])
-            out = seg.predict(image)
-            out.save(output, probabilities)
-        except KeyfuseError as exc:
-            raise click.ClickException(str(exc)) from exc
-        if not quiet:
-            counts = {lab: int((out.labels == lab).sum()) for lab in out.probabilities}
-            click.echo(
-                f"wrote {output}: {len(pairs)} atlases, {out.n_transfers} transfers, "
-                f"voxels per label {counts}, {sum(out.timings.values()):.2f} s"
-            )
-
-    return segment_command
-
-
-def __getattr__(name: str) -> Any:
-    # click is imported only when the command is asked for
-    if name == "segment_command":
-        cmd = _make_command()
-        globals()[name] = cmd
-        return cmd
-    raise AttributeError(f"module 'keyfuse.segment' has no attribute {name!r}")

@@ -1,0 +1,124 @@
+"""``keyfuse index build|add|info``: an on-disk keypoint index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from keyfuse.cli._inputs import add_to_index, keypoint_sources, open_index, read_label_table
+from keyfuse.cli.options import (
+    CONTEXT,
+    device_option,
+    index_argument,
+    label_table_options,
+    quiet_option,
+)
+from keyfuse.errors import InvalidArgumentError
+
+IMAGE_DEVICE_HELP = "For sources that are images (keypoints are extracted on the fly)."
+
+
+@click.group(context_settings=CONTEXT)
+def index() -> None:
+    """Build, extend and inspect an on-disk keypoint index (a directory of Parquet files)."""
+
+
+@index.command("build", context_settings=CONTEXT)
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Index directory."
+)
+@label_table_options
+@device_option(IMAGE_DEVICE_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace an existing index.")
+@quiet_option("No progress bar.")
+def index_build(
+    sources: tuple[Path, ...],
+    out: Path,
+    labels_csv: Path | None,
+    id_column: str | None,
+    columns: str | None,
+    device: str,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Build an index from keypoint files (.kfk/.key) or images, or directories of them.
+
+    The subject id of each entry is its file name without suffix.
+
+    \b
+    Examples:
+      keyfuse index build keys/ -o cohort.kfi --labels cohort/cohort.csv --columns family,group
+      keyfuse index build scans/*.nii.gz -o scans.kfi
+    """
+    import shutil
+
+    from keyfuse.index import Index
+
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} exists: use 'keyfuse index add' or --overwrite")
+    idx = Index()
+    paths = keypoint_sources(sources)
+    labels = read_label_table(labels_csv, id_column, columns) if labels_csv else {}
+    n = add_to_index(idx, paths, labels, device=device, quiet=quiet)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    idx.save(out)
+    click.echo(f"indexed {n} subjects -> {out}")
+
+
+@index.command("add", context_settings=CONTEXT)
+@index_argument()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@label_table_options
+@device_option(IMAGE_DEVICE_HELP)
+@quiet_option("No progress bar.")
+def index_add(
+    index_path: Path,
+    sources: tuple[Path, ...],
+    labels_csv: Path | None,
+    id_column: str | None,
+    columns: str | None,
+    device: str,
+    quiet: bool,
+) -> None:
+    """Add keypoint files or images (or directories of them) to an existing INDEX.
+
+    \b
+    Example:
+      keyfuse index add cohort.kfi new_keys/ --labels new.csv
+    """
+    idx = open_index(index_path)
+    paths = keypoint_sources(sources)
+    labels = read_label_table(labels_csv, id_column, columns) if labels_csv else {}
+    n = add_to_index(idx, paths, labels, device=device, quiet=quiet)
+    idx.save(index_path)
+    click.echo(f"added {n} subjects -> {index_path} ({len(idx)} in all)")
+
+
+@index.command("info", context_settings=CONTEXT)
+@index_argument()
+def index_info(index_path: Path) -> None:
+    """Summarise INDEX: subjects, keypoints, labels, size on disk.
+
+    \b
+    Example:
+      keyfuse index info cohort.kfi
+    """
+    idx = open_index(index_path)
+    size = (
+        sum(p.stat().st_size for p in index_path.rglob("*") if p.is_file())
+        if index_path.is_dir()
+        else index_path.stat().st_size
+    )
+    n_kp = int(idx.n_keypoints)
+    names = sorted({str(k) for lab in idx.labels.values() for k in lab})
+    ids = [str(s) for s in idx.subjects]
+    preview = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+    click.echo(f"index:      {index_path}")
+    click.echo(f"subjects:   {len(idx)}")
+    click.echo(f"keypoints:  {n_kp} ({n_kp / max(len(idx), 1):.0f} per subject)")
+    click.echo(f"disk:       {size / 1e6:.2f} MB")
+    click.echo(f"labels:     {', '.join(names) or '(none)'}")
+    click.echo(f"first ids:  {preview}")

@@ -1,0 +1,141 @@
+"""Options that several ``keyfuse`` commands share, declared once.
+
+Each is a decorator (``@device_option()``); a command that needs a different help text
+passes it, the name, type and default stay the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: context settings of every command: ``-h`` as well as ``--help``, wide help texts
+CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+#: --search value -> the ``exact=`` argument of ``Index.search`` / ``Index.pairwise``
+SEARCH_EXACT = {"auto": None, "exact": True, "forest": False}
+
+
+def device_option(
+    help: str = "Where the work runs: a CUDA GPU when one is usable (auto), or the CPU.",
+) -> Callable[[F], F]:
+    """``--device auto|cpu|cuda`` (default auto)."""
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help=help,
+    )
+
+
+def quiet_option(help: str = "No progress bars.") -> Callable[[F], F]:
+    """``-q/--quiet``."""
+    return click.option("-q", "--quiet", is_flag=True, help=help)
+
+
+def dask_option(
+    help: str = "Run on this Dask scheduler (e.g. tcp://10.0.0.5:8786).",
+) -> Callable[[F], F]:
+    """``--dask ADDRESS`` (the ``dask_address`` parameter)."""
+    return click.option("--dask", "dask_address", default=None, metavar="ADDRESS", help=help)
+
+
+def workers_option(help: str | None = None) -> Callable[[F], F]:
+    """``-j/--workers N``."""
+    return click.option("-j", "--workers", type=click.IntRange(min=1), default=None, help=help)
+
+
+def index_argument() -> Callable[[F], F]:
+    """The ``INDEX`` argument: an existing on-disk index (the ``index_path`` parameter)."""
+    return click.argument(
+        "index_path", metavar="INDEX", type=click.Path(exists=True, path_type=Path)
+    )
+
+
+def search_option() -> Callable[[F], F]:
+    """``--search auto|exact|forest``, for commands that search an index (see
+    :data:`SEARCH_EXACT`)."""
+    return click.option(
+        "--search",
+        type=click.Choice(list(SEARCH_EXACT)),
+        default="auto",
+        show_default=True,
+        help="Nearest-neighbour search: exact brute force, the kd-forest, or auto (exact "
+        "below the index's exact_below keypoints, 100,000 by default).",
+    )
+
+
+def label_table_options(f: F) -> F:
+    """``--labels CSV``, ``--id-column NAME`` and ``--columns A,B``: per-subject labels
+    for the entries of an index."""
+    f = click.option(
+        "--columns",
+        default=None,
+        metavar="A,B",
+        help="Only these label columns (default: all but the id).",
+    )(f)
+    f = click.option(
+        "--id-column",
+        default=None,
+        help="Id column of --labels (default: 'subject', else the first).",
+    )(f)
+    return click.option(
+        "--labels",
+        "labels_csv",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="CSV table of per-subject labels (e.g. a cohort.csv); rows are matched "
+        "to files by the id column and the file name without suffix.",
+    )(f)
+
+
+def simulation_options(
+    *, families: int = 12, family_size: int = 3, rescans: bool = True
+) -> Callable[[F], F]:
+    """The shape of a simulated cohort: ``--families``, ``--family-size``, ``--rescans``
+    (when ``rescans``), ``--seed``, ``--resolution``."""
+    options = [
+        click.option(
+            "--families",
+            type=click.IntRange(min=1),
+            default=families,
+            show_default=True,
+            help="Simulated families.",
+        ),
+        click.option(
+            "--family-size",
+            type=click.IntRange(min=1),
+            default=family_size,
+            show_default=True,
+            help="Scans per family.",
+        ),
+    ]
+    if rescans:
+        options.append(
+            click.option(
+                "--rescans",
+                type=click.IntRange(min=0),
+                default=4,
+                show_default=True,
+                help="Individuals scanned twice.",
+            )
+        )
+    options += [
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--resolution", type=float, default=1.5, show_default=True, help="Voxel size, mm."
+        ),
+    ]
+
+    def apply(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
