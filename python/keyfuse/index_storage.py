@@ -1,0 +1,269 @@
+"""On-disk storage of :class:`keyfuse.Index`: the Parquet tables of one append (a "part"),
+their checksums, and reading a subject's keypoints back.
+
+A part is a pair of Parquet files: ``subjects-NNNNNN.parquet`` (id, keypoint count,
+affine, shape, labels as JSON, CNN vector, source) and ``keypoints-NNNNNN.parquet``
+(subject, geometry and the 64-byte descriptor per row, grouped by subject). An opened
+index streams only the descriptor column into memory and remembers, per subject, where
+its rows lie (:class:`_Rows`), so the full keypoints are read back on demand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keyfuse.errors import IndexCorruptError
+from keyfuse.keypoints import KeypointSet
+
+# one subject as staged for an append: (id, keypoints, vector, labels, source)
+Staged = tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]
+
+
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename is durable only then); best effort."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _subjects_table(staged: Sequence[Staged]) -> Any:
+    """The subjects table of one part: one row per subject."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "subject_id": pa.array([s[0] for s in staged], pa.string()),
+            "n_keypoints": pa.array([len(s[1]) for s in staged], pa.int64()),
+            "affine": pa.array(
+                [s[1].affine.ravel().tolist() for s in staged], pa.list_(pa.float64(), 16)
+            ),
+            "shape": pa.array([list(s[1].shape) for s in staged], pa.list_(pa.int64())),
+            "labels": pa.array([json.dumps(s[3], sort_keys=True) for s in staged], pa.string()),
+            "vector": pa.array(
+                [None if s[2] is None else s[2].tolist() for s in staged], pa.list_(pa.float32())
+            ),
+            "source": pa.array([s[4] for s in staged], pa.string()),
+        }
+    )
+
+
+# keypoint rows per Parquet row group: one subject's keypoints are read back from disk
+# without decoding more than a group or two around them
+ROW_GROUP = 65_536
+
+_KP_COLUMNS: tuple[tuple[str, Any, int], ...] = (
+    ("ijk", np.float64, 3),
+    ("scale", np.float32, 1),
+    ("orientation", np.float32, 9),
+    ("descriptors", np.uint8, 64),
+    ("polarity", np.int8, 1),
+    ("response", np.float32, 1),
+    ("eigenvalues", np.float32, 3),
+    ("flags", np.uint8, 1),
+)
+
+
+def _keypoints_table(staged: Sequence[Staged]) -> Any:
+    """The keypoints table of one part: every subject's keypoints, in subject order."""
+    import pyarrow as pa
+
+    counts = [len(s[1]) for s in staged]
+    cols: dict[str, Any] = {
+        "subject": pa.DictionaryArray.from_arrays(
+            pa.array(np.repeat(np.arange(len(staged), dtype=np.int32), counts)),
+            pa.array([s[0] for s in staged], pa.string()),
+        )
+    }
+    for name, dtype, width in _KP_COLUMNS:
+        flat = (
+            np.concatenate(
+                [
+                    np.asarray(getattr(s[1], name), dtype=dtype).reshape(len(s[1]), width)
+                    for s in staged
+                ]
+            )
+            if staged
+            else np.zeros((0, width), dtype)
+        )
+        if name == "descriptors":
+            cols[name] = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(64), len(flat), [None, pa.py_buffer(np.ascontiguousarray(flat))]
+            )
+        elif width == 1:
+            cols[name] = pa.array(flat.ravel())
+        else:
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), width)
+    return pa.table(cols)
+
+
+def _column_arrays(keypoints: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Numpy arrays (one row per keypoint) of some keypoint columns of a table or a
+    record batch."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtype, width in _KP_COLUMNS:
+        if name not in names:
+            continue
+        col = keypoints.column(name)
+        if hasattr(col, "combine_chunks"):  # a table's column is chunked
+            col = col.combine_chunks()
+        if name == "descriptors":
+            buf = col.buffers()[1]
+            flat = np.frombuffer(buf, dtype=np.uint8, count=col.offset * 64 + len(col) * 64)
+            arrays[name] = flat[col.offset * 64 :].reshape(-1, 64)
+        elif width == 1:
+            arrays[name] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
+        else:
+            arrays[name] = np.asarray(
+                col.flatten().to_numpy(zero_copy_only=False), dtype=dtype
+            ).reshape(-1, width)
+    return arrays
+
+
+def _keypoint_set(arrays: dict[str, np.ndarray], affine: Any, shape: Any) -> KeypointSet:
+    return KeypointSet(
+        arrays["ijk"],
+        arrays["scale"],
+        arrays["orientation"].reshape(-1, 3, 3),
+        arrays["descriptors"],
+        arrays["polarity"],
+        arrays["response"],
+        arrays["eigenvalues"],
+        arrays["flags"],
+        affine=np.asarray(affine, dtype=np.float64).reshape(4, 4),
+        shape=shape,
+    )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Where one subject's keypoints lie in an index part: rows [start, stop) of a
+    keypoints Parquet file, verified when the index was opened. ``stamp`` (size,
+    modification time) and the subject column guard against a file changed since."""
+
+    subject: str
+    path: Path
+    start: int
+    stop: int
+    stamp: tuple[int, int]
+    affine: tuple[float, ...]
+    shape: tuple[int, ...]
+
+    def read(self) -> KeypointSet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        hint = "was the index directory changed or removed after it was opened?"
+        try:
+            st = self.path.stat()
+            if (st.st_size, st.st_mtime_ns) != self.stamp:
+                raise IndexCorruptError(f"{self.path}: changed since the index was opened; {hint}")
+            pf = pq.ParquetFile(self.path)
+            ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+            if self.stop > self.start:
+                first = int(np.searchsorted(ends, self.start, side="right"))
+                last = int(np.searchsorted(ends, self.stop - 1, side="right"))
+                table = pf.read_row_groups(list(range(first, last + 1)))
+                offset = int(ends[first - 1]) if first else 0
+                table = table.slice(self.start - offset, self.stop - self.start)
+            else:
+                table = pf.schema_arrow.empty_table()
+            owners = table.column("subject").combine_chunks()
+            if table.num_rows != self.stop - self.start or any(
+                v != self.subject for v in owners.dictionary.take(owners.indices).to_pylist()
+            ):
+                raise IndexCorruptError(f"{self.path}: rows of {self.subject!r} moved; {hint}")
+            arrays = _column_arrays(table, [c[0] for c in _KP_COLUMNS])
+        except IndexCorruptError:
+            raise
+        except (OSError, ValueError, IndexError, pa.ArrowException) as e:
+            raise IndexCorruptError(
+                f"{self.path}: cannot read keypoints back ({type(e).__name__}: {e}); {hint}"
+            ) from e
+        return _keypoint_set(arrays, self.affine, self.shape)
+
+
+def _stream_part(
+    sub: dict[str, list[Any]], keypoints_file: Path, root: Path
+) -> Iterator[tuple[Any, ...]]:
+    """(id, rows on disk, vector, labels, source, descriptors) of one part's subjects in
+    order, reading only the descriptor column, a row group at a time."""
+    import pyarrow.parquet as pq
+
+    counts = np.asarray(sub["n_keypoints"], dtype=np.int64)
+    st = keypoints_file.stat()
+    stamp = (st.st_size, st.st_mtime_ns)
+    pf = pq.ParquetFile(keypoints_file)
+    if pf.metadata.num_rows != int(counts.sum()):
+        raise IndexCorruptError(f"{root}: keypoint rows do not add up to the subjects' counts")
+    ends = np.cumsum(counts)
+    position = {sid: i for i, sid in enumerate(sub["subject_id"])}
+    buf = np.zeros((0, 64), np.uint8)  # descriptor rows read but not yet handed out
+    done, subject = 0, 0  # rows handed out, next subject
+    for batch in pf.iter_batches(columns=["subject", "descriptors"], batch_size=ROW_GROUP):
+        # each row's subject, through the batch's own dictionary of subject ids
+        col = batch.column(0)
+        lookup = np.array([position.get(v, -1) for v in col.dictionary.to_pylist()], np.int64)
+        owners = lookup[np.asarray(col.indices.to_numpy(zero_copy_only=False), np.int64)]
+        first = done + len(buf)
+        expect = np.searchsorted(ends, np.arange(first, first + len(owners)), side="right")
+        if not np.array_equal(owners, expect):
+            raise IndexCorruptError(f"{root}: keypoint rows are not grouped by subject")
+        buf = np.concatenate([buf, _column_arrays(batch, ["descriptors"])["descriptors"]])
+        while subject < len(counts) and ends[subject] <= done + len(buf):
+            n = int(counts[subject])
+            yield (*_subject_row(sub, subject, keypoints_file, done, stamp), buf[:n])
+            buf = buf[n:]
+            done += n
+            subject += 1
+    while subject < len(counts):  # subjects without keypoints at the end
+        if counts[subject] != 0:
+            raise IndexCorruptError(f"{root}: keypoint rows end early")
+        yield (
+            *_subject_row(sub, subject, keypoints_file, done, stamp),
+            np.zeros((0, 64), np.uint8),
+        )
+        subject += 1
+
+
+def _subject_row(
+    sub: dict[str, list[Any]], i: int, keypoints_file: Path, start: int, stamp: tuple[int, int]
+) -> tuple[Any, ...]:
+    """(id, rows on disk, vector, labels, source) of subject ``i`` of a part."""
+    vec = sub["vector"][i]
+    n = int(sub["n_keypoints"][i])
+    return (
+        sub["subject_id"][i],
+        _Rows(
+            sub["subject_id"][i],
+            keypoints_file,
+            start,
+            start + n,
+            stamp,
+            tuple(sub["affine"][i]),
+            tuple(sub["shape"][i]),
+        ),
+        None if vec is None else np.asarray(vec, dtype=np.float32),
+        json.loads(sub["labels"][i]),
+        sub["source"][i],
+    )
