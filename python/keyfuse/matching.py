@@ -298,6 +298,9 @@ def align(
 
 _KERNELS = ("posterior", "published")
 
+#: Default lower bound of α² (keeps exact duplicates at kernel value 1).
+_ALPHA2_FLOOR = 1.0
+
 
 def _kernel_defaults(
     kernel: str, k: int | None, alpha2_cap_fraction: float | None
@@ -324,7 +327,7 @@ def soft_jaccard(
     kernel: str = "posterior",
     exact: bool | None = None,
     checks: int = 128,
-    alpha2_floor: float = 1.0,
+    alpha2_floor: float = _ALPHA2_FLOOR,
     alpha2_cap_fraction: float | None = None,
     device: str = "auto",
 ) -> float:
@@ -389,7 +392,7 @@ def soft_jaccard(
     a = _as_keypoints(a, device, "a")
     b = _as_keypoints(b, device, "b")
     na, nb = len(a), len(b)
-    geo: dict[str, np.ndarray] = {}
+    geo: dict[str, np.ndarray | None] = dict.fromkeys(("xyz_a", "scale_a", "xyz_b", "scale_b"))
     if geometry and na and nb:
         if transform is None:
             transform = align(a, b, device=device)

@@ -4,11 +4,12 @@ use keyfuse_core::kde::{self, KdeOptions};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
-use crate::detach;
+use crate::errors::detach;
 
 /// log p({f_i}|C_k) per class (eqs. 5–7). See keyfuse_core::kde::keypoint_log_likelihood.
 #[pyfunction]
-#[pyo3(signature = (query, train, train_sample, sample_class, n_classes, exclude_sample=None, k=None, background=1.0, checks=None))]
+#[pyo3(signature = (query, train, train_sample, sample_class, n_classes, *, exclude_sample, k,
+    background, checks))]
 #[allow(clippy::too_many_arguments)]
 fn keypoint_log_likelihood<'py>(
     py: Python<'py>,
@@ -37,7 +38,7 @@ fn keypoint_log_likelihood<'py>(
 
 /// log p(v|C_k) for real vectors (eqs. 8–9, Euclidean), shape (Q, n_classes).
 #[pyfunction]
-#[pyo3(signature = (query, train, train_class, n_classes, exclude=None, background=1.0))]
+#[pyo3(signature = (query, train, train_class, n_classes, *, exclude, background))]
 fn vector_log_likelihood<'py>(
     py: Python<'py>,
     query: PyReadonlyArray2<'py, f64>,
@@ -61,7 +62,7 @@ fn vector_log_likelihood<'py>(
 
 /// log p(v|C_k) for 0/1 vectors (eqs. 8–9, Hamming), shape (Q, n_classes).
 #[pyfunction]
-#[pyo3(signature = (query, train, train_class, n_classes, exclude=None, background=1.0))]
+#[pyo3(signature = (query, train, train_class, n_classes, *, exclude, background))]
 fn binary_log_likelihood<'py>(
     py: Python<'py>,
     query: PyReadonlyArray2<'py, u8>,

@@ -464,6 +464,7 @@ where
         .zip(dist.par_chunks_mut(qb * k))
         .enumerate()
         .for_each(|(blk, (ib, db))| {
+            crate::return_if_cancelled!();
             let q0 = blk * qb;
             let nb = ib.len() / k;
             let qs = &queries[q0 * DESC_LEN..(q0 + nb) * DESC_LEN];
@@ -473,6 +474,7 @@ where
                 heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
             }
         });
+    crate::cancel::check()?;
     Ok(Neighbors {
         k,
         idx,
@@ -829,6 +831,7 @@ impl KdForest {
             .map_init(
                 || (Visited::new(), BinaryHeap::new(), Vec::new(), Vec::new()),
                 |(vis, heap, pending, leaves), qs| {
+                    crate::return_if_cancelled!();
                     let mut ib = vec![NONE; qs.len() * k];
                     let mut db = vec![u32::MAX; qs.len() * k];
                     for (j, &q) in qs.iter().enumerate() {
@@ -843,6 +846,7 @@ impl KdForest {
                 },
             )
             .collect();
+        crate::cancel::check()?;
         let mut idx = vec![NONE; nq * k];
         let mut dist = vec![u32::MAX; nq * k];
         for (qs, (ib, db)) in order.chunks(BLOCK).zip(&blocks) {
