@@ -111,11 +111,8 @@ class Index:
         Indices with fewer keypoints than this are searched exactly (brute force) unless
         ``exact=False`` is passed; larger ones use the kd-forest (search and pairwise
         follow the same rule, so a search scores like its row of :meth:`pairwise`).
-        Exact search is the better score: on a simulated 104-scan cohort (42k keypoints)
-        family AUC / mAP 0.9899 / 0.932 exact against 0.9862 / 0.897 with the forest (8
-        trees, 64 checks). Its cost grows as N² for :meth:`pairwise`: 0.46 s CPU at 40k
-        keypoints with the AMX kernel (Intel Sapphire Rapids and later), ~2.3 s at 100k;
-        about 5× more on CPUs with AVX2 only.
+        Exact search scores better than the forest, but its cost grows as N² for
+        :meth:`pairwise` (figures in docs/decisions.md).
     kernel : {"posterior", "published"}, default "posterior"
         Soft-Jaccard kernel (see :func:`keyfuse.soft_jaccard`, which gives the measured
         figures): "posterior" normalises each keypoint's kernel values over its K

@@ -344,16 +344,10 @@ def soft_jaccard(
     normalised to sum to 1 (a soft assignment of f_i among the candidates), B receives
     the share of its best neighbour, and each keypoint of B keeps only its best share
     from A (so |A∩B| ≤ min(|A|, |B|)). This competition among candidates is what the
-    reference matcher's voting gets right. Measured family AUC / mAP on the same
-    keypoints, exact k-NN (``benches/cohort.py``): in :class:`keyfuse.Index`, demo cohort
-    (40 scans at 1.5 mm, 49k keypoints) 0.9993 / 0.996 against 0.9974 / 0.989 for the
-    reference votes read as J = V/(n_i + n_j − V); a harder 104-scan cohort at 2 mm (42k
-    keypoints) 0.9899 / 0.932 against 0.9897 / 0.909. K = 10 and α = d_nn/2 were chosen
-    on these two cohorts: K = 5 with α = d_nn (the previous default) gave 0.9974 / 0.989
-    and 0.9893 / 0.897, K = 20 is slightly better again but doubles the exact search
-    cost. For two sets alone (this function, all 1,560 ordered pairs of the demo cohort)
-    0.9971 / 0.998 (K = 5: 0.9923 / 0.989). Two unrelated sets alone keep a small floor
-    (B wins some assignments against A's own keypoints); disjoint sets score ≈ 0.
+    reference matcher's voting gets right; it also scores families better than those
+    votes (K = 10 and α = d_nn/2 chosen on two cohorts; figures in docs/decisions.md).
+    Two unrelated sets alone keep a small floor (B wins some assignments against A's own
+    keypoints); disjoint sets score ≈ 0.
 
     ``kernel="published"``: ``|A∩B| = Σ_i max_{f_j ∈ NN_K(f_i) ∩ B} w_ij`` (Chauvin et
     al. 2020), with α_i² clamped to ``[alpha2_floor, alpha2_cap_fraction · E]``,

@@ -141,6 +141,16 @@ fn owners(py: Python<'_>, sizes: &PyReadonlyArray1<'_, i64>, rows: usize) -> PyR
     Ok(owner)
 }
 
+/// The GPU's soft-Jaccard settings (published kernel; k-NN kernel from `KEYFUSE_CUDA_KNN`).
+fn sj_params(k: usize, alpha2_floor: f64, alpha2_cap_fraction: f64) -> SjParams {
+    SjParams {
+        k,
+        alpha2_floor,
+        alpha2_cap_fraction,
+        kernel: None,
+    }
+}
+
 /// (indices, squared distances), both (m, k) int64.
 type KnnOut<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>);
 
@@ -197,12 +207,7 @@ fn gpu_cohort_search<'py>(
             q,
             exclude,
             allowed.as_deref(),
-            &SjParams {
-                k,
-                alpha2_floor,
-                alpha2_cap_fraction,
-                kernel: None,
-            },
+            &sj_params(k, alpha2_floor, alpha2_cap_fraction),
         )
     })?;
     Ok(scores.into_pyarray(py))
@@ -256,12 +261,7 @@ impl GpuCohort {
         alpha2_cap_fraction: f64,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let q = descriptor_view(py, "desc", &desc)?;
-        let sj = SjParams {
-            k,
-            alpha2_floor,
-            alpha2_cap_fraction,
-            kernel: None,
-        };
+        let sj = sj_params(k, alpha2_floor, alpha2_cap_fraction);
         let inner = &self.inner;
         let scores = detach(py, || {
             gpu()?.cohort_search_on(inner, q, exclude, allowed.as_deref(), &sj)
@@ -279,12 +279,7 @@ impl GpuCohort {
         alpha2_cap_fraction: f64,
         symmetric: bool,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let sj = SjParams {
-            k,
-            alpha2_floor,
-            alpha2_cap_fraction,
-            kernel: None,
-        };
+        let sj = sj_params(k, alpha2_floor, alpha2_cap_fraction);
         let inner = &self.inner;
         let n = inner.n_subjects();
         let flat = detach(py, || gpu()?.cohort_pairwise_on(inner, &sj, symmetric))?;
@@ -310,12 +305,7 @@ fn gpu_cohort_pairwise<'py>(
     let n = sizes.as_array().len();
     ensure_nvrtc(py);
     let flat = detach(py, || {
-        let sj = SjParams {
-            k,
-            alpha2_floor,
-            alpha2_cap_fraction,
-            kernel: None,
-        };
+        let sj = sj_params(k, alpha2_floor, alpha2_cap_fraction);
         gpu()?.cohort_pairwise(d, &owner, n, &sj, symmetric)
     })?;
     array2(py, n, n, flat)
