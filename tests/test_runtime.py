@@ -28,6 +28,68 @@ def _points(n: int, seed: int) -> np.ndarray:
 
 _SJ = {"k": 10, "exact": True, "checks": 64, "alpha2_floor": 1.0, "alpha2_cap_fraction": 0.1}
 
+#: Every heavy `_core` entry point: a function that prepares its inputs and returns the call.
+HEAVY_CALLS: dict[str, Callable[[], Callable[[], object]]] = {}
+
+
+def heavy(fn: Callable[[], Callable[[], object]]) -> Callable[[], Callable[[], object]]:
+    HEAVY_CALLS[fn.__name__.removeprefix("_").replace("__", ".")] = fn
+    return fn
+
+
+@heavy
+def _extract3d() -> Callable[[], object]:
+    vol = textured_volume((64, 64, 64), seed=3)
+    return lambda: _core.extract3d(vol, (1.0, 1.0, 1.0))
+
+
+@heavy
+def _extract2d() -> Callable[[], object]:
+    img = np.ascontiguousarray(np.tile(textured_volume((64, 64, 64), seed=3)[:, :, 32], (6, 6)))
+    return lambda: _core.extract2d(img, (1.0, 1.0))
+
+
+@heavy
+def _knn_exact() -> Callable[[], object]:
+    data, queries = _descriptors(40_000, 0), _descriptors(4000, 1)
+    return lambda: _core.knn_exact(data, queries, k=5)
+
+
+@heavy
+def _knn_forest() -> Callable[[], object]:
+    data, queries = _descriptors(40_000, 0), _descriptors(20_000, 1)
+    forest = {"trees": 8, "leaf_size": 8, "seed": 1}
+    return lambda: _core.knn_forest(data, queries, k=5, checks=128, **forest)
+
+
+@heavy
+def _match_sets() -> Callable[[], object]:
+    n = 20_000
+    a = (_descriptors(n, 0), _points(n, 0), np.full(n, 2.0))
+    b = (_descriptors(n, 1), _points(n, 1), np.full(n, 2.0))
+    params = {"ratio": 1.0, "scale_factor": 2.0, "hough": True, "hough_sigma": 3.0}
+    return lambda: _core.match_sets(*a, *b, keep_fraction=0.1, kde_bandwidth=3.0, **params)
+
+
+@heavy
+def _ransac_similarity() -> Callable[[], object]:
+    src, dst = _points(20_000, 0), _points(20_000, 1)
+    params = {"iterations": 4000, "inlier_mm": 5.0, "max_scale": 2.0, "with_scale": True}
+    return lambda: _core.ransac_similarity(src, dst, seed=1, **params)
+
+
+@heavy
+def _soft_intersections() -> Callable[[], object]:
+    a, b = _descriptors(20_000, 0), _descriptors(20_000, 1)
+    geometry = dict.fromkeys(("xyz_a", "scale_a", "xyz_b", "scale_b"))
+    return lambda: _core.soft_intersections(a, b, posterior=False, **geometry, **_SJ)
+
+
+@heavy
+def _reference_votes() -> Callable[[], object]:
+    sets = [_descriptors(8000, s) for s in range(4)]
+    return lambda: _core.reference_votes(sets, k=5, exact=True, checks=64)
+
 
 def _engine() -> _core.SearchEngine:
     engine = _core.SearchEngine(trees=4)
@@ -36,7 +98,56 @@ def _engine() -> _core.SearchEngine:
     return engine
 
 
-def _atlas_keypoints() -> tuple[_core.AtlasKeypoints, list[np.ndarray]]:
+@heavy
+def _SearchEngine__search() -> Callable[[], object]:
+    engine, query = _engine(), _descriptors(8000, 9)
+    return lambda: engine.search(query, exclude=None, allowed=None, posterior=False, **_SJ)
+
+
+@heavy
+def _SearchEngine__pairwise() -> Callable[[], object]:
+    engine = _engine()
+    return lambda: engine.pairwise(symmetric=False, posterior=True, **_SJ)
+
+
+@heavy
+def _SearchEngine__reference_votes() -> Callable[[], object]:
+    engine = _engine()
+    return lambda: engine.reference_votes(k=5, exact=True, checks=64)
+
+
+@heavy
+def _SearchEngine__build_forest() -> Callable[[], object]:
+    engine = _engine()
+    return engine.build_forest
+
+
+@heavy
+def _keypoint_log_likelihood() -> Callable[[], object]:
+    query, train = _descriptors(4000, 0), _descriptors(40_000, 1)
+    sample = np.repeat(np.arange(40, dtype=np.int64), 1000)
+    cls = np.arange(40, dtype=np.int64) % 2
+    opts = {"exclude_sample": None, "k": None, "background": 1.0, "checks": None}
+    return lambda: _core.keypoint_log_likelihood(query, train, sample, cls, 2, **opts)
+
+
+@heavy
+def _vector_log_likelihood() -> Callable[[], object]:
+    rng = np.random.default_rng(0)
+    query, train = rng.normal(size=(3000, 256)), rng.normal(size=(3000, 256))
+    cls = np.arange(3000, dtype=np.int64) % 2
+    return lambda: _core.vector_log_likelihood(query, train, cls, 2, exclude=None, background=1.0)
+
+
+@heavy
+def _binary_log_likelihood() -> Callable[[], object]:
+    query, train = _descriptors(3000, 0) & 1, _descriptors(3000, 1) & 1
+    cls = np.arange(3000, dtype=np.int64) % 2
+    return lambda: _core.binary_log_likelihood(query, train, cls, 2, exclude=None, background=1.0)
+
+
+@heavy
+def _AtlasKeypoints__match_all() -> Callable[[], object]:
     n = 6000
     atlases = _core.AtlasKeypoints(
         [_descriptors(n, s) for s in range(3)],
@@ -44,10 +155,14 @@ def _atlas_keypoints() -> tuple[_core.AtlasKeypoints, list[np.ndarray]]:
         [np.full(n, 2.0) for _ in range(3)],
         [np.ones(n, np.int32) for _ in range(3)],
     )
-    return atlases, [_descriptors(n, 9), _points(n, 9), np.full(n, 2.0)]
+    test = (_descriptors(n, 9), _points(n, 9), np.full(n, 2.0))
+    return lambda: atlases.match_all(
+        *test, ratio=1.0, scale_factor=2.0, hough=True, hough_queries=0
+    )
 
 
-def _transfer() -> Callable[[], object]:
+@heavy
+def _TransferAtlases__transfer() -> Callable[[], object]:
     shape = (96, 96, 96)
     labels = np.zeros(shape, np.int32)
     labels[20:70, 20:70, 20:70] = 1
@@ -55,128 +170,16 @@ def _transfer() -> Callable[[], object]:
     atlases = _core.TransferAtlases([labels] * 2, [intensity] * 2)
     n = 400
     rng = np.random.default_rng(0)
-    args = (
-        intensity,
-        rng.integers(0, 2, n).astype(np.uint32),
-        np.ones(n, np.int32),
-        rng.integers(-3, 4, (n, 3)).astype(np.int32),
-        np.ones(n),
-        np.full(1, np.inf, np.float32),
-        0.5,
-    )
-    return lambda: atlases.transfer(*args)
+    atlas = rng.integers(0, 2, n).astype(np.uint32)
+    shift = rng.integers(-3, 4, (n, 3)).astype(np.int32)
+    label, weight, nu = np.ones(n, np.int32), np.ones(n), np.full(1, np.inf, np.float32)
+    return lambda: atlases.transfer(intensity, atlas, label, shift, weight, nu, 0.5)
 
 
-def _heavy_calls() -> dict[str, Callable[[], Callable[[], object]]]:
-    """Every heavy `_core` entry point: a factory preparing its inputs, returning the call."""
-    vol = textured_volume((64, 64, 64), seed=3)
-    return {
-        "extract3d": lambda: lambda: _core.extract3d(vol, (1.0, 1.0, 1.0)),
-        "extract2d": lambda: lambda: _core.extract2d(
-            np.ascontiguousarray(np.tile(vol[:, :, 32], (6, 6))), (1.0, 1.0)
-        ),
-        "knn_exact": lambda: lambda: _core.knn_exact(
-            _descriptors(40_000, 0), _descriptors(4000, 1), k=5
-        ),
-        "knn_forest": lambda: lambda: _core.knn_forest(
-            _descriptors(40_000, 0),
-            _descriptors(20_000, 1),
-            k=5,
-            checks=128,
-            trees=8,
-            leaf_size=8,
-            seed=1,
-        ),
-        "match_sets": lambda: lambda: _core.match_sets(
-            _descriptors(20_000, 0),
-            _points(20_000, 0),
-            np.full(20_000, 2.0),
-            _descriptors(20_000, 1),
-            _points(20_000, 1),
-            np.full(20_000, 2.0),
-            ratio=1.0,
-            scale_factor=2.0,
-            hough=True,
-            hough_sigma=3.0,
-            keep_fraction=0.1,
-            kde_bandwidth=3.0,
-        ),
-        "ransac_similarity": lambda: lambda: _core.ransac_similarity(
-            _points(20_000, 0),
-            _points(20_000, 1),
-            iterations=4000,
-            inlier_mm=5.0,
-            max_scale=2.0,
-            with_scale=True,
-            seed=1,
-        ),
-        "soft_intersections": lambda: lambda: _core.soft_intersections(
-            _descriptors(20_000, 0),
-            _descriptors(20_000, 1),
-            xyz_a=None,
-            scale_a=None,
-            xyz_b=None,
-            scale_b=None,
-            posterior=False,
-            **_SJ,
-        ),
-        "reference_votes": lambda: lambda: _core.reference_votes(
-            [_descriptors(8000, s) for s in range(4)], k=5, exact=True, checks=64
-        ),
-        "SearchEngine.search": lambda: (
-            lambda e=_engine(), q=_descriptors(8000, 9): e.search(  # type: ignore[misc]
-                q, exclude=None, allowed=None, posterior=False, **_SJ
-            )
-        ),
-        "SearchEngine.pairwise": lambda: (
-            lambda e=_engine(): e.pairwise(symmetric=False, posterior=True, **_SJ)  # type: ignore[misc]
-        ),
-        "SearchEngine.reference_votes": lambda: (
-            lambda e=_engine(): e.reference_votes(k=5, exact=True, checks=64)  # type: ignore[misc]
-        ),
-        "SearchEngine.build_forest": lambda: (
-            lambda e=_engine(): e.build_forest()  # type: ignore[misc]
-        ),
-        "keypoint_log_likelihood": lambda: lambda: _core.keypoint_log_likelihood(
-            _descriptors(4000, 0),
-            _descriptors(40_000, 1),
-            np.repeat(np.arange(40, dtype=np.int64), 1000),
-            np.arange(40, dtype=np.int64) % 2,
-            2,
-            exclude_sample=None,
-            k=None,
-            background=1.0,
-            checks=None,
-        ),
-        "vector_log_likelihood": lambda: lambda: _core.vector_log_likelihood(
-            np.random.default_rng(0).normal(size=(3000, 256)),
-            np.random.default_rng(1).normal(size=(3000, 256)),
-            np.arange(3000, dtype=np.int64) % 2,
-            2,
-            exclude=None,
-            background=1.0,
-        ),
-        "binary_log_likelihood": lambda: lambda: _core.binary_log_likelihood(
-            _descriptors(3000, 0) & 1,
-            _descriptors(3000, 1) & 1,
-            np.arange(3000, dtype=np.int64) % 2,
-            2,
-            exclude=None,
-            background=1.0,
-        ),
-        "AtlasKeypoints.match_all": lambda: (
-            lambda ak=_atlas_keypoints(): ak[0].match_all(  # type: ignore[misc]
-                *ak[1], ratio=1.0, scale_factor=2.0, hough=True, hough_queries=0
-            )
-        ),
-        "TransferAtlases.transfer": _transfer,
-    }
-
-
-@pytest.mark.parametrize("name", sorted(_heavy_calls()))
+@pytest.mark.parametrize("name", sorted(HEAVY_CALLS))
 def test_heavy_calls_release_the_gil(name: str) -> None:
     """While a heavy call runs, another Python thread keeps running."""
-    call = _heavy_calls()[name]()
+    call = HEAVY_CALLS[name]()
     ticks = 0
     stop = threading.Event()
 
