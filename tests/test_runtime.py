@@ -45,13 +45,13 @@ def _extract3d() -> Callable[[], object]:
 
 @heavy
 def _extract2d() -> Callable[[], object]:
-    img = np.ascontiguousarray(np.tile(textured_volume((64, 64, 64), seed=3)[:, :, 32], (6, 6)))
+    img = np.ascontiguousarray(np.tile(textured_volume((64, 64, 64), seed=3)[:, :, 32], (4, 4)))
     return lambda: _core.extract2d(img, (1.0, 1.0))
 
 
 @heavy
 def _knn_exact() -> Callable[[], object]:
-    data, queries = _descriptors(40_000, 0), _descriptors(4000, 1)
+    data, queries = _descriptors(100_000, 0), _descriptors(5000, 1)
     return lambda: _core.knn_exact(data, queries, k=5)
 
 
@@ -64,7 +64,7 @@ def _knn_forest() -> Callable[[], object]:
 
 @heavy
 def _match_sets() -> Callable[[], object]:
-    n = 20_000
+    n = 4000
     a = (_descriptors(n, 0), _points(n, 0), np.full(n, 2.0))
     b = (_descriptors(n, 1), _points(n, 1), np.full(n, 2.0))
     params = {"ratio": 1.0, "scale_factor": 2.0, "hough": True, "hough_sigma": 3.0}
@@ -80,7 +80,7 @@ def _ransac_similarity() -> Callable[[], object]:
 
 @heavy
 def _soft_intersections() -> Callable[[], object]:
-    a, b = _descriptors(20_000, 0), _descriptors(20_000, 1)
+    a, b = _descriptors(10_000, 0), _descriptors(10_000, 1)
     geometry = dict.fromkeys(("xyz_a", "scale_a", "xyz_b", "scale_b"))
     return lambda: _core.soft_intersections(a, b, posterior=False, **geometry, **_SJ)
 
@@ -124,7 +124,7 @@ def _SearchEngine__build_forest() -> Callable[[], object]:
 
 @heavy
 def _keypoint_log_likelihood() -> Callable[[], object]:
-    query, train = _descriptors(4000, 0), _descriptors(40_000, 1)
+    query, train = _descriptors(1000, 0), _descriptors(40_000, 1)
     sample = np.repeat(np.arange(40, dtype=np.int64), 1000)
     cls = np.arange(40, dtype=np.int64) % 2
     opts = {"exclude_sample": None, "k": None, "background": 1.0, "checks": None}
@@ -134,8 +134,8 @@ def _keypoint_log_likelihood() -> Callable[[], object]:
 @heavy
 def _vector_log_likelihood() -> Callable[[], object]:
     rng = np.random.default_rng(0)
-    query, train = rng.normal(size=(3000, 256)), rng.normal(size=(3000, 256))
-    cls = np.arange(3000, dtype=np.int64) % 2
+    query, train = rng.normal(size=(1500, 256)), rng.normal(size=(1500, 256))
+    cls = np.arange(1500, dtype=np.int64) % 2
     return lambda: _core.vector_log_likelihood(query, train, cls, 2, exclude=None, background=1.0)
 
 
@@ -148,7 +148,7 @@ def _binary_log_likelihood() -> Callable[[], object]:
 
 @heavy
 def _AtlasKeypoints__match_all() -> Callable[[], object]:
-    n = 6000
+    n = 2000
     atlases = _core.AtlasKeypoints(
         [_descriptors(n, s) for s in range(3)],
         [_points(n, s) for s in range(3)],
@@ -168,7 +168,7 @@ def _TransferAtlases__transfer() -> Callable[[], object]:
     labels[20:70, 20:70, 20:70] = 1
     intensity = np.ones(shape, np.float32)
     atlases = _core.TransferAtlases([labels] * 2, [intensity] * 2)
-    n = 400
+    n = 2000
     rng = np.random.default_rng(0)
     atlas = rng.integers(0, 2, n).astype(np.uint32)
     shift = rng.integers(-3, 4, (n, 3)).astype(np.int32)
