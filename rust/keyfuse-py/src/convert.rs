@@ -47,7 +47,11 @@ pub fn descriptors<'a>(
 }
 
 /// An `(n, 3)` float64 array as points.
-pub fn points(py: Python<'_>, name: &str, a: &PyReadonlyArray2<'_, f64>) -> PyResult<Vec<[f64; 3]>> {
+pub fn points(
+    py: Python<'_>,
+    name: &str,
+    a: &PyReadonlyArray2<'_, f64>,
+) -> PyResult<Vec<[f64; 3]>> {
     let v = a.as_array();
     if v.ncols() != 3 {
         return Err(invalid(
@@ -80,7 +84,10 @@ pub fn rows_array<'py, T: numpy::Element + Copy, const N: usize>(
 
 /// Extraction parameters: the core's defaults, overridden by the keyword arguments
 /// (names and ranges are checked by the core).
-pub fn extract_params(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<ExtractParams> {
+pub fn extract_params(
+    py: Python<'_>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<ExtractParams> {
     let mut p = ExtractParams::default();
     for (k, v) in kwargs.into_iter().flat_map(|kw| kw.iter()) {
         let name: String = k.extract()?;

@@ -82,7 +82,16 @@ fn vector_log_likelihood<'py>(
     background: f64,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
     let f = kde::vector_log_likelihood;
-    vector_likelihood(py, f, query, train, train_class, n_classes, exclude, background)
+    vector_likelihood(
+        py,
+        f,
+        query,
+        train,
+        train_class,
+        n_classes,
+        exclude,
+        background,
+    )
 }
 
 /// log p(v|C_k) for 0/1 vectors (eqs. 8–9, Hamming), shape (Q, n_classes).
@@ -98,7 +107,16 @@ fn binary_log_likelihood<'py>(
     background: f64,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
     let f = kde::binary_log_likelihood;
-    vector_likelihood(py, f, query, train, train_class, n_classes, exclude, background)
+    vector_likelihood(
+        py,
+        f,
+        query,
+        train,
+        train_class,
+        n_classes,
+        exclude,
+        background,
+    )
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -106,7 +106,10 @@ fn match_sets<'py>(
     keep_fraction: f64,
     kde_bandwidth: f64,
 ) -> PyResult<MatchOut<'py>> {
-    let (da, db) = (descriptors(py, "a", &desc_a)?, descriptors(py, "b", &desc_b)?);
+    let (da, db) = (
+        descriptors(py, "a", &desc_a)?,
+        descriptors(py, "b", &desc_b)?,
+    );
     let (xa, xb) = (points(py, "a", &xyz_a)?, points(py, "b", &xyz_b)?);
     let (sa, sb) = (scale_a.as_array().to_vec(), scale_b.as_array().to_vec());
     let params = MatchParams {
@@ -227,7 +230,10 @@ fn soft_intersections<'py>(
     scale_b: Option<PyReadonlyArray1<'py, f64>>,
     posterior: bool,
 ) -> PyResult<(f64, f64)> {
-    let (da, db) = (descriptors(py, "a", &desc_a)?, descriptors(py, "b", &desc_b)?);
+    let (da, db) = (
+        descriptors(py, "a", &desc_a)?,
+        descriptors(py, "b", &desc_b)?,
+    );
     let p = sj_params(
         k,
         exact,
@@ -353,7 +359,12 @@ impl SearchEngine {
     /// A copy of every indexed descriptor, (n_points, 64) uint8, subjects in order.
     fn descriptors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u8>>> {
         let d = self.inner.descriptors().to_vec();
-        array2(py, d.len() / keyfuse_core::DESC_LEN, keyfuse_core::DESC_LEN, d)
+        array2(
+            py,
+            d.len() / keyfuse_core::DESC_LEN,
+            keyfuse_core::DESC_LEN,
+            d,
+        )
     }
 
     /// Bytes held by descriptors, owners and the forest.
