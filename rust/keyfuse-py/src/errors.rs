@@ -70,68 +70,38 @@ pub fn install_fork_guard() {
 #[cfg(not(unix))]
 pub fn install_fork_guard() {}
 
-/// Run `f` on the global rayon pool, or, in a forked child, on a pool made in that child.
-fn on_a_live_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+/// In a forked child, a rayon pool made in that child (None: the global pool is alive).
+fn child_pool() -> Option<Arc<rayon::ThreadPool>> {
     if !FORKED.load(Ordering::SeqCst) {
-        return f();
+        return None;
     }
     // keyed by pid: a grandchild must not reuse its parent's (dead) pool
     static CHILD_POOL: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
     let pid = std::process::id();
-    let pool = {
-        let mut slot = CHILD_POOL.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.as_ref() {
-            Some((owner, pool)) if *owner == pid => Some(pool.clone()),
-            _ => {
-                let fresh = rayon::ThreadPoolBuilder::new().build().ok().map(Arc::new);
-                *slot = fresh.clone().map(|p| (pid, p));
-                fresh
-            }
+    let mut slot = CHILD_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    match slot.as_ref() {
+        Some((owner, pool)) if *owner == pid => Some(pool.clone()),
+        _ => {
+            let fresh = rayon::ThreadPoolBuilder::new().build().ok().map(Arc::new);
+            *slot = fresh.clone().map(|p| (pid, p));
+            fresh
         }
-    };
-    match pool {
-        Some(pool) => pool.install(f),
-        None => f(),
     }
 }
 
 /// How often a waiting call looks for Ctrl-C (Python runs signal handlers only when asked).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
-/// Stack of the worker thread: as large as a main thread's, for deep recursions.
-const WORKER_STACK: usize = 8 << 20;
+type Outcome<T> = std::thread::Result<keyfuse_core::Result<T>>;
 
-/// Run `f` with the GIL released and return its result as a Python result.
-///
-/// `f` runs on a worker thread while the calling thread waits, waking every
-/// [`SIGNAL_POLL`] to let Python run its signal handlers. When one raises (Ctrl-C:
-/// `KeyboardInterrupt`), the core is asked to stop ([`keyfuse_core::cancel`]), the worker
-/// is awaited (it returns at its next check) and the handler's exception is raised. Core
-/// errors become keyfuse exceptions, and a panic (a bug) becomes `KeyfuseError` instead
-/// of a dead interpreter. The same idea as polars' `enter_polars`.
-pub fn detach<T, F>(py: Python<'_>, f: F) -> PyResult<T>
-where
-    T: Send,
-    F: FnOnce() -> keyfuse_core::Result<T> + Send,
-{
-    let (result, signal) = py.detach(|| {
-        std::thread::scope(|scope| {
-            let (done_tx, done_rx) = mpsc::channel::<()>();
-            let worker = std::thread::Builder::new()
-                .name("keyfuse".into())
-                .stack_size(WORKER_STACK)
-                .spawn_scoped(scope, move || {
-                    let out = catch_unwind(AssertUnwindSafe(|| on_a_live_pool(f)));
-                    let _ = done_tx.send(());
-                    out
-                })
-                .map_err(|e| format!("cannot start a worker thread: {e}"));
-            let worker = match worker {
-                Ok(worker) => worker,
-                Err(e) => return (Err(Box::new(e) as Box<dyn std::any::Any + Send>), None),
-            };
-            let mut signal = None;
-            while let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(SIGNAL_POLL) {
+/// Wait for the job's outcome, letting Python run its signal handlers every
+/// [`SIGNAL_POLL`]; the first handler that raises (Ctrl-C) asks the core to stop.
+fn wait_for<T>(done: &mpsc::Receiver<Outcome<T>>) -> (Outcome<T>, Option<PyErr>) {
+    let mut signal = None;
+    loop {
+        match done.recv_timeout(SIGNAL_POLL) {
+            Ok(outcome) => return (outcome, signal),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 if signal.is_none() {
                     signal = Python::attach(|py| py.check_signals()).err();
                     if signal.is_some() {
@@ -139,12 +109,47 @@ where
                     }
                 }
             }
-            let result = worker.join().unwrap_or_else(Err);
-            if signal.is_some() {
-                cancel::clear();
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return (Err(Box::new("the job ended without a result")), signal)
             }
-            (result, signal)
-        })
+        }
+    }
+}
+
+/// Spawn `f` in `scope` and wait for it (see [`detach`]).
+fn run_job<'scope, T, F>(scope: &rayon::Scope<'scope>, f: F) -> (Outcome<T>, Option<PyErr>)
+where
+    T: Send + 'scope,
+    F: FnOnce() -> keyfuse_core::Result<T> + Send + 'scope,
+{
+    let (done_tx, done_rx) = mpsc::channel();
+    scope.spawn(move |_| {
+        let _ = done_tx.send(catch_unwind(AssertUnwindSafe(f)));
+    });
+    let (outcome, signal) = wait_for(&done_rx);
+    if signal.is_some() {
+        cancel::clear();
+    }
+    (outcome, signal)
+}
+
+/// Run `f` with the GIL released and return its result as a Python result.
+///
+/// `f` runs as a job on the rayon pool (a pool made in this process after a `fork()`)
+/// while the calling thread waits, waking every [`SIGNAL_POLL`] to let Python run its
+/// signal handlers. When one raises (Ctrl-C: `KeyboardInterrupt`), the core is asked to
+/// stop ([`keyfuse_core::cancel`]), the job is awaited (it returns at its next check) and
+/// the handler's exception is raised. Core errors become keyfuse exceptions, and a panic
+/// (a bug) becomes `KeyfuseError` instead of a dead interpreter. The same idea as
+/// polars' `enter_polars`.
+pub fn detach<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    T: Send,
+    F: FnOnce() -> keyfuse_core::Result<T> + Send,
+{
+    let (result, signal) = py.detach(|| match child_pool() {
+        Some(pool) => pool.in_place_scope(|scope| run_job(scope, f)),
+        None => rayon::in_place_scope(|scope| run_job(scope, f)),
     });
     if let Some(err) = signal {
         return Err(err);

@@ -62,11 +62,12 @@ fn ensure_nvrtc(py: Python<'_>) {
 }
 
 /// Whether a usable CUDA device exists: driver and NVRTC libraries found, a device
-/// answers, and the kernels compiled for it. Probed once per process; never raises.
+/// answers, and the kernels compiled for it. Probed once per process; raises only on
+/// Ctrl-C.
 #[pyfunction]
-fn cuda_available(py: Python<'_>) -> bool {
+fn cuda_available(py: Python<'_>) -> PyResult<bool> {
     ensure_nvrtc(py);
-    py.detach(keyfuse_cuda::cuda_available)
+    detach(py, || Ok(keyfuse_cuda::cuda_available()))
 }
 
 /// What the CUDA probe found: a dict with `available`, `driver_found`, `nvrtc_found`,
@@ -75,7 +76,7 @@ fn cuda_available(py: Python<'_>) -> bool {
 #[pyfunction]
 fn cuda_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     ensure_nvrtc(py);
-    let info = py.detach(keyfuse_cuda::cuda_info);
+    let info = detach(py, || Ok(keyfuse_cuda::cuda_info()))?;
     let d = PyDict::new(py);
     d.set_item("available", info.available)?;
     d.set_item("driver_found", info.driver_found)?;
@@ -96,7 +97,7 @@ fn cuda_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pyfunction]
 fn cuda_compile_check(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     ensure_nvrtc(py);
-    if !py.detach(keyfuse_cuda::runtime::nvrtc_present) {
+    if !detach(py, || Ok(keyfuse_cuda::runtime::nvrtc_present()))? {
         return Err(to_pyerr(
             py,
             KfError::DeviceUnavailable(
@@ -104,9 +105,7 @@ fn cuda_compile_check(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
             ),
         ));
     }
-    let bytes = py
-        .detach(keyfuse_cuda::compile_check)
-        .map_err(|e| internal(py, e))?;
+    let bytes = detach(py, || Ok(keyfuse_cuda::compile_check()))?.map_err(|e| internal(py, e))?;
     let d = PyDict::new(py);
     d.set_item(
         "kernels",
