@@ -171,8 +171,9 @@ fn gpu_knn<'py>(
     Ok((idx.into_pyarray(py), dist.into_pyarray(py)))
 }
 
-/// Soft-Jaccard of `desc` against every subject of a cohort on the GPU — the exact-search
-/// `Cohort.search` (same α² clamp: [alpha2_floor, alpha2_cap_fraction · E], E from `data`).
+/// Soft-Jaccard of `desc` against every subject of a cohort on the GPU (uploaded for this
+/// call: `GpuCohort(data, sizes).search(...)`) — the exact-search `SearchEngine.search`
+/// (same α² clamp: [alpha2_floor, alpha2_cap_fraction · E], E from `data`).
 /// `data` holds all subjects' rows in order, `sizes` their row counts.
 /// `exclude`: a subject whose rows are never neighbours; `allowed`: per-subject bool mask.
 #[pyfunction]
@@ -190,30 +191,19 @@ fn gpu_cohort_search<'py>(
     alpha2_floor: f64,
     alpha2_cap_fraction: f64,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    let d = descriptor_view(py, "data", &data)?;
-    let q = descriptor_view(py, "desc", &desc)?;
-    let owner = owners(py, &sizes, d.nrows())?;
-    let n = sizes.as_array().len();
-    if exclude.is_some_and(|e| e >= n) {
-        return Err(invalid(py, format!("exclude must be below {n}")));
-    }
-    ensure_nvrtc(py);
-    let scores = detach(py, || {
-        gpu()?.cohort_search(
-            d,
-            &owner,
-            n,
-            q,
-            exclude,
-            allowed.as_deref(),
-            &sj_params(k, alpha2_floor, alpha2_cap_fraction),
-        )
-    })?;
-    Ok(scores.into_pyarray(py))
+    GpuCohort::new(py, data, sizes)?.search(
+        py,
+        desc,
+        exclude,
+        allowed,
+        k,
+        alpha2_floor,
+        alpha2_cap_fraction,
+    )
 }
 
 /// A cohort's descriptors resident on the GPU — upload once, search many times (the GPU
-/// counterpart of `Cohort` for exact search). `data`: every subject's rows in order;
+/// counterpart of `SearchEngine` for exact search). `data`: every subject's rows in order;
 /// `sizes`: their row counts.
 #[pyclass(module = "keyfuse._core", frozen)]
 struct GpuCohort {
@@ -286,7 +276,8 @@ impl GpuCohort {
     }
 }
 
-/// N×N soft-Jaccard matrix of a cohort on the GPU — the exact-search `Cohort.pairwise`
+/// N×N soft-Jaccard matrix of a cohort on the GPU (`GpuCohort(data, sizes).pairwise(...)`)
+/// — the exact-search `SearchEngine.pairwise`
 /// (row = query subject, diagonal 1, `symmetric` averages the two intersections).
 #[pyfunction]
 #[pyo3(signature = (data, sizes, *, k, alpha2_floor, alpha2_cap_fraction, symmetric))]
@@ -299,15 +290,7 @@ fn gpu_cohort_pairwise<'py>(
     alpha2_cap_fraction: f64,
     symmetric: bool,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let d = descriptor_view(py, "data", &data)?;
-    let owner = owners(py, &sizes, d.nrows())?;
-    let n = sizes.as_array().len();
-    ensure_nvrtc(py);
-    let flat = detach(py, || {
-        let sj = sj_params(k, alpha2_floor, alpha2_cap_fraction);
-        gpu()?.cohort_pairwise(d, &owner, n, &sj, symmetric)
-    })?;
-    array2(py, n, n, flat)
+    GpuCohort::new(py, data, sizes)?.pairwise(py, k, alpha2_floor, alpha2_cap_fraction, symmetric)
 }
 
 /// Per-class kernel sums of the fusion model on the GPU:
