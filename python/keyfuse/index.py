@@ -114,7 +114,7 @@ class Index:
         Exact search scores better than the forest, but its cost grows as N² for
         :meth:`pairwise` (figures in docs/decisions.md).
     kernel : {"posterior", "published"}, default "posterior"
-        Soft-Jaccard kernel (see :func:`keyfuse.soft_jaccard`, which gives the measured
+        Soft-Jaccard kernel (see :func:`keyfuse.soft_jaccard`, and docs/decisions.md for the
         figures): "posterior" normalises each keypoint's kernel values over its K
         neighbours in the cohort; "published" is Chauvin et al.'s unnormalised kernel.
     alpha2_cap_fraction : float, optional
