@@ -129,11 +129,15 @@ def test_soft_jaccard_geometry_kernel() -> None:
     assert kf.soft_jaccard(a, b, geometry=True) > 0.95
 
 
+#: The kd-forest settings of keyfuse_core::knn::ForestParams::default().
+FOREST = {"trees": 8, "leaf_size": 8, "seed": 0x6B65_7966_7573_6521}
+
+
 # -- k-NN -------------------------------------------------------------------------------
 def test_knn_exact_against_numpy() -> None:
     rng = np.random.default_rng(4)
     data, q = perms(rng, 500), perms(rng, 20)
-    idx, d2 = _core.knn_exact(data, q, 4)
+    idx, d2 = _core.knn_exact(data, q, k=4)
     full = ((q[:, None, :].astype(np.int64) - data[None].astype(np.int64)) ** 2).sum(-1)
     order = np.lexsort((np.broadcast_to(np.arange(500), full.shape), full), axis=1)[:, :4]
     assert np.array_equal(idx, order)
@@ -144,10 +148,10 @@ def test_approximate_knn_agrees_with_exact() -> None:
     rng = np.random.default_rng(5)
     data = perms(rng, 5000)
     q = noisy(rng, data[:300], 3.0)
-    ex, _ = _core.knn_exact(data, q, 1)
-    ap, _ = _core.knn_forest(data, q, 1, checks=128)
+    ex, _ = _core.knn_exact(data, q, k=1)
+    ap, _ = _core.knn_forest(data, q, k=1, checks=128, **FOREST)
     assert (ex[:, 0] == ap[:, 0]).mean() >= 0.95
-    ap2, _ = _core.knn_forest(data, q, 1, checks=128)
+    ap2, _ = _core.knn_forest(data, q, k=1, checks=128, **FOREST)
     assert np.array_equal(ap, ap2)
 
 
@@ -158,21 +162,21 @@ def test_forest_results_are_pinned_and_order_free() -> None:
     rng = np.random.default_rng(2024)
     data = np.argsort(rng.random((3000, 64)), axis=1).astype(np.uint8)
     q = np.concatenate([data[:100], np.argsort(rng.random((100, 64)), axis=1).astype(np.uint8)])
-    idx, d2 = _core.knn_forest(data, q, 5, checks=64, trees=8)
+    idx, d2 = _core.knn_forest(data, q, k=5, checks=64, **FOREST)
     blob = (
         np.ascontiguousarray(idx, np.int64).tobytes() + np.ascontiguousarray(d2, np.int64).tobytes()
     )
     assert hashlib.sha256(blob).hexdigest()[:16] == "a5c432b95af330b5"
     for i in (0, 57, 150, 199):
-        one, d_one = _core.knn_forest(data, q[i : i + 1], 5, checks=64, trees=8)
+        one, d_one = _core.knn_forest(data, q[i : i + 1], k=5, checks=64, **FOREST)
         assert np.array_equal(one[0], idx[i]) and np.array_equal(d_one[0], d2[i])
 
 
 def test_knn_rejects_bad_shapes() -> None:
     with pytest.raises(kf.InvalidArgumentError):
-        _core.knn_exact(np.zeros((3, 32), np.uint8), np.zeros((1, 32), np.uint8), 1)
+        _core.knn_exact(np.zeros((3, 32), np.uint8), np.zeros((1, 32), np.uint8), k=1)
     with pytest.raises(kf.InvalidArgumentError):
-        _core.knn_exact(np.zeros((3, 64), np.uint8), np.zeros((1, 64), np.uint8), 0)
+        _core.knn_exact(np.zeros((3, 64), np.uint8), np.zeros((1, 64), np.uint8), k=0)
 
 
 # -- match ------------------------------------------------------------------------------
@@ -291,7 +295,8 @@ _DETERMINISM_SCRIPT = textwrap.dedent(
     for a in (m.ia, m.ib, m.distance, m.translation, m.p):
         h.update(np.ascontiguousarray(a).tobytes())
     h.update(kf.align(sets[0], sets[1]).matrix.tobytes())
-    h.update(_core.knn_forest(base, sets[3].descriptors, 5)[0].tobytes())
+    forest = dict(k=5, checks=128, trees=8, leaf_size=8, seed=0x6B65796675736521)
+    h.update(_core.knn_forest(base, sets[3].descriptors, **forest)[0].tobytes())
     print(h.hexdigest())
     """
 )
@@ -324,10 +329,10 @@ def test_exact_knn_in_a_forked_child() -> None:
     choice: the child's search must run and agree with the parent's."""
     rng = np.random.default_rng(9)
     data = perms(rng, 500)
-    parent = _core.knn_exact(data, data, 3)[0]
+    parent = _core.knn_exact(data, data, k=3)[0]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
-        ok = np.array_equal(_core.knn_exact(data, data, 3)[0], parent)
+        ok = np.array_equal(_core.knn_exact(data, data, k=3)[0], parent)
         os._exit(0 if ok else 3)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

@@ -1,19 +1,185 @@
-"""Process-level behaviour: the GIL is released during heavy calls, forked workers work."""
+"""Process-level behaviour: heavy calls release the GIL and honour Ctrl-C, forked workers
+work."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 import keyfuse as kf
 from conftest import textured_volume
+from keyfuse import _core
 
 
-def test_extraction_releases_the_gil() -> None:
-    vol = textured_volume((72, 72, 72), seed=1)
+def _descriptors(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 64), dtype=np.uint8)
+
+
+def _points(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.0, 100.0, (n, 3))
+
+
+_SJ = {"k": 10, "exact": True, "checks": 64, "alpha2_floor": 1.0, "alpha2_cap_fraction": 0.1}
+
+#: Every heavy `_core` entry point: a function that prepares its inputs and returns the call.
+HEAVY_CALLS: dict[str, Callable[[], Callable[[], object]]] = {}
+
+
+def heavy(fn: Callable[[], Callable[[], object]]) -> Callable[[], Callable[[], object]]:
+    HEAVY_CALLS[fn.__name__.removeprefix("_").replace("__", ".")] = fn
+    return fn
+
+
+@heavy
+def _extract3d() -> Callable[[], object]:
+    vol = textured_volume((64, 64, 64), seed=3)
+    return lambda: _core.extract3d(vol, (1.0, 1.0, 1.0))
+
+
+@heavy
+def _extract2d() -> Callable[[], object]:
+    img = np.ascontiguousarray(np.tile(textured_volume((64, 64, 64), seed=3)[:, :, 32], (4, 4)))
+    return lambda: _core.extract2d(img, (1.0, 1.0))
+
+
+@heavy
+def _knn_exact() -> Callable[[], object]:
+    data, queries = _descriptors(100_000, 0), _descriptors(5000, 1)
+    return lambda: _core.knn_exact(data, queries, k=5)
+
+
+@heavy
+def _knn_forest() -> Callable[[], object]:
+    data, queries = _descriptors(40_000, 0), _descriptors(20_000, 1)
+    forest = {"trees": 8, "leaf_size": 8, "seed": 1}
+    return lambda: _core.knn_forest(data, queries, k=5, checks=128, **forest)
+
+
+@heavy
+def _match_sets() -> Callable[[], object]:
+    n = 4000
+    a = (_descriptors(n, 0), _points(n, 0), np.full(n, 2.0))
+    b = (_descriptors(n, 1), _points(n, 1), np.full(n, 2.0))
+    params = {"ratio": 1.0, "scale_factor": 2.0, "hough": True, "hough_sigma": 3.0}
+    return lambda: _core.match_sets(*a, *b, keep_fraction=0.1, kde_bandwidth=3.0, **params)
+
+
+@heavy
+def _ransac_similarity() -> Callable[[], object]:
+    src, dst = _points(20_000, 0), _points(20_000, 1)
+    params = {"iterations": 4000, "inlier_mm": 5.0, "max_scale": 2.0, "with_scale": True}
+    return lambda: _core.ransac_similarity(src, dst, seed=1, **params)
+
+
+@heavy
+def _soft_intersections() -> Callable[[], object]:
+    a, b = _descriptors(10_000, 0), _descriptors(10_000, 1)
+    geometry = dict.fromkeys(("xyz_a", "scale_a", "xyz_b", "scale_b"))
+    return lambda: _core.soft_intersections(a, b, posterior=False, **geometry, **_SJ)
+
+
+@heavy
+def _reference_votes() -> Callable[[], object]:
+    sets = [_descriptors(8000, s) for s in range(4)]
+    return lambda: _core.reference_votes(sets, k=5, exact=True, checks=64)
+
+
+def _engine() -> _core.SearchEngine:
+    engine = _core.SearchEngine(trees=4)
+    for s in range(6):
+        engine.add(_descriptors(4000, s))
+    return engine
+
+
+@heavy
+def _SearchEngine__search() -> Callable[[], object]:
+    engine, query = _engine(), _descriptors(8000, 9)
+    return lambda: engine.search(query, exclude=None, allowed=None, posterior=False, **_SJ)
+
+
+@heavy
+def _SearchEngine__pairwise() -> Callable[[], object]:
+    engine = _engine()
+    return lambda: engine.pairwise(symmetric=False, posterior=True, **_SJ)
+
+
+@heavy
+def _SearchEngine__reference_votes() -> Callable[[], object]:
+    engine = _engine()
+    return lambda: engine.reference_votes(k=5, exact=True, checks=64)
+
+
+@heavy
+def _SearchEngine__build_forest() -> Callable[[], object]:
+    engine = _engine()
+    return engine.build_forest
+
+
+@heavy
+def _keypoint_log_likelihood() -> Callable[[], object]:
+    query, train = _descriptors(1000, 0), _descriptors(40_000, 1)
+    sample = np.repeat(np.arange(40, dtype=np.int64), 1000)
+    cls = np.arange(40, dtype=np.int64) % 2
+    opts = {"exclude_sample": None, "k": None, "background": 1.0, "checks": None}
+    return lambda: _core.keypoint_log_likelihood(query, train, sample, cls, 2, **opts)
+
+
+@heavy
+def _vector_log_likelihood() -> Callable[[], object]:
+    rng = np.random.default_rng(0)
+    query, train = rng.normal(size=(1500, 256)), rng.normal(size=(1500, 256))
+    cls = np.arange(1500, dtype=np.int64) % 2
+    return lambda: _core.vector_log_likelihood(query, train, cls, 2, exclude=None, background=1.0)
+
+
+@heavy
+def _binary_log_likelihood() -> Callable[[], object]:
+    query, train = _descriptors(3000, 0) & 1, _descriptors(3000, 1) & 1
+    cls = np.arange(3000, dtype=np.int64) % 2
+    return lambda: _core.binary_log_likelihood(query, train, cls, 2, exclude=None, background=1.0)
+
+
+@heavy
+def _AtlasKeypoints__match_all() -> Callable[[], object]:
+    n = 2000
+    atlases = _core.AtlasKeypoints(
+        [_descriptors(n, s) for s in range(3)],
+        [_points(n, s) for s in range(3)],
+        [np.full(n, 2.0) for _ in range(3)],
+        [np.ones(n, np.int32) for _ in range(3)],
+    )
+    test = (_descriptors(n, 9), _points(n, 9), np.full(n, 2.0))
+    return lambda: atlases.match_all(
+        *test, ratio=1.0, scale_factor=2.0, hough=True, hough_queries=0
+    )
+
+
+@heavy
+def _TransferAtlases__transfer() -> Callable[[], object]:
+    shape = (96, 96, 96)
+    labels = np.zeros(shape, np.int32)
+    labels[20:70, 20:70, 20:70] = 1
+    intensity = np.ones(shape, np.float32)
+    atlases = _core.TransferAtlases([labels] * 2, [intensity] * 2)
+    n = 2000
+    rng = np.random.default_rng(0)
+    atlas = rng.integers(0, 2, n).astype(np.uint32)
+    shift = rng.integers(-3, 4, (n, 3)).astype(np.int32)
+    label, weight, nu = np.ones(n, np.int32), np.ones(n), np.full(1, np.inf, np.float32)
+    return lambda: atlases.transfer(intensity, atlas, label, shift, weight, nu, 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(HEAVY_CALLS))
+def test_heavy_calls_release_the_gil(name: str) -> None:
+    """While a heavy call runs, another Python thread keeps running."""
+    call = HEAVY_CALLS[name]()
     ticks = 0
     stop = threading.Event()
 
@@ -23,16 +189,36 @@ def test_extraction_releases_the_gil() -> None:
             ticks += 1
             time.sleep(0.001)
 
-    kf.extract(vol[:24, :24, :24])  # warm up
     worker = threading.Thread(target=count)
     worker.start()
+    time.sleep(0.01)  # the counter is running
+    before = ticks
     start = time.perf_counter()
-    kf.extract(vol)
+    call()
     elapsed = time.perf_counter() - start
+    during = ticks - before
     stop.set()
     worker.join()
     # with the GIL held the counter could not advance during the call
-    assert ticks >= max(3, int(0.2 * elapsed / 0.001))
+    assert elapsed > 0.02, f"{name} too quick ({elapsed:.3f} s) to show anything"
+    assert during >= 3, f"{name}: {during} ticks in {elapsed:.3f} s"
+
+
+def test_ctrl_c_interrupts_a_heavy_call_promptly() -> None:
+    # a search of minutes (seconds with AMX), interrupted after 0.3 s
+    data = _descriptors(1_000_000, 0)
+    queries = _descriptors(50_000, 1)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        _core.knn_exact(data, queries, k=5)
+    elapsed = time.perf_counter() - start
+    timer.join()
+    assert elapsed < 2.5, f"interrupted only after {elapsed:.1f} s"
+    # the next call runs normally
+    idx, _ = _core.knn_exact(data[:1000], data[:10], k=1)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(10))
 
 
 def _child_extract(queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]

@@ -1,5 +1,6 @@
 # Type stubs for the compiled extension `keyfuse._core` (rust/keyfuse-py).
-# One section per binding file; keep each in step with its .rs file.
+# One section per binding file; keep each in step with its .rs file. Parameters are
+# keyword-only and have no defaults here: the public modules of keyfuse pass every one.
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import final
@@ -24,17 +25,18 @@ def cuda_available() -> bool: ...
 def cuda_info() -> dict[str, object]: ...
 def cuda_compile_check() -> dict[str, object]: ...
 def gpu_knn(
-    data: npt.NDArray[np.uint8], queries: npt.NDArray[np.uint8], k: int
+    data: npt.NDArray[np.uint8], queries: npt.NDArray[np.uint8], *, k: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def gpu_cohort_search(
     data: npt.NDArray[np.uint8],
     sizes: npt.NDArray[np.int64],
     desc: npt.NDArray[np.uint8],
-    exclude: int | None = None,
-    allowed: list[bool] | None = None,
-    k: int = 30,
-    alpha2_floor: float = 1.0,
-    alpha2_cap_fraction: float = 0.1,
+    *,
+    exclude: int | None,
+    allowed: list[bool] | None,
+    k: int,
+    alpha2_floor: float,
+    alpha2_cap_fraction: float,
 ) -> npt.NDArray[np.float64]: ...
 
 @final
@@ -46,27 +48,30 @@ class GpuCohort:
     def search(
         self,
         desc: npt.NDArray[np.uint8],
-        exclude: int | None = None,
-        allowed: list[bool] | None = None,
-        k: int = 30,
-        alpha2_floor: float = 1.0,
-        alpha2_cap_fraction: float = 0.1,
+        *,
+        exclude: int | None,
+        allowed: list[bool] | None,
+        k: int,
+        alpha2_floor: float,
+        alpha2_cap_fraction: float,
     ) -> npt.NDArray[np.float64]: ...
     def pairwise(
         self,
-        k: int = 30,
-        alpha2_floor: float = 1.0,
-        alpha2_cap_fraction: float = 0.1,
-        symmetric: bool = False,
+        *,
+        k: int,
+        alpha2_floor: float,
+        alpha2_cap_fraction: float,
+        symmetric: bool,
     ) -> npt.NDArray[np.float64]: ...
 
 def gpu_cohort_pairwise(
     data: npt.NDArray[np.uint8],
     sizes: npt.NDArray[np.int64],
-    k: int = 30,
-    alpha2_floor: float = 1.0,
-    alpha2_cap_fraction: float = 0.1,
-    symmetric: bool = False,
+    *,
+    k: int,
+    alpha2_floor: float,
+    alpha2_cap_fraction: float,
+    symmetric: bool,
 ) -> npt.NDArray[np.float64]: ...
 def gpu_kde_class_sums(
     queries: npt.NDArray[np.uint8],
@@ -74,7 +79,8 @@ def gpu_kde_class_sums(
     classes: npt.NDArray[np.int64],
     n_classes: int,
     denom: npt.NDArray[np.float64],
-    cutoff: float = ...,
+    *,
+    cutoff: float,
 ) -> npt.NDArray[np.float64]: ...
 def gpu_keypoint_log_likelihood(
     query: npt.NDArray[np.uint8],
@@ -82,13 +88,15 @@ def gpu_keypoint_log_likelihood(
     train_sample: npt.NDArray[np.int64],
     sample_class: npt.NDArray[np.int64],
     n_classes: int,
-    exclude_sample: int | None = None,
-    k: int | None = None,
-    background: float = 1.0,
+    *,
+    exclude_sample: int | None,
+    k: int | None,
+    background: float,
 ) -> npt.NDArray[np.float64]: ...
 def gpu_scale_space(
     volume: npt.NDArray[np.float32],
-    keep_images: bool = False,
+    *,
+    keep_images: bool,
     **params: float,
 ) -> list[dict[str, object]]: ...
 
@@ -136,13 +144,11 @@ class AtlasKeypoints:
         descriptors: npt.NDArray[np.uint8],
         xyz: npt.NDArray[np.float64],
         scale: npt.NDArray[np.float64],
-        ratio: float = 0.9,
-        scale_factor: float = 2.0,
-        hough: bool = True,
-        hough_sigma: float = 3.0,
-        keep_fraction: float = 0.1,
-        kde_bandwidth: float = 3.0,
-        hough_queries: int = 0,
+        *,
+        ratio: float,
+        scale_factor: float,
+        hough: bool,
+        hough_queries: int,
     ) -> tuple[
         npt.NDArray[np.uint32],
         npt.NDArray[np.uint32],
@@ -168,41 +174,45 @@ def keypoint_log_likelihood(
     train_sample: npt.NDArray[np.int64],
     sample_class: npt.NDArray[np.int64],
     n_classes: int,
-    exclude_sample: int | None = None,
-    k: int | None = None,
-    background: float = 1.0,
-    checks: int | None = None,
+    *,
+    exclude_sample: int | None,
+    k: int | None,
+    background: float,
+    checks: int | None,
 ) -> npt.NDArray[np.float64]: ...
 def vector_log_likelihood(
     query: npt.NDArray[np.float64],
     train: npt.NDArray[np.float64],
     train_class: npt.NDArray[np.int64],
     n_classes: int,
-    exclude: npt.NDArray[np.int64] | None = None,
-    background: float = 1.0,
+    *,
+    exclude: npt.NDArray[np.int64] | None,
+    background: float,
 ) -> npt.NDArray[np.float64]: ...
 def binary_log_likelihood(
     query: npt.NDArray[np.uint8],
     train: npt.NDArray[np.uint8],
     train_class: npt.NDArray[np.int64],
     n_classes: int,
-    exclude: npt.NDArray[np.int64] | None = None,
-    background: float = 1.0,
+    *,
+    exclude: npt.NDArray[np.int64] | None,
+    background: float,
 ) -> npt.NDArray[np.float64]: ...
 
 # --- matching.rs ---
 def knn_exact(
-    data: npt.NDArray[np.uint8], queries: npt.NDArray[np.uint8], k: int
+    data: npt.NDArray[np.uint8], queries: npt.NDArray[np.uint8], *, k: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def knn_exact_kernel() -> str: ...
 def knn_forest(
     data: npt.NDArray[np.uint8],
     queries: npt.NDArray[np.uint8],
+    *,
     k: int,
-    checks: int = 128,
-    trees: int = 8,
-    leaf_size: int = 8,
-    seed: int = ...,
+    checks: int,
+    trees: int,
+    leaf_size: int,
+    seed: int,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def match_sets(
     desc_a: npt.NDArray[np.uint8],
@@ -211,12 +221,13 @@ def match_sets(
     desc_b: npt.NDArray[np.uint8],
     xyz_b: npt.NDArray[np.float64],
     scale_b: npt.NDArray[np.float64],
-    ratio: float = 0.9,
-    scale_factor: float = 2.0,
-    hough: bool = False,
-    hough_sigma: float = 3.0,
-    keep_fraction: float = 0.1,
-    kde_bandwidth: float = 3.0,
+    *,
+    ratio: float,
+    scale_factor: float,
+    hough: bool,
+    hough_sigma: float,
+    keep_fraction: float,
+    kde_bandwidth: float,
 ) -> tuple[
     npt.NDArray[np.int64],
     npt.NDArray[np.int64],
@@ -228,33 +239,35 @@ def match_sets(
 def ransac_similarity(
     src: npt.NDArray[np.float64],
     dst: npt.NDArray[np.float64],
-    iterations: int = 4000,
-    inlier_mm: float = 5.0,
-    max_scale: float = 2.0,
-    with_scale: bool = True,
-    seed: int = ...,
+    *,
+    iterations: int,
+    inlier_mm: float,
+    max_scale: float,
+    with_scale: bool,
+    seed: int,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], float, float]: ...
 def soft_intersections(
     desc_a: npt.NDArray[np.uint8],
     desc_b: npt.NDArray[np.uint8],
-    k: int = 30,
-    exact: bool = False,
-    checks: int = 128,
-    alpha2_floor: float = 1.0,
-    alpha2_cap_fraction: float = 0.1,
-    xyz_a: npt.NDArray[np.float64] | None = None,
-    scale_a: npt.NDArray[np.float64] | None = None,
-    xyz_b: npt.NDArray[np.float64] | None = None,
-    scale_b: npt.NDArray[np.float64] | None = None,
-    posterior: bool = False,
+    *,
+    k: int,
+    exact: bool,
+    checks: int,
+    alpha2_floor: float,
+    alpha2_cap_fraction: float,
+    xyz_a: npt.NDArray[np.float64] | None,
+    scale_a: npt.NDArray[np.float64] | None,
+    xyz_b: npt.NDArray[np.float64] | None,
+    scale_b: npt.NDArray[np.float64] | None,
+    posterior: bool,
 ) -> tuple[float, float]: ...
 def reference_votes(
-    sets: list[npt.NDArray[np.uint8]], k: int = 5, exact: bool = False, checks: int = 64
+    sets: list[npt.NDArray[np.uint8]], *, k: int, exact: bool, checks: int
 ) -> npt.NDArray[np.float64]: ...
 
 @final
-class Cohort:
-    def __new__(cls, trees: int = 8, leaf_size: int = 8, seed: int = ...) -> Cohort: ...
+class SearchEngine:
+    def __new__(cls, *, trees: int) -> SearchEngine: ...
     def add(self, desc: npt.NDArray[np.uint8]) -> int: ...
     def __len__(self) -> int: ...
     @property
@@ -268,25 +281,25 @@ class Cohort:
     def search(
         self,
         desc: npt.NDArray[np.uint8],
-        exclude: int | None = None,
-        allowed: npt.NDArray[np.bool_] | None = None,
-        k: int = 30,
-        exact: bool = False,
-        checks: int = 128,
-        alpha2_floor: float = 1.0,
-        alpha2_cap_fraction: float = 0.1,
-        posterior: bool = False,
+        *,
+        exclude: int | None,
+        allowed: npt.NDArray[np.bool_] | None,
+        k: int,
+        exact: bool,
+        checks: int,
+        alpha2_floor: float,
+        alpha2_cap_fraction: float,
+        posterior: bool,
     ) -> npt.NDArray[np.float64]: ...
     def pairwise(
         self,
-        k: int = 30,
-        exact: bool = False,
-        checks: int = 128,
-        alpha2_floor: float = 1.0,
-        alpha2_cap_fraction: float = 0.1,
-        symmetric: bool = False,
-        posterior: bool = False,
+        *,
+        k: int,
+        exact: bool,
+        checks: int,
+        alpha2_floor: float,
+        alpha2_cap_fraction: float,
+        symmetric: bool,
+        posterior: bool,
     ) -> npt.NDArray[np.float64]: ...
-    def reference_votes(
-        self, k: int = 5, exact: bool = False, checks: int = 64
-    ) -> npt.NDArray[np.float64]: ...
+    def reference_votes(self, *, k: int, exact: bool, checks: int) -> npt.NDArray[np.float64]: ...

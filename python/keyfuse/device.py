@@ -19,6 +19,9 @@ Device = Literal["auto", "cpu", "cuda"]
 #: Environment variable that overrides ``device="auto"`` (``cpu``, ``cuda`` or ``auto``).
 DEVICE_ENV = "KEYFUSE_DEVICE"
 
+#: Most neighbours per query the GPU's k-NN kernels keep (rust/keyfuse-cuda).
+GPU_MAX_K = 32
+
 
 def cuda_available() -> bool:
     """True when the CUDA driver and NVRTC libraries load, a GPU answers and the kernels
@@ -87,3 +90,34 @@ def resolve_device(device: str | None = "auto") -> Literal["cpu", "cuda"]:
             "use device='auto' or 'cpu'"
         )
     return "cpu"
+
+
+def runs_on_gpu(
+    device: str | None, *, k: int | None = None, posterior: bool = False, exact: bool = True
+) -> bool:
+    """Whether a k-NN based computation runs on the GPU for this request.
+
+    The device is resolved first (so ``device="cuda"`` without a GPU raises); the GPU is
+    then used when its kernels cover the request: exact search, at most
+    :data:`GPU_MAX_K` neighbours (``k=None``: every training point, no neighbour list)
+    and the published soft-Jaccard kernel (the posterior one runs on the CPU only).
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"} or None
+        As for :func:`resolve_device`.
+    k : int or None, default None
+        Neighbours per query.
+    posterior : bool, default False
+        Whether the posterior soft-Jaccard kernel is asked for.
+    exact : bool, default True
+        False for an approximate (kd-forest) search, which only the CPU has.
+
+    Raises
+    ------
+    DeviceUnavailableError, InvalidArgumentError
+        As :func:`resolve_device`.
+    """
+    if resolve_device(device) != "cuda":
+        return False
+    return exact and not posterior and (k is None or k <= GPU_MAX_K)

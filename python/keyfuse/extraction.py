@@ -48,13 +48,11 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
     """
     img = load_image(image)
     data = _as_float32(img)
-    backend = resolve_device(device)
+    resolve_device(device)  # checked; extraction runs on the CPU
     spacing = img.spacing
     if img.ndim == 3:
-        run = _core.extract3d
-        if backend == "cuda" and hasattr(_core, "gpu_extract3d"):
-            run = _core.gpu_extract3d
-        fields = run(data, (float(spacing[0]), float(spacing[1]), float(spacing[2])), **params)
+        sp3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+        fields = _core.extract3d(data, sp3, **params)
     else:
         fields = _core.extract2d(data, (float(spacing[0]), float(spacing[1])), **params)
     return KeypointSet._from_core(fields, img.affine, img.shape)

@@ -265,11 +265,15 @@ def keypoint_log_likelihoods(
     out = np.empty((len(queries), nc), dtype=np.float64)
     for qi, q in _progress(enumerate(queries), len(queries), "keypoint KDE", progress):
         e = None if ex is None or ex[qi] < 0 else int(ex[qi])
-        args = (_descriptors(q), tdesc, tsample, cls, nc, e, n_neighbors, float(background))
+        args = (_descriptors(q), tdesc, tsample, cls, nc)
         if gpu:
-            out[qi] = core.gpu_keypoint_log_likelihood(*args)
+            out[qi] = core.gpu_keypoint_log_likelihood(
+                *args, exclude_sample=e, k=n_neighbors, background=float(background)
+            )
         else:
-            out[qi] = core.keypoint_log_likelihood(*args, checks)
+            out[qi] = core.keypoint_log_likelihood(
+                *args, exclude_sample=e, k=n_neighbors, background=float(background), checks=checks
+            )
     return out
 
 
@@ -331,8 +335,8 @@ def vector_log_likelihoods(
                 np.ascontiguousarray(t, dtype=np.uint8),
                 cls,
                 nc,
-                ex,
-                float(background),
+                exclude=ex,
+                background=float(background),
             )
         )
     if metric != "euclidean":
@@ -343,8 +347,8 @@ def vector_log_likelihoods(
             np.ascontiguousarray(t, dtype=np.float64),
             cls,
             nc,
-            ex,
-            float(background),
+            exclude=ex,
+            background=float(background),
         )
     )
 

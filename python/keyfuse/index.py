@@ -2,7 +2,7 @@
 searchable by soft-Jaccard similarity.
 
 In memory the search engine (every descriptor, a randomized kd-forest and the per-subject
-soft-Jaccard accumulation) lives in Rust (:class:`keyfuse._core.Cohort`) and runs with the
+soft-Jaccard accumulation) lives in Rust (:class:`keyfuse._core.SearchEngine`) and runs with the
 GIL released. On disk an index is a directory of Apache Parquet files::
 
     index/
@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from keyfuse import _core
 from keyfuse._io import atomic_path
-from keyfuse.device import resolve_device
+from keyfuse.device import runs_on_gpu
 from keyfuse.errors import (
     IndexCorruptError,
     InvalidArgumentError,
@@ -101,13 +101,10 @@ class Index:
         Indices with fewer keypoints than this are searched exactly (brute force) unless
         ``exact=False`` is passed; larger ones use the kd-forest (search and pairwise
         follow the same rule, so a search scores like its row of :meth:`pairwise`).
-        Exact search is the better score: on a simulated 104-scan cohort (42k keypoints)
-        family AUC / mAP 0.9899 / 0.932 exact against 0.9862 / 0.897 with the forest (8
-        trees, 64 checks). Its cost grows as N² for :meth:`pairwise`: 0.46 s CPU at 40k
-        keypoints with the AMX kernel (Intel Sapphire Rapids and later), ~2.3 s at 100k;
-        about 5× more on CPUs with AVX2 only.
+        Exact search scores better than the forest, but its cost grows as N² for
+        :meth:`pairwise` (figures in docs/decisions.md).
     kernel : {"posterior", "published"}, default "posterior"
-        Soft-Jaccard kernel (see :func:`keyfuse.soft_jaccard`, which gives the measured
+        Soft-Jaccard kernel (see :func:`keyfuse.soft_jaccard`, and docs/decisions.md for the
         figures): "posterior" normalises each keypoint's kernel values over its K
         neighbours in the cohort; "published" is Chauvin et al.'s unnormalised kernel.
     alpha2_cap_fraction : float, optional
@@ -156,7 +153,7 @@ class Index:
         # a subject's full keypoints: resident (added in this process), or where they lie
         # on disk (opened indexes keep only the descriptors, in the engine)
         self._kps: list[KeypointSet | _Rows] = []
-        self._engine = _core.Cohort(trees=self.trees)
+        self._engine = _core.SearchEngine(trees=self.trees)
         self._parts: list[dict[str, Any]] = []
         self.path: Path | None = None
         if path is not None:
@@ -378,9 +375,9 @@ class Index:
     ) -> npt.NDArray[np.float64]:
         """Soft-Jaccard score of ``query`` against every subject, in subject order
         (0 for subjects excluded or outside ``restrict``). See :meth:`search`."""
-        from keyfuse.matching import _as_keypoints
+        from keyfuse.matching import _ALPHA2_FLOOR, _as_keypoints
 
-        backend = resolve_device(device)
+        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
         if isinstance(query, str) and query in self._pos and exclude is None:
             exclude = query
             query = self.keypoints(query)
@@ -390,13 +387,14 @@ class Index:
         if len(self) == 0:
             return np.zeros(0)
         # exact search on the GPU (keyfuse-cuda), which has the published kernel only
-        if backend == "cuda" and self.k <= 32 and not self.posterior:
+        if on_gpu:
             return np.asarray(
                 self._gpu_cohort().search(
                     np.ascontiguousarray(kps.descriptors, dtype=np.uint8),
                     exclude=ex,
                     allowed=None if mask is None else [bool(x) for x in mask],
                     k=self.k,
+                    alpha2_floor=_ALPHA2_FLOOR,
                     alpha2_cap_fraction=self.alpha2_cap_fraction,
                 )
             )
@@ -408,6 +406,7 @@ class Index:
                 k=self.k,
                 exact=self._use_exact(exact),
                 checks=self.checks,
+                alpha2_floor=_ALPHA2_FLOOR,
                 alpha2_cap_fraction=self.alpha2_cap_fraction,
                 posterior=self.posterior,
             )
@@ -475,14 +474,17 @@ class Index:
         """N×N soft-Jaccard matrix: row a = subject a's keypoints scored against every
         other subject (its own excluded); diagonal 1. ``symmetric`` averages the two soft
         intersections, giving a symmetric matrix."""
-        backend = resolve_device(device)
+        from keyfuse.matching import _ALPHA2_FLOOR
+
+        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
         if len(self) == 0:
             return np.zeros((0, 0))
         # exact, all subjects in one GPU pass (published kernel only)
-        if backend == "cuda" and self.k <= 32 and not self.posterior:
+        if on_gpu:
             return np.asarray(
                 self._gpu_cohort().pairwise(
                     k=self.k,
+                    alpha2_floor=_ALPHA2_FLOOR,
                     alpha2_cap_fraction=self.alpha2_cap_fraction,
                     symmetric=symmetric,
                 )
@@ -492,6 +494,7 @@ class Index:
                 k=self.k,
                 exact=self._use_exact(exact),
                 checks=self.checks,
+                alpha2_floor=_ALPHA2_FLOOR,
                 alpha2_cap_fraction=self.alpha2_cap_fraction,
                 symmetric=symmetric,
                 posterior=self.posterior,

@@ -298,6 +298,9 @@ def align(
 
 _KERNELS = ("posterior", "published")
 
+#: Default lower bound of α² (keeps exact duplicates at kernel value 1).
+_ALPHA2_FLOOR = 1.0
+
 
 def _kernel_defaults(
     kernel: str, k: int | None, alpha2_cap_fraction: float | None
@@ -324,7 +327,7 @@ def soft_jaccard(
     kernel: str = "posterior",
     exact: bool | None = None,
     checks: int = 128,
-    alpha2_floor: float = 1.0,
+    alpha2_floor: float = _ALPHA2_FLOOR,
     alpha2_cap_fraction: float | None = None,
     device: str = "auto",
 ) -> float:
@@ -341,16 +344,10 @@ def soft_jaccard(
     normalised to sum to 1 (a soft assignment of f_i among the candidates), B receives
     the share of its best neighbour, and each keypoint of B keeps only its best share
     from A (so |A∩B| ≤ min(|A|, |B|)). This competition among candidates is what the
-    reference matcher's voting gets right. Measured family AUC / mAP on the same
-    keypoints, exact k-NN (``benches/cohort.py``): in :class:`keyfuse.Index`, demo cohort
-    (40 scans at 1.5 mm, 49k keypoints) 0.9993 / 0.996 against 0.9974 / 0.989 for the
-    reference votes read as J = V/(n_i + n_j − V); a harder 104-scan cohort at 2 mm (42k
-    keypoints) 0.9899 / 0.932 against 0.9897 / 0.909. K = 10 and α = d_nn/2 were chosen
-    on these two cohorts: K = 5 with α = d_nn (the previous default) gave 0.9974 / 0.989
-    and 0.9893 / 0.897, K = 20 is slightly better again but doubles the exact search
-    cost. For two sets alone (this function, all 1,560 ordered pairs of the demo cohort)
-    0.9971 / 0.998 (K = 5: 0.9923 / 0.989). Two unrelated sets alone keep a small floor
-    (B wins some assignments against A's own keypoints); disjoint sets score ≈ 0.
+    reference matcher's voting gets right; it also scores families better than those
+    votes (K = 10 and α = d_nn/2 chosen on two cohorts; figures in docs/decisions.md).
+    Two unrelated sets alone keep a small floor (B wins some assignments against A's own
+    keypoints); disjoint sets score ≈ 0.
 
     ``kernel="published"``: ``|A∩B| = Σ_i max_{f_j ∈ NN_K(f_i) ∩ B} w_ij`` (Chauvin et
     al. 2020), with α_i² clamped to ``[alpha2_floor, alpha2_cap_fraction · E]``,
@@ -389,7 +386,7 @@ def soft_jaccard(
     a = _as_keypoints(a, device, "a")
     b = _as_keypoints(b, device, "b")
     na, nb = len(a), len(b)
-    geo: dict[str, np.ndarray] = {}
+    geo: dict[str, np.ndarray | None] = dict.fromkeys(("xyz_a", "scale_a", "xyz_b", "scale_b"))
     if geometry and na and nb:
         if transform is None:
             transform = align(a, b, device=device)

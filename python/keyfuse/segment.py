@@ -637,7 +637,7 @@ class KeypointTransferSegmenter:
 
         # 2. keypoint label voting (Rust)
         t0 = time.perf_counter()
-        kp_labels, certainty = _core.vote_labels(n, q, lab, d2, pm32)
+        kp_labels, certainty = _core.vote_labels(n_query=n, query=q, label=lab, dist2=d2, pm=pm32)
         timings["vote"] = time.perf_counter() - t0
 
         # 3. transfer of whole organ maps along the agreeing matches (Rust)

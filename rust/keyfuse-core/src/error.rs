@@ -16,6 +16,9 @@ pub enum KfError {
     /// A GPU was asked for but none is usable.
     #[error("device unavailable: {0}")]
     DeviceUnavailable(String),
+    /// The computation was stopped through [`crate::cancel::request`] (Ctrl-C).
+    #[error("interrupted")]
+    Interrupted,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -394,6 +394,7 @@ impl Cohort {
     ) -> Result<Vec<R>> {
         let owner = &self.owner;
         let nb = self.knn(&self.data, p, |q, c| owner[q] != owner[c as usize])?;
+        crate::cancel::check()?;
         Ok((0..self.n_subjects())
             .into_par_iter()
             .map(|s| row(&nb.rows(self.offsets[s]..self.offsets[s + 1])))

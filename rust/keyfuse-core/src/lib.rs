@@ -10,6 +10,7 @@
 //! Every function is deterministic: the same input gives bit-identical output whatever
 //! the rayon thread count.
 
+pub mod cancel;
 pub mod error;
 pub mod extract;
 pub mod jaccard;

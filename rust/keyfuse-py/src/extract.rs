@@ -1,9 +1,9 @@
 //! Bindings of the SIFT-Rank extractor: `extract3d`, `extract2d`, `default_extract_params`.
 
-use crate::{detach, to_pyerr};
+use crate::convert::{extract_params, rows_array};
+use crate::errors::{detach, internal};
 use keyfuse_core::extract::{self, ExtractParams, Keypoints};
-use keyfuse_core::KfError;
-use ndarray::{Array1, Array2, Array3};
+use ndarray::{Array1, Array3};
 use numpy::{IntoPyArray, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -17,58 +17,19 @@ const INTEGER_PARAMS: [&str; 5] = [
     "max_voxels",
 ];
 
-fn parse_params(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<ExtractParams> {
-    let mut p = ExtractParams::default();
-    if let Some(kw) = kwargs {
-        for (k, v) in kw.iter() {
-            let name: String = k.extract()?;
-            let value: f64 = v.extract().map_err(|_| {
-                to_pyerr(
-                    py,
-                    KfError::InvalidArgument(format!("parameter {name:?} must be a number")),
-                )
-            })?;
-            p.set(&name, value).map_err(|e| to_pyerr(py, e))?;
-        }
-    }
-    Ok(p)
-}
-
 fn to_dict<'py>(py: Python<'py>, k: Keypoints) -> PyResult<Bound<'py, PyDict>> {
     let n = k.len();
     let d = PyDict::new(py);
-    let flat3 = |v: Vec<[f64; 3]>| v.into_iter().flatten().collect::<Vec<_>>();
-    let shape_err = |e: ndarray::ShapeError| to_pyerr(py, KfError::InvalidArgument(e.to_string()));
-    d.set_item(
-        "ijk",
-        Array2::from_shape_vec((n, 3), flat3(k.ijk))
-            .map_err(shape_err)?
-            .into_pyarray(py),
-    )?;
+    d.set_item("ijk", rows_array(py, &k.ijk)?)?;
     d.set_item("scale", Array1::from(k.scale).into_pyarray(py))?;
     let orient: Vec<f32> = k.orientation.into_iter().flatten().flatten().collect();
-    d.set_item(
-        "orientation",
-        Array3::from_shape_vec((n, 3, 3), orient)
-            .map_err(shape_err)?
-            .into_pyarray(py),
-    )?;
-    let desc: Vec<u8> = k.descriptors.into_iter().flatten().collect();
-    d.set_item(
-        "descriptors",
-        Array2::from_shape_vec((n, keyfuse_core::DESC_LEN), desc)
-            .map_err(shape_err)?
-            .into_pyarray(py),
-    )?;
+    let orient = Array3::from_shape_vec((n, 3, 3), orient)
+        .map_err(|e| internal(py, format!("result of unexpected shape: {e}")))?;
+    d.set_item("orientation", orient.into_pyarray(py))?;
+    d.set_item("descriptors", rows_array(py, &k.descriptors)?)?;
     d.set_item("polarity", Array1::from(k.polarity).into_pyarray(py))?;
     d.set_item("response", Array1::from(k.response).into_pyarray(py))?;
-    let eig: Vec<f32> = k.eigenvalues.into_iter().flatten().collect();
-    d.set_item(
-        "eigenvalues",
-        Array2::from_shape_vec((n, 3), eig)
-            .map_err(shape_err)?
-            .into_pyarray(py),
-    )?;
+    d.set_item("eigenvalues", rows_array(py, &k.eigenvalues)?)?;
     d.set_item("point", Array1::from(k.point).into_pyarray(py))?;
     Ok(d)
 }
@@ -84,7 +45,7 @@ fn extract3d<'py>(
     spacing: (f64, f64, f64),
     params: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let p = parse_params(py, params)?;
+    let p = extract_params(py, params)?;
     let view = volume.as_array();
     let sp = [spacing.0, spacing.1, spacing.2];
     let k = detach(py, || extract::extract3d(view, sp, &p))?;
@@ -101,7 +62,7 @@ fn extract2d<'py>(
     spacing: (f64, f64),
     params: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let p = parse_params(py, params)?;
+    let p = extract_params(py, params)?;
     let view = image.as_array();
     let sp = [spacing.0, spacing.1];
     let k = detach(py, || extract::extract2d(view, sp, &p))?;

@@ -6,8 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use keyfuse_core::extract::ExtractParams;
-use keyfuse_core::{KfError, DESC_LEN};
+use keyfuse_core::KfError;
 use keyfuse_cuda::ops::{intensity_scale, DeviceCohort, ScaleSpaceParams, SjParams};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
@@ -15,24 +14,8 @@ use numpy::{
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::{detach, to_pyerr};
-
-fn invalid(py: Python<'_>, msg: String) -> PyErr {
-    to_pyerr(py, KfError::InvalidArgument(msg))
-}
-
-/// `keyfuse.errors.KeyfuseError(msg)` (a failure that is not the caller's: e.g. the kernels
-/// do not compile).
-fn keyfuse_error(py: Python<'_>, msg: String) -> PyErr {
-    match py
-        .import("keyfuse.errors")
-        .and_then(|m| m.getattr("KeyfuseError"))
-        .and_then(|c| c.call1((msg.clone(),)))
-    {
-        Ok(instance) => PyErr::from_value(instance),
-        Err(_) => pyo3::exceptions::PyRuntimeError::new_err(msg),
-    }
-}
+use crate::convert::{array2, descriptor_view, extract_params};
+use crate::errors::{detach, internal, invalid, to_pyerr};
 
 /// `libnvrtc.so.13` inside the `nvidia-cuda-nvrtc` wheel, found through importlib without
 /// importing anything heavy (`nvidia` is a bare namespace package).
@@ -79,11 +62,12 @@ fn ensure_nvrtc(py: Python<'_>) {
 }
 
 /// Whether a usable CUDA device exists: driver and NVRTC libraries found, a device
-/// answers, and the kernels compiled for it. Probed once per process; never raises.
+/// answers, and the kernels compiled for it. Probed once per process; raises only on
+/// Ctrl-C.
 #[pyfunction]
-fn cuda_available(py: Python<'_>) -> bool {
+fn cuda_available(py: Python<'_>) -> PyResult<bool> {
     ensure_nvrtc(py);
-    py.detach(keyfuse_cuda::cuda_available)
+    detach(py, || Ok(keyfuse_cuda::cuda_available()))
 }
 
 /// What the CUDA probe found: a dict with `available`, `driver_found`, `nvrtc_found`,
@@ -92,7 +76,7 @@ fn cuda_available(py: Python<'_>) -> bool {
 #[pyfunction]
 fn cuda_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     ensure_nvrtc(py);
-    let info = py.detach(keyfuse_cuda::cuda_info);
+    let info = detach(py, || Ok(keyfuse_cuda::cuda_info()))?;
     let d = PyDict::new(py);
     d.set_item("available", info.available)?;
     d.set_item("driver_found", info.driver_found)?;
@@ -113,7 +97,7 @@ fn cuda_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pyfunction]
 fn cuda_compile_check(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     ensure_nvrtc(py);
-    if !py.detach(keyfuse_cuda::runtime::nvrtc_present) {
+    if !detach(py, || Ok(keyfuse_cuda::runtime::nvrtc_present()))? {
         return Err(to_pyerr(
             py,
             KfError::DeviceUnavailable(
@@ -121,9 +105,7 @@ fn cuda_compile_check(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
             ),
         ));
     }
-    let bytes = py
-        .detach(keyfuse_cuda::compile_check)
-        .map_err(|e| keyfuse_error(py, e))?;
+    let bytes = detach(py, || Ok(keyfuse_cuda::compile_check()))?.map_err(|e| internal(py, e))?;
     let d = PyDict::new(py);
     d.set_item(
         "kernels",
@@ -138,24 +120,11 @@ fn gpu() -> keyfuse_core::Result<&'static keyfuse_cuda::Gpu> {
     keyfuse_cuda::gpu()
 }
 
-fn check_desc(py: Python<'_>, name: &str, a: &PyReadonlyArray2<'_, u8>) -> PyResult<()> {
-    if a.as_array().ncols() != DESC_LEN {
-        return Err(invalid(
-            py,
-            format!(
-                "{name}: descriptors must have shape (n, 64), got {:?}",
-                a.as_array().shape()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// Owner (subject number) of every row from per-subject row counts.
 fn owners(py: Python<'_>, sizes: &PyReadonlyArray1<'_, i64>, rows: usize) -> PyResult<Vec<i32>> {
     let sizes = sizes.as_array();
     if sizes.iter().any(|&s| s < 0) || sizes.len() > i32::MAX as usize {
-        return Err(invalid(py, "sizes must be non-negative".into()));
+        return Err(invalid(py, "sizes must be non-negative"));
     }
     let total: i64 = sizes.iter().sum();
     if total as usize != rows {
@@ -171,34 +140,45 @@ fn owners(py: Python<'_>, sizes: &PyReadonlyArray1<'_, i64>, rows: usize) -> PyR
     Ok(owner)
 }
 
+/// The GPU's soft-Jaccard settings (published kernel; k-NN kernel from `KEYFUSE_CUDA_KNN`).
+fn sj_params(k: usize, alpha2_floor: f64, alpha2_cap_fraction: f64) -> SjParams {
+    SjParams {
+        k,
+        alpha2_floor,
+        alpha2_cap_fraction,
+        kernel: None,
+    }
+}
+
 /// (indices, squared distances), both (m, k) int64.
 type KnnOut<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>);
 
 /// Exact k-NN on the GPU, as `knn_exact`: (indices (m, k) int64 with -1 for missing,
 /// squared distances (m, k) int64 with -1 for missing). k ≤ 32.
 #[pyfunction]
+#[pyo3(signature = (data, queries, *, k))]
 fn gpu_knn<'py>(
     py: Python<'py>,
     data: PyReadonlyArray2<'py, u8>,
     queries: PyReadonlyArray2<'py, u8>,
     k: usize,
 ) -> PyResult<KnnOut<'py>> {
-    check_desc(py, "data", &data)?;
-    check_desc(py, "queries", &queries)?;
+    let d = descriptor_view(py, "data", &data)?;
+    let q = descriptor_view(py, "queries", &queries)?;
     ensure_nvrtc(py);
-    let (d, q) = (data.as_array(), queries.as_array());
     let (dist, idx) = detach(py, || gpu()?.knn(q, d, k))?;
     let dist = dist.mapv(|x| if x == u32::MAX { -1 } else { x as i64 });
     Ok((idx.into_pyarray(py), dist.into_pyarray(py)))
 }
 
-/// Soft-Jaccard of `desc` against every subject of a cohort on the GPU — the exact-search
-/// `Cohort.search` (same α² clamp: [alpha2_floor, alpha2_cap_fraction · E], E from `data`).
+/// Soft-Jaccard of `desc` against every subject of a cohort on the GPU (uploaded for this
+/// call: `GpuCohort(data, sizes).search(...)`) — the exact-search `SearchEngine.search`
+/// (same α² clamp: [alpha2_floor, alpha2_cap_fraction · E], E from `data`).
 /// `data` holds all subjects' rows in order, `sizes` their row counts.
 /// `exclude`: a subject whose rows are never neighbours; `allowed`: per-subject bool mask.
 #[pyfunction]
-#[pyo3(signature = (data, sizes, desc, exclude=None, allowed=None, k=30, alpha2_floor=1.0,
-    alpha2_cap_fraction=0.1))]
+#[pyo3(signature = (data, sizes, desc, *, exclude, allowed, k, alpha2_floor,
+    alpha2_cap_fraction))]
 #[allow(clippy::too_many_arguments)]
 fn gpu_cohort_search<'py>(
     py: Python<'py>,
@@ -211,36 +191,19 @@ fn gpu_cohort_search<'py>(
     alpha2_floor: f64,
     alpha2_cap_fraction: f64,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    check_desc(py, "data", &data)?;
-    check_desc(py, "desc", &desc)?;
-    let owner = owners(py, &sizes, data.as_array().nrows())?;
-    let n = sizes.as_array().len();
-    if exclude.is_some_and(|e| e >= n) {
-        return Err(invalid(py, format!("exclude must be below {n}")));
-    }
-    ensure_nvrtc(py);
-    let (d, q) = (data.as_array(), desc.as_array());
-    let scores = detach(py, || {
-        gpu()?.cohort_search(
-            d,
-            &owner,
-            n,
-            q,
-            exclude,
-            allowed.as_deref(),
-            &SjParams {
-                k,
-                alpha2_floor,
-                alpha2_cap_fraction,
-                kernel: None,
-            },
-        )
-    })?;
-    Ok(scores.into_pyarray(py))
+    GpuCohort::new(py, data, sizes)?.search(
+        py,
+        desc,
+        exclude,
+        allowed,
+        k,
+        alpha2_floor,
+        alpha2_cap_fraction,
+    )
 }
 
 /// A cohort's descriptors resident on the GPU — upload once, search many times (the GPU
-/// counterpart of `Cohort` for exact search). `data`: every subject's rows in order;
+/// counterpart of `SearchEngine` for exact search). `data`: every subject's rows in order;
 /// `sizes`: their row counts.
 #[pyclass(module = "keyfuse._core", frozen)]
 struct GpuCohort {
@@ -255,11 +218,10 @@ impl GpuCohort {
         data: PyReadonlyArray2<'_, u8>,
         sizes: PyReadonlyArray1<'_, i64>,
     ) -> PyResult<Self> {
-        check_desc(py, "data", &data)?;
-        let owner = owners(py, &sizes, data.as_array().nrows())?;
+        let d = descriptor_view(py, "data", &data)?;
+        let owner = owners(py, &sizes, d.nrows())?;
         let n = sizes.as_array().len();
         ensure_nvrtc(py);
-        let d = data.as_array();
         let inner = detach(py, || gpu()?.upload_cohort(d, &owner, n))?;
         Ok(GpuCohort { inner })
     }
@@ -275,8 +237,7 @@ impl GpuCohort {
     }
 
     /// Soft-Jaccard of `desc` against every subject (as `gpu_cohort_search`).
-    #[pyo3(signature = (desc, exclude=None, allowed=None, k=30, alpha2_floor=1.0,
-        alpha2_cap_fraction=0.1))]
+    #[pyo3(signature = (desc, *, exclude, allowed, k, alpha2_floor, alpha2_cap_fraction))]
     #[allow(clippy::too_many_arguments)]
     fn search<'py>(
         &self,
@@ -288,14 +249,8 @@ impl GpuCohort {
         alpha2_floor: f64,
         alpha2_cap_fraction: f64,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        check_desc(py, "desc", &desc)?;
-        let q = desc.as_array();
-        let sj = SjParams {
-            k,
-            alpha2_floor,
-            alpha2_cap_fraction,
-            kernel: None,
-        };
+        let q = descriptor_view(py, "desc", &desc)?;
+        let sj = sj_params(k, alpha2_floor, alpha2_cap_fraction);
         let inner = &self.inner;
         let scores = detach(py, || {
             gpu()?.cohort_search_on(inner, q, exclude, allowed.as_deref(), &sj)
@@ -304,7 +259,7 @@ impl GpuCohort {
     }
 
     /// N×N soft-Jaccard matrix (as `gpu_cohort_pairwise`).
-    #[pyo3(signature = (k=30, alpha2_floor=1.0, alpha2_cap_fraction=0.1, symmetric=false))]
+    #[pyo3(signature = (*, k, alpha2_floor, alpha2_cap_fraction, symmetric))]
     fn pairwise<'py>(
         &self,
         py: Python<'py>,
@@ -313,26 +268,19 @@ impl GpuCohort {
         alpha2_cap_fraction: f64,
         symmetric: bool,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let sj = SjParams {
-            k,
-            alpha2_floor,
-            alpha2_cap_fraction,
-            kernel: None,
-        };
+        let sj = sj_params(k, alpha2_floor, alpha2_cap_fraction);
         let inner = &self.inner;
         let n = inner.n_subjects();
         let flat = detach(py, || gpu()?.cohort_pairwise_on(inner, &sj, symmetric))?;
-        numpy::ndarray::Array2::from_shape_vec((n, n), flat)
-            .map(|a| a.into_pyarray(py))
-            .map_err(|e| invalid(py, e.to_string()))
+        array2(py, n, n, flat)
     }
 }
 
-/// N×N soft-Jaccard matrix of a cohort on the GPU — the exact-search `Cohort.pairwise`
+/// N×N soft-Jaccard matrix of a cohort on the GPU (`GpuCohort(data, sizes).pairwise(...)`)
+/// — the exact-search `SearchEngine.pairwise`
 /// (row = query subject, diagonal 1, `symmetric` averages the two intersections).
 #[pyfunction]
-#[pyo3(signature = (data, sizes, k=30, alpha2_floor=1.0, alpha2_cap_fraction=0.1,
-    symmetric=false))]
+#[pyo3(signature = (data, sizes, *, k, alpha2_floor, alpha2_cap_fraction, symmetric))]
 fn gpu_cohort_pairwise<'py>(
     py: Python<'py>,
     data: PyReadonlyArray2<'py, u8>,
@@ -342,30 +290,14 @@ fn gpu_cohort_pairwise<'py>(
     alpha2_cap_fraction: f64,
     symmetric: bool,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    check_desc(py, "data", &data)?;
-    let owner = owners(py, &sizes, data.as_array().nrows())?;
-    let n = sizes.as_array().len();
-    ensure_nvrtc(py);
-    let d = data.as_array();
-    let flat = detach(py, || {
-        let sj = SjParams {
-            k,
-            alpha2_floor,
-            alpha2_cap_fraction,
-            kernel: None,
-        };
-        gpu()?.cohort_pairwise(d, &owner, n, &sj, symmetric)
-    })?;
-    numpy::ndarray::Array2::from_shape_vec((n, n), flat)
-        .map(|a| a.into_pyarray(py))
-        .map_err(|e| invalid(py, e.to_string()))
+    GpuCohort::new(py, data, sizes)?.pairwise(py, k, alpha2_floor, alpha2_cap_fraction, symmetric)
 }
 
 /// Per-class kernel sums of the fusion model on the GPU:
 /// `out[q, c] = Σ_{j: classes[j]=c} exp(−d²(queries[q], data[j]) / denom[q])`, terms with
 /// d²/denom ≥ `cutoff` skipped.
 #[pyfunction]
-#[pyo3(signature = (queries, data, classes, n_classes, denom, cutoff=f64::INFINITY))]
+#[pyo3(signature = (queries, data, classes, n_classes, denom, *, cutoff))]
 fn gpu_kde_class_sums<'py>(
     py: Python<'py>,
     queries: PyReadonlyArray2<'py, u8>,
@@ -375,8 +307,8 @@ fn gpu_kde_class_sums<'py>(
     denom: PyReadonlyArray1<'py, f64>,
     cutoff: f64,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    check_desc(py, "queries", &queries)?;
-    check_desc(py, "data", &data)?;
+    let q = descriptor_view(py, "queries", &queries)?;
+    let d = descriptor_view(py, "data", &data)?;
     let cls: Vec<i32> = classes
         .as_array()
         .iter()
@@ -387,7 +319,6 @@ fn gpu_kde_class_sums<'py>(
     }
     let den: Vec<f32> = denom.as_array().iter().map(|&x| x as f32).collect();
     ensure_nvrtc(py);
-    let (q, d) = (queries.as_array(), data.as_array());
     let out = detach(py, || {
         gpu()?.kde_class_sums(q, d, &cls, n_classes, &den, cutoff)
     })?;
@@ -398,8 +329,8 @@ fn gpu_kde_class_sums<'py>(
 /// arguments and result; k ≤ 32 (or None: every training keypoint). With k the result is
 /// bit-identical to the CPU's; without, within ~1e-9 (fixed-point GPU sums).
 #[pyfunction]
-#[pyo3(signature = (query, train, train_sample, sample_class, n_classes, exclude_sample=None,
-    k=None, background=1.0))]
+#[pyo3(signature = (query, train, train_sample, sample_class, n_classes, *, exclude_sample, k,
+    background))]
 #[allow(clippy::too_many_arguments)]
 fn gpu_keypoint_log_likelihood<'py>(
     py: Python<'py>,
@@ -412,12 +343,11 @@ fn gpu_keypoint_log_likelihood<'py>(
     k: Option<usize>,
     background: f64,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    check_desc(py, "query", &query)?;
-    check_desc(py, "train", &train)?;
+    let q = descriptor_view(py, "query", &query)?;
+    let t = descriptor_view(py, "train", &train)?;
     let ts: Vec<i64> = train_sample.as_array().to_vec();
     let sc: Vec<i64> = sample_class.as_array().to_vec();
     ensure_nvrtc(py);
-    let (q, t) = (query.as_array(), train.as_array());
     let out = detach(py, || {
         gpu()?.keypoint_log_likelihood(q, t, &ts, &sc, n_classes, exclude_sample, k, background)
     })?;
@@ -431,23 +361,15 @@ fn gpu_keypoint_log_likelihood<'py>(
 /// dicts, one per octave: `shape`, `extrema` ((n, 5) int64: DoG level, i, j, k, polarity)
 /// and, with `keep_images`, `gaussians` / `dogs` (lists of float32 volumes).
 #[pyfunction]
-#[pyo3(signature = (volume, keep_images=false, **params))]
+#[pyo3(signature = (volume, *, keep_images, **params))]
 fn gpu_scale_space<'py>(
     py: Python<'py>,
     volume: PyReadonlyArray3<'py, f32>,
     keep_images: bool,
     params: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let mut ep = ExtractParams::default();
-    if let Some(kw) = params {
-        for (k, v) in kw.iter() {
-            let name: String = k.extract()?;
-            let value: f64 = v
-                .extract()
-                .map_err(|_| invalid(py, format!("parameter {name:?} must be a number")))?;
-            ep.set(&name, value).map_err(|e| to_pyerr(py, e))?;
-        }
-    }
+    let ep = extract_params(py, params)?;
+    // keyfuse-cuda takes the scale-space settings as they are: check them here
     ep.validate().map_err(|e| to_pyerr(py, e))?;
     let params = ScaleSpaceParams {
         keep_images,
@@ -482,9 +404,7 @@ fn gpu_scale_space<'py>(
                 ]
             })
             .collect();
-        let ext = numpy::ndarray::Array2::from_shape_vec((o.extrema.len(), 5), rows)
-            .map_err(|e| invalid(py, e.to_string()))?;
-        d.set_item("extrema", ext.into_pyarray(py))?;
+        d.set_item("extrema", array2(py, o.extrema.len(), 5, rows)?)?;
         if keep_images {
             let g = PyList::empty(py);
             for a in o.gaussians {

@@ -1,17 +1,18 @@
-//! `keyfuse._core`: the thin PyO3 layer over keyfuse-core. Argument checks, numpy in and
-//! out, the GIL released around every heavy call (through [`detach`]), and core errors
-//! mapped onto the exception classes of `keyfuse.errors`.
+//! `keyfuse._core`: the thin PyO3 layer over keyfuse-core and keyfuse-cuda. numpy in and
+//! out ([`convert`]), the GIL released and Ctrl-C honoured around every heavy call
+//! ([`errors::detach`]), and core errors mapped onto the exception classes of
+//! `keyfuse.errors` ([`errors::to_pyerr`]). Parameters have no defaults here: they live in
+//! the core's `Default` impls and in the public Python signatures.
 
 use pyo3::prelude::*;
 
+mod convert;
 mod errors;
 mod extract;
 mod gpu;
 mod kde;
 mod matching;
 mod segment;
-
-pub use errors::{detach, to_pyerr};
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

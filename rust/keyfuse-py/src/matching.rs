@@ -1,48 +1,14 @@
 //! Bindings for k-NN, matching, alignment and soft-Jaccard scoring (keyfuse_core::knn,
-//! ::matching, ::jaccard), and the `Cohort` search engine behind `keyfuse.Index`.
+//! ::matching, ::jaccard), and the `SearchEngine` behind `keyfuse.Index`.
 
-use keyfuse_core::jaccard::{self, Cohort as CoreCohort, Geometry, SoftJaccardParams};
+use keyfuse_core::jaccard::{self, Cohort, Geometry, SoftJaccardParams};
 use keyfuse_core::knn::{self, ForestParams, KdForest};
 use keyfuse_core::matching::{self, AlignParams, KeypointView, MatchParams};
-use keyfuse_core::KfError;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
-use crate::{detach, to_pyerr};
-
-fn invalid(py: Python<'_>, msg: String) -> PyErr {
-    to_pyerr(py, KfError::InvalidArgument(msg))
-}
-
-/// A `(n, 64)` C-contiguous uint8 array as a flat slice.
-fn desc_slice<'a>(
-    py: Python<'_>,
-    name: &str,
-    a: &'a PyReadonlyArray2<'_, u8>,
-) -> PyResult<&'a [u8]> {
-    if a.as_array().ncols() != keyfuse_core::DESC_LEN {
-        return Err(invalid(
-            py,
-            format!(
-                "{name}: descriptors must have shape (n, 64), got {:?}",
-                a.as_array().shape()
-            ),
-        ));
-    }
-    a.as_slice()
-        .map_err(|_| invalid(py, format!("{name}: descriptors must be C-contiguous")))
-}
-
-fn points(py: Python<'_>, name: &str, a: &PyReadonlyArray2<'_, f64>) -> PyResult<Vec<[f64; 3]>> {
-    let v = a.as_array();
-    if v.ncols() != 3 {
-        return Err(invalid(
-            py,
-            format!("{name}: points must have shape (n, 3)"),
-        ));
-    }
-    Ok(v.rows().into_iter().map(|r| [r[0], r[1], r[2]]).collect())
-}
+use crate::convert::{array2, descriptors, points, rows_array};
+use crate::errors::{detach, invalid};
 
 /// (neighbour indices, squared distances), both (m, k) int64.
 type NeighborsOut<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>);
@@ -59,28 +25,21 @@ fn neighbors_out<'py>(py: Python<'py>, nb: knn::Neighbors) -> PyResult<Neighbors
         .iter()
         .map(|&d| if d == u32::MAX { -1 } else { d as i64 })
         .collect();
-    let shape = |v: Vec<i64>| {
-        numpy::ndarray::Array2::from_shape_vec((nq, k), v).map(|a| a.into_pyarray(py))
-    };
-    Ok((
-        shape(idx).map_err(|e| invalid(py, e.to_string()))?,
-        shape(d).map_err(|e| invalid(py, e.to_string()))?,
-    ))
+    Ok((array2(py, nq, k, idx)?, array2(py, nq, k, d)?))
 }
 
 /// Exact k-NN: (indices (m, k) int64 with -1 for missing, squared distances (m, k)).
 #[pyfunction]
+#[pyo3(signature = (data, queries, *, k))]
 fn knn_exact<'py>(
     py: Python<'py>,
     data: PyReadonlyArray2<'py, u8>,
     queries: PyReadonlyArray2<'py, u8>,
     k: usize,
 ) -> PyResult<NeighborsOut<'py>> {
-    let (d, q) = (
-        desc_slice(py, "data", &data)?,
-        desc_slice(py, "queries", &queries)?,
-    );
-    let nb = detach(py, || knn::knn_exact(d, q, k, |_, _| true))?;
+    let d = descriptors(py, "data", &data)?;
+    let q = descriptors(py, "queries", &queries)?;
+    let nb = detach(py, || knn::knn_exact(&d, &q, k, |_, _| true))?;
     neighbors_out(py, nb)
 }
 
@@ -92,7 +51,7 @@ fn knn_exact_kernel() -> &'static str {
 
 /// Approximate k-NN through a randomized kd-forest built on `data`.
 #[pyfunction]
-#[pyo3(signature = (data, queries, k, checks=128, trees=8, leaf_size=8, seed=0x6b65_7966_7573_6521))]
+#[pyo3(signature = (data, queries, *, k, checks, trees, leaf_size, seed))]
 #[allow(clippy::too_many_arguments)]
 fn knn_forest<'py>(
     py: Python<'py>,
@@ -104,18 +63,16 @@ fn knn_forest<'py>(
     leaf_size: usize,
     seed: u64,
 ) -> PyResult<NeighborsOut<'py>> {
-    let (d, q) = (
-        desc_slice(py, "data", &data)?,
-        desc_slice(py, "queries", &queries)?,
-    );
+    let d = descriptors(py, "data", &data)?;
+    let q = descriptors(py, "queries", &queries)?;
     let params = ForestParams {
         trees,
         leaf_size,
         seed,
     };
     let nb = detach(py, || {
-        let f = KdForest::build(d, &params)?;
-        f.search(d, q, k, checks, |_, _| true)
+        let f = KdForest::build(&d, &params)?;
+        f.search(&d, &q, k, checks, |_, _| true)
     })?;
     neighbors_out(py, nb)
 }
@@ -131,8 +88,8 @@ type MatchOut<'py> = (
 
 /// Match A to B: (ia, ib, distance, translation (n, 3) mm, p, Hough mode or None).
 #[pyfunction]
-#[pyo3(signature = (desc_a, xyz_a, scale_a, desc_b, xyz_b, scale_b, ratio=0.9, scale_factor=2.0,
-    hough=false, hough_sigma=3.0, keep_fraction=0.1, kde_bandwidth=3.0))]
+#[pyo3(signature = (desc_a, xyz_a, scale_a, desc_b, xyz_b, scale_b, *, ratio, scale_factor,
+    hough, hough_sigma, keep_fraction, kde_bandwidth))]
 #[allow(clippy::too_many_arguments)]
 fn match_sets<'py>(
     py: Python<'py>,
@@ -149,7 +106,10 @@ fn match_sets<'py>(
     keep_fraction: f64,
     kde_bandwidth: f64,
 ) -> PyResult<MatchOut<'py>> {
-    let (da, db) = (desc_slice(py, "a", &desc_a)?, desc_slice(py, "b", &desc_b)?);
+    let (da, db) = (
+        descriptors(py, "a", &desc_a)?,
+        descriptors(py, "b", &desc_b)?,
+    );
     let (xa, xb) = (points(py, "a", &xyz_a)?, points(py, "b", &xyz_b)?);
     let (sa, sb) = (scale_a.as_array().to_vec(), scale_b.as_array().to_vec());
     let params = MatchParams {
@@ -162,34 +122,23 @@ fn match_sets<'py>(
     };
     let res = detach(py, || {
         let a = KeypointView {
-            desc: da,
+            desc: &da,
             xyz: &xa,
             scale: &sa,
         };
         let b = KeypointView {
-            desc: db,
+            desc: &db,
             xyz: &xb,
             scale: &sb,
         };
         matching::match_sets(&a, &b, &params)
     })?;
-    let n = res.ia.len();
-    let t: Vec<f64> = res.translation.iter().flatten().copied().collect();
-    let t = numpy::ndarray::Array2::from_shape_vec((n, 3), t)
-        .map_err(|e| invalid(py, e.to_string()))?;
+    let as_i64 = |v: &[u32]| v.iter().map(|&i| i as i64).collect::<Vec<_>>();
     Ok((
-        res.ia
-            .iter()
-            .map(|&i| i as i64)
-            .collect::<Vec<_>>()
-            .into_pyarray(py),
-        res.ib
-            .iter()
-            .map(|&i| i as i64)
-            .collect::<Vec<_>>()
-            .into_pyarray(py),
+        as_i64(&res.ia).into_pyarray(py),
+        as_i64(&res.ib).into_pyarray(py),
         res.distance.into_pyarray(py),
-        t.into_pyarray(py),
+        rows_array(py, &res.translation)?,
         res.p.into_pyarray(py),
         res.mode.map(|m| (m[0], m[1], m[2])),
     ))
@@ -197,7 +146,7 @@ fn match_sets<'py>(
 
 /// Robust similarity src → dst: (4×4 matrix, inlier mask, rmse, scale).
 #[pyfunction]
-#[pyo3(signature = (src, dst, iterations=4000, inlier_mm=5.0, max_scale=2.0, with_scale=true, seed=0x616c_6967_6e21))]
+#[pyo3(signature = (src, dst, *, iterations, inlier_mm, max_scale, with_scale, seed))]
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::type_complexity)]
 fn ransac_similarity<'py>(
@@ -224,11 +173,8 @@ fn ransac_similarity<'py>(
         seed,
     };
     let res = detach(py, || matching::ransac_similarity(&s, &d, &params))?;
-    let m: Vec<f64> = res.transform.matrix().iter().flatten().copied().collect();
-    let m = numpy::ndarray::Array2::from_shape_vec((4, 4), m)
-        .map_err(|e| invalid(py, e.to_string()))?;
     Ok((
-        m.into_pyarray(py),
+        rows_array(py, &res.transform.matrix())?,
         res.inliers.into_pyarray(py),
         res.rmse,
         res.transform.s,
@@ -259,11 +205,15 @@ fn sj_params(
     }
 }
 
+/// The reference matcher's parameters: its α² clamp is not used.
+fn votes_params(k: usize, exact: bool, checks: usize) -> SoftJaccardParams {
+    sj_params(k, exact, checks, 1.0, f64::INFINITY, false)
+}
+
 /// Soft intersections (|A∩B|, |B∩A|) of two sets; geometry arrays optional (all or none).
 #[pyfunction]
-#[pyo3(signature = (desc_a, desc_b, k=30, exact=false, checks=128, alpha2_floor=1.0,
-    alpha2_cap_fraction=0.1, xyz_a=None, scale_a=None, xyz_b=None, scale_b=None,
-    posterior=false))]
+#[pyo3(signature = (desc_a, desc_b, *, k, exact, checks, alpha2_floor, alpha2_cap_fraction,
+    xyz_a, scale_a, xyz_b, scale_b, posterior))]
 #[allow(clippy::too_many_arguments)]
 fn soft_intersections<'py>(
     py: Python<'py>,
@@ -280,7 +230,10 @@ fn soft_intersections<'py>(
     scale_b: Option<PyReadonlyArray1<'py, f64>>,
     posterior: bool,
 ) -> PyResult<(f64, f64)> {
-    let (da, db) = (desc_slice(py, "a", &desc_a)?, desc_slice(py, "b", &desc_b)?);
+    let (da, db) = (
+        descriptors(py, "a", &desc_a)?,
+        descriptors(py, "b", &desc_b)?,
+    );
     let p = sj_params(
         k,
         exact,
@@ -300,7 +253,7 @@ fn soft_intersections<'py>(
         _ => {
             return Err(invalid(
                 py,
-                "geometry needs xyz_a, scale_a, xyz_b and scale_b together".into(),
+                "geometry needs xyz_a, scale_a, xyz_b and scale_b together",
             ))
         }
     };
@@ -311,13 +264,13 @@ fn soft_intersections<'py>(
             xyz_b: xb,
             scale_b: sb,
         });
-        jaccard::soft_intersections_pair(da, db, &p, g.as_ref())
+        jaccard::soft_intersections_pair(&da, &db, &p, g.as_ref())
     })
 }
 
 /// The reference matcher's (featMatchMultiple) vote matrix over a list of sets, N×N.
 #[pyfunction]
-#[pyo3(signature = (sets, k=5, exact=false, checks=64))]
+#[pyo3(signature = (sets, *, k, exact, checks))]
 fn reference_votes<'py>(
     py: Python<'py>,
     sets: Vec<PyReadonlyArray2<'py, u8>>,
@@ -325,48 +278,64 @@ fn reference_votes<'py>(
     exact: bool,
     checks: usize,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let slices: Vec<&[u8]> = sets
+    let owned: Vec<_> = sets
         .iter()
         .enumerate()
-        .map(|(i, s)| desc_slice(py, &format!("sets[{i}]"), s))
+        .map(|(i, s)| descriptors(py, &format!("sets[{i}]"), s))
         .collect::<PyResult<_>>()?;
+    let slices: Vec<&[u8]> = owned.iter().map(|s| &**s).collect();
     let n = slices.len();
-    let p = sj_params(k, exact, checks, 1.0, f64::INFINITY, false);
+    let p = votes_params(k, exact, checks);
     let v = detach(py, || jaccard::reference_votes(&slices, &p))?;
-    let v = numpy::ndarray::Array2::from_shape_vec((n, n), v)
-        .map_err(|e| invalid(py, e.to_string()))?;
-    Ok(v.into_pyarray(py))
+    array2(py, n, n, v)
 }
 
 /// The in-memory search engine of `keyfuse.Index`: every subject's descriptors, a lazily
 /// built kd-forest and soft-Jaccard accumulation per subject (GIL released).
 #[pyclass(module = "keyfuse._core")]
-struct Cohort {
-    inner: CoreCohort,
+struct SearchEngine {
+    inner: Cohort,
+}
+
+impl SearchEngine {
+    /// An N×N matrix over the subjects, from `f` run with the forest built when needed.
+    fn matrix<'py>(
+        &mut self,
+        py: Python<'py>,
+        exact: bool,
+        f: impl FnOnce(&Cohort) -> keyfuse_core::Result<Vec<f64>> + Send,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let n = self.inner.n_subjects();
+        let inner = &mut self.inner;
+        let out = detach(py, || {
+            if !exact {
+                inner.build_forest()?;
+            }
+            f(inner)
+        })?;
+        array2(py, n, n, out)
+    }
 }
 
 #[pymethods]
-impl Cohort {
+impl SearchEngine {
+    /// An empty engine whose kd-forest (built on demand) has `trees` trees.
     #[new]
-    #[pyo3(signature = (trees=8, leaf_size=8, seed=0x6b65_7966_7573_6521))]
-    fn new(py: Python<'_>, trees: usize, leaf_size: usize, seed: u64) -> PyResult<Self> {
-        if trees == 0 || leaf_size == 0 {
-            return Err(invalid(py, "trees and leaf_size must be ≥ 1".into()));
-        }
-        Ok(Cohort {
-            inner: CoreCohort::new(ForestParams {
+    #[pyo3(signature = (*, trees))]
+    fn new(trees: usize) -> Self {
+        SearchEngine {
+            inner: Cohort::new(ForestParams {
                 trees,
-                leaf_size,
-                seed,
+                ..ForestParams::default()
             }),
-        })
+        }
     }
 
     /// Append one subject's descriptors; returns its subject number.
     fn add(&mut self, py: Python<'_>, desc: PyReadonlyArray2<'_, u8>) -> PyResult<usize> {
-        let d = desc_slice(py, "descriptors", &desc)?;
+        let d = descriptors(py, "descriptors", &desc)?;
         let inner = &mut self.inner;
-        detach(py, || inner.add(d))
+        detach(py, || inner.add(&d))
     }
 
     fn __len__(&self) -> usize {
@@ -390,10 +359,12 @@ impl Cohort {
     /// A copy of every indexed descriptor, (n_points, 64) uint8, subjects in order.
     fn descriptors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u8>>> {
         let d = self.inner.descriptors().to_vec();
-        let n = d.len() / keyfuse_core::DESC_LEN;
-        numpy::ndarray::Array2::from_shape_vec((n, keyfuse_core::DESC_LEN), d)
-            .map(|a| a.into_pyarray(py))
-            .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
+        array2(
+            py,
+            d.len() / keyfuse_core::DESC_LEN,
+            keyfuse_core::DESC_LEN,
+            d,
+        )
     }
 
     /// Bytes held by descriptors, owners and the forest.
@@ -412,7 +383,8 @@ impl Cohort {
     }
 
     /// Soft-Jaccard of a query set against every subject, shape (N,).
-    #[pyo3(signature = (desc, exclude=None, allowed=None, k=30, exact=false, checks=128, alpha2_floor=1.0, alpha2_cap_fraction=0.1, posterior=false))]
+    #[pyo3(signature = (desc, *, exclude, allowed, k, exact, checks, alpha2_floor,
+        alpha2_cap_fraction, posterior))]
     #[allow(clippy::too_many_arguments)]
     fn search<'py>(
         &mut self,
@@ -427,7 +399,7 @@ impl Cohort {
         alpha2_cap_fraction: f64,
         posterior: bool,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let q = desc_slice(py, "query", &desc)?;
+        let q = descriptors(py, "query", &desc)?;
         let mask: Option<Vec<bool>> = allowed.map(|a| a.as_array().to_vec());
         let p = sj_params(
             k,
@@ -442,13 +414,14 @@ impl Cohort {
             if !p.exact {
                 inner.build_forest()?;
             }
-            inner.search(q, exclude, mask.as_deref(), &p)
+            inner.search(&q, exclude, mask.as_deref(), &p)
         })?;
         Ok(out.into_pyarray(py))
     }
 
     /// N×N soft-Jaccard (row = query subject), diagonal 1.
-    #[pyo3(signature = (k=30, exact=false, checks=128, alpha2_floor=1.0, alpha2_cap_fraction=0.1, symmetric=false, posterior=false))]
+    #[pyo3(signature = (*, k, exact, checks, alpha2_floor, alpha2_cap_fraction, symmetric,
+        posterior))]
     #[allow(clippy::too_many_arguments)]
     fn pairwise<'py>(
         &mut self,
@@ -469,21 +442,11 @@ impl Cohort {
             alpha2_cap_fraction,
             posterior,
         );
-        let n = self.inner.n_subjects();
-        let inner = &mut self.inner;
-        let out = detach(py, || {
-            if !p.exact {
-                inner.build_forest()?;
-            }
-            inner.pairwise(&p, symmetric)
-        })?;
-        let out = numpy::ndarray::Array2::from_shape_vec((n, n), out)
-            .map_err(|e| invalid(py, e.to_string()))?;
-        Ok(out.into_pyarray(py))
+        self.matrix(py, exact, |c| c.pairwise(&p, symmetric))
     }
 
     /// The reference matcher's vote matrix over the cohort, N×N.
-    #[pyo3(signature = (k=5, exact=false, checks=64))]
+    #[pyo3(signature = (*, k, exact, checks))]
     fn reference_votes<'py>(
         &mut self,
         py: Python<'py>,
@@ -491,18 +454,8 @@ impl Cohort {
         exact: bool,
         checks: usize,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let p = sj_params(k, exact, checks, 1.0, f64::INFINITY, false);
-        let n = self.inner.n_subjects();
-        let inner = &mut self.inner;
-        let out = detach(py, || {
-            if !p.exact {
-                inner.build_forest()?;
-            }
-            inner.reference_votes(&p)
-        })?;
-        let out = numpy::ndarray::Array2::from_shape_vec((n, n), out)
-            .map_err(|e| invalid(py, e.to_string()))?;
-        Ok(out.into_pyarray(py))
+        let p = votes_params(k, exact, checks);
+        self.matrix(py, exact, |c| c.reference_votes(&p))
     }
 }
 
@@ -514,6 +467,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ransac_similarity, m)?)?;
     m.add_function(wrap_pyfunction!(soft_intersections, m)?)?;
     m.add_function(wrap_pyfunction!(reference_votes, m)?)?;
-    m.add_class::<Cohort>()?;
+    m.add_class::<SearchEngine>()?;
     Ok(())
 }

@@ -9,8 +9,8 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use crate::errors::detach;
-use keyfuse_core::KfError;
+use crate::convert::{self, points, rows_array};
+use crate::errors::{detach, invalid};
 
 /// The training label maps (int32, 0 = background) and normalised intensities (float32)
 /// of a keypoint-transfer segmenter, in the run form the transfer accumulates from.
@@ -78,17 +78,20 @@ impl TransferAtlases {
             nu.as_array(),
         );
         let inner = &self.inner;
-        let out = detach(py, || {
-            let n = atlas.len();
-            if label.len() != n || weight.len() != n || shift.nrows() != n || shift.ncols() != 3 {
-                return Err(KfError::InvalidArgument(format!(
+        let n = atlas.len();
+        if label.len() != n || weight.len() != n || shift.nrows() != n || shift.ncols() != 3 {
+            return Err(invalid(
+                py,
+                format!(
                     "transfer arrays disagree: atlas {}, label {}, shift {:?}, weight {}",
                     n,
                     label.len(),
                     shift.shape(),
                     weight.len()
-                )));
-            }
+                ),
+            ));
+        }
+        let out = detach(py, || {
             let transfers: Vec<Transfer> = (0..n)
                 .map(|k| Transfer {
                     atlas: atlas[k],
@@ -107,31 +110,6 @@ impl TransferAtlases {
             out.n_groups,
         ))
     }
-}
-
-/// `(n, 3)` float64 rows as points.
-fn rows3(name: &str, a: &PyReadonlyArray2<'_, f64>) -> Result<Vec<[f64; 3]>, KfError> {
-    let a = a.as_array();
-    if a.ncols() != 3 {
-        return Err(KfError::InvalidArgument(format!(
-            "{name} must have 3 columns, got shape {:?}",
-            a.shape()
-        )));
-    }
-    Ok(a.rows().into_iter().map(|r| [r[0], r[1], r[2]]).collect())
-}
-
-/// `(n, 64)` uint8 descriptors, row-major.
-fn desc_rows(name: &str, a: &PyReadonlyArray2<'_, u8>) -> Result<Vec<u8>, KfError> {
-    let a = a.as_array();
-    if a.ncols() != keyfuse_core::DESC_LEN {
-        return Err(KfError::InvalidArgument(format!(
-            "{name} must have {} columns, got shape {:?}",
-            keyfuse_core::DESC_LEN,
-            a.shape()
-        )));
-    }
-    Ok(a.iter().copied().collect())
 }
 
 /// The training keypoints of a keypoint-transfer segmenter (labels > 0), matched against
@@ -162,27 +140,27 @@ impl AtlasKeypoints {
         labels: Vec<PyReadonlyArray1<'_, i32>>,
     ) -> PyResult<Self> {
         let n = descriptors.len();
-        let sets = (|| {
-            if xyz.len() != n || scale.len() != n || labels.len() != n {
-                return Err(KfError::InvalidArgument(format!(
+        if xyz.len() != n || scale.len() != n || labels.len() != n {
+            return Err(invalid(
+                py,
+                format!(
                     "{n} descriptor sets, {} positions, {} scales, {} label sets",
                     xyz.len(),
                     scale.len(),
                     labels.len()
-                )));
-            }
-            (0..n)
-                .map(|i| {
-                    Ok((
-                        desc_rows("descriptors", &descriptors[i])?,
-                        rows3("xyz", &xyz[i])?,
-                        scale[i].as_array().to_vec(),
-                        labels[i].as_array().to_vec(),
-                    ))
-                })
-                .collect::<Result<Vec<_>, KfError>>()
-        })();
-        let sets = sets.map_err(|e| crate::to_pyerr(py, e))?;
+                ),
+            ));
+        }
+        let sets = (0..n)
+            .map(|i| {
+                Ok((
+                    convert::descriptors(py, "descriptors", &descriptors[i])?.into_owned(),
+                    points(py, "xyz", &xyz[i])?,
+                    scale[i].as_array().to_vec(),
+                    labels[i].as_array().to_vec(),
+                ))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
         let inner = detach(py, || CoreAtlasKeypoints::new(sets))?;
         Ok(AtlasKeypoints { inner })
     }
@@ -196,12 +174,11 @@ impl AtlasKeypoints {
         self.inner.n_keypoints(atlas)
     }
 
-    /// Match test keypoints to every atlas (as `match_sets` per atlas; with
-    /// `hough_queries` > 0 the Hough mode is voted by at most about that many test
-    /// keypoints); returns `(query, atlas, index, label, dist2, p, shift (n, 3) =
-    /// x_test − x_atlas)`.
-    #[pyo3(signature = (descriptors, xyz, scale, ratio=0.9, scale_factor=2.0, hough=true,
-        hough_sigma=3.0, keep_fraction=0.1, kde_bandwidth=3.0, hough_queries=0))]
+    /// Match test keypoints to every atlas (as `match_sets` per atlas, with the core's
+    /// Hough and p(m) settings; with `hough_queries` > 0 the Hough mode is voted by at most
+    /// about that many test keypoints); returns `(query, atlas, index, label, dist2, p,
+    /// shift (n, 3) = x_test − x_atlas)`.
+    #[pyo3(signature = (descriptors, xyz, scale, *, ratio, scale_factor, hough, hough_queries))]
     #[allow(clippy::too_many_arguments)]
     fn match_all<'py>(
         &self,
@@ -212,21 +189,16 @@ impl AtlasKeypoints {
         ratio: f64,
         scale_factor: f64,
         hough: bool,
-        hough_sigma: f64,
-        keep_fraction: f64,
-        kde_bandwidth: f64,
         hough_queries: usize,
     ) -> PyResult<AtlasMatchOut<'py>> {
-        let d = desc_rows("descriptors", &descriptors).map_err(|e| crate::to_pyerr(py, e))?;
-        let x = rows3("xyz", &xyz).map_err(|e| crate::to_pyerr(py, e))?;
+        let d = convert::descriptors(py, "descriptors", &descriptors)?;
+        let x = points(py, "xyz", &xyz)?;
         let s = scale.as_array().to_vec();
         let params = MatchParams {
             ratio,
             scale_factor,
             hough,
-            hough_sigma,
-            keep_fraction,
-            kde_bandwidth,
+            ..MatchParams::default()
         };
         let inner = &self.inner;
         let m = detach(py, || {
@@ -237,12 +209,6 @@ impl AtlasKeypoints {
             };
             inner.match_all(&a, &params, hough_queries)
         })?;
-        let n = m.query.len();
-        let shift = numpy::ndarray::Array2::from_shape_vec(
-            (n, 3),
-            m.shift.iter().flatten().copied().collect(),
-        )
-        .expect("n × 3");
         let dist2: Vec<f32> = m.dist2.iter().map(|&v| v as f32).collect();
         Ok((
             m.query.into_pyarray(py),
@@ -251,7 +217,7 @@ impl AtlasKeypoints {
             m.label.into_pyarray(py),
             dist2.into_pyarray(py),
             m.p.into_pyarray(py),
-            shift.into_pyarray(py),
+            rows_array(py, &m.shift)?,
         ))
     }
 }

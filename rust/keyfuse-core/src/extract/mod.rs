@@ -447,6 +447,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     };
     let mut octave = 0usize;
     loop {
+        crate::cancel::check()?;
         if small(&base) || (p.max_octaves > 0.0 && octave >= p.max_octaves as usize) {
             break;
         }

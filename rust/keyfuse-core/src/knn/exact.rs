@@ -240,6 +240,7 @@ where
         .zip(dist.par_chunks_mut(qb * k))
         .enumerate()
         .for_each(|(blk, (ib, db))| {
+            crate::return_if_cancelled!();
             let q0 = blk * qb;
             let nb = ib.len() / k;
             let qs = &queries[q0 * DESC_LEN..(q0 + nb) * DESC_LEN];
@@ -249,6 +250,7 @@ where
                 heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
             }
         });
+    crate::cancel::check()?;
     Ok(Neighbors {
         k,
         idx,

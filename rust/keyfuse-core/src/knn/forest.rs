@@ -358,6 +358,7 @@ impl KdForest {
             .map_init(
                 || (Visited::new(), BinaryHeap::new(), Vec::new(), Vec::new()),
                 |(vis, heap, pending, leaves), qs| {
+                    crate::return_if_cancelled!();
                     let mut ib = vec![NONE; qs.len() * k];
                     let mut db = vec![u32::MAX; qs.len() * k];
                     for (j, &q) in qs.iter().enumerate() {
@@ -372,6 +373,7 @@ impl KdForest {
                 },
             )
             .collect();
+        crate::cancel::check()?;
         let mut idx = vec![NONE; nq * k];
         let mut dist = vec![u32::MAX; nq * k];
         for (qs, (ib, db)) in order.chunks(BLOCK).zip(&blocks) {

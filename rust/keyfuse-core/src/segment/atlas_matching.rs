@@ -314,6 +314,7 @@ impl AtlasKeypoints {
         p: &crate::matching::MatchParams,
         hough_queries: usize,
     ) -> Result<Vec<(u32, u32, u32)>> {
+        crate::cancel::check()?;
         let (na, nb) = (a.xyz.len(), b.xyz.len());
         if na == 0 || nb == 0 {
             return Ok(Vec::new());
