@@ -1,6 +1,11 @@
 # keyfuse: `make demo` runs the main job end to end, `make test` builds and runs every test.
 # Both set everything up on a fresh machine: a local virtual environment, the Python and
 # Rust dependencies and a release build of the extension.
+#
+# `make test` tests what users install: the abi3 wheel (built once, tagged for glibc 2.28
+# and later) installed with pip into a fresh virtual environment outside the repository,
+# where the Python suite and the lint gates run. `make dev` / `make demo` use the editable
+# install in .venv instead.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,15 +13,28 @@ PY     := $(VENV)/bin/python
 # 2-core machines: keep test and build parallelism modest and predictable
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all setup build dev test test-rust test-python lint fmt demo bench wheel clean
+# The oldest glibc the wheel supports: manylinux_2_28 (RHEL/Rocky/Alma 8, Debian 10,
+# Ubuntu 18.10 and later). zig links against that glibc's symbol versions.
+MANYLINUX := manylinux_2_28
+DIST      := dist
+# The wheel's test environment: outside the repository (so nothing in it can import the
+# source tree), one per checkout, made anew for every `make test`.
+WHEEL_VENV ?= $(or $(TMPDIR),/tmp)/keyfuse-wheel-venv-$(shell printf '%s' "$(CURDIR)" | sha1sum | cut -c1-12)
+WHEEL_PY   := $(WHEEL_VENV)/bin/python
+
+.PHONY: all setup build dev test test-rust test-python lint lint-run fmt demo bench wheel clean
 
 all: test
 
-# The venv and the Python dependencies (re-run when pyproject.toml changes).
-$(VENV)/.installed: pyproject.toml
+# The build tools (maturin, and zig as the wheel's linker), without building keyfuse.
+$(VENV)/.tools: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9.4,<2"
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "ziglang>=0.13"
+	touch $@
+
+# The development install: the Python dependencies and keyfuse, editable, in .venv.
+$(VENV)/.installed: $(VENV)/.tools
 	$(VENV)/bin/maturin develop -q --release --extras all,test
 	touch $@
 
@@ -33,19 +51,43 @@ dev: setup
 test-rust:
 	cargo test --workspace --exclude keyfuse-py -q
 
-test-python: build
-	$(PY) -m pytest -q
+# The abi3 wheel for clusters, its tags checked (cp310-abi3, manylinux_2_N with N <= 28).
+wheel: $(VENV)/.tools
+	rm -f $(DIST)/keyfuse-*.whl
+	# the venv first on PATH: maturin runs zig as `python3 -m ziglang`
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/maturin build -q --release --zig \
+	    --compatibility $(MANYLINUX) -o $(DIST)
+	$(PY) .ci/check_wheel.py $(DIST)
 
-# every test, then the lint gates (rustfmt, clippy -D warnings, ruff, mypy, stub check)
-test: test-rust test-python lint
+# The wheel in a fresh venv outside the repository, then the suite against it. pytest runs
+# in the process that first checked where keyfuse is imported from, with the venv as its
+# working directory.
+test-python: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_PY) -m pip install -q --no-compile --disable-pip-version-check \
+	    "$$(ls $(CURDIR)/$(DIST)/keyfuse-*.whl)[all,test]"
+	cd $(WHEEL_VENV) && $(WHEEL_PY) -c "import sys, keyfuse, pytest; \
+	    assert keyfuse.__file__.startswith(sys.prefix), keyfuse.__file__; \
+	    print('testing the installed wheel:', keyfuse.__file__); \
+	    sys.exit(pytest.main(sys.argv[1:]))" \
+	    -q -p no:cacheprovider --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(CURDIR)/tests
 
-lint: setup
+# every test (against the installed wheel), then the lint gates with the wheel's venv
+test: test-rust test-python
+	$(MAKE) --no-print-directory lint-run LINT_BIN=$(WHEEL_VENV)/bin
+
+# rustfmt, clippy -D warnings, ruff, mypy and the stub check of the installed keyfuse._core
+LINT_BIN ?= $(VENV)/bin
+lint: setup lint-run
+
+lint-run:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
-	$(VENV)/bin/mypy
-	$(PY) -m mypy.stubtest keyfuse._core --allowlist .stubtest-allowlist
+	$(LINT_BIN)/ruff check python tests benches
+	$(LINT_BIN)/ruff format --check python tests benches
+	$(LINT_BIN)/mypy
+	$(LINT_BIN)/python -m mypy.stubtest keyfuse._core --allowlist .stubtest-allowlist
 
 fmt: setup
 	cargo fmt --all
@@ -55,13 +97,12 @@ fmt: setup
 demo: build
 	$(VENV)/bin/keyfuse demo
 
-# the quick benchmarks; benches/{index,segment,fusion,cohort,gpu}.py take minutes each
+# Every benchmark at full size (minutes each; `make test` runs each once with --quick),
+# then the core crate's criterion benches.
+BENCHES := $(filter-out benches/_%,$(wildcard benches/*.py))
 bench: build
-	$(PY) benches/extract.py
-	$(PY) benches/matching.py
-
-wheel: setup
-	$(VENV)/bin/maturin build --release -o dist
+	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) $$b; done
+	if [ -d rust/keyfuse-core/benches ]; then cargo bench -p keyfuse-core; fi
 
 clean:
-	rm -rf target dist $(VENV) python/keyfuse/*.so
+	rm -rf target $(DIST) $(VENV) $(WHEEL_VENV) python/keyfuse/*.so
