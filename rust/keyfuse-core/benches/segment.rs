@@ -27,7 +27,7 @@ fn segment(c: &mut Criterion) {
     let transfers: Vec<Transfer> = (0..300)
         .map(|k| Transfer {
             atlas: (k % 2) as u32,
-            label: 1 + (k % 3) as i32,
+            label: 1 + k % 3,
             shift: [0, 1, 2].map(|_| rng.below(7) as i32 - 3),
             weight: 0.1 + rng.below(100) as f64 / 100.0,
         })
