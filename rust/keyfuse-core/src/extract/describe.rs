@@ -212,6 +212,62 @@ fn refine_direction(grads: &[([f32; 3], f32)], mut d: [f32; 3]) -> [f32; 3] {
     d
 }
 
+/// Bins of the circular histograms of in-plane gradient angles (3D secondary axes, 2D
+/// orientations).
+pub(crate) const ANGLE_BINS: usize = 36;
+
+/// Add `weight` at the angle `atan2(y, x)` of a circular histogram whose bin `i` is
+/// centred on `(i + ½)·2π/36`, split linearly between the two nearest bins.
+#[inline]
+pub(crate) fn add_angle(h: &mut [f32; ANGLE_BINS], y: f32, x: f32, weight: f32) {
+    const NB: usize = ANGLE_BINS;
+    let mut ang = y.atan2(x) / std::f32::consts::TAU * NB as f32;
+    if ang < 0.0 {
+        ang += NB as f32;
+    }
+    let f = ang - 0.5;
+    let lo = f.floor();
+    let frac = f - lo;
+    let i0 = (lo as isize).rem_euclid(NB as isize) as usize;
+    h[i0] += weight * (1.0 - frac);
+    h[(i0 + 1) % NB] += weight * frac;
+}
+
+/// The peaks of a circular angle histogram after a circular [1 4 6 4 1]/16 smoothing:
+/// local maxima of at least `rel` times the largest smoothed bin, each as (angle refined
+/// by a parabola through its neighbours, smoothed height), in bin order. Also returns the
+/// largest smoothed bin; no peaks when it is not positive.
+pub(crate) fn angle_peaks(h: &[f32; ANGLE_BINS], rel: f32) -> (f32, Vec<(f32, f32)>) {
+    const NB: usize = ANGLE_BINS;
+    let mut hs = [0f32; NB];
+    for (i, out) in hs.iter_mut().enumerate() {
+        let g = |o: isize| h[(i as isize + o).rem_euclid(NB as isize) as usize];
+        *out = (g(-2) + 4.0 * g(-1) + 6.0 * g(0) + 4.0 * g(1) + g(2)) / 16.0;
+    }
+    let hmax = hs.iter().cloned().fold(0f32, f32::max);
+    let mut peaks = Vec::new();
+    if hmax <= 0.0 {
+        return (hmax, peaks);
+    }
+    for i in 0..NB {
+        let (l, c, r) = (hs[(i + NB - 1) % NB], hs[i], hs[(i + 1) % NB]);
+        if !(c > l && c >= r && c >= rel * hmax) {
+            continue;
+        }
+        let den = l - 2.0 * c + r;
+        let off = if den.abs() > 1e-20 {
+            (0.5 * (l - r) / den).clamp(-0.5, 0.5)
+        } else {
+            0.0
+        };
+        peaks.push((
+            (i as f32 + 0.5 + off) / NB as f32 * std::f32::consts::TAU,
+            c,
+        ));
+    }
+    (hmax, peaks)
+}
+
 /// Full 3D orientations: primary axes from the peaks of a smoothed histogram of
 /// gradient directions on the sphere (≥ `primary_peak`·max), then for each primary
 /// axis the in-plane peaks of the projected gradients (≥ `secondary_peak`·max); the
@@ -269,8 +325,7 @@ fn orientations(grads: &[([f32; 3], f32)], p: &ExtractParams) -> Vec<Frame> {
             continue;
         };
         let e2 = cross(a1, e1);
-        const NB: usize = 36;
-        let mut h = [0f32; NB];
+        let mut h = [0f32; ANGLE_BINS];
         for &(gv, w) in grads {
             let x = dot(gv, e1);
             let y = dot(gv, e2);
@@ -278,40 +333,10 @@ fn orientations(grads: &[([f32; 3], f32)], p: &ExtractParams) -> Vec<Frame> {
             if m <= 0.0 {
                 continue;
             }
-            let mut ang = y.atan2(x) / std::f32::consts::TAU * NB as f32;
-            if ang < 0.0 {
-                ang += NB as f32;
-            }
-            let f = ang - 0.5;
-            let lo = f.floor();
-            let frac = f - lo;
-            let i0 = (lo as isize).rem_euclid(NB as isize) as usize;
-            let i1 = (i0 + 1) % NB;
-            h[i0] += w * m * (1.0 - frac);
-            h[i1] += w * m * frac;
+            add_angle(&mut h, y, x, w * m);
         }
-        // circular [1 4 6 4 1]/16 smoothing
-        let mut hs = [0f32; NB];
-        for i in 0..NB {
-            let g = |o: isize| h[(i as isize + o).rem_euclid(NB as isize) as usize];
-            hs[i] = (g(-2) + 4.0 * g(-1) + 6.0 * g(0) + 4.0 * g(1) + g(2)) / 16.0;
-        }
-        let hmax = hs.iter().cloned().fold(0f32, f32::max);
-        if hmax <= 0.0 {
-            continue;
-        }
-        for i in 0..NB {
-            let (l, c, r) = (hs[(i + NB - 1) % NB], hs[i], hs[(i + 1) % NB]);
-            if !(c > l && c >= r && c >= p.secondary_peak as f32 * hmax) {
-                continue;
-            }
-            let den = l - 2.0 * c + r;
-            let off = if den.abs() > 1e-20 {
-                (0.5 * (l - r) / den).clamp(-0.5, 0.5)
-            } else {
-                0.0
-            };
-            let ang = (i as f32 + 0.5 + off) / NB as f32 * std::f32::consts::TAU;
+        let (hmax, peaks) = angle_peaks(&h, p.secondary_peak as f32);
+        for (ang, c) in peaks {
             let Some(a2) = normalise([
                 ang.cos() * e1[0] + ang.sin() * e2[0],
                 ang.cos() * e1[1] + ang.sin() * e2[1],

@@ -80,6 +80,37 @@ fn parabola(m: f32, c: f32, p: f32) -> (f32, f32) {
     (off, 0.25 * (p - m) * off)
 }
 
+/// Whether `v = cur[x]` is a strict maximum (v > 0) or minimum (otherwise) against its
+/// neighbours in `cur` at the offsets `offs`, and against `prev` and `next` at `x` and at
+/// the same offsets. A NaN is never an extremum.
+#[inline(always)]
+fn strict_extremum(prev: &Vol, cur: &Vol, next: &Vol, x: usize, offs: &[isize]) -> bool {
+    #[inline(always)]
+    fn beats_all(
+        prev: &Vol,
+        cur: &Vol,
+        next: &Vol,
+        x: usize,
+        offs: &[isize],
+        beats: impl Fn(f32) -> bool,
+    ) -> bool {
+        offs.iter()
+            .all(|&o| beats(cur.data[(x as isize + o) as usize]))
+            && beats(prev.data[x])
+            && beats(next.data[x])
+            && offs.iter().all(|&o| {
+                let y = (x as isize + o) as usize;
+                beats(prev.data[y]) && beats(next.data[y])
+            })
+    }
+    let v = cur.data[x];
+    if v > 0.0 {
+        beats_all(prev, cur, next, x, offs, |y| y < v)
+    } else {
+        beats_all(prev, cur, next, x, offs, |y| y > v)
+    }
+}
+
 /// Extrema of `cur` against its 26 spatial neighbours and the 27 voxels of `prev` and
 /// `next` around it (strict), with |value| > `thr`, at least `margin` voxels from
 /// every face. Ordered by (i, j, k).
@@ -162,26 +193,7 @@ pub(crate) fn extrema_3d(
                 for &k in &hits {
                     let x = row + k;
                     let v = cur.data[x];
-                    let is_ext = if v > 0.0 {
-                        offs.iter()
-                            .all(|&o| cur.data[(x as isize + o) as usize] < v)
-                            && prev.data[x] < v
-                            && next.data[x] < v
-                            && offs.iter().all(|&o| {
-                                let y = (x as isize + o) as usize;
-                                prev.data[y] < v && next.data[y] < v
-                            })
-                    } else {
-                        offs.iter()
-                            .all(|&o| cur.data[(x as isize + o) as usize] > v)
-                            && prev.data[x] > v
-                            && next.data[x] > v
-                            && offs.iter().all(|&o| {
-                                let y = (x as isize + o) as usize;
-                                prev.data[y] > v && next.data[y] > v
-                            })
-                    };
-                    if !is_ext {
+                    if !strict_extremum(prev, cur, next, x, &offs) {
                         continue;
                     }
                     let d = |o: isize| cur.data[(x as isize + o) as usize] as f64;
@@ -273,18 +285,7 @@ pub(crate) fn extrema_2d(
                 if v.abs() <= thr {
                     continue;
                 }
-                let sgn = if v > 0.0 { 1.0 } else { -1.0 };
-                let beats = |y: f32| sgn * y < sgn * v;
-                let ok = offs
-                    .iter()
-                    .all(|&o| beats(cur.data[(x as isize + o) as usize]))
-                    && beats(prev.data[x])
-                    && beats(next.data[x])
-                    && offs.iter().all(|&o| {
-                        let y = (x as isize + o) as usize;
-                        beats(prev.data[y]) && beats(next.data[y])
-                    });
-                if !ok {
+                if !strict_extremum(prev, cur, next, x, &offs) {
                     continue;
                 }
                 let d = |o: isize| cur.data[(x as isize + o) as usize] as f64;

@@ -3,7 +3,7 @@
 //! extrema, a 2×2 structure-tensor edge test (Lowe's r = 10), one 36-bin orientation
 //! histogram, and a 64-bin descriptor of 4×4 cells × 4 orientation bins, rank-transformed.
 
-use super::describe::{normalise_patch, rank64, Frame};
+use super::describe::{add_angle, angle_peaks, normalise_patch, rank64, Frame, ANGLE_BINS};
 use super::volume::{self, Vol};
 use super::{
     assemble, check_spacing, intensity_scale, scale_space, Analysis, ExtractParams, Keypoints,
@@ -97,8 +97,7 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
     }
     let sw = (NA - 1) as f32 / 4.0;
     let (mut txx, mut txy, mut tyy) = (0f64, 0f64, 0f64);
-    const NB: usize = 36;
-    let mut hist = [0f32; NB];
+    let mut hist = [0f32; ANGLE_BINS];
     for a in 1..NA - 1 {
         for b in 1..NA - 1 {
             let gx = 0.5 * (v[(a + 1) * NA + b] - v[(a - 1) * NA + b]);
@@ -110,16 +109,7 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
             tyy += (w * gy * gy) as f64;
             let m = (gx * gx + gy * gy).sqrt();
             if m > 0.0 {
-                let mut ang = gy.atan2(gx) / TAU * NB as f32;
-                if ang < 0.0 {
-                    ang += NB as f32;
-                }
-                let f = ang - 0.5;
-                let lo = f.floor();
-                let frac = f - lo;
-                let i0 = (lo as isize).rem_euclid(NB as isize) as usize;
-                hist[i0] += w * m * (1.0 - frac);
-                hist[(i0 + 1) % NB] += w * m * frac;
+                add_angle(&mut hist, gy, gx, w * m);
             }
         }
     }
@@ -130,27 +120,9 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
     }
     let disc = ((txx - tyy).powi(2) / 4.0 + txy * txy).sqrt();
     let e = [(tr / 2.0 + disc) as f32, (tr / 2.0 - disc) as f32, 0.0];
-    let mut hs = [0f32; NB];
-    for i in 0..NB {
-        let g = |o: isize| hist[(i as isize + o).rem_euclid(NB as isize) as usize];
-        hs[i] = (g(-2) + 4.0 * g(-1) + 6.0 * g(0) + 4.0 * g(1) + g(2)) / 16.0;
-    }
-    let hmax = hs.iter().cloned().fold(0f32, f32::max);
+    let (hmax, mut peaks) = angle_peaks(&hist, p.primary_peak as f32);
     if hmax <= 0.0 {
         return None;
-    }
-    let mut peaks: Vec<(f32, f32)> = Vec::new();
-    for i in 0..NB {
-        let (l, cc, r) = (hs[(i + NB - 1) % NB], hs[i], hs[(i + 1) % NB]);
-        if cc > l && cc >= r && cc >= p.primary_peak as f32 * hmax {
-            let den = l - 2.0 * cc + r;
-            let off = if den.abs() > 1e-20 {
-                (0.5 * (l - r) / den).clamp(-0.5, 0.5)
-            } else {
-                0.0
-            };
-            peaks.push(((i as f32 + 0.5 + off) / NB as f32 * TAU, cc));
-        }
     }
     peaks.sort_by(|a, b| b.1.total_cmp(&a.1));
     peaks.truncate(p.max_orientations as usize);
