@@ -491,6 +491,28 @@ mod tests {
         *seed >> 33
     }
 
+    /// [`keypoint_log_likelihood`] on owned test arrays, unwrapped.
+    fn kp_ll(
+        q: &Array2<u8>,
+        t: &Array2<u8>,
+        ts: &[i64],
+        sc: &[i64],
+        n_classes: usize,
+        exclude: Option<usize>,
+        opts: &KdeOptions,
+    ) -> Array1<f64> {
+        keypoint_log_likelihood(
+            q.view(),
+            t.view(),
+            ArrayView1::from(ts),
+            ArrayView1::from(sc),
+            n_classes,
+            exclude,
+            opts,
+        )
+        .unwrap()
+    }
+
     fn random_desc(n: usize, seed: u64) -> Array2<u8> {
         let mut s = seed;
         Array2::from_shape_fn((n, 64), |_| (lcg(&mut s) % 64) as u8)
@@ -540,16 +562,7 @@ mod tests {
         }
         let ts: Vec<i64> = (0..30).map(|j| j / 10).collect();
         let sc = vec![0_i64, 1, 0];
-        let got = keypoint_log_likelihood(
-            q.view(),
-            t.view(),
-            ArrayView1::from(&ts),
-            ArrayView1::from(&sc),
-            2,
-            None,
-            &KdeOptions::default(),
-        )
-        .unwrap();
+        let got = kp_ll(&q, &t, &ts, &sc, 2, None, &KdeOptions::default());
         let want = naive_kp(&q, &t, &ts, &sc, 2);
         for c in 0..2 {
             assert!(
@@ -565,44 +578,25 @@ mod tests {
         let t = random_desc(40, 4);
         let ts: Vec<i64> = (0..40).map(|j| j / 10).collect();
         let sc = vec![0_i64, 1, 1, 0];
-        let ex = keypoint_log_likelihood(
-            q.view(),
-            t.view(),
-            ArrayView1::from(&ts),
-            ArrayView1::from(&sc),
-            2,
-            Some(2),
-            &KdeOptions::default(),
-        )
-        .unwrap();
+        let ex = kp_ll(&q, &t, &ts, &sc, 2, Some(2), &KdeOptions::default());
         let keep: Vec<usize> = (0..40).filter(|j| j / 10 != 2).collect();
         let t2 = t.select(ndarray::Axis(0), &keep);
         let ts2: Vec<i64> = keep.iter().map(|&j| ts[j]).collect();
-        let rm = keypoint_log_likelihood(
-            q.view(),
-            t2.view(),
-            ArrayView1::from(&ts2),
-            ArrayView1::from(&sc),
-            2,
-            None,
-            &KdeOptions::default(),
-        )
-        .unwrap();
+        let rm = kp_ll(&q, &t2, &ts2, &sc, 2, None, &KdeOptions::default());
         assert_eq!(ex, rm);
         // k = all equals the exact sum
-        let all = keypoint_log_likelihood(
-            q.view(),
-            t2.view(),
-            ArrayView1::from(&ts2),
-            ArrayView1::from(&sc),
+        let all = kp_ll(
+            &q,
+            &t2,
+            &ts2,
+            &sc,
             2,
             None,
             &KdeOptions {
                 k: Some(1000),
                 ..Default::default()
             },
-        )
-        .unwrap();
+        );
         assert_eq!(all, rm);
     }
 
@@ -677,11 +671,11 @@ mod tests {
                 .build()
                 .unwrap();
             pool.install(|| {
-                keypoint_log_likelihood(
-                    q.view(),
-                    t.view(),
-                    ArrayView1::from(&ts),
-                    ArrayView1::from(&sc),
+                kp_ll(
+                    &q,
+                    &t,
+                    &ts,
+                    &sc,
                     3,
                     Some(4),
                     &KdeOptions {
@@ -689,18 +683,17 @@ mod tests {
                         ..Default::default()
                     },
                 )
-                .unwrap()
             })
         };
         for k in [None, Some(7)] {
             assert_eq!(run(1, k), run(4, k));
         }
         // the kd-forest with enough checks finds the exact neighbours
-        let approx = keypoint_log_likelihood(
-            q.view(),
-            t.view(),
-            ArrayView1::from(&ts),
-            ArrayView1::from(&sc),
+        let approx = kp_ll(
+            &q,
+            &t,
+            &ts,
+            &sc,
             3,
             Some(4),
             &KdeOptions {
@@ -708,8 +701,7 @@ mod tests {
                 checks: Some(10_000),
                 ..Default::default()
             },
-        )
-        .unwrap();
+        );
         assert_eq!(approx, run(2, Some(7)));
         // k nearest: a direct top-k transcription (excluding sample 4)
         let mut want = [0.0f64; 3];

@@ -1,7 +1,7 @@
 //! Scale space on the device: separable blur, DoG, 2×2×2 downsampling, strict extrema,
 //! gradients and rotated patch sampling (kernels in `kernels/scale.cu`). The Gaussian taps,
-//! the intensity normalisation and the border margins come from `keyfuse_core::extract`,
-//! so the GPU scale space cannot drift from the CPU extractor's.
+//! the intensity normalisation, the blur schedule and the border margins come from
+//! `keyfuse_core::extract`, so the GPU scale space cannot drift from the CPU extractor's.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use keyfuse_core::extract::ExtractParams;
@@ -320,14 +320,13 @@ impl Gpu {
         if image.iter().any(|v| !v.is_finite()) {
             return Err(KfError::InvalidImage("image has non-finite values".into()));
         }
-        let kappa = 2f64.powf(1.0 / s as f64);
+        let schedule = params.extract_params();
         let small = |shape: &[usize]| shape.iter().any(|&n| n < params.min_size);
         let mut octaves = Vec::new();
         if small(image.shape()) {
             return Ok(octaves);
         }
-        let pre =
-            (params.sigma0 * params.sigma0 - params.initial_blur * params.initial_blur).sqrt();
+        let pre = schedule.initial_blur_sigma();
         let mut base = self.gaussian_blur(&self.upload_volume(image)?, pre as f32)?;
         let mut octave = 0usize;
         loop {
@@ -336,8 +335,7 @@ impl Gpu {
             }
             let mut gauss = vec![base];
             for t in 1..s + 3 {
-                let inc = params.sigma0
-                    * (kappa.powi(2 * t as i32) - kappa.powi(2 * (t as i32 - 1))).sqrt();
+                let inc = schedule.blur_increment(t);
                 let next = self.gaussian_blur(gauss.last().expect("non-empty"), inc as f32)?;
                 gauss.push(next);
             }

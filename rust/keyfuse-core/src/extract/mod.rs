@@ -254,13 +254,30 @@ impl ExtractParams {
         1.0 / ((a - 1.0) / (k2 - a)).sqrt()
     }
 
+    /// κ = 2^(1/S): the σ ratio between consecutive Gaussian levels of an octave.
+    pub fn kappa(&self) -> f64 {
+        2f64.powf(1.0 / (self.scales_per_octave as usize) as f64)
+    }
+
+    /// σ of the blur that takes the input (assumed blurred by `initial_blur`) to the first
+    /// Gaussian level, σ0: `√(σ0² − initial_blur²)`.
+    pub fn initial_blur_sigma(&self) -> f64 {
+        (self.sigma0 * self.sigma0 - self.initial_blur * self.initial_blur).sqrt()
+    }
+
+    /// σ of the blur that takes Gaussian level `t − 1` of an octave to level `t` (t ≥ 1):
+    /// `σ0·√(κ^{2t} − κ^{2(t−1)})`. The CUDA scale space follows the same schedule.
+    pub fn blur_increment(&self, t: usize) -> f64 {
+        let kappa = self.kappa();
+        self.sigma0 * (kappa.powi(2 * t as i32) - kappa.powi(2 * (t as i32 - 1))).sqrt()
+    }
+
     /// Border margin (octave voxels, at least 1) of DoG `level` in `dim` dimensions: the
     /// descriptor radius at the level's characteristic scale plus [`Self::border`].
     /// Extrema closer to a face are not searched; the CUDA scale space uses the same
     /// margins.
     pub fn level_margin(&self, level: usize, dim: usize) -> usize {
-        let kappa = 2f64.powf(1.0 / (self.scales_per_octave as usize) as f64);
-        let sig_lvl = self.sigma0 * kappa.powi(level as i32) * self.scale_factor(dim);
+        let sig_lvl = self.sigma0 * self.kappa().powi(level as i32) * self.scale_factor(dim);
         let margin = (self.descriptor_radius * sig_lvl + self.border).ceil() as usize;
         margin.max(1)
     }
@@ -428,7 +445,7 @@ pub(crate) fn assemble(
 /// refinement and description, octave by octave.
 pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec<Described>> {
     let s_n = p.scales_per_octave as usize;
-    let kappa = 2f64.powf(1.0 / s_n as f64);
+    let kappa = p.kappa();
     let cf = p.scale_factor(dim);
     let min_size = p.min_size as usize;
     let mut found = Vec::new();
@@ -436,8 +453,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     if small(&vol) {
         return Ok(found);
     }
-    let pre = (p.sigma0 * p.sigma0 - p.initial_blur * p.initial_blur).sqrt();
-    let mut base = volume::blur(&vol, pre as f32)?;
+    let mut base = volume::blur(&vol, p.initial_blur_sigma() as f32)?;
     // full-size buffers are recycled (the input copy included) rather than freed and
     // reallocated: every fresh buffer costs a page fault per 4 KiB
     let mut pool: Vec<Vol> = vec![vol];
@@ -456,7 +472,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
         let mut spare: Option<Vol> = None;
         let mut dogs: Vec<Vol> = Vec::with_capacity(3);
         for t in 1..s_n + 3 {
-            let inc = p.sigma0 * (kappa.powi(2 * t as i32) - kappa.powi(2 * (t as i32 - 1))).sqrt();
+            let inc = p.blur_increment(t);
             let mut g_cur = match spare.take() {
                 Some(v) => v,
                 None => take(&mut pool, g_prev.n)?,
