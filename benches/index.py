@@ -14,7 +14,7 @@ millions of descriptors takes seconds per query keypoint batch).
 Subjects come in families of 4 sharing 60% of their keypoints. Only their descriptors
 differ: every subject shares one set of geometry arrays, so of the keypoints that a
 ``kf.Index`` keeps for subjects added in this process only the descriptors and world
-coordinates add to the peak RSS beyond the search memory (see docs/decisions/benches.md).
+coordinates add to the peak RSS beyond the search memory (see docs/decisions.md).
 
 Then (``--opened N``) a ``kf.Index`` of N subjects with full keypoint geometry is saved and
 opened in a fresh process: its load time, peak memory (an opened index keeps only the

@@ -46,10 +46,10 @@ _LAZY: dict[str, str] = {
     "KeypointTransferSegmenter": "keyfuse.segment",
     "Segmentation": "keyfuse.segment",
 }
-_SUBMODULES = {"datasets", "evaluate", "batch", "cli", "device"}
+_SUBMODULES = {"datasets", "evaluate", "batch", "cli", "device", "neighbors", "gpu", "experiments"}
 
 if TYPE_CHECKING:
-    from keyfuse import batch, datasets, evaluate
+    from keyfuse import batch, datasets, evaluate, experiments, gpu, neighbors
     from keyfuse.cnn import CNNFeatures
     from keyfuse.device import cuda_available
     from keyfuse.extraction import extract

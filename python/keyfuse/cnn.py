@@ -35,6 +35,7 @@ from keyfuse.image import Image, load_image
 __all__ = [
     "CNNConfig",
     "CNNFeatures",
+    "axial_axis",
     "default_model_path",
     "resample_planes",
     "resample_to_atlas",
@@ -243,8 +244,19 @@ def resample_planes(
     return out
 
 
-def _axial_axis(affine: npt.NDArray[np.float64]) -> int:
-    """The voxel axis closest to world z (superior): axial slices are across it."""
+def axial_axis(affine: npt.NDArray[np.float64]) -> int:
+    """The voxel axis closest to world z (superior): axial slices are across it.
+
+    Parameters
+    ----------
+    affine : (4, 4) array
+        Voxel-to-world (RAS+, mm) transform.
+
+    Returns
+    -------
+    int
+        0, 1 or 2.
+    """
     cols = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     return int(np.argmax(np.abs(cols[2])))
 
@@ -453,7 +465,7 @@ class CNNFeatures:
                 )
             transform = self.align(img)
         grid = self.atlas if transform is not None else img
-        axis = _axial_axis(grid.affine)
+        axis = axial_axis(grid.affine)
         step = float(grid.spacing[axis])
         mid = (grid.shape[axis] - 1) / 2.0
         idx = [

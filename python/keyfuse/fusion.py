@@ -254,14 +254,10 @@ def keypoint_log_likelihoods(
     ex = None if exclude is None else np.asarray(exclude, dtype=np.int64).ravel()
     if ex is not None and len(ex) != len(queries):
         raise InvalidArgumentError(f"exclude has {len(ex)} entries for {len(queries)} queries")
-    from keyfuse.device import resolve_device
+    from keyfuse.device import runs_on_gpu
 
     core = _core()
-    gpu = (
-        checks is None
-        and hasattr(core, "gpu_keypoint_log_likelihood")
-        and resolve_device(device) == "cuda"
-    )
+    gpu = runs_on_gpu(device, k=n_neighbors, exact=checks is None)
     out = np.empty((len(queries), nc), dtype=np.float64)
     for qi, q in _progress(enumerate(queries), len(queries), "keypoint KDE", progress):
         e = None if ex is None or ex[qi] < 0 else int(ex[qi])

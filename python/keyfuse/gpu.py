@@ -63,7 +63,7 @@ def scale_space(image: Any, **params: Any) -> list[Octave]:
     if img.ndim != 3:
         raise InvalidImageError(f"scale_space needs a 3D image, got {img.ndim}D")
     volume = np.ascontiguousarray(img.data, dtype=np.float32)
-    octaves = _core.gpu_scale_space(volume, **params)
+    octaves = _core.gpu_scale_space(volume, keep_images=False, **params)
     return [
         Octave(
             tuple(int(n) for n in o["shape"]),  # type: ignore[arg-type, attr-defined]

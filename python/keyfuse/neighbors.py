@@ -62,5 +62,5 @@ def knn(
     d = _descriptors("data", data)
     q = _descriptors("queries", queries)
     if resolve_device(device) == "cuda":
-        return _core.gpu_knn(d, q, int(k))
-    return _core.knn_exact(d, q, int(k))
+        return _core.gpu_knn(d, q, k=int(k))
+    return _core.knn_exact(d, q, k=int(k))

@@ -142,7 +142,7 @@ def cohort_features(
 
     from tqdm.auto import tqdm
 
-    from keyfuse.cnn import CNNFeatures, _axial_axis, resample_planes
+    from keyfuse.cnn import CNNFeatures, axial_axis, resample_planes
     from keyfuse.datasets import mni152
     from keyfuse.extraction import extract
     from keyfuse.image import Image
@@ -155,7 +155,7 @@ def cohort_features(
     cnn = cnn or CNNFeatures(device=device, atlas=atlas)
     timings = dict.fromkeys(("extract3d", "align", "resample", "extract2d", "cnn"), 0.0)
     atlas_kps = extract(atlas, device=device, **params) if transform_source == "align" else None
-    axis = _axial_axis(atlas.affine)
+    axis = axial_axis(atlas.affine)
     mid = (atlas.shape[axis] - 1) // 2
     kps3d, kps2d, slices, transforms, ok = [], [], [], [], []
     for i in tqdm(range(len(cohort)), desc="cohort features", disable=not progress):

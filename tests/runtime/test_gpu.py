@@ -16,6 +16,9 @@ if not cuda_available():
 
 pytestmark = pytest.mark.gpu
 
+#: The published soft-Jaccard settings both backends are compared with.
+SJ = {"k": 30, "alpha2_floor": 1.0, "alpha2_cap_fraction": 0.1}
+
 
 def _ranks(n: int, seed: int) -> np.ndarray:
     """n random SIFT-Rank descriptors (each row a permutation of 0..63)."""
@@ -46,8 +49,8 @@ def test_gpu_knn_equals_cpu_exact(k: int, kernel: str, monkeypatch: pytest.Monke
     data = _ranks(3001, 2)
     queries = _ranks(500, 3)
     queries[:10] = data[100:110]  # exact duplicates: distance 0, ties by index
-    i_cpu, d_cpu = _core.knn_exact(data, queries, k)
-    i_gpu, d_gpu = _core.gpu_knn(data, queries, k)
+    i_cpu, d_cpu = _core.knn_exact(data, queries, k=k)
+    i_gpu, d_gpu = _core.gpu_knn(data, queries, k=k)
     np.testing.assert_array_equal(d_gpu, d_cpu)
     np.testing.assert_array_equal(i_gpu, i_cpu)
 
@@ -59,26 +62,30 @@ def test_gpu_pairwise_equals_cpu_cohort(
 ) -> None:
     monkeypatch.setenv("KEYFUSE_CUDA_KNN", kernel)
     data, sizes = _cohort(8, 150)
-    cohort = _core.Cohort()
+    cohort = _core.SearchEngine(trees=8)
     start = 0
     for n in sizes:
         cohort.add(data[start : start + n])
         start += n
-    cpu = cohort.pairwise(k=30, exact=True, symmetric=symmetric)
-    gpu = _core.gpu_cohort_pairwise(data, sizes, k=30, symmetric=symmetric)
+    cpu = cohort.pairwise(symmetric=symmetric, checks=128, posterior=False, exact=True, **SJ)
+    gpu = _core.gpu_cohort_pairwise(data, sizes, symmetric=symmetric, **SJ)
     # GPU sums are exact 32.32 fixed point; the CPU sums f64 in order
     np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-9)
-    np.testing.assert_array_equal(gpu, _core.gpu_cohort_pairwise(data, sizes, symmetric=symmetric))
+    np.testing.assert_array_equal(
+        gpu, _core.gpu_cohort_pairwise(data, sizes, symmetric=symmetric, **SJ)
+    )
     q = data[:150]
     allowed = [True] * 8
     allowed[3] = False
-    cpu_s = cohort.search(q, exclude=0, allowed=allowed, k=30, exact=True)
-    gpu_s = _core.gpu_cohort_search(data, sizes, q, exclude=0, allowed=allowed, k=30)
+    cpu_s = cohort.search(
+        q, exclude=0, allowed=np.array(allowed), checks=128, posterior=False, exact=True, **SJ
+    )
+    gpu_s = _core.gpu_cohort_search(data, sizes, q, exclude=0, allowed=allowed, **SJ)
     np.testing.assert_allclose(gpu_s, cpu_s, rtol=0, atol=1e-9)
     resident = _core.GpuCohort(data, sizes)  # uploaded once, same answers
     assert len(resident) == 8 and resident.n_points == len(data)
-    np.testing.assert_array_equal(resident.search(q, exclude=0, allowed=allowed), gpu_s)
-    np.testing.assert_array_equal(resident.pairwise(symmetric=symmetric), gpu)
+    np.testing.assert_array_equal(resident.search(q, exclude=0, allowed=allowed, **SJ), gpu_s)
+    np.testing.assert_array_equal(resident.pairwise(symmetric=symmetric, **SJ), gpu)
 
 
 def test_gpu_kde_class_sums_match_numpy() -> None:
@@ -88,7 +95,7 @@ def test_gpu_kde_class_sums_match_numpy() -> None:
     d2 = ((q[:, None, :].astype(np.float64) - data[None, :, :]) ** 2).sum(-1)
     denom = 1.0 + d2.min(axis=1)
     want = np.stack([np.exp(-d2 / denom[:, None])[:, classes == c].sum(1) for c in range(5)], 1)
-    got = _core.gpu_kde_class_sums(q, data, classes, 5, denom)
+    got = _core.gpu_kde_class_sums(q, data, classes, 5, denom, cutoff=np.inf)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
@@ -150,8 +157,10 @@ def test_gpu_keypoint_log_likelihood_matches_cpu(k: int | None, exclude: int | N
     sample_class = np.array([0, 1, 0, 1, 2])
     query = _ranks(30, 10)
     args = (query, train, train_sample, sample_class, 3)
-    cpu = _core.keypoint_log_likelihood(*args, exclude_sample=exclude, k=k)
-    gpu = _core.gpu_keypoint_log_likelihood(*args, exclude_sample=exclude, k=k)
+    cpu = _core.keypoint_log_likelihood(
+        *args, exclude_sample=exclude, k=k, background=1.0, checks=None
+    )
+    gpu = _core.gpu_keypoint_log_likelihood(*args, exclude_sample=exclude, k=k, background=1.0)
     if k is None:
         np.testing.assert_allclose(gpu, cpu, rtol=1e-9)
     else:

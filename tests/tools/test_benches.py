@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHES = Path(__file__).resolve().parents[1] / "benches"
+BENCHES = Path(__file__).resolve().parents[2] / "benches"
 # helper modules (benches/_*.py) are imported by the scripts, not run
 SCRIPTS = sorted(p for p in BENCHES.glob("*.py") if not p.name.startswith("_"))
 # a figure: a number with a decimal point (times, scores, fractions, percentages)

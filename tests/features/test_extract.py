@@ -131,7 +131,7 @@ def test_paths_and_nifti_files(tmp_path: Path) -> None:
 def test_same_keypoints_whatever_the_thread_count(threads: str, tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
-        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         import numpy as np, keyfuse as kf
         from conftest import textured_volume
         kf.extract(textured_volume((40, 40, 40), seed=9)).save({str(tmp_path / "k.kfk")!r})

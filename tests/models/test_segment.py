@@ -385,7 +385,10 @@ def test_match_all_equals_match_per_atlas() -> None:
             test.descriptors,
             np.ascontiguousarray(test.xyz),
             np.ascontiguousarray(test.scale, dtype=np.float64),
+            ratio=0.9,
+            scale_factor=2.0,
             hough=hough,
+            hough_queries=0,
         )
         for i, a in enumerate(atlases):
             m = kf.match(test, a, hough=hough)

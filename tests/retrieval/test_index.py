@@ -142,8 +142,11 @@ def test_opened_index_reads_keypoints_back_lazily(
     import shutil
 
     import keyfuse.index as kfi
+    import keyfuse.index_storage as kfs
 
-    monkeypatch.setattr(kfi, "ROW_GROUP", 97)  # subjects of 250 rows span 3-4 groups
+    # subjects of 250 rows span 3-4 groups, written and streamed back in groups of 97
+    monkeypatch.setattr(kfi, "ROW_GROUP", 97)
+    monkeypatch.setattr(kfs, "ROW_GROUP", 97)
     path = tmp_path / "lazy.kfi"
     index.save(path)
     back = kf.Index.load(path)

@@ -19,6 +19,8 @@ from keyfuse.device import cuda_available, cuda_info, resolve_device
 from keyfuse.errors import DeviceUnavailableError, InvalidArgumentError
 
 HAS_GPU = cuda_available()
+#: The published soft-Jaccard settings.
+SJ = {"k": 30, "alpha2_floor": 1.0, "alpha2_cap_fraction": 0.1}
 
 
 def _nvrtc_wheel() -> Path | None:
@@ -84,13 +86,15 @@ def test_cuda_request_without_gpu_raises(monkeypatch: pytest.MonkeyPatch) -> Non
     # every GPU entry point says so too (after checking its arguments)
     d = np.argsort(np.random.default_rng(1).random((10, 64)), axis=1).astype(np.uint8)
     with pytest.raises(DeviceUnavailableError):
-        _core.gpu_knn(d, d, 2)
+        _core.gpu_knn(d, d, k=2)
     with pytest.raises(DeviceUnavailableError):
-        _core.gpu_cohort_pairwise(d, np.array([5, 5]))
+        _core.gpu_cohort_pairwise(d, np.array([5, 5]), symmetric=False, **SJ)
     with pytest.raises(DeviceUnavailableError):
         _core.GpuCohort(d, np.array([5, 5]))
     with pytest.raises(DeviceUnavailableError):
-        _core.gpu_scale_space(np.ones((16, 16, 16), np.float32) + np.eye(16, dtype=np.float32))
+        _core.gpu_scale_space(
+            np.ones((16, 16, 16), np.float32) + np.eye(16, dtype=np.float32), keep_images=False
+        )
 
 
 def test_device_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,9 +112,11 @@ def test_device_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_gpu_entry_points_check_arguments_first() -> None:
     with pytest.raises(InvalidArgumentError):
-        _core.gpu_knn(np.zeros((3, 32), np.uint8), np.zeros((3, 64), np.uint8), 2)
+        _core.gpu_knn(np.zeros((3, 32), np.uint8), np.zeros((3, 64), np.uint8), k=2)
     with pytest.raises(InvalidArgumentError, match="sizes"):
-        _core.gpu_cohort_pairwise(np.zeros((3, 64), np.uint8), np.array([1, 1]))
+        _core.gpu_cohort_pairwise(
+            np.zeros((3, 64), np.uint8), np.array([1, 1]), symmetric=False, **SJ
+        )
     with pytest.raises(InvalidArgumentError, match="classes"):
         _core.gpu_kde_class_sums(
             np.zeros((1, 64), np.uint8),
@@ -118,4 +124,5 @@ def test_gpu_entry_points_check_arguments_first() -> None:
             np.array([0, 5]),
             2,
             np.ones(1),
+            cutoff=np.inf,
         )
