@@ -1,7 +1,6 @@
 //! Bindings for the fusion-model likelihoods (keyfuse_core::kde).
 
 use keyfuse_core::kde::{self, KdeOptions};
-use numpy::ndarray::{Array2, ArrayView1, ArrayView2};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
@@ -37,87 +36,44 @@ fn keypoint_log_likelihood<'py>(
     Ok(out.into_pyarray(py))
 }
 
-/// The signature shared by the core's vector likelihoods.
-type VectorLikelihood<T> = fn(
-    ArrayView2<T>,
-    ArrayView2<T>,
-    ArrayView1<i64>,
-    usize,
-    Option<&[i64]>,
-    &KdeOptions,
-) -> keyfuse_core::Result<Array2<f64>>;
-
-/// Run one of the core's vector likelihoods on numpy arrays, GIL released.
-#[allow(clippy::too_many_arguments)]
-fn vector_likelihood<'py, T: numpy::Element + Sync>(
-    py: Python<'py>,
-    f: VectorLikelihood<T>,
-    query: PyReadonlyArray2<'py, T>,
-    train: PyReadonlyArray2<'py, T>,
-    train_class: PyReadonlyArray1<'py, i64>,
-    n_classes: usize,
-    exclude: Option<PyReadonlyArray1<'py, i64>>,
-    background: f64,
-) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let (q, t, c) = (query.as_array(), train.as_array(), train_class.as_array());
-    let ex: Option<Vec<i64>> = exclude.map(|e| e.as_array().to_vec());
-    let opts = KdeOptions {
-        background,
-        ..Default::default()
+/// One binding per vector likelihood of the core (real and 0/1 vectors share arguments and
+/// result; only the element type and the core function differ).
+macro_rules! vector_likelihood_binding {
+    ($(#[$doc:meta])* $name:ident, $elem:ty) => {
+        $(#[$doc])*
+        #[pyfunction]
+        #[pyo3(signature = (query, train, train_class, n_classes, *, exclude, background))]
+        fn $name<'py>(
+            py: Python<'py>,
+            query: PyReadonlyArray2<'py, $elem>,
+            train: PyReadonlyArray2<'py, $elem>,
+            train_class: PyReadonlyArray1<'py, i64>,
+            n_classes: usize,
+            exclude: Option<PyReadonlyArray1<'py, i64>>,
+            background: f64,
+        ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+            let (q, t, c) = (query.as_array(), train.as_array(), train_class.as_array());
+            let ex: Option<Vec<i64>> = exclude.map(|e| e.as_array().to_vec());
+            let opts = KdeOptions {
+                background,
+                ..Default::default()
+            };
+            let out = detach(py, || kde::$name(q, t, c, n_classes, ex.as_deref(), &opts))?;
+            Ok(out.into_pyarray(py))
+        }
     };
-    let out = detach(py, || f(q, t, c, n_classes, ex.as_deref(), &opts))?;
-    Ok(out.into_pyarray(py))
 }
 
-/// log p(v|C_k) for real vectors (eqs. 8–9, Euclidean), shape (Q, n_classes).
-#[pyfunction]
-#[pyo3(signature = (query, train, train_class, n_classes, *, exclude, background))]
-fn vector_log_likelihood<'py>(
-    py: Python<'py>,
-    query: PyReadonlyArray2<'py, f64>,
-    train: PyReadonlyArray2<'py, f64>,
-    train_class: PyReadonlyArray1<'py, i64>,
-    n_classes: usize,
-    exclude: Option<PyReadonlyArray1<'py, i64>>,
-    background: f64,
-) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let f = kde::vector_log_likelihood;
-    vector_likelihood(
-        py,
-        f,
-        query,
-        train,
-        train_class,
-        n_classes,
-        exclude,
-        background,
-    )
-}
-
-/// log p(v|C_k) for 0/1 vectors (eqs. 8–9, Hamming), shape (Q, n_classes).
-#[pyfunction]
-#[pyo3(signature = (query, train, train_class, n_classes, *, exclude, background))]
-fn binary_log_likelihood<'py>(
-    py: Python<'py>,
-    query: PyReadonlyArray2<'py, u8>,
-    train: PyReadonlyArray2<'py, u8>,
-    train_class: PyReadonlyArray1<'py, i64>,
-    n_classes: usize,
-    exclude: Option<PyReadonlyArray1<'py, i64>>,
-    background: f64,
-) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let f = kde::binary_log_likelihood;
-    vector_likelihood(
-        py,
-        f,
-        query,
-        train,
-        train_class,
-        n_classes,
-        exclude,
-        background,
-    )
-}
+vector_likelihood_binding!(
+    /// log p(v|C_k) for real vectors (eqs. 8–9, Euclidean), shape (Q, n_classes).
+    vector_log_likelihood,
+    f64
+);
+vector_likelihood_binding!(
+    /// log p(v|C_k) for 0/1 vectors (eqs. 8–9, Hamming), shape (Q, n_classes).
+    binary_log_likelihood,
+    u8
+);
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(keypoint_log_likelihood, m)?)?;

@@ -143,7 +143,7 @@ pub(crate) fn extrema_3d(
     };
     (margin..ni - margin)
         .into_par_iter()
-        .map(|i| {
+        .flat_map_iter(|i| {
             let mut out = Vec::new();
             let mut flags: Vec<u8> = vec![0; nk];
             let mut hits: Vec<usize> = Vec::new();
@@ -251,9 +251,6 @@ pub(crate) fn extrema_3d(
             }
             out
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .flatten()
         .collect()
 }
 
@@ -277,7 +274,7 @@ pub(crate) fn extrema_2d(
         .collect();
     (margin..ni - margin)
         .into_par_iter()
-        .map(|i| {
+        .flat_map_iter(|i| {
             let mut out = Vec::new();
             for j in margin..nj - margin {
                 let x = i * nj + j;
@@ -307,9 +304,6 @@ pub(crate) fn extrema_2d(
             }
             out
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .flatten()
         .collect()
 }
 
