@@ -19,8 +19,16 @@ Definitions
   a match is correct when the mapped location of the original row lies within 2 voxels
   of the matched row's location.
 
-Run: ``make bench`` or ``.venv/bin/python benches/extract.py [--repeats 5] [--quick]``
-(``--quick``: the template resampled to 3 mm, one run each, no featExtract comparison).
+Run: ``make bench`` or ``.venv/bin/python benches/extract.py [--repeats 5] [--quick]
+[--peers DIR]`` (``--quick``: the template resampled to 3 mm, one run each, no featExtract
+comparison).
+
+``--peers DIR``: the reference tools built from their public sources with
+``../shared/tools/build-peers SIFTRANK_SRC SIFT3D_SRC DIR`` (featExtract of 3DSIFT-Rank,
+kpSift3D of SIFT3D) run on the same two volumes in the same run, each as a whole process
+(wall, CPU and peak RSS of the child), and their keypoints are scored like keyfuse's. The
+keyfuse column then also gives the whole-process figures of ``keyfuse extract``. kpSift3D
+describes with its own 768-bin histograms, matched in their own space.
 """
 
 from __future__ import annotations
@@ -32,12 +40,16 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
 
 import keyfuse as kf
+from _peers import find_peer, run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = next(
@@ -106,13 +118,83 @@ def measure(src: str, resolution: float, repeats: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def unique_points(kps: kf.KeypointSet) -> np.ndarray:
+class Keys(Protocol):
+    """What the scores need of a keypoint set: voxel positions and descriptors."""
+
+    @property
+    def ijk(self) -> np.ndarray: ...
+    @property
+    def descriptors(self) -> np.ndarray: ...
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class PeerKeys:
+    """A peer tool's keypoints (voxel coordinates of the input grid) and descriptors."""
+
+    ijk: np.ndarray
+    descriptors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ijk)
+
+
+@dataclass
+class Run:
+    """One whole-process run of an extractor."""
+
+    wall: float
+    cpu: float
+    rss_mb: float
+    keys: Keys
+
+
+def read_sift3d(desc_csv: Path) -> PeerKeys:
+    """kpSift3D's descriptor CSV: x, y, z (input voxels) then the histogram bins."""
+    m = np.loadtxt(desc_csv, delimiter=",", ndmin=2, dtype=np.float32)
+    return PeerKeys(m[:, :3].astype(np.float64), m[:, 3:])
+
+
+def peer_runs(peers: Path, volumes: dict[str, Path], tmp: Path) -> dict[str, dict[str, Run]]:
+    """Run keyfuse's CLI and each peer found on every volume: {tool: {volume: Run}}."""
+    keyfuse_cli = Path(sys.executable).with_name("keyfuse")
+    tools: dict[str, Callable[[Path, Path], tuple[list[str], Callable[[], Keys]]]] = {
+        "keyfuse": lambda v, out: (
+            [str(keyfuse_cli), "extract", str(v), "-o", str(out), "-q", "--device", "cpu"],
+            lambda: kf.KeypointSet.load(next(out.glob("*.kfk"))),
+        ),
+    }
+    fe = find_peer(peers, "featExtract")
+    if fe is not None:
+        tools["featExtract"] = lambda v, out: (
+            [str(fe), str(v), str(out / "k.key")],
+            lambda: kf.read_key(out / "k.key"),
+        )
+    s3 = find_peer(peers, "kpSift3D")
+    if s3 is not None:
+        tools["kpSift3D"] = lambda v, out: (
+            [str(s3), "--desc", str(out / "desc.csv"), str(v)],
+            lambda: read_sift3d(out / "desc.csv"),
+        )
+    runs: dict[str, dict[str, Run]] = {}
+    for tool, make in tools.items():
+        runs[tool] = {}
+        for name, vol in volumes.items():
+            out = tmp / f"{tool}-{name}"
+            out.mkdir()
+            cmd, load = make(vol, out)
+            wall, cpu, rss = run_process(cmd, str(out))
+            runs[tool][name] = Run(wall, cpu, rss, load())
+    return runs
+
+
+def unique_points(kps: Keys) -> np.ndarray:
     """Indices of the first row of each distinct keypoint location."""
     _, first = np.unique(np.round(kps.ijk, 4), axis=0, return_index=True)
     return np.sort(first)
 
 
-def repeatability(a: kf.KeypointSet, b: kf.KeypointSet, A: np.ndarray, t: np.ndarray) -> float:
+def repeatability(a: Keys, b: Keys, A: np.ndarray, t: np.ndarray) -> float:
     from scipy.spatial import cKDTree
 
     pa = a.ijk[unique_points(a)] @ A.T + t
@@ -124,8 +206,8 @@ def repeatability(a: kf.KeypointSet, b: kf.KeypointSet, A: np.ndarray, t: np.nda
 
 
 def ratio_matches(
-    a: kf.KeypointSet,
-    b: kf.KeypointSet,
+    a: Keys,
+    b: Keys,
     A: np.ndarray,
     t: np.ndarray,
     ratio: float = 0.8,
@@ -174,6 +256,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--quick", action="store_true", help="the template at 3 mm, one run (a smoke test)"
+    )
+    ap.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        help="build folder of ../shared/tools/build-peers: run the reference tools side by side",
     )
     args = ap.parse_args()
     if args.quick:
@@ -255,11 +343,55 @@ def main() -> None:
     )
     for (name, pattern, target), mine, ref in zip(lines, ours, refs, strict=True):
         row(name, pattern.format(mine), "" if ref is None else pattern.format(ref), target)
+    if args.peers is not None:
+        side_by_side(args.peers, mni, rot, rot_affine, A, t)
     print(
         "machine load average (1 min): "
         f"{os.getloadavg()[0]:.1f} — wall times on a loaded machine are inflated"
     )
     print("* featExtract times/memory: TARGETS.md (measured by the project, not re-run here)")
+
+
+def side_by_side(
+    peers: Path,
+    mni: kf.Image,
+    rot: np.ndarray,
+    rot_affine: np.ndarray,
+    A: np.ndarray,
+    t: np.ndarray,
+) -> None:
+    """keyfuse's CLI and the reference tools on the same two volumes, in this run."""
+    import nibabel as nib
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        volumes = {"mni": tmp / "mni.nii", "rot": tmp / "rot.nii"}
+        nib.save(nib.Nifti1Image(np.asarray(mni.data, np.float32), mni.affine), volumes["mni"])
+        nib.save(nib.Nifti1Image(rot, rot_affine), volumes["rot"])
+        runs = peer_runs(peers, volumes, tmp)
+    tools = list(runs)
+    print()
+    print("side by side, each a whole process on the same volumes (this run):")
+    print(f"{'':34s}" + "".join(f"{name:>14s}" for name in tools))
+
+    def line(name: str, cells: list[str]) -> None:
+        print(f"{name:34s}" + "".join(f"{c:>14s}" for c in cells))
+
+    for vol in ("mni", "rot"):
+        r = [runs[tl][vol] for tl in tools]
+        line(f"wall / CPU s ({vol})", [f"{x.wall:.2f}/{x.cpu:.2f}" for x in r])
+        line(f"peak RSS MB ({vol})", [f"{x.rss_mb:.0f}" for x in r])
+        line(f"keypoints/rows ({vol})", [f"{len(unique_points(x.keys))}/{len(x.keys)}" for x in r])
+    figs = [
+        (
+            repeatability(runs[tl]["mni"].keys, runs[tl]["rot"].keys, A, t),
+            *ratio_matches(runs[tl]["mni"].keys, runs[tl]["rot"].keys, A, t),
+        )
+        for tl in tools
+    ]
+    line("repeatability (2 vox)", [f"{f[0]:.1%}" for f in figs])
+    line("NN+ratio 0.8 matches", [f"{f[1]}" for f in figs])
+    line("  correct (2 vox)", [f"{f[2]:.1%}" for f in figs])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """Matching and scoring benchmarks: prints figures, asserts nothing.
 
     .venv/bin/python benches/matching.py [--subjects 1000] [--keypoints 2000] [--quick]
+        [--peers DIR]
 
 1. pairwise soft-Jaccard of 20 keypoint sets (target ≤ 0.15 s, bit-identical every run),
    with the reference matcher's voting (featMatchMultiple re-implemented) on the same sets;
 2. all-pairs scoring for a cohort of ``--subjects`` (target ≤ 0.05 s per image);
 3. two-set kf.match (plain and Hough) and kf.align at 2,000 keypoints.
+
+``--peers DIR`` (the build folder of ``../shared/tools/build-peers``): the reference
+all-pairs matcher ``featMatchMultiple`` and keyfuse score the same ``.key`` files of a
+simulated cohort (keyfuse's keypoints, extracted here), each as a whole process that reads
+the files and writes the N×N matrix: wall, CPU, peak RSS and family AUC / mAP side by side.
 
 Keypoint sets are synthetic but structured like a cohort: families share a prototype set
 of rank descriptors, each member keeps a fraction of them (perturbed: Gaussian noise on the
@@ -16,13 +22,17 @@ this machine is shared, and CPU time is the steadier figure.
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import keyfuse as kf
+from _peers import find_peer, run_process
 from _synthetic import rerank
 
 
@@ -82,7 +92,19 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=1000)
     ap.add_argument("--keypoints", type=int, default=2000)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, seconds)")
+    ap.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        help="build folder of ../shared/tools/build-peers: featMatchMultiple side by side",
+    )
+    ap.add_argument(
+        "--peer-families", type=int, default=5, help="--peers cohort: families of 4 scans at 2 mm"
+    )
     args = ap.parse_args()
+    if args.peers is not None:
+        side_by_side(args.peers, args.peer_families)
+        return
     if args.quick:
         args.subjects, args.keypoints = 40, 200
     n_kp = args.keypoints
@@ -173,6 +195,70 @@ def main() -> None:
         f"reference voting on the same cohort: {w:.2f} s wall, {c:.2f} s CPU, "
         f"family AUC {family_auc(jv, fam):.4f}"
     )
+
+
+# keyfuse's whole process for the side-by-side: read the .key files, score all pairs
+# exactly, write the matrix (the same work featMatchMultiple does)
+_KEYFUSE_ALL_PAIRS = r"""
+import sys
+import numpy as np
+import keyfuse as kf
+out, paths = sys.argv[1], sys.argv[2:]
+index = kf.Index()
+for i, p in enumerate(paths):
+    index.add(f"s{i:04d}", kf.read_key(p))
+np.save(out, np.asarray(index.pairwise(exact=True)))
+"""
+
+
+def side_by_side(peers: Path, n_families: int) -> None:
+    """keyfuse and featMatchMultiple on the same .key files of a simulated cohort."""
+    from keyfuse.demo import DemoConfig, stage_extract, stage_simulate
+    from keyfuse.matching import votes_to_jaccard
+
+    fmm = find_peer(peers, "featMatchMultiple")
+    if fmm is None:
+        raise SystemExit(f"no featMatchMultiple under {peers} (run ../shared/tools/build-peers)")
+    with tempfile.TemporaryDirectory(prefix="keyfuse-peers-") as tmp_name:
+        tmp = Path(tmp_name)
+        cfg = DemoConfig(
+            out=tmp / "cohort",
+            n_families=n_families,
+            family_size=4,
+            n_rescans=0,
+            resolution_mm=2.0,
+            device="cpu",
+        )
+        cohort = stage_simulate(cfg)
+        sets = [kf.KeypointSet.load(k) for k in stage_extract(cfg, cohort)]
+        keys = []
+        for i, kps in enumerate(sets):
+            keys.append(tmp / f"s{i:04d}.key")
+            kf.write_key(kps, keys[-1])
+        n_kp = np.array([len(k) for k in sets], dtype=np.float64)
+        print(
+            f"side by side on {len(sets)} simulated scans at 2 mm ({n_families} families of "
+            f"4), {int(n_kp.sum())} keypoints, the same .key files for both tools:"
+        )
+        runs = {
+            "keyfuse (exact)": run_process(
+                [sys.executable, "-c", _KEYFUSE_ALL_PAIRS, str(tmp / "kf.npy"), *map(str, keys)],
+                tmp,
+            ),
+            "featMatchMultiple": run_process([str(fmm), *map(str, keys)], tmp),
+        }
+        matrices = {
+            "keyfuse (exact)": np.load(tmp / "kf.npy"),
+            "featMatchMultiple": votes_to_jaccard(
+                np.loadtxt(tmp / "matching_votes.txt", ndmin=2), n_kp
+            ),
+        }
+        print(f"{'':22s}{'wall s':>8s}{'CPU s':>8s}{'RSS MB':>8s}{'fam. AUC':>10s}{'mAP':>8s}")
+        for name, (wall, cpu, rss) in runs.items():
+            rep = kf.evaluate.family_report(cohort, matrices[name])
+            print(
+                f"{name:22s}{wall:8.2f}{cpu:8.2f}{rss:8.0f}{rep['family_auc']:10.4f}{rep['map']:8.3f}"
+            )
 
 
 if __name__ == "__main__":
