@@ -25,6 +25,19 @@ from keyfuse.errors import (
     MissingDependencyError,
 )
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keyfuse")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+#: the installed keyfuse version (as ``keyfuse --version`` prints it)
+__version__: str = _version()
+
 # public name -> module that defines it (loaded on first attribute access)
 _LAZY: dict[str, str] = {
     "Image": "keyfuse.image",

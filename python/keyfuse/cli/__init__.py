@@ -29,6 +29,12 @@ class KeyfuseGroup(click.Group):
     by any command below it into one-line ``Error:`` messages."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import warnings
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            click.echo(f"warning: {message}", err=True)
+
+        warnings.showwarning = show  # one line on stderr, not a source-code excerpt
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):

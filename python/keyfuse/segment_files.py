@@ -1,0 +1,75 @@
+"""The files around a keypoint-transfer segmentation: pairing atlas images with their
+label maps, checking output paths before any work, and the BIDS look-up table
+(``dseg.tsv``) written beside a label map."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
+from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
+
+__all__ = ["check_output_path", "dseg_tsv_path", "pair_atlas_files"]
+
+PathLike = str | os.PathLike[str]
+
+
+def check_output_path(path: PathLike, what: str = "output") -> Path:
+    """Check, before any work, that a label or probability map can be written to
+    ``path``: a ``.nii``/``.nii.gz`` name in an existing (or creatable) folder."""
+    p = Path(path)
+    if not p.name.endswith(IMAGE_SUFFIXES):
+        raise InvalidArgumentError(
+            f"{what} {p}: name it .nii.gz or .nii (a NIfTI file), e.g. {p.name}.nii.gz"
+        )
+    if p.is_dir():
+        raise KeyfuseIOError(f"{what} {p} is a directory: give a file name ending .nii.gz")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise KeyfuseIOError(f"{what} {p}: cannot write in {parent}")
+    return p
+
+
+def dseg_tsv_path(path: PathLike) -> Path:
+    """The BIDS look-up table beside a label map: ``x_dseg.nii.gz`` → ``x_dseg.tsv``."""
+    p = Path(path)
+    for suffix in IMAGE_SUFFIXES:
+        if p.name.endswith(suffix):
+            return p.with_name(p.name[: -len(suffix)] + ".tsv")
+    return p.with_suffix(".tsv")
+
+
+# ------------------------------------------------------------------- atlas folders
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"not a directory: {folder}")
+    return sorted(p for p in folder.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+
+
+def pair_atlas_files(atlases: Path, labels: Path) -> list[tuple[Path, Path]]:
+    """Pair the images of ``atlases`` with the label maps of ``labels``: by identical file
+    name (``.nii``/``.nii.gz`` ignored), else by a label name that starts with the image's
+    name (``sub01.nii.gz`` ↔ ``sub01_labels.nii.gz``)."""
+    images = _image_files(atlases)
+    maps = _image_files(labels)
+    if not images:
+        raise InvalidArgumentError(f"no .nii/.nii.gz images in {atlases}")
+    by_stem = {subject_id_from_path(p): p for p in maps}
+    pairs = []
+    for img in images:
+        stem = subject_id_from_path(img)
+        match = by_stem.get(stem)
+        if match is None:
+            cands = [p for s, p in by_stem.items() if s.startswith(stem)]
+            if len(cands) != 1:
+                raise InvalidArgumentError(
+                    f"no unique label map in {labels} for atlas image {img.name}"
+                )
+            match = cands[0]
+        pairs.append((img, match))
+    return pairs
