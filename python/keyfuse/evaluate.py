@@ -298,13 +298,31 @@ def dice(
 # ----------------------------------------------------------------------------- plots
 
 
+#: figure formats by file suffix (matplotlib's vector and raster writers)
+PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".eps": "eps", ".jpg": "jpg"}
+
+
+def plot_format(path: str | PathLike[str]) -> str:
+    """The figure format a file name asks for (``roc.svg`` → SVG); PNG for a name
+    without a suffix; an unknown suffix raises :class:`InvalidArgumentError`."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "png"
+    if suffix not in PLOT_FORMATS:
+        raise InvalidArgumentError(
+            f"{path}: unknown figure format {suffix!r} (use {', '.join(PLOT_FORMATS)})"
+        )
+    return PLOT_FORMATS[suffix]
+
+
 def roc_plot(
     curves: Mapping[str, tuple[ArrayLike, ArrayLike]],
     path: str | PathLike[str],
     *,
     title: str = "ROC",
 ) -> Path:
-    """Write a PNG with one ROC curve per entry of ``curves`` (name → (scores, labels)).
+    """Write a figure with one ROC curve per entry of ``curves`` (name → (scores,
+    labels)), in the format of ``path``'s suffix (``.png``, ``.svg``, ``.pdf``, ...).
 
     The legend gives each curve's AUC. Renders off-screen with matplotlib (no display
     needed, pyplot's state untouched). Returns the path written.
@@ -327,9 +345,10 @@ def roc_plot(
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     out = Path(path)
+    fmt = plot_format(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
+        fig.savefig(out, format=fmt)
     except OSError as exc:
         raise KeyfuseIOError(f"cannot write ROC plot to {out}: {exc}") from exc
     return out

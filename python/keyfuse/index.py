@@ -56,6 +56,7 @@ __all__ = ["EmptyKeypointsWarning", "EmptyRestrictionWarning", "Hit", "Index", "
 class EmptyKeypointsWarning(UserWarning):
     """A keypoint set without keypoints was indexed or used as a query."""
 
+
 FORMAT = "keyfuse-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -488,8 +489,7 @@ class Index:
                 }
                 warnings.warn(
                     f"restrict={dict(restrict)!r} matches none of the {len(mask)} subjects; "
-                    "values in the index: "
-                    + "; ".join(f"{key}: {c}" for key, c in counts.items()),
+                    "values in the index: " + "; ".join(f"{key}: {c}" for key, c in counts.items()),
                     EmptyRestrictionWarning,
                     stacklevel=4,
                 )

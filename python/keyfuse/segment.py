@@ -30,14 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-
-from keyfuse import _core
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError as _SkNotFittedError
 
+from keyfuse import _core
 from keyfuse.errors import InvalidArgumentError, InvalidImageError, KeyfuseError
 from keyfuse.image import Image, load_image
-from keyfuse.segment_files import check_output_path, dseg_tsv_path, pair_atlas_files
+from keyfuse.segment_files import check_output_path, dseg_tsv_path
 
 if TYPE_CHECKING:
     from keyfuse.keypoints import KeypointSet
@@ -259,8 +258,7 @@ class Segmentation:
         with atomic_path(dseg_tsv_path(target)) as tmp:
             rows = ["index\tname", "0\tbackground"]
             rows += [
-                f"{k}\t{self.label_names.get(k, f'label-{k}')}"
-                for k in sorted(self.probabilities)
+                f"{k}\t{self.label_names.get(k, f'label-{k}')}" for k in sorted(self.probabilities)
             ]
             tmp.write_text("\n".join(rows) + "\n")
         if probabilities is not None:

@@ -136,9 +136,9 @@ def test_2d_query_against_a_3d_index_is_refused(family_sets) -> None:
         ix.add(sid, kps, **labels)
     rng = np.random.default_rng(5)
     flat = _set(rng, rng.random((50, 64)) * 64, (40, 40))
-    with pytest.raises(kf.InvalidArgumentError, match="2D image.*3D"):
+    with pytest.raises(kf.InvalidArgumentError, match=r"2D image.*3D"):
         ix.search(flat)
-    with pytest.raises(kf.InvalidArgumentError, match="2D image.*3D"):
+    with pytest.raises(kf.InvalidArgumentError, match=r"2D image.*3D"):
         ix.add("slice", flat)
     with pytest.raises(kf.InvalidArgumentError, match="not comparable"):
         kf.soft_jaccard(flat, family_sets[0][1])
@@ -173,8 +173,7 @@ def test_family_report_matches_by_subject_id(family_sets) -> None:
     import pandas as pd
 
     table = [
-        {"subject": sid, "family": lab["family"], "individual": sid}
-        for sid, _, lab in family_sets
+        {"subject": sid, "family": lab["family"], "individual": sid} for sid, _, lab in family_sets
     ]
     ordered = kf.Index()
     for sid, kps, lab in family_sets:

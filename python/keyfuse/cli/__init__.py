@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from keyfuse.cli.options import CONTEXT
+from keyfuse.cli.options import CONTEXT, cli_message
 from keyfuse.errors import KeyfuseError
 
 __all__ = ["cli", "main"]
@@ -40,7 +40,7 @@ class KeyfuseGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyfuseError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(cli_message(str(exc))) from exc
         except ImportError as exc:  # an optional part of keyfuse or a dependency is missing
             raise click.ClickException(f"missing module: {exc}") from exc
         except OSError as exc:

@@ -67,8 +67,7 @@ def index_build(
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     idx.save(out)
-    if not quiet:
-        click.echo(f"indexed {n} subjects -> {out}")
+    click.echo(f"indexed {n} subjects -> {out}")
 
 
 @index.command("add", context_settings=CONTEXT)
@@ -110,15 +109,14 @@ def index_add(
     n, skipped = add_to_index(
         idx, paths, labels, device=device, quiet=quiet, skip_existing=skip_existing
     )
-    if not quiet:
-        more = f", {skipped} already there" if skipped else ""
-        click.echo(f"added {n} subjects{more} -> {index_path} ({len(idx)} in all)")
+    more = f", {skipped} already there" if skipped else ""
+    click.echo(f"added {n} subjects{more} -> {index_path} ({len(idx)} in all)")
 
 
 @index.command("remove", context_settings=CONTEXT)
 @index_argument()
 @click.argument("subject_ids", nargs=-1, required=True, metavar="SUBJECT_ID...")
-@quiet_option("No summary line.")
+@quiet_option("Accepted for symmetry with the other commands (remove shows no progress).")
 def index_remove(index_path: Path, subject_ids: tuple[str, ...], quiet: bool) -> None:
     """Remove subjects from INDEX by id (the index is rewritten atomically).
 
@@ -128,8 +126,7 @@ def index_remove(index_path: Path, subject_ids: tuple[str, ...], quiet: bool) ->
     """
     idx = open_index(index_path, mode="r+")
     idx.remove(list(dict.fromkeys(subject_ids)))
-    if not quiet:
-        click.echo(f"removed {len(set(subject_ids))} subjects -> {index_path} ({len(idx)} left)")
+    click.echo(f"removed {len(set(subject_ids))} subjects -> {index_path} ({len(idx)} left)")
 
 
 @index.command("info", context_settings=CONTEXT)

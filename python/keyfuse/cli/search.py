@@ -107,15 +107,15 @@ def query(
     restrict = [s for s in idx.subjects if s not in set(excluded)] if excluded else None
     if restrict is not None and not restrict:
         raise InvalidArgumentError("every subject of the index is excluded")
-    hits = idx.search(
-        query_obj, k=k, restrict=restrict, exact=SEARCH_EXACT[search], device=device
-    )
+    hits = idx.search(query_obj, k=k, restrict=restrict, exact=SEARCH_EXACT[search], device=device)
     names = sorted({n for lab in hits.labels.values() for n in lab}) if show_labels else []
     if as_csv:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["rank", "subject", "score", *names])
         for r, (hit_id, score) in enumerate(hits, 1):
-            w.writerow([r, hit_id, f"{score:.6g}", *(hits.labels[hit_id].get(n, "") for n in names)])
+            w.writerow(
+                [r, hit_id, f"{score:.6g}", *(hits.labels[hit_id].get(n, "") for n in names)]
+            )
         return
     width = max([7, *(len(h.subject_id) for h in hits)])
     click.echo(f"{'rank':>4}  {'score':>9}  {'subject':<{width}}  " + "  ".join(names))
@@ -135,7 +135,7 @@ def query(
 )
 @search_option()
 @device_option("The all-pairs scoring: a CUDA GPU (exact search) or the CPU.")
-@quiet_option("No summary line.")
+@quiet_option("Accepted for symmetry with the other commands (pairwise shows no progress).")
 def pairwise(index_path: Path, out: Path, search: str, device: str, quiet: bool) -> None:
     """Write the N×N soft-Jaccard similarity matrix of every pair in INDEX.
 
@@ -148,7 +148,6 @@ def pairwise(index_path: Path, out: Path, search: str, device: str, quiet: bool)
     import numpy as np
 
     from keyfuse._io import atomic_path
-
     from keyfuse.device import resolve_device
 
     resolve_device(device)
@@ -160,5 +159,4 @@ def pairwise(index_path: Path, out: Path, search: str, device: str, quiet: bool)
         w.writerow(["subject", *ids])
         for sid, row in zip(ids, mat, strict=True):
             w.writerow([sid, *(f"{v:.6g}" for v in row)])
-    if not quiet:
-        click.echo(f"wrote {mat.shape[0]}×{mat.shape[1]} matrix -> {out}")
+    click.echo(f"wrote {mat.shape[0]}×{mat.shape[1]} matrix -> {out}")

@@ -49,7 +49,12 @@ def _extract_params(items: tuple[str, ...]) -> dict[str, float]:
 )
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output labels."
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output label map (.nii.gz or .nii); its label names go beside it as a BIDS "
+    "look-up table (NAME.tsv).",
 )
 @click.option(
     "--probabilities",
@@ -118,8 +123,13 @@ def segment(
     Example: keyfuse segment --atlases train/ --labels train_labels/ new.nii.gz
     -o new_labels.nii.gz
     """
-    from keyfuse.segment import KeypointTransferSegmenter, pair_atlas_files
+    from keyfuse.segment import KeypointTransferSegmenter
+    from keyfuse.segment_files import check_output_path, pair_atlas_files
 
+    # every output path is checked before the (long) work, not after it
+    check_output_path(output, "-o/--output")
+    if probabilities is not None:
+        check_output_path(probabilities, "--probabilities")
     params = _extract_params(extract_param)
     pairs = pair_atlas_files(atlas_dir, label_dir)
     seg = KeypointTransferSegmenter(
