@@ -34,9 +34,19 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError as _SkNotFittedError
 
 from keyfuse import _core
-from keyfuse.errors import InvalidArgumentError, InvalidImageError, KeyfuseError
+from keyfuse.errors import InvalidArgumentError, InvalidImageError
 from keyfuse.image import Image, load_image
-from keyfuse.segment_files import check_output_path, dseg_tsv_path
+from keyfuse.segment_files import check_output_path, dseg_tsv_path, pair_atlas_files
+
+__all__ = [
+    "KeypointTransferSegmenter",
+    "NotFittedError",
+    "Segmentation",
+    "check_output_path",
+    "dseg_tsv_path",
+    "normalize_intensity",
+    "pair_atlas_files",
+]
 
 if TYPE_CHECKING:
     from keyfuse.keypoints import KeypointSet
@@ -189,8 +199,11 @@ class Segmentation:
     labels : (I, J, K) int32
         Label per voxel on the input image's grid (0 = background).
     probabilities : dict[int, (I, J, K) float32]
-        Per label, the transferred weight at each voxel divided by the total weight
-        transferred for that label (in [0, 1]).
+        Per voxel, a posterior over the labels: each label's transferred weight q_l
+        (its weight at the voxel divided by the total weight transferred for that
+        label) divided by max(1, Σ_l q_l), so the labels sum to at most 1 and the rest
+        is background. ``labels`` is the arg-max, or background where the best q_l is
+        below ``background_fraction``.
     affine : (4, 4) float64
         The input image's voxel-to-world matrix (copied).
     keypoints : KeypointSet
@@ -325,7 +338,7 @@ def _as_label_array(source: Any, name: str) -> tuple[npt.NDArray[np.int32], Imag
     return data.astype(np.int32), img
 
 
-class NotFittedError(KeyfuseError, _SkNotFittedError):
+class NotFittedError(InvalidArgumentError, _SkNotFittedError):
     """An estimator was used before :meth:`fit` (also scikit-learn's ``NotFittedError``)."""
 
 
@@ -730,9 +743,12 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
             float(self.background_fraction),
         )
         timings["transfer"] = time.perf_counter() - t0
+        # a posterior per voxel: the labels' shares sum to at most 1 (background the rest)
+        stack = np.asarray(probs, dtype=np.float32)
+        stack = stack / np.maximum(stack.sum(axis=0), np.float32(1.0))
         return Segmentation(
             labels=seg_labels,
-            probabilities={int(v): probs[k] for k, v in enumerate(label_values)},
+            probabilities={int(v): stack[k] for k, v in enumerate(label_values)},
             affine=img.affine.copy(),
             keypoints=kps,
             keypoint_labels=kp_labels,

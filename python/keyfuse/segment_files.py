@@ -19,12 +19,12 @@ def check_output_path(path: PathLike, what: str = "output") -> Path:
     """Check, before any work, that a label or probability map can be written to
     ``path``: a ``.nii``/``.nii.gz`` name in an existing (or creatable) folder."""
     p = Path(path)
+    if p.is_dir():
+        raise KeyfuseIOError(f"{what} {p} is a directory: give a file name ending .nii.gz")
     if not p.name.endswith(IMAGE_SUFFIXES):
         raise InvalidArgumentError(
             f"{what} {p}: name it .nii.gz or .nii (a NIfTI file), e.g. {p.name}.nii.gz"
         )
-    if p.is_dir():
-        raise KeyfuseIOError(f"{what} {p} is a directory: give a file name ending .nii.gz")
     parent = p.parent
     while not parent.exists():
         parent = parent.parent
