@@ -10,7 +10,7 @@ from pathlib import Path
 from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
 
-__all__ = ["check_output_path", "dseg_tsv_path", "pair_atlas_files"]
+__all__ = ["check_output_path", "dseg_tsv_path", "pair_atlas_files", "read_label_names"]
 
 PathLike = str | os.PathLike[str]
 
@@ -73,3 +73,24 @@ def pair_atlas_files(atlases: Path, labels: Path) -> list[tuple[Path, Path]]:
             match = cands[0]
         pairs.append((img, match))
     return pairs
+
+
+def read_label_names(path: PathLike) -> dict[int, str]:
+    """{label value: name} from a BIDS look-up table (``dseg.tsv``: tab-separated, with
+    columns ``index`` and ``name``); background (0) is left out."""
+    import csv
+
+    p = Path(path)
+    try:
+        with p.open(newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise KeyfuseIOError(f"cannot read label names {p}: {exc}") from exc
+    if not rows or not {"index", "name"} <= set(rows[0]):
+        raise InvalidArgumentError(f"{p}: a look-up table needs the columns 'index' and 'name'")
+    try:
+        names = {int(r["index"]): str(r["name"]) for r in rows}
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"{p}: 'index' must hold integers ({exc})") from exc
+    names.pop(0, None)
+    return names

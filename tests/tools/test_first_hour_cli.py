@@ -409,3 +409,33 @@ def test_pairwise_csv_rows_are_subjects(runner: CliRunner, tmp_path: Path) -> No
     assert res.exit_code == 0, res.output
     rows = list(csv.reader((tmp_path / "m.csv").open()))
     assert rows[0][1:] == ids and [r[0] for r in rows[1:]] == ids
+
+
+def test_segment_writes_bids_label_names(runner: CliRunner, tmp_path: Path) -> None:
+    """A simulated cohort carries labels/dseg.tsv; the segmentation's look-up table
+    beside its map names the labels from it."""
+    import shutil
+
+    res = runner.invoke(
+        kcli.cli,
+        ["simulate", str(tmp_path / "c"), "--families", "1", "--family-size", "3",
+         "--rescans", "0", "--resolution", "4", "-q"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    atlases, labels = tmp_path / "atl", tmp_path / "lab"
+    atlases.mkdir()
+    labels.mkdir()
+    images = sorted((tmp_path / "c" / "images").glob("*.nii.gz"))
+    for img in images[1:]:
+        shutil.copy(img, atlases / img.name)
+        shutil.copy(tmp_path / "c" / "labels" / img.name, labels / img.name)
+    shutil.copy(tmp_path / "c" / "labels" / "dseg.tsv", labels / "dseg.tsv")
+    out = tmp_path / "seg" / "sub_dseg.nii.gz"
+    res = runner.invoke(
+        kcli.cli,
+        ["segment", "--atlases", str(atlases), "--labels", str(labels), str(images[0]),
+         "-o", str(out), "-q"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = (tmp_path / "seg" / "sub_dseg.tsv").read_text().splitlines()
+    assert rows[:3] == ["index\tname", "0\tbackground", "1\tleft_gm"]
