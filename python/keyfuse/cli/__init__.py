@@ -34,7 +34,7 @@ class KeyfuseGroup(click.Group):
         def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
             click.echo(f"warning: {message}", err=True)
 
-        warnings.showwarning = show  # one line on stderr, not a source-code excerpt
+        previous, warnings.showwarning = warnings.showwarning, show  # one line, no source
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -46,6 +46,8 @@ class KeyfuseGroup(click.Group):
         except OSError as exc:
             msg = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
             raise click.ClickException(msg) from exc
+        finally:
+            warnings.showwarning = previous
 
 
 @click.group("keyfuse", cls=KeyfuseGroup, context_settings=CONTEXT)
