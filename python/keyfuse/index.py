@@ -26,125 +26,45 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from keyfuse import _core
-from keyfuse._io import atomic_path
 from keyfuse.device import runs_on_gpu
 from keyfuse.errors import (
     IndexCorruptError,
     InvalidArgumentError,
     KeyfuseIOError,
 )
+from keyfuse.index_results import (
+    EmptyKeypointsWarning,
+    EmptyRestrictionWarning,
+    Hit,
+    SearchResult,
+    _value_counts,
+)
 from keyfuse.index_storage import (
-    ROW_GROUP,
+    MANIFEST,
+    Staged,
     _fsync_dir,
-    _keypoints_table,
+    _not_an_index,
+    _remove_index_files,
     _Rows,
-    _sha256,
     _stream_part,
-    _subjects_table,
+    verified_parts,
+    write_manifest,
+    write_part,
 )
 from keyfuse.keypoints import KeypointSet
 
 __all__ = ["EmptyKeypointsWarning", "EmptyRestrictionWarning", "Hit", "Index", "SearchResult"]
 
 
-class EmptyKeypointsWarning(UserWarning):
-    """A keypoint set without keypoints was indexed or used as a query."""
-
-
-FORMAT = "keyfuse-index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 MODES = ("r", "r+", "a", "w", "x")
 PathLike = str | os.PathLike[str]
 Restrict = Mapping[str, Any] | Callable[[dict[str, Any]], bool] | Iterable[str] | None
-
-
-def _not_an_index(p: Path) -> str:
-    """The message for a path that holds no index."""
-    if not p.exists():
-        why = "does not exist"
-    elif p.is_dir():
-        why = f"is a directory without {MANIFEST}"
-    else:
-        why = "is a file, not an index directory"
-    return (
-        f"{p} is not a keyfuse index: it {why}. Check the path, or create a new index "
-        f"with kf.Index.create({str(p)!r}) ('keyfuse index build' on the command line)"
-    )
-
-
-def _remove_index_files(p: Path) -> None:
-    """Remove an index's manifest and parts (nothing else in its directory)."""
-    (p / MANIFEST).unlink()
-    for f in p.glob("*.parquet"):
-        if f.name.startswith(("subjects-", "keypoints-")):
-            f.unlink()
-
-
-class EmptyRestrictionWarning(UserWarning):
-    """A search's ``restrict`` matched no subject, so its result is empty."""
-
-
-def _value_counts(values: Iterable[Any]) -> str:
-    """``"F (20), M (18), missing (2)"``."""
-    counts: dict[str, int] = {}
-    for v in values:
-        key = "missing" if v is None else str(v)
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{k} ({n})" for k, n in sorted(counts.items()))
-
-
-class Hit(NamedTuple):
-    """One search result: ``subject_id, score = hit``."""
-
-    subject_id: str
-    score: float
-
-
-class SearchResult(list[Hit]):
-    """Ranked hits (best first), a list of :class:`Hit` ``(subject_id, score)`` tuples."""
-
-    @property
-    def ids(self) -> list[str]:
-        return [h.subject_id for h in self]
-
-    @property
-    def scores(self) -> npt.NDArray[np.float64]:
-        return np.array([h.score for h in self], dtype=np.float64)
-
-    #: the hits' labels (``{subject_id: {label: value}}``), set by :meth:`Index.search`
-    labels: dict[str, dict[str, Any]]
-
-    def __init__(self, hits: Iterable[Hit] = (), labels: Mapping[str, Any] | None = None):
-        super().__init__(hits)
-        self.labels = {h.subject_id: dict((labels or {}).get(h.subject_id, {})) for h in self}
-
-    def to_frame(self) -> Any:
-        """The hits as a pandas ``DataFrame`` indexed by ``subject_id``: ``rank`` (1 =
-        best), ``score`` and one column per label."""
-        import pandas as pd
-
-        names = sorted({k for lab in self.labels.values() for k in lab})
-        frame = pd.DataFrame(
-            {
-                "rank": np.arange(1, len(self) + 1),
-                "score": self.scores,
-                **{n: [self.labels[h.subject_id].get(n) for h in self] for n in names},
-            },
-            index=pd.Index(self.ids, name="subject_id"),
-        )
-        return frame
-
-    def __repr__(self) -> str:
-        body = ", ".join(f"{h.subject_id!r}: {h.score:.4f}" for h in self[:5])
-        more = ", …" if len(self) > 5 else ""
-        return f"SearchResult([{body}{more}])"
 
 
 class Index:
@@ -803,57 +723,22 @@ class Index:
         return cls(p, **kwargs)
 
     def _write_manifest(self, root: Path, parts: list[dict[str, Any]]) -> None:
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "n_subjects": sum(p["n_subjects"] for p in parts),
-            "n_keypoints": sum(p["n_keypoints"] for p in parts),
-            "parts": parts,
-            "provenance": self.provenance(),
-        }
-        with atomic_path(root / MANIFEST) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_dir(root)
+        write_manifest(root, parts, self.provenance())
 
     def _append_part(
         self,
         root: Path,
-        staged: Sequence[tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]],
+        staged: Sequence[Staged],
         parts: list[dict[str, Any]] | None = None,
     ) -> None:
-        import pyarrow.parquet as pq
-
+        """Write one part and commit it by a new manifest (its files are removed again
+        when anything fails)."""
         current = self._parts if parts is None else parts
         seq = 1 + max((int(p["seq"]) for p in current), default=0)
-        entry: dict[str, Any] = {
-            "seq": seq,
-            "n_subjects": len(staged),
-            "n_keypoints": int(sum(len(s[1]) for s in staged)),
-            "files": {},
-        }
         written: list[Path] = []
         try:
-            for kind, table in (
-                ("subjects", _subjects_table(staged)),
-                ("keypoints", _keypoints_table(staged)),
-            ):
-                name = f"{kind}-{seq:06d}.parquet"
-                with atomic_path(root / name) as tmp:
-                    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
-                    with open(tmp, "rb+") as f:
-                        os.fsync(f.fileno())
-                written.append(root / name)
-                entry["files"][kind] = {
-                    "name": name,
-                    "sha256": _sha256(root / name),
-                    "bytes": (root / name).stat().st_size,
-                    "rows": table.num_rows,
-                }
-            new_parts = [*current, entry]
-            self._write_manifest(root, new_parts)  # the commit point
+            entry = write_part(root, staged, seq, written)
+            self._write_manifest(root, [*current, entry])  # the commit point
         except BaseException:
             for w in written:
                 with contextlib.suppress(OSError):
@@ -863,43 +748,10 @@ class Index:
 
     def _load_into(self, root: Path) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
+        parts, checked = verified_parts(root)
         try:
-            manifest = json.loads((root / MANIFEST).read_text())
-        except (OSError, ValueError) as e:
-            raise IndexCorruptError(f"{root / MANIFEST}: unreadable manifest ({e})") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise IndexCorruptError(f"{root / MANIFEST}: not a {FORMAT} manifest")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise IndexCorruptError(
-                f"{root}: index format version {manifest.get('version')} is not supported "
-                f"(this keyfuse reads version {FORMAT_VERSION})"
-            )
-        parts = manifest.get("parts")
-        if not isinstance(parts, list):
-            raise IndexCorruptError(f"{root / MANIFEST}: no list of parts")
-        try:
-            # first every file's checksum and the subject tables (small), so that a
-            # damaged index is refused before anything is read into memory
-            checked: list[tuple[dict[str, Any], Path]] = []
-            for part in parts:
-                files = {}
-                for kind in ("subjects", "keypoints"):
-                    info = part["files"][kind]
-                    f = root / info["name"]
-                    if not f.is_file():
-                        raise IndexCorruptError(f"{f}: listed in the manifest but missing")
-                    if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-                        raise IndexCorruptError(f"{f}: size or sha256 checksum mismatch")
-                    if pq.ParquetFile(f).metadata.num_rows != info["rows"]:
-                        raise IndexCorruptError(f"{f}: row count differs from the manifest")
-                    files[kind] = f
-                checked.append((pq.read_table(files["subjects"]).to_pydict(), files["keypoints"]))
-            ids = [sid for sub, _ in checked for sid in sub["subject_id"]]
-            if len(set(ids)) != len(ids):
-                raise IndexCorruptError(f"{root}: duplicate subject ids")
-            # then the descriptors, streamed: only they stay in memory (in the engine)
+            # the descriptors, streamed: only they stay in memory (in the engine)
             for sub, kp_file in checked:
                 for sid, rows, v, labs, src, desc in _stream_part(sub, kp_file, root):
                     self._register(sid, rows, v, labs, src, descriptors=desc)

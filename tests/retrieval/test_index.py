@@ -141,11 +141,9 @@ def test_opened_index_reads_keypoints_back_lazily(
     directory removed after opening gives a clear error while searching still works."""
     import shutil
 
-    import keyfuse.index as kfi
     import keyfuse.index_storage as kfs
 
     # subjects of 250 rows span 3-4 groups, written and streamed back in groups of 97
-    monkeypatch.setattr(kfi, "ROW_GROUP", 97)
     monkeypatch.setattr(kfs, "ROW_GROUP", 97)
     path = tmp_path / "lazy.kfi"
     index.save(path)
