@@ -439,3 +439,18 @@ def test_segment_writes_bids_label_names(runner: CliRunner, tmp_path: Path) -> N
     assert res.exit_code == 0, res.output
     rows = (tmp_path / "seg" / "sub_dseg.tsv").read_text().splitlines()
     assert rows[:3] == ["index\tname", "0\tbackground", "1\tleft_gm"]
+
+
+def test_demo_with_one_family(runner: CliRunner, tmp_path: Path) -> None:
+    """``keyfuse demo --families 1``: no different-family pairs, so no ROC curve, but the
+    run completes and says so; report.json records what made it."""
+    import json
+
+    res = runner.invoke(
+        kcli.cli, ["demo", "--families", "1", "--resolution", "4", "-q", "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "ROC plot: none" in res.output
+    prov = json.loads((tmp_path / "report.json").read_text())["provenance"]
+    assert prov["keyfuse_version"] == kf.__version__ and prov["seed"] == 0
+    assert prov["cohort"]["n_rescans"] == 3 and prov["index"]["params"]["kernel"] == "posterior"
