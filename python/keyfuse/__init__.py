@@ -59,10 +59,20 @@ _LAZY: dict[str, str] = {
     "KeypointTransferSegmenter": "keyfuse.segment",
     "Segmentation": "keyfuse.segment",
 }
-_SUBMODULES = {"datasets", "evaluate", "batch", "cli", "device", "neighbors", "gpu", "experiments"}
+_SUBMODULES = {
+    "datasets",
+    "evaluate",
+    "batch",
+    "cli",
+    "device",
+    "neighbors",
+    "gpu",
+    "experiments",
+    "matching",
+}
 
 if TYPE_CHECKING:
-    from keyfuse import batch, datasets, evaluate, experiments, gpu, neighbors
+    from keyfuse import batch, datasets, evaluate, experiments, gpu, matching, neighbors
     from keyfuse.cnn import CNNFeatures
     from keyfuse.device import cuda_available
     from keyfuse.extraction import extract
@@ -118,6 +128,7 @@ __all__ = [
     "gpu",
     "load_image",
     "match",
+    "matching",
     "neighbors",
     "read_key",
     "soft_jaccard",

@@ -118,7 +118,7 @@ def query(
             )
         return
     width = max([7, *(len(h.subject_id) for h in hits)])
-    click.echo(f"{'rank':>4}  {'score':>9}  {'subject':<{width}}  " + "  ".join(names))
+    click.echo(f"{'rank':>4}  {'score':>9}  {'subject':<{width}}  {'  '.join(names)}".rstrip())
     for r, (hit_id, score) in enumerate(hits, 1):
         labs = "  ".join(str(hits.labels[hit_id].get(n, "")) for n in names)
         click.echo(f"{r:>4}  {format_score(score):>9}  {hit_id:<{width}}  {labs}".rstrip())
