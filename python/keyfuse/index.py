@@ -411,7 +411,7 @@ class Index:
                     f"restrict={dict(restrict)!r} matches none of the {len(mask)} subjects; "
                     "values in the index: " + "; ".join(f"{key}: {c}" for key, c in counts.items()),
                     EmptyRestrictionWarning,
-                    stacklevel=4,
+                    stacklevel=3,
                 )
             return mask
         if isinstance(restrict, str):
@@ -443,6 +443,18 @@ class Index:
     ) -> npt.NDArray[np.float64]:
         """Soft-Jaccard score of ``query`` against every subject, in subject order
         (0 for subjects excluded or outside ``restrict``). See :meth:`search`."""
+        mask = self._mask(restrict)
+        return self._scores(query, mask, exclude=exclude, exact=exact, device=device)
+
+    def _scores(
+        self,
+        query: Any,
+        mask: np.ndarray | None,
+        *,
+        exclude: str | None,
+        exact: bool | None,
+        device: str,
+    ) -> npt.NDArray[np.float64]:
         from keyfuse.matching import _ALPHA2_FLOOR, _as_keypoints
 
         on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
@@ -456,7 +468,6 @@ class Index:
                 "the query has no keypoints: every score is 0", EmptyKeypointsWarning, stacklevel=3
             )
         ex = None if exclude is None else self._index_of(exclude)
-        mask = self._mask(restrict)
         if len(self) == 0:
             return np.zeros(0)
         # exact search on the GPU (keyfuse-cuda), which has the published kernel only
@@ -521,9 +532,9 @@ class Index:
         SearchResult
             A list of ``Hit(subject_id, score)``; ties are ordered by insertion.
         """
-        s = self.scores(query, restrict=restrict, exclude=exclude, exact=exact, device=device)
-        allowed = np.ones(len(s), dtype=bool)
         mask = self._mask(restrict)
+        s = self._scores(query, mask, exclude=exclude, exact=exact, device=device)
+        allowed = np.ones(len(s), dtype=bool)
         if mask is not None:
             allowed &= mask
         excl = (

@@ -108,9 +108,10 @@ def test_restrict_on_a_missing_label_raises_and_no_match_warns(family_sets) -> N
     q = family_sets[0][1]
     with pytest.raises(kf.InvalidArgumentError, match=r"\['sex'\].*family, group|family"):
         ix.search(q, restrict={"sex": "F"})
-    with pytest.warns(EmptyRestrictionWarning, match=r"none of the 9.*A \(6\), B \(3\)"):
+    with pytest.warns(EmptyRestrictionWarning, match=r"none of the 9.*A \(6\), B \(3\)") as rec:
         hits = ix.search(q, restrict={"group": "C"})
-    assert len(hits) == 0
+    assert len(hits) == 0 and len(rec) == 1  # one warning, pointing at the caller
+    assert rec[0].filename == __file__
     assert len(ix.search(q, k=None, restrict={"group": "A"})) == 6
 
 
