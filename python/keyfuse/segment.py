@@ -36,7 +36,12 @@ from sklearn.exceptions import NotFittedError as _SkNotFittedError
 from keyfuse import _core
 from keyfuse.errors import InvalidArgumentError, InvalidImageError
 from keyfuse.image import Image, load_image
-from keyfuse.segment_files import check_output_path, dseg_tsv_path, pair_atlas_files
+from keyfuse.segment_files import (
+    check_output_path,
+    dseg_tsv_path,
+    pair_atlas_files,
+    write_image,
+)
 
 __all__ = [
     "KeypointTransferSegmenter",
@@ -258,16 +263,16 @@ class Segmentation:
         return img
 
     def save(self, path: PathLike, probabilities: PathLike | None = None) -> None:
-        """Write the label map as NIfTI, its label names as a BIDS look-up table beside it
-        (``x.nii.gz`` → ``x.tsv``: ``index``, ``name``; names from ``label_names``, else
-        ``label-<value>``), and optionally the probability maps (4D NIfTI)."""
+        """Write the label map (NIfTI, or MGH for ``.mgz``/``.mgh``), its label names as
+        a BIDS look-up table beside it (``x.nii.gz`` → ``x.tsv``: ``index``, ``name``;
+        names from ``label_names``, else ``label-<value>``), and optionally the
+        probability maps (4D). Both paths are checked before anything is written."""
         from keyfuse._io import atomic_path
 
         target = check_output_path(path, "label map")
         if probabilities is not None:
             check_output_path(probabilities, "probability map")
-        with atomic_path(target) as tmp:
-            self.to_nifti().to_filename(str(tmp))
+        write_image(self.to_nifti(), target)
         with atomic_path(dseg_tsv_path(target)) as tmp:
             rows = ["index\tname", "0\tbackground"]
             rows += [
@@ -275,8 +280,7 @@ class Segmentation:
             ]
             tmp.write_text("\n".join(rows) + "\n")
         if probabilities is not None:
-            with atomic_path(Path(probabilities)) as tmp:
-                self.probabilities_nifti().to_filename(str(tmp))
+            write_image(self.probabilities_nifti(), Path(probabilities))
 
 
 @dataclass

@@ -6,24 +6,36 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
 
-__all__ = ["check_output_path", "dseg_tsv_path", "pair_atlas_files", "read_label_names"]
+__all__ = [
+    "check_output_path",
+    "dseg_tsv_path",
+    "pair_atlas_files",
+    "read_label_names",
+    "write_image",
+]
 
 PathLike = str | os.PathLike[str]
 
 
+#: the formats a label or probability map is written in: NIfTI, and FreeSurfer's MGH
+OUTPUT_SUFFIXES = (*IMAGE_SUFFIXES, ".mgz", ".mgh")
+
+
 def check_output_path(path: PathLike, what: str = "output") -> Path:
     """Check, before any work, that a label or probability map can be written to
-    ``path``: a ``.nii``/``.nii.gz`` name in an existing (or creatable) folder."""
+    ``path``: a ``.nii.gz``/``.nii``/``.mgz``/``.mgh`` name in an existing (or creatable)
+    folder."""
     p = Path(path)
     if p.is_dir():
         raise KeyfuseIOError(f"{what} {p} is a directory: give a file name ending .nii.gz")
-    if not p.name.endswith(IMAGE_SUFFIXES):
+    if not p.name.endswith(OUTPUT_SUFFIXES):
         raise InvalidArgumentError(
-            f"{what} {p}: name it .nii.gz or .nii (a NIfTI file), e.g. {p.name}.nii.gz"
+            f"{what} {p}: name it .nii.gz, .nii, .mgz or .mgh, e.g. {p.name}.nii.gz"
         )
     parent = p.parent
     while not parent.exists():
@@ -33,10 +45,28 @@ def check_output_path(path: PathLike, what: str = "output") -> Path:
     return p
 
 
+def write_image(nifti: Any, path: Path) -> None:
+    """Write a ``Nifti1Image`` to ``path`` atomically, as MGH when the name ends
+    ``.mgz``/``.mgh`` (same voxels and affine), else as NIfTI."""
+    import nibabel as nib
+    import numpy as np
+
+    from keyfuse._io import atomic_path
+
+    image = nifti
+    if path.name.endswith((".mgz", ".mgh")):
+        data = np.asarray(nifti.dataobj)
+        if data.dtype not in (np.uint8, np.int16, np.int32, np.float32):
+            data = data.astype(np.float32 if data.dtype.kind == "f" else np.int32)
+        image = nib.MGHImage(data, nifti.affine)
+    with atomic_path(path) as tmp:
+        image.to_filename(str(tmp))
+
+
 def dseg_tsv_path(path: PathLike) -> Path:
     """The BIDS look-up table beside a label map: ``x_dseg.nii.gz`` → ``x_dseg.tsv``."""
     p = Path(path)
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in OUTPUT_SUFFIXES:
         if p.name.endswith(suffix):
             return p.with_name(p.name[: -len(suffix)] + ".tsv")
     return p.with_suffix(".tsv")

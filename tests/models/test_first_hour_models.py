@@ -63,10 +63,20 @@ def test_save_writes_bids_lookup_table_and_checks_the_name(fitted, tmp_path: Pat
     out.save(tmp_path / "sub-01_dseg.nii.gz")
     tsv = (tmp_path / "sub-01_dseg.tsv").read_text().splitlines()
     assert tsv == ["index\tname", "0\tbackground", "1\tliver", "2\tspleen", "3\tkidney"]
-    for bad in ("out_noext", "x.mgz"):
+    for bad in ("out_noext", "x.img"):
         with pytest.raises(kf.InvalidArgumentError, match=r"\.nii\.gz"):
             out.save(tmp_path / bad)
         assert not (tmp_path / bad).exists()
+    # FreeSurfer's format, which the image reader reads, is written too
+    out.save(tmp_path / "aseg.mgz", tmp_path / "probs.mgz")
+    back = kf.load_image(tmp_path / "aseg.mgz")
+    assert np.array_equal(back.data, out.labels) and np.allclose(back.affine, out.affine)
+    import nibabel as nib
+
+    probs = np.asarray(nib.load(tmp_path / "probs.mgz").dataobj)
+    assert probs.shape == (*out.labels.shape, 3)
+    assert np.allclose(probs[..., 1], out.probabilities[2])
+    assert (tmp_path / "aseg.tsv").exists()
     with pytest.raises(kf.KeyfuseIOError, match="directory"):
         out.save(tmp_path, None)
 
