@@ -453,8 +453,8 @@ def simulate_cohort(
     n_rescans : individuals scanned a second time (default 4), chosen at random.
         Defaults give 36 individuals and 40 scans.
     seed : everything is a deterministic function of the seed and the parameters.
-    resolution_mm : voxel size of the scans (default 1.5: about 1,300 keypoints per
-        scan; 2 mm gives about 400 and is faster; tests use 4).
+    resolution_mm : voxel size of the scans (default 1.5: about 1,230 keypoints per
+        scan; 2 mm gives about 410 and is faster; tests use 4).
     shape : None (default: the template's field of view) or the scan grid shape,
         centred on the brain — small shapes make tiny test cohorts.
     deformation_spacing_mm : control-point spacing of the B-spline deformations (24).
