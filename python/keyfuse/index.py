@@ -39,6 +39,7 @@ from keyfuse.errors import (
     KeyfuseIOError,
 )
 from keyfuse.index_results import (
+    CPUFallbackWarning,
     EmptyKeypointsWarning,
     EmptyRestrictionWarning,
     Hit,
@@ -59,7 +60,14 @@ from keyfuse.index_storage import (
 )
 from keyfuse.keypoints import KeypointSet
 
-__all__ = ["EmptyKeypointsWarning", "EmptyRestrictionWarning", "Hit", "Index", "SearchResult"]
+__all__ = [
+    "CPUFallbackWarning",
+    "EmptyKeypointsWarning",
+    "EmptyRestrictionWarning",
+    "Hit",
+    "Index",
+    "SearchResult",
+]
 
 
 MODES = ("r", "r+", "a", "w", "x")
@@ -381,6 +389,20 @@ class Index:
             self._gpu_cache = cached
         return cached[1]
 
+    def _on_gpu(self, device: str) -> bool:
+        """Whether the scoring runs on the GPU; ``device="cuda"`` that cannot be honoured
+        (the posterior kernel has no GPU version) says so instead of silently using the
+        CPU."""
+        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
+        if not on_gpu and str(device).lower() == "cuda":
+            warnings.warn(
+                f"device='cuda': the {self.kernel} soft-Jaccard kernel has no GPU version, "
+                "so this index is searched on the CPU (kernel='published' runs on the GPU)",
+                CPUFallbackWarning,
+                stacklevel=4,
+            )
+        return on_gpu
+
     def _use_exact(self, exact: bool | None) -> bool:
         return self.n_keypoints < self.exact_below if exact is None else bool(exact)
 
@@ -457,7 +479,7 @@ class Index:
     ) -> npt.NDArray[np.float64]:
         from keyfuse.matching import _ALPHA2_FLOOR, _as_keypoints
 
-        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
+        on_gpu = self._on_gpu(device)
         if isinstance(query, str) and query in self._pos and exclude is None:
             exclude = query
             query = self.keypoints(query)
@@ -582,7 +604,7 @@ class Index:
     ) -> npt.NDArray[np.float64]:
         from keyfuse.matching import _ALPHA2_FLOOR
 
-        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
+        on_gpu = self._on_gpu(device)
         if len(self) == 0:
             return np.zeros((0, 0))
         # exact, all subjects in one GPU pass (published kernel only)

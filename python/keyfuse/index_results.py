@@ -9,7 +9,17 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["EmptyKeypointsWarning", "EmptyRestrictionWarning", "Hit", "SearchResult"]
+__all__ = [
+    "CPUFallbackWarning",
+    "EmptyKeypointsWarning",
+    "EmptyRestrictionWarning",
+    "Hit",
+    "SearchResult",
+]
+
+
+class CPUFallbackWarning(UserWarning):
+    """``device="cuda"`` was asked for work that has no GPU version; it ran on the CPU."""
 
 
 class EmptyKeypointsWarning(UserWarning):

@@ -222,3 +222,26 @@ def test_version_and_python_m() -> None:
         [sys.executable, "-m", "keyfuse", "--version"], capture_output=True, text=True, check=True
     )
     assert kf.__version__ in out.stdout
+
+
+def test_cuda_that_cannot_be_honoured_says_so(family_sets, monkeypatch) -> None:
+    """``device="cuda"`` on the posterior kernel (no GPU version) warns instead of
+    searching on the CPU silently; the decision itself is keyfuse.device.runs_on_gpu's,
+    replaced here by what it answers on a GPU machine for this kernel."""
+    import keyfuse.index as kfi
+    from keyfuse.index import CPUFallbackWarning
+
+    ix = kf.Index()
+    for sid, kps, labels in family_sets:
+        ix.add(sid, kps, **labels)
+    monkeypatch.setattr(kfi, "runs_on_gpu", lambda device, **kw: False)
+    with pytest.warns(CPUFallbackWarning, match="posterior.*CPU") as rec:
+        ix.search(family_sets[0][1], device="cuda")
+    assert rec[0].filename == __file__
+    with pytest.warns(CPUFallbackWarning):
+        ix.pairwise(device="cuda")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ix.search(family_sets[0][1], device="auto")  # auto chooses silently, by design
