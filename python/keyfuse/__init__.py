@@ -25,6 +25,19 @@ from keyfuse.errors import (
     MissingDependencyError,
 )
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keyfuse")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+#: the installed keyfuse version (as ``keyfuse --version`` prints it)
+__version__: str = _version()
+
 # public name -> module that defines it (loaded on first attribute access)
 _LAZY: dict[str, str] = {
     "Image": "keyfuse.image",
@@ -46,10 +59,20 @@ _LAZY: dict[str, str] = {
     "KeypointTransferSegmenter": "keyfuse.segment",
     "Segmentation": "keyfuse.segment",
 }
-_SUBMODULES = {"datasets", "evaluate", "batch", "cli", "device", "neighbors", "gpu", "experiments"}
+_SUBMODULES = {
+    "datasets",
+    "evaluate",
+    "batch",
+    "cli",
+    "device",
+    "neighbors",
+    "gpu",
+    "experiments",
+    "matching",
+}
 
 if TYPE_CHECKING:
-    from keyfuse import batch, datasets, evaluate, experiments, gpu, neighbors
+    from keyfuse import batch, datasets, evaluate, experiments, gpu, matching, neighbors
     from keyfuse.cnn import CNNFeatures
     from keyfuse.device import cuda_available
     from keyfuse.extraction import extract
@@ -105,6 +128,7 @@ __all__ = [
     "gpu",
     "load_image",
     "match",
+    "matching",
     "neighbors",
     "read_key",
     "soft_jaccard",

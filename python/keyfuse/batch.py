@@ -39,6 +39,7 @@ from keyfuse.errors import InvalidArgumentError, KeyfuseIOError, MissingDependen
 
 __all__ = [
     "BatchFailure",
+    "BatchInterrupted",
     "BatchResult",
     "collect_inputs",
     "extract_batch",
@@ -71,6 +72,7 @@ class BatchResult:
     skipped : outputs that already existed (resume).
     failures : the inputs that failed, with their errors.
     seconds : wall time of the whole batch.
+    interrupted : whether Ctrl-C stopped the batch (see :class:`BatchInterrupted`).
     """
 
     outputs: list[Path]
@@ -78,6 +80,7 @@ class BatchResult:
     skipped: list[Path] = field(default_factory=list)
     failures: list[BatchFailure] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -98,22 +101,67 @@ def output_path(
     return Path(out_dir) / f"{subject_id_from_path(input_path)}{suffix}"
 
 
+Inputs = str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
+
+_GLOB_CHARS = frozenset("*?[")
+
+
 def collect_inputs(
-    paths: Iterable[str | os.PathLike[str]], suffixes: Sequence[str] = IMAGE_SUFFIXES
+    paths: Inputs,
+    suffixes: Sequence[str] = IMAGE_SUFFIXES,
+    *,
+    pattern: str | None = None,
+    recursive: bool = True,
 ) -> list[Path]:
-    """Expand directories into the files inside them with one of ``suffixes`` (sorted);
-    plain files are kept as given (so a bad file still reaches the failure list)."""
+    """The input files named by ``paths``.
+
+    Parameters
+    ----------
+    paths : a path, a glob pattern, or a list of them (a single string is one path, never
+        a sequence of characters). A directory gives the files inside it, and inside its
+        sub-directories when ``recursive`` (BIDS layouts such as
+        ``sub-01/anat/sub-01_T1w.nii.gz``), whose names end with one of ``suffixes``
+        (and match ``pattern``), sorted. A glob (``"scans/*.nii.gz"``,
+        ``"bids/**/*_T1w.nii.gz"``) gives the files it matches. A plain file is kept as
+        given (so a bad file still reaches the failure list).
+    suffixes : file-name endings a directory's files must have.
+    pattern : optional glob on the file name inside directories (e.g. ``"*_T1w.nii.gz"``).
+    recursive : search directories' sub-directories (default True).
+
+    Raises
+    ------
+    KeyfuseIOError
+        A path that does not exist, or a glob that matches nothing.
+    """
+    import glob
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     out: list[Path] = []
     for p in paths:
-        path = Path(p)
+        text = os.fspath(p)
+        path = Path(text)
         if path.is_dir():
+            files = path.rglob("*") if recursive else path.iterdir()
             out.extend(
                 sorted(
-                    f for f in path.iterdir() if f.is_file() and f.name.endswith(tuple(suffixes))
+                    f
+                    for f in files
+                    if f.is_file()
+                    and f.name.endswith(tuple(suffixes))
+                    and not f.name.startswith(".")
+                    and (pattern is None or f.match(pattern))
                 )
             )
-        else:
+        elif path.exists():
             out.append(path)
+        elif _GLOB_CHARS & set(text):
+            matched = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            if not matched:
+                raise KeyfuseIOError(f"no files match {text!r}")
+            out.extend(m for m in matched if m.is_file())
+        else:
+            raise KeyfuseIOError(f"no such file or directory: {text}")
     return out
 
 
@@ -166,7 +214,7 @@ def _executor(scheduler: Any, n_workers: int | None) -> Iterator[tuple[str, Any]
         yield "sync", None
         return
     if scheduler == "threads":
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with _thread_pool(workers) as pool:
             yield "pool", pool
         return
     if hasattr(scheduler, "submit") and hasattr(scheduler, "gather"):  # a Client
@@ -176,7 +224,7 @@ def _executor(scheduler: Any, n_workers: int | None) -> Iterator[tuple[str, Any]
         from distributed import Client, LocalCluster
     except ImportError as exc:
         if scheduler in (None, "local"):
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            with _thread_pool(workers) as pool:
                 yield "pool", pool
             return
         raise MissingDependencyError(
@@ -194,8 +242,9 @@ def _executor(scheduler: Any, n_workers: int | None) -> Iterator[tuple[str, Any]
         try:
             yield "dask", client
         finally:
-            client.close()
-            cluster.close()
+            with _quiet_dask():
+                client.close()
+                cluster.close()
         return
     if not isinstance(scheduler, str):
         raise InvalidArgumentError(f"unsupported scheduler {scheduler!r}")
@@ -206,7 +255,54 @@ def _executor(scheduler: Any, n_workers: int | None) -> Iterator[tuple[str, Any]
     try:
         yield "dask", client
     finally:
-        client.close()
+        with _quiet_dask():
+            client.close()
+
+
+@contextlib.contextmanager
+def _thread_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool that, when left by an exception (Ctrl-C), drops its queued tasks
+    and returns at once instead of waiting for every one of them; the tasks already
+    running finish their file (each writes atomically) in the background."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _quiet_dask() -> Iterator[None]:
+    """Silence distributed's log while a cluster shuts down after an interrupt (the
+    cancelled tasks' ``CancelledError`` reports say nothing a user needs)."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("distributed", "tornado", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a batch: queued inputs were cancelled, finished outputs kept.
+
+    A :class:`KeyboardInterrupt` (so it ends a program as Ctrl-C does) that carries
+    what was done (``result``, a :class:`BatchResult` with ``interrupted=True``); running
+    the same batch again resumes it.
+    """
+
+    def __init__(self, result: BatchResult) -> None:
+        super().__init__(
+            f"interrupted: {len(result.written)} written, {len(result.skipped)} already done"
+        )
+        self.result = result
 
 
 def run_batch(
@@ -279,6 +375,7 @@ def run_batch(
             bar.set_postfix(failed=len(failed))
         bar.update(1)
 
+    interrupted = False
     try:
         if todo:
             with _executor(scheduler, n_workers) as (kind, ex):
@@ -287,8 +384,13 @@ def run_batch(
                         record(_run_one(func, n, ins[n], str(outs[n])))
                 elif kind == "pool":
                     futs = [ex.submit(_run_one, func, n, ins[n], str(outs[n])) for n in todo]
-                    for fut in as_completed(futs):
-                        record(fut.result())
+                    try:
+                        for fut in as_completed(futs):
+                            record(fut.result())
+                    except KeyboardInterrupt:
+                        for fut in futs:
+                            fut.cancel()
+                        raise
                 else:
                     from distributed import as_completed as dask_completed
 
@@ -296,17 +398,29 @@ def run_batch(
                         ex.submit(_run_one, func, n, ins[n], str(outs[n]), pure=False): n
                         for n in todo
                     }
-                    for fut in dask_completed(list(dfuts)):
-                        try:
-                            record(fut.result())
-                        except Exception as exc:  # a worker died: still one input's failure
-                            record((dfuts[fut], type(exc).__name__, str(exc), 0.0))
+                    try:
+                        for fut in dask_completed(list(dfuts)):
+                            try:
+                                record(fut.result())
+                            except Exception as exc:  # a worker died: one input's failure
+                                record((dfuts[fut], type(exc).__name__, str(exc), 0.0))
+                    except KeyboardInterrupt:
+                        with _quiet_dask(), contextlib.suppress(Exception):
+                            ex.cancel(list(dfuts), force=True)
+                        raise
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
     # input order in the lists (completion order is arbitrary)
     result.written = [outs[n] for n in sorted(written)]
     result.failures = [f for _, f in sorted(failed, key=lambda t: t[0])]
     result.seconds = time.perf_counter() - t0
+    result.interrupted = interrupted
+    if interrupted:
+        # outputs that exist are complete (atomic writes): the next run skips them
+        result.written = [outs[n] for n in todo if outs[n].exists()]
+        raise BatchInterrupted(result)
     if failures_path is not None:
         _write_failures(Path(failures_path), result.failures)
     return result
@@ -328,10 +442,16 @@ def _write_failures(path: Path, failures: list[BatchFailure]) -> None:
         raise KeyfuseIOError(f"cannot write the failure list {path}: {exc}") from exc
 
 
+def _runs_here(scheduler: Any) -> bool:
+    """Whether a scheduler runs the tasks on this machine (not a remote Dask cluster)."""
+    return scheduler in (None, "local", "processes", "threads", "sync")
+
+
 def extract_batch(
-    inputs: Iterable[str | os.PathLike[str]],
+    inputs: Inputs,
     out_dir: str | os.PathLike[str],
     *,
+    pattern: str | None = None,
     scheduler: Any = None,
     n_workers: int | None = None,
     device: str = "auto",
@@ -344,10 +464,13 @@ def extract_batch(
 
     Parameters
     ----------
-    inputs : image paths (NIfTI); directories are expanded to the ``.nii``/``.nii.gz``
-        files inside them.
+    inputs : an image path, a directory, a glob, or a list of them (see
+        :func:`collect_inputs`): directories are searched recursively for
+        ``.nii``/``.nii.gz`` files.
     out_dir : output directory; each image ``name.nii.gz`` gives ``out_dir/name.kfk``,
         and failures go to ``out_dir/failures.csv``.
+    pattern : only files of the input directories whose names match this glob (e.g.
+        ``"*_T1w.nii.gz"``).
     scheduler : None (default: a local Dask cluster), ``"processes"``, ``"threads"``,
         ``"sync"``, a Dask scheduler address or a ``distributed.Client``.
     n_workers : parallel extractions (default: the number of CPUs).
@@ -362,9 +485,16 @@ def extract_batch(
     # checked here rather than once per file; resolved on the workers, which may differ
     if device not in ("auto", "cpu", "cuda"):
         raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
-    files = collect_inputs(inputs)
+    if device == "cuda" and _runs_here(scheduler):
+        from keyfuse.device import resolve_device
+
+        resolve_device(device)  # no GPU here: one error before the work, not one per file
+    files = collect_inputs(inputs, pattern=pattern)
     if not files:
-        raise InvalidArgumentError("no input images (directories are searched for .nii/.nii.gz)")
+        where = f" matching {pattern!r}" if pattern else ""
+        raise InvalidArgumentError(
+            f"no input images{where} (directories are searched for .nii/.nii.gz files)"
+        )
     outs = [output_path(f, out_dir, f".{fmt}") for f in files]
     task = ExtractTask(device=device, params=tuple(sorted(params.items())))
     return run_batch(

@@ -222,8 +222,9 @@ def stage_query(
 
 def stage_evaluate(
     cfg: DemoConfig, cohort: Any, scores: npt.NDArray[np.float64]
-) -> tuple[dict[str, float], Path]:
-    """Family-identification figures and the ROC plot (``out/roc.png``)."""
+) -> tuple[dict[str, float], Path | None]:
+    """Family-identification figures and the ROC plot (``out/roc.png``; None when no
+    curve can be drawn, e.g. a single family has no different-family pairs)."""
     from keyfuse import evaluate as ev
 
     report = ev.family_report(cohort, scores)
@@ -236,6 +237,10 @@ def stage_evaluate(
             np.concatenate([a, b]),
             np.concatenate([np.ones(a.size, bool), np.zeros(b.size, bool)]),
         )
+    # a curve needs positives and negatives (one family has no different-family pairs)
+    curves = {k: (sc, lab) for k, (sc, lab) in curves.items() if 0 < np.sum(lab) < np.size(lab)}
+    if not curves:
+        return report, None
     roc = ev.roc_plot(curves, cfg.out / "roc.png", title="keyfuse demo: family identification")
     return report, roc
 
@@ -270,10 +275,27 @@ def run_demo(cfg: DemoConfig | None = None, echo: Callable[[str], None] = print)
         image_bytes=len(cohort) * int(np.prod(cohort.image(0).shape)) * 4,
         roc_path=roc,
     )
-    (cfg.out / "report.json").write_text(json.dumps(res.to_json(), indent=2))
+    report_json = {**res.to_json(), "provenance": provenance(cfg, index)}
+    (cfg.out / "report.json").write_text(json.dumps(report_json, indent=2))
     for line in format_result(res):
         echo(line)
     return res
+
+
+def provenance(cfg: DemoConfig, index: Any) -> dict[str, Any]:
+    """What made a demo's figures: the keyfuse version, the cohort's parameters and seed,
+    the extraction parameters and the index's parameters and seed."""
+    from keyfuse import __version__
+    from keyfuse.extraction import default_params
+
+    return {
+        "keyfuse_version": __version__,
+        "cohort": cfg.cohort_params(),
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "extraction": {k: float(v) for k, v in default_params().items()},
+        "index": index.provenance(),
+    }
 
 
 def format_result(res: DemoResult) -> list[str]:
@@ -304,6 +326,8 @@ def format_result(res: DemoResult) -> list[str]:
         ),
         "",
         "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items()),
-        f"ROC plot: {res.roc_path}",
+        f"ROC plot: {res.roc_path}"
+        if res.roc_path
+        else "ROC plot: none (needs pairs of the same and of different families)",
     ]
     return lines

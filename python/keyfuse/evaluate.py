@@ -33,6 +33,7 @@ from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
 __all__ = [
     "approx_recall_at_k",
     "average_precision",
+    "cohort_matrix",
     "dice",
     "family_pairs",
     "family_report",
@@ -297,13 +298,31 @@ def dice(
 # ----------------------------------------------------------------------------- plots
 
 
+#: figure formats by file suffix (matplotlib's vector and raster writers)
+PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".eps": "eps", ".jpg": "jpg"}
+
+
+def plot_format(path: str | PathLike[str]) -> str:
+    """The figure format a file name asks for (``roc.svg`` → SVG); PNG for a name
+    without a suffix; an unknown suffix raises :class:`InvalidArgumentError`."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "png"
+    if suffix not in PLOT_FORMATS:
+        raise InvalidArgumentError(
+            f"{path}: unknown figure format {suffix!r} (use {', '.join(PLOT_FORMATS)})"
+        )
+    return PLOT_FORMATS[suffix]
+
+
 def roc_plot(
     curves: Mapping[str, tuple[ArrayLike, ArrayLike]],
     path: str | PathLike[str],
     *,
     title: str = "ROC",
 ) -> Path:
-    """Write a PNG with one ROC curve per entry of ``curves`` (name → (scores, labels)).
+    """Write a figure with one ROC curve per entry of ``curves`` (name → (scores,
+    labels)), in the format of ``path``'s suffix (``.png``, ``.svg``, ``.pdf``, ...).
 
     The legend gives each curve's AUC. Renders off-screen with matplotlib (no display
     needed, pyplot's state untouched). Returns the path written.
@@ -326,9 +345,10 @@ def roc_plot(
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     out = Path(path)
+    fmt = plot_format(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
+        fig.savefig(out, format=fmt)
     except OSError as exc:
         raise KeyfuseIOError(f"cannot write ROC plot to {out}: {exc}") from exc
     return out
@@ -383,6 +403,45 @@ def _square(scores: ArrayLike, n: int) -> NDArray[np.float64]:
     return s
 
 
+def cohort_matrix(table: Any, scores: Any) -> NDArray[np.float64]:
+    """The N×N score matrix of a cohort's scans, rows and columns in the table's order.
+
+    Parameters
+    ----------
+    table : a cohort table with a ``subject`` column (a :class:`keyfuse.datasets.Cohort`,
+        a DataFrame, ...).
+    scores : a :class:`keyfuse.Index` (its pairwise matrix is computed), a pandas
+        ``DataFrame`` whose index and columns are subject ids (``index.pairwise(
+        as_frame=True)``), or a plain (N, N) array already in the table's order.
+
+    Labelled inputs are matched by subject id, so an index built in another order scores
+    the right pairs; subjects of the index that are not in the table are left out.
+
+    Raises
+    ------
+    InvalidArgumentError
+        A subject of the table is missing from the index or the matrix.
+    """
+    if hasattr(scores, "pairwise") and hasattr(scores, "subjects"):  # a keyfuse.Index
+        scores = scores.pairwise(as_frame=True)
+    if not (hasattr(scores, "index") and hasattr(scores, "columns") and hasattr(scores, "loc")):
+        return np.asarray(scores, dtype=np.float64)
+    ids = [str(v) for v in table_column(table, "subject")]
+    rows = [str(v) for v in scores.index]
+    cols = [str(v) for v in scores.columns]
+    for what, have in (("rows", rows), ("columns", cols)):
+        missing = [s for s in ids if s not in set(have)]
+        if missing:
+            raise InvalidArgumentError(
+                f"{len(missing)} of the cohort's {len(ids)} subjects are not among the score "
+                f"matrix's {what} (e.g. {missing[:3]}): was the index built from this cohort?"
+            )
+    rpos = {s: i for i, s in enumerate(rows)}
+    cpos = {s: i for i, s in enumerate(cols)}
+    mat = np.asarray(scores.to_numpy(), dtype=np.float64)
+    return mat[np.ix_([rpos[s] for s in ids], [cpos[s] for s in ids])]
+
+
 def _individuals(table: Any) -> list[str]:
     """The anatomical individual of each scan (rescans share it)."""
     if _has_column(table, "individual"):
@@ -401,7 +460,7 @@ def _isnan(v: Any) -> bool:
 
 
 def family_pairs(
-    table: Any, scores: ArrayLike, *, include_same_individual: bool = False
+    table: Any, scores: Any, *, include_same_individual: bool = False
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """Pair scores and same-family labels for every unordered pair of scans.
 
@@ -409,7 +468,8 @@ def family_pairs(
     ----------
     table : cohort table with a ``family`` column (and ``individual`` or ``rescan_of``
         to recognise rescans), one row per row/column of ``scores``.
-    scores : (N, N) similarity matrix; asymmetric matrices are symmetrised by the mean
+    scores : (N, N) similarity matrix, or an Index / labelled DataFrame matched by
+        subject id (:func:`cohort_matrix`); asymmetric matrices are symmetrised by the mean
         of ``S[i, j]`` and ``S[j, i]``.
     include_same_individual : keep pairs of scans of the same individual (rescans) as
         positives (default False: they would make family identification look easier).
@@ -418,7 +478,7 @@ def family_pairs(
     """
     fam = [str(v) for v in table_column(table, "family")]
     n = len(fam)
-    s = _square(scores, n)
+    s = _square(cohort_matrix(table, scores), n)
     sym = 0.5 * (s + s.T)
     ind = _individuals(table)
     iu, ju = np.triu_indices(n, k=1)
@@ -463,7 +523,7 @@ def _pair_relation(table: Any) -> list[list[str]]:
     return rel
 
 
-def relation_pairs(table: Any, scores: ArrayLike) -> dict[str, NDArray[np.float64]]:
+def relation_pairs(table: Any, scores: Any) -> dict[str, NDArray[np.float64]]:
     """Symmetrised pair scores grouped by relation: ``rescan``, ``mz_twin``,
     ``dz_twin``, ``sibling``, ``unrelated`` (pairs ``i < j``; absent relations omitted).
 
@@ -472,7 +532,7 @@ def relation_pairs(table: Any, scores: ArrayLike) -> dict[str, NDArray[np.float6
     """
     rel = _pair_relation(table)
     n = len(rel)
-    s = _square(scores, n)
+    s = _square(cohort_matrix(table, scores), n)
     sym = 0.5 * (s + s.T)
     out: dict[str, list[float]] = {}
     for i in range(n):
@@ -481,14 +541,14 @@ def relation_pairs(table: Any, scores: ArrayLike) -> dict[str, NDArray[np.float6
     return {k: np.asarray(v, dtype=np.float64) for k, v in sorted(out.items())}
 
 
-def rescan_rank1(table: Any, scores: ArrayLike) -> float:
+def rescan_rank1(table: Any, scores: Any) -> float:
     """Fraction of scans with a rescan partner whose best match (row maximum, itself
     excluded) is a scan of the same individual. Both directions count (the original
     querying for its rescan and the rescan for its original). NaN if the cohort has no
     rescans."""
     ind = _individuals(table)
     n = len(ind)
-    s = _square(scores, n).copy()
+    s = _square(cohort_matrix(table, scores), n).copy()
     np.fill_diagonal(s, -np.inf)
     hits: list[bool] = []
     for i in range(n):
@@ -519,8 +579,13 @@ def _twin_above_unrelated(table: Any, scores: ArrayLike, relation: str) -> float
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def family_report(table: Any, scores: ArrayLike) -> dict[str, float]:
+def family_report(table: Any, scores: Any) -> dict[str, float]:
     """The family-identification figures of a cohort score matrix.
+
+    ``scores`` is a :class:`keyfuse.Index` built from the cohort's scans, a score matrix
+    labelled with subject ids (``index.pairwise(as_frame=True)``), both matched to the
+    table by subject id, or a plain (N, N) array whose rows follow the table's order
+    (see :func:`cohort_matrix`).
 
     Returns a dict with ``family_auc`` and ``family_ap`` (same-family vs
     different-family pairs, rescans excluded), ``map`` / ``p_at_1`` / ``r_at_5`` (each
@@ -531,7 +596,7 @@ def family_report(table: Any, scores: ArrayLike) -> dict[str, float]:
     """
     fam = [str(v) for v in table_column(table, "family")]
     n = len(fam)
-    s = _square(scores, n)
+    s = _square(cohort_matrix(table, scores), n)
     ind = _individuals(table)
     out: dict[str, float] = {}
     ps, pl = family_pairs(table, s)

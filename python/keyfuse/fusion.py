@@ -657,7 +657,16 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return log_posterior(self.joint_log_likelihood(X))
 
     def predict_proba(self, X: Any) -> FloatArray:
-        """(n, n_classes) posterior probabilities, columns in ``classes_`` order."""
+        """(n, n_classes) posteriors of eq. 1 (uniform prior), columns in ``classes_``
+        order: a score for ranking and thresholding, not a calibrated probability.
+
+        The kernel densities carry a uniform background (the paper's +1) and the
+        α-weighted log-likelihoods are summed over many keypoints, so the posteriors are
+        often close to uniform even where every prediction is right: compare them with
+        each other (AUC, arg-max) rather than reading them as frequencies. For calibrated
+        probabilities wrap the classifier:
+        ``sklearn.calibration.CalibratedClassifierCV(FusionClassifier(...), cv=3)``.
+        """
         return np.exp(self.predict_log_proba(X))
 
     def decision_function(self, X: Any) -> FloatArray:

@@ -23,63 +23,56 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from keyfuse import _core
-from keyfuse._io import atomic_path
 from keyfuse.device import runs_on_gpu
 from keyfuse.errors import (
     IndexCorruptError,
     InvalidArgumentError,
     KeyfuseIOError,
 )
+from keyfuse.index_results import (
+    CPUFallbackWarning,
+    EmptyKeypointsWarning,
+    EmptyRestrictionWarning,
+    Hit,
+    SearchResult,
+    _value_counts,
+)
 from keyfuse.index_storage import (
-    ROW_GROUP,
+    MANIFEST,
+    Staged,
     _fsync_dir,
-    _keypoints_table,
+    _not_an_index,
+    _remove_index_files,
     _Rows,
-    _sha256,
     _stream_part,
-    _subjects_table,
+    verified_parts,
+    write_manifest,
+    write_part,
 )
 from keyfuse.keypoints import KeypointSet
 
-__all__ = ["Hit", "Index", "SearchResult"]
+__all__ = [
+    "CPUFallbackWarning",
+    "EmptyKeypointsWarning",
+    "EmptyRestrictionWarning",
+    "Hit",
+    "Index",
+    "SearchResult",
+]
 
-FORMAT = "keyfuse-index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+
+MODES = ("r", "r+", "a", "w", "x")
 PathLike = str | os.PathLike[str]
 Restrict = Mapping[str, Any] | Callable[[dict[str, Any]], bool] | Iterable[str] | None
-
-
-class Hit(NamedTuple):
-    """One search result: ``subject_id, score = hit``."""
-
-    subject_id: str
-    score: float
-
-
-class SearchResult(list[Hit]):
-    """Ranked hits (best first), a list of :class:`Hit` ``(subject_id, score)`` tuples."""
-
-    @property
-    def ids(self) -> list[str]:
-        return [h.subject_id for h in self]
-
-    @property
-    def scores(self) -> npt.NDArray[np.float64]:
-        return np.array([h.score for h in self], dtype=np.float64)
-
-    def __repr__(self) -> str:
-        body = ", ".join(f"{h.subject_id!r}: {h.score:.4f}" for h in self[:5])
-        more = ", …" if len(self) > 5 else ""
-        return f"SearchResult([{body}{more}])"
 
 
 class Index:
@@ -88,8 +81,17 @@ class Index:
     Parameters
     ----------
     path : str or Path, optional
-        ``None``: in memory only (``save`` writes it). A directory: opened if it holds an
-        index, else created; every :meth:`add` is then appended to disk atomically.
+        ``None``: in memory only (``save`` writes it). A directory: an on-disk index,
+        opened or created as ``mode`` says; every :meth:`add` is then appended to disk
+        atomically.
+    mode : {"r", "r+", "a", "w", "x"}, default "r"
+        As in h5py and zarr: ``"r"`` opens an existing index for searching (adding
+        raises), ``"r+"`` opens an existing index for searching and adding, ``"a"`` opens
+        one or creates it when missing, ``"w"`` creates a new empty index (replacing an
+        existing one), ``"x"`` creates one and fails if the path exists. ``"r"`` and
+        ``"r+"`` raise :class:`~keyfuse.errors.KeyfuseIOError` for a path that holds no
+        index, so a mistyped name is never silently a new, empty index.
+        :meth:`create` is ``mode="x"``.
     k : int, optional
         Nearest neighbours per query keypoint (K of the soft Jaccard); default 10 for the
         posterior kernel, 30 for the published one.
@@ -116,7 +118,7 @@ class Index:
 
     Examples
     --------
-    >>> index = kf.Index("cohort.kfi")
+    >>> index = kf.Index.create("cohort.kfi")            # a new index; kf.Index(path) opens
     >>> index.add("sub-01", kps, family="F1", sex="F")
     >>> index.search(query_kps, k=5)                     # -> [(id, score), ...]
     >>> index.search(query_kps, restrict={"sex": "F"})   # only subjects with sex == "F"
@@ -126,6 +128,7 @@ class Index:
         self,
         path: PathLike | None = None,
         *,
+        mode: str = "r",
         k: int | None = None,
         checks: int = 64,
         trees: int = 8,
@@ -154,22 +157,45 @@ class Index:
         # on disk (opened indexes keep only the descriptors, in the engine)
         self._kps: list[KeypointSet | _Rows] = []
         self._engine = _core.SearchEngine(trees=self.trees)
+        self._ndim: int | None = None  # 2 or 3: the dimension of the indexed images
+        self._gpu_cache: tuple[int, _core.GpuCohort] | None = None
         self._parts: list[dict[str, Any]] = []
         self.path: Path | None = None
+        self.mode = mode
+        self.seed = 0  # the kd-forest's fixed seed (recorded in the manifest)
+        if mode not in MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         if path is not None:
             p = Path(path)
-            if (p / MANIFEST).exists():
+            exists = (p / MANIFEST).exists()
+            if mode in ("r", "r+") and not exists:
+                raise KeyfuseIOError(_not_an_index(p))
+            if mode == "x" and p.exists() and (exists or not p.is_dir() or any(p.iterdir())):
+                raise KeyfuseIOError(
+                    f"{p} already exists: open it with kf.Index({str(p)!r}) (mode='r+' to "
+                    "add to it) or replace it with mode='w'"
+                )
+            if exists and mode in ("r", "r+", "a"):
                 self._load_into(p)
             else:
                 if p.exists() and not p.is_dir():
                     raise KeyfuseIOError(f"{p} exists and is not an index directory")
-                if p.is_dir() and any(p.iterdir()):
+                if p.is_dir() and not exists and any(p.iterdir()):
                     raise KeyfuseIOError(
                         f"{p} is a non-empty directory without {MANIFEST}: not an index"
                     )
+                if exists:  # mode "w": replace the old index by an empty one
+                    _remove_index_files(p)
                 p.mkdir(parents=True, exist_ok=True)
                 self._write_manifest(p, [])
             self.path = p
+
+    @classmethod
+    def create(cls, path: PathLike, **kwargs: Any) -> Index:
+        """Create a new, empty on-disk index at ``path`` (``mode="x"``: an existing path
+        raises :class:`~keyfuse.errors.KeyfuseIOError`); keyword arguments as for
+        :class:`Index`."""
+        return cls(path, mode="x", **kwargs)
 
     # -- contents ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -274,6 +300,11 @@ class Index:
         """Add several subjects as one atomic append: ``(subject_id, kps, vector, labels)``."""
         from keyfuse.matching import _as_keypoints
 
+        if self.path is not None and self.mode == "r":
+            raise InvalidArgumentError(
+                f"{self.path} was opened read-only (mode='r'): open it with "
+                f"kf.Index({str(self.path)!r}, mode='r+') to add subjects"
+            )
         staged: list[tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]] = []
         seen: set[str] = set()
         items = list(items)
@@ -287,6 +318,7 @@ class Index:
                 raise InvalidArgumentError(f"subject {sid!r} is already in the index")
             seen.add(sid)
             kp = _as_keypoints(kps, device, name=sid)
+            self._check_dims(kp, f"subject {sid!r}")
             v = None if vec is None else np.asarray(vec, dtype=np.float32).ravel()
             labs = dict(labels)
             try:
@@ -298,6 +330,15 @@ class Index:
             staged.append((sid, kp, v, labs, src))
         if not staged:
             return
+        empty = [s[0] for s in staged if len(s[1]) == 0]
+        if empty:
+            warnings.warn(
+                f"{len(empty)} of {len(staged)} subjects added have no keypoints "
+                f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): they score 0 "
+                "against everything; check those images (blank, cropped or mostly background?)",
+                EmptyKeypointsWarning,
+                stacklevel=3,
+            )
         if self.path is not None:
             self._append_part(self.path, staged)
         for sid, kp, v, labs, src in staged:
@@ -315,6 +356,8 @@ class Index:
         """Add one subject to memory: its KeypointSet, or (from disk) its rows' place and
         descriptors."""
         desc = kp.descriptors if isinstance(kp, KeypointSet) else descriptors
+        if self._ndim is None and len(kp.shape) in (2, 3):
+            self._ndim = len(kp.shape)
         self._engine.add(np.ascontiguousarray(desc, dtype=np.uint8))
         self._pos[sid] = len(self._ids)
         self._ids.append(sid)
@@ -323,17 +366,42 @@ class Index:
         self._labels.append(labs)
         self._sources.append(src)
 
+    def _check_dims(self, kp: KeypointSet, what: str) -> None:
+        """Refuse keypoints of 2D images in an index of 3D ones, and the reverse."""
+        nd = len(kp.shape)
+        if self._ndim is not None and nd in (2, 3) and nd != self._ndim:
+            raise InvalidArgumentError(
+                f"{what} has keypoints of a {nd}D image (shape {kp.shape}) but the index "
+                f"holds {self._ndim}D images: 2D and 3D SIFT-Rank descriptors are not "
+                "comparable (use keyfuse.extraction.extract_slice for 2D slices, and an "
+                "index of slices)"
+            )
+
     # -- searching --------------------------------------------------------------------
     def _gpu_cohort(self) -> _core.GpuCohort:
         """Every subject's descriptors uploaded to the GPU once, re-uploaded only after a
         subject is added (subjects are only ever appended)."""
-        cached: tuple[int, _core.GpuCohort] | None = getattr(self, "_gpu_cache", None)
+        cached = self._gpu_cache
         if cached is None or cached[0] != len(self):
             data = self._engine.descriptors()
             sizes = np.asarray(self._engine.sizes(), dtype=np.int64)
             cached = (len(self), _core.GpuCohort(np.ascontiguousarray(data), sizes))
             self._gpu_cache = cached
         return cached[1]
+
+    def _on_gpu(self, device: str) -> bool:
+        """Whether the scoring runs on the GPU; ``device="cuda"`` that cannot be honoured
+        (the posterior kernel has no GPU version) says so instead of silently using the
+        CPU."""
+        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
+        if not on_gpu and str(device).lower() == "cuda":
+            warnings.warn(
+                f"device='cuda': the {self.kernel} soft-Jaccard kernel has no GPU version, "
+                "so this index is searched on the CPU (kernel='published' runs on the GPU)",
+                CPUFallbackWarning,
+                stacklevel=4,
+            )
+        return on_gpu
 
     def _use_exact(self, exact: bool | None) -> bool:
         return self.n_keypoints < self.exact_below if exact is None else bool(exact)
@@ -344,6 +412,7 @@ class Index:
         if callable(restrict):
             return np.array([bool(restrict(dict(lab))) for lab in self._labels], dtype=bool)
         if isinstance(restrict, Mapping):
+            self._check_restrict_labels(restrict)
 
             def ok(lab: dict[str, Any]) -> bool:
                 for key, want in restrict.items():
@@ -355,7 +424,18 @@ class Index:
                         return False
                 return True
 
-            return np.array([ok(lab) for lab in self._labels], dtype=bool)
+            mask = np.array([ok(lab) for lab in self._labels], dtype=bool)
+            if len(mask) and not mask.any():
+                counts = {
+                    key: _value_counts(lab.get(key) for lab in self._labels) for key in restrict
+                }
+                warnings.warn(
+                    f"restrict={dict(restrict)!r} matches none of the {len(mask)} subjects; "
+                    "values in the index: " + "; ".join(f"{key}: {c}" for key, c in counts.items()),
+                    EmptyRestrictionWarning,
+                    stacklevel=3,
+                )
+            return mask
         if isinstance(restrict, str):
             raise InvalidArgumentError("restrict: pass a dict of labels, ids or a predicate")
         ids = set(restrict)
@@ -363,6 +443,16 @@ class Index:
         if unknown:
             raise InvalidArgumentError(f"restrict names unknown subjects: {sorted(unknown)[:5]}")
         return np.array([s in ids for s in self._ids], dtype=bool)
+
+    def _check_restrict_labels(self, restrict: Mapping[str, Any]) -> None:
+        """A label that no subject carries is a mistake (a typo, or labels never added)."""
+        names = {k for lab in self._labels for k in lab}
+        unknown = [k for k in restrict if k not in names]
+        if unknown and len(self):
+            raise InvalidArgumentError(
+                f"restrict names label(s) {unknown} that no subject in the index has; "
+                f"labels in the index: {sorted(names) or 'none (add them with labels=...)'}"
+            )
 
     def scores(
         self,
@@ -375,15 +465,31 @@ class Index:
     ) -> npt.NDArray[np.float64]:
         """Soft-Jaccard score of ``query`` against every subject, in subject order
         (0 for subjects excluded or outside ``restrict``). See :meth:`search`."""
+        mask = self._mask(restrict)
+        return self._scores(query, mask, exclude=exclude, exact=exact, device=device)
+
+    def _scores(
+        self,
+        query: Any,
+        mask: np.ndarray | None,
+        *,
+        exclude: str | None,
+        exact: bool | None,
+        device: str,
+    ) -> npt.NDArray[np.float64]:
         from keyfuse.matching import _ALPHA2_FLOOR, _as_keypoints
 
-        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
+        on_gpu = self._on_gpu(device)
         if isinstance(query, str) and query in self._pos and exclude is None:
             exclude = query
             query = self.keypoints(query)
         kps = _as_keypoints(query, device, "query")
+        self._check_dims(kps, "the query")
+        if len(kps) == 0:
+            warnings.warn(
+                "the query has no keypoints: every score is 0", EmptyKeypointsWarning, stacklevel=3
+            )
         ex = None if exclude is None else self._index_of(exclude)
-        mask = self._mask(restrict)
         if len(self) == 0:
             return np.zeros(0)
         # exact search on the GPU (keyfuse-cuda), which has the published kernel only
@@ -448,9 +554,9 @@ class Index:
         SearchResult
             A list of ``Hit(subject_id, score)``; ties are ordered by insertion.
         """
-        s = self.scores(query, restrict=restrict, exclude=exclude, exact=exact, device=device)
-        allowed = np.ones(len(s), dtype=bool)
         mask = self._mask(restrict)
+        s = self._scores(query, mask, exclude=exclude, exact=exact, device=device)
+        allowed = np.ones(len(s), dtype=bool)
         if mask is not None:
             allowed &= mask
         excl = (
@@ -466,17 +572,39 @@ class Index:
             if k < 1:
                 raise InvalidArgumentError("k must be ≥ 1 (or None)")
             order = order[:k]
-        return SearchResult(Hit(self._ids[i], float(s[i])) for i in order)
+        return SearchResult(
+            (Hit(self._ids[i], float(s[i])) for i in order),
+            labels={self._ids[i]: self._labels[i] for i in order},
+        )
 
     def pairwise(
-        self, symmetric: bool = False, *, exact: bool | None = None, device: str = "auto"
-    ) -> npt.NDArray[np.float64]:
+        self,
+        symmetric: bool = False,
+        *,
+        exact: bool | None = None,
+        device: str = "auto",
+        as_frame: bool = False,
+    ) -> Any:
         """N×N soft-Jaccard matrix: row a = subject a's keypoints scored against every
         other subject (its own excluded); diagonal 1. ``symmetric`` averages the two soft
-        intersections, giving a symmetric matrix."""
+        intersections, giving a symmetric matrix. Rows and columns follow
+        :attr:`subjects`; ``as_frame=True`` returns a pandas ``DataFrame`` with the
+        subject ids as its index and columns (what :func:`keyfuse.evaluate.family_report`
+        matches by id)."""
+        mat = self._pairwise(symmetric, exact=exact, device=device)
+        if not as_frame:
+            return mat
+        import pandas as pd
+
+        ids = pd.Index(self._ids, name="subject_id")
+        return pd.DataFrame(mat, index=ids, columns=ids.rename(None))
+
+    def _pairwise(
+        self, symmetric: bool, *, exact: bool | None, device: str
+    ) -> npt.NDArray[np.float64]:
         from keyfuse.matching import _ALPHA2_FLOOR
 
-        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
+        on_gpu = self._on_gpu(device)
         if len(self) == 0:
             return np.zeros((0, 0))
         # exact, all subjects in one GPU pass (published kernel only)
@@ -513,6 +641,31 @@ class Index:
             self._engine.reference_votes(k=int(k), exact=bool(exact), checks=int(checks))
         )
 
+    # -- provenance -------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, Any]:
+        """The search parameters (the keyword arguments of :class:`Index`)."""
+        return {
+            "kernel": self.kernel,
+            "k": self.k,
+            "checks": self.checks,
+            "trees": self.trees,
+            "exact_below": self.exact_below,
+            "alpha2_cap_fraction": self.alpha2_cap_fraction,
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        """What made this index: the keyfuse version, the parameters and the kd-forest's
+        seed (written into every manifest)."""
+        from keyfuse import __version__
+
+        cap = self.alpha2_cap_fraction
+        return {
+            "keyfuse_version": __version__,
+            "params": {**self.params, "alpha2_cap_fraction": None if cap == np.inf else cap},
+            "seed": self.seed,
+        }
+
     # -- storage ----------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
         """Write the whole index as a fresh directory (one part), atomically: the
@@ -523,17 +676,22 @@ class Index:
         if target.exists() and not (target / MANIFEST).exists():
             if not target.is_dir() or any(target.iterdir()):
                 raise KeyfuseIOError(f"{target} exists and is not an index directory")
+        self._write_fresh(target, self._ids)
+
+    def _write_fresh(self, target: Path, ids: Sequence[str]) -> None:
+        """Write subjects ``ids`` as a fresh index directory (one part) at ``target``,
+        built beside it and renamed into place."""
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         try:
-            staged = [
-                (sid, self.keypoints(sid), v, labs, src)
-                for sid, v, labs, src in zip(
-                    self._ids, self._vectors, self._labels, self._sources, strict=True
+            staged = []
+            for sid in ids:
+                i = self._pos[sid]
+                staged.append(
+                    (sid, self.keypoints(sid), self._vectors[i], self._labels[i], self._sources[i])
                 )
-            ]
             self._write_manifest(tmp, [])
             if staged:
                 self._append_part(tmp, staged, parts=[])
@@ -549,65 +707,71 @@ class Index:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def remove(self, subject_ids: str | Iterable[str]) -> None:
+        """Remove subjects (by id) from the index; on disk, the index is rewritten as
+        one fresh part and swapped in atomically (every remaining subject's keypoints
+        are read once). Unknown ids raise :class:`InvalidArgumentError` and nothing
+        changes."""
+        ids = [subject_ids] if isinstance(subject_ids, str) else list(subject_ids)
+        unknown = [s for s in ids if s not in self._pos]
+        if unknown:
+            raise InvalidArgumentError(
+                f"cannot remove {unknown[:5]}: not in the index ({len(self)} subjects)"
+            )
+        if self.path is not None and self.mode == "r":
+            raise InvalidArgumentError(
+                f"{self.path} was opened read-only (mode='r'): open it with mode='r+' to "
+                "remove subjects"
+            )
+        gone = set(ids)
+        keep = [s for s in self._ids if s not in gone]
+        old = [
+            (sid, self._kps[i], self._vectors[i], self._labels[i], self._sources[i])
+            for sid, i in ((s, self._pos[s]) for s in keep)
+        ]
+        if self.path is not None:
+            self._write_fresh(self.path, keep)
+        self._reset()
+        if self.path is not None:
+            self._load_into(self.path)
+        else:
+            for sid, kp, v, labs, src in old:
+                assert isinstance(kp, KeypointSet)  # in memory: always resident
+                self._register(sid, kp, v, labs, src)
+
+    def _reset(self) -> None:
+        """Forget every subject (memory only)."""
+        self._ids, self._pos, self._labels = [], {}, []
+        self._vectors, self._sources, self._kps, self._parts = [], [], [], []
+        self._engine = _core.SearchEngine(trees=self.trees)
+        self._ndim = None
+        self._gpu_cache = None
+
     @classmethod
     def load(cls, path: PathLike, **kwargs: Any) -> Index:
         """Open an index directory (checksums verified; nothing half-loaded)."""
         p = Path(path)
         if not (p / MANIFEST).exists():
-            raise KeyfuseIOError(f"{p} is not a keyfuse index (no {MANIFEST})")
+            raise KeyfuseIOError(_not_an_index(p))
         return cls(p, **kwargs)
 
     def _write_manifest(self, root: Path, parts: list[dict[str, Any]]) -> None:
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "n_subjects": sum(p["n_subjects"] for p in parts),
-            "n_keypoints": sum(p["n_keypoints"] for p in parts),
-            "parts": parts,
-        }
-        with atomic_path(root / MANIFEST) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_dir(root)
+        write_manifest(root, parts, self.provenance())
 
     def _append_part(
         self,
         root: Path,
-        staged: Sequence[tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]],
+        staged: Sequence[Staged],
         parts: list[dict[str, Any]] | None = None,
     ) -> None:
-        import pyarrow.parquet as pq
-
+        """Write one part and commit it by a new manifest (its files are removed again
+        when anything fails)."""
         current = self._parts if parts is None else parts
         seq = 1 + max((int(p["seq"]) for p in current), default=0)
-        entry: dict[str, Any] = {
-            "seq": seq,
-            "n_subjects": len(staged),
-            "n_keypoints": int(sum(len(s[1]) for s in staged)),
-            "files": {},
-        }
         written: list[Path] = []
         try:
-            for kind, table in (
-                ("subjects", _subjects_table(staged)),
-                ("keypoints", _keypoints_table(staged)),
-            ):
-                name = f"{kind}-{seq:06d}.parquet"
-                with atomic_path(root / name) as tmp:
-                    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
-                    with open(tmp, "rb+") as f:
-                        os.fsync(f.fileno())
-                written.append(root / name)
-                entry["files"][kind] = {
-                    "name": name,
-                    "sha256": _sha256(root / name),
-                    "bytes": (root / name).stat().st_size,
-                    "rows": table.num_rows,
-                }
-            new_parts = [*current, entry]
-            self._write_manifest(root, new_parts)  # the commit point
+            entry = write_part(root, staged, seq, written)
+            self._write_manifest(root, [*current, entry])  # the commit point
         except BaseException:
             for w in written:
                 with contextlib.suppress(OSError):
@@ -617,43 +781,10 @@ class Index:
 
     def _load_into(self, root: Path) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
+        parts, checked = verified_parts(root)
         try:
-            manifest = json.loads((root / MANIFEST).read_text())
-        except (OSError, ValueError) as e:
-            raise IndexCorruptError(f"{root / MANIFEST}: unreadable manifest ({e})") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise IndexCorruptError(f"{root / MANIFEST}: not a {FORMAT} manifest")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise IndexCorruptError(
-                f"{root}: index format version {manifest.get('version')} is not supported "
-                f"(this keyfuse reads version {FORMAT_VERSION})"
-            )
-        parts = manifest.get("parts")
-        if not isinstance(parts, list):
-            raise IndexCorruptError(f"{root / MANIFEST}: no list of parts")
-        try:
-            # first every file's checksum and the subject tables (small), so that a
-            # damaged index is refused before anything is read into memory
-            checked: list[tuple[dict[str, Any], Path]] = []
-            for part in parts:
-                files = {}
-                for kind in ("subjects", "keypoints"):
-                    info = part["files"][kind]
-                    f = root / info["name"]
-                    if not f.is_file():
-                        raise IndexCorruptError(f"{f}: listed in the manifest but missing")
-                    if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-                        raise IndexCorruptError(f"{f}: size or sha256 checksum mismatch")
-                    if pq.ParquetFile(f).metadata.num_rows != info["rows"]:
-                        raise IndexCorruptError(f"{f}: row count differs from the manifest")
-                    files[kind] = f
-                checked.append((pq.read_table(files["subjects"]).to_pydict(), files["keypoints"]))
-            ids = [sid for sub, _ in checked for sid in sub["subject_id"]]
-            if len(set(ids)) != len(ids):
-                raise IndexCorruptError(f"{root}: duplicate subject ids")
-            # then the descriptors, streamed: only they stay in memory (in the engine)
+            # the descriptors, streamed: only they stay in memory (in the engine)
             for sub, kp_file in checked:
                 for sid, rows, v, labs, src, desc in _stream_part(sub, kp_file, root):
                     self._register(sid, rows, v, labs, src, descriptors=desc)

@@ -27,6 +27,133 @@ from keyfuse.keypoints import KeypointSet
 # one subject as staged for an append: (id, keypoints, vector, labels, source)
 Staged = tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]
 
+FORMAT = "keyfuse-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _not_an_index(p: Path) -> str:
+    """The message for a path that holds no index."""
+    if not p.exists():
+        why = "does not exist"
+    elif p.is_dir():
+        why = f"is a directory without {MANIFEST}"
+    else:
+        why = "is a file, not an index directory"
+    return (
+        f"{p} is not a keyfuse index: it {why}. Check the path, or create a new index "
+        f"with kf.Index.create({str(p)!r}) ('keyfuse index build' on the command line)"
+    )
+
+
+def _remove_index_files(p: Path) -> None:
+    """Remove an index's manifest and parts (nothing else in its directory)."""
+    (p / MANIFEST).unlink()
+    for f in p.glob("*.parquet"):
+        if f.name.startswith(("subjects-", "keypoints-")):
+            f.unlink()
+
+
+def write_manifest(root: Path, parts: list[dict[str, Any]], provenance: dict[str, Any]) -> None:
+    """Write ``root/manifest.json`` atomically (written aside, flushed and renamed): the
+    format, the parts with their checksums, and what made the index (``provenance``)."""
+    from keyfuse._io import atomic_path
+
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "n_subjects": sum(p["n_subjects"] for p in parts),
+        "n_keypoints": sum(p["n_keypoints"] for p in parts),
+        "parts": parts,
+        "provenance": provenance,
+    }
+    with atomic_path(root / MANIFEST) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def write_part(
+    root: Path, staged: Sequence[Staged], seq: int, written: list[Path]
+) -> dict[str, Any]:
+    """Write the Parquet files of part ``seq`` (each atomically, flushed) and return its
+    manifest entry; every file written is appended to ``written`` (for a clean-up)."""
+    import pyarrow.parquet as pq
+
+    from keyfuse._io import atomic_path
+
+    entry: dict[str, Any] = {
+        "seq": seq,
+        "n_subjects": len(staged),
+        "n_keypoints": int(sum(len(s[1]) for s in staged)),
+        "files": {},
+    }
+    for kind, table in (
+        ("subjects", _subjects_table(staged)),
+        ("keypoints", _keypoints_table(staged)),
+    ):
+        name = f"{kind}-{seq:06d}.parquet"
+        with atomic_path(root / name) as tmp:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        written.append(root / name)
+        entry["files"][kind] = {
+            "name": name,
+            "sha256": _sha256(root / name),
+            "bytes": (root / name).stat().st_size,
+            "rows": table.num_rows,
+        }
+    return entry
+
+
+def verified_parts(root: Path) -> tuple[list[Any], list[tuple[dict[str, list[Any]], Path]]]:
+    """The manifest's parts and, per part, its subjects table and keypoints file, after
+    every file's size, checksum and row count was verified (so a damaged index is refused
+    before anything is read into memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise IndexCorruptError(f"{root / MANIFEST}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexCorruptError(f"{root / MANIFEST}: not a {FORMAT} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise IndexCorruptError(
+            f"{root}: index format version {manifest.get('version')} is not supported "
+            f"(this keyfuse reads version {FORMAT_VERSION})"
+        )
+    parts = manifest.get("parts")
+    if not isinstance(parts, list):
+        raise IndexCorruptError(f"{root / MANIFEST}: no list of parts")
+    try:
+        checked: list[tuple[dict[str, list[Any]], Path]] = []
+        for part in parts:
+            files = {}
+            for kind in ("subjects", "keypoints"):
+                info = part["files"][kind]
+                f = root / info["name"]
+                if not f.is_file():
+                    raise IndexCorruptError(f"{f}: listed in the manifest but missing")
+                if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+                    raise IndexCorruptError(f"{f}: size or sha256 checksum mismatch")
+                if pq.ParquetFile(f).metadata.num_rows != info["rows"]:
+                    raise IndexCorruptError(f"{f}: row count differs from the manifest")
+                files[kind] = f
+            checked.append((pq.read_table(files["subjects"]).to_pydict(), files["keypoints"]))
+    except IndexCorruptError:
+        raise
+    except (KeyError, TypeError, ValueError, pa.ArrowException, OSError) as e:
+        raise IndexCorruptError(f"{root}: corrupt index ({type(e).__name__}: {e})") from e
+    ids = [sid for sub, _ in checked for sid in sub["subject_id"]]
+    if len(set(ids)) != len(ids):
+        raise IndexCorruptError(f"{root}: duplicate subject ids")
+    return parts, checked
+
 
 def _sha256(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""

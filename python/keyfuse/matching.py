@@ -15,6 +15,7 @@ and thread count.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ import numpy.typing as npt
 from keyfuse import _core
 from keyfuse.device import resolve_device
 from keyfuse.errors import InvalidArgumentError
-from keyfuse.keypoints import KeypointSet
+from keyfuse.keypoints import KeypointSet, read_key
 
 __all__ = [
     "Alignment",
@@ -39,14 +40,46 @@ __all__ = [
 
 
 def _as_keypoints(obj: Any, device: str = "auto", name: str = "keypoints") -> KeypointSet:
-    """A KeypointSet as is; an Image, array or path is extracted first."""
+    """A KeypointSet as is; a keypoint file (``.kfk``, ``.key``) is read; an Image or an
+    image path is extracted first. A bare array is refused: it has no affine, and a
+    descriptor array passed by mistake would otherwise be taken for a 2D image."""
     if isinstance(obj, KeypointSet):
         return obj
-    if obj is None:
-        raise InvalidArgumentError(f"{name}: expected a KeypointSet, an image or a path")
+    if isinstance(obj, (str, os.PathLike)):
+        path = os.fspath(obj)
+        if path.endswith(".kfk"):
+            return KeypointSet.load(path)
+        if path.endswith(".key"):
+            return read_key(path)
+    if obj is None or isinstance(obj, (np.ndarray, list, tuple)):
+        what = (
+            f"a {type(obj).__name__}"
+            + (f" of shape {obj.shape}" if isinstance(obj, np.ndarray) else "")
+            if obj is not None
+            else "None"
+        )
+        hint = (
+            " (that looks like descriptors: pass the KeypointSet itself)"
+            if isinstance(obj, np.ndarray) and obj.ndim == 2 and obj.shape[1:] == (64,)
+            else " (wrap an image array as kf.Image(array, affine))"
+        )
+        raise InvalidArgumentError(
+            f"{name}: expected a KeypointSet, a keypoint file (.kfk/.key), an Image or an "
+            f"image path; got {what}{hint}"
+        )
     from keyfuse.extraction import extract
 
     return extract(obj, device=device)
+
+
+def _check_same_dims(a: KeypointSet, b: KeypointSet) -> None:
+    """2D and 3D SIFT-Rank descriptors are not comparable: refuse a mix."""
+    da, db = len(a.shape), len(b.shape)
+    if da in (2, 3) and db in (2, 3) and da != db:
+        raise InvalidArgumentError(
+            f"cannot compare keypoints of a {da}D image (shape {a.shape}) with those of a "
+            f"{db}D image (shape {b.shape}): 2D and 3D descriptors are not comparable"
+        )
 
 
 def _desc(kps: KeypointSet) -> np.ndarray:
@@ -120,7 +153,8 @@ def match(
 
     Parameters
     ----------
-    a, b : KeypointSet (or Image / path, extracted first)
+    a, b : KeypointSet, keypoint file (``.kfk``/``.key``), Image or image path
+        Images are extracted first (with ``device``); bare arrays are refused.
     ratio : float, default 0.9
         Lowe's test: keep a match when d1/d2 ≤ ratio (d1, d2: the two nearest descriptor
         distances among the scale-compatible candidates). 1.0 keeps all.
@@ -146,6 +180,7 @@ def match(
     resolve_device(device)
     a = _as_keypoints(a, device, "a")
     b = _as_keypoints(b, device, "b")
+    _check_same_dims(a, b)
     ia, ib, dist, tr, p, mode = _core.match_sets(
         _desc(a),
         np.ascontiguousarray(a.xyz, dtype=np.float64),
@@ -275,6 +310,7 @@ def align(
     """
     moving = _as_keypoints(moving, device, "moving")
     fixed = _as_keypoints(fixed, device, "fixed")
+    _check_same_dims(moving, fixed)
     m = match(moving, fixed, ratio=ratio, scale_factor=scale_factor, device=device)
     if len(m) < 3:
         raise InvalidArgumentError(
@@ -359,7 +395,8 @@ def soft_jaccard(
 
     Parameters
     ----------
-    a, b : KeypointSet (or Image / path, extracted first)
+    a, b : KeypointSet, keypoint file (``.kfk``/``.key``), Image or image path
+        Images are extracted first (with ``device``); bare arrays are refused.
     k : int, optional
         Nearest neighbours per keypoint (K); default 10 (posterior) or 30 (published).
     symmetric : bool, default False
@@ -385,6 +422,7 @@ def soft_jaccard(
     resolve_device(device)
     a = _as_keypoints(a, device, "a")
     b = _as_keypoints(b, device, "b")
+    _check_same_dims(a, b)
     na, nb = len(a), len(b)
     geo: dict[str, np.ndarray | None] = dict.fromkeys(("xyz_a", "scale_a", "xyz_b", "scale_b"))
     if geometry and na and nb:

@@ -30,11 +30,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError as _SkNotFittedError
 
 from keyfuse import _core
-from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
 from keyfuse.errors import InvalidArgumentError, InvalidImageError
 from keyfuse.image import Image, load_image
+from keyfuse.segment_files import (
+    check_output_path,
+    dseg_tsv_path,
+    pair_atlas_files,
+    write_image,
+)
+
+__all__ = [
+    "KeypointTransferSegmenter",
+    "NotFittedError",
+    "Segmentation",
+    "check_output_path",
+    "dseg_tsv_path",
+    "normalize_intensity",
+    "pair_atlas_files",
+]
 
 if TYPE_CHECKING:
     from keyfuse.keypoints import KeypointSet
@@ -178,7 +195,7 @@ def _contact_shares(label_maps: Sequence[npt.NDArray[np.int32]]) -> dict[int, di
     return out
 
 
-@dataclass
+@dataclass(repr=False)
 class Segmentation:
     """The result of :meth:`KeypointTransferSegmenter.predict`.
 
@@ -187,8 +204,11 @@ class Segmentation:
     labels : (I, J, K) int32
         Label per voxel on the input image's grid (0 = background).
     probabilities : dict[int, (I, J, K) float32]
-        Per label, the transferred weight at each voxel divided by the total weight
-        transferred for that label (in [0, 1]).
+        Per voxel, a posterior over the labels: each label's transferred weight q_l
+        (its weight at the voxel divided by the total weight transferred for that
+        label) divided by max(1, Σ_l q_l), so the labels sum to at most 1 and the rest
+        is background. ``labels`` is the arg-max, or background where the best q_l is
+        below ``background_fraction``.
     affine : (4, 4) float64
         The input image's voxel-to-world matrix (copied).
     keypoints : KeypointSet
@@ -213,6 +233,14 @@ class Segmentation:
     n_matches: int = 0
     n_transfers: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    label_names: dict[int, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        shape = "×".join(map(str, self.labels.shape))
+        return (
+            f"Segmentation({shape} voxels, labels {sorted(self.probabilities)}, "
+            f"{len(self.keypoints)} keypoints, {self.n_transfers} transfers)"
+        )
 
     def to_nifti(self) -> Any:
         """The label map as a ``nibabel.Nifti1Image`` (int16 when the labels fit)."""
@@ -235,14 +263,24 @@ class Segmentation:
         return img
 
     def save(self, path: PathLike, probabilities: PathLike | None = None) -> None:
-        """Write the label map (and optionally the probability maps) as NIfTI files."""
+        """Write the label map (NIfTI, or MGH for ``.mgz``/``.mgh``), its label names as
+        a BIDS look-up table beside it (``x.nii.gz`` → ``x.tsv``: ``index``, ``name``;
+        names from ``label_names``, else ``label-<value>``), and optionally the
+        probability maps (4D). Both paths are checked before anything is written."""
         from keyfuse._io import atomic_path
 
-        with atomic_path(Path(path)) as tmp:
-            self.to_nifti().to_filename(str(tmp))
+        target = check_output_path(path, "label map")
         if probabilities is not None:
-            with atomic_path(Path(probabilities)) as tmp:
-                self.probabilities_nifti().to_filename(str(tmp))
+            check_output_path(probabilities, "probability map")
+        write_image(self.to_nifti(), target)
+        with atomic_path(dseg_tsv_path(target)) as tmp:
+            rows = ["index\tname", "0\tbackground"]
+            rows += [
+                f"{k}\t{self.label_names.get(k, f'label-{k}')}" for k in sorted(self.probabilities)
+            ]
+            tmp.write_text("\n".join(rows) + "\n")
+        if probabilities is not None:
+            write_image(self.probabilities_nifti(), Path(probabilities))
 
 
 @dataclass
@@ -304,7 +342,11 @@ def _as_label_array(source: Any, name: str) -> tuple[npt.NDArray[np.int32], Imag
     return data.astype(np.int32), img
 
 
-class KeypointTransferSegmenter:
+class NotFittedError(InvalidArgumentError, _SkNotFittedError):
+    """An estimator was used before :meth:`fit` (also scikit-learn's ``NotFittedError``)."""
+
+
+class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
     """Segment images by transferring whole organ label maps along keypoint matches.
 
     Parameters
@@ -406,13 +448,14 @@ class KeypointTransferSegmenter:
         self.hough = hough
         self.normalize = normalize
         self.device = device
-        self.extract_params = dict(extract_params or {})
+        self.extract_params = extract_params  # as given: sklearn's clone() checks identity
         self.progress = progress
         self._atlases: list[_Atlas] = []
         self._labels: list[int] = []
         self._cache: dict[bytes, tuple[_core.TransferAtlases, list[npt.NDArray[np.float64]]]] = {}
         self._kp_atlases: _core.AtlasKeypoints | None = None
         self._contact: dict[int, dict[int, float]] = {}
+        self._label_names: dict[int, str] = {}
 
     # ------------------------------------------------------------------ fitting
     @property
@@ -427,7 +470,13 @@ class KeypointTransferSegmenter:
 
     def _check_fitted(self) -> None:
         if not self._atlases:
-            raise InvalidArgumentError("the segmenter is not fitted: call fit() first")
+            raise NotFittedError(
+                "this KeypointTransferSegmenter is not fitted yet: call fit(images, "
+                "label_maps) first"
+            )
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return bool(self._atlases)
 
     def extract_keypoints(self, image: Any) -> KeypointSet:
         """The keypoints this segmenter uses for ``image`` (what :meth:`fit` and
@@ -436,7 +485,7 @@ class KeypointTransferSegmenter:
 
         img = load_image(image)
 
-        params = dict(self.extract_params)
+        params = dict(self.extract_params or {})
         # Keypoint transfer needs many keypoints: on coarse scans extract at the physical
         # scales of a 1 mm scan (the extractor's σ0 and pre-blur are in voxels), which
         # gives thousands of rows on a 2 mm brain instead of a few dozen.
@@ -455,6 +504,7 @@ class KeypointTransferSegmenter:
         images: Sequence[Any],
         label_maps: Sequence[Any],
         keypoints: Sequence[KeypointSet] | None = None,
+        label_names: Mapping[int, str] | None = None,
     ) -> KeypointTransferSegmenter:
         """Store the training images' keypoints (with the label at each location;
         background keypoints dropped), label maps and normalised intensities.
@@ -465,6 +515,8 @@ class KeypointTransferSegmenter:
             One label map (integers, 0 = background) per image, on the image's grid.
         keypoints : sequence of KeypointSet, optional
             Precomputed keypoints of the images (extracted when omitted).
+        label_names : mapping label → name, optional
+            Names written to the BIDS look-up table beside a saved label map.
         """
         from tqdm.auto import tqdm
 
@@ -515,6 +567,7 @@ class KeypointTransferSegmenter:
             raise InvalidArgumentError("the label maps contain no labels (all background)")
         self._atlases = atlases
         self._labels = present
+        self._label_names = {int(k): str(v) for k, v in (label_names or {}).items()}
         self._cache = {}
         self._contact = _contact_shares([a.labels for a in atlases])
         # the training keypoints in the matcher's form, built once
@@ -632,6 +685,7 @@ class KeypointTransferSegmenter:
                 keypoint_labels=np.zeros(n, np.int32),
                 keypoint_certainty=np.zeros(n, np.float32),
                 timings=timings,
+                label_names=dict(self._label_names),
             )
         pm32 = np.where(np.isfinite(pm) & (pm > 0), pm, 0.0).astype(np.float32)
 
@@ -693,9 +747,12 @@ class KeypointTransferSegmenter:
             float(self.background_fraction),
         )
         timings["transfer"] = time.perf_counter() - t0
+        # a posterior per voxel: the labels' shares sum to at most 1 (background the rest)
+        stack = np.asarray(probs, dtype=np.float32)
+        stack = stack / np.maximum(stack.sum(axis=0), np.float32(1.0))
         return Segmentation(
             labels=seg_labels,
-            probabilities={int(v): probs[k] for k, v in enumerate(label_values)},
+            probabilities={int(v): stack[k] for k, v in enumerate(label_values)},
             affine=img.affine.copy(),
             keypoints=kps,
             keypoint_labels=kp_labels,
@@ -703,37 +760,5 @@ class KeypointTransferSegmenter:
             n_matches=int(q.size),
             n_transfers=int(ta.size),
             timings=timings,
+            label_names=dict(self._label_names),
         )
-
-
-# ------------------------------------------------------------------- atlas folders
-
-
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise InvalidArgumentError(f"not a directory: {folder}")
-    return sorted(p for p in folder.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
-
-
-def pair_atlas_files(atlases: Path, labels: Path) -> list[tuple[Path, Path]]:
-    """Pair the images of ``atlases`` with the label maps of ``labels``: by identical file
-    name (``.nii``/``.nii.gz`` ignored), else by a label name that starts with the image's
-    name (``sub01.nii.gz`` ↔ ``sub01_labels.nii.gz``)."""
-    images = _image_files(atlases)
-    maps = _image_files(labels)
-    if not images:
-        raise InvalidArgumentError(f"no .nii/.nii.gz images in {atlases}")
-    by_stem = {subject_id_from_path(p): p for p in maps}
-    pairs = []
-    for img in images:
-        stem = subject_id_from_path(img)
-        match = by_stem.get(stem)
-        if match is None:
-            cands = [p for s, p in by_stem.items() if s.startswith(stem)]
-            if len(cands) != 1:
-                raise InvalidArgumentError(
-                    f"no unique label map in {labels} for atlas image {img.name}"
-                )
-            match = cands[0]
-        pairs.append((img, match))
-    return pairs

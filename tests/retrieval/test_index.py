@@ -141,11 +141,9 @@ def test_opened_index_reads_keypoints_back_lazily(
     directory removed after opening gives a clear error while searching still works."""
     import shutil
 
-    import keyfuse.index as kfi
     import keyfuse.index_storage as kfs
 
     # subjects of 250 rows span 3-4 groups, written and streamed back in groups of 97
-    monkeypatch.setattr(kfi, "ROW_GROUP", 97)
     monkeypatch.setattr(kfs, "ROW_GROUP", 97)
     path = tmp_path / "lazy.kfi"
     index.save(path)
@@ -179,7 +177,8 @@ def test_opened_index_notices_a_rewritten_directory(
 def test_subject_without_keypoints_round_trips(cohort, tmp_path: Path) -> None:
     empty = kf.KeypointSet(np.zeros((0, 3)), np.zeros(0), descriptors=np.zeros((0, 64), np.uint8))
     ix = kf.Index()
-    ix.add("blank", empty)
+    with pytest.warns(UserWarning, match="no keypoints"):
+        ix.add("blank", empty)
     ix.add(cohort[0][0], cohort[0][1])
     ix.save(tmp_path / "with-blank.kfi")
     back = kf.Index.load(tmp_path / "with-blank.kfi")
@@ -189,7 +188,7 @@ def test_subject_without_keypoints_round_trips(cohort, tmp_path: Path) -> None:
 
 def test_on_disk_appends(cohort, tmp_path: Path) -> None:
     path = tmp_path / "live"
-    ix = kf.Index(path)
+    ix = kf.Index.create(path)
     for sid, kps, labels in cohort[:5]:
         ix.add(sid, kps, **labels)
     ix.add_many([(sid, kps, None, labels) for sid, kps, labels in cohort[5:]])
@@ -197,7 +196,7 @@ def test_on_disk_appends(cohort, tmp_path: Path) -> None:
     assert manifest["n_subjects"] == 12 and len(manifest["parts"]) == 6
     # an orphan part (a crashed append) is ignored
     (path / "keypoints-000099.parquet").write_bytes(b"garbage")
-    back = kf.Index(path)
+    back = kf.Index(path, mode="r+")
     assert back.subjects == ix.subjects
     with pytest.raises(kf.InvalidArgumentError):
         back.add("f0m0", cohort[0][1])
@@ -244,7 +243,7 @@ def test_missing_file_and_bad_manifest_raise(index: kf.Index, tmp_path: Path) ->
 
 
 def test_empty_index(tmp_path: Path) -> None:
-    ix = kf.Index(tmp_path / "empty")
+    ix = kf.Index.create(tmp_path / "empty")
     assert len(ix) == 0 and ix.pairwise().shape == (0, 0)
     assert len(kf.Index.load(tmp_path / "empty")) == 0
     with pytest.raises(kf.InvalidArgumentError):

@@ -20,6 +20,7 @@ COMMANDS = [
     ["index"],
     ["index", "build"],
     ["index", "add"],
+    ["index", "remove"],
     ["index", "info"],
     ["query"],
     ["pairwise"],
@@ -102,7 +103,7 @@ def test_bad_inputs_give_one_line(runner: CliRunner, tmp_path: Path) -> None:
     res = runner.invoke(kcli.cli, ["evaluate", "family", str(tmp_path)])
     assert "not a cohort directory" in _one_error_line(res)
     res = runner.invoke(kcli.cli, ["simulate", str(tmp_path / "s"), "--resolution", "-2", "-q"])
-    assert "resolution_mm" in _one_error_line(res)
+    assert "--resolution must be" in _one_error_line(res)  # the option, not resolution_mm
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
     res = runner.invoke(kcli.cli, ["index", "build", str(notes), "-o", str(tmp_path / "i")])
@@ -193,7 +194,7 @@ def test_index_query_pairwise(runner: CliRunner, tmp_path: Path) -> None:
     res = runner.invoke(kcli.cli, ["query", str(idx), str(tmp_path / "q.kfk"), "-k", "2", "--csv"])
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
-    assert lines[0] == "rank,subject,score" and lines[1].startswith("1,s1,")
+    assert lines[0] == "rank,subject,score,family" and lines[1].startswith("1,s1,")
     more = tmp_path / "more"
     more.mkdir()
     _random_set(rng).save(more / "s4.kfk")

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from keyfuse.cli.options import CONTEXT
+from keyfuse.cli.options import CONTEXT, cli_message
 from keyfuse.errors import KeyfuseError
 
 __all__ = ["cli", "main"]
@@ -29,17 +29,25 @@ class KeyfuseGroup(click.Group):
     by any command below it into one-line ``Error:`` messages."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import warnings
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            click.echo(f"warning: {message}", err=True)
+
+        previous, warnings.showwarning = warnings.showwarning, show  # one line, no source
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyfuseError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(cli_message(str(exc))) from exc
         except ImportError as exc:  # an optional part of keyfuse or a dependency is missing
             raise click.ClickException(f"missing module: {exc}") from exc
         except OSError as exc:
             msg = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
             raise click.ClickException(msg) from exc
+        finally:
+            warnings.showwarning = previous
 
 
 @click.group("keyfuse", cls=KeyfuseGroup, context_settings=CONTEXT)

@@ -46,7 +46,8 @@ def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
 
 
 def load_keypoints(path: Path, device: str) -> Any:
-    """Read a keypoint file or extract keypoints from an image."""
+    """Read a keypoint file or extract keypoints from an image (any format the image
+    reader supports)."""
     from keyfuse.keypoints import KeypointSet, read_key
 
     if path.name.endswith(".kfk"):
@@ -61,26 +62,112 @@ def load_keypoints(path: Path, device: str) -> Any:
 def read_label_table(
     path: Path, id_column: str | None, columns: str | None = None
 ) -> dict[str, dict[str, str]]:
-    """A CSV table → {subject id: {column: value}}; the id column is ``id_column``, else
-    ``subject``, else the first; ``columns`` ("A,B") keeps only those columns."""
+    """A CSV or TSV table → {subject id: {column: value}}.
+
+    The delimiter is a tab for ``.tsv`` files (BIDS ``participants.tsv``), else sniffed
+    (comma, tab or semicolon). The id column is ``id_column``, else ``subject``, else
+    BIDS's ``participant_id``, else the first; ``columns`` ("A,B") keeps only those
+    columns, each of which must exist. BIDS's ``n/a`` marks a missing value (left out).
+    """
     try:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyfuseIOError(f"cannot read label table {path}: {exc}") from exc
+    if path.name.endswith(".tsv"):
+        delimiter = "\t"
+    else:
+        try:
+            delimiter = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",\t;").delimiter
+        except csv.Error:
+            delimiter = ","
+    try:
+        rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+    except csv.Error as exc:
         raise KeyfuseIOError(f"cannot read label table {path}: {exc}") from exc
     if not rows:
         raise InvalidArgumentError(f"label table {path} has no rows")
-    cols = list(rows[0])
-    col = id_column or ("subject" if "subject" in cols else cols[0])
+    cols = [c for c in rows[0] if c is not None]
+    if id_column:
+        col = id_column
+    else:
+        col = next((c for c in ("subject", "participant_id") if c in cols), cols[0])
     if col not in cols:
-        raise InvalidArgumentError(f"label table {path} has no column {col!r} (columns: {cols})")
-    keep = [c.strip() for c in columns.split(",")] if columns else None
+        raise InvalidArgumentError(
+            f"label table {path} has no column {col!r} (columns: {', '.join(cols)}); "
+            "name the id column with --id-column"
+        )
+    keep = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    if keep:
+        missing = [c for c in keep if c not in cols]
+        if missing:
+            raise InvalidArgumentError(
+                f"--columns names {', '.join(missing)}, not in label table {path} "
+                f"(columns: {', '.join(cols)})"
+            )
     return {
-        str(r[col]): {
-            k: v for k, v in r.items() if k != col and k is not None and (not keep or k in keep)
+        str(r[col]).strip(): {
+            k: v
+            for k, v in r.items()
+            if k != col and k is not None and v not in (None, "n/a") and (not keep or k in keep)
         }
         for r in rows
     }
+
+
+def labels_for(sid: str, labels: dict[str, dict[str, str]]) -> dict[str, str] | None:
+    """The row of ``labels`` for subject ``sid``: by its id, else by its BIDS subject
+    entity (``sub-01_ses-1_T1w`` → ``sub-01``, as in ``participants.tsv``)."""
+    if sid in labels:
+        return labels[sid]
+    entity = sid.split("_", 1)[0]
+    if entity.startswith("sub-") and entity in labels:
+        return labels[entity]
+    return None
+
+
+def match_labels(
+    ids: Sequence[str], labels: dict[str, dict[str, str]], table: Path | None
+) -> tuple[dict[str, dict[str, str]], str | None]:
+    """Each subject's labels, and a warning (or None) when some subjects have no row.
+
+    Raises :class:`InvalidArgumentError` when a table was given but no subject is in it
+    (an index without its labels is almost never what was meant).
+    """
+    if table is None:
+        return {}, None
+    found = {sid: row for sid in ids if (row := labels_for(sid, labels)) is not None}
+    unmatched = [sid for sid in ids if sid not in found]
+    if ids and not found:
+        raise InvalidArgumentError(
+            f"none of the {len(ids)} subjects is in label table {table} "
+            f"(subjects: {', '.join(ids[:3])}, ...; table ids: "
+            f"{', '.join(list(labels)[:3])}, ...): check --id-column"
+        )
+    warning = None
+    if unmatched:
+        warning = (
+            f"warning: {len(unmatched)} of {len(ids)} subjects have no row in {table} "
+            f"(e.g. {', '.join(unmatched[:3])}): they are indexed without labels"
+        )
+    return found, warning
+
+
+def subject_sources(sources: Sequence[Path]) -> dict[str, Path]:
+    """{subject id: source}, refusing two files that would be the same subject (a
+    ``.kfk`` and a ``.key`` of one scan, or one name in two folders)."""
+    from keyfuse._io import subject_id_from_path
+
+    out: dict[str, Path] = {}
+    for src in sources:
+        sid = subject_id_from_path(src)
+        if sid in out:
+            raise InvalidArgumentError(
+                f"{out[sid]} and {src} would both be subject {sid!r} (the subject id is the "
+                "file name without its suffix): pass only one of them, e.g. only the .kfk "
+                "files (keys/*.kfk)"
+            )
+        out[sid] = src
+    return out
 
 
 def add_to_index(
@@ -90,21 +177,41 @@ def add_to_index(
     *,
     device: str,
     quiet: bool,
-) -> int:
-    """Add keypoint files or images to ``index``, each under its subject id
-    (:func:`keyfuse._io.subject_id_from_path`) with its row of ``labels``; returns how
-    many."""
+    skip_existing: bool = False,
+) -> tuple[int, int]:
+    """Add keypoint files or images to ``index`` as one atomic append (all or nothing),
+    each under its subject id (:func:`keyfuse._io.subject_id_from_path`) with its row of
+    ``labels``; returns (added, skipped as already in the index)."""
     from tqdm.auto import tqdm
 
-    from keyfuse._io import subject_id_from_path
+    by_id = subject_sources(sources)
+    present = [sid for sid in by_id if sid in index]
+    if present and not skip_existing:
+        raise InvalidArgumentError(
+            f"{len(present)} subject(s) already in the index (e.g. {', '.join(present[:3])}); "
+            "nothing was added. Pass --skip-existing to add only the new ones, or remove "
+            "them first with 'keyfuse index remove'"
+        )
+    todo = [(sid, src) for sid, src in by_id.items() if sid not in index]
+    items = []
+    for sid, src in tqdm(todo, desc="read", unit="file", disable=quiet):
+        items.append((sid, load_keypoints(src, device), None, labels.get(sid, {})))
+    index.add_many(items, source=[str(src) for _, src in todo], device=device)
+    return len(items), len(present)
 
-    for src in tqdm(sources, desc="index", unit="file", disable=quiet):
-        sid = subject_id_from_path(src)
-        index.add(sid, load_keypoints(src, device), **labels.get(sid, {}))
-    return len(sources)
 
-
-def open_index(path: Path) -> Any:
+def open_index(path: Path, mode: str = "r") -> Any:
     from keyfuse.index import Index
 
-    return Index.load(path)
+    return Index(path, mode=mode)
+
+
+def source_labels(
+    paths: Sequence[Path], labels_csv: Path | None, id_column: str | None, columns: str | None
+) -> tuple[dict[str, dict[str, str]], str | None]:
+    """The labels of the subjects of ``paths`` from a ``--labels`` table (see
+    :func:`match_labels`)."""
+    if labels_csv is None:
+        return {}, None
+    table = read_label_table(labels_csv, id_column, columns)
+    return match_labels(list(subject_sources(paths)), table, labels_csv)

@@ -9,7 +9,7 @@ import click
 
 from keyfuse.cli._inputs import open_index
 from keyfuse.cli.options import CONTEXT, device_option, quiet_option, simulation_options
-from keyfuse.errors import InvalidArgumentError, KeyfuseError
+from keyfuse.errors import KeyfuseError
 
 
 @click.group(context_settings=CONTEXT)
@@ -22,13 +22,10 @@ def _cohort_scores(
 ) -> Any:
     """The cohort's N×N score matrix from an index, or from keypoint files (extracted
     into COHORT/keys when absent)."""
-    import numpy as np
-
     from keyfuse.index import Index
 
     if index_path is not None:
         idx = open_index(index_path)
-        ids = [str(s) for s in idx.subjects]
     else:
         from keyfuse.batch import extract_batch
         from keyfuse.keypoints import KeypointSet
@@ -42,16 +39,10 @@ def _cohort_scores(
         idx = Index()
         for sid, p in zip(cohort.subjects, res.outputs, strict=True):
             idx.add(sid, KeypointSet.load(p))
-        ids = list(cohort.subjects)
-    mat = np.asarray(idx.pairwise(), dtype=np.float64)
-    pos = {s: i for i, s in enumerate(ids)}
-    missing = [s for s in cohort.subjects if s not in pos]
-    if missing:
-        raise InvalidArgumentError(
-            f"{len(missing)} cohort subjects are not in the index, e.g. {missing[0]}"
-        )
-    order = [pos[s] for s in cohort.subjects]
-    return mat[np.ix_(order, order)]
+    from keyfuse.evaluate import cohort_matrix
+
+    # matched to the cohort by subject id (an index may be built in any order)
+    return cohort_matrix(cohort, idx.pairwise(device=device, as_frame=True))
 
 
 @evaluate.command("family", context_settings=CONTEXT)
@@ -74,7 +65,7 @@ def _cohort_scores(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write the ROC curve to this PNG.",
+    help="Write the ROC curve to this file (.png, .svg or .pdf, by its suffix).",
 )
 @device_option()
 @quiet_option()
@@ -99,6 +90,8 @@ def evaluate_family(
     from keyfuse import evaluate as ev
     from keyfuse.datasets.cohort import Cohort
 
+    if plot is not None:
+        ev.plot_format(plot)  # an unknown format fails now, not after the scoring
     cohort = Cohort.load(cohort_dir)
     scores = _cohort_scores(cohort, keys_dir, index_path, device, quiet)
     report = ev.family_report(cohort, scores)

@@ -37,6 +37,13 @@ from keyfuse.cli.options import CONTEXT, dask_option, device_option, quiet_optio
     show_default=True,
     help="kfk: compact binary; key: featExtract text format.",
 )
+@click.option(
+    "--pattern",
+    default=None,
+    metavar="GLOB",
+    help="Only files of IMAGES' directories whose names match, e.g. '*_T1w.nii.gz' "
+    "(directories are searched recursively).",
+)
 @click.option("--overwrite", is_flag=True, help="Recompute outputs that already exist.")
 @quiet_option("No progress bar.")
 def extract(
@@ -47,10 +54,12 @@ def extract(
     workers: int | None,
     device: str,
     fmt: str,
+    pattern: str | None,
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Extract 3D SIFT-Rank keypoints from IMAGES (files or directories of .nii/.nii.gz).
+    """Extract 3D SIFT-Rank keypoints from IMAGES (files, globs, or directories searched
+    recursively for .nii/.nii.gz).
 
     Existing outputs are skipped, so re-running a command resumes it. A file that
     fails is listed in OUT/failures.csv and the batch goes on; the exit status is 1
@@ -60,20 +69,32 @@ def extract(
     Examples:
       keyfuse extract scans/ -o keys/
       keyfuse extract a.nii.gz b.nii.gz -o keys/ --format key
+      keyfuse extract bids/ --pattern '*_T1w.nii.gz' -o keys/
       keyfuse extract /data/ukb/*.nii.gz -o keys/ --dask tcp://scheduler:8786
     """
-    from keyfuse.batch import FAILURES_FILE, extract_batch
+    from keyfuse.batch import FAILURES_FILE, BatchInterrupted, extract_batch
 
-    res = extract_batch(
-        list(images),
-        out,
-        scheduler=dask_address or scheduler,
-        n_workers=workers,
-        device=device,
-        fmt=fmt,
-        overwrite=overwrite,
-        progress=not quiet,
-    )
+    try:
+        res = extract_batch(
+            list(images),
+            out,
+            scheduler=dask_address or scheduler,
+            n_workers=workers,
+            device=device,
+            fmt=fmt,
+            pattern=pattern,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
+    except BatchInterrupted as stop:
+        done = stop.result
+        click.echo(
+            f"\ninterrupted: queued files cancelled; {len(done.written)} extracted, "
+            f"{len(done.skipped)} already done are kept -> {out}. Run the same command "
+            "again to resume.",
+            err=True,
+        )
+        raise SystemExit(130) from None
     click.echo(
         f"{len(res.written)} extracted, {len(res.skipped)} already done, "
         f"{len(res.failures)} failed ({res.seconds:.1f} s) -> {out}"

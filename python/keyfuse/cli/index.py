@@ -1,4 +1,4 @@
-"""``keyfuse index build|add|info``: an on-disk keypoint index."""
+"""``keyfuse index build|add|remove|info``: an on-disk keypoint index."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyfuse.cli._inputs import add_to_index, keypoint_sources, open_index, read_label_table
+from keyfuse.cli._inputs import add_to_index, keypoint_sources, open_index, source_labels
 from keyfuse.cli.options import (
     CONTEXT,
     device_option,
@@ -60,8 +60,10 @@ def index_build(
         raise InvalidArgumentError(f"{out} exists: use 'keyfuse index add' or --overwrite")
     idx = Index()
     paths = keypoint_sources(sources)
-    labels = read_label_table(labels_csv, id_column, columns) if labels_csv else {}
-    n = add_to_index(idx, paths, labels, device=device, quiet=quiet)
+    labels, warning = source_labels(paths, labels_csv, id_column, columns)
+    if warning:
+        click.echo(warning, err=True)
+    n, _ = add_to_index(idx, paths, labels, device=device, quiet=quiet)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     idx.save(out)
@@ -73,6 +75,11 @@ def index_build(
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @label_table_options
 @device_option(IMAGE_DEVICE_HELP)
+@click.option(
+    "--skip-existing",
+    is_flag=True,
+    help="Leave out subjects already in INDEX (default: refuse, adding nothing).",
+)
 @quiet_option("No progress bar.")
 def index_add(
     index_path: Path,
@@ -81,25 +88,51 @@ def index_add(
     id_column: str | None,
     columns: str | None,
     device: str,
+    skip_existing: bool,
     quiet: bool,
 ) -> None:
     """Add keypoint files or images (or directories of them) to an existing INDEX.
 
+    All or nothing: every source is read first and the subjects are committed in one
+    atomic append, so a bad file adds none of them and the command can be re-run.
+
+    \b
+    Examples:
+      keyfuse index add cohort.kfi new_keys/ --labels new.csv
+      keyfuse index add cohort.kfi keys/ --skip-existing   # only the subjects not yet in it
+    """
+    idx = open_index(index_path, mode="r+")
+    paths = keypoint_sources(sources)
+    labels, warning = source_labels(paths, labels_csv, id_column, columns)
+    if warning:
+        click.echo(warning, err=True)
+    n, skipped = add_to_index(
+        idx, paths, labels, device=device, quiet=quiet, skip_existing=skip_existing
+    )
+    more = f", {skipped} already there" if skipped else ""
+    click.echo(f"added {n} subjects{more} -> {index_path} ({len(idx)} in all)")
+
+
+@index.command("remove", context_settings=CONTEXT)
+@index_argument()
+@click.argument("subject_ids", nargs=-1, required=True, metavar="SUBJECT_ID...")
+@quiet_option("Accepted for symmetry with the other commands (remove shows no progress).")
+def index_remove(index_path: Path, subject_ids: tuple[str, ...], quiet: bool) -> None:
+    """Remove subjects from INDEX by id (the index is rewritten atomically).
+
     \b
     Example:
-      keyfuse index add cohort.kfi new_keys/ --labels new.csv
+      keyfuse index remove cohort.kfi sub-003 sub-017
     """
-    idx = open_index(index_path)
-    paths = keypoint_sources(sources)
-    labels = read_label_table(labels_csv, id_column, columns) if labels_csv else {}
-    n = add_to_index(idx, paths, labels, device=device, quiet=quiet)
-    idx.save(index_path)
-    click.echo(f"added {n} subjects -> {index_path} ({len(idx)} in all)")
+    idx = open_index(index_path, mode="r+")
+    idx.remove(list(dict.fromkeys(subject_ids)))
+    click.echo(f"removed {len(set(subject_ids))} subjects -> {index_path} ({len(idx)} left)")
 
 
 @index.command("info", context_settings=CONTEXT)
 @index_argument()
-def index_info(index_path: Path) -> None:
+@quiet_option("Accepted for symmetry with the other commands (info prints no progress).")
+def index_info(index_path: Path, quiet: bool) -> None:
     """Summarise INDEX: subjects, keypoints, labels, size on disk.
 
     \b

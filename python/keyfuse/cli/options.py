@@ -17,6 +17,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: context settings of every command: ``-h`` as well as ``--help``, wide help texts
 CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+#: the library's argument names → the options that set them, for error messages
+CLI_NAMES: dict[str, str] = {
+    "n_families": "--families",
+    "family_size": "--family-size",
+    "n_rescans": "--rescans",
+    "resolution_mm": "--resolution",
+    "n_workers": "--workers",
+    "device='cuda'": "--device cuda",
+    "device='auto'": "--device auto",
+    "n_neighbors": "--neighbors",
+    "extract_params": "--extract-param",
+}
+
+
+def cli_message(message: str) -> str:
+    """A library error message with its argument names replaced by the CLI options."""
+    import re
+
+    for name, option in CLI_NAMES.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", option, message)
+    return message
+
+
 #: --search value -> the ``exact=`` argument of ``Index.search`` / ``Index.pairwise``
 SEARCH_EXACT = {"auto": None, "exact": True, "forest": False}
 
@@ -121,13 +144,13 @@ def simulation_options(
             click.option(
                 "--rescans",
                 type=click.IntRange(min=0),
-                default=4,
-                show_default=True,
-                help="Individuals scanned twice.",
+                default=None,
+                help="Individuals scanned twice [default: 4, or every individual of a "
+                "smaller cohort].",
             )
         )
     options += [
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
         click.option(
             "--resolution", type=float, default=1.5, show_default=True, help="Voxel size, mm."
         ),
@@ -139,3 +162,8 @@ def simulation_options(
         return f
 
     return apply
+
+
+def default_rescans(rescans: int | None, families: int, family_size: int) -> int:
+    """``--rescans`` when given, else 4 capped at the number of individuals."""
+    return min(4, families * family_size) if rescans is None else rescans

@@ -3,59 +3,125 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from keyfuse.cli._inputs import is_image_file, is_keypoint_file, load_keypoints, open_index
+from keyfuse.cli._inputs import load_keypoints, open_index
 from keyfuse.cli.options import (
     CONTEXT,
     SEARCH_EXACT,
     device_option,
     index_argument,
+    quiet_option,
     search_option,
 )
-from keyfuse.errors import InvalidArgumentError
+from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
+
+
+def format_score(score: float) -> str:
+    """Four significant digits, so that small scores stay apart (0.00012, 3.4e-06)."""
+    return f"{score:.4g}"
 
 
 @click.command(context_settings=CONTEXT)
 @index_argument()
-@click.argument(
-    "query_path",
-    metavar="IMAGE_OR_KEY",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-)
+@click.argument("query_arg", metavar="QUERY")
 @click.option(
     "-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Results to show."
 )
-@device_option()
-@click.option("--csv", "as_csv", is_flag=True, help="Print CSV (rank,subject,score).")
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="SUBJECT_ID",
+    help="Leave this subject out of the results (repeatable).",
+)
+@click.option(
+    "--keep-self",
+    is_flag=True,
+    help="Keep the query's own entry when QUERY's subject is in INDEX (default: left out).",
+)
+@click.option(
+    "--labels/--no-labels",
+    "show_labels",
+    default=True,
+    show_default=True,
+    help="Show each hit's labels.",
+)
+@device_option("Extraction of an image query and the search: a CUDA GPU or the CPU.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV (rank,subject,score,labels...).")
 @search_option()
+@quiet_option("No notes on stderr.")
 def query(
-    index_path: Path, query_path: Path, k: int, device: str, as_csv: bool, search: str
+    index_path: Path,
+    query_arg: str,
+    k: int,
+    exclude: tuple[str, ...],
+    keep_self: bool,
+    show_labels: bool,
+    device: str,
+    as_csv: bool,
+    search: str,
+    quiet: bool,
 ) -> None:
-    """Rank the subjects of INDEX by similarity to one image or keypoint file.
+    """Rank the subjects of INDEX by similarity to QUERY: an image, a keypoint file or
+    the id of a subject in INDEX.
+
+    A query whose subject is in INDEX (by id, or by file name) leaves its own entry out
+    of the results, since it would rank first with score 1.
 
     \b
     Examples:
       keyfuse query cohort.kfi new_scan.nii.gz -k 5
+      keyfuse query cohort.kfi sub-003 --exclude sub-004     # by subject id
       keyfuse query cohort.kfi keys/sub-003.kfk --csv > hits.csv
     """
-    from keyfuse.demo import hits_to_pairs
+    from keyfuse._io import subject_id_from_path
+    from keyfuse.device import resolve_device
 
-    if not (is_keypoint_file(query_path) or is_image_file(query_path)):
-        raise InvalidArgumentError(f"{query_path} is neither a keypoint file nor a NIfTI image")
+    resolve_device(device)  # --device cuda without a GPU: one clear error, before the work
     idx = open_index(index_path)
-    kps = load_keypoints(query_path, device)
-    hits = hits_to_pairs(idx.search(kps, k=k, exact=SEARCH_EXACT[search]))
+    path = Path(query_arg)
+    if path.is_file():
+        sid = subject_id_from_path(path)
+        query_obj: Any = load_keypoints(path, device)
+    elif query_arg in idx:
+        sid, query_obj = query_arg, idx.keypoints(query_arg)
+    elif path.is_dir():
+        raise InvalidArgumentError(f"{path} is a directory: QUERY is one image or keypoint file")
+    else:
+        raise KeyfuseIOError(
+            f"{query_arg}: no such file, and no subject of that id in {index_path} "
+            f"(e.g. {', '.join(idx.subjects[:3])})"
+        )
+    excluded = [e for e in exclude if e in idx]
+    unknown = [e for e in exclude if e not in idx]
+    if unknown:
+        raise InvalidArgumentError(f"--exclude: {', '.join(unknown)} not in {index_path}")
+    if sid in idx and not keep_self:
+        excluded.append(sid)
+        if not quiet and not as_csv:
+            click.echo(f"({sid} left out: the query's own entry; --keep-self keeps it)", err=True)
+    restrict = [s for s in idx.subjects if s not in set(excluded)] if excluded else None
+    if restrict is not None and not restrict:
+        raise InvalidArgumentError("every subject of the index is excluded")
+    hits = idx.search(query_obj, k=k, restrict=restrict, exact=SEARCH_EXACT[search], device=device)
+    names = sorted({n for lab in hits.labels.values() for n in lab}) if show_labels else []
     if as_csv:
-        click.echo("rank,subject,score")
-        for r, (sid, score) in enumerate(hits, 1):
-            click.echo(f"{r},{sid},{score:.6g}")
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["rank", "subject", "score", *names])
+        for r, (hit_id, score) in enumerate(hits, 1):
+            w.writerow(
+                [r, hit_id, f"{score:.6g}", *(hits.labels[hit_id].get(n, "") for n in names)]
+            )
         return
-    click.echo(f"{'rank':>4}  {'score':>8}  subject")
-    for r, (sid, score) in enumerate(hits, 1):
-        click.echo(f"{r:>4}  {score:8.4f}  {sid}")
+    width = max([7, *(len(h.subject_id) for h in hits)])
+    click.echo(f"{'rank':>4}  {'score':>9}  {'subject':<{width}}  {'  '.join(names)}".rstrip())
+    for r, (hit_id, score) in enumerate(hits, 1):
+        labs = "  ".join(str(hits.labels[hit_id].get(n, "")) for n in names)
+        click.echo(f"{r:>4}  {format_score(score):>9}  {hit_id:<{width}}  {labs}".rstrip())
 
 
 @click.command(context_settings=CONTEXT)
@@ -68,7 +134,9 @@ def query(
     help="CSV file: a header of subject ids, then one row per subject.",
 )
 @search_option()
-def pairwise(index_path: Path, out: Path, search: str) -> None:
+@device_option("The all-pairs scoring: a CUDA GPU (exact search) or the CPU.")
+@quiet_option("Accepted for symmetry with the other commands (pairwise shows no progress).")
+def pairwise(index_path: Path, out: Path, search: str, device: str, quiet: bool) -> None:
     """Write the N×N soft-Jaccard similarity matrix of every pair in INDEX.
 
     Row i, column j is the similarity of subject i (query) to subject j.
@@ -80,9 +148,11 @@ def pairwise(index_path: Path, out: Path, search: str) -> None:
     import numpy as np
 
     from keyfuse._io import atomic_path
+    from keyfuse.device import resolve_device
 
+    resolve_device(device)
     idx = open_index(index_path)
-    mat = np.asarray(idx.pairwise(exact=SEARCH_EXACT[search]), dtype=np.float64)
+    mat = np.asarray(idx.pairwise(exact=SEARCH_EXACT[search], device=device), dtype=np.float64)
     ids = [str(s) for s in idx.subjects]
     with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)

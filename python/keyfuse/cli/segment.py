@@ -47,9 +47,21 @@ def _extract_params(items: tuple[str, ...]) -> dict[str, float]:
     help="Folder of their label maps (same file names, or names starting with the "
     "image's name, e.g. sub01_labels.nii.gz).",
 )
+@click.option(
+    "--label-names",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="BIDS look-up table (TSV with index and name columns) naming the labels "
+    "[default: LABELS/dseg.tsv when present].",
+)
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output labels."
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output label map (.nii.gz or .nii); its label names go beside it as a BIDS "
+    "look-up table (NAME.tsv).",
 )
 @click.option(
     "--probabilities",
@@ -96,6 +108,7 @@ def _extract_params(items: tuple[str, ...]) -> dict[str, float]:
 def segment(
     atlas_dir: Path,
     label_dir: Path,
+    label_names: Path | None,
     image: Path,
     output: Path,
     probabilities: Path | None,
@@ -115,11 +128,19 @@ def segment(
     with the keypoint's voted label transfer that atlas' whole organ map, shifted
     by the match. Works on a limited field of view (a crop) unchanged.
 
+    The label map is written with its label names beside it (OUTPUT without .nii.gz,
+    plus .tsv: a BIDS look-up table).
+
     Example: keyfuse segment --atlases train/ --labels train_labels/ new.nii.gz
     -o new_labels.nii.gz
     """
-    from keyfuse.segment import KeypointTransferSegmenter, pair_atlas_files
+    from keyfuse.segment import KeypointTransferSegmenter
+    from keyfuse.segment_files import check_output_path, pair_atlas_files, read_label_names
 
+    # every output path is checked before the (long) work, not after it
+    check_output_path(output, "-o/--output")
+    if probabilities is not None:
+        check_output_path(probabilities, "--probabilities")
     params = _extract_params(extract_param)
     pairs = pair_atlas_files(atlas_dir, label_dir)
     seg = KeypointTransferSegmenter(
@@ -133,7 +154,10 @@ def segment(
         extract_params=params,
         progress=not quiet,
     )
-    seg.fit([p[0] for p in pairs], [p[1] for p in pairs])
+    if label_names is None and (label_dir / "dseg.tsv").is_file():
+        label_names = label_dir / "dseg.tsv"
+    names = read_label_names(label_names) if label_names is not None else None
+    seg.fit([p[0] for p in pairs], [p[1] for p in pairs], label_names=names)
     out = seg.predict(image)
     out.save(output, probabilities)
     if not quiet:

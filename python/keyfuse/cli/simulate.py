@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyfuse.cli.options import CONTEXT, quiet_option, simulation_options
+from keyfuse.cli.options import CONTEXT, default_rescans, quiet_option, simulation_options
 
 
 @click.command(context_settings=CONTEXT)
@@ -17,7 +17,7 @@ def simulate(
     out_dir: Path,
     families: int,
     family_size: int,
-    rescans: int,
+    rescans: int | None,
     seed: int,
     resolution: float,
     quiet: bool,
@@ -39,7 +39,7 @@ def simulate(
         out_dir,
         n_families=families,
         family_size=family_size,
-        n_rescans=rescans,
+        n_rescans=default_rescans(rescans, families, family_size),
         seed=seed,
         resolution_mm=resolution,
         progress=not quiet,
