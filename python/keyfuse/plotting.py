@@ -37,6 +37,7 @@ __all__ = [
     "POLARITY_COLOURS",
     "brain_centre",
     "figure_to_bytes",
+    "overlay_path",
     "plot_alignment",
     "plot_keypoints",
     "plot_matches",
@@ -45,6 +46,7 @@ __all__ = [
     "plot_roc",
     "plot_segmentation",
     "save_figure",
+    "save_segmentation_overlay",
 ]
 
 #: keypoint polarity → colour: +1 (DoG maximum: a dark blob) and −1 (a bright blob)
@@ -153,9 +155,7 @@ def brain_centre(image: Any) -> npt.NDArray[np.float64]:
     through its geometric centre."""
     img = _as_image(image)
     mask = _head_mask(img.data)
-    ijk = (
-        np.argwhere(mask).mean(axis=0) if mask.any() else (np.asarray(img.shape) - 1) / 2.0
-    )
+    ijk = np.argwhere(mask).mean(axis=0) if mask.any() else (np.asarray(img.shape) - 1) / 2.0
     return np.asarray(img.affine[:3, :3] @ ijk + img.affine[:3, 3], dtype=np.float64)
 
 
@@ -282,7 +282,11 @@ def _style_panel(ax: Any, plane: _Plane, radiological: bool, title: str | None =
     ax.text(0.98, 0.5, right, ha="right", va="center", **kw)
     cut = plane.axes[0]
     ax.set_title(
-        title if title is not None else f"{_NAMES[cut]}={plane.coord:.0f}",
+        title
+        if title is not None
+        else f"{_NAMES[cut]}={plane.coord + 0.0:.0f}".replace("-0", "0")
+        if abs(plane.coord) < 0.5
+        else f"{_NAMES[cut]}={plane.coord:.0f}",
         color=_FG,
         fontsize=10,
         pad=3,
@@ -403,15 +407,15 @@ def plot_keypoints(
                     linewidths=1.0,
                 )
             )
-            ax.scatter(
-                xyz[s, ha], xyz[s, va], s=14, c=POLARITY_COLOURS[p], linewidths=0, zorder=3
-            )
+            ax.scatter(xyz[s, ha], xyz[s, va], s=14, c=POLARITY_COLOURS[p], linewidths=0, zorder=3)
         _style_panel(ax, plane, radiological)
     from matplotlib.lines import Line2D
 
     handles = [
         Line2D([], [], marker="o", ls="", color=POLARITY_COLOURS[1], label="DoG max (dark blob)"),
-        Line2D([], [], marker="o", ls="", color=POLARITY_COLOURS[-1], label="DoG min (bright blob)"),
+        Line2D(
+            [], [], marker="o", ls="", color=POLARITY_COLOURS[-1], label="DoG min (bright blob)"
+        ),
     ]
     leg = fig.legend(
         handles=handles, loc="upper right", fontsize=8, frameon=False, labelcolor=_FG, ncol=2
@@ -473,7 +477,9 @@ def plot_matches(
         _, ha, va = plane.axes
         xyz = np.asarray(kps.xyz)[idx[order]]
         ax.scatter(xyz[:, ha], xyz[:, va], s=10, c="#ffe119", linewidths=0, zorder=3)
-        _style_panel(ax, plane, radiological, title=f"{'AB'[n]}: {_NAMES[plane.axes[0]]}-projection")
+        _style_panel(
+            ax, plane, radiological, title=f"{'AB'[n]}: {_NAMES[plane.axes[0]]}-projection"
+        )
         axes.append((ax, plane, np.asarray(kps.xyz)))
     from matplotlib import colormaps
 
@@ -482,7 +488,9 @@ def plot_matches(
     (ax_a, pl_a, xa), (ax_b, pl_b, xb) = axes
     for rank, m in enumerate(order):
         colour = (
-            ("#3cb44b" if inl[m] else "#e6194b") if inl is not None else cmap(0.25 + 0.75 * pn[rank])
+            ("#3cb44b" if inl[m] else "#e6194b")
+            if inl is not None
+            else cmap(0.25 + 0.75 * pn[rank])
         )
         con = ConnectionPatch(
             xyA=(xa[ia[m], pl_a.axes[1]], xa[ia[m], pl_a.axes[2]]),
@@ -495,7 +503,9 @@ def plot_matches(
         )
         fig.add_artist(con)
     what = (
-        f"{int(inl.sum())} inliers (green) / {ia.size} matches" if inl is not None else f"{ia.size} matches"
+        f"{int(inl.sum())} inliers (green) / {ia.size} matches"
+        if inl is not None
+        else f"{ia.size} matches"
     )
     fig.suptitle(
         title or f"{what}; {order.size} strongest drawn", color=_FG, fontsize=11, x=0.02, ha="left"
@@ -716,14 +726,18 @@ def plot_segmentation(
             _style_panel(
                 ax, plane, radiological, title=f"p({names.get(v, v)}), z={plane.coord:.0f}"
             )
-        cb = fig.colorbar(im, ax=fig.axes[-n_p:], fraction=0.015, pad=0.01)
-        cb.ax.tick_params(colors=_FG, labelsize=7)
-        cb.set_label("probability", color=_FG, fontsize=8)
     fig.suptitle(
         title or f"segmentation: {len(values)} labels", color=_FG, fontsize=11, x=0.02, ha="left"
     )
     _convention_note(fig, radiological)
-    fig.subplots_adjust(left=0.01, right=0.97, top=0.86, bottom=0.06, wspace=0.1, hspace=0.18)
+    fig.subplots_adjust(left=0.01, right=0.95, top=0.86, bottom=0.06, wspace=0.1, hspace=0.18)
+    if show_p:
+        boxes = [a.get_position() for a in fig.axes[-n_p:]]
+        y0, y1 = min(b.y0 for b in boxes), max(b.y1 for b in boxes)
+        cax = fig.add_axes((0.955, y0 + 0.1 * (y1 - y0), 0.01, 0.8 * (y1 - y0)))
+        cb = fig.colorbar(im, cax=cax)
+        cb.ax.tick_params(colors=_FG, labelsize=7)
+        cb.set_label("probability", color=_FG, fontsize=8)
     return fig
 
 
@@ -776,9 +790,7 @@ def plot_retrieval(
         line2 = [] if hit.score is None else [f"{hit.score:.3f}"]
         if hit.label:
             line2.append(str(hit.label))
-        _style_panel(
-            ax, plane, radiological, title=f"{head} {hit.subject_id}\n{'  '.join(line2)}"
-        )
+        _style_panel(ax, plane, radiological, title=f"{head} {hit.subject_id}\n{'  '.join(line2)}")
         frame = {True: "#3cb44b", False: "#e6194b", None: None}[hit.relevant]
         if n == 0:
             frame = "#ffffff"
@@ -823,7 +835,9 @@ def plot_roc(curves: Curves, *, title: str = "ROC", ax: Any = None) -> Any:
     return fig
 
 
-def plot_precision_recall(curves: Curves, *, title: str = "precision–recall", ax: Any = None) -> Any:
+def plot_precision_recall(
+    curves: Curves, *, title: str = "precision–recall", ax: Any = None
+) -> Any:
     """Precision–recall curves, one per entry ``name → (scores, labels)``; the legend
     gives each average precision, a dotted line each curve's chance level."""
     from sklearn.metrics import precision_recall_curve
@@ -861,3 +875,28 @@ def _finish_curve_axes(ax: Any, title: str, loc: str) -> None:
     ax.set_title(title, fontsize=11)
     ax.legend(loc=loc, fontsize=8)
     ax.figure.subplots_adjust(left=0.13, right=0.97, top=0.92, bottom=0.11)
+
+
+def overlay_path(nifti_path: str | PathLike[str]) -> Path:
+    """Where :func:`save_segmentation_overlay` writes: ``labels.nii.gz`` →
+    ``labels_overlay.png`` in the same folder."""
+    p = Path(nifti_path)
+    stem = p.name
+    for suffix in (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return p.with_name(f"{stem}_overlay.png")
+
+
+def save_segmentation_overlay(
+    image: Any,
+    segmentation: Any,
+    nifti_path: str | PathLike[str],
+    *,
+    label_names: Mapping[int, str] | None = None,
+) -> Path:
+    """Write the :func:`plot_segmentation` figure as a PNG beside a segmentation's NIfTI
+    output (see :func:`overlay_path`); returns the PNG's path."""
+    fig = plot_segmentation(image, segmentation, label_names=label_names)
+    return save_figure(fig, overlay_path(nifti_path))

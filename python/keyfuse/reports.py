@@ -22,6 +22,7 @@ import base64
 import datetime as _dt
 import html
 import re
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -40,6 +41,8 @@ __all__ = [
     "cohort_report",
     "evaluation_section",
     "keypoints_section",
+    "load_cohort_scores",
+    "load_segmentation",
     "neighbours_section",
     "report",
     "segmentation_report",
@@ -113,8 +116,9 @@ class Section:
         """Add a matplotlib figure (embedded as PNG); closes nothing, keeps no reference."""
         from keyfuse.plotting import figure_to_bytes
 
-        w, h = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
-        self.blocks.append(_Figure(figure_to_bytes(fig), caption, alt or caption or self.title, w, h))
+        png = figure_to_bytes(fig)
+        w, h = struct.unpack(">II", png[16:24])  # the IHDR chunk's width and height
+        self.blocks.append(_Figure(png, caption, alt or caption or self.title, w, h))
         return self
 
     def table(
@@ -364,8 +368,10 @@ def alignment_section(
         "the atlas, before and after the transform.",
     )
     try:
-        atlas_img = _default_atlas(img) if isinstance(atlas, str) and atlas == "mni152" else (
-            _as_image(atlas, "atlas")
+        atlas_img = (
+            _default_atlas(img)
+            if isinstance(atlas, str) and atlas == "mni152"
+            else (_as_image(atlas, "atlas"))
         )
         atlas_kps = _keypoints_of(atlas_img, atlas_keypoints)
         al = align(kps, atlas_kps)
@@ -382,12 +388,16 @@ def alignment_section(
             "translation (mm)": ", ".join(f"{t:.1f}" for t in al.translation),
         }
     )
-    sec.figure(
-        plot_alignment(img, atlas_img, al, radiological=radiological), "alignment check"
-    )
+    sec.figure(plot_alignment(img, atlas_img, al, radiological=radiological), "alignment check")
     sec.figure(
         plot_matches(
-            img, kps, atlas_img, atlas_kps, al.matches, inliers=al.inliers, radiological=radiological
+            img,
+            kps,
+            atlas_img,
+            atlas_kps,
+            al.matches,
+            inliers=al.inliers,
+            radiological=radiological,
         ),
         "keypoint matches subject → atlas (green: RANSAC inliers)",
     )
@@ -531,7 +541,9 @@ def evaluation_section(rep: Report, cohort: Any, scores: npt.ArrayLike) -> Secti
         "individual excluded from the family figures).",
     )
     sec.metrics({_METRIC_NAMES[k]: v for k, v in figures.items() if k in _METRIC_NAMES})
-    means = sorted(((k[5:], v) for k, v in figures.items() if k.startswith("mean_")), key=lambda x: -x[1])
+    means = sorted(
+        ((k[5:], v) for k, v in figures.items() if k.startswith("mean_")), key=lambda x: -x[1]
+    )
     groups = ev.relation_pairs(cohort, s)
     sec.table(
         ["relation", "pairs", "mean score"],
@@ -613,7 +625,9 @@ def subject_report(
     given an ``index``, its nearest subjects."""
     from keyfuse.plotting import _as_image
 
-    label = name or (Path(image).name.split(".")[0] if isinstance(image, (str, Path)) else "subject")
+    label = name or (
+        Path(image).name.split(".")[0] if isinstance(image, (str, Path)) else "subject"
+    )
     img = _as_image(image)
     kps = _keypoints_of(img, keypoints)
     rep = Report(f"keyfuse subject report: {label}", f"{len(kps)} keypoints")
@@ -751,3 +765,82 @@ def write_demo_report(
     """The ``keyfuse demo`` report: ``out_dir/report.html`` (beside ``roc.png``)."""
     rep = cohort_report(cohort, scores, keys=keys, title="keyfuse demo: family identification")
     return rep.write(Path(out_dir) / "report.html")
+
+
+# ---------------------------------------------------------------------- loading inputs
+
+
+@dataclass
+class LoadedSegmentation:
+    """A label map (and optional probability maps) read from files: what
+    :func:`segmentation_section` needs of a :class:`keyfuse.Segmentation`."""
+
+    labels: npt.NDArray[Any]
+    affine: npt.NDArray[np.float64]
+    probabilities: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict)
+
+
+def load_segmentation(
+    labels: str | PathLike[str], probabilities: str | PathLike[str] | None = None
+) -> LoadedSegmentation:
+    """Read a label map and, optionally, the 4D probability maps written by
+    ``Segmentation.save`` (label values from the header's ``labels …`` description,
+    else 1, 2, … in order)."""
+    from keyfuse.image import load_image
+
+    lab = load_image(labels)
+    data = np.asarray(lab.data)
+    if data.dtype.kind == "f":
+        if not np.allclose(data, np.round(data)):
+            raise InvalidArgumentError(f"{labels} is not a label map (non-integer values)")
+        data = np.round(data).astype(np.int32)
+    probs: dict[int, npt.NDArray[np.float32]] = {}
+    if probabilities is not None:
+        import nibabel as nib
+
+        try:
+            pimg = nib.load(str(probabilities))
+            stack = np.asarray(pimg.dataobj, dtype=np.float32)
+            descrip = pimg.header.get("descrip", b"")
+        except Exception as exc:  # nibabel raises many kinds
+            raise KeyfuseIOError(f"cannot read probability maps {probabilities}: {exc}") from exc
+        if stack.ndim == 3:
+            stack = stack[..., None]
+        if stack.ndim != 4 or stack.shape[:3] != data.shape:
+            raise InvalidArgumentError(
+                f"probability maps {probabilities} have shape {stack.shape}; expected "
+                f"{data.shape} + (labels,)"
+            )
+        text = bytes(np.asarray(descrip).tobytes()).decode("ascii", "ignore").strip("\x00 ")
+        values = [int(v) for v in text.split()[1:]] if text.startswith("labels ") else []
+        if len(values) != stack.shape[3]:
+            values = list(range(1, stack.shape[3] + 1))
+        probs = {v: stack[..., n] for n, v in enumerate(values)}
+    return LoadedSegmentation(data, np.asarray(lab.affine, dtype=np.float64), probs)
+
+
+def load_cohort_scores(
+    directory: str | PathLike[str], keys_dir: str | PathLike[str] | None = None
+) -> tuple[Any, list[Path], npt.NDArray[np.float64]]:
+    """``(cohort, key paths, N×N scores)`` of a ``keyfuse demo`` output (``cohort/`` and
+    ``keys/`` inside) or a cohort folder with a separate keypoint folder. Scores are the
+    soft-Jaccard matrix of an in-memory index of the keys (``Index.pairwise``)."""
+    from keyfuse.datasets.cohort import Cohort
+    from keyfuse.index import Index
+    from keyfuse.keypoints import KeypointSet
+
+    root = Path(directory)
+    cohort_dir = root / "cohort" if (root / "cohort" / "cohort.csv").exists() else root
+    coh = Cohort.load(cohort_dir)
+    kdir = Path(keys_dir) if keys_dir is not None else root / "keys"
+    keys = [kdir / f"{sid}.kfk" for sid in coh.subjects]
+    missing = [p for p in keys if not p.exists()]
+    if missing:
+        raise KeyfuseIOError(
+            f"{len(missing)} keypoint files missing, e.g. {missing[0]}: run `keyfuse extract "
+            f"{cohort_dir / 'images'} -o {kdir}` (or give --keys)"
+        )
+    index = Index()
+    for sid, key in zip(coh.subjects, keys, strict=True):
+        index.add(sid, KeypointSet.load(key))
+    return coh, keys, np.asarray(index.pairwise(), dtype=np.float64)

@@ -1,0 +1,57 @@
+"""Small real data for the figure and report tests: the MNI152 template at 3 mm and a
+tiny simulated cohort (3 families × 2 + 1 rescan, 3 mm) with keypoints and scores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import keyfuse as kf
+
+#: where screenshots and reports are kept after the run (gitignored)
+ARTIFACTS = Path(os.environ.get("KEYFUSE_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def mni() -> Any:
+    return kf.datasets.mni152("t1", 3.0)
+
+
+@pytest.fixture(scope="session")
+def mni_kps(mni: Any) -> Any:
+    return kf.extract(mni, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def cohort() -> Any:
+    return kf.datasets.simulate_cohort(
+        None, n_families=3, family_size=2, n_rescans=1, resolution_mm=3.0, seed=3, progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def cohort_keys(cohort: Any) -> list[Any]:
+    return [kf.extract(img, device="cpu") for img in cohort.images()]
+
+
+@pytest.fixture(scope="session")
+def cohort_index(cohort: Any, cohort_keys: list[Any]) -> Any:
+    index = kf.Index()
+    for row, kps in zip(cohort.table, cohort_keys, strict=True):
+        index.add(row["subject"], kps, family=row["family"], group=row["group"])
+    return index
+
+
+@pytest.fixture(scope="session")
+def cohort_scores(cohort_index: Any) -> np.ndarray:
+    return np.asarray(cohort_index.pairwise(device="cpu"))
