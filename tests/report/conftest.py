@@ -13,7 +13,9 @@ import pytest
 import keyfuse as kf
 
 #: where screenshots and reports are kept after the run (gitignored)
-ARTIFACTS = Path(os.environ.get("KEYFUSE_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
+ARTIFACTS = Path(
+    os.environ.get("KEYFUSE_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
+)
 
 
 @pytest.fixture(scope="session")

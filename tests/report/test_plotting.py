@@ -12,6 +12,7 @@ from matplotlib.colors import rgb_to_hsv, to_rgb
 import keyfuse as kf
 from keyfuse import plotting as P
 from keyfuse.errors import InvalidArgumentError
+from keyfuse.plotting.anatomy import _edge_levels, _label_colour
 from keyfuse.reports import LoadedSegmentation
 
 
@@ -25,7 +26,7 @@ def pixel(fig: Any, ax: Any, h: float, v: float, rgb: np.ndarray) -> np.ndarray:
     """The rendered colour at data point (h, v) of ``ax``."""
     x, y = ax.transData.transform((h, v))
     height = rgb.shape[0]
-    return rgb[int(round(height - y - 0.5)), int(round(x - 0.5))]
+    return rgb[round(height - y - 0.5), round(x - 0.5)]
 
 
 def image_axes(fig: Any) -> list[Any]:
@@ -98,7 +99,7 @@ def test_alignment_edges_sit_on_the_fixed_image_after_align(mni: Any, mni_kps: A
     assert np.allclose(al.translation, -shift[:3, 3], atol=1.5)
     fig = P.plot_alignment(moving, mni, al)
     rgb = render(fig)
-    levels = np.asarray(P._edge_levels(moving))
+    levels = np.asarray(_edge_levels(moving))
     smooth = ndimage.gaussian_filter(np.asarray(mni.data, np.float64), 0.5)
     inv = np.linalg.inv(mni.affine)
     errors = []
@@ -132,7 +133,7 @@ def test_segmentation_overlay_colours_follow_the_label_map(cohort: Any) -> None:
     ax = image_axes(fig)[2]  # axial through the head centre
     z = P.brain_centre(img)[2]
     inv = np.linalg.inv(img.affine)
-    hues = {v: rgb_to_hsv(np.asarray(to_rgb(P._label_colour(v, values))))[0] for v in values}
+    hues = {v: rgb_to_hsv(np.asarray(to_rgb(_label_colour(v, values))))[0] for v in values}
     x0, x1 = ax.get_xlim()
     y0, y1 = ax.get_ylim()
     good = total = 0
