@@ -200,3 +200,54 @@ def test_cli_report_segmentation_and_errors(cohort: Any, tmp_path: Path) -> None
     res = CliRunner().invoke(cli, ["report", "cohort", str(tmp_path), "-o", str(out)])
     assert res.exit_code == 1
     assert "Error:" in res.output and "cohort.csv" in res.output
+
+
+def test_cli_report_cohort_and_subject(
+    cohort: Any, cohort_keys: list[Any], cohort_scores: np.ndarray, mni: Any, tmp_path: Path
+) -> None:
+    """A demo-like output folder (cohort/ with images and cohort.csv, keys/) → the cohort
+    page; a scan and its keys → the subject page."""
+    import csv
+
+    from keyfuse.cli import cli
+    from keyfuse.cli.report import report
+    from keyfuse.datasets.cohort import COLUMNS
+
+    cli.add_command(report)
+    root = tmp_path / "demo"
+    (root / "cohort" / "images").mkdir(parents=True)
+    (root / "keys").mkdir()
+    rows = []
+    for i, row in enumerate(cohort.table):
+        cohort.image(i).save(root / "cohort" / "images" / f"{row['subject']}.nii.gz")
+        cohort_keys[i].save(root / "keys" / f"{row['subject']}.kfk")
+        rows.append({**row, "image": f"images/{row['subject']}.nii.gz", "labels": ""})
+    with (root / "cohort" / "cohort.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    _, keys, scores = reports.load_cohort_scores(root)
+    assert np.allclose(scores, cohort_scores)
+    out = tmp_path / "cohort.html"
+    args = ["report", "cohort", str(root), "-o", str(out), "--atlas", "none", "--worst", "1"]
+    res = CliRunner().invoke(cli, [*args, "--subjects", "1"])
+    assert res.exit_code == 0, res.output
+    page = out.read_text()
+    assert "Worst cases" in page and "Keypoints sub-000" in page
+    assert len(_images(page)) == 3  # curves, one montage, one keypoint figure
+    res = CliRunner().invoke(
+        cli,
+        [
+            "report",
+            "subject",
+            str(root / "cohort" / "images" / "sub-000.nii.gz"),
+            "-o",
+            str(tmp_path / "s.html"),
+            "--keys",
+            str(keys[0]),
+            "--atlas",
+            "none",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "Keypoints sub-000" in (tmp_path / "s.html").read_text()
