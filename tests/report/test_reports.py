@@ -45,7 +45,7 @@ def pages(
             atlas=mni,
             index=cohort_index,
             images=images,
-        ),
+        ),  # no name: the report finds the scan's own index entry and leaves it out
         "segmentation": reports.report(
             out / "segmentation.html",
             image=cohort.image(0),
@@ -90,6 +90,8 @@ def test_page_is_self_contained(pages: dict[str, Path], kind: str) -> None:
 def test_report_contents(pages: dict[str, Path], cohort: Any, cohort_scores: np.ndarray) -> None:
     subject = pages["subject"].read_text()
     assert "Nearest subjects of" in subject and "Alignment to the atlas" in subject
+    assert "sub-000 is the query itself" in subject
+    assert "<td>sub-000</td>" not in subject
     seg = pages["segmentation"].read_text()
     for name in cohort.label_names.values():
         assert name in seg  # the volume table and the legend

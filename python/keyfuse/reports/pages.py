@@ -137,6 +137,7 @@ def report(
     scores: npt.ArrayLike | None = None,
     keys: Sequence[Any] | None = None,
     title: str | None = None,
+    name: str | None = None,
     radiological: bool = False,
 ) -> Path:
     """Write one self-contained HTML report (``kf.report``) and return its path.
@@ -145,7 +146,8 @@ def report(
     its alignment to ``atlas`` ("mni152", an image, or None) and, with ``index``, its
     nearest subjects; ``image`` + ``segmentation`` → the overlay, probability maps and
     label volumes (instead of the subject sections); ``cohort`` + ``scores`` → the
-    identification figures, ROC/PR curves, worst cases and a few subjects.
+    identification figures, ROC/PR curves, worst cases and a few subjects. ``name``
+    titles the subject (default: the image's file name).
     """
     if image is None and cohort is None:
         raise InvalidArgumentError("report needs an image (subject/segmentation) or a cohort")
@@ -166,6 +168,7 @@ def report(
                 atlas=atlas,
                 index=index,
                 images=images,
+                name=name,
                 radiological=radiological,
             )
         )

@@ -135,6 +135,10 @@ def alignment_section(
     return sec
 
 
+#: a hit scoring this high is the query's own entry in the index
+SELF_SCORE = 0.999
+
+
 def neighbours_section(
     rep: Report,
     query: Any,
@@ -154,6 +158,10 @@ def neighbours_section(
     image are only listed."""
     sec = rep.section(f"Nearest subjects of {name}", f"Index.search, top {k} by soft Jaccard.")
     hits = list(index.search(query, k=k, exclude=exclude))
+    if exclude is None and hits and hits[0].score >= SELF_SCORE:
+        # the query is itself in the index: its own entry takes all the soft Jaccard
+        sec.text(f"{hits[0].subject_id} is the query itself (score 1) and is left out.")
+        hits = list(index.search(query, k=k, exclude=hits[0].subject_id))
     labels = index.labels
     rows = []
     for rank, h in enumerate(hits, 1):
