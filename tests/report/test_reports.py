@@ -89,7 +89,7 @@ def test_page_is_self_contained(pages: dict[str, Path], kind: str) -> None:
 
 def test_report_contents(pages: dict[str, Path], cohort: Any, cohort_scores: np.ndarray) -> None:
     subject = pages["subject"].read_text()
-    assert "Nearest subjects of" in subject and "Alignment to the atlas" in subject
+    assert "Nearest subjects of" in subject and "to the atlas</h2>" in subject
     assert "sub-000 is the query itself" in subject
     assert "<td>sub-000</td>" not in subject
     seg = pages["segmentation"].read_text()
@@ -99,6 +99,7 @@ def test_report_contents(pages: dict[str, Path], cohort: Any, cohort_scores: np.
     figures = kf.evaluate.family_report(cohort, cohort_scores)
     assert f"{figures['family_auc']:.3f}" in page
     assert "Worst cases" in page and "precision–recall" in page
+    assert "its nearest scan" in page and "to the atlas</h2>" in page
 
 
 def test_report_needs_something_to_show(tmp_path: Path, cohort: Any) -> None:
@@ -235,8 +236,11 @@ def test_cli_report_cohort_and_subject(
     res = CliRunner().invoke(cli, [*args, "--subjects", "1"])
     assert res.exit_code == 0, res.output
     page = out.read_text()
-    assert "Worst cases" in page and "Keypoints sub-000" in page
-    assert len(_images(page)) == 3  # curves, one montage, one keypoint figure
+    rescanned = next(r["rescan_of"] for r in cohort.table if r["rescan_of"])
+    assert "Worst cases" in page and f"Keypoints {rescanned}" in page  # rescans shown first
+    assert f"Alignment of {rescanned} to {rescanned}-rescan, its nearest scan" in page
+    # curves, one montage, keypoints, alignment check and matches with the rescan
+    assert len(_images(page)) == 5
     res = CliRunner().invoke(
         cli,
         [

@@ -29,7 +29,7 @@ from keyfuse.plotting._slices import (
     save_figure,
 )
 from keyfuse.plotting.anatomy import (
-    Hit,
+    MontagePanel,
     overlay_path,
     plot_alignment,
     plot_keypoints,
@@ -44,7 +44,7 @@ __all__ = [
     "EDGE_COLOUR",
     "LABEL_COLOURS",
     "POLARITY_COLOURS",
-    "Hit",
+    "MontagePanel",
     "brain_centre",
     "figure_to_bytes",
     "overlay_path",

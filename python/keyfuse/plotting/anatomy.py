@@ -428,11 +428,11 @@ def plot_segmentation(
         title or f"segmentation: {len(values)} labels", color=_FG, fontsize=11, x=0.02, ha="left"
     )
     _convention_note(fig, radiological)
-    fig.subplots_adjust(left=0.01, right=0.95, top=0.86, bottom=0.06, wspace=0.1, hspace=0.18)
+    fig.subplots_adjust(left=0.01, right=0.93, top=0.86, bottom=0.06, wspace=0.1, hspace=0.18)
     if show_p:
         boxes = [a.get_position() for a in fig.axes[-n_p:]]
         y0, y1 = min(b.y0 for b in boxes), max(b.y1 for b in boxes)
-        cax = fig.add_axes((0.955, y0 + 0.1 * (y1 - y0), 0.01, 0.8 * (y1 - y0)))
+        cax = fig.add_axes((0.935, y0 + 0.1 * (y1 - y0), 0.01, 0.8 * (y1 - y0)))
         cb = fig.colorbar(im, cax=cax)
         cb.ax.tick_params(colors=_FG, labelsize=7)
         cb.set_label("probability", color=_FG, fontsize=8)
@@ -443,7 +443,7 @@ def plot_segmentation(
 
 
 @dataclass
-class Hit:
+class MontagePanel:
     """One panel of a retrieval montage: a scan, its id, score, label and relevance."""
 
     image: Any
@@ -467,15 +467,15 @@ def plot_retrieval(
     """A retrieval montage: the query and its top-k hits as slices through each scan's
     head centre, titled with rank, id, score and label.
 
-    ``hits`` are :class:`Hit` (or tuples ``(image, subject_id, score, label,
+    ``hits`` are :class:`MontagePanel` (or tuples ``(image, subject_id, score, label,
     relevant)``, trailing fields optional). A hit known relevant gets a green frame,
     one known irrelevant a red one.
     """
     (vw,) = _views(view)
-    items = [h if isinstance(h, Hit) else Hit(*h) for h in hits]
+    items = [h if isinstance(h, MontagePanel) else MontagePanel(*h) for h in hits]
     if not items:
         raise InvalidArgumentError("plot_retrieval needs at least one hit")
-    panels = [Hit(query, query_id, None, query_label, None), *items]
+    panels = [MontagePanel(query, query_id, None, query_label, None), *items]
     ncols = max(1, min(int(ncols), len(panels)))
     nrows = int(np.ceil(len(panels) / ncols))
     fig = _new_figure(2.3 * ncols, 2.6 * nrows + 0.5)

@@ -69,8 +69,8 @@ def segmentation_report(
     radiological: bool = False,
 ) -> Report:
     """A segmentation's page: overlay with legend, probability maps, label volumes."""
-    label = name or (Path(image).name.split(".")[0] if isinstance(image, (str, Path)) else "image")
-    rep = Report(f"keyfuse segmentation report: {label}")
+    label = name or (Path(image).name.split(".")[0] if isinstance(image, (str, Path)) else "")
+    rep = Report(f"keyfuse segmentation report{': ' if label else ''}{label}")
     segmentation_section(
         rep, image, segmentation, label_names=label_names, name=label, radiological=radiological
     )
@@ -89,8 +89,9 @@ def cohort_report(
     title: str = "keyfuse cohort evaluation",
 ) -> Report:
     """A cohort evaluation's page: identification figures and curves, the worst queries
-    as montages, and the keypoints and atlas alignment of the first ``n_subjects`` scans
-    (``keys``: their KeypointSets or ``.kfk`` paths, one per scan; extracted if None).
+    as montages, and for ``n_subjects`` scans (rescanned individuals first) their
+    keypoints, their alignment to their nearest scan and to ``atlas`` (None: skipped).
+    ``keys``: the scans' KeypointSets or ``.kfk`` paths, one per scan (extracted if None).
 
     ``cohort`` is a :class:`keyfuse.datasets.Cohort` (its images and table); ``scores``
     the N×N similarity matrix (row = query), e.g. ``Index.pairwise()``."""
@@ -105,10 +106,21 @@ def cohort_report(
     worst_cases_section(rep, cohort, s, n_worst=n_worst, k=k)
     ids = cohort.subjects
     atlas_img = atlas_kps = None
-    for i in range(min(int(n_subjects), n)):
+    for i in _showcase(cohort, int(n_subjects)):
         img = cohort.image(i)
         kps = _keypoints_of(img, None if keys is None else keys[i])
         keypoints_section(rep, img, kps, name=ids[i])
+        # its nearest scan (a rescan or relative when retrieval works): the same anatomy
+        j = int(np.argmax(np.where(np.arange(n) == i, -np.inf, s[i])))
+        alignment_section(
+            rep,
+            img,
+            kps,
+            atlas=cohort.image(j),
+            atlas_keypoints=None if keys is None else keys[j],
+            name=ids[i],
+            target=f"{ids[j]}, its nearest scan",
+        )
         if atlas is None:
             continue
         if atlas_img is None:
@@ -121,6 +133,23 @@ def cohort_report(
                 continue
         alignment_section(rep, img, kps, atlas=atlas_img, atlas_keypoints=atlas_kps, name=ids[i])
     return rep
+
+
+def _showcase(cohort: Any, n: int) -> list[int]:
+    """Up to ``n`` scans to show in detail: scans with a rescan first (their nearest scan
+    is the same anatomy), then table order."""
+    from keyfuse import evaluate as ev
+
+    ind = ev._individuals(cohort)
+    rescanned = [i for i in range(len(ind)) if ind.count(ind[i]) > 1]
+    seen: set[str] = set()
+    first = []
+    for i in rescanned:  # one scan per rescanned individual
+        if ind[i] not in seen:
+            seen.add(ind[i])
+            first.append(i)
+    rest = [i for i in range(len(ind)) if i not in first]
+    return (first + rest)[: max(0, n)]
 
 
 def report(

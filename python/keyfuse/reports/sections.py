@@ -78,10 +78,12 @@ def alignment_section(
     atlas: Any = "mni152",
     atlas_keypoints: Any = None,
     name: str = "",
+    target: str = "the atlas",
     radiological: bool = False,
 ) -> Section:
     """The subject aligned to an atlas with ``kf.align``: edges before and after, and the
-    transform's figures. ``atlas="mni152"`` uses the template at the image's resolution."""
+    transform's figures. ``atlas="mni152"`` uses the template at the image's resolution;
+    any other image (e.g. another scan) works, ``target`` names it in the title."""
     from keyfuse.matching import align
     from keyfuse.plotting import plot_alignment, plot_matches
     from keyfuse.plotting._slices import _as_image
@@ -89,9 +91,9 @@ def alignment_section(
     img = _as_image(image)
     kps = _keypoints_of(img, keypoints)
     sec = rep.section(
-        f"Alignment to the atlas {name}".strip(),
-        "kf.align: keypoint matches → RANSAC similarity. The subject's edges (orange) on "
-        "the atlas, before and after the transform.",
+        f"Alignment of {name or 'the subject'} to {target}",
+        f"kf.align: keypoint matches → RANSAC similarity. The subject's edges (orange) on "
+        f"{target}, before and after the transform.",
     )
     try:
         atlas_img = (
