@@ -119,7 +119,8 @@ def alignment_section(
     if al.n_inliers < MIN_INLIERS or not 0.8 <= al.scale <= 1.25:
         sec.note(
             f"this alignment looks unreliable ({al.n_inliers} inliers, scale {al.scale:.2f}): "
-            "check the edges below; more keypoints (a finer resolution) usually help"
+            "check the edges below. Too few keypoints (a coarse resolution) or a target "
+            "that looks unlike the scan (another contrast or texture) make alignment fail"
         )
     sec.figure(plot_alignment(img, atlas_img, al, radiological=radiological), "alignment check")
     sec.figure(
@@ -132,7 +133,7 @@ def alignment_section(
             inliers=al.inliers,
             radiological=radiological,
         ),
-        "keypoint matches subject → atlas (green: RANSAC inliers)",
+        f"keypoint matches {name or 'subject'} → {target} (green: RANSAC inliers)",
     )
     return sec
 
