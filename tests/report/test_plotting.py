@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import _report_data as data
 import numpy as np
 import pytest
 from matplotlib.colors import rgb_to_hsv, to_rgb
@@ -14,6 +15,23 @@ from keyfuse import plotting as P
 from keyfuse.errors import InvalidArgumentError
 from keyfuse.plotting.anatomy import _edge_levels, _label_colour
 from keyfuse.reports import LoadedSegmentation
+
+# the shared data (cached once per run), as fixtures
+
+
+@pytest.fixture(scope="module")
+def mni() -> Any:
+    return data.mni()
+
+
+@pytest.fixture(scope="module")
+def mni_kps() -> Any:
+    return data.mni_kps()
+
+
+@pytest.fixture(scope="module")
+def cohort() -> Any:
+    return data.cohort()
 
 
 def render(fig: Any) -> np.ndarray:

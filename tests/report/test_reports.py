@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import _report_data as data
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -19,6 +20,44 @@ from keyfuse import reports
 from keyfuse.errors import InvalidArgumentError
 
 KINDS = ("subject", "segmentation", "cohort")
+
+
+# the shared data (cached once per run), as fixtures
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    return data.artifacts_dir()
+
+
+@pytest.fixture(scope="module")
+def mni() -> Any:
+    return data.mni()
+
+
+@pytest.fixture(scope="module")
+def mni_kps() -> Any:
+    return data.mni_kps()
+
+
+@pytest.fixture(scope="module")
+def cohort() -> Any:
+    return data.cohort()
+
+
+@pytest.fixture(scope="module")
+def cohort_keys() -> list[Any]:
+    return data.cohort_keys()
+
+
+@pytest.fixture(scope="module")
+def cohort_index() -> Any:
+    return data.cohort_index()
+
+
+@pytest.fixture(scope="module")
+def cohort_scores() -> np.ndarray:
+    return data.cohort_scores()
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +180,7 @@ _CHECK = """(async () => {
 
 @pytest.fixture(scope="module")
 def browser() -> Any:
-    from _browser import Browser, BrowserError, find_chromium
+    from _chromium import Browser, BrowserError, find_chromium
 
     binary = find_chromium()
     if binary is None:

@@ -1,14 +1,17 @@
 """Small real data for the figure and report tests: the MNI152 template at 3 mm and a
-tiny simulated cohort (3 families × 2 + 1 rescan, 3 mm) with keypoints and scores."""
+tiny simulated cohort (3 families × 2 + 1 rescan, 3 mm) with keypoints and scores.
+
+Plain cached functions rather than fixtures: a ``conftest.py`` here would replace the
+suite's root ``conftest`` module that other test folders import helpers from."""
 
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 import keyfuse as kf
 
@@ -18,42 +21,42 @@ ARTIFACTS = Path(
 )
 
 
-@pytest.fixture(scope="session")
-def artifacts() -> Path:
+@cache
+def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
 
 
-@pytest.fixture(scope="session")
+@cache
 def mni() -> Any:
     return kf.datasets.mni152("t1", 3.0)
 
 
-@pytest.fixture(scope="session")
-def mni_kps(mni: Any) -> Any:
-    return kf.extract(mni, device="cpu")
+@cache
+def mni_kps() -> Any:
+    return kf.extract(mni(), device="cpu")
 
 
-@pytest.fixture(scope="session")
+@cache
 def cohort() -> Any:
     return kf.datasets.simulate_cohort(
         None, n_families=3, family_size=2, n_rescans=1, resolution_mm=3.0, seed=3, progress=False
     )
 
 
-@pytest.fixture(scope="session")
-def cohort_keys(cohort: Any) -> list[Any]:
-    return [kf.extract(img, device="cpu") for img in cohort.images()]
+@cache
+def cohort_keys() -> list[Any]:
+    return [kf.extract(img, device="cpu") for img in cohort().images()]
 
 
-@pytest.fixture(scope="session")
-def cohort_index(cohort: Any, cohort_keys: list[Any]) -> Any:
+@cache
+def cohort_index() -> Any:
     index = kf.Index()
-    for row, kps in zip(cohort.table, cohort_keys, strict=True):
+    for row, kps in zip(cohort().table, cohort_keys(), strict=True):
         index.add(row["subject"], kps, family=row["family"], group=row["group"])
     return index
 
 
-@pytest.fixture(scope="session")
-def cohort_scores(cohort_index: Any) -> np.ndarray:
-    return np.asarray(cohort_index.pairwise(device="cpu"))
+@cache
+def cohort_scores() -> np.ndarray:
+    return np.asarray(cohort_index().pairwise(device="cpu"))
