@@ -92,7 +92,7 @@ def pages(
             label_names=cohort.label_names,
         ),
         "cohort": reports.cohort_report(
-            cohort, cohort_scores, keys=cohort_keys, n_subjects=1, n_worst=2, atlas=mni
+            cohort, cohort_scores, keys=cohort_keys, n_subjects=1, n_worst=1, atlas=mni
         ).write(out / "cohort.html"),
     }
     for kind, path in paths.items():  # keep the pages with the screenshots
