@@ -22,7 +22,7 @@ DIST      := dist
 WHEEL_VENV ?= $(or $(TMPDIR),/tmp)/keyfuse-wheel-venv-$(shell printf '%s' "$(CURDIR)" | sha1sum | cut -c1-12)
 WHEEL_PY   := $(WHEEL_VENV)/bin/python
 
-.PHONY: all setup build dev test test-rust test-python lint lint-run fmt demo bench wheel clean
+.PHONY: all setup build dev test test-deps test-rust test-python lint lint-run fmt demo bench wheel clean
 
 all: test
 
@@ -59,10 +59,30 @@ wheel: $(VENV)/.tools
 	    --compatibility $(MANYLINUX) -o $(DIST)
 	$(PY) .ci/check_wheel.py $(DIST)
 
+# Test-only system tools: Chromium renders the HTML reports in tests/report (a headless
+# browser check and screenshots). Installed with apt where missing and permitted; when it
+# cannot be, the browser test skips with a message saying so and everything else runs.
+CHROMIUM := $(firstword $(foreach b,chromium chromium-browser google-chrome,$(shell command -v $(b) 2>/dev/null)))
+test-deps:
+ifeq ($(CHROMIUM),)
+	@if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	    echo "installing chromium for the report browser test"; \
+	    ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null ) \
+	    || echo "warning: could not install chromium; the report browser test will be skipped"; \
+	else \
+	    echo "note: chromium missing and apt-get unavailable or not permitted;" \
+	         "the report browser test will be skipped"; \
+	fi
+else
+	@echo "chromium: $(CHROMIUM)"
+endif
+
 # The wheel in a fresh venv outside the repository, then the suite against it. pytest runs
 # in the process that first checked where keyfuse is imported from, with the venv as its
 # working directory.
-test-python: wheel
+test-python: wheel test-deps
 	rm -rf $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_PY) -m pip install -q --no-compile --disable-pip-version-check \
@@ -105,4 +125,4 @@ bench: build
 	if [ -d rust/keyfuse-core/benches ]; then cargo bench -p keyfuse-core; fi
 
 clean:
-	rm -rf target $(DIST) $(VENV) $(WHEEL_VENV) python/keyfuse/*.so
+	rm -rf target $(DIST) $(VENV) $(WHEEL_VENV) python/keyfuse/*.so test-artifacts
