@@ -58,6 +58,7 @@ _LAZY: dict[str, str] = {
     "FusionClassifier": "keyfuse.fusion",
     "KeypointTransferSegmenter": "keyfuse.segment",
     "Segmentation": "keyfuse.segment",
+    "report": "keyfuse.reports",
 }
 _SUBMODULES = {
     "datasets",
@@ -69,10 +70,22 @@ _SUBMODULES = {
     "gpu",
     "experiments",
     "matching",
+    "plotting",
+    "reports",
 }
 
 if TYPE_CHECKING:
-    from keyfuse import batch, datasets, evaluate, experiments, gpu, matching, neighbors
+    from keyfuse import (
+        batch,
+        datasets,
+        evaluate,
+        experiments,
+        gpu,
+        matching,
+        neighbors,
+        plotting,
+        reports,
+    )
     from keyfuse.cnn import CNNFeatures
     from keyfuse.device import cuda_available
     from keyfuse.extraction import extract
@@ -81,6 +94,7 @@ if TYPE_CHECKING:
     from keyfuse.index import Index
     from keyfuse.keypoints import KeypointSet, read_key, write_key
     from keyfuse.matching import Alignment, Matches, align, match, soft_jaccard
+    from keyfuse.reports import report
     from keyfuse.segment import KeypointTransferSegmenter, Segmentation
 
 
@@ -130,7 +144,10 @@ __all__ = [
     "match",
     "matching",
     "neighbors",
+    "plotting",
     "read_key",
+    "report",
+    "reports",
     "soft_jaccard",
     "write_key",
 ]

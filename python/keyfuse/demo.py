@@ -88,10 +88,12 @@ class DemoResult:
     index_bytes: int = 0
     image_bytes: int = 0
     roc_path: Path | None = None
+    report_path: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["roc_path"] = str(self.roc_path) if self.roc_path else None
+        d["report_path"] = str(self.report_path) if self.report_path else None
         return d
 
 
@@ -165,15 +167,18 @@ def stage_index(cfg: DemoConfig, cohort: Any, keys: Sequence[Path]) -> Any:
     if path.exists():
         shutil.rmtree(path)
     index = Index()
-    for row, key in tqdm(
-        list(zip(cohort.table, keys, strict=True)),
-        desc="index",
-        unit="scan",
-        disable=not cfg.progress,
+    for i, (row, key) in enumerate(
+        tqdm(
+            list(zip(cohort.table, keys, strict=True)),
+            desc="index",
+            unit="scan",
+            disable=not cfg.progress,
+        )
     ):
         index.add(
             row["subject"],
             KeypointSet.load(key),
+            source=str(cohort.image_path(i)),
             family=row["family"],
             group=row["group"],
             individual=row["individual"],
@@ -262,6 +267,9 @@ def run_demo(cfg: DemoConfig | None = None, echo: Callable[[str], None] = print)
     scores = _timed(timings, "query", lambda: stage_query(cfg, index, cohort, keys))
     echo("[5/5] evaluating")
     report, roc = _timed(timings, "evaluate", lambda: stage_evaluate(cfg, cohort, scores))
+    from keyfuse.reports import write_demo_report
+
+    html = _timed(timings, "report", lambda: write_demo_report(cfg.out, cohort, scores, keys))
 
     from keyfuse.keypoints import KeypointSet
 
@@ -274,6 +282,7 @@ def run_demo(cfg: DemoConfig | None = None, echo: Callable[[str], None] = print)
         index_bytes=_dir_bytes(cfg.out / "index"),
         image_bytes=len(cohort) * int(np.prod(cohort.image(0).shape)) * 4,
         roc_path=roc,
+        report_path=html,
     )
     report_json = {**res.to_json(), "provenance": provenance(cfg, index)}
     (cfg.out / "report.json").write_text(json.dumps(report_json, indent=2))
@@ -329,5 +338,6 @@ def format_result(res: DemoResult) -> list[str]:
         f"ROC plot: {res.roc_path}"
         if res.roc_path
         else "ROC plot: none (needs pairs of the same and of different families)",
+        f"HTML report: {res.report_path}",
     ]
     return lines

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _add_commands() -> None:
-    from keyfuse.cli import demo, evaluate, extract, index, search, segment, simulate
+    from keyfuse.cli import demo, evaluate, extract, index, report, search, segment, simulate
 
     for command in (
         extract.extract,
@@ -83,6 +83,7 @@ def _add_commands() -> None:
         evaluate.evaluate,
         segment.segment,
         demo.demo,
+        report.report,
     ):
         cli.add_command(command)
 

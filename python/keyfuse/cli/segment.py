@@ -160,9 +160,13 @@ def segment(
     seg.fit([p[0] for p in pairs], [p[1] for p in pairs], label_names=names)
     out = seg.predict(image)
     out.save(output, probabilities)
+    from keyfuse.plotting import save_segmentation_overlay
+
+    overlay = save_segmentation_overlay(image, out, output, label_names=names)
     if not quiet:
         counts = {lab: int((out.labels == lab).sum()) for lab in out.probabilities}
         click.echo(
-            f"wrote {output}: {len(pairs)} atlases, {out.n_transfers} transfers, "
-            f"voxels per label {counts}, {sum(out.timings.values()):.2f} s"
+            f"wrote {output} and its overlay {overlay}: {len(pairs)} atlases, "
+            f"{out.n_transfers} transfers, voxels per label {counts}, "
+            f"{sum(out.timings.values()):.2f} s"
         )
