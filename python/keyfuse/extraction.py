@@ -47,15 +47,59 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
         An unknown parameter name or an out-of-range value.
     """
     img = load_image(image)
-    data = _as_float32(img)
     resolve_device(device)  # checked; extraction runs on the CPU
-    spacing = img.spacing
     if img.ndim == 3:
+        canon, to_storage = canonical_storage(img)
+        data = _as_float32(canon)
+        spacing = canon.spacing
         sp3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         fields = _core.extract3d(data, sp3, **params)
+        if to_storage is not None:
+            fields = _fields_to_storage(fields, to_storage)
     else:
+        data = _as_float32(img)
+        spacing = img.spacing
         fields = _core.extract2d(data, (float(spacing[0]), float(spacing[1])), **params)
     return KeypointSet._from_core(fields, img.affine, img.shape)
+
+
+def canonical_storage(img: Image) -> tuple[Image, np.ndarray | None]:
+    """``img`` re-stored in the axis order and directions closest to RAS, exactly.
+
+    Only flips and permutations of the voxel array (``nibabel.orientations``): no
+    resampling, so the voxel values are untouched. The returned 4×4 matrix maps the
+    canonical grid's voxel indices to ``img``'s (``None`` when ``img`` is already stored
+    closest to RAS, e.g. the MNI152 template).
+
+    The extractor computes descriptors and orientation frames in the canonical grid, so
+    the same anatomy stored in any of the 48 axis orientations (mirrored or not) gives
+    identical descriptors; an oblique affine leaves a residual rotation below 45° about
+    the canonical axes, which the descriptors' own orientation normalisation absorbs.
+    """
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    ornt = io_orientation(img.affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return img, None
+    to_storage = inv_ornt_aff(ornt, img.shape)
+    data = np.ascontiguousarray(apply_orientation(np.asarray(img.data), ornt))
+    return Image(data, img.affine @ to_storage), to_storage
+
+
+def _fields_to_storage(fields: dict[str, Any], to_storage: np.ndarray) -> dict[str, Any]:
+    """Extractor output on the canonical grid, re-expressed on the stored grid.
+
+    ``to_storage`` is a signed permutation plus a whole-voxel shift, so coordinates map
+    exactly (up to the last bit of ``n - 1 - x``) and a frame's axes (the rows of each
+    orientation matrix, voxel vectors) map by the signed permutation alone.
+    """
+    out = dict(fields)
+    perm = to_storage[:3, :3]
+    ijk = np.asarray(fields["ijk"], dtype=np.float64)
+    out["ijk"] = ijk @ perm.T + to_storage[:3, 3]
+    orientation = np.asarray(fields["orientation"], dtype=np.float32)
+    out["orientation"] = np.ascontiguousarray(orientation @ perm.T.astype(np.float32))
+    return out
 
 
 def extract_slice(
@@ -88,14 +132,20 @@ def extract_slice(
     ijk[:, in_plane[0]] = flat.ijk[:, 0]
     ijk[:, in_plane[1]] = flat.ijk[:, 1]
     ijk[:, axis] = index
+    # the plane's axes (0, 1, 2) are the volume's (in_plane[0], in_plane[1], axis): a
+    # frame's rows are voxel vectors, so their components move the same way as ijk's
+    to_volume = np.zeros((3, 3), dtype=np.float32)
+    to_volume[in_plane[0], 0] = to_volume[in_plane[1], 1] = to_volume[axis, 2] = 1.0
+    orientation = np.ascontiguousarray(flat.orientation @ to_volume.T)
     return KeypointSet(
         ijk,
         flat.scale,
-        flat.orientation,
+        orientation,
         flat.descriptors,
         flat.polarity,
         flat.response,
         flat.eigenvalues,
+        flat.flags,
         affine=img.affine,
         shape=img.shape,
     )
