@@ -12,7 +12,7 @@ import pytest
 import keyfuse as kf
 from keyfuse.errors import CorruptDataError, InvalidArgumentError, MissingDependencyError
 
-from .conftest import pydicom_file, write_multiframe, write_series
+from _dicom_helpers import pydicom_file, write_multiframe, write_series
 
 pytest.importorskip("pydicom")
 sitk = pytest.importorskip("SimpleITK")
@@ -32,6 +32,18 @@ def sitk_ras(s: object, ijk: np.ndarray) -> np.ndarray:
 def corners(shape: tuple[int, ...]) -> np.ndarray:
     return np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
                      for k in (0, (shape[2] - 1) if len(shape) > 2 else 0)], dtype=float)
+
+
+def assert_same_anatomy(img: kf.Image, ref: kf.Image, atol: float) -> None:
+    """``img`` holds ``ref``'s voxels, possibly stored in another axis order/direction:
+    every voxel of ``img`` sits at the world position of the ``ref`` voxel with its value."""
+    to_ref = np.linalg.inv(ref.affine) @ img.affine
+    perm = np.round(to_ref[:3, :3])
+    np.testing.assert_allclose(to_ref[:3, :3], perm, atol=1e-6)
+    np.testing.assert_allclose(to_ref[:3, 3], np.round(to_ref[:3, 3]), atol=1e-5)
+    idx = np.indices(img.shape).reshape(3, -1).T
+    ref_idx = np.round(idx @ perm.T + to_ref[:3, 3]).astype(int)
+    np.testing.assert_allclose(img.data.reshape(-1), ref.data[tuple(ref_idx.T)], atol=atol)
 
 
 def pydicom_dir(sub: str) -> Path:
@@ -131,12 +143,17 @@ def test_several_series_listed_and_chosen(tmp_path: Path) -> None:
         kf.load_image(tmp_path)
     msg = str(info.value)
     assert "5 files" in msg and "2 files" in msg and "series=" in msg
+    import pydicom
+
     five = kf.load_image(pydicom_dir("98892001/CT5N"))
-    by_position = kf.load_image(tmp_path, series=[0, 1][0])
-    by_uid = kf.load_image(tmp_path, series=str(
-        __import__("pydicom").dcmread(next((tmp_path / "a").iterdir())).SeriesInstanceUID))
-    assert five.shape in (by_position.shape, by_uid.shape)
-    np.testing.assert_array_equal(by_uid.data, five.data)
+    uid = str(pydicom.dcmread(next((tmp_path / "a").iterdir())).SeriesInstanceUID)
+    position = next(int(line.split("]")[0].strip(" [")) for line in msg.splitlines()
+                    if uid in line)
+    for choice in (uid, 5, position):
+        np.testing.assert_array_equal(kf.load_image(tmp_path, series=choice).data, five.data)
+    # the other series is a two-view localizer: chosen, it is refused for what it is
+    with pytest.raises(CorruptDataError, match="inconsistent slice orientation"):
+        kf.load_image(tmp_path, series=4)
     with pytest.raises(InvalidArgumentError, match="no series 'nope'"):
         kf.load_image(tmp_path, series="nope")
 
@@ -160,7 +177,8 @@ def test_written_series_reads_back_like_the_volume(mni4: kf.Image, tmp_path: Pat
     # and the keypoints of the DICOM are those of the NIfTI, in the same place
     a = kf.extract(img, device="cpu")
     b = kf.extract(mni4, device="cpu")
-    assert abs(len(a) - len(b)) <= 0.02 * len(b)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a.xyz, b.xyz, atol=0.05)
 
 
 def test_written_oblique_mirrored_series_agrees_with_simpleitk(
@@ -174,7 +192,9 @@ def test_written_oblique_mirrored_series_agrees_with_simpleitk(
     oblique = kf.Image(mni4.data, affine)
     write_series(oblique, tmp_path / "s")
     img = kf.load_image(tmp_path / "s")
-    np.testing.assert_allclose(img.affine, affine, atol=1e-6)
+    # DICOM slices are ordered along the slice normal, so k may come back reversed
+    slope = float(mni4.data.max() - mni4.data.min()) / 30000.0
+    assert_same_anatomy(img, oblique, atol=slope)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
     ref = reader.Execute()
@@ -228,4 +248,4 @@ def test_directory_without_dicom(tmp_path: Path) -> None:
 def test_dicom_series_feeds_extract(mni4: kf.Image, tmp_path: Path) -> None:
     write_series(mni4, tmp_path / "series")
     kps = kf.extract(tmp_path / "series", device="cpu")
-    assert len(kps) > 50
+    assert len(kps) == len(kf.extract(mni4, device="cpu")) > 0

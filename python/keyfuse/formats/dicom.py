@@ -99,13 +99,45 @@ def read_dicom(path: Path, *, series: str | int | None = None) -> Image:
 # -- files and series ----------------------------------------------------------------------
 def _dcmread(pydicom: Any, path: Path, *, header_only: bool) -> Any:
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=header_only)
+        try:
+            return pydicom.dcmread(str(path), stop_before_pixels=header_only)
+        except pydicom.errors.InvalidDicomError:
+            # old files without the Part 10 preamble and meta header: accept them only if
+            # they parse into a dataset with the elements every DICOM object carries
+            ds = _read_forced(pydicom, path, header_only)
+            if ds is None:
+                raise
+            return ds
     except (pydicom.errors.InvalidDicomError, EOFError) as exc:
         raise CorruptDataError(f"{path} is not a readable DICOM file: {exc}") from exc
     except OSError as exc:
         raise KeyfuseIOError(f"cannot read {path}: {exc}") from exc
     except Exception as exc:  # pydicom raises many types on damaged headers
         raise CorruptDataError(f"{path} is a damaged DICOM file: {exc}") from exc
+
+
+def _read_forced(pydicom: Any, path: Path, header_only: bool) -> Any | None:
+    """A DICOM file without the Part 10 header, or None if it does not look like one."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True)
+            ok = "SOPClassUID" in ds and ("Modality" in ds or "Rows" in ds)
+    except Exception:
+        return None
+    if not ok:
+        return None
+    if "TransferSyntaxUID" not in ds.file_meta:
+        from pydicom import uid
+
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            uid.ImplicitVRLittleEndian if implicit
+            else uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+        )
+    return ds
 
 
 def _scan_directory(root: Path) -> list[_Header]:
@@ -115,10 +147,9 @@ def _scan_directory(root: Path) -> list[_Header]:
         if file.name.upper() == "DICOMDIR" or file.name.startswith("."):
             continue
         if not is_dicom_file(file):
-            # files without the Part 10 preamble: DICOM only if pydicom can parse them
-            try:
-                ds = pydicom.dcmread(str(file), stop_before_pixels=True, force=False)
-            except Exception:
+            # files without the Part 10 preamble: DICOM only if they parse as one
+            ds = _read_forced(pydicom, file, True)
+            if ds is None:
                 continue
         else:
             ds = _dcmread(pydicom, file, header_only=True)
@@ -149,7 +180,7 @@ def _choose_series(root: Path, headers: list[_Header], series: str | int | None)
     # image series first, then by SeriesNumber, so the listing's positions are stable
     def order(uid: str) -> tuple[int, float, str]:
         ds = groups[uid][0].ds
-        has_pixels = any(_has_pixels(h.ds) for h in groups[uid])
+        has_pixels = any(_header_is_image(h.ds) for h in groups[uid])
         try:
             number = float(ds.get("SeriesNumber", np.inf))
         except (TypeError, ValueError):
@@ -159,7 +190,7 @@ def _choose_series(root: Path, headers: list[_Header], series: str | int | None)
     uids = sorted(groups, key=order)
     listing = "\n".join(f"  [{i}] {_describe(uid, groups[uid])}" for i, uid in enumerate(uids))
     if series is None:
-        image_uids = [u for u in uids if any(_has_pixels(h.ds) for h in groups[u])]
+        image_uids = [u for u in uids if any(_header_is_image(h.ds) for h in groups[u])]
         if len(image_uids) == 1:
             return groups[image_uids[0]]
         if not image_uids:
@@ -183,8 +214,13 @@ def _has_pixels(ds: Any) -> bool:
     return "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
 
 
-def _require_image(ds: Any, path: Path) -> None:
-    if not _has_pixels(ds):
+def _header_is_image(ds: Any) -> bool:
+    """Whether a header read without its pixel data describes an image."""
+    return _has_pixels(ds) or ("Rows" in ds and "Columns" in ds)
+
+
+def _require_image(ds: Any, path: Path, *, header: bool = False) -> None:
+    if not (_header_is_image(ds) if header else _has_pixels(ds)):
         sop = ds.get("SOPClassUID")
         name = getattr(sop, "name", str(sop)) if sop is not None else "unknown SOP class"
         raise CorruptDataError(
@@ -330,7 +366,7 @@ def _read_series(root: Path, files: list[_Header]) -> Image:
             return _read_multiframe(ds, files[0].path)
         return _read_single(ds, files[0].path)
     for h in files:
-        _require_image(h.ds, h.path)
+        _require_image(h.ds, h.path, header=True)
         if int(h.ds.get("NumberOfFrames", 1) or 1) > 1:
             raise CorruptDataError(
                 f"{root}: series mixes multi-frame files ({h.path.name}) with others; "
@@ -386,6 +422,7 @@ def _read_series(root: Path, files: list[_Header]) -> Image:
     for idx in order:
         h = files[idx]
         ds = _dcmread(pydicom, h.path, header_only=False)
+        _require_image(ds, h.path)
         arr = _pixels(ds, h.path)
         if arr.shape != (int(shape0[0]), int(shape0[1])):
             raise CorruptDataError(
