@@ -27,6 +27,24 @@ def voxel_sizes(affine: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.sqrt((mat[:3, :3] ** 2).sum(axis=0))
 
 
+def _warn_no_voxel_size(shape: tuple[int, ...]) -> None:
+    """Warn that an array got 1 mm voxels, pointing at the caller outside keyfuse."""
+    import sys
+
+    package = str(Path(__file__).parent)
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        level += 1
+        frame = frame.f_back  # type: ignore[assignment]
+    warnings.warn(
+        f"image array of shape {shape} has no affine or voxel size: assuming 1 mm voxels; "
+        "pass kf.Image(array, spacing=(...)) or an affine (or load the file with "
+        "kf.load_image)",
+        VoxelSizeWarning,
+        stacklevel=level,
+    )
+
+
 def _is_nibabel_image(obj: Any) -> bool:
     return hasattr(obj, "dataobj") and hasattr(obj, "affine")
 
@@ -92,13 +110,7 @@ class Image:
             arr0 = np.asanyarray(data)
             if spacing is None:
                 if arr0.ndim in (2, 3):
-                    warnings.warn(
-                        f"image array of shape {arr0.shape} has no affine or voxel size: "
-                        "assuming 1 mm voxels; pass spacing=(...) or affine=... "
-                        "(or load the file with kf.load_image)",
-                        VoxelSizeWarning,
-                        stacklevel=2,
-                    )
+                    _warn_no_voxel_size(arr0.shape)
             else:
                 sp = np.asarray(spacing, dtype=np.float64).ravel()
                 nd = max(arr0.ndim, 2)
@@ -224,12 +236,7 @@ def load_image(
         if affine is None and spacing is None:
             arr = np.asarray(source)
             if arr.ndim in (2, 3):
-                warnings.warn(
-                    f"image array of shape {arr.shape} has no affine or voxel size: "
-                    "assuming 1 mm voxels; pass kf.Image(array, spacing=(...)) or an affine",
-                    VoxelSizeWarning,
-                    stacklevel=2,
-                )
+                _warn_no_voxel_size(arr.shape)
             return Image(arr, np.eye(4))
         return Image(np.asarray(source), affine, spacing=spacing)
     raise InvalidImageError(
