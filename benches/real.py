@@ -113,8 +113,10 @@ def main() -> None:
     if args.quick:
         orients = orients[::6]
     print("\n1. storage orientations (tolerance 1 voxel)")
-    print(f"{'storage':8} {'det':>4} | {'now: rep':>8} {'prec':>6} {'n':>4} {'bits':>5} | "
-          f"{'before: rep':>11} {'prec':>6} {'n':>4}")
+    print(
+        f"{'storage':8} {'det':>4} | {'now: rep':>8} {'prec':>6} {'n':>4} {'bits':>5} | "
+        f"{'before: rep':>11} {'prec':>6} {'n':>4}"
+    )
     now_rep, now_prec, old_rep, old_prec, identical = [], [], [], [], 0
     t_now = t_old = 0.0
     for ornt in orients:
@@ -135,17 +137,25 @@ def main() -> None:
         old_rep.append(ro)
         old_prec.append(po)
         det = int(np.sign(np.linalg.det(other.affine[:3, :3])))
-        print(f"{name(ornt):8} {det:>+4d} | {r:8.3f} {p:6.3f} {n:4d} {'yes' if same else 'no':>5} | "
-              f"{ro:11.3f} {po:6.3f} {no:4d}")
-    print(f"now:    repeatability min {min(now_rep):.3f}, precision min {min(now_prec):.3f}, "
-          f"bit-identical {identical}/{len(orients)}, {t_now / len(orients):.3f} s/extraction")
-    print(f"before: repeatability min {min(old_rep):.3f}, precision min {min(old_prec):.3f} "
-          f"(median {np.median(old_prec):.3f}), {t_old / len(orients):.3f} s/extraction")
+        print(
+            f"{name(ornt):8} {det:>+4d} | {r:8.3f} {p:6.3f} {n:4d} {'yes' if same else 'no':>5} | "
+            f"{ro:11.3f} {po:6.3f} {no:4d}"
+        )
+    print(
+        f"now:    repeatability min {min(now_rep):.3f}, precision min {min(now_prec):.3f}, "
+        f"bit-identical {identical}/{len(orients)}, {t_now / len(orients):.3f} s/extraction"
+    )
+    print(
+        f"before: repeatability min {min(old_rep):.3f}, precision min {min(old_prec):.3f} "
+        f"(median {np.median(old_prec):.3f}), {t_old / len(orients):.3f} s/extraction"
+    )
 
     print("\n2. oblique storages (cubic resampling; tolerance 1 and 1.5 voxels)")
     print("   (mirror: stored mirrored along i; ½-vox: no rotation, grid shifted half a voxel)")
-    print(f"{'angle':>6} {'mirror':>6} | {'n':>4} {'rep@1':>6} {'rep@1.5':>7} {'prec@1':>6} "
-          f"{'prec@1.5':>8} {'matches':>7}")
+    print(
+        f"{'angle':>6} {'mirror':>6} | {'n':>4} {'rep@1':>6} {'rep@1.5':>7} {'prec@1':>6} "
+        f"{'prec@1.5':>8} {'matches':>7}"
+    )
     angles = (15.0, 45.0) if args.quick else (5.0, 15.0, 30.0, 45.0)
     inside = np.linalg.norm(ref.xyz - ref.xyz.mean(axis=0), axis=1) < 60
     # control: no rotation, a half-voxel shift: what resampling alone costs
@@ -158,8 +168,10 @@ def main() -> None:
         p1, n = precision(kps, ref, vox)
         p15, _ = precision(kps, ref, 1.5 * vox)
         label = "½-vox" if shift else ("yes" if mirror else "no")
-        print(f"{angle:6.0f} {label:>6} | {len(kps):4d} {r1:6.3f} "
-              f"{r15:7.3f} {p1:6.3f} {p15:8.3f} {n:7d}")
+        print(
+            f"{angle:6.0f} {label:>6} | {len(kps):4d} {r1:6.3f} "
+            f"{r15:7.3f} {p1:6.3f} {p15:8.3f} {n:7d}"
+        )
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ class Image:
     """
 
     __slots__ = ("affine", "data")
+    data: np.ndarray
+    affine: npt.NDArray[np.float64]
 
     def __init__(
         self,
@@ -114,12 +116,9 @@ class Image:
             else:
                 sp = np.asarray(spacing, dtype=np.float64).ravel()
                 nd = max(arr0.ndim, 2)
-                if len(sp) not in (min(nd, 3), 3) or not np.all(np.isfinite(sp)) or np.any(
-                    sp <= 0
-                ):
+                if len(sp) not in (min(nd, 3), 3) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
                     raise InvalidArgumentError(
-                        f"spacing must be {min(nd, 3)} positive voxel sizes in mm, "
-                        f"got {spacing!r}"
+                        f"spacing must be {min(nd, 3)} positive voxel sizes in mm, got {spacing!r}"
                     )
                 affine = np.diag([*sp, *([1.0] * (3 - len(sp))), 1.0])
         arr = np.asanyarray(data)

@@ -61,8 +61,10 @@ def test_all_48_orientations_hold_48_distinct_storages() -> None:
     import hashlib
 
     img, _ = _mni()
-    stored = {hashlib.sha256(restore(img, o).data.tobytes()).hexdigest()
-              + str(restore(img, o).shape) for o in ALL_ORIENTATIONS}
+    stored = {
+        hashlib.sha256(restore(img, o).data.tobytes()).hexdigest() + str(restore(img, o).shape)
+        for o in ALL_ORIENTATIONS
+    }
     assert len(ALL_ORIENTATIONS) == 48
     assert len(stored) == 48
 
@@ -75,8 +77,13 @@ def test_ras_storage_is_not_touched() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", range(48), ids=lambda k: "".join(
-    f"{'+' if f > 0 else '-'}{'ijk'[int(a)]}" for a, f in ALL_ORIENTATIONS[k]))
+@pytest.mark.parametrize(
+    "k",
+    range(48),
+    ids=lambda k: "".join(
+        f"{'+' if f > 0 else '-'}{'ijk'[int(a)]}" for a, f in ALL_ORIENTATIONS[k]
+    ),
+)
 def test_every_axis_orientation_gives_identical_keypoints(k: int) -> None:
     img, ref = _mni()
     ornt = ALL_ORIENTATIONS[k]
@@ -120,8 +127,12 @@ def _oblique(img: kf.Image, angles_deg: tuple[float, float, float], mirror: bool
     new[:3, 3] = centre - new[:3, :3] @ centre_vox
     to_old = np.linalg.inv(img.affine) @ new
     data = ndimage.affine_transform(
-        np.asarray(img.data, np.float32), to_old[:3, :3], to_old[:3, 3], order=3,
-        mode="constant", cval=0.0,
+        np.asarray(img.data, np.float32),
+        to_old[:3, :3],
+        to_old[:3, 3],
+        order=3,
+        mode="constant",
+        cval=0.0,
     )
     return kf.Image(data.astype(np.float32), new)
 

@@ -68,15 +68,21 @@ def quantise(img: kf.Image) -> tuple[np.ndarray, float, float]:
     return stored, slope, intercept
 
 
-def write_series(img: kf.Image, folder: Path, *, uid: str = "1.2.826.0.1.3680043.8.498.10",
-                 shuffle_seed: int | None = 0) -> list[Path]:
+def write_series(
+    img: kf.Image,
+    folder: Path,
+    *,
+    uid: str = "1.2.826.0.1.3680043.8.498.10",
+    shuffle_seed: int | None = 0,
+) -> list[Path]:
     """Store a 3D ``img`` as a DICOM series, one file per k-slice (names shuffled)."""
     folder.mkdir(parents=True, exist_ok=True)
     lps, iop, spacing = _geometry(img)
     stored, slope, intercept = quantise(img)
     n = img.shape[2]
-    names = np.arange(n) if shuffle_seed is None else np.random.default_rng(
-        shuffle_seed).permutation(n)
+    names = (
+        np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(n)
+    )
     paths = []
     for k in range(n):
         ds = _base(uid, MR_IMAGE_STORAGE)
@@ -127,7 +133,6 @@ def write_multiframe(img: kf.Image, path: Path) -> Path:
         item.PlanePositionSequence = Sequence([pos])
         frames.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
-    ds.PixelData = np.ascontiguousarray(
-        np.stack([stored[:, :, k].T for k in order])).tobytes()
+    ds.PixelData = np.ascontiguousarray(np.stack([stored[:, :, k].T for k in order])).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _dicom_helpers import pydicom_file, write_multiframe, write_series
 
 import keyfuse as kf
 from keyfuse.errors import CorruptDataError, InvalidArgumentError, MissingDependencyError
-
-from _dicom_helpers import pydicom_file, write_multiframe, write_series
 
 pytest.importorskip("pydicom")
 sitk = pytest.importorskip("SimpleITK")
@@ -24,14 +23,23 @@ def ras_of(img: kf.Image, ijk: np.ndarray) -> np.ndarray:
 
 def sitk_ras(s: object, ijk: np.ndarray) -> np.ndarray:
     """World (RAS) positions of voxel indices in a SimpleITK image (LPS)."""
-    pts = [s.TransformContinuousIndexToPhysicalPoint([float(v) for v in p])  # type: ignore[attr-defined]
-           for p in ijk]
+    pts = [
+        s.TransformContinuousIndexToPhysicalPoint([float(v) for v in p])  # type: ignore[attr-defined]
+        for p in ijk
+    ]
     return np.asarray(pts) * np.array([-1.0, -1.0, 1.0])
 
 
 def corners(shape: tuple[int, ...]) -> np.ndarray:
-    return np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
-                     for k in (0, (shape[2] - 1) if len(shape) > 2 else 0)], dtype=float)
+    return np.array(
+        [
+            [i, j, k]
+            for i in (0, shape[0] - 1)
+            for j in (0, shape[1] - 1)
+            for k in (0, (shape[2] - 1) if len(shape) > 2 else 0)
+        ],
+        dtype=float,
+    )
 
 
 def assert_same_anatomy(img: kf.Image, ref: kf.Image, atol: float) -> None:
@@ -61,14 +69,15 @@ def test_ct_slice_rescaled_with_world_geometry_of_simpleitk() -> None:
     assert img.data.min() < -500  # HU: intercept -1024 applied
     ijk = corners(img.shape)[:, :2]
     np.testing.assert_allclose(
-        ras_of(img, np.c_[ijk, np.zeros(len(ijk))]), sitk_ras(ref, np.c_[ijk, np.zeros(len(ijk))]),
+        ras_of(img, np.c_[ijk, np.zeros(len(ijk))]),
+        sitk_ras(ref, np.c_[ijk, np.zeros(len(ijk))]),
         atol=1e-4,
     )
 
 
 @pytest.mark.parametrize(
-    "variant", ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
-                "MR_small_padded.dcm"]
+    "variant",
+    ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm", "MR_small_padded.dcm"],
 )
 def test_transfer_syntaxes_decode_to_the_same_pixels(variant: str) -> None:
     ref = kf.load_image(pydicom_file("MR_small.dcm"))
@@ -101,10 +110,11 @@ def test_compressed_without_decoder_names_the_package() -> None:
 
     path = pydicom_file("MR_small_jpeg_ls_lossless.dcm")
     if get_decoder("1.2.840.10008.1.2.4.80").is_available:
-        np.testing.assert_array_equal(kf.load_image(path).data,
-                                      kf.load_image(pydicom_file("MR_small.dcm")).data)
+        np.testing.assert_array_equal(
+            kf.load_image(path).data, kf.load_image(pydicom_file("MR_small.dcm")).data
+        )
         return
-    with pytest.raises(MissingDependencyError, match="JPEG-LS.*pip install") as info:
+    with pytest.raises(MissingDependencyError, match=r"JPEG-LS.*pip install") as info:
         kf.load_image(path)
     assert "MR_small_jpeg_ls_lossless.dcm" in str(info.value)
 
@@ -147,8 +157,7 @@ def test_several_series_listed_and_chosen(tmp_path: Path) -> None:
 
     five = kf.load_image(pydicom_dir("98892001/CT5N"))
     uid = str(pydicom.dcmread(next((tmp_path / "a").iterdir())).SeriesInstanceUID)
-    position = next(int(line.split("]")[0].strip(" [")) for line in msg.splitlines()
-                    if uid in line)
+    position = next(int(line.split("]")[0].strip(" [")) for line in msg.splitlines() if uid in line)
     for choice in (uid, 5, position):
         np.testing.assert_array_equal(kf.load_image(tmp_path, series=choice).data, five.data)
     # the other series is a two-view localizer: chosen, it is refused for what it is
@@ -170,8 +179,9 @@ def test_written_series_reads_back_like_the_volume(mni4: kf.Image, tmp_path: Pat
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
     ref = reader.Execute()
-    np.testing.assert_allclose(img.data, sitk.GetArrayFromImage(ref).transpose(2, 1, 0),
-                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        img.data, sitk.GetArrayFromImage(ref).transpose(2, 1, 0), rtol=1e-5, atol=1e-3
+    )
     ijk = corners(img.shape)
     np.testing.assert_allclose(ras_of(img, ijk), sitk_ras(ref, ijk), atol=1e-3)
     # and the keypoints of the DICOM are those of the NIfTI, in the same place
@@ -188,7 +198,8 @@ def test_written_oblique_mirrored_series_agrees_with_simpleitk(
 
     affine = mni4.affine.copy()
     affine[:3, :3] = Rotation.from_euler("xyz", [10, -20, 5], degrees=True).as_matrix() @ (
-        affine[:3, :3] @ np.diag([-1.0, 1.0, 1.0]))
+        affine[:3, :3] @ np.diag([-1.0, 1.0, 1.0])
+    )
     oblique = kf.Image(mni4.data, affine)
     write_series(oblique, tmp_path / "s")
     img = kf.load_image(tmp_path / "s")
@@ -214,7 +225,9 @@ def test_missing_slice_is_named(mni4: kf.Image, tmp_path: Path) -> None:
     small = kf.Image(mni4.data[:, :, 20:30], mni4.affine)
     paths = write_series(small, tmp_path / "s", shuffle_seed=None)
     paths[4].unlink()
-    with pytest.raises(CorruptDataError, match=r"missing slices: 1 slice between IM0003 and IM0005"):
+    with pytest.raises(
+        CorruptDataError, match=r"missing slices: 1 slice between IM0003 and IM0005"
+    ):
         kf.load_image(tmp_path / "s")
 
 

@@ -30,13 +30,16 @@ def oblique_mirrored(img: kf.Image) -> kf.Image:
 
     affine = img.affine.copy()
     affine[:3, :3] = Rotation.from_euler("xyz", [7, -12, 20], degrees=True).as_matrix() @ (
-        affine[:3, :3] @ np.diag([-1.0, 1.0, 1.0]))
+        affine[:3, :3] @ np.diag([-1.0, 1.0, 1.0])
+    )
     return kf.Image(img.data, affine)
 
 
 def sitk_ras(s: object, ijk: np.ndarray) -> np.ndarray:
-    pts = [s.TransformContinuousIndexToPhysicalPoint([float(v) for v in p])  # type: ignore[attr-defined]
-           for p in ijk]
+    pts = [
+        s.TransformContinuousIndexToPhysicalPoint([float(v) for v in p])  # type: ignore[attr-defined]
+        for p in ijk
+    ]
     return np.asarray(pts) * np.array([-1.0, -1.0, 1.0])
 
 
@@ -110,8 +113,9 @@ def test_image_from_simpleitk_image_handles_zyx(mni4: kf.Image, tmp_path: Path) 
     assert got.shape == img.shape
     np.testing.assert_array_equal(got.data, img.data)
     ijk = some_voxels(img.shape)
-    np.testing.assert_allclose(np.c_[ijk, np.ones(len(ijk))] @ got.affine[:3].T,
-                               sitk_ras(simg, ijk), atol=1e-4)
+    np.testing.assert_allclose(
+        np.c_[ijk, np.ones(len(ijk))] @ got.affine[:3].T, sitk_ras(simg, ijk), atol=1e-4
+    )
     # and back: SimpleITK sees the same geometry
     round_trip = img.to_simpleitk()
     np.testing.assert_allclose(sitk_ras(round_trip, ijk), sitk_ras(simg, ijk), atol=1e-4)
@@ -204,7 +208,9 @@ def test_read_errors_name_the_file(tmp_path: Path, mni4: kf.Image) -> None:
 
 
 def test_4d_file_is_refused_with_the_file_name(tmp_path: Path) -> None:
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)),
-             str(tmp_path / "bold.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)),
+        str(tmp_path / "bold.nii.gz"),
+    )
     with pytest.raises(InvalidImageError, match=r"bold\.nii\.gz.*4D"):
         kf.load_image(tmp_path / "bold.nii.gz")

@@ -45,8 +45,18 @@ NIBABEL_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".mha", ".mhd", ".png", ".tif",
-                     ".tiff")
+WRITABLE_SUFFIXES = (
+    ".nii.gz",
+    ".nii",
+    ".mgz",
+    ".mgh",
+    ".nrrd",
+    ".mha",
+    ".mhd",
+    ".png",
+    ".tif",
+    ".tiff",
+)
 
 # DICOM, NRRD and MetaImage (ITK) describe space as LPS; keyfuse's affines are RAS.
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -116,8 +126,7 @@ def _import_sitk(path: Path, what: str) -> Any:
         import SimpleITK as sitk
     except ImportError as exc:
         raise MissingDependencyError(
-            f"reading or writing {what} ({path.name}) needs SimpleITK: "
-            "pip install 'keyfuse[itk]'"
+            f"reading or writing {what} ({path.name}) needs SimpleITK: pip install 'keyfuse[itk]'"
         ) from exc
     return sitk
 
@@ -128,8 +137,9 @@ def _read_itk(path: Path) -> Image:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "rror" in ln), first[-1] if first
-                      else "")
+        detail = next(
+            (ln for ln in first if "ERROR" in ln or "rror" in ln), first[-1] if first else ""
+        )
         raise CorruptDataError(f"cannot read image {path}: {detail.strip()}") from exc
     try:
         return Image(*from_simpleitk(img))
@@ -265,8 +275,7 @@ def check_writable(path: Path, ndim: int = 3) -> str:
     if suffix not in WRITABLE_SUFFIXES:
         shown = suffix or "no suffix"
         raise InvalidArgumentError(
-            f"cannot write an image to {path} ({shown}): use one of "
-            + ", ".join(WRITABLE_SUFFIXES)
+            f"cannot write an image to {path} ({shown}): use one of " + ", ".join(WRITABLE_SUFFIXES)
         )
     if suffix in (".png", ".tif", ".tiff") and ndim != 2:
         raise InvalidArgumentError(
@@ -352,8 +361,9 @@ def _write_raster(image: Image, tmp: Path, suffix: str) -> None:
             )
     elif data.dtype not in (np.uint8, np.uint16, np.int32, np.float32):
         data = data.astype(np.float32)
-    PILImage.fromarray(np.ascontiguousarray(data)).save(tmp, format="PNG" if suffix == ".png"
-                                                        else "TIFF")
+    PILImage.fromarray(np.ascontiguousarray(data)).save(
+        tmp, format="PNG" if suffix == ".png" else "TIFF"
+    )
 
 
 def _write_mhd(image: Image, path: Path) -> None:

@@ -134,8 +134,11 @@ def _read_forced(pydicom: Any, path: Path, header_only: bool) -> Any | None:
 
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (
-            uid.ImplicitVRLittleEndian if implicit
-            else uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+            uid.ImplicitVRLittleEndian
+            if implicit
+            else uid.ExplicitVRLittleEndian
+            if little
+            else uid.ExplicitVRBigEndian
         )
     return ds
 
@@ -177,6 +180,7 @@ def _choose_series(root: Path, headers: list[_Header], series: str | int | None)
     groups: dict[str, list[_Header]] = defaultdict(list)
     for h in headers:
         groups[h.series_uid].append(h)
+
     # image series first, then by SeriesNumber, so the listing's positions are stable
     def order(uid: str) -> tuple[int, float, str]:
         ds = groups[uid][0].ds
@@ -267,8 +271,13 @@ def _missing_decoder(ts: Any) -> str:
         return ""
     # pydicom names each plugin's missing packages; suggest the one with fewest of them
     options = [deps for deps in decoder.missing_dependencies if deps]
-    pkgs = {"gdcm": "python-gdcm", "pylibjpeg": "pylibjpeg", "pyjpegls": "pyjpegls",
-            "pillow": "pillow", "numpy": "numpy"}
+    pkgs = {
+        "gdcm": "python-gdcm",
+        "pylibjpeg": "pylibjpeg",
+        "pyjpegls": "pyjpegls",
+        "pillow": "pillow",
+        "numpy": "numpy",
+    }
     for line in options:
         names = [w.strip(" ,") for w in line.split("requires", 1)[-1].split()]
         wanted = [pkgs.get(n.lower(), n) for n in names if n and n.lower() != "and"]
@@ -498,8 +507,10 @@ def _slice_order(
 # -- multi-frame files -----------------------------------------------------------------------
 def _frame_item(ds: Any, i: int, seq: str) -> Any | None:
     """The functional-group item ``seq`` for frame ``i`` (per-frame, else shared)."""
-    for groups_key, index in (("PerFrameFunctionalGroupsSequence", i),
-                              ("SharedFunctionalGroupsSequence", 0)):
+    for groups_key, index in (
+        ("PerFrameFunctionalGroupsSequence", i),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
         groups = ds.get(groups_key)
         if groups is not None and len(groups) > index:
             item = groups[index].get(seq)
@@ -512,9 +523,7 @@ def _read_multiframe(ds: Any, path: Path) -> Image:
     n = int(ds.NumberOfFrames)
     arr = _pixels(ds, path)
     if arr.ndim != 3 or arr.shape[0] != n:
-        raise CorruptDataError(
-            f"{path}: {n} frames declared but pixel data has shape {arr.shape}"
-        )
+        raise CorruptDataError(f"{path}: {n} frames declared but pixel data has shape {arr.shape}")
     iops: list[np.ndarray | None] = []
     ipps: list[np.ndarray | None] = []
     slopes, intercepts = [], []
