@@ -77,7 +77,25 @@ def suffix_of(path: Path) -> str:
 
 # -- reading ---------------------------------------------------------------------------------
 def read_image(path: Path, *, series: str | int | None = None) -> Image:
-    """Read the image at ``path`` (a file, or a directory holding a DICOM series)."""
+    """Read the image at ``path`` (a file, or a directory holding a DICOM series).
+
+    Every failure is a :class:`~keyfuse.KeyfuseError` naming the file: a reader's own
+    exception (a damaged file can raise almost anything inside nibabel, pydicom, ITK or
+    Pillow) becomes a :class:`~keyfuse.CorruptDataError`.
+    """
+    try:
+        return _read_image(path, series=series)
+    except KeyfuseError:
+        raise
+    except MemoryError as exc:
+        raise InvalidImageError(f"{path} is too large to load into memory") from exc
+    except RecursionError as exc:
+        raise CorruptDataError(f"cannot read image {path}: nesting too deep") from exc
+    except Exception as exc:
+        raise CorruptDataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_image(path: Path, *, series: str | int | None = None) -> Image:
     if not path.exists():
         raise KeyfuseIOError(f"image file not found: {path}")
     if path.is_dir():
@@ -104,13 +122,84 @@ def read_image(path: Path, *, series: str | int | None = None) -> Image:
     )
 
 
+# A deflate stream expands at most ~1032-fold; a file whose header claims more voxel bytes
+# than that (or, uncompressed, more than it holds) is refused before any allocation.
+MAX_EXPANSION = 1100
+
+
+def check_declared_size(path: Path, declared: int, available: int, compressed: bool) -> None:
+    """Refuse a file whose header declares more voxel data than it can hold.
+
+    ``declared`` is the voxel data size the header claims, ``available`` the bytes the file
+    holds for it (compressed or not).
+    """
+    limit = available * MAX_EXPANSION if compressed else available
+    if declared > limit:
+        raise CorruptDataError(
+            f"{path} declares {declared:,} bytes of voxel data but holds "
+            f"{available:,}{' compressed' if compressed else ''}: truncated or damaged header"
+        )
+
+
+def _gunzip_whole(path: Path, limit: int, offset: int = 0, wbits: int = 31) -> bytes:
+    """The decompressed bytes of a gzip file (or of the zlib/gzip stream from ``offset``,
+    ``wbits`` as for zlib: 31 gzip, 15 zlib), refusing a truncated or damaged stream."""
+    import zlib
+
+    out: list[bytes] = []
+    total = 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        d = zlib.decompressobj(wbits)
+        while True:
+            chunk = d.unused_data or fh.read(1 << 20)
+            if d.eof:
+                if not chunk:
+                    break
+                if wbits != 31:
+                    raise CorruptDataError(f"{path} has unexpected bytes after its data")
+                d = zlib.decompressobj(wbits)  # a further gzip member
+            elif not chunk:
+                raise CorruptDataError(f"{path} is truncated (the gzip stream ends early)")
+            try:
+                piece = d.decompress(chunk, max(1, limit - total + 1))
+            except zlib.error as exc:
+                raise CorruptDataError(f"{path} is damaged (gzip: {exc})") from exc
+            total += len(piece)
+            if total > limit:
+                raise CorruptDataError(f"{path} decompresses to more than its header declares")
+            out.append(piece)
+            if d.unconsumed_tail:
+                raise CorruptDataError(f"{path} decompresses to more than its header declares")
+    return b"".join(out)
+
+
 def _read_nibabel(path: Path) -> Image:
     import nibabel as nib
 
     try:
         img: Any = nib.load(str(path))
+        shape = img.header.get_data_shape()
+        if any(int(n) < 0 for n in shape):
+            raise CorruptDataError(f"{path} declares a negative dimension {shape}")
+        declared = int(np.prod([int(n) for n in shape], dtype=object)) * int(
+            img.header.get_data_dtype().itemsize
+        )
+        offset = int(getattr(img.dataobj, "offset", 0) or 0)
+        size = path.stat().st_size
+        compressed = path.name.lower().endswith((".gz", ".mgz"))
+        check_declared_size(path, declared, size if compressed else size - offset, compressed)
+        if compressed:
+            # read the whole gzip stream, checking its end and CRC: nibabel stops after the
+            # voxels, so a file cut after them would otherwise load without a word
+            raw = _gunzip_whole(path, limit=offset + declared + (1 << 20) + 64 * size)
+            img = type(img).from_bytes(raw)
         data = np.asanyarray(img.dataobj)
         affine = img.affine
+    except CorruptDataError:
+        raise
+    except MemoryError as exc:
+        raise InvalidImageError(f"{path} is too large to load into memory") from exc
     except Exception as exc:  # nibabel raises many types for damaged files
         raise CorruptDataError(f"cannot read image {path}: {exc}") from exc
     if affine is None:
@@ -134,7 +223,27 @@ def _import_sitk(path: Path, what: str) -> Any:
 def _read_itk(path: Path) -> Image:
     sitk = _import_sitk(path, "NRRD and MetaImage files")
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        sizes = [int(n) for n in reader.GetSize()]
+        declared = int(np.prod(sizes, dtype=object)) * int(reader.GetNumberOfComponents())
+        declared *= _ITK_BYTES.get(int(reader.GetPixelID()), 8)
+        data_file, offset, compressed = _itk_data_file(path)
+        check_declared_size(path, declared, data_file.stat().st_size - offset, compressed)
+        if compressed:
+            # ITK ignores a stream's missing end (and checksum): check it whole first
+            head = data_file.read_bytes()[offset : offset + 2]
+            wbits = 31 if head == b"\x1f\x8b" else 15 if head[:1] == b"\x78" else 0
+            if wbits:
+                _gunzip_whole(data_file, limit=declared + 64, offset=offset, wbits=wbits)
+        img = reader.Execute()
+    except (CorruptDataError, KeyfuseIOError):
+        raise
+    except OSError as exc:
+        raise KeyfuseIOError(f"cannot read image {path}: {exc}") from exc
+    except MemoryError as exc:
+        raise InvalidImageError(f"{path} is too large to load into memory") from exc
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next(
@@ -147,18 +256,91 @@ def _read_itk(path: Path) -> Image:
         raise InvalidImageError(f"{path}: {exc}") from exc
 
 
+def _itk_bytes() -> dict[int, int]:
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return {}
+    sizes = {
+        "Int8": 1,
+        "UInt8": 1,
+        "Int16": 2,
+        "UInt16": 2,
+        "Int32": 4,
+        "UInt32": 4,
+        "Float32": 4,
+        "Int64": 8,
+        "UInt64": 8,
+        "Float64": 8,
+    }
+    out = {}
+    for name, nbytes in sizes.items():
+        for prefix in ("sitk", "sitkVector"):
+            value = getattr(sitk, prefix + name, None)
+            if value is not None:
+                out[int(value)] = nbytes
+    return out
+
+
+_ITK_BYTES = _itk_bytes()
+
+
+def _itk_data_file(path: Path) -> tuple[Path, int, bool]:
+    """Where a NRRD/MetaImage's voxels are: the file, the offset of the data in it (after
+    an attached header) and whether they may be compressed."""
+    suffix = suffix_of(path)
+    key = "elementdatafile" if suffix in (".mha", ".mhd") else "data file"
+    compressed = False
+    target, offset = path, 0
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    pos = 0
+    for raw in head.split(b"\n"):
+        pos += len(raw) + 1
+        line = raw.decode("latin-1").strip()
+        low = line.lower()
+        if low.startswith(("compresseddata", "encoding")) and any(
+            w in low for w in ("true", "gz", "gzip", "bz2", "bzip2")
+        ):
+            compressed = True
+        if low.startswith(key) and ("=" in line or ":" in line):
+            value = line.split("=" if key == "elementdatafile" else ":", 1)[1].strip()
+            if value.upper() == "LOCAL":
+                offset = pos  # MetaImage: the data follow this line
+                break
+            if value and value.upper() != "LIST" and "%" not in value:
+                target = path.parent / value
+        if not line and suffix == ".nrrd":
+            offset = pos  # end of an attached NRRD header
+            break
+    if not target.exists():
+        raise KeyfuseIOError(f"the voxel data file of {path} is missing: {target}")
+    if target != path:
+        offset = 0
+    return target, offset, compressed
+
+
 def _read_raster(path: Path) -> Image:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
     try:
+        if suffix_of(path) == ".png":
+            with PILImage.open(path) as check:
+                check.verify()  # every chunk's CRC, up to IEND: no silently cut file
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - 1024))
+                if b"IEND\xaeB`\x82" not in fh.read():
+                    raise CorruptDataError(f"{path} is truncated (no PNG end chunk)")
         with PILImage.open(path) as pil:
             frames = []
             for frame in range(getattr(pil, "n_frames", 1)):
                 pil.seek(frame)
                 frames.append(_pil_to_gray(pil))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise CorruptDataError(f"cannot read image {path}: {exc}") from exc
+    except PILImage.DecompressionBombError as exc:
+        raise InvalidImageError(f"{path} is too large: {exc}") from exc
     if len({f.shape for f in frames}) != 1:
         raise InvalidImageError(f"{path}: the pages of this TIFF differ in size")
     # PIL arrays are [row, column]; keyfuse's first axis is the column (x), as for DICOM

@@ -237,6 +237,7 @@ def _require_image(ds: Any, path: Path, *, header: bool = False) -> None:
 def _pixels(ds: Any, path: Path) -> np.ndarray:
     """The stored pixel values (frames first for multi-frame), decoded."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    _check_pixel_size(ds, path, bool(ts is not None and getattr(ts, "is_compressed", False)))
     if ts is not None and getattr(ts, "is_compressed", False):
         missing = _missing_decoder(ts)
         if missing:
@@ -255,6 +256,34 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
         # colour (RGB after pydicom's conversion): luminance, ITU-R BT.601
         arr = np.asarray(arr, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return arr
+
+
+def _check_pixel_size(ds: Any, path: Path, compressed: bool) -> None:
+    """Refuse pixel data whose declared size the file cannot hold, before decoding."""
+    from keyfuse.formats import check_declared_size
+
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CorruptDataError(
+            f"{path}: image header incomplete (Rows, Columns, BitsAllocated): {exc}"
+        ) from exc
+    if min(rows, cols, frames, samples, bits) <= 0:
+        raise CorruptDataError(f"{path}: image header declares an empty image")
+    declared = rows * cols * frames * samples * ((bits + 7) // 8)
+    if bits == 1:
+        declared = (rows * cols * frames * samples + 7) // 8
+    element = next(
+        (k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None
+    )
+    value = ds[element].value if element else b""
+    available = len(value) if isinstance(value, (bytes, bytearray)) else 0
+    # compressed streams: a generous bound (JPEG-LS runs compress blank frames far better
+    # than deflate's ~1000-fold)
+    check_declared_size(path, declared // (4 if compressed else 1), available, compressed)
 
 
 def _missing_decoder(ts: Any) -> str:
