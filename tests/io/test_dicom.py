@@ -262,3 +262,14 @@ def test_dicom_series_feeds_extract(mni4: kf.Image, tmp_path: Path) -> None:
     write_series(mni4, tmp_path / "series")
     kps = kf.extract(tmp_path / "series", device="cpu")
     assert len(kps) == len(kf.extract(mni4, device="cpu")) > 0
+
+
+def test_dicom_directories_are_recognised(mni4: kf.Image, tmp_path: Path) -> None:
+    from keyfuse.formats.dicom import is_dicom_directory
+
+    write_series(kf.Image(mni4.data[:, :, :3], mni4.affine), tmp_path / "s")
+    (tmp_path / "nifti").mkdir()
+    mni4.save(tmp_path / "nifti" / "a.nii.gz")
+    assert is_dicom_directory(tmp_path / "s")
+    assert not is_dicom_directory(tmp_path / "nifti")
+    assert not is_dicom_directory(tmp_path / "nifti" / "a.nii.gz")

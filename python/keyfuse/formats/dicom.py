@@ -54,6 +54,23 @@ def is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def is_dicom_directory(path: Path, probe: int = 16) -> bool:
+    """Whether ``path`` is a directory holding DICOM files (so one image, not a folder
+    of images): looks at up to ``probe`` files, recursively."""
+    if not path.is_dir():
+        return False
+    seen = 0
+    for file in path.rglob("*"):
+        if not file.is_file():
+            continue
+        if file.name.upper() == "DICOMDIR" or is_dicom_file(file):
+            return True
+        seen += 1
+        if seen >= probe:
+            break
+    return False
+
+
 @dataclass
 class _Header:
     path: Path
@@ -615,4 +632,4 @@ def _read_multiframe(ds: Any, path: Path) -> Image:
     return Image(np.ascontiguousarray(volume), lps_to_ras(lps))
 
 
-__all__ = ["is_dicom_file", "read_dicom"]
+__all__ = ["is_dicom_directory", "is_dicom_file", "read_dicom"]
