@@ -24,10 +24,19 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
     Parameters
     ----------
     image:
-        A path to a NIfTI file, an :class:`~keyfuse.Image`, a nibabel image or an ndarray
-        (identity affine). 3D images give 3D keypoints; 2D images give 2D SIFT-Rank
-        keypoints (k = 0). Anisotropic voxels are handled (the extractor works on an
-        isotropic grid); coordinates come back in the original voxel grid and in mm.
+        A path (any format :func:`~keyfuse.load_image` reads: NIfTI, MGH, a DICOM series
+        directory, NRRD, ...), an :class:`~keyfuse.Image`, a nibabel or SimpleITK image
+        or an ndarray (1 mm voxels, with a warning). 3D images give 3D keypoints; 2D
+        images give 2D SIFT-Rank keypoints (k = 0). Anisotropic voxels are handled (the
+        extractor works on an isotropic grid); coordinates come back in the original
+        voxel grid and in mm.
+
+        Results do not depend on how the image is stored: a 3D image is re-stored in the
+        axis order and directions closest to RAS (flips and permutations only, exact)
+        before extraction, so descriptors live in that nearest-RAS frame and the 48 axis
+        orientations of one scan give bit-identical descriptors. ``ijk`` and the rows of
+        ``orientation`` are then expressed in the grid as stored (for a mirrored storage
+        the frames are reflections); ``xyz`` is world RAS mm.
     device:
         ``"auto"`` (GPU when one is usable, else CPU), ``"cpu"`` or ``"cuda"``.
     **params:

@@ -3,6 +3,7 @@ that stores a real volume as a series or as one enhanced multi-frame file."""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,14 @@ def pydicom_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"this pydicom wheel does not ship {name}")
     return path
+
+
+@cache
+def small_mni() -> kf.Image:
+    """The real MNI152 template at 4 mm (50×59×48): small and fast. (Not a fixture in a
+    conftest.py: a second conftest module would shadow tests/conftest.py for the tests
+    that import helpers from it.)"""
+    return kf.datasets.mni152(resolution_mm=4.0)
 
 
 def _geometry(img: kf.Image) -> tuple[np.ndarray, list[float], list[float]]:

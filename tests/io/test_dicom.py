@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _dicom_helpers import pydicom_file, write_multiframe, write_series
+from _dicom_helpers import pydicom_file, small_mni, write_multiframe, write_series
 
 import keyfuse as kf
 from keyfuse.errors import CorruptDataError, InvalidArgumentError, MissingDependencyError
@@ -167,9 +167,10 @@ def test_several_series_listed_and_chosen(tmp_path: Path) -> None:
         kf.load_image(tmp_path, series="nope")
 
 
-def test_written_series_reads_back_like_the_volume(mni4: kf.Image, tmp_path: Path) -> None:
+def test_written_series_reads_back_like_the_volume(tmp_path: Path) -> None:
     """A real volume stored as DICOM (mirrored, oblique-free LPS) reads back in the right
     place; SimpleITK agrees on every voxel and position."""
+    mni4 = small_mni()
     write_series(mni4, tmp_path / "series")
     img = kf.load_image(tmp_path / "series")
     assert img.shape == mni4.shape
@@ -191,9 +192,8 @@ def test_written_series_reads_back_like_the_volume(mni4: kf.Image, tmp_path: Pat
     np.testing.assert_allclose(a.xyz, b.xyz, atol=0.05)
 
 
-def test_written_oblique_mirrored_series_agrees_with_simpleitk(
-    mni4: kf.Image, tmp_path: Path
-) -> None:
+def test_written_oblique_mirrored_series_agrees_with_simpleitk(tmp_path: Path) -> None:
+    mni4 = small_mni()
     from scipy.spatial.transform import Rotation
 
     affine = mni4.affine.copy()
@@ -213,7 +213,8 @@ def test_written_oblique_mirrored_series_agrees_with_simpleitk(
     np.testing.assert_allclose(ras_of(img, ijk), sitk_ras(ref, ijk), atol=1e-3)
 
 
-def test_enhanced_multiframe_reads_back_like_the_volume(mni4: kf.Image, tmp_path: Path) -> None:
+def test_enhanced_multiframe_reads_back_like_the_volume(tmp_path: Path) -> None:
+    mni4 = small_mni()
     path = write_multiframe(mni4, tmp_path / "enhanced.dcm")
     img = kf.load_image(path)
     slope = float(mni4.data.max() - mni4.data.min()) / 30000.0
@@ -221,7 +222,8 @@ def test_enhanced_multiframe_reads_back_like_the_volume(mni4: kf.Image, tmp_path
     np.testing.assert_allclose(img.affine, mni4.affine, atol=1e-6)
 
 
-def test_missing_slice_is_named(mni4: kf.Image, tmp_path: Path) -> None:
+def test_missing_slice_is_named(tmp_path: Path) -> None:
+    mni4 = small_mni()
     small = kf.Image(mni4.data[:, :, 20:30], mni4.affine)
     paths = write_series(small, tmp_path / "s", shuffle_seed=None)
     paths[4].unlink()
@@ -231,7 +233,8 @@ def test_missing_slice_is_named(mni4: kf.Image, tmp_path: Path) -> None:
         kf.load_image(tmp_path / "s")
 
 
-def test_duplicated_slice_is_named(mni4: kf.Image, tmp_path: Path) -> None:
+def test_duplicated_slice_is_named(tmp_path: Path) -> None:
+    mni4 = small_mni()
     small = kf.Image(mni4.data[:, :, 20:30], mni4.affine)
     paths = write_series(small, tmp_path / "s", shuffle_seed=None)
     shutil.copy(paths[3], tmp_path / "s" / "copy_of_IM0003")
@@ -239,7 +242,8 @@ def test_duplicated_slice_is_named(mni4: kf.Image, tmp_path: Path) -> None:
         kf.load_image(tmp_path / "s")
 
 
-def test_uneven_spacing_is_refused(mni4: kf.Image, tmp_path: Path) -> None:
+def test_uneven_spacing_is_refused(tmp_path: Path) -> None:
+    mni4 = small_mni()
     import pydicom
 
     small = kf.Image(mni4.data[:, :, 20:30], mni4.affine)
@@ -258,13 +262,15 @@ def test_directory_without_dicom(tmp_path: Path) -> None:
         kf.load_image(tmp_path)
 
 
-def test_dicom_series_feeds_extract(mni4: kf.Image, tmp_path: Path) -> None:
+def test_dicom_series_feeds_extract(tmp_path: Path) -> None:
+    mni4 = small_mni()
     write_series(mni4, tmp_path / "series")
     kps = kf.extract(tmp_path / "series", device="cpu")
     assert len(kps) == len(kf.extract(mni4, device="cpu")) > 0
 
 
-def test_dicom_directories_are_recognised(mni4: kf.Image, tmp_path: Path) -> None:
+def test_dicom_directories_are_recognised(tmp_path: Path) -> None:
+    mni4 = small_mni()
     from keyfuse.formats.dicom import is_dicom_directory
 
     write_series(kf.Image(mni4.data[:, :, :3], mni4.affine), tmp_path / "s")

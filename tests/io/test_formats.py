@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _dicom_helpers import small_mni
 
 import keyfuse as kf
 from keyfuse.errors import (
@@ -50,7 +51,8 @@ def some_voxels(shape: tuple[int, ...]) -> np.ndarray:
 
 # -- 3D formats round trip, and agree with nibabel/SimpleITK ---------------------------------
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mgz", ".mgh", ".nrrd", ".mha", ".mhd"])
-def test_save_and_load_round_trip(mni4: kf.Image, tmp_path: Path, suffix: str) -> None:
+def test_save_and_load_round_trip(tmp_path: Path, suffix: str) -> None:
+    mni4 = small_mni()
     img = oblique_mirrored(mni4)
     path = tmp_path / f"scan{suffix}"
     img.save(path)
@@ -69,7 +71,8 @@ def test_save_and_load_round_trip(mni4: kf.Image, tmp_path: Path, suffix: str) -
             assert (tmp_path / "scan.zraw").exists() or (tmp_path / "scan.raw").exists()
 
 
-def test_nifti2_is_read(mni4: kf.Image, tmp_path: Path) -> None:
+def test_nifti2_is_read(tmp_path: Path) -> None:
+    mni4 = small_mni()
     path = tmp_path / "n2.nii.gz"
     nib.save(nib.Nifti2Image(mni4.data, mni4.affine), str(path))
     back = kf.load_image(path)
@@ -77,7 +80,8 @@ def test_nifti2_is_read(mni4: kf.Image, tmp_path: Path) -> None:
     np.testing.assert_allclose(back.affine, mni4.affine)
 
 
-def test_saved_nifti_carries_codes_and_units(mni4: kf.Image, tmp_path: Path) -> None:
+def test_saved_nifti_carries_codes_and_units(tmp_path: Path) -> None:
+    mni4 = small_mni()
     mni4.save(tmp_path / "x.nii.gz")
     hdr = nib.load(str(tmp_path / "x.nii.gz")).header
     assert int(hdr["sform_code"]) == 1 and int(hdr["qform_code"]) == 1
@@ -85,7 +89,8 @@ def test_saved_nifti_carries_codes_and_units(mni4: kf.Image, tmp_path: Path) -> 
     np.testing.assert_allclose(hdr.get_qform(), mni4.affine, atol=1e-5)
 
 
-def test_extract_is_the_same_from_every_format(mni4: kf.Image, tmp_path: Path) -> None:
+def test_extract_is_the_same_from_every_format(tmp_path: Path) -> None:
+    mni4 = small_mni()
     ref = kf.extract(mni4, device="cpu")
     for suffix in (".mgz", ".nrrd", ".mha"):
         mni4.save(tmp_path / f"m{suffix}")
@@ -95,7 +100,8 @@ def test_extract_is_the_same_from_every_format(mni4: kf.Image, tmp_path: Path) -
 
 
 # -- other libraries' images ----------------------------------------------------------------
-def test_image_from_nibabel_image(mni4: kf.Image) -> None:
+def test_image_from_nibabel_image() -> None:
+    mni4 = small_mni()
     nimg = nib.Nifti1Image(mni4.data, mni4.affine)
     img = kf.Image(nimg)
     np.testing.assert_array_equal(img.data, mni4.data)
@@ -104,7 +110,8 @@ def test_image_from_nibabel_image(mni4: kf.Image) -> None:
         kf.Image(nimg, np.eye(4))
 
 
-def test_image_from_simpleitk_image_handles_zyx(mni4: kf.Image, tmp_path: Path) -> None:
+def test_image_from_simpleitk_image_handles_zyx(tmp_path: Path) -> None:
+    mni4 = small_mni()
     img = oblique_mirrored(mni4)
     img.save(tmp_path / "x.nrrd")
     simg = sitk.ReadImage(str(tmp_path / "x.nrrd"))
@@ -168,7 +175,8 @@ def test_png_tiff_round_trip_and_jpeg_colour(tmp_path: Path) -> None:
 
 
 # -- errors: keyfuse's, naming the file, before any work ------------------------------------
-def test_save_refuses_bad_paths_before_writing(mni4: kf.Image, tmp_path: Path) -> None:
+def test_save_refuses_bad_paths_before_writing(tmp_path: Path) -> None:
+    mni4 = small_mni()
     with pytest.raises(InvalidArgumentError, match=r"out_noext.*\.nii\.gz"):
         mni4.save(tmp_path / "out_noext")
     with pytest.raises(InvalidArgumentError, match="holds 2D images"):
@@ -189,7 +197,8 @@ def test_save_refuses_bad_paths_before_writing(mni4: kf.Image, tmp_path: Path) -
     assert (tmp_path / "a" / "b" / "x.mgz").exists()
 
 
-def test_read_errors_name_the_file(tmp_path: Path, mni4: kf.Image) -> None:
+def test_read_errors_name_the_file(tmp_path: Path) -> None:
+    mni4 = small_mni()
     with pytest.raises(KeyfuseIOError, match="not found"):
         kf.load_image(tmp_path / "missing.nii.gz")
     (tmp_path / "notes.xyz").write_text("hello")
