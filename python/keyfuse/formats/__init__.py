@@ -141,12 +141,13 @@ def check_declared_size(path: Path, declared: int, available: int, compressed: b
         )
 
 
-def _gunzip_whole(path: Path, limit: int, offset: int = 0, wbits: int = 31) -> bytes:
-    """The decompressed bytes of a gzip file (or of the zlib/gzip stream from ``offset``,
-    ``wbits`` as for zlib: 31 gzip, 15 zlib), refusing a truncated or damaged stream."""
+def _check_stream(path: Path, limit: int, offset: int = 0, wbits: int = 31) -> int:
+    """Decompress a gzip file (or the zlib/gzip stream from ``offset``; ``wbits`` as for
+    zlib: 31 gzip, 15 zlib) to its end, discarding the output, and return its size;
+    refuse a truncated or damaged stream (end marker, checksum) or one that grows past
+    ``limit`` bytes. Memory stays at one chunk."""
     import zlib
 
-    out: list[bytes] = []
     total = 0
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -154,8 +155,9 @@ def _gunzip_whole(path: Path, limit: int, offset: int = 0, wbits: int = 31) -> b
         while True:
             chunk = d.unused_data or fh.read(1 << 20)
             if d.eof:
-                if not chunk:
-                    break
+                if not chunk.strip(b"\0"):  # the end, or zero padding after it
+                    if not chunk or not fh.read(1 << 20).strip(b"\0"):
+                        break
                 if wbits != 31:
                     raise CorruptDataError(f"{path} has unexpected bytes after its data")
                 d = zlib.decompressobj(wbits)  # a further gzip member
@@ -168,10 +170,9 @@ def _gunzip_whole(path: Path, limit: int, offset: int = 0, wbits: int = 31) -> b
             total += len(piece)
             if total > limit:
                 raise CorruptDataError(f"{path} decompresses to more than its header declares")
-            out.append(piece)
             if d.unconsumed_tail:
                 raise CorruptDataError(f"{path} decompresses to more than its header declares")
-    return b"".join(out)
+    return total
 
 
 def _read_nibabel(path: Path) -> Image:
@@ -190,10 +191,9 @@ def _read_nibabel(path: Path) -> Image:
         compressed = path.name.lower().endswith((".gz", ".mgz"))
         check_declared_size(path, declared, size if compressed else size - offset, compressed)
         if compressed:
-            # read the whole gzip stream, checking its end and CRC: nibabel stops after the
-            # voxels, so a file cut after them would otherwise load without a word
-            raw = _gunzip_whole(path, limit=offset + declared + (1 << 20) + 64 * size)
-            img = type(img).from_bytes(raw)
+            # check the whole gzip stream, its end and CRC: nibabel stops after the voxels,
+            # so a file cut after them would otherwise load without a word
+            _check_stream(path, limit=offset + declared + (1 << 20) + 64 * size)
         data = np.asanyarray(img.dataobj)
         affine = img.affine
     except CorruptDataError:
@@ -236,7 +236,7 @@ def _read_itk(path: Path) -> Image:
             head = data_file.read_bytes()[offset : offset + 2]
             wbits = 31 if head == b"\x1f\x8b" else 15 if head[:1] == b"\x78" else 0
             if wbits:
-                _gunzip_whole(data_file, limit=declared + 64, offset=offset, wbits=wbits)
+                _check_stream(data_file, limit=declared + 64, offset=offset, wbits=wbits)
         img = reader.Execute()
     except (CorruptDataError, KeyfuseIOError):
         raise
