@@ -57,19 +57,20 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
     """
     img = load_image(image)
     resolve_device(device)  # checked; extraction runs on the CPU
+    canon, to_storage = canonical_storage(img)
+    data = _as_float32(canon)
+    spacing = canon.spacing
     if img.ndim == 3:
-        canon, to_storage = canonical_storage(img)
-        data = _as_float32(canon)
-        spacing = canon.spacing
         sp3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         fields = _core.extract3d(data, sp3, **params)
-        if to_storage is not None:
-            fields = _fields_to_storage(fields, to_storage)
     else:
-        data = _as_float32(img)
-        spacing = img.spacing
         fields = _core.extract2d(data, (float(spacing[0]), float(spacing[1])), **params)
+    if to_storage is not None:
+        fields = _fields_to_storage(fields, to_storage)
     return KeypointSet._from_core(fields, img.affine, img.shape)
+
+
+_IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 
 def canonical_storage(img: Image) -> tuple[Image, np.ndarray | None]:
@@ -77,22 +78,39 @@ def canonical_storage(img: Image) -> tuple[Image, np.ndarray | None]:
 
     Only flips and permutations of the voxel array (``nibabel.orientations``): no
     resampling, so the voxel values are untouched. The returned 4×4 matrix maps the
-    canonical grid's voxel indices to ``img``'s (``None`` when ``img`` is already stored
-    closest to RAS, e.g. the MNI152 template).
+    canonical image's voxel indices (``[u, v, 0]`` for a 2D image) to ``img``'s (``None``
+    when ``img`` is already stored closest to RAS, e.g. the MNI152 template or a 2D image
+    with an identity affine).
 
     The extractor computes descriptors and orientation frames in the canonical grid, so
     the same anatomy stored in any of the 48 axis orientations (mirrored or not) gives
     identical descriptors; an oblique affine leaves a residual rotation below 45° about
-    the canonical axes, which the descriptors' own orientation normalisation absorbs.
+    the canonical axes, which the descriptors' own orientation normalisation absorbs. A
+    2D image is treated as a one-voxel-thick volume (its affine's third column is the
+    slice normal): its in-plane axes are ordered and flipped the same way.
     """
     from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
     ornt = io_orientation(img.affine)
-    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+    if np.array_equal(ornt, _IDENTITY_ORNT):
         return img, None
-    to_storage = inv_ornt_aff(ornt, img.shape)
-    data = np.ascontiguousarray(apply_orientation(np.asarray(img.data), ornt))
-    return Image(data, img.affine @ to_storage), to_storage
+    shape3 = img.shape if img.ndim == 3 else (*img.shape, 1)
+    to_storage = inv_ornt_aff(ornt, shape3)
+    data = apply_orientation(np.asarray(img.data).reshape(shape3), ornt)
+    affine = img.affine @ to_storage
+    if img.ndim == 2:
+        # the single slice lands on canonical axis s; the plane is the other two, in order
+        s = int(ornt[2, 0])
+        axes = [a for a in range(3) if a != s] + [s]
+        in_plane = np.zeros((4, 4))
+        in_plane[axes, [0, 1, 2]] = 1.0
+        in_plane[3, 3] = 1.0
+        if np.array_equal(axes, [0, 1, 2]) and np.array_equal(to_storage, np.eye(4)):
+            return img, None
+        data = np.squeeze(data, axis=s)
+        affine = affine @ in_plane
+        to_storage = to_storage @ in_plane
+    return Image(np.ascontiguousarray(data), affine), to_storage
 
 
 def _fields_to_storage(fields: dict[str, Any], to_storage: np.ndarray) -> dict[str, Any]:

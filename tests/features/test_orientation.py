@@ -151,3 +151,37 @@ def test_oblique_storage_repeats_and_matches(mirror: bool) -> None:
     # resampling an 4 mm template blurs it; figures at 2 mm are in benches/real.py
     assert world_repeatability(ref[inside], kps, 1.5 * vox) >= 0.6
     assert n >= 50 and precision >= 0.8
+
+
+def _restore_2d(data: np.ndarray, affine: np.ndarray, transpose: bool, flips: tuple[bool, bool]):
+    """A 2D slice stored with its axes swapped and/or flipped, same anatomy."""
+    out, aff = data, affine.copy()
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=axis)
+            aff[:3, 3] += aff[:3, axis] * (data.shape[axis] - 1)
+            aff[:3, axis] *= -1
+    if transpose:
+        out = out.T
+        aff[:3, [0, 1]] = aff[:3, [1, 0]]
+    return kf.Image(np.ascontiguousarray(out), aff)
+
+
+@pytest.mark.parametrize("axis", [0, 2], ids=["sagittal", "axial"])
+def test_2d_slices_in_every_in_plane_storage_give_identical_keypoints(axis: int) -> None:
+    img, _ = _mni()
+    index = img.shape[axis] // 2
+    in_plane = [a for a in range(3) if a != axis]
+    affine = np.eye(4)
+    affine[:3, :3] = img.affine[:3, [*in_plane, axis]]
+    affine[:3, 3] = img.affine[:3, 3] + index * img.affine[:3, axis]
+    plane = np.ascontiguousarray(np.take(img.data, index, axis=axis))
+    ref = kf.extract(kf.Image(plane, affine), device="cpu")
+    assert len(ref) > 5
+    for transpose in (False, True):
+        for flips in itertools.product((False, True), repeat=2):
+            other = _restore_2d(plane, affine, transpose, flips)
+            kps = kf.extract(other, device="cpu")
+            np.testing.assert_array_equal(kps.descriptors, ref.descriptors)
+            np.testing.assert_allclose(kps.xyz, ref.xyz, atol=1e-9)
+            assert np.all(kps.ijk[:, 2] == 0)
