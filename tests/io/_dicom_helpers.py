@@ -39,13 +39,14 @@ def _geometry(img: kf.Image) -> tuple[np.ndarray, list[float], list[float]]:
     return lps, iop, [sy, sx]
 
 
-def _base(uid: str, sop_class: str) -> object:
+def _base(uid: str, sop_class: str, number: int = 1) -> object:
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    # deterministic instance UIDs: the same bytes every run (hypothesis replays cases)
+    meta.MediaStorageSOPInstanceUID = f"{uid}.{number}"
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -94,7 +95,7 @@ def write_series(
     )
     paths = []
     for k in range(n):
-        ds = _base(uid, MR_IMAGE_STORAGE)
+        ds = _base(uid, MR_IMAGE_STORAGE, k + 1)
         ds.InstanceNumber = k + 1
         ds.Rows, ds.Columns = img.shape[1], img.shape[0]
         ds.PixelSpacing = spacing

@@ -133,3 +133,52 @@ def test_dicom_claiming_a_huge_image_is_refused(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "huge.dcm")
     with pytest.raises(CorruptDataError, match=r"huge\.dcm declares"):
         kf.load_image(tmp_path / "huge.dcm")
+
+
+@SETTINGS
+@given(data=st.data())
+def test_damaged_file_in_a_dicom_series(data: st.DataObject) -> None:
+    """One damaged file of a series: an error naming it, or the whole volume."""
+    from _dicom_helpers import small_mni, write_series
+
+    mni = small_mni()
+    folder = Path(tempfile.mkdtemp(dir=_DIR)) / "series"
+    paths = write_series(kf.Image(mni.data[:, :, 20:24], mni.affine), folder)
+    victim = paths[data.draw(st.integers(0, len(paths) - 1), label="file")]
+    raw = bytearray(victim.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="cut")]
+    else:
+        for _ in range(data.draw(st.integers(1, 6), label="flips")):
+            raw[data.draw(st.integers(0, min(len(raw), 800) - 1), label="at")] ^= data.draw(
+                st.integers(1, 255), label="xor"
+            )
+    victim.write_bytes(bytes(raw))
+    import warnings
+
+    from keyfuse.formats.dicom import NotDicomWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            img = kf.load_image(folder)
+        except KeyfuseError as exc:
+            assert str(folder) in str(exc) or victim.name in str(exc), str(exc)
+            return
+    if img.shape[2] != 4:
+        # a file that no longer parses as DICOM is skipped, never silently: a warning
+        # names it (and a gap it leaves inside the stack is an error)
+        assert img.shape[2] == 3
+        assert any(
+            issubclass(w.category, NotDicomWarning) and victim.name in str(w.message)
+            for w in caught
+        )
+
+
+def test_metaimage_without_its_data_file(tmp_path: Path) -> None:
+    kf.Image(np.zeros((4, 5, 6), np.float32), np.eye(4)).save(tmp_path / "a.mhd")
+    for p in tmp_path.iterdir():
+        if p.suffix != ".mhd":
+            p.unlink()
+    with pytest.raises(kf.errors.KeyfuseIOError, match=r"a\.mhd.*missing"):
+        kf.load_image(tmp_path / "a.mhd")

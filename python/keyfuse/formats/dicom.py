@@ -27,7 +27,7 @@ from keyfuse.errors import (
     MissingDependencyError,
 )
 from keyfuse.formats import lps_to_ras
-from keyfuse.image import Image
+from keyfuse.image import Image, user_stacklevel
 
 # relative tolerances for "the same" orientation and slice step within a series
 _ORIENTATION_TOL = 1e-4
@@ -52,6 +52,10 @@ def is_dicom_file(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+class NotDicomWarning(UserWarning):
+    """Files in a DICOM directory were skipped because they are not DICOM."""
 
 
 def is_dicom_directory(path: Path, probe: int = 16) -> bool:
@@ -163,6 +167,7 @@ def _read_forced(pydicom: Any, path: Path, header_only: bool) -> Any | None:
 def _scan_directory(root: Path) -> list[_Header]:
     pydicom = _pydicom(root)
     headers: list[_Header] = []
+    skipped: list[Path] = []
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         if file.name.upper() == "DICOMDIR" or file.name.startswith("."):
             continue
@@ -170,14 +175,29 @@ def _scan_directory(root: Path) -> list[_Header]:
             # files without the Part 10 preamble: DICOM only if they parse as one
             ds = _read_forced(pydicom, file, True)
             if ds is None:
+                skipped.append(file)
                 continue
         else:
             ds = _dcmread(pydicom, file, header_only=True)
-        if "SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds:
-            continue
+        if "SeriesInstanceUID" not in ds or "SOPClassUID" not in ds:
+            # every DICOM object names its series and class: a damaged (e.g. cut) file
+            raise CorruptDataError(
+                f"{file} is a damaged DICOM file (no SeriesInstanceUID or SOPClassUID)"
+            )
         headers.append(_Header(file, ds))
     if not headers:
         raise CorruptDataError(f"{root} holds no DICOM files")
+    if skipped:
+        import warnings
+
+        names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(
+            f"{root}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+            f"{'are' if len(skipped) > 1 else 'is'} not DICOM: {names}{more}",
+            NotDicomWarning,
+            stacklevel=user_stacklevel(),
+        )
     return headers
 
 
@@ -632,4 +652,4 @@ def _read_multiframe(ds: Any, path: Path) -> Image:
     return Image(np.ascontiguousarray(volume), lps_to_ras(lps))
 
 
-__all__ = ["is_dicom_directory", "is_dicom_file", "read_dicom"]
+__all__ = ["NotDicomWarning", "is_dicom_directory", "is_dicom_file", "read_dicom"]
