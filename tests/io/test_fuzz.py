@@ -182,3 +182,22 @@ def test_metaimage_without_its_data_file(tmp_path: Path) -> None:
             p.unlink()
     with pytest.raises(kf.errors.KeyfuseIOError, match=r"a\.mhd.*missing"):
         kf.load_image(tmp_path / "a.mhd")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"DimSize = 6 5 4", b"DimSize = 6 5"),
+        (b"TransformMatrix = -1 0 0 0 -1 0 0 0 1", b"TransformMatrix = -1 0 0 0 -1 0 x 0 1"),
+        (b"ElementType = MET_FLOAT", b"ElementType = MET_FLOTA"),
+        (b"NDims = 3", b"NDims = \xb3"),
+    ],
+)
+def test_damaged_metaimage_header_never_reaches_itk(tmp_path: Path, old: bytes, new: bytes) -> None:
+    """ITK's MetaImage reader aborted the process (``munmap_chunk(): invalid pointer``)
+    on some fuzzed headers: keyfuse checks the header itself first."""
+    raw = seed_file(".mha")
+    assert old in raw
+    (tmp_path / "bad.mha").write_bytes(raw.replace(old, new))
+    with pytest.raises(CorruptDataError, match=r"bad\.mha has a damaged header"):
+        kf.load_image(tmp_path / "bad.mha")

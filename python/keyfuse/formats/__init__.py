@@ -220,8 +220,198 @@ def _import_sitk(path: Path, what: str) -> Any:
     return sitk
 
 
+_MET_TYPES = {
+    "MET_CHAR",
+    "MET_UCHAR",
+    "MET_SHORT",
+    "MET_USHORT",
+    "MET_INT",
+    "MET_UINT",
+    "MET_LONG",
+    "MET_ULONG",
+    "MET_LONG_LONG",
+    "MET_ULONG_LONG",
+    "MET_FLOAT",
+    "MET_DOUBLE",
+}
+_NRRD_TYPES = {
+    "signed char",
+    "int8",
+    "int8_t",
+    "uchar",
+    "unsigned char",
+    "uint8",
+    "uint8_t",
+    "short",
+    "short int",
+    "signed short",
+    "signed short int",
+    "int16",
+    "int16_t",
+    "ushort",
+    "unsigned short",
+    "unsigned short int",
+    "uint16",
+    "uint16_t",
+    "int",
+    "signed int",
+    "int32",
+    "int32_t",
+    "uint",
+    "unsigned int",
+    "uint32",
+    "uint32_t",
+    "longlong",
+    "long long",
+    "long long int",
+    "signed long long",
+    "signed long long int",
+    "int64",
+    "int64_t",
+    "ulonglong",
+    "unsigned long long",
+    "unsigned long long int",
+    "uint64",
+    "uint64_t",
+    "float",
+    "double",
+}
+_NRRD_ENCODINGS = {"raw", "gzip", "gz", "bzip2", "bz2", "ascii", "text", "txt", "hex"}
+
+
+def _validate_itk_header(path: Path) -> None:
+    """Check a NRRD/MetaImage header strictly before ITK parses it.
+
+    ITK's readers can abort the whole process (heap corruption) on some damaged headers,
+    so keyfuse refuses anything that is not a well-formed header first: printable ASCII
+    lines, the fields a reader needs, numbers where numbers belong, consistent counts.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    suffix = suffix_of(path)
+    lines: list[str] = []
+    for raw in head.split(b"\n"):
+        text = raw.rstrip(b"\r")
+        if suffix in (".nrrd", ".nhdr") and not text and lines:
+            break  # end of the NRRD header
+        if any(c < 32 and c != 9 for c in text) or any(c > 126 for c in text):
+            raise CorruptDataError(f"{path} has a damaged header (non-text bytes)")
+        lines.append(text.decode("ascii"))
+        if suffix in (".mha", ".mhd") and text.split(b"=", 1)[0].strip() == b"ElementDataFile":
+            break
+    else:
+        if len(head) == 1 << 16:
+            raise CorruptDataError(f"{path} has a header longer than 64 KiB")
+
+    def bad(what: str) -> CorruptDataError:
+        return CorruptDataError(f"{path} has a damaged header: {what}")
+
+    def numbers(value: str, count: int, kind: type, what: str) -> list[Any]:
+        parts = value.replace("(", " ").replace(")", " ").replace(",", " ").split()
+        try:
+            vals = [kind(v) for v in parts]
+        except ValueError:
+            raise bad(f"{what} {value!r} is not {count} numbers") from None
+        if len(vals) != count or not all(np.isfinite(float(v)) for v in vals):
+            raise bad(f"{what} {value!r} is not {count} finite numbers")
+        return vals
+
+    if suffix in (".mha", ".mhd"):
+        fields: dict[str, str] = {}
+        for line in lines:
+            if not line.strip():
+                continue
+            key, eq, value = line.partition("=")
+            if not eq or not key.strip().isidentifier():
+                raise bad(f"line {line[:40]!r}")
+            fields[key.strip()] = value.strip()
+        try:
+            ndims = int(fields.get("NDims", ""))
+        except ValueError:
+            raise bad("NDims missing or not a number") from None
+        if not 1 <= ndims <= 4:
+            raise bad(f"NDims = {ndims}")
+        sizes = numbers(fields.get("DimSize", ""), ndims, int, "DimSize")
+        if min(sizes) < 1:
+            raise bad(f"DimSize {sizes}")
+        for key, count in (
+            ("ElementSpacing", ndims),
+            ("ElementSize", ndims),
+            ("Offset", ndims),
+            ("Position", ndims),
+            ("Origin", ndims),
+            ("CenterOfRotation", ndims),
+            ("TransformMatrix", ndims * ndims),
+            ("Rotation", ndims * ndims),
+            ("Orientation", ndims * ndims),
+        ):
+            if key in fields:
+                numbers(fields[key], count, float, key)
+        if fields.get("ElementType") not in _MET_TYPES:
+            raise bad(f"ElementType {fields.get('ElementType')!r}")
+        for key in (
+            "CompressedData",
+            "BinaryData",
+            "BinaryDataByteOrderMSB",
+            "ElementByteOrderMSB",
+        ):
+            if key in fields and fields[key] not in ("True", "False"):
+                raise bad(f"{key} = {fields[key]!r}")
+        for key in ("CompressedDataSize", "HeaderSize", "ElementNumberOfChannels"):
+            if key in fields:
+                numbers(fields[key], 1, int, key)
+        if "ElementDataFile" not in fields or not fields["ElementDataFile"]:
+            raise bad("no ElementDataFile")
+        return
+    # NRRD
+    if not lines or not (lines[0].startswith("NRRD000") and lines[0][7:].isdigit()):
+        raise bad("no NRRD magic line")
+    nfields: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line or line.startswith("#"):
+            continue
+        if ":=" in line:
+            continue  # key/value pairs: free text
+        key, colon, value = line.partition(": ")
+        if not colon:
+            raise bad(f"line {line[:40]!r}")
+        nfields[key.strip().lower()] = value.strip()
+    try:
+        dim = int(nfields.get("dimension", ""))
+    except ValueError:
+        raise bad("dimension missing or not a number") from None
+    if not 1 <= dim <= 4:
+        raise bad(f"dimension {dim}")
+    sizes = numbers(nfields.get("sizes", ""), dim, int, "sizes")
+    if min(sizes) < 1:
+        raise bad(f"sizes {sizes}")
+    if nfields.get("type", "").lower() not in _NRRD_TYPES:
+        raise bad(f"type {nfields.get('type')!r}")
+    if nfields.get("encoding", "").lower() not in _NRRD_ENCODINGS:
+        raise bad(f"encoding {nfields.get('encoding')!r}")
+    if "endian" in nfields and nfields["endian"] not in ("little", "big"):
+        raise bad(f"endian {nfields['endian']!r}")
+    for key in ("spacings", "thicknesses"):
+        if key in nfields:
+            numbers(nfields[key].replace("nan", "0").replace("NaN", "0"), dim, float, key)
+    if "space origin" in nfields:
+        origin = nfields["space origin"]
+        numbers(
+            origin,
+            len(origin.replace("(", " ").replace(")", " ").replace(",", " ").split()),
+            float,
+            "space origin",
+        )
+    if "space directions" in nfields:
+        for part in nfields["space directions"].split():
+            if part != "none":
+                inner = part.strip("()").split(",")
+                numbers(" ".join(inner), len(inner), float, "space directions")
+
+
 def _read_itk(path: Path) -> Image:
     sitk = _import_sitk(path, "NRRD and MetaImage files")
+    _validate_itk_header(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))

@@ -184,6 +184,11 @@ def _scan_directory(root: Path) -> list[_Header]:
             raise CorruptDataError(
                 f"{file} is a damaged DICOM file (no SeriesInstanceUID or SOPClassUID)"
             )
+        sop_name = str(getattr(ds.SOPClassUID, "name", ""))
+        if "Image Storage" in sop_name and not _header_is_image(ds):
+            raise CorruptDataError(
+                f"{file} is a damaged DICOM file: a {sop_name} object without Rows/Columns"
+            )
         headers.append(_Header(file, ds))
     if not headers:
         raise CorruptDataError(f"{root} holds no DICOM files")
