@@ -9,15 +9,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii")
+# volume files that folders are searched for (keyfuse.formats reads these and more: DICOM
+# directories and single 2D images are named directly)
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd")
 KEY_SUFFIXES = (".kfk", ".key")
 
 
 def subject_id_from_path(path: str | os.PathLike[str]) -> str:
     """The subject id a file stands for: its name without a known suffix.
 
-    ``.nii.gz``, ``.nii``, ``.kfk`` and ``.key`` are removed whole (``sub-01.nii.gz`` →
-    ``sub-01``); any other name loses its last suffix only (``scan.mgz`` → ``scan``).
+    The image suffixes of ``IMAGE_SUFFIXES``, ``.kfk`` and ``.key`` are removed whole
+    (``sub-01.nii.gz`` → ``sub-01``); any other name loses its last suffix only
+    (``scan.v2.png`` → ``scan.v2``).
     """
     p = Path(path)
     for suffix in (*IMAGE_SUFFIXES, *KEY_SUFFIXES):

@@ -24,10 +24,19 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
     Parameters
     ----------
     image:
-        A path to a NIfTI file, an :class:`~keyfuse.Image`, a nibabel image or an ndarray
-        (identity affine). 3D images give 3D keypoints; 2D images give 2D SIFT-Rank
-        keypoints (k = 0). Anisotropic voxels are handled (the extractor works on an
-        isotropic grid); coordinates come back in the original voxel grid and in mm.
+        A path (any format :func:`~keyfuse.load_image` reads: NIfTI, MGH, a DICOM series
+        directory, NRRD, ...), an :class:`~keyfuse.Image`, a nibabel or SimpleITK image
+        or an ndarray (1 mm voxels, with a warning). 3D images give 3D keypoints; 2D
+        images give 2D SIFT-Rank keypoints (k = 0). Anisotropic voxels are handled (the
+        extractor works on an isotropic grid); coordinates come back in the original
+        voxel grid and in mm.
+
+        Results do not depend on how the image is stored: a 3D image is re-stored in the
+        axis order and directions closest to RAS (flips and permutations only, exact)
+        before extraction, so descriptors live in that nearest-RAS frame and the 48 axis
+        orientations of one scan give bit-identical descriptors. ``ijk`` and the rows of
+        ``orientation`` are then expressed in the grid as stored (for a mirrored storage
+        the frames are reflections); ``xyz`` is world RAS mm.
     device:
         ``"auto"`` (GPU when one is usable, else CPU), ``"cpu"`` or ``"cuda"``.
     **params:
@@ -47,15 +56,77 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
         An unknown parameter name or an out-of-range value.
     """
     img = load_image(image)
-    data = _as_float32(img)
     resolve_device(device)  # checked; extraction runs on the CPU
-    spacing = img.spacing
+    canon, to_storage = canonical_storage(img)
+    data = _as_float32(canon)
+    spacing = canon.spacing
     if img.ndim == 3:
         sp3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         fields = _core.extract3d(data, sp3, **params)
     else:
         fields = _core.extract2d(data, (float(spacing[0]), float(spacing[1])), **params)
+    if to_storage is not None:
+        fields = _fields_to_storage(fields, to_storage)
     return KeypointSet._from_core(fields, img.affine, img.shape)
+
+
+_IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+def canonical_storage(img: Image) -> tuple[Image, np.ndarray | None]:
+    """``img`` re-stored in the axis order and directions closest to RAS, exactly.
+
+    Only flips and permutations of the voxel array (``nibabel.orientations``): no
+    resampling, so the voxel values are untouched. The returned 4×4 matrix maps the
+    canonical image's voxel indices (``[u, v, 0]`` for a 2D image) to ``img``'s (``None``
+    when ``img`` is already stored closest to RAS, e.g. the MNI152 template or a 2D image
+    with an identity affine).
+
+    The extractor computes descriptors and orientation frames in the canonical grid, so
+    the same anatomy stored in any of the 48 axis orientations (mirrored or not) gives
+    identical descriptors; an oblique affine leaves a residual rotation below 45° about
+    the canonical axes, which the descriptors' own orientation normalisation absorbs. A
+    2D image is treated as a one-voxel-thick volume (its affine's third column is the
+    slice normal): its in-plane axes are ordered and flipped the same way.
+    """
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    ornt = io_orientation(img.affine)
+    if np.array_equal(ornt, _IDENTITY_ORNT):
+        return img, None
+    shape3 = img.shape if img.ndim == 3 else (*img.shape, 1)
+    to_storage = inv_ornt_aff(ornt, shape3)
+    data = apply_orientation(np.asarray(img.data).reshape(shape3), ornt)
+    affine = img.affine @ to_storage
+    if img.ndim == 2:
+        # the single slice lands on canonical axis s; the plane is the other two, in order
+        s = int(ornt[2, 0])
+        axes = [a for a in range(3) if a != s] + [s]
+        in_plane = np.zeros((4, 4))
+        in_plane[axes, [0, 1, 2]] = 1.0
+        in_plane[3, 3] = 1.0
+        if np.array_equal(axes, [0, 1, 2]) and np.array_equal(to_storage, np.eye(4)):
+            return img, None
+        data = np.squeeze(data, axis=s)
+        affine = affine @ in_plane
+        to_storage = to_storage @ in_plane
+    return Image(np.ascontiguousarray(data), affine), to_storage
+
+
+def _fields_to_storage(fields: dict[str, Any], to_storage: np.ndarray) -> dict[str, Any]:
+    """Extractor output on the canonical grid, re-expressed on the stored grid.
+
+    ``to_storage`` is a signed permutation plus a whole-voxel shift, so coordinates map
+    exactly (up to the last bit of ``n - 1 - x``) and a frame's axes (the rows of each
+    orientation matrix, voxel vectors) map by the signed permutation alone.
+    """
+    out = dict(fields)
+    perm = to_storage[:3, :3]
+    ijk = np.asarray(fields["ijk"], dtype=np.float64)
+    out["ijk"] = ijk @ perm.T + to_storage[:3, 3]
+    orientation = np.asarray(fields["orientation"], dtype=np.float32)
+    out["orientation"] = np.ascontiguousarray(orientation @ perm.T.astype(np.float32))
+    return out
 
 
 def extract_slice(
@@ -88,14 +159,20 @@ def extract_slice(
     ijk[:, in_plane[0]] = flat.ijk[:, 0]
     ijk[:, in_plane[1]] = flat.ijk[:, 1]
     ijk[:, axis] = index
+    # the plane's axes (0, 1, 2) are the volume's (in_plane[0], in_plane[1], axis): a
+    # frame's rows are voxel vectors, so their components move the same way as ijk's
+    to_volume = np.zeros((3, 3), dtype=np.float32)
+    to_volume[in_plane[0], 0] = to_volume[in_plane[1], 1] = to_volume[axis, 2] = 1.0
+    orientation = np.ascontiguousarray(flat.orientation @ to_volume.T)
     return KeypointSet(
         ijk,
         flat.scale,
-        flat.orientation,
+        orientation,
         flat.descriptors,
         flat.polarity,
         flat.response,
         flat.eigenvalues,
+        flat.flags,
         affine=img.affine,
         shape=img.shape,
     )

@@ -119,6 +119,31 @@ def test_extract_slice_returns_volume_coordinates() -> None:
     assert np.all(kps.ijk[:, 2] == 10)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_extract_slice_frames_are_in_the_volume_axes(axis: int) -> None:
+    """Issue 10: the frames were left in the slice's own (u, v, normal) axes for axis != 2.
+
+    Each row of a frame is a vector of the volume's voxel axes: the third (the 2D
+    keypoint's normal) must be the slice axis, and the frames must point in the same world
+    directions as those of the plane extracted on its own with the plane's affine.
+    """
+    from keyfuse.extraction import extract_slice
+
+    vol = textured_volume((36, 34, 32), seed=3)
+    affine = np.diag([1.0, 1.5, 2.0, 1.0])
+    kps = extract_slice(kf.Image(vol, affine), axis=axis, index=15)
+    assert len(kps) > 0
+    np.testing.assert_allclose(np.abs(kps.orientation[:, 2, axis]), 1.0)
+    in_plane = [a for a in range(3) if a != axis]
+    plane_affine = np.eye(4)
+    plane_affine[:3, :3] = affine[:3, [*in_plane, axis]]
+    flat = kf.extract(kf.Image(np.take(vol, 15, axis=axis), plane_affine))
+    np.testing.assert_allclose(
+        kps.orientation @ affine[:3, :3].T, flat.orientation @ plane_affine[:3, :3].T, atol=1e-6
+    )
+    np.testing.assert_array_equal(kps.descriptors, flat.descriptors)
+
+
 def test_paths_and_nifti_files(tmp_path: Path) -> None:
     vol = textured_volume((32, 32, 32))
     kf.Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])).save(tmp_path / "v.nii.gz")
