@@ -16,13 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 from keyfuse.errors import (
     CorruptDataError,
+    CPUFallbackWarning,
     DeviceUnavailableError,
+    EmptyKeypointsWarning,
+    EmptyRestrictionWarning,
     IndexCorruptError,
     InvalidArgumentError,
     InvalidImageError,
     KeyfuseError,
     KeyfuseIOError,
+    KeyfuseWarning,
     MissingDependencyError,
+    NotDicomWarning,
+    VoxelSizeWarning,
 )
 
 
@@ -116,8 +122,11 @@ def __dir__() -> list[str]:
 __all__ = [
     "Alignment",
     "CNNFeatures",
+    "CPUFallbackWarning",
     "CorruptDataError",
     "DeviceUnavailableError",
+    "EmptyKeypointsWarning",
+    "EmptyRestrictionWarning",
     "FusionClassifier",
     "Image",
     "Index",
@@ -126,12 +135,15 @@ __all__ = [
     "InvalidImageError",
     "KeyfuseError",
     "KeyfuseIOError",
+    "KeyfuseWarning",
     "KeypointSet",
     "KeypointTransferSegmenter",
     "MIBinarizer",
     "Matches",
     "MissingDependencyError",
+    "NotDicomWarning",
     "Segmentation",
+    "VoxelSizeWarning",
     "align",
     "batch",
     "cuda_available",

@@ -20,9 +20,11 @@ def subject_id_from_path(path: str | os.PathLike[str]) -> str:
 
     The image suffixes of ``IMAGE_SUFFIXES``, ``.kfk`` and ``.key`` are removed whole
     (``sub-01.nii.gz`` → ``sub-01``); any other name loses its last suffix only
-    (``scan.v2.png`` → ``scan.v2``).
+    (``scan.v2.png`` → ``scan.v2``); a directory (a DICOM series) is its whole name.
     """
     p = Path(path)
+    if p.is_dir():
+        return p.name
     for suffix in (*IMAGE_SUFFIXES, *KEY_SUFFIXES):
         if p.name.endswith(suffix):
             return p.name[: -len(suffix)]

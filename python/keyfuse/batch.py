@@ -135,13 +135,17 @@ def collect_inputs(
     """
     import glob
 
+    from keyfuse.formats.dicom import is_dicom_directory
+
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[Path] = []
     for p in paths:
         text = os.fspath(p)
         path = Path(text)
-        if path.is_dir():
+        if is_dicom_directory(path):  # one DICOM series is one image
+            out.append(path)
+        elif path.is_dir():
             files = path.rglob("*") if recursive else path.iterdir()
             out.extend(
                 sorted(

@@ -39,13 +39,44 @@ class MissingDependencyError(KeyfuseError, ImportError):
     """An optional dependency (an extra such as ``keyfuse[cnn]``) is not installed."""
 
 
+class KeyfuseWarning(UserWarning):
+    """Base class of keyfuse's warnings: filter them all with
+    ``warnings.filterwarnings("ignore", category=kf.KeyfuseWarning)``."""
+
+
+class VoxelSizeWarning(KeyfuseWarning):
+    """An array was given without an affine or voxel size, so 1 mm voxels were assumed."""
+
+
+class NotDicomWarning(KeyfuseWarning):
+    """Files in a DICOM directory were skipped because they are not DICOM."""
+
+
+class CPUFallbackWarning(KeyfuseWarning):
+    """``device="cuda"`` was asked for work that has no GPU version; it ran on the CPU."""
+
+
+class EmptyKeypointsWarning(KeyfuseWarning):
+    """A keypoint set without keypoints was indexed or used as a query."""
+
+
+class EmptyRestrictionWarning(KeyfuseWarning):
+    """A search's ``restrict`` matched no subject, so its result is empty."""
+
+
 __all__ = [
+    "CPUFallbackWarning",
     "CorruptDataError",
     "DeviceUnavailableError",
+    "EmptyKeypointsWarning",
+    "EmptyRestrictionWarning",
     "IndexCorruptError",
     "InvalidArgumentError",
     "InvalidImageError",
     "KeyfuseError",
     "KeyfuseIOError",
+    "KeyfuseWarning",
     "MissingDependencyError",
+    "NotDicomWarning",
+    "VoxelSizeWarning",
 ]

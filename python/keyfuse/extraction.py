@@ -41,7 +41,7 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
         ``"auto"`` (GPU when one is usable, else CPU), ``"cpu"`` or ``"cuda"``.
     **params:
         Extraction parameters; :func:`default_params` lists them with their defaults
-        (e.g. ``sigma0=1.6``, ``scales_per_octave=3``, ``initial_blur=0.5``).
+        (e.g. ``sigma0=1.6``, ``scales_per_octave=4``, ``initial_blur=0``).
 
     Returns
     -------

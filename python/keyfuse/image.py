@@ -12,13 +12,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from keyfuse.errors import InvalidArgumentError, InvalidImageError
+from keyfuse.errors import InvalidArgumentError, InvalidImageError, VoxelSizeWarning
 
 PathLike = str | os.PathLike[str]
-
-
-class VoxelSizeWarning(UserWarning):
-    """An array was given without an affine or voxel size, so 1 mm voxels were assumed."""
 
 
 def voxel_sizes(affine: npt.ArrayLike) -> npt.NDArray[np.float64]:

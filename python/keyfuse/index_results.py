@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from keyfuse.errors import CPUFallbackWarning, EmptyKeypointsWarning, EmptyRestrictionWarning
+
 __all__ = [
     "CPUFallbackWarning",
     "EmptyKeypointsWarning",
@@ -16,18 +18,6 @@ __all__ = [
     "Hit",
     "SearchResult",
 ]
-
-
-class CPUFallbackWarning(UserWarning):
-    """``device="cuda"`` was asked for work that has no GPU version; it ran on the CPU."""
-
-
-class EmptyKeypointsWarning(UserWarning):
-    """A keypoint set without keypoints was indexed or used as a query."""
-
-
-class EmptyRestrictionWarning(UserWarning):
-    """A search's ``restrict`` matched no subject, so its result is empty."""
 
 
 def _value_counts(values: Iterable[Any]) -> str:

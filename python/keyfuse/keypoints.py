@@ -52,7 +52,10 @@ class KeypointSet:
     scale : (N,) float32
         Gaussian scale σ of the detection, in mm.
     orientation : (N, 3, 3) float32
-        Rotation whose rows are the keypoint's axes (in voxel-index space).
+        The keypoint's axes as rows, vectors of the stored grid's voxel axes. For a
+        mirrored storage (affine with negative determinant) they form a reflection: the
+        descriptor was computed in the right-handed nearest-RAS frame (see the README's
+        "Storage orientation").
     descriptors : (N, 64) uint8
         SIFT-Rank descriptors: each row is a permutation of 0..63.
     polarity : (N,) int8

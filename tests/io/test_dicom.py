@@ -279,3 +279,23 @@ def test_dicom_directories_are_recognised(tmp_path: Path) -> None:
     assert is_dicom_directory(tmp_path / "s")
     assert not is_dicom_directory(tmp_path / "nifti")
     assert not is_dicom_directory(tmp_path / "nifti" / "a.nii.gz")
+
+
+def test_a_series_directory_is_one_input_of_batch_and_cli(tmp_path: Path) -> None:
+    """A cohort folder of DICOM series: each series directory is one scan, named by its
+    folder, in the batch functions and in ``keyfuse extract`` alike."""
+    from click.testing import CliRunner
+
+    from keyfuse.batch import collect_inputs
+    from keyfuse.cli import cli
+
+    series = tmp_path / "cohort" / "sub-07.series"
+    write_series(small_mni(), series)
+    assert collect_inputs([series]) == [series]
+    out = tmp_path / "keys"
+    run = CliRunner().invoke(
+        cli, ["extract", str(series), "-o", str(out), "-q", "--scheduler", "sync"]
+    )
+    assert run.exit_code == 0, run.output
+    assert [p.name for p in out.glob("*.kfk")] == ["sub-07.series.kfk"]
+    assert len(kf.KeypointSet.load(out / "sub-07.series.kfk")) > 0

@@ -23,15 +23,19 @@ def is_image_file(path: Path) -> bool:
 
 def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
     """Keypoint files and images named directly or found in directories."""
+    from keyfuse.formats.dicom import is_dicom_directory
+
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
+        if is_dicom_directory(p):  # one DICOM series is one image
+            out.append(p)
+        elif p.is_dir():
             found = sorted(
                 f for f in p.iterdir() if f.is_file() and (is_keypoint_file(f) or is_image_file(f))
             )
             if not found:
                 raise InvalidArgumentError(
-                    f"no .kfk/.key keypoint files or .nii/.nii.gz images in {p}"
+                    f"no .kfk/.key keypoint files or images ({', '.join(IMAGE_SUFFIXES)}) in {p}"
                 )
             out.extend(found)
         elif not p.exists():
@@ -40,7 +44,8 @@ def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
             out.append(p)
         else:
             raise InvalidArgumentError(
-                f"{p} is neither a keypoint file (.kfk/.key) nor a NIfTI image"
+                f"{p} is neither a keypoint file (.kfk/.key) nor an image "
+                f"({', '.join(IMAGE_SUFFIXES)})"
             )
     return out
 

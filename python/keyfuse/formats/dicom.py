@@ -25,6 +25,7 @@ from keyfuse.errors import (
     InvalidImageError,
     KeyfuseIOError,
     MissingDependencyError,
+    NotDicomWarning,
 )
 from keyfuse.formats import lps_to_ras
 from keyfuse.image import Image, user_stacklevel
@@ -52,10 +53,6 @@ def is_dicom_file(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
-
-
-class NotDicomWarning(UserWarning):
-    """Files in a DICOM directory were skipped because they are not DICOM."""
 
 
 def is_dicom_directory(path: Path, probe: int = 16) -> bool:
