@@ -233,17 +233,7 @@ def stage_evaluate(
     from keyfuse import evaluate as ev
 
     report = ev.family_report(cohort, scores)
-    ps, pl = ev.family_pairs(cohort, scores)
-    curves: dict[str, tuple[Any, Any]] = {"same family vs different family": (ps, pl)}
-    groups = ev.relation_pairs(cohort, scores)
-    if "mz_twin" in groups and "unrelated" in groups:
-        a, b = groups["mz_twin"], groups["unrelated"]
-        curves["identical twins vs unrelated"] = (
-            np.concatenate([a, b]),
-            np.concatenate([np.ones(a.size, bool), np.zeros(b.size, bool)]),
-        )
-    # a curve needs positives and negatives (one family has no different-family pairs)
-    curves = {k: (sc, lab) for k, (sc, lab) in curves.items() if 0 < np.sum(lab) < np.size(lab)}
+    curves = ev.identification_curves(cohort, scores)
     if not curves:
         return report, None
     roc = ev.roc_plot(curves, cfg.out / "roc.png", title="keyfuse demo: family identification")

@@ -12,8 +12,8 @@ Two kinds of input appear here:
   ``recall_at_k`` rank each row (ties broken by column index, so results never depend
   on the sort implementation) and average over queries.
 
-The cohort helpers (``family_pairs``, ``relation_pairs``, ``rescan_rank1``,
-``family_report``) turn an N×N score matrix plus the table written by
+The cohort helpers (``family_pairs``, ``relation_pairs``, ``identification_curves``,
+``rescan_rank1``, ``family_report``) turn an N×N score matrix plus the table written by
 :func:`keyfuse.datasets.simulate_cohort` into the figures the demo prints.
 """
 
@@ -37,6 +37,7 @@ __all__ = [
     "dice",
     "family_pairs",
     "family_report",
+    "identification_curves",
     "mean_average_precision",
     "precision_at_k",
     "recall_at_k",
@@ -539,6 +540,24 @@ def relation_pairs(table: Any, scores: Any) -> dict[str, NDArray[np.float64]]:
         for j in range(i + 1, n):
             out.setdefault(rel[i][j], []).append(float(sym[i, j]))
     return {k: np.asarray(v, dtype=np.float64) for k, v in sorted(out.items())}
+
+
+def identification_curves(
+    table: Any, scores: Any
+) -> dict[str, tuple[NDArray[np.float64], NDArray[np.bool_]]]:
+    """The cohort's ROC/PR curve inputs, ``{name: (pair scores, pair is positive)}``:
+    same family vs different family, and identical twins vs unrelated when the cohort
+    has both. Curves without both positives and negatives (one family) are left out."""
+    ps, pl = family_pairs(table, scores)
+    curves = {"same family vs different family": (ps, pl)}
+    groups = relation_pairs(table, scores)
+    if "mz_twin" in groups and "unrelated" in groups:
+        a, b = groups["mz_twin"], groups["unrelated"]
+        curves["identical twins vs unrelated"] = (
+            np.concatenate([a, b]),
+            np.concatenate([np.ones(a.size, bool), np.zeros(b.size, bool)]),
+        )
+    return {k: (sc, lab) for k, (sc, lab) in curves.items() if 0 < np.sum(lab) < np.size(lab)}
 
 
 def rescan_rank1(table: Any, scores: Any) -> float:

@@ -179,3 +179,18 @@ def test_cohort_helpers() -> None:
         ev.family_pairs(tab, s[:3, :3])
     with pytest.raises(InvalidArgumentError):
         ev.table_column(tab, "nope")
+
+
+def test_identification_curves() -> None:
+    tab = _toy_table()
+    n = len(tab)
+    s = np.full((n, n), 0.1)
+    s[0, 1] = s[1, 0] = s[1, 2] = s[2, 1] = 0.5  # mz twins
+    curves = ev.identification_curves(tab, s)
+    assert list(curves) == ["same family vs different family", "identical twins vs unrelated"]
+    twins, is_twin = curves["identical twins vs unrelated"]
+    assert is_twin.sum() == len(ev.relation_pairs(tab, s)["mz_twin"])
+    assert ev.roc_auc(twins, is_twin) == pytest.approx(1.0)
+    # one family alone has no different-family pairs, hence no curve
+    one = [row for row in tab if row["family"] == "A"]
+    assert ev.identification_curves(one, s[:3, :3]) == {}

@@ -238,23 +238,6 @@ def segmentation_section(
     return sec
 
 
-def _cohort_curves(cohort: Any, scores: npt.NDArray[Any]) -> dict[str, tuple[Any, Any]]:
-    from keyfuse import evaluate as ev
-
-    ps, pl = ev.family_pairs(cohort, scores)
-    curves: dict[str, tuple[Any, Any]] = {}
-    if 0 < pl.sum() < pl.size:
-        curves["same family vs different family"] = (ps, pl)
-    groups = ev.relation_pairs(cohort, scores)
-    if "mz_twin" in groups and "unrelated" in groups:
-        a, b = groups["mz_twin"], groups["unrelated"]
-        curves["identical twins vs unrelated"] = (
-            np.concatenate([a, b]),
-            np.concatenate([np.ones(a.size, bool), np.zeros(b.size, bool)]),
-        )
-    return curves
-
-
 _METRIC_NAMES = {
     "family_auc": "same-family vs different-family AUC",
     "family_ap": "same-family average precision",
@@ -294,7 +277,9 @@ def evaluation_section(rep: Report, cohort: Any, scores: npt.ArrayLike) -> Secti
         [[k, int(groups[k].size) if k in groups else 0, v] for k, v in means],
         "mean pair score by relation",
     )
-    curves = _cohort_curves(cohort, s)
+    from keyfuse.evaluate import identification_curves
+
+    curves = identification_curves(cohort, s)
     if curves:
         fig = Figure(figsize=(10.0, 4.6), dpi=100)
         FigureCanvasAgg(fig)
