@@ -8,7 +8,7 @@ asserts nothing.
    precision (a match is right when its two keypoints lie within one voxel in world
    space) and whether descriptors are bit-identical to the RAS storage, both as keyfuse
    extracts now (on the nearest-RAS re-storage) and as it did before (on the stored
-   array, i.e. ``_core.extract3d`` called directly).
+   array, described in its own voxel axes).
 2. Oblique storages: the template resampled (cubic) onto grids rotated by 5–45° about a
    fixed oblique axis, plain and mirrored; the residual rotation is left to the
    descriptors' own orientation normalisation.
@@ -30,7 +30,6 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 import keyfuse as kf
-from keyfuse import _core
 
 
 def base_image(resolution: float) -> kf.Image:
@@ -61,10 +60,23 @@ def restore(img: kf.Image, ornt: np.ndarray) -> kf.Image:
 
 
 def extract_stored(img: kf.Image) -> kf.KeypointSet:
-    """The behaviour before issue 10: extraction on the array as stored."""
-    sp = tuple(float(s) for s in img.spacing)
-    fields = _core.extract3d(np.ascontiguousarray(img.data, np.float32), sp)
-    return kf.KeypointSet._from_core(fields, img.affine, img.shape)
+    """The behaviour before issue 10: extraction on the array as stored. The array with a
+    diagonal affine is already in its nearest-RAS storage, so keyfuse describes it as
+    stored; the keypoints then get the image's real affine."""
+    grid = np.diag([*(float(s) for s in img.spacing), 1.0])
+    k = kf.extract(kf.Image(np.asarray(img.data, np.float32), grid), device="cpu")
+    return kf.KeypointSet(
+        k.ijk,
+        k.scale,
+        orientation=k.orientation,
+        descriptors=k.descriptors,
+        polarity=k.polarity,
+        response=k.response,
+        eigenvalues=k.eigenvalues,
+        flags=k.flags,
+        affine=img.affine,
+        shape=img.shape,
+    )
 
 
 def repeatability(ref: kf.KeypointSet, kps: kf.KeypointSet, tol: float) -> float:
