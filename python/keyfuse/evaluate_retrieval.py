@@ -1,0 +1,271 @@
+"""Content-based retrieval evaluation of an index (ALGORITHMS.md §6, the CBMIR paper).
+
+Every indexed subject that carries the label is a query against all the other labelled
+subjects (leave-one-out); a hit is relevant when it has the query's label value. Each
+ranking is scored twice, side by side: over every other subject, and restricted to the
+query's **predicted** class (as ``restrict={label: "predicted"}`` does in a search), the
+class predicted by the index's :class:`~keyfuse.FusionClassifier` *without* the query in its
+training set. A query whose class is mispredicted retrieves none of its relevant subjects.
+
+Metrics (mean over the queries that have at least one relevant subject):
+
+* AP: Σ over the relevant hits of the precision at their rank / number of relevant
+  subjects (those the restriction hides count as never retrieved); mAP its mean;
+* P@k: relevant hits among the first k / min(k, number of other subjects);
+* R@k: relevant hits among the first k / number of relevant subjects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from keyfuse.errors import InvalidArgumentError
+from keyfuse.vector_search import check_by
+
+if TYPE_CHECKING:
+    from keyfuse.index import Index
+
+__all__ = ["RetrievalReport", "retrieval", "retrieval_metrics"]
+
+RECALL_GRID = np.linspace(0.0, 1.0, 101)
+
+
+@dataclass
+class RetrievalReport:
+    """What :func:`retrieval` measured.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per (``by``, class) — class ``"all"`` first — and columns ``queries``,
+        then each metric unrestricted and with the predicted-class restriction side by side
+        (``mAP``, ``mAP|pred``, ``P@1``, ``P@1|pred``, …).
+    accuracy : dict
+        Per ``by``: the leave-one-out accuracy of the class prediction.
+    curves : dict
+        Per ``by`` and restriction (``"vector"``, ``"vector|pred"``): the mean interpolated
+        precision at the recall levels :data:`RECALL_GRID`.
+    plots : list of Path
+        The precision–recall PNGs written.
+    """
+
+    label: str
+    table: Any
+    accuracy: dict[str, float]
+    curves: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        acc = ", ".join(f"{b} {a:.3f}" for b, a in self.accuracy.items())
+        return (
+            f"retrieval of {self.label!r} (|pred = restricted to the predicted class; "
+            f"leave-one-out class accuracy: {acc})\n" + self.table.to_string(float_format="%.3f")
+        )
+
+
+def _query_metrics(
+    ranked_rel: npt.NDArray[np.bool_], n_rel: int, n_other: int, ks: Sequence[int]
+) -> tuple[float, list[float], list[float], npt.NDArray[np.float64]]:
+    """AP, P@ks, R@ks and the interpolated precision on RECALL_GRID of one ranking."""
+    hits = np.cumsum(ranked_rel)
+    ranks = np.arange(1, len(ranked_rel) + 1)
+    prec = hits / ranks if len(ranks) else np.zeros(0)
+    ap = float(prec[ranked_rel].sum() / n_rel)
+    p_at = [float(hits[:k][-1] if len(hits) else 0) / min(k, n_other) for k in ks]
+    r_at = [float(hits[:k][-1] if len(hits) else 0) / n_rel for k in ks]
+    rec = hits / n_rel if len(hits) else np.zeros(0)
+    # interpolated precision: the best precision at any recall ≥ r (0 where never reached)
+    best = np.maximum.accumulate(prec[::-1])[::-1] if len(prec) else prec
+    idx = np.searchsorted(rec, RECALL_GRID, side="left")
+    interp = np.where(idx < len(rec), best[np.minimum(idx, max(len(best) - 1, 0))], 0.0)
+    return ap, p_at, r_at, interp
+
+
+def retrieval_metrics(
+    scores: npt.ArrayLike,
+    classes: Sequence[Any],
+    *,
+    predicted: Sequence[Any] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, Any]:
+    """Per-query retrieval metrics of an all-pairs score matrix (row = query; its own
+    column is left out), optionally restricted to each query's ``predicted`` class.
+
+    Returns ``{"class", "ap", "p@k", "r@k", "interp"}`` arrays over the scored queries
+    (those with a relevant subject).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    n = len(classes)
+    if s.shape != (n, n):
+        raise InvalidArgumentError(f"scores must be {n}×{n}, got {s.shape}")
+    if np.isnan(s).any():
+        raise InvalidArgumentError("scores contain NaN")
+    for k in ks:
+        if k < 1:
+            raise InvalidArgumentError(f"k must be ≥ 1, got {k}")
+    cls = np.asarray([str(c) for c in classes])
+    out: dict[str, list[Any]] = {"class": [], "ap": [], "p": [], "r": [], "interp": []}
+    cols = np.arange(n)
+    for q in range(n):
+        other = cols != q
+        rel = (cls == cls[q]) & other
+        n_rel = int(rel.sum())
+        if n_rel == 0:
+            continue
+        cand = cols[other]
+        if predicted is not None:
+            cand = cand[cls[cand] == str(predicted[q])]
+        order = cand[np.lexsort((cand, -s[q, cand]))]
+        ap, p_at, r_at, interp = _query_metrics(rel[order], n_rel, n - 1, ks)
+        out["class"].append(cls[q])
+        out["ap"].append(ap)
+        out["p"].append(p_at)
+        out["r"].append(r_at)
+        out["interp"].append(interp)
+    if not out["ap"]:
+        raise InvalidArgumentError("no query has a relevant subject (every class has one member)")
+    return {
+        "class": np.asarray(out["class"]),
+        "ap": np.asarray(out["ap"]),
+        "p": np.asarray(out["p"]),
+        "r": np.asarray(out["r"]),
+        "interp": np.asarray(out["interp"]),
+    }
+
+
+def loo_predictions(index: Index, label: str, by: str, rows: Sequence[int]) -> list[Any]:
+    """Leave-one-out class of each subject in ``rows``: the index's class predictor (α as
+    it chose on all the labelled subjects) with the subject left out of the training set."""
+    from keyfuse.fusion import keypoint_log_likelihoods, vector_log_likelihoods
+
+    parts = by
+    clf = index._classifiers.classifier(index, label, parts)
+    values = [index.label(label)[i] for i in rows]
+    classes = list(clf.classes_)
+    pos = {str(c): j for j, c in enumerate(classes)}
+    codes = np.asarray([pos[str(v)] for v in values], dtype=np.int64)
+    loo = np.arange(len(rows))
+    total = np.zeros((len(rows), len(classes)))
+    a = float(clf.alpha_)
+    if parts != "vector" and a > 0:
+        kps = [index.keypoints(index.subjects[i]) for i in rows]
+        total += a * keypoint_log_likelihoods(
+            kps, kps, codes, len(classes), exclude=loo, n_neighbors=clf.n_neighbors
+        )
+    if parts != "keypoints" and a < 1:
+        v = np.stack([np.asarray(index._vectors[i], dtype=np.float64) for i in rows])
+        total += (1 - a) * vector_log_likelihoods(v, v, codes, len(classes), exclude=loo)
+    pred = [classes[j] for j in np.argmax(total, axis=1)]
+    return [p.item() if hasattr(p, "item") else p for p in pred]
+
+
+def retrieval(
+    index: Index,
+    label: str,
+    *,
+    by: str | Sequence[str] = "keypoints",
+    ks: Sequence[int] = (1, 5, 10),
+    alpha: Any = None,
+    metric: str = "euclidean",
+    plot: str | PathLike[str] | None = None,
+) -> RetrievalReport:
+    """mAP, P@k and R@k of retrieval by ``label``, overall and per class, with and without
+    the predicted-class restriction (see the module docstring).
+
+    Parameters
+    ----------
+    index : Index
+    label : str
+        The label that defines relevance (and that the classifier predicts).
+    by : str or sequence of str
+        ``"keypoints"``, ``"vector"``, ``"fused"`` or several of them (one block of rows
+        each).
+    ks : the k of P@k and R@k (default 1, 5, 10).
+    alpha, metric : as in :meth:`keyfuse.Index.search`.
+    plot : str or Path, optional
+        A ``.png`` file, or a directory that receives ``pr-<label>.png``: the mean
+        interpolated precision–recall curves, one per ``by`` and restriction.
+    """
+    import pandas as pd
+
+    bys = [by] if isinstance(by, str) else list(by)
+    for b in bys:
+        check_by(b)
+    values = index.label(label)
+    if all(v is None for v in values):
+        names = sorted({k for lab in index._labels for k in lab})
+        raise InvalidArgumentError(
+            f"no subject of the index has the label {label!r}; labels: {names or 'none'}"
+        )
+    rows: list[dict[str, Any]] = []
+    accuracy: dict[str, float] = {}
+    curves: dict[str, npt.NDArray[np.float64]] = {}
+    for b in bys:
+        keep = [i for i, v in enumerate(values) if v is not None]
+        if b != "keypoints":
+            keep = [i for i in keep if index._vectors[i] is not None]
+        mat = (
+            index.pairwise(by=b, alpha=alpha, metric=metric)
+            if b != "keypoints"
+            else (index.pairwise())
+        )
+        mat = np.asarray(mat)[np.ix_(keep, keep)]
+        cls = [values[i] for i in keep]
+        pred = loo_predictions(index, label, b, keep)
+        accuracy[b] = float(np.mean([str(p) == str(c) for p, c in zip(pred, cls, strict=True)]))
+        plain = retrieval_metrics(mat, cls, ks=ks)
+        restricted = retrieval_metrics(mat, cls, predicted=pred, ks=ks)
+        curves[b] = plain["interp"].mean(axis=0)
+        curves[f"{b}|pred"] = restricted["interp"].mean(axis=0)
+        for name in ["all", *sorted({str(c) for c in plain["class"]})]:
+            sel = np.ones(len(plain["ap"]), bool) if name == "all" else plain["class"] == name
+            row: dict[str, Any] = {"by": b, "class": name, "queries": int(sel.sum())}
+            for tag, m in (("", plain), ("|pred", restricted)):
+                row[f"mAP{tag}"] = float(m["ap"][sel].mean())
+            for j, k in enumerate(ks):
+                for tag, m in (("", plain), ("|pred", restricted)):
+                    row[f"P@{k}{tag}"] = float(m["p"][sel, j].mean())
+            for j, k in enumerate(ks):
+                for tag, m in (("", plain), ("|pred", restricted)):
+                    row[f"R@{k}{tag}"] = float(m["r"][sel, j].mean())
+            rows.append(row)
+    table = pd.DataFrame(rows).set_index(["by", "class"])
+    report = RetrievalReport(label, table, accuracy, curves)
+    if plot is not None:
+        report.plots.append(_plot(report, Path(plot)))
+    return report
+
+
+def _plot(report: RetrievalReport, target: Path) -> Path:
+    from keyfuse.plotting import save_figure
+    from keyfuse.plotting._slices import _new_figure
+
+    if target.suffix.lower() != ".png":
+        target = target / f"pr-{report.label}.png"
+    fig = _new_figure(5.6, 4.8, dark=False)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, prec in report.curves.items():
+        b, _, restricted = name.partition("|")
+        m = report.table.loc[(b, "all"), "mAP|pred" if restricted else "mAP"]
+        ax.plot(
+            RECALL_GRID,
+            prec,
+            ls="--" if restricted else "-",
+            lw=1.6,
+            label=f"{b}{' (predicted class)' if restricted else ''}: mAP {m:.3f}",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("interpolated precision (mean over queries)")
+    ax.grid(True, color="0.9", lw=0.6)
+    ax.set_title(f"retrieval by {report.label!r}", fontsize=11)
+    ax.legend(loc="lower left", fontsize=8)
+    return save_figure(fig, target)
