@@ -87,7 +87,7 @@ def parse_query(
         i = index._pos[query]
         if need_kps:
             kps = index.keypoints(query)
-        vec = index._vectors[i]
+        vec = index._vectors[i] if need_vec else None
         if need_vec and vec is None:
             raise InvalidArgumentError(f"subject {query!r} has no vector to search {by!r} with")
     elif isinstance(query, tuple) and len(query) == 2 and not _is_vector(query):
@@ -113,8 +113,10 @@ def parse_query(
             f"by={by!r} needs the query's CNN vector: pass a vector, a (KeypointSet, "
             "vector) pair, an image or a path (or search by='keypoints')"
         )
+    # only the parts ``by`` uses (the class prediction of ``restrict`` uses the same)
+    kps = kps if need_kps else None
     v = None
-    if vec is not None:
+    if vec is not None and need_vec:
         dim = index._vector_matrix().dim
         v = check_vector(vec, dim)
     return Query(kps, v, exclude)
@@ -249,11 +251,15 @@ def run_search(
     if k is not None and k < 1:
         raise InvalidArgumentError("k must be ≥ 1 (or None)")
     q = parse_query(index, query, by, device=device, cnn=cnn)
-    if exclude is not None:
-        index._index_of(exclude)
-        q.exclude = exclude
+    drop = [e for e in (q.exclude, exclude) if e is not None]
+    for e in drop:
+        index._index_of(e)
+    q.exclude = drop[-1] if drop else None  # left out of the likelihoods too
     restrict, predicted = predicted_restriction(index, restrict, q)
     mask = index._mask(restrict)
+    if len(drop) > 1:  # a subject-id query and another exclusion: both left out
+        mask = np.ones(len(index), dtype=bool) if mask is None else mask.copy()
+        mask[index._pos[drop[0]]] = False
     if by == "vector":
         order, scores = vector_top(index, q, k, metric, mask)
         return _result(index, order, scores, predicted)
