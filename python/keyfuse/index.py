@@ -46,6 +46,7 @@ from keyfuse.index_results import (
     EmptyRestrictionWarning,
     Hit,
     SearchResult,
+    warn_caller,
 )
 from keyfuse.index_storage import (
     MANIFEST,
@@ -399,11 +400,10 @@ class Index:
         CPU."""
         on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
         if not on_gpu and str(device).lower() == "cuda":
-            warnings.warn(
+            warn_caller(
                 f"device='cuda': the {self.kernel} soft-Jaccard kernel has no GPU version, "
                 "so this index is searched on the CPU (kernel='published' runs on the GPU)",
                 CPUFallbackWarning,
-                stacklevel=4,
             )
         return on_gpu
 
@@ -448,9 +448,7 @@ class Index:
         kps = _as_keypoints(query, device, "query")
         self._check_dims(kps, "the query")
         if len(kps) == 0:
-            warnings.warn(
-                "the query has no keypoints: every score is 0", EmptyKeypointsWarning, stacklevel=3
-            )
+            warn_caller("the query has no keypoints: every score is 0", EmptyKeypointsWarning)
         ex = None if exclude is None else self._index_of(exclude)
         if len(self) == 0:
             return np.zeros(0)

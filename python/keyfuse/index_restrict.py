@@ -3,14 +3,13 @@ may return (labels, ids or a predicate)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from keyfuse.errors import InvalidArgumentError
-from keyfuse.index_results import EmptyRestrictionWarning, _value_counts
+from keyfuse.index_results import EmptyRestrictionWarning, _value_counts, warn_caller
 
 if TYPE_CHECKING:
     from keyfuse.index import Index
@@ -42,11 +41,10 @@ def restriction_mask(index: Index, restrict: Restrict) -> np.ndarray | None:
         mask = np.array([ok(lab) for lab in index._labels], dtype=bool)
         if len(mask) and not mask.any():
             counts = {key: _value_counts(lab.get(key) for lab in index._labels) for key in restrict}
-            warnings.warn(
+            warn_caller(
                 f"restrict={dict(restrict)!r} matches none of the {len(mask)} subjects; "
                 "values in the index: " + "; ".join(f"{key}: {c}" for key, c in counts.items()),
                 EmptyRestrictionWarning,
-                stacklevel=4,
             )
         return mask
     if isinstance(restrict, str):
