@@ -95,14 +95,22 @@ class VectorMatrix:
         for r, i in enumerate(have):
             mat[r] = np.asarray(vectors[i], dtype=np.float32).ravel()
         self.matrix = np.ascontiguousarray(mat)
+        self._m64: FloatArray | None = None
         self.sq = np.einsum("ij,ij->i", self.matrix, self.matrix, dtype=np.float32)
         norms = np.sqrt(self.sq)
-        self.unit = np.ascontiguousarray(
-            self.matrix / np.where(norms > 0, norms, 1.0)[:, None], dtype=np.float32
+        self.inv_norm = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(
+            np.float32
         )
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def matrix64(self) -> FloatArray:
+        """The vectors as float64 (for the eq. 8–9 likelihoods), made once."""
+        if self._m64 is None:
+            self._m64 = np.ascontiguousarray(self.matrix, dtype=np.float64)
+        return self._m64
 
     def require(self, what: str = "vector search") -> int:
         if self.dim is None or len(self.rows) == 0:
@@ -117,7 +125,7 @@ class VectorMatrix:
         """float32 scores of every row (higher = better), for candidate selection."""
         if metric == "cosine":
             n = float(np.linalg.norm(q))
-            return self.unit @ (q / n if n > 0 else q)
+            return (self.matrix @ (q / n if n > 0 else q)) * self.inv_norm
         # −‖v − q‖² up to the constant ‖q‖²: 2 q·v − ‖v‖²
         return 2.0 * (self.matrix @ q) - self.sq
 
@@ -235,7 +243,9 @@ class FusedTerms:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.classes = np.arange(self.n, dtype=np.int64)
         self.k = int(index.k)
-        self.checks = None if index._use_exact(None) else int(index.checks)
+        # exact k-NN always: the engine's kd-forest is not reachable from here, and a
+        # forest rebuilt per query costs ~15× an exact search (docs/decisions.md)
+        self.checks: int | None = None
 
     def subject(self, i: int) -> npt.NDArray[np.uint8]:
         """Subject ``i``'s descriptors."""
@@ -273,7 +283,7 @@ def vector_terms(
         ex = np.where(exclude >= 0, vm.row_of[np.maximum(exclude, 0)], -1)
     ll = vector_log_likelihoods(
         np.atleast_2d(queries).astype(np.float64),
-        vm.matrix.astype(np.float64),
+        vm.matrix64,
         np.arange(len(vm), dtype=np.int64),
         len(vm),
         exclude=ex,

@@ -80,8 +80,8 @@ def test_vector_search_equals_brute_force(metric: str) -> None:
         assert np.all(np.diff(hits.scores) <= 0)
         if metric == "euclidean":
             assert hits.scores[0] == pytest.approx(
-                    -np.linalg.norm(mat[want[0]].astype(float) - q.astype(float)), rel=1e-12
-                )
+                -np.linalg.norm(mat[want[0]].astype(float) - q.astype(float)), rel=1e-12
+            )
     # k=None ranks every subject; restrict limits the candidates
     assert len(ix.search(q, k=None, by="vector")) == 300
     some = [f"s{i:03d}" for i in range(0, 300, 7)]
