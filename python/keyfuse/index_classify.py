@@ -129,6 +129,7 @@ class LabelClassifiers:
         vector: np.ndarray | None,
     ) -> Any:
         """The predicted ``label`` value of a query with these parts."""
+        X: Any
         if kps is not None and vector is not None:
             parts, X = "fused", [(kps, vector)]
         elif vector is not None:

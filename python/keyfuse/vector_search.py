@@ -124,10 +124,11 @@ class VectorMatrix:
     def _fast(self, q: npt.NDArray[np.float32], metric: str) -> npt.NDArray[np.float32]:
         """float32 scores of every row (higher = better), for candidate selection."""
         if metric == "cosine":
-            n = float(np.linalg.norm(q))
-            return (self.matrix @ (q / n if n > 0 else q)) * self.inv_norm
+            n = np.float32(np.linalg.norm(q))
+            unit = (q / n if n > 0 else q).astype(np.float32, copy=False)
+            return np.asarray((self.matrix @ unit) * self.inv_norm, dtype=np.float32)
         # −‖v − q‖² up to the constant ‖q‖²: 2 q·v − ‖v‖²
-        return 2.0 * (self.matrix @ q) - self.sq
+        return np.asarray(np.float32(2.0) * (self.matrix @ q) - self.sq, dtype=np.float32)
 
     def exact(
         self, q: npt.NDArray[np.float32], rows: npt.NDArray[np.int64], metric: str
