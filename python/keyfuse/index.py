@@ -545,7 +545,8 @@ class Index:
         device : {"auto", "cpu", "cuda"}
             Backend of the keypoint search; on CUDA it is exact (brute force on the GPU).
         cnn : CNNFeatures, optional
-            Computes an image query's vector (default: ``kf.CNNFeatures()``).
+            Computes an image query's vector as ``cnn(image)`` (default
+            ``kf.CNNFeatures()``; unaligned: pass the vector when the indexed ones were aligned).
 
         Returns
         -------
