@@ -251,16 +251,19 @@ def _plot(report: RetrievalReport, target: Path) -> Path:
         target = target / f"pr-{report.label}.png"
     fig = _new_figure(5.6, 4.8, dark=False)
     ax = fig.add_subplot(1, 1, 1)
+    colours: dict[str, Any] = {}
     for name, prec in report.curves.items():
         b, _, restricted = name.partition("|")
         m = report.table.loc[(b, "all"), "mAP|pred" if restricted else "mAP"]
-        ax.plot(
+        (line,) = ax.plot(
             RECALL_GRID,
             prec,
             ls="--" if restricted else "-",
             lw=1.6,
+            color=colours.get(b),
             label=f"{b}{' (predicted class)' if restricted else ''}: mAP {m:.3f}",
         )
+        colours.setdefault(b, line.get_color())
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")
