@@ -32,12 +32,18 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
-from keyfuse.evaluate_retrieval import RetrievalReport, retrieval, retrieval_metrics
+from keyfuse.evaluate_retrieval import (
+    RetrievalReport,
+    choose_fusion_alpha,
+    retrieval,
+    retrieval_metrics,
+)
 
 __all__ = [
     "RetrievalReport",
     "approx_recall_at_k",
     "average_precision",
+    "choose_fusion_alpha",
     "cohort_matrix",
     "dice",
     "family_pairs",

@@ -32,7 +32,7 @@ from keyfuse.vector_search import check_by
 if TYPE_CHECKING:
     from keyfuse.index import Index
 
-__all__ = ["RetrievalReport", "retrieval", "retrieval_metrics"]
+__all__ = ["RetrievalReport", "choose_fusion_alpha", "retrieval", "retrieval_metrics"]
 
 RECALL_GRID = np.linspace(0.0, 1.0, 101)
 
@@ -61,12 +61,20 @@ class RetrievalReport:
     accuracy: dict[str, float]
     curves: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
+    #: with ``alpha="auto"``: the median of the α chosen for each query (nested)
+    alpha: float | None = None
 
     def __str__(self) -> str:
         acc = ", ".join(f"{b} {a:.3f}" for b, a in self.accuracy.items())
+        fused = (
+            ""
+            if self.alpha is None
+            else f"; fused α, median of the nested choices: {self.alpha:.3g}"
+        )
         return (
             f"retrieval of {self.label!r} (|pred = restricted to the predicted class; "
-            f"leave-one-out class accuracy: {acc})\n" + self.table.to_string(float_format="%.3f")
+            f"leave-one-out class accuracy: {acc}{fused})\n"
+            + self.table.to_string(float_format="%.3f")
         )
 
 
@@ -166,6 +174,99 @@ def loo_predictions(index: Index, label: str, by: str, rows: Sequence[int]) -> l
     return [p.item() if hasattr(p, "item") else p for p in pred]
 
 
+def _scored_rows(classes: Sequence[Any]) -> list[int]:
+    """The queries :func:`retrieval_metrics` scores (those with a relevant subject)."""
+    cls = [str(c) for c in classes]
+    return [q for q, c in enumerate(cls) if cls.count(c) > 1]
+
+
+def _ap_by_alpha(
+    l_kp: npt.NDArray[np.float64],
+    l_v: npt.NDArray[np.float64],
+    classes: Sequence[Any],
+    n: int = 13,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(candidate α, AP of every scored query at each α)."""
+    from keyfuse.fusion import alpha_grid
+    from keyfuse.index_query import fuse
+
+    off = ~np.eye(len(l_kp), dtype=bool)
+    fill = (
+        np.where(off, l_kp, l_kp[off].mean() if off.any() else 0.0),
+        np.where(off, l_v, l_v[off].mean() if off.any() else 0.0),
+    )
+    alphas = alpha_grid(*fill, n=n)
+    ap = np.stack([retrieval_metrics(fuse(l_kp, l_v, a), classes, ks=(1,))["ap"] for a in alphas])
+    return alphas, ap
+
+
+def _pick_alpha(
+    alphas: npt.NDArray[np.float64], ap: npt.NDArray[np.float64], rows: npt.NDArray[np.bool_]
+) -> float:
+    """The α of best mean AP over ``rows``; the better single source (α = 0 or 1) wins
+    unless the best beats it by more than one standard error of their paired per-query
+    difference (fusion must not lose to the source that carries the signal)."""
+    means = ap[:, rows].mean(axis=1)
+    best = int(np.argmax(means))
+    singles = [i for i, a in enumerate(alphas) if a in (0.0, 1.0)]
+    single = max(singles, key=lambda i: (means[i], -i))
+    d = ap[best, rows] - ap[single, rows]
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(alphas[single] if means[best] - means[single] <= se else alphas[best])
+
+
+def _labelled(index: Index, label: str, by: str) -> tuple[list[int], list[Any]]:
+    """The subjects with ``label`` (and a vector, unless ``by="keypoints"``), their values."""
+    values = index.label(label)
+    if all(v is None for v in values):
+        names = sorted({k for lab in index._labels for k in lab})
+        raise InvalidArgumentError(
+            f"no subject of the index has the label {label!r}; labels: {names or 'none'}"
+        )
+    keep = [i for i, v in enumerate(values) if v is not None]
+    if by != "keypoints":
+        keep = [i for i in keep if index._vectors[i] is not None]
+    return keep, [values[i] for i in keep]
+
+
+def choose_fusion_alpha(index: Index, label: str) -> float:
+    """The α of eq. 4 for fused search, chosen on the index's own subjects: the candidate
+    (:func:`keyfuse.fusion.alpha_grid`) of best leave-one-out retrieval mAP by ``label``,
+    a single source unless fusion beats it by more than one standard error.
+
+    >>> alpha = kf.evaluate.choose_fusion_alpha(index, "family")
+    >>> index.search(query, by="fused", alpha=alpha)
+    """
+    from keyfuse.index_query import fused_term_matrices
+
+    keep, cls = _labelled(index, label, "fused")
+    l_kp, l_v = fused_term_matrices(index)
+    sub = np.ix_(keep, keep)
+    alphas, ap = _ap_by_alpha(l_kp[sub], l_v[sub], cls)
+    return _pick_alpha(alphas, ap, np.ones(ap.shape[1], dtype=bool))
+
+
+def _nested_fused(
+    index: Index, keep: list[int], cls: list[Any]
+) -> tuple[npt.NDArray[np.float64], float]:
+    """The fused matrix with each query's α chosen on the other queries (nested
+    leave-one-out), and the median α chosen."""
+    from keyfuse.index_query import fuse, fused_term_matrices
+
+    l_kp, l_v = fused_term_matrices(index)
+    sub = np.ix_(keep, keep)
+    l_kp, l_v = l_kp[sub], l_v[sub]
+    alphas, ap = _ap_by_alpha(l_kp, l_v, cls)
+    out = fuse(l_kp, l_v, 0.5)
+    chosen = []
+    for p, q in enumerate(_scored_rows(cls)):
+        others = np.arange(ap.shape[1]) != p
+        a = _pick_alpha(alphas, ap, others) if others.any() else 0.5
+        chosen.append(a)
+        out[q] = fuse(l_kp, l_v, a)[q]
+    return out, float(np.median(chosen)) if chosen else 0.5
+
+
 def retrieval(
     index: Index,
     label: str,
@@ -188,7 +289,9 @@ def retrieval(
         ``"keypoints"``, ``"vector"``, ``"fused"`` or several of them (one block of rows
         each).
     ks : the k of P@k and R@k (default 1, 5, 10).
-    alpha, metric : as in :meth:`keyfuse.Index.search`.
+    alpha, metric : as in :meth:`keyfuse.Index.search`; ``alpha="auto"`` chooses each
+        query's α on the other queries (nested leave-one-out, see
+        :func:`choose_fusion_alpha`), so the fused figures are not tuned on themselves.
     plot : str or Path, optional
         A ``.png`` file, or a directory that receives ``pr-<label>.png``: the mean
         interpolated precision–recall curves, one per ``by`` and restriction.
@@ -198,26 +301,18 @@ def retrieval(
     bys = [by] if isinstance(by, str) else list(by)
     for b in bys:
         check_by(b)
-    values = index.label(label)
-    if all(v is None for v in values):
-        names = sorted({k for lab in index._labels for k in lab})
-        raise InvalidArgumentError(
-            f"no subject of the index has the label {label!r}; labels: {names or 'none'}"
-        )
+    _labelled(index, label, "keypoints")  # the label exists
     rows: list[dict[str, Any]] = []
     accuracy: dict[str, float] = {}
     curves: dict[str, npt.NDArray[np.float64]] = {}
+    chosen_alpha = None
     for b in bys:
-        keep = [i for i, v in enumerate(values) if v is not None]
-        if b != "keypoints":
-            keep = [i for i in keep if index._vectors[i] is not None]
-        mat = (
-            index.pairwise(by=b, alpha=alpha, metric=metric)
-            if b != "keypoints"
-            else (index.pairwise())
-        )
-        mat = np.asarray(mat)[np.ix_(keep, keep)]
-        cls = [values[i] for i in keep]
+        keep, cls = _labelled(index, label, b)
+        if b == "fused" and isinstance(alpha, str) and alpha == "auto":
+            mat, chosen_alpha = _nested_fused(index, keep, cls)
+        else:
+            full = index.pairwise(by=b, alpha=alpha, metric=metric)
+            mat = np.asarray(full)[np.ix_(keep, keep)]
         pred = loo_predictions(index, label, b, keep)
         accuracy[b] = float(np.mean([str(p) == str(c) for p, c in zip(pred, cls, strict=True)]))
         plain = retrieval_metrics(mat, cls, ks=ks)
@@ -237,7 +332,7 @@ def retrieval(
                     row[f"R@{k}{tag}"] = float(m["r"][sel, j].mean())
             rows.append(row)
     table = pd.DataFrame(rows).set_index(["by", "class"])
-    report = RetrievalReport(label, table, accuracy, curves)
+    report = RetrievalReport(label, table, accuracy, curves, alpha=chosen_alpha)
     if plot is not None:
         report.plots.append(_plot(report, Path(plot)))
     return report

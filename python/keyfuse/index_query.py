@@ -203,10 +203,11 @@ def _vector_terms(
     return vector_terms(vm, v[None, :], exclude)[0]
 
 
-def fused_pairwise(index: Index, alpha: float | None) -> npt.NDArray[np.float64]:
-    """N×N eq. 4 scores: row a = subject a (keypoints and vector) against every other
-    subject, leaving a out; the diagonal is the matrix's largest value (a subject is its
-    own best match)."""
+def fused_term_matrices(
+    index: Index,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The two N×N terms of eq. 4: row a = log p({f_i}|j) and log p(v|j) of subject a
+    against every subject j, a left out (its own entries are not meaningful)."""
     from keyfuse.vector_search import vector_terms
 
     vm = index._vector_matrix()
@@ -219,15 +220,32 @@ def fused_pairwise(index: Index, alpha: float | None) -> npt.NDArray[np.float64]
     n = len(index)
     terms: FusedTerms = index._fused_terms()
     l_v = vector_terms(vm, vm.matrix, np.arange(n, dtype=np.int64))
+    l_kp = np.empty((n, n))
+    for a_i in range(n):
+        l_kp[a_i] = terms.keypoint(terms.subject(a_i), a_i)
+    return l_kp, l_v
+
+
+def fuse(
+    l_kp: npt.NDArray[np.float64], l_v: npt.NDArray[np.float64], alpha: float | None
+) -> npt.NDArray[np.float64]:
+    """Eq. 4 from the term matrices (``alpha=None``: balanced per row); the diagonal is
+    the matrix's largest value (a subject is its own best match)."""
+    n = len(l_kp)
     out = np.empty((n, n))
     for a_i in range(n):
-        l_kp = terms.keypoint(terms.subject(a_i), a_i)
         off = np.arange(n) != a_i
-        a = balanced_alpha(l_kp[off], l_v[a_i][off]) if alpha is None else alpha
-        out[a_i] = a * l_kp + (1.0 - a) * l_v[a_i]
+        a = balanced_alpha(l_kp[a_i][off], l_v[a_i][off]) if alpha is None else alpha
+        out[a_i] = a * l_kp[a_i] + (1.0 - a) * l_v[a_i]
     off = ~np.eye(n, dtype=bool)
     np.fill_diagonal(out, out[off].max() if n > 1 else 0.0)
     return out
+
+
+def fused_pairwise(index: Index, alpha: float | None) -> npt.NDArray[np.float64]:
+    """N×N eq. 4 scores: row a = subject a (keypoints and vector) against every other
+    subject, leaving a out; the diagonal is the matrix's largest value."""
+    return fuse(*fused_term_matrices(index), alpha)
 
 
 def run_search(

@@ -216,3 +216,16 @@ def test_retrieval_metrics_restriction_hides_relevant() -> None:
     wrong = retrieval_metrics(s, cls, predicted=["b", "a", "b", "b"], ks=(1,))
     assert wrong["ap"].tolist() == [0.0, 1.0, 1.0, 1.0]  # query 0 mispredicted: nothing found
     assert wrong["p"][0, 0] == 0.0 and wrong["r"][0, 0] == 0.0
+
+
+def test_fusion_alpha_falls_back_to_the_source_with_signal() -> None:
+    """Vectors without family signal: α chosen on the index is 1 (keypoints alone), and
+    the nested-α fused retrieval is not worse than either source."""
+    ix, _ = family_index(n_families=3, size=3, vec_noise=50.0, seed=4)
+    assert kf.evaluate.choose_fusion_alpha(ix, "family") == 1.0
+    rep = kf.evaluate.retrieval(ix, "family", by=["vector", "fused"], alpha="auto")
+    t = rep.table
+    assert rep.alpha == 1.0
+    assert t.loc[("fused", "all"), "mAP"] >= t.loc[("vector", "all"), "mAP"]
+    with pytest.raises(InvalidArgumentError, match="colour"):
+        kf.evaluate.choose_fusion_alpha(ix, "colour")

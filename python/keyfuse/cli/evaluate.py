@@ -213,9 +213,10 @@ def evaluate_fusion(
 )
 @click.option(
     "--alpha",
-    type=click.FloatRange(0.0, 1.0),
     default=None,
-    help="Keypoint weight of the fused ranking (default: both terms with the same spread).",
+    metavar="A|auto",
+    help="Keypoint weight of the fused ranking in [0, 1], or 'auto': chosen per query on "
+    "the other queries (nested leave-one-out). Default: both terms with the same spread.",
 )
 @click.option(
     "--out",
@@ -232,7 +233,7 @@ def evaluate_retrieval(
     label: str,
     bys: tuple[str, ...],
     ks: tuple[int, ...],
-    alpha: float | None,
+    alpha: str | None,
     out: Path,
     csv_path: Path | None,
 ) -> None:
@@ -245,6 +246,7 @@ def evaluate_retrieval(
     Examples:
       keyfuse evaluate retrieval cohort.kfi --label group
       keyfuse evaluate retrieval cohort.kfi --label family --by vector --by fused
+      keyfuse evaluate retrieval cohort.kfi --label family --alpha auto
     """
     from keyfuse.evaluate import retrieval
 
@@ -256,7 +258,13 @@ def evaluate_retrieval(
             if v is not None
         )
         bys = ("keypoints", "vector", "fused") if has_vec and len(idx) else ("keypoints",)
-    report = retrieval(idx, label, by=bys, ks=ks or (1, 5, 10), alpha=alpha, plot=out)
+    weight: Any = alpha
+    if alpha is not None and alpha != "auto":
+        try:
+            weight = float(alpha)
+        except ValueError:
+            raise click.BadParameter(f"{alpha!r}: a number in [0, 1] or 'auto'") from None
+    report = retrieval(idx, label, by=bys, ks=ks or (1, 5, 10), alpha=weight, plot=out)
     click.echo(str(report))
     for p in report.plots:
         click.echo(f"precision-recall curves -> {p}")
