@@ -59,6 +59,11 @@ def test_evaluate_retrieval(saved: Path, tmp_path: Path) -> None:
     assert "mAP|pred" in out and "keypoints" in out and "fused" in out
     assert (tmp_path / "pr-family.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "t.csv").exists()
+    out = run(
+        "evaluate", "retrieval", str(saved), "--label", "family", "--by", "fused",
+        "--alpha", "auto", "--out", str(tmp_path / "auto.png"),
+    )  # fmt: skip
+    assert "fused α, median of the nested choices" in out and (tmp_path / "auto.png").exists()
     res = CliRunner().invoke(
         kcli.cli, ["evaluate", "retrieval", str(saved), "--label", "colour", "--out", str(tmp_path)]
     )
