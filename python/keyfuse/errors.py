@@ -64,6 +64,21 @@ class EmptyRestrictionWarning(KeyfuseWarning):
     """A search's ``restrict`` matched no subject, so its result is empty."""
 
 
+def warn_caller(message: str, category: type[Warning]) -> None:
+    """Warn at the first stack frame outside the keyfuse package (the user's call),
+    however deep inside keyfuse the warning arises."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 __all__ = [
     "CPUFallbackWarning",
     "CorruptDataError",
@@ -79,4 +94,5 @@ __all__ = [
     "MissingDependencyError",
     "NotDicomWarning",
     "VoxelSizeWarning",
+    "warn_caller",
 ]

@@ -15,6 +15,9 @@ Two kinds of input appear here:
 The cohort helpers (``family_pairs``, ``relation_pairs``, ``identification_curves``,
 ``rescan_rank1``, ``family_report``) turn an N×N score matrix plus the table written by
 :func:`keyfuse.datasets.simulate_cohort` into the figures the demo prints.
+
+:func:`retrieval` evaluates an index's retrieval by one label (mAP, P@k, R@k, with and
+without the predicted-class restriction; see :mod:`keyfuse.evaluate_retrieval`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,18 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
+from keyfuse.evaluate_retrieval import (
+    RetrievalReport,
+    choose_fusion_alpha,
+    retrieval,
+    retrieval_metrics,
+)
 
 __all__ = [
+    "RetrievalReport",
     "approx_recall_at_k",
     "average_precision",
+    "choose_fusion_alpha",
     "cohort_matrix",
     "dice",
     "family_pairs",
@@ -43,6 +54,8 @@ __all__ = [
     "recall_at_k",
     "relation_pairs",
     "rescan_rank1",
+    "retrieval",
+    "retrieval_metrics",
     "roc_auc",
     "roc_curve",
     "roc_plot",

@@ -5,14 +5,18 @@ JPEG/TIFF)."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from keyfuse.errors import InvalidArgumentError, InvalidImageError, VoxelSizeWarning
+from keyfuse.errors import (
+    InvalidArgumentError,
+    InvalidImageError,
+    VoxelSizeWarning,
+    warn_caller,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -23,28 +27,13 @@ def voxel_sizes(affine: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.sqrt((mat[:3, :3] ** 2).sum(axis=0))
 
 
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside keyfuse
-    (for a ``warnings.warn`` made in the function that calls this one)."""
-    import sys
-
-    package = str(Path(__file__).parent)
-    level, frame = 2, sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        level += 1
-        frame = frame.f_back  # type: ignore[assignment]
-    return level
-
-
 def _warn_no_voxel_size(shape: tuple[int, ...]) -> None:
     """Warn that an array got 1 mm voxels, pointing at the caller outside keyfuse."""
-    level = user_stacklevel()
-    warnings.warn(
+    warn_caller(
         f"image array of shape {shape} has no affine or voxel size: assuming 1 mm voxels; "
         "pass kf.Image(array, spacing=(...)) or an affine (or load the file with "
         "kf.load_image)",
         VoxelSizeWarning,
-        stacklevel=level,
     )
 
 

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,16 @@ from keyfuse.errors import (
     IndexCorruptError,
     InvalidArgumentError,
     KeyfuseIOError,
+    warn_caller,
 )
+from keyfuse.index_classify import LabelClassifiers
+from keyfuse.index_restrict import Restrict, check_restrict_labels, restriction_mask
 from keyfuse.index_results import (
     CPUFallbackWarning,
     EmptyKeypointsWarning,
     EmptyRestrictionWarning,
     Hit,
     SearchResult,
-    _value_counts,
 )
 from keyfuse.index_storage import (
     MANIFEST,
@@ -59,6 +61,7 @@ from keyfuse.index_storage import (
     write_part,
 )
 from keyfuse.keypoints import KeypointSet
+from keyfuse.vector_search import FusedTerms, VectorMatrix
 
 __all__ = [
     "CPUFallbackWarning",
@@ -72,7 +75,6 @@ __all__ = [
 
 MODES = ("r", "r+", "a", "w", "x")
 PathLike = str | os.PathLike[str]
-Restrict = Mapping[str, Any] | Callable[[dict[str, Any]], bool] | Iterable[str] | None
 
 
 class Index:
@@ -159,6 +161,9 @@ class Index:
         self._engine = _core.SearchEngine(trees=self.trees)
         self._ndim: int | None = None  # 2 or 3: the dimension of the indexed images
         self._gpu_cache: tuple[int, _core.GpuCohort] | None = None
+        # derived from the subjects, rebuilt when their number changes (see _derived)
+        self._cache: dict[str, tuple[int, Any]] = {}
+        self._classifiers = LabelClassifiers()
         self._parts: list[dict[str, Any]] = []
         self.path: Path | None = None
         self.mode = mode
@@ -395,11 +400,10 @@ class Index:
         CPU."""
         on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
         if not on_gpu and str(device).lower() == "cuda":
-            warnings.warn(
+            warn_caller(
                 f"device='cuda': the {self.kernel} soft-Jaccard kernel has no GPU version, "
                 "so this index is searched on the CPU (kernel='published' runs on the GPU)",
                 CPUFallbackWarning,
-                stacklevel=4,
             )
         return on_gpu
 
@@ -407,52 +411,10 @@ class Index:
         return self.n_keypoints < self.exact_below if exact is None else bool(exact)
 
     def _mask(self, restrict: Restrict) -> np.ndarray | None:
-        if restrict is None:
-            return None
-        if callable(restrict):
-            return np.array([bool(restrict(dict(lab))) for lab in self._labels], dtype=bool)
-        if isinstance(restrict, Mapping):
-            self._check_restrict_labels(restrict)
-
-            def ok(lab: dict[str, Any]) -> bool:
-                for key, want in restrict.items():
-                    have = lab.get(key)
-                    if isinstance(want, (list, tuple, set, frozenset)):
-                        if have not in want:
-                            return False
-                    elif have != want:
-                        return False
-                return True
-
-            mask = np.array([ok(lab) for lab in self._labels], dtype=bool)
-            if len(mask) and not mask.any():
-                counts = {
-                    key: _value_counts(lab.get(key) for lab in self._labels) for key in restrict
-                }
-                warnings.warn(
-                    f"restrict={dict(restrict)!r} matches none of the {len(mask)} subjects; "
-                    "values in the index: " + "; ".join(f"{key}: {c}" for key, c in counts.items()),
-                    EmptyRestrictionWarning,
-                    stacklevel=3,
-                )
-            return mask
-        if isinstance(restrict, str):
-            raise InvalidArgumentError("restrict: pass a dict of labels, ids or a predicate")
-        ids = set(restrict)
-        unknown = ids - set(self._pos)
-        if unknown:
-            raise InvalidArgumentError(f"restrict names unknown subjects: {sorted(unknown)[:5]}")
-        return np.array([s in ids for s in self._ids], dtype=bool)
+        return restriction_mask(self, restrict)
 
     def _check_restrict_labels(self, restrict: Mapping[str, Any]) -> None:
-        """A label that no subject carries is a mistake (a typo, or labels never added)."""
-        names = {k for lab in self._labels for k in lab}
-        unknown = [k for k in restrict if k not in names]
-        if unknown and len(self):
-            raise InvalidArgumentError(
-                f"restrict names label(s) {unknown} that no subject in the index has; "
-                f"labels in the index: {sorted(names) or 'none (add them with labels=...)'}"
-            )
+        check_restrict_labels(self, restrict)
 
     def scores(
         self,
@@ -486,9 +448,7 @@ class Index:
         kps = _as_keypoints(query, device, "query")
         self._check_dims(kps, "the query")
         if len(kps) == 0:
-            warnings.warn(
-                "the query has no keypoints: every score is 0", EmptyKeypointsWarning, stacklevel=3
-            )
+            warn_caller("the query has no keypoints: every score is 0", EmptyKeypointsWarning)
         ex = None if exclude is None else self._index_of(exclude)
         if len(self) == 0:
             return np.zeros(0)
@@ -518,80 +478,115 @@ class Index:
             )
         )
 
+    def _derived(self, name: str, build: Any) -> Any:
+        """A structure derived from the subjects (the vector matrix, the fused terms' cached
+        descriptors), rebuilt after subjects are added or removed."""
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != len(self):
+            hit = (len(self), build(self))
+            self._cache[name] = hit
+        return hit[1]
+
+    def _vector_matrix(self) -> VectorMatrix:
+        return self._derived("vectors", lambda ix: VectorMatrix(ix._vectors))  # type: ignore[no-any-return]
+
+    def _fused_terms(self) -> FusedTerms:
+        return self._derived("fused", FusedTerms)  # type: ignore[no-any-return]
+
     def search(
         self,
         query: Any,
         k: int | None = 10,
         restrict: Restrict = None,
         *,
+        by: str = "keypoints",
+        alpha: Any = None,
+        metric: str = "euclidean",
         exclude: str | None = None,
         exact: bool | None = None,
         device: str = "auto",
+        cnn: Any = None,
     ) -> SearchResult:
         """The ``k`` subjects most similar to ``query``, best first.
 
         Parameters
         ----------
-        query : KeypointSet, Image, path, or the id of an indexed subject
-            An image or path is extracted first. An indexed subject's id searches with its
-            keypoints and excludes it from the results.
+        query : KeypointSet, vector, (KeypointSet, vector), Image, path, or a subject id
+            An image or path is extracted first (and, for ``by="vector"``/``"fused"``,
+            passed through ``cnn``). An indexed subject's id searches with its keypoints
+            and/or vector and excludes it from the results.
         k : int or None, default 10
             Number of hits (``None``: every subject).
         restrict : dict, ids, or predicate, optional
-            Search only among matching subjects ("with class prediction"):
-            ``{"sex": "F"}`` (a list/tuple/set value means "any of"), an iterable of ids,
-            or a function ``labels -> bool``.
+            Search only among matching subjects: ``{"sex": "F"}`` (a list/tuple/set value
+            means "any of"), an iterable of ids, or a function ``labels -> bool``. The
+            value ``"predicted"`` (``{"diagnosis": "predicted"}``) restricts to the
+            query's predicted class: a :class:`~keyfuse.FusionClassifier` fitted on the
+            indexed subjects' labels (cached with the index, refitted after subjects are
+            added); the prediction is in ``result.predicted``.
+        by : {"keypoints", "vector", "fused"}, default "keypoints"
+            ``"keypoints"``: soft-Jaccard score of the keypoint sets. ``"vector"``: exact
+            nearest neighbours of the stored CNN vectors (``metric``); scores are the
+            cosine similarity or minus the Euclidean distance. ``"fused"``: the fusion
+            paper's eq. 4 per subject, ``α log p({f_i}|j) + (1 − α) log p(v|j)``
+            (keypoint term by eqs. 5–7 with the index's k neighbours, vector term by
+            eqs. 8–9).
+        alpha : float, FusionClassifier or None
+            ``by="fused"`` only: the keypoint weight in [0, 1], or a fitted
+            :class:`~keyfuse.FusionClassifier` whose ``alpha_`` is used. ``None``
+            (default): the α giving both terms the same spread over the candidates.
+        metric : {"euclidean", "cosine"}, default "euclidean"
+            ``by="vector"`` only.
         exclude : str, optional
             A subject id left out (e.g. the query's own entry).
         exact : bool, optional
             Brute-force k-NN; default: exact below ``exact_below`` keypoints, else the
             kd-forest.
         device : {"auto", "cpu", "cuda"}
-            Backend; on CUDA the search is exact (brute force on the GPU).
+            Backend of the keypoint search; on CUDA it is exact (brute force on the GPU).
+        cnn : CNNFeatures, optional
+            Computes an image query's vector as ``cnn(image)`` (default
+            ``kf.CNNFeatures()``; unaligned: pass the vector when the indexed ones were aligned).
 
         Returns
         -------
         SearchResult
             A list of ``Hit(subject_id, score)``; ties are ordered by insertion.
         """
-        mask = self._mask(restrict)
-        s = self._scores(query, mask, exclude=exclude, exact=exact, device=device)
-        allowed = np.ones(len(s), dtype=bool)
-        if mask is not None:
-            allowed &= mask
-        excl = (
-            exclude
-            if exclude is not None
-            else (query if isinstance(query, str) and query in self._pos else None)
-        )
-        if excl is not None:
-            allowed[self._pos[excl]] = False
-        cand = np.flatnonzero(allowed)
-        order = cand[np.lexsort((cand, -s[cand]))]
-        if k is not None:
-            if k < 1:
-                raise InvalidArgumentError("k must be ≥ 1 (or None)")
-            order = order[:k]
-        return SearchResult(
-            (Hit(self._ids[i], float(s[i])) for i in order),
-            labels={self._ids[i]: self._labels[i] for i in order},
-        )
+        from keyfuse.index_query import run_search
+
+        return run_search(
+            self, query, k, restrict, by=by, alpha=alpha, metric=metric, exclude=exclude,
+            exact=exact, device=device, cnn=cnn,
+        )  # fmt: skip
 
     def pairwise(
         self,
         symmetric: bool = False,
         *,
+        by: str = "keypoints",
+        alpha: Any = None,
+        metric: str = "euclidean",
         exact: bool | None = None,
         device: str = "auto",
         as_frame: bool = False,
     ) -> Any:
-        """N×N soft-Jaccard matrix: row a = subject a's keypoints scored against every
-        other subject (its own excluded); diagonal 1. ``symmetric`` averages the two soft
-        intersections, giving a symmetric matrix. Rows and columns follow
-        :attr:`subjects`; ``as_frame=True`` returns a pandas ``DataFrame`` with the
-        subject ids as its index and columns (what :func:`keyfuse.evaluate.family_report`
-        matches by id)."""
-        mat = self._pairwise(symmetric, exact=exact, device=device)
+        """N×N score matrix, rows and columns in :attr:`subjects` order.
+
+        ``by="keypoints"`` (default): soft-Jaccard, row a = subject a's keypoints scored
+        against every other subject (its own excluded), diagonal 1; ``symmetric``
+        averages the two soft intersections. ``by="vector"``: cosine similarity or minus
+        the Euclidean distance (``metric``) of the stored vectors. ``by="fused"``: row a
+        = eq. 4 of subject a against every other subject (see :meth:`search`; ``alpha``
+        as there), diagonal the matrix's largest value. ``as_frame=True`` returns a pandas
+        ``DataFrame`` with the subject ids as its index and columns (what
+        :func:`keyfuse.evaluate.family_report` matches by id)."""
+        from keyfuse.index_query import pairwise_by
+
+        if by == "keypoints":
+            mat = self._pairwise(symmetric, exact=exact, device=device)
+        else:
+            mat = pairwise_by(self, by, alpha, metric)
         if not as_frame:
             return mat
         import pandas as pd
@@ -693,6 +688,8 @@ class Index:
                     (sid, self.keypoints(sid), self._vectors[i], self._labels[i], self._sources[i])
                 )
             self._write_manifest(tmp, [])
+            if self._classifiers.state:
+                self._classifiers.write(tmp)
             if staged:
                 self._append_part(tmp, staged, parts=[])
             old = None
@@ -746,6 +743,7 @@ class Index:
         self._engine = _core.SearchEngine(trees=self.trees)
         self._ndim = None
         self._gpu_cache = None
+        self._cache = {}
 
     @classmethod
     def load(cls, path: PathLike, **kwargs: Any) -> Index:
@@ -793,6 +791,7 @@ class Index:
         except (KeyError, TypeError, ValueError, pa.ArrowException, OSError) as e:
             raise IndexCorruptError(f"{root}: corrupt index ({type(e).__name__}: {e})") from e
         self._parts = list(parts)
+        self._classifiers = LabelClassifiers.read(root)
 
     # -- misc ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[str]:

@@ -9,7 +9,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from keyfuse.errors import CPUFallbackWarning, EmptyKeypointsWarning, EmptyRestrictionWarning
+from keyfuse.errors import (
+    CPUFallbackWarning,
+    EmptyKeypointsWarning,
+    EmptyRestrictionWarning,
+)
 
 __all__ = [
     "CPUFallbackWarning",
@@ -49,10 +53,16 @@ class SearchResult(list[Hit]):
 
     #: the hits' labels (``{subject_id: {label: value}}``), set by :meth:`Index.search`
     labels: dict[str, dict[str, Any]]
+    #: ``restrict``'s predicted classes (``{label: value}``; empty when none was predicted)
+    predicted: dict[str, Any]
+    #: the α of a fused search (``None`` for the other searches)
+    alpha: float | None
 
     def __init__(self, hits: Iterable[Hit] = (), labels: Mapping[str, Any] | None = None):
         super().__init__(hits)
         self.labels = {h.subject_id: dict((labels or {}).get(h.subject_id, {})) for h in self}
+        self.predicted = {}
+        self.alpha = None
 
     def to_frame(self) -> Any:
         """The hits as a pandas ``DataFrame`` indexed by ``subject_id``: ``rank`` (1 =

@@ -49,6 +49,7 @@ def _not_an_index(p: Path) -> str:
 def _remove_index_files(p: Path) -> None:
     """Remove an index's manifest and parts (nothing else in its directory)."""
     (p / MANIFEST).unlink()
+    (p / "classifiers.json").unlink(missing_ok=True)  # the class predictors' cache
     for f in p.glob("*.parquet"):
         if f.name.startswith(("subjects-", "keypoints-")):
             f.unlink()

@@ -20,6 +20,33 @@ from keyfuse.cli.options import (
 )
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
 
+BY = click.Choice(["keypoints", "vector", "fused"])
+
+
+def by_options(f: Any) -> Any:
+    """--by, --alpha and --metric: what the ranking uses."""
+    f = click.option(
+        "--metric",
+        type=click.Choice(["euclidean", "cosine"]),
+        default="euclidean",
+        show_default=True,
+        help="Vector distance of --by vector (scores: minus the distance, or the cosine).",
+    )(f)
+    f = click.option(
+        "--alpha",
+        type=click.FloatRange(0.0, 1.0),
+        default=None,
+        help="Keypoint weight of --by fused (default: both terms with the same spread).",
+    )(f)
+    return click.option(
+        "--by",
+        type=BY,
+        default="keypoints",
+        show_default=True,
+        help="Rank by soft-Jaccard of the keypoints, by the stored CNN vectors, or by the "
+        "fused model (the fusion paper's eq. 4).",
+    )(f)
+
 
 def format_score(score: float) -> str:
     """Four significant digits, so that small scores stay apart (0.00012, 3.4e-06)."""
@@ -52,6 +79,15 @@ def format_score(score: float) -> str:
 )
 @device_option("Extraction of an image query and the search: a CUDA GPU or the CPU.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV (rank,subject,score,labels...).")
+@click.option(
+    "--predicted",
+    "predicted_label",
+    metavar="LABEL",
+    default=None,
+    help="Search only the query's predicted class of LABEL (a classifier fitted on the "
+    "indexed subjects' labels).",
+)
+@by_options
 @search_option()
 @quiet_option("No notes on stderr.")
 def query(
@@ -65,9 +101,13 @@ def query(
     as_csv: bool,
     search: str,
     quiet: bool,
+    predicted_label: str | None,
+    by: str,
+    alpha: float | None,
+    metric: str,
 ) -> None:
     """Rank the subjects of INDEX by similarity to QUERY: an image, a keypoint file or
-    the id of a subject in INDEX.
+    the id of a subject in INDEX (--by vector/fused: an image or a subject id).
 
     A query whose subject is in INDEX (by id, or by file name) leaves its own entry out
     of the results, since it would rank first with score 1.
@@ -77,6 +117,7 @@ def query(
       keyfuse query cohort.kfi new_scan.nii.gz -k 5
       keyfuse query cohort.kfi sub-003 --exclude sub-004     # by subject id
       keyfuse query cohort.kfi keys/sub-003.kfk --csv > hits.csv
+      keyfuse query cohort.kfi sub-003 --by fused --predicted group
     """
     from keyfuse._io import subject_id_from_path
     from keyfuse.device import resolve_device
@@ -86,9 +127,18 @@ def query(
     path = Path(query_arg)
     if path.is_file():
         sid = subject_id_from_path(path)
-        query_obj: Any = load_keypoints(path, device)
+        if by == "keypoints":
+            query_obj: Any = load_keypoints(path, device)
+        elif path.suffix in (".kfk", ".key"):
+            raise InvalidArgumentError(
+                f"--by {by} needs the query's CNN vector: pass an image or a subject id, "
+                f"not the keypoint file {path}"
+            )
+        else:
+            query_obj = str(path)
     elif query_arg in idx:
-        sid, query_obj = query_arg, idx.keypoints(query_arg)
+        sid = query_arg
+        query_obj = idx.keypoints(query_arg) if by == "keypoints" else query_arg
     elif path.is_dir():
         raise InvalidArgumentError(f"{path} is a directory: QUERY is one image or keypoint file")
     else:
@@ -104,10 +154,31 @@ def query(
         excluded.append(sid)
         if not quiet and not as_csv:
             click.echo(f"({sid} left out: the query's own entry; --keep-self keeps it)", err=True)
-    restrict = [s for s in idx.subjects if s not in set(excluded)] if excluded else None
-    if restrict is not None and not restrict:
+    if len(set(excluded)) >= len(idx):
         raise InvalidArgumentError("every subject of the index is excluded")
-    hits = idx.search(query_obj, k=k, restrict=restrict, exact=SEARCH_EXACT[search], device=device)
+    if isinstance(query_obj, str) and query_obj in idx and keep_self:
+        # an id query leaves itself out: pass its parts instead
+        vec = idx.vector(query_obj)
+        query_obj = (None if by == "vector" else idx.keypoints(query_obj), vec)
+    gone = set(excluded)
+    restrict: Any = [s for s in idx.subjects if s not in gone] if excluded else None
+    if predicted_label:
+        restrict = {predicted_label: "predicted"}  # the excluded are filtered below
+    hits = idx.search(
+        query_obj,
+        k=None if predicted_label else k,
+        restrict=restrict,
+        by=by,
+        alpha=alpha,
+        metric=metric,
+        exact=SEARCH_EXACT[search],
+        device=device,
+    )
+    if hits.predicted and not quiet and not as_csv:
+        said = ", ".join(f"{n} = {v}" for n, v in hits.predicted.items())
+        click.echo(f"(searching the predicted class: {said})", err=True)
+    if predicted_label:
+        hits = type(hits)([h for h in hits if h.subject_id not in gone][:k], labels=hits.labels)
     names = sorted({n for lab in hits.labels.values() for n in lab}) if show_labels else []
     if as_csv:
         w = csv.writer(sys.stdout, lineterminator="\n")
@@ -133,11 +204,22 @@ def query(
     type=click.Path(dir_okay=False, path_type=Path),
     help="CSV file: a header of subject ids, then one row per subject.",
 )
+@by_options
 @search_option()
 @device_option("The all-pairs scoring: a CUDA GPU (exact search) or the CPU.")
 @quiet_option("Accepted for symmetry with the other commands (pairwise shows no progress).")
-def pairwise(index_path: Path, out: Path, search: str, device: str, quiet: bool) -> None:
-    """Write the N×N soft-Jaccard similarity matrix of every pair in INDEX.
+def pairwise(
+    index_path: Path,
+    out: Path,
+    search: str,
+    device: str,
+    quiet: bool,
+    by: str,
+    alpha: float | None,
+    metric: str,
+) -> None:
+    """Write the N×N similarity matrix of every pair in INDEX (soft-Jaccard, or --by
+    vector / fused).
 
     Row i, column j is the similarity of subject i (query) to subject j.
 
@@ -152,7 +234,10 @@ def pairwise(index_path: Path, out: Path, search: str, device: str, quiet: bool)
 
     resolve_device(device)
     idx = open_index(index_path)
-    mat = np.asarray(idx.pairwise(exact=SEARCH_EXACT[search], device=device), dtype=np.float64)
+    mat = np.asarray(
+        idx.pairwise(by=by, alpha=alpha, metric=metric, exact=SEARCH_EXACT[search], device=device),
+        dtype=np.float64,
+    )
     ids = [str(s) for s in idx.subjects]
     with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)

@@ -26,9 +26,10 @@ from keyfuse.errors import (
     KeyfuseIOError,
     MissingDependencyError,
     NotDicomWarning,
+    warn_caller,
 )
 from keyfuse.formats import lps_to_ras
-from keyfuse.image import Image, user_stacklevel
+from keyfuse.image import Image
 
 # relative tolerances for "the same" orientation and slice step within a series
 _ORIENTATION_TOL = 1e-4
@@ -190,15 +191,12 @@ def _scan_directory(root: Path) -> list[_Header]:
     if not headers:
         raise CorruptDataError(f"{root} holds no DICOM files")
     if skipped:
-        import warnings
-
         names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        warnings.warn(
+        warn_caller(
             f"{root}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
             f"{'are' if len(skipped) > 1 else 'is'} not DICOM: {names}{more}",
             NotDicomWarning,
-            stacklevel=user_stacklevel(),
         )
     return headers
 
