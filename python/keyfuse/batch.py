@@ -394,6 +394,11 @@ def run_batch(
                     except KeyboardInterrupt:
                         for fut in futs:
                             fut.cancel()
+                        # the pool's threads never see the signal: stop the keyfuse calls
+                        # they are running (the executor waits for them on leaving)
+                        from keyfuse import _core
+
+                        _core.request_stop()
                         raise
                 else:
                     from distributed import as_completed as dask_completed
@@ -416,6 +421,10 @@ def run_batch(
         interrupted = True
     finally:
         bar.close()
+        if interrupted:
+            from keyfuse import _core
+
+            _core.clear_stop()
     # input order in the lists (completion order is arbitrary)
     result.written = [outs[n] for n in sorted(written)]
     result.failures = [f for _, f in sorted(failed, key=lambda t: t[0])]

@@ -254,3 +254,35 @@ def test_import_is_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
     assert np.__name__ == "numpy"
+
+
+def test_request_stop_interrupts_a_call_on_another_thread() -> None:
+    """Worker threads never see Ctrl-C: ``request_stop`` stops the keyfuse call they run
+    (a batch on a thread pool uses it), and after ``clear_stop`` calls run normally."""
+    vol = textured_volume((96, 96, 96), seed=3)
+    start = time.perf_counter()
+    full = kf.extract(vol)  # how long one whole extraction takes here
+    whole = time.perf_counter() - start
+    outcome: list[BaseException | None] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):  # far longer than the test waits
+                kf.extract(vol)
+            outcome.append(None)
+        except BaseException as exc:  # KeyboardInterrupt is what is expected
+            outcome.append(exc)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    time.sleep(0.05)
+    stopped = time.perf_counter()
+    _core.request_stop()
+    try:
+        worker.join(timeout=30)
+        took = time.perf_counter() - stopped
+    finally:
+        _core.clear_stop()
+    assert isinstance(outcome[0], KeyboardInterrupt), outcome
+    assert took < max(0.5, 2 * whole), f"stopped after {took:.2f} s ({whole:.2f} s a call)"
+    assert len(kf.extract(vol)) == len(full)  # the flag is withdrawn

@@ -133,6 +133,21 @@ where
     (outcome, signal)
 }
 
+/// Ask every keyfuse computation running now, on any thread, to stop at its next check
+/// (each then raises `KeyboardInterrupt`). For Python code that interrupts work running
+/// on its own worker threads (a batch on a thread pool), which never see the signal;
+/// call [`clear_stop`] once those threads have returned, before starting new work.
+#[pyfunction]
+pub fn request_stop() {
+    cancel::request();
+}
+
+/// Withdraw [`request_stop`].
+#[pyfunction]
+pub fn clear_stop() {
+    cancel::clear();
+}
+
 /// Run `f` with the GIL released and return its result as a Python result.
 ///
 /// `f` runs as a job on the rayon pool (a pool made in this process after a `fork()`)

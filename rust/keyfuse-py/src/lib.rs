@@ -18,6 +18,8 @@ mod segment;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::install_fork_guard();
+    m.add_function(wrap_pyfunction!(errors::request_stop, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::clear_stop, m)?)?;
     extract::register(m)?;
     matching::register(m)?;
     kde::register(m)?;
