@@ -324,23 +324,17 @@ def vector_log_likelihoods(
     if metric == "auto":
         metric = "hamming" if _is_binary(q) and _is_binary(t) else "euclidean"
     core = _core()
-    if metric == "hamming":
-        return np.asarray(
-            core.binary_log_likelihood(
-                np.ascontiguousarray(q, dtype=np.uint8),
-                np.ascontiguousarray(t, dtype=np.uint8),
-                cls,
-                nc,
-                exclude=ex,
-                background=float(background),
-            )
-        )
-    if metric != "euclidean":
+    kernels = {
+        "hamming": (core.binary_log_likelihood, np.uint8),
+        "euclidean": (core.vector_log_likelihood, np.float64),
+    }
+    if metric not in kernels:
         raise InvalidArgumentError(f"metric must be 'auto', 'euclidean' or 'hamming': {metric!r}")
+    kernel, dtype = kernels[metric]
     return np.asarray(
-        core.vector_log_likelihood(
-            np.ascontiguousarray(q, dtype=np.float64),
-            np.ascontiguousarray(t, dtype=np.float64),
+        kernel(
+            np.ascontiguousarray(q, dtype=dtype),
+            np.ascontiguousarray(t, dtype=dtype),
             cls,
             nc,
             exclude=ex,

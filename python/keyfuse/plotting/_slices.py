@@ -271,6 +271,12 @@ def _draw_background(ax: Any, img: Any, plane: _Plane, window: tuple[float, floa
     )
 
 
+def _heading(fig: Any, title: str, radiological: bool, extra: str = "") -> None:
+    """A figure's title (top left) and its display-convention note (bottom)."""
+    fig.suptitle(title, color=_FG, fontsize=11, x=0.02, ha="left")
+    _convention_note(fig, radiological, extra)
+
+
 def _convention_note(fig: Any, radiological: bool, extra: str = "") -> None:
     conv = (
         "radiological convention: the subject's left on the right (R/L marked)"

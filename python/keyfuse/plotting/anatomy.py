@@ -22,9 +22,9 @@ from keyfuse.plotting._slices import (
     POLARITY_COLOURS,
     _as_image,
     _bounds,
-    _convention_note,
     _cuts,
     _draw_background,
+    _heading,
     _new_figure,
     _otsu,
     _planes,
@@ -119,14 +119,12 @@ def plot_keypoints(
         handles=handles, loc="upper right", fontsize=8, frameon=False, labelcolor=_FG, ncol=2
     )
     leg.set_zorder(5)
-    fig.suptitle(
+    _heading(
+        fig,
         title or f"{len(kps)} keypoints (circle: where the slice cuts the √3σ sphere)",
-        color=_FG,
-        fontsize=11,
-        x=0.02,
-        ha="left",
+        radiological,
+        f"{shown} keypoint cuts shown",
     )
-    _convention_note(fig, radiological, f"{shown} keypoint cuts shown")
     fig.subplots_adjust(left=0.01, right=0.99, top=0.84, bottom=0.07, wspace=0.04)
     return fig
 
@@ -205,10 +203,12 @@ def plot_matches(
         if inl is not None
         else f"{ia.size} matches"
     )
-    fig.suptitle(
-        title or f"{what}; {order.size} strongest drawn", color=_FG, fontsize=11, x=0.02, ha="left"
+    _heading(
+        fig,
+        title or f"{what}; {order.size} strongest drawn",
+        radiological,
+        "keypoints projected onto the slice",
     )
-    _convention_note(fig, radiological, "keypoints projected onto the slice")
     fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.07, wspace=0.08)
     return fig
 
@@ -284,14 +284,9 @@ def plot_alignment(
             f": {alignment.n_inliers} inliers, rmse {alignment.rmse:.2f} mm, "
             f"scale {alignment.scale:.3f}"
         )
-    fig.suptitle(
-        title or f"alignment check (fixed image, moving edges in orange){info}",
-        color=_FG,
-        fontsize=11,
-        x=0.02,
-        ha="left",
+    _heading(
+        fig, title or f"alignment check (fixed image, moving edges in orange){info}", radiological
     )
-    _convention_note(fig, radiological)
     fig.subplots_adjust(left=0.04, right=0.99, top=0.9, bottom=0.05, wspace=0.04, hspace=0.12)
     return fig
 
@@ -424,10 +419,7 @@ def plot_segmentation(
             _style_panel(
                 ax, plane, radiological, title=f"p({names.get(v, v)}), z={plane.coord:.0f}"
             )
-    fig.suptitle(
-        title or f"segmentation: {len(values)} labels", color=_FG, fontsize=11, x=0.02, ha="left"
-    )
-    _convention_note(fig, radiological)
+    _heading(fig, title or f"segmentation: {len(values)} labels", radiological)
     fig.subplots_adjust(left=0.01, right=0.93, top=0.86, bottom=0.06, wspace=0.1, hspace=0.18)
     if show_p:
         boxes = [a.get_position() for a in fig.axes[-n_p:]]
@@ -497,14 +489,7 @@ def plot_retrieval(
                 spine.set_visible(True)
                 spine.set_color(frame)
                 spine.set_linewidth(3)
-    fig.suptitle(
-        title or f"top {len(items)} hits (green: relevant, red: not)",
-        color=_FG,
-        fontsize=11,
-        x=0.02,
-        ha="left",
-    )
-    _convention_note(fig, radiological)
+    _heading(fig, title or f"top {len(items)} hits (green: relevant, red: not)", radiological)
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.7 / (2.6 * nrows + 0.5), bottom=0.06)
     return fig
 
