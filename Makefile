@@ -10,6 +10,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# uv installs the wheel's test environment in seconds where pip takes a minute
+UV     := $(VENV)/bin/uv
 # 2-core machines: keep test and build parallelism modest and predictable
 export CARGO_TERM_COLOR ?= never
 
@@ -29,8 +31,8 @@ all: test
 # The build tools (maturin, and zig as the wheel's linker), without building keyfuse.
 $(VENV)/.tools: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9.4,<2" "ziglang>=0.13"
+	$(PY) -m pip install -q --disable-pip-version-check "uv>=0.9,<1"
+	$(UV) pip install -q --python $(PY) "maturin>=1.9.4,<2" "ziglang>=0.13"
 	touch $@
 
 # The development install: the Python dependencies and keyfuse, editable, in .venv.
@@ -85,8 +87,7 @@ endif
 test-python: wheel test-deps
 	rm -rf $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_PY) -m pip install -q --no-compile --disable-pip-version-check \
-	    "$$(ls $(CURDIR)/$(DIST)/keyfuse-*.whl)[all,test]"
+	$(UV) pip install -q --python $(WHEEL_PY) "$$(ls $(CURDIR)/$(DIST)/keyfuse-*.whl)[all,test]"
 	cd $(WHEEL_VENV) && $(WHEEL_PY) -c "import sys, keyfuse, pytest; \
 	    assert keyfuse.__file__.startswith(sys.prefix), keyfuse.__file__; \
 	    print('testing the installed wheel:', keyfuse.__file__); \
@@ -118,7 +119,7 @@ demo: build
 	$(VENV)/bin/keyfuse demo
 
 # Every benchmark at full size (minutes each; `make test` runs each once with --quick),
-# then the core crate's criterion benches.
+# then the core crate's Rust benches.
 BENCHES := $(filter-out benches/_%,$(wildcard benches/*.py))
 bench: build
 	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) $$b; done

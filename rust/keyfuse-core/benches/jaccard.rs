@@ -3,10 +3,8 @@
 
 mod common;
 
-use criterion::{criterion_group, criterion_main, Criterion};
 use keyfuse_core::jaccard::{soft_jaccard_pair, Cohort, SoftJaccardParams};
 use keyfuse_core::knn::ForestParams;
-use std::hint::black_box;
 
 /// `n` subjects of `m` keypoints; subjects 2i and 2i+1 share perturbed keypoints (a
 /// related pair), the rest are unrelated.
@@ -19,16 +17,15 @@ fn subjects(n: usize, m: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn jaccard(c: &mut Criterion) {
+fn main() {
     let sets = subjects(8, 600);
-    let mut g = c.benchmark_group("soft_jaccard");
-    g.sample_size(10);
+    let g = common::Bench::new("soft_jaccard");
     for (name, p) in [
         ("published", SoftJaccardParams::default()),
         ("posterior", SoftJaccardParams::posterior()),
     ] {
-        g.bench_function(format!("pair_{name}"), |b| {
-            b.iter(|| soft_jaccard_pair(black_box(&sets[0]), black_box(&sets[1]), &p, true, None))
+        g.run(&format!("pair_{name}"), 10, 0, || {
+            soft_jaccard_pair(&sets[0], &sets[1], &p, true, None)
         });
     }
     let mut cohort = Cohort::new(ForestParams::default());
@@ -37,11 +34,5 @@ fn jaccard(c: &mut Criterion) {
     }
     cohort.build_forest().expect("forest");
     let p = SoftJaccardParams::default();
-    g.bench_function("pairwise_8x600", |b| {
-        b.iter(|| cohort.pairwise(black_box(&p), true))
-    });
-    g.finish();
+    g.run("pairwise_8x600", 10, 0, || cohort.pairwise(&p, true));
 }
-
-criterion_group!(benches, jaccard);
-criterion_main!(benches);

@@ -3,10 +3,8 @@
 
 mod common;
 
-use criterion::{criterion_group, criterion_main, Criterion};
 use keyfuse_core::segment::{vote_labels, AtlasSet, Transfer};
 use ndarray::{s, Array3};
-use std::hint::black_box;
 
 /// A 48³ label map with three box-shaped organs and an intensity per organ.
 fn atlas(offset: usize) -> (Array3<i32>, Array3<f32>) {
@@ -19,7 +17,7 @@ fn atlas(offset: usize) -> (Array3<i32>, Array3<f32>) {
     (l, i)
 }
 
-fn segment(c: &mut Criterion) {
+fn main() {
     let (l0, i0) = atlas(0);
     let (l1, i1) = atlas(3);
     let set = AtlasSet::new(&[l0.view(), l1.view()], &[i0.view(), i1.view()]).expect("atlases");
@@ -33,13 +31,12 @@ fn segment(c: &mut Criterion) {
         })
         .collect();
     let test = i1.mapv(|v| v + 0.05);
-    let mut g = c.benchmark_group("segment");
-    g.sample_size(10);
-    g.bench_function("map_transfer_48cube_300", |b| {
-        b.iter(|| set.transfer(black_box(test.view()), black_box(&transfers), &[0.2], 0.15))
+    let g = common::Bench::new("segment");
+    g.run("map_transfer_48cube_300", 10, 0, || {
+        set.transfer(test.view(), &transfers, &[0.2], 0.15)
     });
-    g.bench_function("map_transfer_48cube_300_no_intensity", |b| {
-        b.iter(|| set.transfer(test.view(), &transfers, &[f32::INFINITY], 0.15))
+    g.run("map_transfer_48cube_300_no_intensity", 10, 0, || {
+        set.transfer(test.view(), &transfers, &[f32::INFINITY], 0.15)
     });
     // 5000 test keypoints with 1 to 8 matches each
     let (mut query, mut label, mut dist2, mut pm) = (vec![], vec![], vec![], vec![]);
@@ -51,11 +48,7 @@ fn segment(c: &mut Criterion) {
             pm.push(rng.below(1000) as f32 / 1000.0);
         }
     }
-    g.bench_function("vote_labels_5000", |b| {
-        b.iter(|| vote_labels(5000, black_box(&query), &label, &dist2, &pm))
+    g.run("vote_labels_5000", 10, 0, || {
+        vote_labels(5000, &query, &label, &dist2, &pm)
     });
-    g.finish();
 }
-
-criterion_group!(benches, segment);
-criterion_main!(benches);
