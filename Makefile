@@ -24,7 +24,7 @@ DIST      := dist
 WHEEL_VENV ?= $(or $(TMPDIR),/tmp)/keyfuse-wheel-venv-$(shell printf '%s' "$(CURDIR)" | sha1sum | cut -c1-12)
 WHEEL_PY   := $(WHEEL_VENV)/bin/python
 
-.PHONY: all setup build dev test test-deps test-rust test-python lint lint-run fmt demo bench wheel clean
+.PHONY: all setup build dev test test-deps test-rust test-venv test-python lint lint-run lint-wheel fmt demo bench wheel clean
 
 all: test
 
@@ -81,22 +81,29 @@ else
 	@echo "chromium: $(CHROMIUM)"
 endif
 
-# The wheel in a fresh venv outside the repository, then the suite against it. pytest runs
-# in the process that first checked where keyfuse is imported from, with the venv as its
-# working directory.
-test-python: wheel test-deps
+# The wheel in a fresh venv outside the repository, made anew for every `make test`.
+test-venv: wheel test-deps
 	rm -rf $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(UV) pip install -q --python $(WHEEL_PY) "$$(ls $(CURDIR)/$(DIST)/keyfuse-*.whl)[all,test]"
+
+# The suite against the installed wheel. pytest runs in the process that first checked
+# where keyfuse is imported from, with the venv as its working directory.
+test-python: test-venv
 	cd $(WHEEL_VENV) && $(WHEEL_PY) -c "import sys, keyfuse, pytest; \
 	    assert keyfuse.__file__.startswith(sys.prefix), keyfuse.__file__; \
 	    print('testing the installed wheel:', keyfuse.__file__); \
 	    sys.exit(pytest.main(sys.argv[1:]))" \
 	    -q -p no:cacheprovider --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(CURDIR)/tests
 
-# every test (against the installed wheel), then the lint gates with the wheel's venv
-test: test-rust test-python
+# The lint gates with the wheel's venv (ruff, mypy and stubtest come with the `test` extra).
+lint-wheel: test-venv
 	$(MAKE) --no-print-directory lint-run LINT_BIN=$(WHEEL_VENV)/bin
+
+# Every test: cargo's first (clippy waits on the same build lock), then the Python suite
+# and the lint gates side by side, since pytest keeps only one of two cores busy.
+test: test-rust
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-python lint-wheel
 
 # rustfmt, clippy -D warnings, ruff, mypy and the stub check of the installed keyfuse._core
 LINT_BIN ?= $(VENV)/bin

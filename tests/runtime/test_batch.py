@@ -185,9 +185,13 @@ def test_extract_batch_takes_a_directory_string(tmp_path: Path) -> None:
 
 
 _SLOW_BATCH = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from keyfuse import batch
+
+# as in a terminal: a runner that starts the suite in the background (nohup, some CI)
+# passes SIGINT on ignored, and Python then never raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def slow(inp, out):
     time.sleep(0.4)

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -208,6 +208,16 @@ def test_heavy_calls_release_the_gil(name: str) -> None:
     assert during >= 3, f"{name}: {during} ticks in {elapsed:.3f} s"
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, as in a terminal, even when the suite was started
+    in the background (nohup, some CI runners), which passes SIGINT on ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_interrupts_a_heavy_call_promptly() -> None:
     # a search of minutes (seconds with AMX), interrupted after 0.3 s
     data = _descriptors(1_000_000, 0)
