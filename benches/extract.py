@@ -107,13 +107,17 @@ def rotated_volume(data: np.ndarray, angle_deg: float = 15.0, scale: float = 1.1
     return out.astype(np.float32), A, t
 
 
-def measure(src: str, resolution: float, repeats: int) -> dict:
-    """Run the child measurement in a fresh interpreter (single-threaded cold start)."""
+def measure(src: str, resolution: float, repeats: int, threads: int | None = None) -> dict:
+    """Run the child measurement in a fresh interpreter; `threads` caps rayon's pool."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["RAYON_NUM_THREADS"] = str(threads)
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, src, str(resolution), str(repeats)],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -288,6 +292,7 @@ def main() -> None:
         np.save(rot_path, rot)
         m_orig = measure("mni", res, args.repeats)
         m_rot = measure(rot_path, res, args.repeats)
+        m_one = measure("mni", res, args.repeats, threads=1)
 
     k_orig = kf.extract(mni, device="cpu")
     k_rot = kf.extract(kf.Image(rot, rot_affine), device="cpu")
@@ -343,6 +348,7 @@ def main() -> None:
     )
     for (name, pattern, target), mine, ref in zip(lines, ours, refs, strict=True):
         row(name, pattern.format(mine), "" if ref is None else pattern.format(ref), target)
+    throughput(med(m_one), res)
     if args.peers is not None:
         side_by_side(args.peers, mni, rot, rot_affine, A, t)
     print(
@@ -350,6 +356,18 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} — wall times on a loaded machine are inflated"
     )
     print("* featExtract times/memory: TARGETS.md (measured by the project, not re-run here)")
+
+
+def throughput(one_thread_s: float, resolution: float, cohort: int = 100_000) -> None:
+    """Cohort extraction throughput from the one-thread time: scans run one per core (the
+    batch functions' workers), so a machine's rate is the per-core rate times its cores."""
+    per_core = 3600.0 / one_thread_s
+    print()
+    print(f"throughput, MNI152 {resolution:g} mm, one thread per scan ({one_thread_s:.2f} s):")
+    print(f"  {per_core:,.0f} scans per hour per core")
+    for cores in (2, 64):
+        hours = cohort / (per_core * cores)
+        print(f"  {cohort:,} scans on {cores} cores: {hours:,.1f} h ({hours * 60:,.0f} min)")
 
 
 def side_by_side(
