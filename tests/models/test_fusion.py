@@ -242,6 +242,22 @@ def test_auto_alpha_and_fusion_helps() -> None:
     assert aucs[-1] == 1.0 and aucs[cand == a][0] == 1.0 and a > 0.0
 
 
+def test_auto_alpha_binarizer_does_not_see_the_held_out_sample() -> None:
+    """Vectors of pure noise carry no class information: their leave-one-out AUC (the
+    α = 0 candidate) must stay near chance. A binariser fitted on every row, the
+    held-out one included, picks thresholds that separate each pair of classmates and
+    makes noise look informative (AUC ≈ 0.9 before the fix)."""
+    rng = np.random.default_rng(3)
+    sets, _, labels = cohort(seed=3, n_classes=8, per_class=2)
+    noise = rng.normal(size=(len(labels), 400))
+    pairs = list(zip(sets, noise, strict=True))
+    clf = kf.FusionClassifier(alpha="auto", binarize=True).fit(pairs, labels)
+    assert clf.cv_alphas_[0] == 0.0
+    assert clf.cv_scores_[0] < 0.7
+    # the keypoints are informative, so the search still leans on them
+    assert clf.cv_scores_[-1] > 0.9 and clf.alpha_ > 0.5
+
+
 def test_pick_alpha_takes_the_middle_of_ties() -> None:
     grid = [0.0, 0.1, 0.2, 0.3, 0.4, 1.0]
     assert pick_alpha(grid, [0.5, 0.9, 0.9, 0.9, 0.7, np.nan]) == 0.2
