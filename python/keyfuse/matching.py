@@ -99,9 +99,10 @@ class Matches:
     translation : (N, 3) float64
         ``B.xyz[ib] − A.xyz[ia]`` in mm (where A's keypoint lands in B).
     p : (N,) float64
-        p(m): Gaussian kernel density (mm⁻³, bandwidth ``kde_bandwidth``) of each match's
-        translation among all N translations — high for matches that agree with many
-        others. Comparable across calls with the same bandwidth.
+        p(m): leave-one-out Gaussian kernel density (mm⁻³, bandwidth ``kde_bandwidth``)
+        of each match's translation among the other N − 1 translations — high for matches
+        that agree with many others, 0 for a lone match (its own translation does not
+        count). Comparable across calls with the same bandwidth.
     mode : (3,) float64 or None
         The Hough translation mode (mm) when ``hough=True``.
     """
