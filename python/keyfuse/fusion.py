@@ -257,7 +257,7 @@ def keypoint_log_likelihoods(
     from keyfuse.device import runs_on_gpu
 
     core = _core()
-    gpu = runs_on_gpu(device, k=n_neighbors, exact=checks is None)
+    gpu = runs_on_gpu(device, k=n_neighbors, exact=checks is None, operation="keypoint_kde")
     out = np.empty((len(queries), nc), dtype=np.float64)
     for qi, q in _progress(enumerate(queries), len(queries), "keypoint KDE", progress):
         e = None if ex is None or ex[qi] < 0 else int(ex[qi])
