@@ -161,6 +161,22 @@ def test_keypoint_kde_matches_numpy() -> None:
     np.testing.assert_array_equal(k5_forest, k5)
 
 
+def test_keypoint_kde_terms_are_rounded_like_the_gpu_fixed_point() -> None:
+    """Kernel terms are rounded to multiples of 2⁻³², the CUDA kernel's 32.32 fixed
+    point, on the CPU too (one formula on both backends): a term of e^-30 (< 2⁻³³) counts
+    0 on both, so its class gets exactly ln(0 + b) = 0 (the CPU used to keep it)."""
+    base = np.arange(64, dtype=np.uint8)
+    near = base.copy()
+    near[[0, 1]] = near[[1, 0]]  # d² = 2: the nearest neighbour, width 1 + 2 = 3
+    far = base.copy()
+    far[[10, 13]] = far[[13, 10]]  # 2·3²
+    far[[20, 26]] = far[[26, 20]]  # + 2·6² = 90: exponent 90 / 3 = 30
+    train = [kpset(near[None]), kpset(far[None])]
+    ll = keypoint_log_likelihoods([kpset(base[None])], train, [0, 1], 2, n_neighbors=None)[0]
+    assert ll[1] == 0.0
+    assert ll[0] == pytest.approx(np.log(np.exp(-2 / 3) + 1.0), abs=1e-9)
+
+
 def test_keypoint_kde_no_underflow_with_many_keypoints() -> None:
     rng = np.random.default_rng(3)
     train = [kpset(perm_rows(rng, 50)) for _ in range(2)]
