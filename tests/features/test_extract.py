@@ -291,3 +291,19 @@ def test_mni152_keypoints_agree_with_the_reference_extractor(data_dir: Path) -> 
     for q in (25, 50, 75):
         ratio = np.percentile(other.scale, q) / np.percentile(ours.scale, q)
         assert 0.85 < ratio < 1.15, (q, ratio)
+
+
+def test_orientations_of_one_detection_are_distinct_features() -> None:
+    """Rows, not detections, are the unit that is matched and counted (figures in
+    docs/decisions.md): the several rows of one detection (same position, scale and
+    polarity) carry different frames and different descriptors, never a copy."""
+    kps = kf.extract(kf.Image(textured_volume((64, 64, 64)), np.eye(4)), device="cpu")
+    key = np.column_stack([kps.ijk, kps.scale, kps.polarity])
+    _, det, count = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    det = det.ravel()
+    assert count.max() > 1 and 1.5 < len(kps) / len(count) < 3.0
+    for d in np.flatnonzero(count > 1):
+        rows = np.flatnonzero(det == d)
+        frames = kps.orientation[rows].reshape(len(rows), 9)
+        assert len(np.unique(frames, axis=0)) == len(rows)
+        assert len(np.unique(kps.descriptors[rows], axis=0)) == len(rows)
