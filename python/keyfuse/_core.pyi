@@ -123,6 +123,7 @@ class TransferAtlases:
         weight: npt.NDArray[np.float64],
         nu: npt.NDArray[np.float32],
         background_fraction: float,
+        max_vote: bool = False,
     ) -> tuple[
         npt.NDArray[np.int32],
         npt.NDArray[np.float32],

@@ -455,11 +455,6 @@ def _write_failures(path: Path, failures: list[BatchFailure]) -> None:
         raise KeyfuseIOError(f"cannot write the failure list {path}: {exc}") from exc
 
 
-def _runs_here(scheduler: Any) -> bool:
-    """Whether a scheduler runs the tasks on this machine (not a remote Dask cluster)."""
-    return scheduler in (None, "local", "processes", "threads", "sync")
-
-
 def extract_batch(
     inputs: Inputs,
     out_dir: str | os.PathLike[str],
@@ -498,10 +493,10 @@ def extract_batch(
     # checked here rather than once per file; resolved on the workers, which may differ
     if device not in ("auto", "cpu", "cuda"):
         raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
-    if device == "cuda" and _runs_here(scheduler):
-        from keyfuse.device import resolve_device
+    if device == "cuda":
+        from keyfuse.extraction import check_extract_device
 
-        resolve_device(device)  # no GPU here: one error before the work, not one per file
+        check_extract_device(device)  # no GPU path: one error before the work
     files = collect_inputs(inputs, pattern=pattern)
     if not files:
         where = f" matching {pattern!r}" if pattern else ""

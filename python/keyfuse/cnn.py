@@ -442,9 +442,11 @@ class CNNFeatures:
         from keyfuse.extraction import extract
         from keyfuse.matching import align
 
+        # the keypoints that align the slices are extracted on the CPU (no GPU path),
+        # whatever device runs the network
         if self._atlas_kps is None:
-            self._atlas_kps = extract(self.atlas, device=self.device)
-        kps = extract(load_image(image), device=self.device)
+            self._atlas_kps = extract(self.atlas, device="cpu")
+        kps = extract(load_image(image), device="cpu")
         return np.asarray(align(kps, self._atlas_kps, **align_params).matrix, dtype=np.float64)
 
     def slices_of(self, image: Any, transform: Any = None) -> list[npt.NDArray[np.float32]]:

@@ -7,10 +7,21 @@ from typing import Any
 import numpy as np
 
 from keyfuse import _core
-from keyfuse.device import resolve_device
+from keyfuse.device import choose_backend
 from keyfuse.errors import InvalidArgumentError, InvalidImageError
 from keyfuse.image import Image, load_image
 from keyfuse.keypoints import KeypointSet
+
+#: Why extraction has no GPU path (reported by ``device="cuda"``).
+NO_GPU_EXTRACT = (
+    "the descriptor stage is CPU-only; keyfuse.gpu.scale_space runs the scale space alone"
+)
+
+
+def check_extract_device(device: str) -> None:
+    """Resolve ``device`` for an extraction (``"cuda"`` raises: no GPU path) and record
+    the backend for :func:`keyfuse.device.last_backends`."""
+    choose_backend(device, "extract", no_gpu_path=NO_GPU_EXTRACT)
 
 
 def default_params() -> dict[str, Any]:
@@ -38,7 +49,8 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
         ``orientation`` are then expressed in the grid as stored (for a mirrored storage
         the frames are reflections); ``xyz`` is world RAS mm.
     device:
-        ``"auto"`` (GPU when one is usable, else CPU), ``"cpu"`` or ``"cuda"``.
+        ``"auto"`` or ``"cpu"``: extraction runs on the CPU (its descriptor stage has no
+        GPU version); ``"cuda"`` raises :class:`~keyfuse.DeviceUnavailableError`.
     **params:
         Extraction parameters; :func:`default_params` lists them with their defaults
         (e.g. ``sigma0=1.6``, ``scales_per_octave=4``, ``initial_blur=0``).
@@ -54,9 +66,11 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
         4D/1D data, non-real dtypes, NaN/Inf voxels, or an image too large to process.
     InvalidArgumentError
         An unknown parameter name or an out-of-range value.
+    DeviceUnavailableError
+        ``device="cuda"``: extraction has no GPU path.
     """
     img = load_image(image)
-    resolve_device(device)  # checked; extraction runs on the CPU
+    check_extract_device(device)
     canon, to_storage = canonical_storage(img)
     data = _as_float32(canon)
     spacing = canon.spacing

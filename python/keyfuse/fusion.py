@@ -257,7 +257,7 @@ def keypoint_log_likelihoods(
     from keyfuse.device import runs_on_gpu
 
     core = _core()
-    gpu = runs_on_gpu(device, k=n_neighbors, exact=checks is None)
+    gpu = runs_on_gpu(device, k=n_neighbors, exact=checks is None, operation="keypoint_kde")
     out = np.empty((len(queries), nc), dtype=np.float64)
     for qi, q in _progress(enumerate(queries), len(queries), "keypoint KDE", progress):
         e = None if ex is None or ex[qi] < 0 else int(ex[qi])
@@ -484,7 +484,8 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         leave-one-out cross-validation on the training set (pooled AUC of the posterior).
     binarize:
         Binarise the vectors with :class:`MIBinarizer` fitted on the training set, and
-        compare them with the Hamming distance (default False).
+        compare them with the Hamming distance (default False). The ``"auto"`` α search
+        refits the binariser inside each leave-one-out fold, without the held-out sample.
     n_neighbors:
         Sum the keypoint kernel (eq. 7) over each query keypoint's k nearest training
         keypoints (default 5, as the paper's kd-tree evaluation does); ``None`` = exact
@@ -587,6 +588,27 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             background=self.background,
         )
 
+    def _loo_binary_vec_ll(self, raw: npt.NDArray[Any], y: npt.NDArray[Any]) -> FloatArray:
+        """Leave-one-out log p(v|C,T) of each training vector with the binariser refitted
+        on the other samples only: thresholds chosen with the held-out sample's own label
+        would leak it into the α search."""
+        n = len(raw)
+        out = np.empty((n, len(self.classes_)), dtype=np.float64)
+        keep = np.ones(n, dtype=bool)
+        for i in range(n):
+            keep[i] = False
+            b = MIBinarizer().fit(raw[keep], y[keep])
+            out[i] = vector_log_likelihoods(
+                b.transform(raw[i : i + 1]),
+                b.transform(raw),
+                self._codes,
+                len(self.classes_),
+                exclude=[i],
+                background=self.background,
+            )[0]
+            keep[i] = True
+        return out
+
     # -- scikit-learn API ------------------------------------------------------------
 
     def fit(self, X: Any, y: npt.ArrayLike) -> FusionClassifier:
@@ -611,6 +633,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self._codes = codes.astype(np.int64).ravel()
         self._train_kps = list(kps) if kps is not None else None
         self.binarizer_: MIBinarizer | None = None
+        raw_vecs = vecs
         if vecs is not None and self.binarize:
             self.binarizer_ = MIBinarizer().fit(vecs, y_arr)
             vecs = self.binarizer_.transform(vecs)
@@ -626,7 +649,11 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         else:
             loo = np.arange(n)
             l_kp = self._kp_ll(kps, exclude=loo)
-            l_v = self._vec_ll(vecs, exclude=loo)
+            l_v = (
+                self._loo_binary_vec_ll(raw_vecs, y_arr)
+                if self.binarizer_ is not None
+                else self._vec_ll(vecs, exclude=loo)
+            )
             self.alpha_, self.cv_alphas_, self.cv_scores_ = select_alpha(l_kp, l_v, self._codes)
         self.fit_time_ = time.perf_counter() - t0
         return self

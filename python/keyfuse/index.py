@@ -394,18 +394,10 @@ class Index:
             self._gpu_cache = cached
         return cached[1]
 
-    def _on_gpu(self, device: str) -> bool:
+    def _on_gpu(self, device: str, operation: str) -> bool:
         """Whether the scoring runs on the GPU; ``device="cuda"`` that cannot be honoured
-        (the posterior kernel has no GPU version) says so instead of silently using the
-        CPU."""
-        on_gpu = runs_on_gpu(device, k=self.k, posterior=self.posterior)
-        if not on_gpu and str(device).lower() == "cuda":
-            warn_caller(
-                f"device='cuda': the {self.kernel} soft-Jaccard kernel has no GPU version, "
-                "so this index is searched on the CPU (kernel='published' runs on the GPU)",
-                CPUFallbackWarning,
-            )
-        return on_gpu
+        (the posterior kernel has no GPU version) raises DeviceUnavailableError."""
+        return runs_on_gpu(device, k=self.k, posterior=self.posterior, operation=operation)
 
     def _use_exact(self, exact: bool | None) -> bool:
         return self.n_keypoints < self.exact_below if exact is None else bool(exact)
@@ -441,7 +433,7 @@ class Index:
     ) -> npt.NDArray[np.float64]:
         from keyfuse.matching import _ALPHA2_FLOOR, _as_keypoints
 
-        on_gpu = self._on_gpu(device)
+        on_gpu = self._on_gpu(device, "index.search")
         if isinstance(query, str) and query in self._pos and exclude is None:
             exclude = query
             query = self.keypoints(query)
@@ -543,7 +535,9 @@ class Index:
             Brute-force k-NN; default: exact below ``exact_below`` keypoints, else the
             kd-forest.
         device : {"auto", "cpu", "cuda"}
-            Backend of the keypoint search; on CUDA it is exact (brute force on the GPU).
+            Backend of the keypoint search; on CUDA it is exact (brute force on the GPU),
+            for ``kernel="published"`` only ("cuda" on the posterior kernel raises
+            DeviceUnavailableError; "auto" then uses the CPU).
         cnn : CNNFeatures, optional
             Computes an image query's vector as ``cnn(image)`` (default
             ``kf.CNNFeatures()``; unaligned: pass the vector when the indexed ones were aligned).
@@ -599,7 +593,7 @@ class Index:
     ) -> npt.NDArray[np.float64]:
         from keyfuse.matching import _ALPHA2_FLOOR
 
-        on_gpu = self._on_gpu(device)
+        on_gpu = self._on_gpu(device, "index.pairwise")
         if len(self) == 0:
             return np.zeros((0, 0))
         # exact, all subjects in one GPU pass (published kernel only)

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from keyfuse import _core
-from keyfuse.device import resolve_device
+from keyfuse.device import choose_backend
 from keyfuse.errors import InvalidArgumentError
 from keyfuse.keypoints import KeypointSet, read_key
 
@@ -99,9 +99,10 @@ class Matches:
     translation : (N, 3) float64
         ``B.xyz[ib] − A.xyz[ia]`` in mm (where A's keypoint lands in B).
     p : (N,) float64
-        p(m): Gaussian kernel density (mm⁻³, bandwidth ``kde_bandwidth``) of each match's
-        translation among all N translations — high for matches that agree with many
-        others. Comparable across calls with the same bandwidth.
+        p(m): leave-one-out Gaussian kernel density (mm⁻³, bandwidth ``kde_bandwidth``)
+        of each match's translation among the other N − 1 translations — high for matches
+        that agree with many others, 0 for a lone match (its own translation does not
+        count). Comparable across calls with the same bandwidth.
     mode : (3,) float64 or None
         The Hough translation mode (mm) when ``hough=True``.
     """
@@ -171,13 +172,14 @@ def match(
     kde_bandwidth : float, default 3.0
         Bandwidth (mm) of the translation kernel density that gives ``p``.
     device : {"auto", "cpu", "cuda"}
-        Backend; matching runs on the CPU for now (exact brute force, rayon).
+        Backend; matching runs on the CPU (exact brute force, rayon): ``"cuda"`` raises
+        :class:`~keyfuse.DeviceUnavailableError`.
 
     Returns
     -------
     Matches
     """
-    resolve_device(device)
+    choose_backend(device, "match", no_gpu_path="matching is CPU-only")
     a = _as_keypoints(a, device, "a")
     b = _as_keypoints(b, device, "b")
     _check_same_dims(a, b)
@@ -417,9 +419,12 @@ def soft_jaccard(
     alpha2_cap_fraction : float, optional
         γ of the upper bound γ·E of α²; default ``inf`` (posterior) or 0.1 (published).
     device : {"auto", "cpu", "cuda"}
+        The soft Jaccard of two sets runs on the CPU: ``"cuda"`` raises
+        :class:`~keyfuse.DeviceUnavailableError` (an :class:`~keyfuse.Index` with
+        ``kernel="published"`` searches on the GPU).
     """
     post, k, alpha2_cap_fraction = _kernel_defaults(kernel, k, alpha2_cap_fraction)
-    resolve_device(device)
+    choose_backend(device, "soft_jaccard", no_gpu_path="the two-set soft Jaccard is CPU-only")
     a = _as_keypoints(a, device, "a")
     b = _as_keypoints(b, device, "b")
     _check_same_dims(a, b)

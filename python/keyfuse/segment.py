@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -362,6 +362,11 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
         intensity term off.
     background_fraction : float, default 0.15
         A voxel is background when its best label's probability is below this.
+    background_rule : {"per_label", "max_vote"}, default "per_label"
+        The probability compared with ``background_fraction``: ``"per_label"``, the share
+        of the label's transferred weight covering the voxel; ``"max_vote"`` (Wachinger et
+        al.), the voxel's summed weight over the largest sum anywhere (see
+        docs/decisions.md for both on the segmentation benchmark).
     transfer_from : "auto", mapping label → sequence of labels, or None; default "auto"
         Which keypoint labels transfer each organ besides its own keypoints (the paper's
         "spleen across", transferred from liver and lung keypoints too). ``"auto"``: the
@@ -409,6 +414,7 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
         scale_factor: float = 2.0,
         nu: float | Mapping[int, float] | None = DEFAULT_NU,
         background_fraction: float = 0.15,
+        background_rule: Literal["per_label", "max_vote"] = "per_label",
         transfer_from: Mapping[int, Sequence[int]] | str | None = "auto",
         across_weight: float = 0.1,
         min_weight: float = 0.2,
@@ -435,7 +441,12 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
         self.ratio = ratio
         self.scale_factor = scale_factor
         self.nu = nu
+        if background_rule not in ("per_label", "max_vote"):
+            raise InvalidArgumentError(
+                f"background_rule must be 'per_label' or 'max_vote', not {background_rule!r}"
+            )
         self.background_fraction = background_fraction
+        self.background_rule = background_rule
         if isinstance(transfer_from, str) and transfer_from != "auto":
             raise InvalidArgumentError(
                 f"transfer_from must be 'auto', None or a mapping, got {transfer_from!r}"
@@ -745,6 +756,7 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
             tw,
             self._nu_array(label_values),
             float(self.background_fraction),
+            max_vote=self.background_rule == "max_vote",
         )
         timings["transfer"] = time.perf_counter() - t0
         # a posterior per voxel: the labels' shares sum to at most 1 (background the rest)

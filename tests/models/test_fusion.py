@@ -161,6 +161,22 @@ def test_keypoint_kde_matches_numpy() -> None:
     np.testing.assert_array_equal(k5_forest, k5)
 
 
+def test_keypoint_kde_terms_are_rounded_like_the_gpu_fixed_point() -> None:
+    """Kernel terms are rounded to multiples of 2⁻³², the CUDA kernel's 32.32 fixed
+    point, on the CPU too (one formula on both backends): a term of e^-30 (< 2⁻³³) counts
+    0 on both, so its class gets exactly ln(0 + b) = 0 (the CPU used to keep it)."""
+    base = np.arange(64, dtype=np.uint8)
+    near = base.copy()
+    near[[0, 1]] = near[[1, 0]]  # d² = 2: the nearest neighbour, width 1 + 2 = 3
+    far = base.copy()
+    far[[10, 13]] = far[[13, 10]]  # 2·3²
+    far[[20, 26]] = far[[26, 20]]  # + 2·6² = 90: exponent 90 / 3 = 30
+    train = [kpset(near[None]), kpset(far[None])]
+    ll = keypoint_log_likelihoods([kpset(base[None])], train, [0, 1], 2, n_neighbors=None)[0]
+    assert ll[1] == 0.0
+    assert ll[0] == pytest.approx(np.log(np.exp(-2 / 3) + 1.0), abs=1e-9)
+
+
 def test_keypoint_kde_no_underflow_with_many_keypoints() -> None:
     rng = np.random.default_rng(3)
     train = [kpset(perm_rows(rng, 50)) for _ in range(2)]
@@ -225,21 +241,66 @@ def test_alpha_extremes_reduce_to_single_sources() -> None:
     np.testing.assert_allclose(half.predict_log_proba(pairs), log_posterior(want))
 
 
+def complementary_cohort(
+    seed: int, per_class: int
+) -> tuple[list[kf.KeypointSet], np.ndarray, np.ndarray]:
+    """Four classes; the keypoints tell {0, 1} from {2, 3} only (one prototype per
+    pair), the vectors tell {0, 2} from {1, 3} only: each source alone is at chance
+    within its pair, the two together name the class."""
+    rng = np.random.default_rng(seed)
+    protos = [perm_rows(rng, 30) for _ in range(2)]
+    centres = 3.0 * rng.normal(size=(2, 16))
+    sets, vecs, labels = [], [], []
+    for c in range(4):
+        for _ in range(per_class):
+            desc = np.concatenate([jitter(rng, protos[c // 2], 12), perm_rows(rng, 15)])
+            sets.append(kpset(desc))
+            vecs.append(centres[c % 2] + rng.normal(size=16))
+            labels.append(c)
+    return sets, np.array(vecs), np.array(labels)
+
+
 def test_auto_alpha_and_fusion_helps() -> None:
-    sets, vecs, labels = cohort(seed=7, n_classes=5, per_class=3, swaps=22)
+    """Fused predictions on held-out samples beat either source alone where the sources
+    carry complementary information, and the α search prefers an interior α."""
+    all_sets, all_vecs, all_labels = complementary_cohort(seed=7, per_class=7)
+    train = np.arange(len(all_labels)) % 7 < 4  # 4 training, 3 test samples per class
+    sets = [s for s, t in zip(all_sets, train, strict=True) if t]
+    test_sets = [s for s, t in zip(all_sets, train, strict=True) if not t]
+    vecs, test_vecs = all_vecs[train], all_vecs[~train]
+    labels, test_labels = all_labels[train], all_labels[~train]
     pairs = list(zip(sets, vecs, strict=True))
+    test_pairs = list(zip(test_sets, test_vecs, strict=True))
     clf = kf.FusionClassifier(alpha="auto").fit(pairs, labels)
-    assert 0.0 <= clf.alpha_ <= 1.0
+    assert 0.0 < clf.alpha_ < 1.0
     assert len(clf.cv_alphas_) == len(clf.cv_scores_) > 2
-    best = np.nanmax(clf.cv_scores_)
-    single = clf.cv_scores_[[0, -1]]  # α = 0 and α = 1
-    assert best >= np.nanmax(single)
+    assert np.nanmax(clf.cv_scores_) > np.nanmax(clf.cv_scores_[[0, -1]]) + 0.05
+    fused = (clf.predict(test_pairs) == test_labels).mean()
+    kp_only = (kf.FusionClassifier().fit(sets, labels).predict(test_sets) == test_labels).mean()
+    vec_only = (kf.FusionClassifier().fit(vecs, labels).predict(test_vecs) == test_labels).mean()
+    assert fused >= 0.9 > max(kp_only, vec_only) + 0.2
     # selection helper on matrices where only the keypoint term is informative
     codes = np.repeat(np.arange(3), 2)
     l_kp = np.where(np.eye(3)[codes] > 0, 5.0, 0.0)
     l_v = np.random.default_rng(0).normal(size=(6, 3))
     a, cand, aucs = select_alpha(l_kp, l_v, codes)
     assert aucs[-1] == 1.0 and aucs[cand == a][0] == 1.0 and a > 0.0
+
+
+def test_auto_alpha_binarizer_does_not_see_the_held_out_sample() -> None:
+    """Vectors of pure noise carry no class information: their leave-one-out AUC (the
+    α = 0 candidate) must stay near chance. A binariser fitted on every row, the
+    held-out one included, picks thresholds that separate each pair of classmates and
+    makes noise look informative (AUC ≈ 0.9 before the fix)."""
+    rng = np.random.default_rng(3)
+    sets, _, labels = cohort(seed=3, n_classes=8, per_class=2)
+    noise = rng.normal(size=(len(labels), 400))
+    pairs = list(zip(sets, noise, strict=True))
+    clf = kf.FusionClassifier(alpha="auto", binarize=True).fit(pairs, labels)
+    assert clf.cv_alphas_[0] == 0.0
+    assert clf.cv_scores_[0] < 0.7
+    # the keypoints are informative, so the search still leans on them
+    assert clf.cv_scores_[-1] > 0.9 and clf.alpha_ > 0.5
 
 
 def test_pick_alpha_takes_the_middle_of_ties() -> None:

@@ -401,3 +401,17 @@ def test_match_all_equals_match_per_atlas() -> None:
             np.testing.assert_array_equal(shift[sel], -m.translation)
     with pytest.raises(InvalidArgumentError):
         _core.AtlasKeypoints([atlases[0].descriptors], [atlases[0].xyz], [], [labels[0]])
+
+
+def test_both_background_rules_segment_a_shifted_copy() -> None:
+    """The two background rules (docs/decisions.md) agree where every organ is
+    transferred cleanly; an unknown rule is refused."""
+    labels, image, kps, test_img, test_kps, truth = shifted_case()
+    for rule in ("per_label", "max_vote"):
+        seg = KeypointTransferSegmenter(progress=False, background_rule=rule)
+        seg.fit([kf.Image(image, AFFINE)], [labels], keypoints=[kps])
+        out = seg.predict(test_img, keypoints=test_kps)
+        for organ in np.unique(truth[truth > 0]):
+            assert dice(out.labels == organ, truth == organ) > 0.99, (rule, organ)
+    with pytest.raises(InvalidArgumentError, match="background_rule"):
+        KeypointTransferSegmenter(background_rule="max")

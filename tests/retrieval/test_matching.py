@@ -222,6 +222,28 @@ def test_match_hough_finds_translation_and_rematches() -> None:
         assert plain.p[off].max() < plain.p[~off].min()
 
 
+def test_match_density_leaves_the_match_out() -> None:
+    """p(m) counts only the other matches: a match alone, or far from a consensus, gets
+    no support; perfect consensus keeps the kernel's peak density."""
+    rng = np.random.default_rng(11)
+    n = 30
+    desc = perms(rng, n)
+    a = kset(desc, seed=12)
+    shift = np.array([10.0, 0.0, 0.0])
+    xyz = a.xyz + shift
+    xyz[0] += [0.0, 80.0, 0.0]  # one match translated far from the others
+    m = kf.match(a, kf.KeypointSet(xyz, a.scale, descriptors=desc), ratio=1.0)
+    assert len(m) == n
+    peak = 1.0 / ((2 * np.pi) ** 1.5 * 3.0**3)
+    lone = m.ia == 0
+    assert m.p[lone][0] < 1e-6 * peak
+    # each consistent match sees 28 others at its translation out of n − 1 = 29
+    np.testing.assert_allclose(m.p[~lone], peak * 28 / 29, rtol=1e-9)
+    # a single match has nothing to agree with
+    one = kf.match(a[[0]], kf.KeypointSet(xyz[[0]], a.scale[[0]], descriptors=desc[[0]]))
+    assert len(one) == 1 and one.p[0] == 0.0
+
+
 # -- align ------------------------------------------------------------------------------
 def test_align_recovers_similarity_with_outliers() -> None:
     rng = np.random.default_rng(8)

@@ -126,3 +126,42 @@ def test_gpu_entry_points_check_arguments_first() -> None:
             np.ones(1),
             cutoff=np.inf,
         )
+
+
+def test_cuda_on_a_stage_without_gpu_path_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``device="cuda"`` never runs on the CPU silently: a stage with no GPU version
+    raises naming itself, on every machine (the check precedes the GPU probe); "auto"
+    runs it on the CPU and keyfuse.device.last_backends says so."""
+    import keyfuse as kf
+    from keyfuse.batch import extract_batch
+    from keyfuse.device import last_backends
+    from keyfuse.fusion import keypoint_log_likelihoods
+
+    monkeypatch.delenv("KEYFUSE_DEVICE", raising=False)
+    rng = np.random.default_rng(4)
+    img = kf.Image(rng.random((24, 24, 24)).astype(np.float32), np.eye(4))
+    with pytest.raises(DeviceUnavailableError, match=r"extract has no GPU path.*descriptor"):
+        kf.extract(img, device="cuda")
+    monkeypatch.setenv("KEYFUSE_DEVICE", "cuda")  # the variable is a request too
+    with pytest.raises(DeviceUnavailableError, match="extract has no GPU path"):
+        kf.extract(img)
+    monkeypatch.delenv("KEYFUSE_DEVICE")
+    kps = kf.extract(img, device="auto")
+    assert last_backends()["extract"] == "cpu"
+    with pytest.raises(DeviceUnavailableError, match="match has no GPU path"):
+        kf.match(kps, kps, device="cuda")
+    kf.match(kps, kps)
+    assert last_backends()["match"] == "cpu"
+    with pytest.raises(DeviceUnavailableError, match="extract has no GPU path"):
+        extract_batch([tmp_path], tmp_path / "out", device="cuda")
+    d = np.argsort(rng.random((12, 64)), axis=1).astype(np.uint8)
+    sets = [kf.KeypointSet(np.zeros((6, 3)), np.ones(6), descriptors=d[i::2]) for i in (0, 1)]
+    with pytest.raises(DeviceUnavailableError, match=r"keypoint_kde.*kd-forest"):
+        keypoint_log_likelihoods(sets, sets, [0, 1], n_neighbors=2, checks=8, device="cuda")
+    keypoint_log_likelihoods(sets, sets, [0, 1], n_neighbors=2, checks=8, device="auto")
+    assert last_backends()["keypoint_kde"] == "cpu"
+    if not HAS_GPU:  # a stage that has a GPU path, asked for on a machine without one
+        with pytest.raises(DeviceUnavailableError, match="no usable GPU"):
+            keypoint_log_likelihoods(sets, sets, [0, 1], device="cuda")

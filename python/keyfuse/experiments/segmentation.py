@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -248,7 +248,10 @@ def run_experiment(
 
     tests = list(range(n if n_tests <= 0 else min(n_tests, n)))
     box = crop_box(images[0].shape)
-    names = ("default", "own", "across")
+    names = ("default", "own", "across", "other_rule")
+    # the background rule the default does not use, measured side by side
+    rule = extractor.background_rule
+    other: Literal["per_label", "max_vote"] = "max_vote" if rule == "per_label" else "per_label"
     rows: dict[str, list[dict[int, float]]] = {f"{v}{n}": [] for v in "fc" for n in names}
     secs: dict[str, list[float]] = {k: [] for k in rows}
     cpu: dict[str, list[float]] = {k: [] for k in rows}
@@ -270,6 +273,9 @@ def run_experiment(
         out = run("fdefault", seg, images[t], labels[t], kps[t], (ext_secs[t], ext_cpu[t]))
         for k, v in out.timings.items():
             parts.setdefault(k, []).append(v)
+        seg.background_rule = other
+        run("fother_rule", seg, images[t], labels[t], kps[t], (ext_secs[t], ext_cpu[t]))
+        seg.background_rule = rule
         seg.transfer_from = None
         run("fown", seg, images[t], labels[t], kps[t], (ext_secs[t], ext_cpu[t]))
         seg.transfer_from = "auto"
@@ -283,6 +289,9 @@ def run_experiment(
             truth = labels[t][box]
             cout = run("cdefault", seg, cropped, truth, None, (0.0, 0.0))  # extraction included
             ext = (cout.timings["extract"], cout.timings["extract"])
+            seg.background_rule = other
+            run("cother_rule", seg, cropped, truth, cout.keypoints, ext)
+            seg.background_rule = rule
             seg.transfer_from = None
             run("cown", seg, cropped, truth, cout.keypoints, ext)
             # the paper's "spleen across": ventricles also by WM keypoints, full weight
@@ -307,10 +316,12 @@ def run_experiment(
     results = {
         f"keypoint transfer ({nt} scans)": res("fdefault"),
         f"KT, own keypoints only ({nt} scans)": res("fown"),
+        f"KT, background rule {other} ({nt})": res("fother_rule"),
     }
     crop_results = {
         f"keypoint transfer ({nt} scans)": res("cdefault"),
         f"KT, own keypoints only ({nt} scans)": res("cown"),
+        f"KT, background rule {other} ({nt})": res("cother_rule"),
         f"KT, ventricles across WM, w=1 ({nt})": res("cacross"),
     }
     nb = min(baseline_tests, len(tests))

@@ -35,13 +35,22 @@ use rayon::prelude::*;
 /// the result is unchanged at f64 precision and most `exp` calls are saved.
 pub const EXP_CUTOFF: f64 = 40.0;
 
-/// Add the kernel value `exp(−d2/width)` to `out[c]`, unless it is below e^−[`EXP_CUTOFF`].
-/// The keypoint term's one kernel, shared with the CUDA likelihood.
+/// The keypoint kernel's values are rounded to multiples of 1/`KERNEL_FIX` (2⁻³², round
+/// half to even) before they are summed: the CUDA kernel accumulates them in 32.32 fixed
+/// point (`KF_FIX` in score.cu, exact and independent of the summation order), and the CPU
+/// rounds the same way so both give the same sums. A term below 2⁻³³ counts 0 on both;
+/// against the background b = 1 that moves a log-likelihood by less than 1.2e-10.
+pub const KERNEL_FIX: f64 = 4_294_967_296.0;
+
+/// Add the kernel value `exp(−d2/width)`, rounded to a multiple of 2⁻³² (see
+/// [`KERNEL_FIX`]), to `out[c]`, unless the exponent reaches [`EXP_CUTOFF`]. The keypoint
+/// term's one kernel, shared with the CUDA likelihood; the sums stay exact (multiples of
+/// 2⁻³² below 2²¹ are exact in f64).
 #[inline]
 pub fn add_kernel_term(out: &mut [f64], c: usize, d2: u32, width: f64) {
     let x = d2 as f64 / width;
     if x < EXP_CUTOFF {
-        out[c] += (-x).exp();
+        out[c] += ((-x).exp() * KERNEL_FIX).round_ties_even() / KERNEL_FIX;
     }
 }
 

@@ -80,7 +80,8 @@ pub struct MatchResult {
     pub distance: Vec<f64>,
     /// `b.xyz[ib] − a.xyz[ia]` (mm).
     pub translation: Vec<[f64; 3]>,
-    /// Gaussian KDE of each translation among all the matches (density in mm⁻³).
+    /// Leave-one-out Gaussian KDE of each translation among the other matches (density in
+    /// mm⁻³; 0 for a lone match).
     pub p: Vec<f64>,
     /// The Hough mode (mm) when voting was used and found one.
     pub mode: Option<[f64; 3]>,
@@ -273,17 +274,19 @@ fn rematch(
         .collect()
 }
 
-/// Gaussian kernel density (mm⁻³) of each point among all points (itself included).
+/// Leave-one-out Gaussian kernel density (mm⁻³) of each point among the *other* points:
+/// a point's own kernel is left out, so a lone translation gets ~0 however few points
+/// there are, and only agreement with other matches raises it. A single point gets 0.
 pub fn kde3(t: &[[f64; 3]], h: f64) -> Vec<f64> {
     let n = t.len();
-    if n == 0 {
-        return Vec::new();
+    if n < 2 {
+        return vec![0.0; n];
     }
     // sort by x so that only points within 5h along x are visited
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&i, &j| t[i][0].total_cmp(&t[j][0]).then(i.cmp(&j)));
     let xs: Vec<f64> = order.iter().map(|&i| t[i][0]).collect();
-    let norm = 1.0 / ((2.0 * std::f64::consts::PI).powf(1.5) * h * h * h * n as f64);
+    let norm = 1.0 / ((2.0 * std::f64::consts::PI).powf(1.5) * h * h * h * (n - 1) as f64);
     let cut = 5.0 * h;
     (0..n)
         .into_par_iter()
@@ -292,6 +295,7 @@ pub fn kde3(t: &[[f64; 3]], h: f64) -> Vec<f64> {
             let hi = xs.partition_point(|&x| x <= t[i][0] + cut);
             let s: f64 = order[lo..hi]
                 .iter()
+                .filter(|&&j| j != i)
                 .map(|&j| (-0.5 * sq_dist(t[i], t[j]) / (h * h)).exp())
                 .sum();
             s * norm
@@ -712,5 +716,22 @@ mod tests {
         assert!((m[0] - 5.3).abs() < 0.5 && (m[1] + 3.0).abs() < 0.5 && (m[2] - 2.0).abs() < 0.5);
         let p = kde3(&t, 3.0);
         assert!(p[0] > 10.0 * p[40]);
+    }
+
+    #[test]
+    fn kde3_leaves_each_match_out() {
+        let h = 3.0;
+        let peak = 1.0 / ((2.0 * std::f64::consts::PI).powf(1.5) * h * h * h);
+        // one match alone: no other match supports it
+        assert_eq!(kde3(&[[4.0, 5.0, 6.0]], h), vec![0.0]);
+        // perfect consensus: every match at the kernel's peak
+        let p = kde3(&[[1.0, 2.0, 3.0]; 20], h);
+        assert!(p.iter().all(|&v| (v - peak).abs() < 1e-12 * peak));
+        // a lone match 60 mm away from 19 consistent ones
+        let mut t = vec![[1.0, 2.0, 3.0]; 19];
+        t.push([61.0, 2.0, 3.0]);
+        let p = kde3(&t, h);
+        assert_eq!(p[19], 0.0);
+        assert!(p[..19].iter().all(|&v| v > 0.9 * peak));
     }
 }

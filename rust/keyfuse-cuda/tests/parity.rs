@@ -263,6 +263,63 @@ fn gradient_and_patches_match_cpu() {
     }
 }
 
+/// CPU reference of keyfuse-core's `Vol::sample`: clamp each coordinate to the grid
+/// (non-finite → 0), then `lerp(a, b, f) = a + f·(b − a)` along axis 2, 1, 0.
+fn cpu_trilinear(v: &Array3<f32>, p: [f32; 3]) -> f32 {
+    let n = v.dim();
+    let n = [n.0, n.1, n.2];
+    let (mut i0, mut i1, mut f) = ([0usize; 3], [0usize; 3], [0f32; 3]);
+    for a in 0..3 {
+        let x = if p[a].is_finite() {
+            p[a].clamp(0.0, (n[a] - 1) as f32)
+        } else {
+            0.0
+        };
+        let fl = x.floor();
+        i0[a] = fl as usize;
+        i1[a] = (i0[a] + 1).min(n[a] - 1);
+        f[a] = x - fl;
+    }
+    let l = |i: usize, j: usize| {
+        let a = v[[i, j, i0[2]]];
+        a + f[2] * (v[[i, j, i1[2]]] - a)
+    };
+    let c0 = l(i0[0], i0[1]) + f[1] * (l(i0[0], i1[1]) - l(i0[0], i0[1]));
+    let c1 = l(i1[0], i0[1]) + f[1] * (l(i1[0], i1[1]) - l(i1[0], i0[1]));
+    c0 + f[0] * (c1 - c0)
+}
+
+#[test]
+fn rotated_patches_match_cpu_sampler_bit_for_bit() {
+    let Some(gpu) = gpu_or_skip("rotated patches") else {
+        return;
+    };
+    let v = random_volume((12, 11, 10), 33);
+    let dv = gpu.upload_volume(v.view()).unwrap();
+    // a rotated frame (rows = axes) and fractional offsets reaching past the faces
+    let (s, c) = 0.6f32.sin_cos();
+    let frame = [
+        [c, s, 0.0],
+        [-s * 0.8, c * 0.8, 0.6],
+        [s * 0.6, -c * 0.6, 0.8],
+    ];
+    let u: Vec<f32> = (0..7).map(|t| -6.3 + 2.1 * t as f32).collect();
+    let centre = [5.3f32, 4.7, 4.1];
+    let p = gpu.sample_patches(&dv, &[centre], &u, &[frame], 7).unwrap();
+    for a in 0..7 {
+        for b in 0..7 {
+            for d in 0..7 {
+                // the CPU descriptor's sample position, summed left to right
+                let q = [0, 1, 2].map(|x| {
+                    centre[x] + u[a] * frame[0][x] + u[b] * frame[1][x] + u[d] * frame[2][x]
+                });
+                let want = cpu_trilinear(&v, q);
+                assert_eq!(p[(a * 7 + b) * 7 + d].to_bits(), want.to_bits(), "{q:?}");
+            }
+        }
+    }
+}
+
 fn cpu_knn(q: &Array2<u8>, db: &Array2<u8>, k: usize) -> (Array2<u32>, Array2<i64>) {
     let mut d = Array2::from_elem((q.nrows(), k), u32::MAX);
     let mut idx = Array2::from_elem((q.nrows(), k), -1i64);

@@ -2,7 +2,9 @@
 //! run form, built once) and `vote_labels`.
 
 use keyfuse_core::matching::{KeypointView, MatchParams};
-use keyfuse_core::segment::{AtlasKeypoints as CoreAtlasKeypoints, AtlasSet, Transfer};
+use keyfuse_core::segment::{
+    AtlasKeypoints as CoreAtlasKeypoints, AtlasSet, BackgroundRule, Transfer,
+};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyReadonlyArray1, PyReadonlyArray2,
     PyReadonlyArray3,
@@ -56,8 +58,10 @@ impl TransferAtlases {
     }
 
     /// Accumulate the transfers on the test grid; returns
-    /// `(labels, probabilities, total_weight, n_groups)`.
+    /// `(labels, probabilities, total_weight, n_groups)`. `max_vote`: the background rule
+    /// against the largest vote instead of per-label shares.
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (image, atlas, label, shift, weight, nu, background_fraction, max_vote = false))]
     fn transfer<'py>(
         &self,
         py: Python<'py>,
@@ -68,6 +72,7 @@ impl TransferAtlases {
         weight: PyReadonlyArray1<'py, f64>,
         nu: PyReadonlyArray1<'py, f32>,
         background_fraction: f32,
+        max_vote: bool,
     ) -> PyResult<TransferOut<'py>> {
         let (image, atlas, label, shift, weight, nu) = (
             image.as_array(),
@@ -101,7 +106,12 @@ impl TransferAtlases {
                 })
                 .collect();
             let nu: Vec<f32> = nu.to_vec();
-            inner.transfer(image, &transfers, &nu, background_fraction)
+            let rule = if max_vote {
+                BackgroundRule::MaxVote
+            } else {
+                BackgroundRule::PerLabel
+            };
+            inner.transfer_with(image, &transfers, &nu, background_fraction, rule)
         })?;
         Ok((
             out.labels.into_pyarray(py),

@@ -69,7 +69,9 @@ impl Vol {
     }
 
     /// Trilinear interpolation at a continuous index position, clamped to the grid
-    /// (replicated border), so any finite position is safe.
+    /// (replicated border), so any finite position is safe. One formula everywhere, the
+    /// CUDA sampler's too (`kf_trilinear` in scale.cu): `lerp(a, b, f) = a + f·(b − a)`
+    /// along axis 2, then 1, then 0, with f = x − ⌊x⌋.
     #[inline]
     pub fn sample(&self, p: [f32; 3]) -> f32 {
         // fast path: strictly inside the grid, no clamping needed
@@ -94,7 +96,8 @@ impl Vol {
         self.sample_clamped(p)
     }
 
-    /// Trilinear interpolation with the position clamped to the grid.
+    /// Trilinear interpolation with the position clamped to the grid (the fast path's
+    /// formula and order of operations: bit-identical to it inside the grid).
     fn sample_clamped(&self, p: [f32; 3]) -> f32 {
         let mut i0 = [0usize; 3];
         let mut i1 = [0usize; 3];
@@ -111,14 +114,13 @@ impl Vol {
             i1[a] = (i0[a] + 1).min(self.n[a] - 1);
             f[a] = x - fl;
         }
-        let c = |i: usize, j: usize, k: usize| self.at(i, j, k);
-        let c00 = c(i0[0], i0[1], i0[2]) * (1.0 - f[2]) + c(i0[0], i0[1], i1[2]) * f[2];
-        let c01 = c(i0[0], i1[1], i0[2]) * (1.0 - f[2]) + c(i0[0], i1[1], i1[2]) * f[2];
-        let c10 = c(i1[0], i0[1], i0[2]) * (1.0 - f[2]) + c(i1[0], i0[1], i1[2]) * f[2];
-        let c11 = c(i1[0], i1[1], i0[2]) * (1.0 - f[2]) + c(i1[0], i1[1], i1[2]) * f[2];
-        let c0 = c00 * (1.0 - f[1]) + c01 * f[1];
-        let c1 = c10 * (1.0 - f[1]) + c11 * f[1];
-        c0 * (1.0 - f[0]) + c1 * f[0]
+        let l = |i: usize, j: usize| {
+            let a = self.at(i, j, i0[2]);
+            a + f[2] * (self.at(i, j, i1[2]) - a)
+        };
+        let c0 = l(i0[0], i0[1]) + f[1] * (l(i0[0], i1[1]) - l(i0[0], i0[1]));
+        let c1 = l(i1[0], i0[1]) + f[1] * (l(i1[0], i1[1]) - l(i1[0], i0[1]));
+        c0 + f[0] * (c1 - c0)
     }
 }
 
@@ -618,6 +620,31 @@ mod tests {
         assert!((v.sample([0.5, 0.5, 0.5]) - 1.0).abs() < 1e-6);
         assert_eq!(v.sample([5.0, 5.0, 5.0]), 8.0);
         assert_eq!(v.sample([f32::NAN, -3.0, 0.0]), 0.0);
+    }
+
+    #[test]
+    fn sample_paths_share_one_formula() {
+        // inside the grid the fast path and the clamped path (the CUDA sampler's
+        // formula) give bit-identical values
+        let mut v = Vol::zeros([7, 6, 5]).unwrap();
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for x in v.data.iter_mut() {
+            *x = 100.0 * next() - 30.0;
+        }
+        for _ in 0..2000 {
+            let p = [5.99 * next(), 4.99 * next(), 3.99 * next()];
+            assert_eq!(
+                v.sample(p).to_bits(),
+                v.sample_clamped(p).to_bits(),
+                "{p:?}"
+            );
+        }
     }
 }
 /// Blur timings (fastest of 10, one thread):

@@ -358,3 +358,37 @@ fn voting_follows_the_descriptor_likelihood() {
     assert!(vote_labels(1, &[0], &[0], &[0.0], &[1.0]).is_err());
     assert!(vote_labels(1, &[0], &[1], &[0.0], &[1.0, 2.0]).is_err());
 }
+
+#[test]
+fn max_vote_rule_keeps_one_weak_transfer_out() {
+    // organ 2 transferred with weight 9, organ 5 by one spurious transfer of weight 1
+    let (l, i) = cube_atlas();
+    let set = AtlasSet::new(&[l.view()], &[i.view()]).unwrap();
+    let t = [
+        Transfer {
+            atlas: 0,
+            label: 2,
+            shift: [0, 0, 0],
+            weight: 9.0,
+        },
+        Transfer {
+            atlas: 0,
+            label: 5,
+            shift: [0, 0, 0],
+            weight: 1.0,
+        },
+    ];
+    let inf = [f32::INFINITY];
+    // per label: the lone transfer is 100% of organ 5's weight, so it fills the organ
+    let per = set.transfer(i.view(), &t, &inf, 0.15).unwrap();
+    assert_eq!(per.labels[[9, 7, 6]], 5);
+    assert_eq!(per.labels[[4, 3, 2]], 2);
+    // max vote: 1 is below 15% of the largest vote (9), so organ 5 is background
+    let mv = set
+        .transfer_with(i.view(), &t, &inf, 0.15, BackgroundRule::MaxVote)
+        .unwrap();
+    assert_eq!(mv.labels[[9, 7, 6]], 0);
+    assert_eq!(mv.labels[[4, 3, 2]], 2);
+    assert!((mv.probabilities[[1, 9, 7, 6]] - 1.0 / 9.0).abs() < 1e-6);
+    assert!((mv.probabilities[[0, 4, 3, 2]] - 1.0).abs() < 1e-6);
+}

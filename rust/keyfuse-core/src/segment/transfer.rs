@@ -49,13 +49,27 @@ pub struct Transfer {
     pub weight: f64,
 }
 
+/// How [`AtlasSet::transfer_with`] turns the summed transfer weights into labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackgroundRule {
+    /// Each label's sums divided by the total weight transferred for that label (the
+    /// share of its transfers covering the voxel); background where the best share is
+    /// below the fraction.
+    #[default]
+    PerLabel,
+    /// Arg-max of the summed weights; background where the best sum is below the
+    /// fraction of the largest sum anywhere (any label): Wachinger et al.'s rule.
+    MaxVote,
+}
+
 /// The result of [`AtlasSet::transfer`].
 #[derive(Debug, Clone)]
 pub struct TransferResult {
     /// Per voxel label (0 = background), on the test grid.
     pub labels: Array3<i32>,
     /// `(n_labels, Z, Y, X)`: the summed transfer weight at each voxel divided by the total
-    /// weight transferred for that label (in `[0, 1]`), in the order of [`AtlasSet::labels`].
+    /// weight transferred for that label ([`BackgroundRule::PerLabel`]) or by the largest
+    /// sum ([`BackgroundRule::MaxVote`]), in `[0, 1]`, in the order of [`AtlasSet::labels`].
     pub probabilities: Array4<f32>,
     /// Total weight transferred per label.
     pub total_weight: Vec<f64>,
@@ -249,6 +263,24 @@ impl AtlasSet {
         nu: &[f32],
         background_fraction: f32,
     ) -> Result<TransferResult> {
+        self.transfer_with(
+            image,
+            transfers,
+            nu,
+            background_fraction,
+            BackgroundRule::PerLabel,
+        )
+    }
+
+    /// [`Self::transfer`] with a choice of [`BackgroundRule`].
+    pub fn transfer_with(
+        &self,
+        image: ArrayView3<f32>,
+        transfers: &[Transfer],
+        nu: &[f32],
+        background_fraction: f32,
+        rule: BackgroundRule,
+    ) -> Result<TransferResult> {
         let shape = check_shape(image.shape())?;
         let n_labels = self.labels.len();
         if nu.len() != 1 && nu.len() != n_labels {
@@ -384,11 +416,17 @@ impl AtlasSet {
                 }
             });
 
-        // normalise per label, then argmax with the background rule
-        let inv: Vec<f32> = total_weight
-            .iter()
-            .map(|&w| if w > 0.0 { (1.0 / w) as f32 } else { 0.0 })
-            .collect();
+        // normalise (per label, or by the largest vote), then argmax with the background rule
+        let inv: Vec<f32> = match rule {
+            BackgroundRule::PerLabel => total_weight
+                .iter()
+                .map(|&w| if w > 0.0 { (1.0 / w) as f32 } else { 0.0 })
+                .collect(),
+            BackgroundRule::MaxVote => {
+                let top = acc.par_iter().copied().reduce(|| 0.0f32, f32::max);
+                vec![if top > 0.0 { 1.0 / top } else { 0.0 }; n_labels]
+            }
+        };
         let n_vox = nz * plane;
         acc.par_chunks_mut(n_vox)
             .zip(inv.par_iter())

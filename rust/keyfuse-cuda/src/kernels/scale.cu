@@ -137,8 +137,8 @@ extern "C" __global__ void kf_gradient(const float* __restrict__ src, float* __r
 }
 
 // Trilinear sample at a continuous index position, clamped to the grid (replicated border;
-// a non-finite coordinate reads index 0), in the CPU extractor's exact order of operations
-// (Vol::sample): interpolate along axis 2, then 1, then 0.
+// a non-finite coordinate reads index 0), with the CPU extractor's formula and order of
+// operations (Vol::sample): lerp(a, b, f) = a + f * (b - a) along axis 2, then 1, then 0.
 __device__ __forceinline__ float kf_trilinear(const float* vol, int n0, int n1, int n2,
                                               float x0, float x1, float x2) {
     int n[3] = {n0, n1, n2};
@@ -154,14 +154,12 @@ __device__ __forceinline__ float kf_trilinear(const float* vol, int n0, int n1, 
         f[a] = x - fl;
     }
 #define KF_AT(a, b, c) vol[((long long)(a) * n1 + (b)) * n2 + (c)]
-    float c00 = KF_AT(i0[0], i0[1], i0[2]) * (1.0f - f[2]) + KF_AT(i0[0], i0[1], i1[2]) * f[2];
-    float c01 = KF_AT(i0[0], i1[1], i0[2]) * (1.0f - f[2]) + KF_AT(i0[0], i1[1], i1[2]) * f[2];
-    float c10 = KF_AT(i1[0], i0[1], i0[2]) * (1.0f - f[2]) + KF_AT(i1[0], i0[1], i1[2]) * f[2];
-    float c11 = KF_AT(i1[0], i1[1], i0[2]) * (1.0f - f[2]) + KF_AT(i1[0], i1[1], i1[2]) * f[2];
+#define KF_L(a, b) (KF_AT(a, b, i0[2]) + f[2] * (KF_AT(a, b, i1[2]) - KF_AT(a, b, i0[2])))
+    float c0 = KF_L(i0[0], i0[1]) + f[1] * (KF_L(i0[0], i1[1]) - KF_L(i0[0], i0[1]));
+    float c1 = KF_L(i1[0], i0[1]) + f[1] * (KF_L(i1[0], i1[1]) - KF_L(i1[0], i0[1]));
+#undef KF_L
 #undef KF_AT
-    float c0 = c00 * (1.0f - f[1]) + c01 * f[1];
-    float c1 = c10 * (1.0f - f[1]) + c11 * f[1];
-    return c0 * (1.0f - f[0]) + c1 * f[0];
+    return c0 + f[0] * (c1 - c0);
 }
 
 // Rotated patches for orientation and descriptors: keypoint kp's sample (a, b, d) sits at

@@ -47,7 +47,8 @@ extern "C" __global__ void kf_sj_accumulate(const int* __restrict__ nn_i,
 
 // Fusion KDE: for each query descriptor (one block), sum over every database descriptor j
 // exp(-d²(q, j) / denom[q]) into its class db_class[j]; out (nq, n_class) as 32.32 fixed point.
-// Terms with d²/denom >= cutoff are skipped (the CPU's EXP_CUTOFF). The per-class sums live in
+// Terms with d²/denom >= cutoff are skipped (the CPU's EXP_CUTOFF); each term is rounded to
+// the fixed point's 2^-32 (llrint: half to even) exactly as the CPU's add_kernel_term does. The per-class sums live in
 // dynamic shared memory (n_class * 8 bytes).
 extern "C" __global__ void kf_kde_class(const unsigned int* __restrict__ q, int nq,
                                         const unsigned int* __restrict__ db, int nd,
