@@ -33,7 +33,7 @@ import numpy as np
 import keyfuse as kf
 from keyfuse.experiments.fusion_table1 import cohort_features
 
-QUICK = {"families": 6, "size": 3, "start": 4, "step": 2, "budget": 10, "repeats": 3, "starts": 1}
+QUICK = {"families": 6, "size": 3, "start": 4, "step": 2, "budget": 10, "repeats": 2, "starts": 1}
 
 
 def make_index(feats: Any, rows: list[int], labels: dict[int, str], by: str) -> kf.Index:
@@ -108,11 +108,18 @@ def main() -> None:
     ap.add_argument("--test-fraction", type=float, default=0.3)
     ap.add_argument("--repeats", type=int, default=10, help="random draws per start set")
     ap.add_argument("--starts", type=int, default=3, help="starting label sets")
-    ap.add_argument("--by", default="auto", choices=["auto", "keypoints", "vector", "fused"])
+    ap.add_argument(
+        "--by",
+        nargs="+",
+        default=["vector", "keypoints"],
+        choices=["auto", "keypoints", "vector", "fused"],
+        help="what the classifier uses (one loop each)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="active_learning.png")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     args = ap.parse_args()
+    args.by_all = list(args.by)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
@@ -144,6 +151,15 @@ def main() -> None:
         test += sorted(int(i) for i in rng.choice(members, k, replace=False))
     pool = [i for i in range(n) if i not in set(test)]
     args.budget = min(args.budget, len(pool))
+    for by in args.by:
+        simulate(feats, pool, test, groups, argparse.Namespace(**{**vars(args), "by": by}))
+
+
+def simulate(
+    feats: Any, pool: list[int], test: list[int], groups: list[str], args: argparse.Namespace
+) -> None:
+    """The loop for one feature choice (``args.by``): the table, the figure and the
+    fraction of random's labels active selection needs."""
     counts = [*range(args.start, args.budget, args.step), args.budget]
     active_curves, random_curves = [], []
     t0 = time.perf_counter()
@@ -185,11 +201,12 @@ def main() -> None:
     ax.plot(counts, random, "s--", label=f"random (mean of {len(random_curves)})")
     ax.axhline(final, color="grey", lw=0.8)
     ax.set_xlabel("labelled scans")
-    ax.set_ylabel("test AUC (group)")
+    ax.set_ylabel(f"test AUC (group, {args.by})")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    out = args.out if len(args.by_all) == 1 else args.out.replace(".png", f"_{args.by}.png")
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

