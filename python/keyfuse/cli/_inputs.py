@@ -17,8 +17,15 @@ def is_keypoint_file(path: Path) -> bool:
     return path.name.endswith(KEY_SUFFIXES)
 
 
+def image_suffixes() -> tuple[str, ...]:
+    """What counts as an image: volumes, 2D images (PNG/JPEG/TIFF/BMP) and DICOM files."""
+    from keyfuse.formats import DICOM_SUFFIXES, RASTER_SUFFIXES
+
+    return (*IMAGE_SUFFIXES, *RASTER_SUFFIXES, *DICOM_SUFFIXES)
+
+
 def is_image_file(path: Path) -> bool:
-    return path.name.endswith(IMAGE_SUFFIXES)
+    return path.name.lower().endswith(image_suffixes())
 
 
 def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
@@ -35,7 +42,7 @@ def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
             )
             if not found:
                 raise InvalidArgumentError(
-                    f"no .kfk/.key keypoint files or images ({', '.join(IMAGE_SUFFIXES)}) in {p}"
+                    f"no .kfk/.key keypoint files or images ({', '.join(image_suffixes())}) in {p}"
                 )
             out.extend(found)
         elif not p.exists():
@@ -45,7 +52,7 @@ def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
         else:
             raise InvalidArgumentError(
                 f"{p} is neither a keypoint file (.kfk/.key) nor an image "
-                f"({', '.join(IMAGE_SUFFIXES)})"
+                f"({', '.join(image_suffixes())})"
             )
     return out
 
