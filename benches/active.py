@@ -34,7 +34,7 @@ import numpy as np
 import keyfuse as kf
 from keyfuse.experiments.fusion_table1 import cohort_features
 
-QUICK = {"families": 6, "size": 3, "start": 4, "step": 2, "budget": 10, "repeats": 2, "starts": 1}
+QUICK = {"families": 4, "size": 3, "start": 4, "step": 2, "budget": 8, "repeats": 2, "starts": 1}
 
 
 def make_index(feats: Any, rows: list[int], labels: dict[int, str], by: str) -> kf.Index:
