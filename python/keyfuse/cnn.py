@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import importlib.util
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ _SESSIONS: dict[tuple[Any, ...], tuple[Any, str | None]] = {}
 _VECTORS: dict[tuple[Any, ...], OrderedDict[bytes, npt.NDArray[np.float32]]] = {}
 #: inputs remembered per model (512 floats each: 2 MiB for the default VGG16)
 VECTOR_CACHE_SIZE = 1024
+_CACHE_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -547,17 +549,21 @@ class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         """Pooled activations of preprocessed inputs; inputs seen before (byte for byte,
         same model, layer and config) are not run again."""
         digests = [hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in batch]
-        cache = _VECTORS.setdefault(self._cache_key, OrderedDict())
-        todo = sorted({i for i, d in enumerate(digests) if d not in cache})
+        with _CACHE_LOCK:
+            cache = _VECTORS.setdefault(self._cache_key, OrderedDict())
+            known = {d: cache[d] for d in digests if d in cache}
+        todo = sorted({i for i, d in enumerate(digests) if d not in known})
         if todo:
             feats = self._run(batch[todo])
             for i, f in zip(todo, feats, strict=True):
-                cache[digests[i]] = f
-        out = np.stack([cache[d] for d in digests])
-        for d in digests:
-            cache.move_to_end(d)
-        while len(cache) > VECTOR_CACHE_SIZE:
-            cache.popitem(last=False)
+                known[digests[i]] = f
+        out = np.stack([known[d] for d in digests])
+        with _CACHE_LOCK:
+            for d in digests:
+                cache[d] = known[d]
+                cache.move_to_end(d)
+            while len(cache) > VECTOR_CACHE_SIZE:
+                cache.popitem(last=False)
         return out
 
     def _run(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
