@@ -91,18 +91,26 @@ class QuantisedRows:
         codes = np.empty(m.shape, dtype=np.int8)
         err = np.empty(len(m))
         code_norm = np.empty(len(m))
-        for start in range(0, len(m), 8192):  # in blocks: no full-size float64 temporaries
-            block = m[start : start + 8192].astype(np.float64)
-            sc = self.scale[start : start + 8192].astype(np.float64)[:, None]
-            c = np.clip(np.rint(block / sc), -127, 127)
-            codes[start : start + 8192] = c.astype(np.int8)
-            err[start : start + 8192] = np.sqrt(((block - sc * c) ** 2).sum(axis=1))
-            code_norm[start : start + 8192] = sc[:, 0] * np.sqrt((c**2).sum(axis=1))
+        u = 2.0**-24  # float32 unit roundoff
+        for start in range(0, len(m), 8192):  # in blocks: small temporaries
+            block = m[start : start + 8192]
+            sc = self.scale[start : start + 8192, None]
+            c = np.rint(block / sc)
+            np.clip(c, -127, 127, out=c)
+            codes[start : start + 8192] = c
+            # float32 e = fl(v − fl(scale·code)): the true error is within
+            # (1 + 2u)|e| + u|scale·code| per element (the squares are summed in float64)
+            e = block - sc * c
+            err[start : start + 8192] = np.sqrt(np.einsum("ij,ij->i", e, e, dtype=np.float64))
+            code_norm[start : start + 8192] = sc[:, 0].astype(np.float64) * np.sqrt(
+                np.einsum("ij,ij->i", c, c, dtype=np.float64)
+            )
         self.codes = np.ascontiguousarray(codes)
         dim = m.shape[1] if m.ndim == 2 else 0
-        # per unit ‖q‖: the quantisation error and the float32 rounding of the scan (≤ (d + 4)
-        # units of 2⁻²⁴ of Σ|q_j · scale · code_j| ≤ ‖q‖‖scale · code‖, counted twice)
-        self.err_per_q = err * (1.0 + 1e-9) + (dim + 4) * 2.0**-23 * code_norm
+        # per unit ‖q‖: the quantisation error (with its float32 rounding, doubled) and the
+        # float32 rounding of the scan (≤ (d + 4) units of 2⁻²⁴ of Σ|q_j · scale · code_j|
+        # ≤ ‖q‖‖scale · code‖, counted twice)
+        self.err_per_q = (1.0 + 4 * u) * err + (2 * u + (dim + 4) * 2.0**-23) * code_norm
 
     def dots(
         self, q: npt.NDArray[np.float32], q_norm: float
