@@ -25,8 +25,10 @@ one on the keypoints).
 from __future__ import annotations
 
 import argparse
+import pickle
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,6 +122,9 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="active_learning.png")
+    ap.add_argument(
+        "--cache", default=None, help="pickle of the cohort's features: reused when it exists"
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     args = ap.parse_args()
     args.by_all = list(args.by)
@@ -128,19 +133,27 @@ def main() -> None:
             setattr(args, key, value)
 
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cohort = kf.datasets.simulate_cohort(
-            None,
-            n_families=args.families,
-            family_size=args.size,
-            n_rescans=0,
-            seed=args.seed,
-            resolution_mm=args.resolution,
-            progress=False,
-        )
-        feats = cohort_features(cohort, transform_source="truth", device="cpu", progress=False)
-    groups = [str(g) for g in cohort.column("group")]
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and cache.exists():
+        with cache.open("rb") as f:
+            feats, groups = pickle.load(f)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cohort = kf.datasets.simulate_cohort(
+                None,
+                n_families=args.families,
+                family_size=args.size,
+                n_rescans=0,
+                seed=args.seed,
+                resolution_mm=args.resolution,
+                progress=False,
+            )
+            feats = cohort_features(cohort, transform_source="truth", device="cpu", progress=False)
+        groups = [str(g) for g in cohort.column("group")]
+        if cache is not None:
+            with cache.open("wb") as f:
+                pickle.dump((feats, groups), f)
     n = len(groups)
     print(
         f"cohort: {n} scans ({groups.count('F')} F, {groups.count('M')} M) at "

@@ -18,7 +18,9 @@ refit, repeat. :func:`suggest` ranks the unlabelled subjects by
   Euclidean distances (bandwidth: the median distance), or the symmetric soft-Jaccard of
   the keypoints. An outlier is uncertain too, but labelling it teaches little.
 
-Ties are broken by subject order, so the ranking is deterministic.
+:func:`suggest` takes the ranking's first and then, for a batch, each next subject after
+discounting those similar to the ones already chosen. Ties are broken by subject order, so
+the ranking is deterministic.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from keyfuse.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from keyfuse.index import Index
 
-__all__ = ["Suggestion", "density", "rank", "suggest"]
+__all__ = ["Suggestion", "density", "rank", "similarity", "suggest"]
 
 FloatArray = npt.NDArray[np.float64]
 By = Literal["auto", "keypoints", "vector", "fused"]
@@ -79,34 +81,59 @@ def _parts(index: Index, by: str) -> str:
     return by
 
 
-def density(index: Index, by: str = "auto") -> FloatArray:
-    """Representativeness of every subject (subject order), scaled to a maximum of 1.
+def similarity(index: Index, by: str = "auto") -> FloatArray:
+    """Pairwise similarity of the indexed subjects in [0, 1] (1 on the diagonal), the
+    kernel behind :func:`density` and the batch diversity of :func:`suggest`.
 
     Parameters
     ----------
     index : Index
         The subjects.
     by : {"auto", "keypoints", "vector", "fused"}, default="auto"
-        ``"vector"`` and ``"fused"``: mean Gaussian kernel of the Euclidean distances
-        between CNN vectors (bandwidth: median distance); ``"keypoints"``: mean
-        symmetric soft-Jaccard. ``"auto"``: vectors when every subject has one.
+        ``"vector"`` and ``"fused"``: Gaussian kernel of the Euclidean distances between
+        CNN vectors (bandwidth: the median distance); ``"keypoints"``: symmetric
+        soft-Jaccard. ``"auto"``: vectors when every subject has one.
+
+    Returns
+    -------
+    (n_subjects, n_subjects) float64
+    """
+    parts = _parts(index, by)
+    n = len(index)
+    if n < 2:
+        return np.ones((n, n))
+    if parts == "keypoints":
+        sim = np.asarray(index.pairwise(symmetric=True, by="keypoints"), dtype=np.float64)
+        return np.clip(sim, 0.0, 1.0)
+    d = -np.asarray(index.pairwise(by="vector", metric="euclidean"), dtype=np.float64)
+    off = d[~np.eye(n, dtype=bool)]
+    h = float(np.median(off))
+    h = h if h > 0 else (float(off.max()) if off.max() > 0 else 1.0)
+    return np.asarray(np.exp(-0.5 * (d / h) ** 2))
+
+
+def density(index: Index, by: str = "auto") -> FloatArray:
+    """Representativeness of every subject (subject order): its mean :func:`similarity`
+    to the other subjects, scaled to a maximum of 1.
+
+    Parameters
+    ----------
+    index : Index
+        The subjects.
+    by : {"auto", "keypoints", "vector", "fused"}, default="auto"
+        See :func:`similarity`.
 
     Returns
     -------
     (n_subjects,) float64
     """
-    parts = _parts(index, by)
-    n = len(index)
+    return _density(similarity(index, by))
+
+
+def _density(sim: FloatArray) -> FloatArray:
+    n = len(sim)
     if n < 2:
         return np.ones(n)
-    if parts == "keypoints":
-        sim = np.asarray(index.pairwise(symmetric=True, by="keypoints"), dtype=np.float64)
-    else:
-        d = -np.asarray(index.pairwise(by="vector", metric="euclidean"), dtype=np.float64)
-        off = d[~np.eye(n, dtype=bool)]
-        h = float(np.median(off))
-        h = h if h > 0 else (float(off.max()) if off.max() > 0 else 1.0)
-        sim = np.exp(-0.5 * (d / h) ** 2)
     off_diag = ~np.eye(n, dtype=bool)
     dens = (sim * off_diag).sum(axis=1) / (n - 1)
     top = float(dens.max())
@@ -190,6 +217,11 @@ def rank(index: Index, label: str, *, by: By = "auto") -> list[Suggestion]:
         No subject carries ``label``, fewer than two classes are labelled, or ``by``
         needs vectors that are missing.
     """
+    return _ranked(index, label, by)[0]
+
+
+def _ranked(index: Index, label: str, by: str) -> tuple[list[Suggestion], FloatArray]:
+    """(:func:`rank`'s list, the subjects' similarity matrix)."""
     parts = _parts(index, by)
     values = index.label(label)
     labelled = [i for i, v in enumerate(values) if v is not None]
@@ -208,7 +240,7 @@ def rank(index: Index, label: str, *, by: By = "auto") -> list[Suggestion]:
         )
     pool = [i for i, v in enumerate(values) if v is None]
     if not pool:
-        return []
+        return [], np.ones((len(index), len(index)))
     clf = index._classifiers.classifier(index, label, parts)
     x_train = _features(index, labelled, parts)
     codes = np.searchsorted(clf.classes_, np.asarray([values[i] for i in labelled]))
@@ -217,17 +249,24 @@ def rank(index: Index, label: str, *, by: By = "auto") -> list[Suggestion]:
     n_classes = lp.shape[1]
     entropy = -(np.exp(lp) * lp).sum(axis=1) / np.log(n_classes)
     entropy = np.clip(entropy, 0.0, 1.0)
-    dens = density(index, parts)[pool]
+    sim = similarity(index, parts)
+    dens = _density(sim)[pool]
     score = entropy * dens
     order = np.lexsort((np.asarray(pool), -score))
     ids = index.subjects
-    return [
+    ranking = [
         Suggestion(ids[pool[j]], float(score[j]), float(entropy[j]), float(dens[j])) for j in order
     ]
+    return ranking, sim
 
 
 def suggest(index: Index, label: str, n: int = 1, *, by: By = "auto") -> list[str]:
     """The ``n`` unlabelled subjects to label next (most useful first).
+
+    The first is :func:`rank`'s first; each next one is the best of the rest after every
+    score has been multiplied by ``1 − similarity`` to the subjects already suggested
+    (:func:`similarity`), so one batch does not spend its labels on near-duplicates (twins,
+    rescans) that would teach the classifier the same thing.
 
     Parameters
     ----------
@@ -253,4 +292,14 @@ def suggest(index: Index, label: str, n: int = 1, *, by: By = "auto") -> list[st
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InvalidArgumentError(f"n must be an integer ≥ 1, got {n!r}")
-    return [s.subject for s in rank(index, label, by=by)[: int(n)]]
+    ranking, sim = _ranked(index, label, by)
+    pos = {sid: i for i, sid in enumerate(index.subjects)}
+    cand = np.asarray([pos[s.subject] for s in ranking], dtype=np.int64)
+    score = np.asarray([s.score for s in ranking], dtype=np.float64)
+    chosen: list[int] = []
+    for _ in range(min(int(n), len(cand))):
+        j = int(np.argmax(score))  # the first of equal scores: rank's order
+        chosen.append(j)
+        score = score * (1.0 - sim[cand[j], cand])
+        score[chosen] = -np.inf
+    return [ranking[j].subject for j in chosen]

@@ -58,9 +58,19 @@ def test_the_ambiguous_central_subject_comes_first(index: kf.Index) -> None:
     assert by_id["outlier"].density < 0.1 < by_id["c0"].density
     scores = [s.score for s in ranking]
     assert scores == sorted(scores, reverse=True)
-    assert kf.active.suggest(index, "kind", 2) == ids[:2]
-    assert kf.active.suggest(index, "kind", 100) == ids  # capped at the unlabelled subjects
     assert kf.active.rank(index, "kind") == ranking  # deterministic
+    # a batch: c0 first, then not its near-duplicates from the central cluster
+    assert kf.active.suggest(index, "kind", 1) == ["c0"]
+    batch = kf.active.suggest(index, "kind", 3)
+    assert batch[0] == "c0" and not {"c1", "c2", "c3", "c4"} & set(batch[1:])
+    everything = kf.active.suggest(index, "kind", 100)  # capped at the unlabelled subjects
+    assert sorted(everything) == sorted(UNLABELLED)
+    sim = kf.active.similarity(index)
+    assert sim.shape == (14, 14) and np.allclose(np.diag(sim), 1.0)
+    dens = kf.active.density(index)
+    assert dens.max() == pytest.approx(1.0)
+    for sug in ranking:
+        assert dens[index.subjects.index(sug.subject)] == pytest.approx(sug.density)
 
 
 def test_bad_requests_are_keyfuse_errors(index: kf.Index) -> None:
