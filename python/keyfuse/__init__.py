@@ -67,6 +67,7 @@ _LAZY: dict[str, str] = {
     "report": "keyfuse.reports",
 }
 _SUBMODULES = {
+    "active",
     "datasets",
     "evaluate",
     "batch",
@@ -82,6 +83,7 @@ _SUBMODULES = {
 
 if TYPE_CHECKING:
     from keyfuse import (
+        active,
         batch,
         datasets,
         evaluate,
@@ -144,6 +146,7 @@ __all__ = [
     "NotDicomWarning",
     "Segmentation",
     "VoxelSizeWarning",
+    "active",
     "align",
     "batch",
     "cuda_available",

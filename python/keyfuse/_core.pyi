@@ -192,6 +192,11 @@ def vector_log_likelihood(
     exclude: npt.NDArray[np.int64] | None,
     background: float,
 ) -> npt.NDArray[np.float64]: ...
+def vector_dots_i8(
+    codes: npt.NDArray[np.int8],
+    scale: npt.NDArray[np.float32],
+    query: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]: ...
 def binary_log_likelihood(
     query: npt.NDArray[np.uint8],
     train: npt.NDArray[np.uint8],

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib.util
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from sklearn.base import BaseEstimator, TransformerMixin
 
 from keyfuse.device import resolve_device
 from keyfuse.errors import (
@@ -44,6 +48,15 @@ __all__ = [
 #: the default layer of the default VGG16: the last convolutional block's pooled output
 #: (512 channels, global-average-pooled), generic rather than tumour-specific
 VGG16_DEFAULT_LAYER = "functional_1/block5_pool_1/MaxPool2d:0"
+
+#: loaded models, shared by CNNFeatures objects of the same model, layer and providers
+#: (scikit-learn clones the transformer for every cross-validation fold)
+_SESSIONS: dict[tuple[Any, ...], tuple[Any, str | None]] = {}
+#: pooled activations of recent inputs, per (model, layer, providers, config)
+_VECTORS: dict[tuple[Any, ...], OrderedDict[bytes, npt.NDArray[np.float32]]] = {}
+#: inputs remembered per model (512 floats each: 2 MiB for the default VGG16)
+VECTOR_CACHE_SIZE = 1024
+_CACHE_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,8 +274,15 @@ def axial_axis(affine: npt.NDArray[np.float64]) -> int:
     return int(np.argmax(np.abs(cols[2])))
 
 
-class CNNFeatures:
+class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     """Activations of one layer of an ONNX image model for 2-D slices of (aligned) images.
+
+    Also a scikit-learn transformer (images in, vectors out): ``fit`` learns nothing,
+    ``transform(X)`` is :meth:`batch` over a sequence of images, paths or arrays, and
+    ``get_params``/``set_params``/``clone`` follow scikit-learn's conventions, so a
+    pretrained network can feed any classifier in a ``Pipeline`` (the anatomy paper's
+    recipe). Vectors of inputs already seen are reused (cross-validation folds compute
+    each image once).
 
     Parameters
     ----------
@@ -297,6 +317,8 @@ class CNNFeatures:
     >>> cnn = kf.CNNFeatures()
     >>> T = kf.align(kf.extract(img), atlas_kps)   # image -> atlas similarity
     >>> v = cnn(img, transform=T)                   # (512,) float32
+    >>> clf = make_pipeline(kf.CNNFeatures(), StandardScaler(), LogisticRegression())
+    >>> cross_val_score(clf, ["a.png", "b.dcm", ...], labels, cv=3)
     """
 
     def __init__(
@@ -311,6 +333,17 @@ class CNNFeatures:
         atlas: Image | None = None,
         batch_size: int = 8,
     ) -> None:
+        # the arguments as given: scikit-learn's get_params/clone read them back
+        self._params: dict[str, Any] = {
+            "model": model,
+            "layer": layer,
+            "device": device,
+            "config": config,
+            "slices": slices,
+            "combine": combine,
+            "atlas": atlas,
+            "batch_size": batch_size,
+        }
         ort = _ort()
         self.config = CNNConfig.from_any(config)
         self.slices = tuple(float(s) for s in slices)
@@ -343,11 +376,17 @@ class CNNFeatures:
                 )
             else:
                 self.device = "cpu"
-        payload, tensor = self._model_with_layer(path, layer)
-        try:
-            self._session = ort.InferenceSession(payload, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise CorruptDataError(f"onnxruntime cannot load {path}: {exc}") from exc
+        key = (str(path.resolve()), path.stat().st_mtime_ns, layer, tuple(providers))
+        if key in _SESSIONS:
+            self._session, tensor = _SESSIONS[key]
+        else:
+            payload, tensor = self._model_with_layer(path, layer)
+            try:
+                self._session = ort.InferenceSession(payload, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise CorruptDataError(f"onnxruntime cannot load {path}: {exc}") from exc
+            _SESSIONS[key] = (self._session, tensor)
+        self._cache_key = (*key, self.config)
         self.layer: str = tensor or self._session.get_outputs()[0].name
         inputs = self._session.get_inputs()
         names = [i.name for i in inputs]
@@ -509,6 +548,27 @@ class CNNFeatures:
     # -- inference -------------------------------------------------------------------
 
     def _forward(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Pooled activations of preprocessed inputs; inputs seen before (byte for byte,
+        same model, layer and config) are not run again."""
+        digests = [hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in batch]
+        with _CACHE_LOCK:
+            cache = _VECTORS.setdefault(self._cache_key, OrderedDict())
+            known = {d: cache[d] for d in digests if d in cache}
+        todo = sorted({i for i, d in enumerate(digests) if d not in known})
+        if todo:
+            feats = self._run(batch[todo])
+            for i, f in zip(todo, feats, strict=True):
+                known[digests[i]] = f
+        out = np.stack([known[d] for d in digests])
+        with _CACHE_LOCK:
+            for d in digests:
+                cache[d] = known[d]
+                cache.move_to_end(d)
+            while len(cache) > VECTOR_CACHE_SIZE:
+                cache.popitem(last=False)
+        return out
+
+    def _run(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         chunks = []
         step = self._fixed_batch or self.batch_size
         for i in range(0, len(batch), step):
@@ -581,6 +641,77 @@ class CNNFeatures:
     def __call__(self, image: Any, transform: Any = None) -> npt.NDArray[np.float32]:
         """The feature vector (1-D float32) of one image; see :meth:`batch`."""
         return self.batch([image], None if transform is None else [transform], progress=False)[0]
+
+    # -- scikit-learn transformer ------------------------------------------------------
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments, as given (scikit-learn convention).
+
+        Parameters
+        ----------
+        deep : bool, default=True
+            Unused (no parameter is an estimator); kept for scikit-learn.
+        """
+        return dict(self._params)
+
+    def set_params(self, **params: Any) -> CNNFeatures:
+        """Change constructor arguments (the model is reloaded when it changes).
+
+        Parameters
+        ----------
+        **params
+            Any of the constructor's arguments.
+        """
+        unknown = sorted(set(params) - set(self._params))
+        if unknown:
+            raise InvalidArgumentError(
+                f"CNNFeatures has no parameter(s) {unknown}; valid: {sorted(self._params)}"
+            )
+        self.__init__(**{**self._params, **params})  # type: ignore[misc]
+        return self
+
+    def fit(self, X: Any = None, y: Any = None) -> CNNFeatures:
+        """Nothing to learn (the network is pretrained and fixed); returns ``self``.
+
+        Parameters
+        ----------
+        X, y
+            Ignored (accepted for ``Pipeline``).
+        """
+        return self
+
+    def transform(self, X: Any) -> npt.NDArray[np.float32]:
+        """The vectors of a sequence of images (paths, :class:`~keyfuse.Image` objects or
+        arrays): :meth:`batch` without a progress bar.
+
+        Parameters
+        ----------
+        X : sequence
+            Images, one per sample (a single path or :class:`~keyfuse.Image` is refused:
+            pass a list).
+
+        Returns
+        -------
+        (n_samples, n_features) float32
+        """
+        if isinstance(X, (str, os.PathLike, Image)) or (
+            isinstance(X, np.ndarray) and X.dtype != object and X.ndim in (2, 3)
+        ):
+            raise InvalidArgumentError(
+                "CNNFeatures.transform takes a sequence of images (one per sample); wrap a "
+                "single image in a list, or call the CNNFeatures object on it"
+            )
+        images = list(X)
+        if not images:
+            raise InvalidArgumentError("CNNFeatures.transform: no images given (0 samples)")
+        return self.batch(images, progress=False)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.non_deterministic = False
+        tags.input_tags.two_d_array = False
+        return tags
 
     def __repr__(self) -> str:
         return (

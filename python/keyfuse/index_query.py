@@ -71,6 +71,24 @@ def _cnn_vector(image: Any, cnn: Any) -> npt.NDArray[np.float32]:
     return np.asarray(cnn(img), dtype=np.float32)
 
 
+def _query_image(index: Index, query: Any) -> Any:
+    """The query image, read once, refused when its dimension is not the index's (a 2D
+    image against an index of volumes, or the reverse); keypoint files pass through."""
+    from keyfuse.image import Image, load_image
+
+    if isinstance(query, (str, os.PathLike)) and os.fspath(query).endswith((".kfk", ".key")):
+        return query
+    img = query if isinstance(query, Image) else load_image(query)
+    nd = index._ndim
+    if nd is not None and img.ndim != nd:
+        raise InvalidArgumentError(
+            f"the query is a {img.ndim}D image but the index holds {nd}D images: their CNN "
+            "vectors and SIFT-Rank keypoints are not comparable (query an index of "
+            f"{img.ndim}D images)"
+        )
+    return img
+
+
 def parse_query(
     index: Index, query: Any, by: str, *, device: str = "auto", cnn: Any = None
 ) -> Query:
@@ -98,11 +116,12 @@ def parse_query(
         vec = query
     elif isinstance(query, KeypointSet):
         kps = query
-    else:  # an image or a path: extract what is needed
+    else:  # an image or a path: extract what is needed (from one read of the image)
+        image = _query_image(index, query) if need_vec else query
         if need_kps:
-            kps = _as_keypoints(query, device, "query")
+            kps = _as_keypoints(image, device, "query")
         if need_vec:
-            vec = _cnn_vector(query, cnn)
+            vec = _cnn_vector(image, cnn)
     if need_kps and kps is None:
         raise InvalidArgumentError(
             f"by={by!r} needs the query's keypoints: pass a KeypointSet, a "

@@ -71,6 +71,56 @@ def check_vector(
     return a.astype(np.float32)
 
 
+#: matrices of at least this many values are scanned as int8 (a quarter of the bytes of
+#: float32: the scan is memory-bound); smaller ones by a float32 matrix-vector product
+INT8_MIN_VALUES = 1 << 20
+
+
+class QuantisedRows:
+    """Rows as int8 codes times one float32 scale each (``v ≈ scale · code``), with the
+    norm of each row's quantisation error, for a scan that reads a quarter of the bytes.
+
+    ``dots(q)`` returns every ``q·v`` approximately and a bound on each error:
+    ``‖q‖·‖v − scale·code‖`` (Cauchy–Schwarz) plus the float32 rounding of the scan.
+    """
+
+    def __init__(self, matrix: npt.NDArray[np.float32]) -> None:
+        m = np.asarray(matrix, dtype=np.float32)
+        peak = np.abs(m).max(axis=1) if m.size else np.zeros(len(m), np.float32)
+        self.scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        codes = np.empty(m.shape, dtype=np.int8)
+        err = np.empty(len(m))
+        code_norm = np.empty(len(m))
+        u = 2.0**-24  # float32 unit roundoff
+        for start in range(0, len(m), 8192):  # in blocks: small temporaries
+            block = m[start : start + 8192]
+            sc = self.scale[start : start + 8192, None]
+            c = np.rint(block / sc)
+            np.clip(c, -127, 127, out=c)
+            codes[start : start + 8192] = c
+            # float32 e = fl(v − fl(scale·code)): the true error is within
+            # (1 + 2u)|e| + u|scale·code| per element (the squares are summed in float64)
+            e = block - sc * c
+            err[start : start + 8192] = np.sqrt(np.einsum("ij,ij->i", e, e, dtype=np.float64))
+            code_norm[start : start + 8192] = sc[:, 0].astype(np.float64) * np.sqrt(
+                np.einsum("ij,ij->i", c, c, dtype=np.float64)
+            )
+        self.codes = np.ascontiguousarray(codes)
+        dim = m.shape[1] if m.ndim == 2 else 0
+        # per unit ‖q‖: the quantisation error (with its float32 rounding, doubled) and the
+        # float32 rounding of the scan (≤ (d + 4) units of 2⁻²⁴ of Σ|q_j · scale · code_j|
+        # ≤ ‖q‖‖scale · code‖, counted twice)
+        self.err_per_q = (1.0 + 4 * u) * err + (2 * u + (dim + 4) * 2.0**-23) * code_norm
+
+    def dots(
+        self, q: npt.NDArray[np.float32], q_norm: float
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        from keyfuse import _core
+
+        approx = _core.vector_dots_i8(self.codes, self.scale, np.ascontiguousarray(q, np.float32))
+        return np.asarray(approx, dtype=np.float64), q_norm * self.err_per_q + 1e-30
+
+
 class VectorMatrix:
     """The stored vectors of an index as one contiguous float32 matrix.
 
@@ -96,11 +146,9 @@ class VectorMatrix:
             mat[r] = np.asarray(vectors[i], dtype=np.float32).ravel()
         self.matrix = np.ascontiguousarray(mat)
         self._m64: FloatArray | None = None
-        self.sq = np.einsum("ij,ij->i", self.matrix, self.matrix, dtype=np.float32)
-        norms = np.sqrt(self.sq)
-        self.inv_norm = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(
-            np.float32
-        )
+        self._q8: QuantisedRows | None = None
+        self.sq64 = np.einsum("ij,ij->i", self.matrix, self.matrix, dtype=np.float64)
+        self.norms64 = np.sqrt(self.sq64)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -121,14 +169,34 @@ class VectorMatrix:
         return self.dim
 
     # -- scoring ---------------------------------------------------------------------
-    def _fast(self, q: npt.NDArray[np.float32], metric: str) -> npt.NDArray[np.float32]:
-        """float32 scores of every row (higher = better), for candidate selection."""
+    @property
+    def quantised(self) -> QuantisedRows | None:
+        """The int8 copy the scan of large matrices reads (``None`` below
+        :data:`INT8_MIN_VALUES` values: there the float32 product is as fast), made once."""
+        if self.matrix.size < INT8_MIN_VALUES:
+            return None
+        if self._q8 is None:
+            self._q8 = QuantisedRows(self.matrix)
+        return self._q8
+
+    def _bounds(
+        self, q: npt.NDArray[np.float32], metric: str
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """(approximate score, bound of its error) of every row: the true score (cosine, or
+        2 q·v − ‖v‖², which orders rows like minus the Euclidean distance) lies within."""
+        qn = float(np.sqrt(np.dot(q.astype(np.float64), q.astype(np.float64))))
+        q8 = self.quantised
+        if q8 is not None:
+            dots, err = q8.dots(q, qn)
+        else:
+            dots = (self.matrix @ q).astype(np.float64)
+            # float32 products: relative rounding of the sum of |terms| ≤ ‖q‖‖v‖
+            err = (len(q) + 4) * 2.0**-23 * qn * self.norms64
         if metric == "cosine":
-            n = np.float32(np.linalg.norm(q))
-            unit = (q / n if n > 0 else q).astype(np.float32, copy=False)
-            return np.asarray((self.matrix @ unit) * self.inv_norm, dtype=np.float32)
-        # −‖v − q‖² up to the constant ‖q‖²: 2 q·v − ‖v‖²
-        return np.asarray(np.float32(2.0) * (self.matrix @ q) - self.sq, dtype=np.float32)
+            den = qn * self.norms64
+            safe = np.where(den > 0, den, 1.0)
+            return np.where(den > 0, dots / safe, 0.0), np.where(den > 0, err / safe, 0.0)
+        return 2.0 * dots - self.sq64, 2.0 * err
 
     def exact(
         self, q: npt.NDArray[np.float32], rows: npt.NDArray[np.int64], metric: str
@@ -153,23 +221,26 @@ class VectorMatrix:
         allowed: npt.NDArray[np.bool_] | None,
     ) -> tuple[npt.NDArray[np.int64], FloatArray]:
         """The best ``k`` subjects (positions in the index) and their exact scores, best
-        first, ties by subject order; ``allowed`` (per subject) limits the candidates."""
-        ok_rows = (
-            np.arange(len(self.rows)) if allowed is None else np.flatnonzero(allowed[self.rows])
-        )
-        if len(ok_rows) == 0:
+        first, ties by subject order; ``allowed`` (per subject) limits the candidates.
+
+        Every row's score is first approximated with a bound on its error (the int8 scan
+        for large matrices, else float32); only the rows whose upper bound reaches the
+        k-th best lower bound can be among the best k, and those are re-scored exactly in
+        float64 — the result is that of an exact float64 search."""
+        ok_rows = None if allowed is None else np.flatnonzero(allowed[self.rows])
+        n_ok = len(self.rows) if ok_rows is None else len(ok_rows)
+        if n_ok == 0:
             return np.zeros(0, np.int64), np.zeros(0)
-        fast = self._fast(q, metric)
-        if allowed is not None:
-            fast = fast[ok_rows]
-        if k is not None and k < len(ok_rows):
-            # the k-th best float32 score, then every candidate within rounding of it
-            kth = np.partition(-fast, k - 1)[k - 1]
-            tol = 1e-4 * (abs(float(kth)) + float(np.abs(fast).max()) * 1e-2 + 1e-12)
-            cand = np.flatnonzero(-fast <= kth + tol)
+        if k is not None and k < n_ok:
+            approx, err = self._bounds(q, metric)
+            if ok_rows is not None:
+                approx, err = approx[ok_rows], err[ok_rows]
+            lower = approx - err
+            kth = np.partition(lower, n_ok - k)[n_ok - k]
+            cand = np.flatnonzero(approx + err >= kth)
+            rows = cand if ok_rows is None else ok_rows[cand]
         else:
-            cand = np.arange(len(ok_rows))
-        rows = ok_rows[cand]
+            rows = np.arange(len(self.rows)) if ok_rows is None else ok_rows
         s = self.exact(q, rows, metric)
         subj = self.rows[rows]
         order = np.lexsort((subj, -s))

@@ -146,6 +146,7 @@ def test_errors(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "onnx", None)
+        m.setattr(kf.cnn, "_SESSIONS", {})  # models loaded earlier (with onnx) are shared
         with pytest.raises(MissingDependencyError, match="onnx"):
             CNNFeatures(tiny_model, layer="act", device="cpu", config=TINY_CONFIG)
         assert CNNFeatures(tiny_model, layer="y", device="cpu", config=TINY_CONFIG).layer == "y"

@@ -22,7 +22,8 @@ def brute_force(mat: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
     m = mat.astype(np.float64)
     q = q.astype(np.float64)
     if metric == "cosine":
-        s = m @ q / (np.linalg.norm(m, axis=1) * np.linalg.norm(q))
+        with np.errstate(invalid="ignore", divide="ignore"):  # a zero vector: NaN, ranked last
+            s = m @ q / (np.linalg.norm(m, axis=1) * np.linalg.norm(q))
     else:
         s = -np.linalg.norm(m - q, axis=1)
     return np.lexsort((np.arange(len(s)), -s))
@@ -53,6 +54,34 @@ def test_vector_search_equals_brute_force(metric: str) -> None:
     allowed = [int(s[1:]) for s in some]
     want = [allowed[i] for i in brute_force(mat[allowed], q, "euclidean")[:5]]
     assert got.ids == [f"s{i:03d}" for i in want]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_int8_scan_of_a_large_matrix_is_exact(metric: str) -> None:
+    """Above 2**20 values the scan reads int8 codes; the error bounds keep every row that
+    may be among the best, so the result is still the float64 brute force's, ties and
+    near-ties (rows closer than the quantisation step) included."""
+    from keyfuse.vector_search import VectorMatrix
+
+    rng = np.random.default_rng(4)
+    mat = rng.standard_normal((2100, 512)).astype(np.float32)
+    q = rng.standard_normal(512).astype(np.float32)
+    mat[1000] = mat[10]  # an exact tie, the later subject after the earlier
+    mat[1500] = q + 1e-3 * rng.standard_normal(512).astype(np.float32)  # two near-ties
+    mat[1501] = q + 1e-3 * rng.standard_normal(512).astype(np.float32)
+    mat[2000] = 0.0  # a zero vector (cosine 0)
+    vm = VectorMatrix(list(mat))
+    assert vm.quantised is not None and vm.quantised.codes.dtype == np.int8
+    for query in (q, mat[10] + 0.01, rng.standard_normal(512).astype(np.float32)):
+        rows, scores = vm.top(query, 12, metric, None)
+        want = brute_force(mat, query, metric)[:12]
+        assert rows.tolist() == want.tolist()
+        np.testing.assert_allclose(scores, vm.exact(query, want, metric), rtol=0, atol=0)
+    allowed = np.zeros(len(mat), dtype=bool)
+    allowed[::3] = True
+    rows, _ = vm.top(q, 7, metric, allowed)
+    keep = np.flatnonzero(allowed)
+    assert rows.tolist() == keep[brute_force(mat[keep], q, metric)[:7]].tolist()
 
 
 def test_vector_ties_follow_subject_order() -> None:

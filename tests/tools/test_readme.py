@@ -53,3 +53,7 @@ def test_readme_python_blocks_run(tmp_path: Path) -> None:
     assert (tmp_path / "new_labels.nii.gz").exists() and (tmp_path / "new_labels.tsv").exists()
     if cnn_ok:
         assert ns["proba"].shape == (4, 2)  # type: ignore[attr-defined]
+        # the classification recipe and the labelling suggestion
+        assert ns["acc"].mean() >= 0.7  # type: ignore[attr-defined]
+        unlabelled = {s for i, s in enumerate(ns["cohort"].subjects) if i % 2}  # type: ignore[attr-defined]
+        assert len(ns["ask"]) == 3 and set(ns["ask"]) <= unlabelled  # type: ignore[arg-type]

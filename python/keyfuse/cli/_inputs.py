@@ -17,8 +17,15 @@ def is_keypoint_file(path: Path) -> bool:
     return path.name.endswith(KEY_SUFFIXES)
 
 
+def image_suffixes() -> tuple[str, ...]:
+    """What counts as an image: volumes, 2D images (PNG/JPEG/TIFF/BMP) and DICOM files."""
+    from keyfuse.formats import DICOM_SUFFIXES, RASTER_SUFFIXES
+
+    return (*IMAGE_SUFFIXES, *RASTER_SUFFIXES, *DICOM_SUFFIXES)
+
+
 def is_image_file(path: Path) -> bool:
-    return path.name.endswith(IMAGE_SUFFIXES)
+    return path.name.lower().endswith(image_suffixes())
 
 
 def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
@@ -35,7 +42,7 @@ def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
             )
             if not found:
                 raise InvalidArgumentError(
-                    f"no .kfk/.key keypoint files or images ({', '.join(IMAGE_SUFFIXES)}) in {p}"
+                    f"no .kfk/.key keypoint files or images ({', '.join(image_suffixes())}) in {p}"
                 )
             out.extend(found)
         elif not p.exists():
@@ -45,7 +52,7 @@ def keypoint_sources(paths: Sequence[Path]) -> list[Path]:
         else:
             raise InvalidArgumentError(
                 f"{p} is neither a keypoint file (.kfk/.key) nor an image "
-                f"({', '.join(IMAGE_SUFFIXES)})"
+                f"({', '.join(image_suffixes())})"
             )
     return out
 
@@ -183,10 +190,12 @@ def add_to_index(
     device: str,
     quiet: bool,
     skip_existing: bool = False,
+    vectors: bool = False,
 ) -> tuple[int, int]:
     """Add keypoint files or images to ``index`` as one atomic append (all or nothing),
     each under its subject id (:func:`keyfuse._io.subject_id_from_path`) with its row of
-    ``labels``; returns (added, skipped as already in the index)."""
+    ``labels``, and with ``vectors`` each image's CNN vector (:class:`keyfuse.CNNFeatures`,
+    the default network); returns (added, skipped as already in the index)."""
     from tqdm.auto import tqdm
 
     by_id = subject_sources(sources)
@@ -198,9 +207,27 @@ def add_to_index(
             "them first with 'keyfuse index remove'"
         )
     todo = [(sid, src) for sid, src in by_id.items() if sid not in index]
-    items = []
+    cnn = None
+    if vectors:
+        not_images = [str(src) for _, src in todo if is_keypoint_file(src)]
+        if not_images:
+            raise InvalidArgumentError(
+                f"--vectors needs images, but {len(not_images)} source(s) are keypoint files "
+                f"(e.g. {not_images[0]}); nothing was added"
+            )
+        from keyfuse.cnn import CNNFeatures
+
+        cnn = CNNFeatures(device=device)
+    items: list[tuple[str, Any, Any, dict[str, str]]] = []
     for sid, src in tqdm(todo, desc="read", unit="file", disable=quiet):
-        items.append((sid, load_keypoints(src, device), None, labels.get(sid, {})))
+        if cnn is None:
+            items.append((sid, load_keypoints(src, device), None, labels.get(sid, {})))
+            continue
+        from keyfuse.extraction import extract
+        from keyfuse.image import load_image
+
+        img = load_image(src)  # read once: keypoints and vector from the same image
+        items.append((sid, extract(img, device=device), cnn(img), labels.get(sid, {})))
     index.add_many(items, source=[str(src) for _, src in todo], device=device)
     return len(items), len(present)
 

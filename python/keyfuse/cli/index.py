@@ -31,6 +31,12 @@ def index() -> None:
 )
 @label_table_options
 @device_option(IMAGE_DEVICE_HELP)
+@click.option(
+    "--vectors",
+    is_flag=True,
+    help="Also store each image's CNN vector (kf.CNNFeatures, keyfuse[cnn]) for "
+    "'keyfuse query --by vector/fused'.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing index.")
 @quiet_option("No progress bar.")
 def index_build(
@@ -40,6 +46,7 @@ def index_build(
     id_column: str | None,
     columns: str | None,
     device: str,
+    vectors: bool,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -51,6 +58,7 @@ def index_build(
     Examples:
       keyfuse index build keys/ -o cohort.kfi --labels cohort/cohort.csv --columns family,group
       keyfuse index build scans/*.nii.gz -o scans.kfi
+      keyfuse index build xrays/*.png -o xrays.kfi --vectors   # 2D images, with CNN vectors
     """
     import shutil
 
@@ -63,7 +71,7 @@ def index_build(
     labels, warning = source_labels(paths, labels_csv, id_column, columns)
     if warning:
         click.echo(warning, err=True)
-    n, _ = add_to_index(idx, paths, labels, device=device, quiet=quiet)
+    n, _ = add_to_index(idx, paths, labels, device=device, quiet=quiet, vectors=vectors)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     idx.save(out)
@@ -75,6 +83,12 @@ def index_build(
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @label_table_options
 @device_option(IMAGE_DEVICE_HELP)
+@click.option(
+    "--vectors",
+    is_flag=True,
+    help="Also store each image's CNN vector (kf.CNNFeatures, keyfuse[cnn]) for "
+    "'keyfuse query --by vector/fused'.",
+)
 @click.option(
     "--skip-existing",
     is_flag=True,
@@ -88,6 +102,7 @@ def index_add(
     id_column: str | None,
     columns: str | None,
     device: str,
+    vectors: bool,
     skip_existing: bool,
     quiet: bool,
 ) -> None:
@@ -107,7 +122,13 @@ def index_add(
     if warning:
         click.echo(warning, err=True)
     n, skipped = add_to_index(
-        idx, paths, labels, device=device, quiet=quiet, skip_existing=skip_existing
+        idx,
+        paths,
+        labels,
+        device=device,
+        quiet=quiet,
+        skip_existing=skip_existing,
+        vectors=vectors,
     )
     more = f", {skipped} already there" if skipped else ""
     click.echo(f"added {n} subjects{more} -> {index_path} ({len(idx)} in all)")

@@ -13,6 +13,7 @@
 //! * [`jaccard`]: soft-Jaccard keypoint-set similarity and the reference voting scheme.
 //! * [`kde`]: the keypoint and CNN-vector likelihoods of the shallow+deep fusion model.
 //! * [`segment`]: keypoint-transfer segmentation: atlas matching, label voting, map transfer.
+//! * [`vecscan`]: the int8 scan behind exact CNN-vector search.
 //!
 //! Every function is deterministic: the same input gives bit-identical output whatever
 //! the rayon thread count and whichever SIMD kernel the CPU runs. Errors are [`KfError`].
@@ -65,6 +66,7 @@ mod linalg;
 pub mod matching;
 pub mod segment;
 mod simd;
+pub mod vecscan;
 
 pub use error::{KfError, Result};
 

@@ -13,6 +13,7 @@ mod gpu;
 mod kde;
 mod matching;
 mod segment;
+mod vecscan;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -25,5 +26,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kde::register(m)?;
     segment::register(m)?;
     gpu::register(m)?;
+    vecscan::register(m)?;
     Ok(())
 }
