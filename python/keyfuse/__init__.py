@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from keyfuse.errors import (
+    AlignmentWarning,
     CorruptDataError,
     CPUFallbackWarning,
     DeviceUnavailableError,
@@ -121,6 +122,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Alignment",
+    "AlignmentWarning",
     "CNNFeatures",
     "CPUFallbackWarning",
     "CorruptDataError",

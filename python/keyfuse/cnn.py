@@ -23,12 +23,14 @@ import numpy.typing as npt
 
 from keyfuse.device import resolve_device
 from keyfuse.errors import (
+    AlignmentWarning,
     CorruptDataError,
     DeviceUnavailableError,
     InvalidArgumentError,
     InvalidImageError,
     KeyfuseIOError,
     MissingDependencyError,
+    warn_caller,
 )
 from keyfuse.image import Image, load_image
 
@@ -36,6 +38,7 @@ __all__ = [
     "CNNConfig",
     "CNNFeatures",
     "axial_axis",
+    "check_alignment",
     "default_model_path",
     "resample_planes",
     "resample_to_atlas",
@@ -261,6 +264,35 @@ def axial_axis(affine: npt.NDArray[np.float64]) -> int:
     return int(np.argmax(np.abs(cols[2])))
 
 
+def atlas_ncc(image: Any, transform: Any, atlas: Image) -> float:
+    """Normalised correlation between the atlas and the image resampled through
+    ``transform`` on the atlas's three central orthogonal planes."""
+    a_parts, b_parts = [], []
+    for axis in range(3):
+        mid = (atlas.shape[axis] - 1) // 2
+        (plane,) = resample_planes(image, transform, atlas, axis, [mid])
+        a_parts.append(np.take(np.asarray(atlas.data, np.float64), mid, axis=axis).ravel())
+        b_parts.append(plane.astype(np.float64).ravel())
+    a, b = np.concatenate(a_parts), np.concatenate(b_parts)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+def check_alignment(image: Any, transform: Any, atlas: Image) -> str | None:
+    """Why an image → atlas similarity looks wrong, or None when it passes: its scale
+    must lie in [0.75, 1.33], and the image resampled through it must correlate with
+    the atlas (three central planes) better than the image left where it is."""
+    mat = _as_matrix(transform)
+    scale = float(abs(np.linalg.det(mat[:3, :3])) ** (1.0 / 3.0))
+    if not 0.75 <= scale <= 1.33:
+        return f"scale {scale:.2f} outside [0.75, 1.33]"
+    after, before = atlas_ncc(image, mat, atlas), atlas_ncc(image, np.eye(4), atlas)
+    if not after > before:
+        return f"correlation with the atlas {after:.3f} after alignment, {before:.3f} before"
+    return None
+
+
 class CNNFeatures:
     """Activations of one layer of an ONNX image model for 2-D slices of (aligned) images.
 
@@ -295,8 +327,8 @@ class CNNFeatures:
     Examples
     --------
     >>> cnn = kf.CNNFeatures()
-    >>> T = kf.align(kf.extract(img), atlas_kps)   # image -> atlas similarity
-    >>> v = cnn(img, transform=T)                   # (512,) float32
+    >>> v = cnn(img)               # aligned to the atlas by keypoints: (512,) float32
+    >>> v = cnn(img, transform=T)  # or with a known image -> atlas 4×4 matrix
     """
 
     def __init__(
@@ -447,15 +479,48 @@ class CNNFeatures:
         kps = extract(load_image(image), device=self.device)
         return np.asarray(align(kps, self._atlas_kps, **align_params).matrix, dtype=np.float64)
 
-    def slices_of(self, image: Any, transform: Any = None) -> list[npt.NDArray[np.float32]]:
-        """The 2-D slices the network sees: the image (first resampled to the atlas when
-        ``transform`` is given; ``"auto"`` finds it with :meth:`align`) cut across its
-        axial axis at the configured offsets."""
+    def on_atlas_grid(self, image: Any) -> bool:
+        """Whether a 3-D image already lies on the atlas grid (same shape and affine)."""
+        img = load_image(image)
+        return img.shape == self.atlas.shape and bool(
+            np.allclose(img.affine, self.atlas.affine, atol=1e-3)
+        )
+
+    def _auto_transform(self, img: Image, what: str) -> npt.NDArray[np.float64] | None:
+        """The image → atlas transform ``transform="auto"`` uses: none on the atlas grid,
+        else the keypoint alignment when it passes :func:`check_alignment` (else None,
+        with an :class:`~keyfuse.AlignmentWarning`)."""
+        if self.on_atlas_grid(img):
+            return None
+        try:
+            mat = self.align(img)
+        except InvalidArgumentError as exc:
+            reason = str(exc)
+        else:
+            bad = check_alignment(img, mat, self.atlas)
+            if bad is None:
+                return mat
+            reason = bad
+        warn_caller(
+            f"CNN features of {what}: the keypoint alignment to the atlas failed ({reason}); "
+            "the vector is computed on the unaligned scan. Pass transform= a 4×4 "
+            "image → atlas matrix.",
+            AlignmentWarning,
+        )
+        return None
+
+    def slices_of(self, image: Any, transform: Any = "auto") -> list[npt.NDArray[np.float32]]:
+        """The 2-D slices the network sees: a 3-D image resampled to the atlas through
+        ``transform`` (default ``"auto"``: aligned by keypoints with :meth:`align`, unless
+        it already lies on the atlas grid), cut across its axial axis at the configured
+        offsets. ``transform=None`` takes the image as it is stored and warns (an
+        :class:`~keyfuse.AlignmentWarning`) when it is not on the atlas grid."""
         if isinstance(image, np.ndarray) and image.ndim == 2:
             return [np.asarray(image, dtype=np.float32)]
+        what = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "a 3-D image"
         img = load_image(image)
         if img.ndim == 2:
-            if transform is not None:
+            if transform is not None and not (isinstance(transform, str) and transform == "auto"):
                 raise InvalidArgumentError("a 2-D image cannot take a 3-D transform")
             return [np.asarray(img.data, dtype=np.float32)]
         if isinstance(transform, str):
@@ -463,7 +528,15 @@ class CNNFeatures:
                 raise InvalidArgumentError(
                     f"transform must be a 4×4 matrix, an Alignment, 'auto' or None: {transform!r}"
                 )
-            transform = self.align(img)
+            transform = self._auto_transform(img, what)
+        elif transform is None and not self.on_atlas_grid(img):
+            warn_caller(
+                f"CNN features of {what} with transform=None: the scan is not on the atlas "
+                f"grid (shape {img.shape} vs {self.atlas.shape}), so its vector is not "
+                "spatially normalised and is not comparable with aligned ones; use "
+                "transform='auto' (the default) or pass the image → atlas matrix.",
+                AlignmentWarning,
+            )
         grid = self.atlas if transform is not None else img
         axis = axial_axis(grid.affine)
         step = float(grid.spacing[axis])
@@ -531,7 +604,7 @@ class CNNFeatures:
     def batch(
         self,
         images: Iterable[Any],
-        transforms: Iterable[Any] | None = None,
+        transforms: Iterable[Any] | str | None = "auto",
         *,
         progress: bool = True,
     ) -> npt.NDArray[np.float32]:
@@ -542,15 +615,21 @@ class CNNFeatures:
         images:
             Paths, :class:`~keyfuse.Image` objects, 3-D volumes or 2-D slices.
         transforms:
-            One image→atlas transform per image (4×4, ``.matrix``, or ``"auto"`` to align
-            by keypoints), or ``None`` for images already on the atlas grid / 2-D slices.
+            ``"auto"`` (default): every 3-D image not already on the atlas grid is aligned
+            to it by keypoints (an :class:`~keyfuse.AlignmentWarning` names any that
+            fails); ``None``: images taken as stored (a warning for each 3-D image off
+            the atlas grid); or one transform per image (4×4, ``.matrix``, ``"auto"`` or
+            ``None``). 2-D slices take no transform.
         progress:
             Show a tqdm bar (default True).
         """
         from tqdm.auto import tqdm
 
         imgs = list(images)
-        trs = [None] * len(imgs) if transforms is None else list(transforms)
+        if transforms is None or isinstance(transforms, str):
+            trs: list[Any] = [transforms] * len(imgs)
+        else:
+            trs = list(transforms)
         if len(trs) != len(imgs):
             raise InvalidArgumentError(f"{len(trs)} transforms for {len(imgs)} images")
         n_slices = len(self.slices)
@@ -576,9 +655,10 @@ class CNNFeatures:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(vectors).astype(np.float32)
 
-    def __call__(self, image: Any, transform: Any = None) -> npt.NDArray[np.float32]:
-        """The feature vector (1-D float32) of one image; see :meth:`batch`."""
-        return self.batch([image], None if transform is None else [transform], progress=False)[0]
+    def __call__(self, image: Any, transform: Any = "auto") -> npt.NDArray[np.float32]:
+        """The feature vector (1-D float32) of one image, aligned to the atlas by default;
+        see :meth:`batch`."""
+        return self.batch([image], [transform], progress=False)[0]
 
     def __repr__(self) -> str:
         return (
