@@ -32,6 +32,12 @@ FRAME_DEG = 35.0
 TOL_SLOPE = 0.3
 #: hypotheses refitted in stage 2
 N_LOCAL = 12
+#: stage 3: rounds, search radius and Tukey cut-off (× inlier_mm), and the least match
+#: quality 1 − d1/d2 kept
+REFINE_ROUNDS = 3
+REFINE_RADIUS = 1.0
+REFINE_CUTOFF = 2.0
+REFINE_QUALITY = 0.1
 
 
 @dataclass
@@ -326,11 +332,19 @@ def refine(
     xyz_b = np.asarray(fixed.xyz, dtype=np.float64)
     sa = np.asarray(moving.scale, dtype=np.float64)
     sb = np.asarray(fixed.scale, dtype=np.float64)
-    for _ in range(3):
+    for _ in range(REFINE_ROUNDS):
         ia, ib, q = guided_pairs(
-            cur, xyz_a, sa, moving.descriptors, xyz_b, sb, fixed.descriptors, inlier_mm, 2.0
+            cur,
+            xyz_a,
+            sa,
+            moving.descriptors,
+            xyz_b,
+            sb,
+            fixed.descriptors,
+            REFINE_RADIUS * inlier_mm,
+            2.0,
         )
-        keep = q >= 0.1
+        keep = q >= REFINE_QUALITY
         if keep.sum() < 3:
             break
         nxt = irls(
@@ -338,7 +352,7 @@ def refine(
             xyz_b[ib[keep]],
             cur,
             np.ones(int(keep.sum())),
-            2.0 * inlier_mm,
+            REFINE_CUTOFF * inlier_mm,
             with_scale,
         )
         if not 1.0 / max_scale <= _scale_of(nxt) <= max_scale:

