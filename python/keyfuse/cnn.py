@@ -355,7 +355,8 @@ class CNNFeatures:
             raise InvalidArgumentError(f"batch_size must be ≥ 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self._atlas = atlas
-        self._atlas_kps: Any = None
+        self._default_atlas = atlas is None
+        self._atlas_kps: dict[float, Any] = {}
         is_default = model is None
         path = default_model_path() if is_default else Path(model)  # type: ignore[arg-type]
         if not path.is_file():
@@ -468,16 +469,24 @@ class CNNFeatures:
 
     def align(self, image: Any, **align_params: Any) -> npt.NDArray[np.float64]:
         """The image → atlas similarity (4×4, world mm) from keypoint matches:
-        ``kf.align(kf.extract(image), atlas keypoints)`` (atlas keypoints are cached).
+        ``kf.align(kf.extract(image), atlas keypoints)`` (atlas keypoints are cached; the
+        default MNI152 atlas is taken at the scan's voxel size).
 
         Raises :class:`~keyfuse.InvalidArgumentError` when too few keypoints match."""
         from keyfuse.extraction import extract
         from keyfuse.matching import align
 
-        if self._atlas_kps is None:
-            self._atlas_kps = extract(self.atlas, device=self.device)
-        kps = extract(load_image(image), device=self.device)
-        return np.asarray(align(kps, self._atlas_kps, **align_params).matrix, dtype=np.float64)
+        img = load_image(image)
+        # the default MNI152 atlas is matched at the scan's own voxel size (keypoints of
+        # the same scales align best); a given atlas as it is
+        res = round(float(np.min(img.spacing)), 3) if self._default_atlas else 0.0
+        if res not in self._atlas_kps:
+            from keyfuse.datasets import mni152
+
+            ref = mni152(resolution_mm=res) if res else self.atlas
+            self._atlas_kps[res] = extract(ref, device=self.device)
+        kps = extract(img, device=self.device)
+        return np.asarray(align(kps, self._atlas_kps[res], **align_params).matrix, dtype=np.float64)
 
     def on_atlas_grid(self, image: Any) -> bool:
         """Whether a 3-D image already lies on the atlas grid (same shape and affine)."""
