@@ -359,3 +359,17 @@ def refine(
             break
         cur = nxt
     return cur
+
+
+def average(
+    forward: FloatArray, backward: FloatArray, xyz: FloatArray, inlier_mm: float, with_scale: bool
+) -> FloatArray:
+    """The similarity closest (least squares over ``xyz``) to the mean of two estimates
+    of the same map; ``forward`` when they disagree by more than ``inlier_mm`` on
+    average."""
+    x = np.unique(np.asarray(xyz, dtype=np.float64), axis=0)
+    y1, y2 = _apply(forward, x), _apply(backward, x)
+    if len(x) < 3 or float(np.linalg.norm(y1 - y2, axis=1).mean()) > inlier_mm:
+        return forward
+    mean = fit_similarity(x, 0.5 * (y1 + y2), with_scale=with_scale)
+    return forward if mean is None else mean

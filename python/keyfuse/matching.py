@@ -267,73 +267,23 @@ class Alignment:
         )
 
 
-def align(
+def _align_one_way(
     moving: KeypointSet,
     fixed: KeypointSet,
-    *,
-    candidates: int = 3,
-    scale_factor: float = 2.0,
-    inlier_mm: float | None = None,
-    iterations: int = 4000,
-    max_scale: float = 2.0,
-    with_scale: bool = True,
-    refine: bool = True,
-    seed: int = 0x616C69676E21,
-    device: str = "auto",
-) -> Alignment:
-    """Robust similarity transform moving → fixed from keypoint matches.
-
-    Every moving keypoint is paired with its ``candidates`` nearest descriptors in
-    ``fixed`` (scale-compatible). Each pair is itself a hypothesis — the keypoints'
-    orientation frames give the rotation, their scales the scale — scored by the pairs
-    that agree with it in position, frame and scale; the best are refitted by least
-    squares on their consensus at tightening thresholds (together with the result of a
-    three-point RANSAC, for keypoints without orientation frames), and the lowest
-    truncated cost wins. With ``refine``, every moving keypoint is then matched again
-    among only the fixed keypoints near its predicted position and the similarity is
-    refitted by reweighted least squares. No random choice is left: the result is
-    reproducible, and rotations of any size are found when the frames are present.
-
-    Parameters
-    ----------
-    moving, fixed : KeypointSet (or Image / path, extracted first)
-    candidates : int, default 3
-        Nearest descriptors per moving keypoint taken as putative matches.
-    scale_factor : float, default 2.0
-        Candidates must have a scale within this factor of the query's.
-    inlier_mm : float, optional
-        Inlier distance (mm). Default: 5 × the larger voxel size of the two images, at
-        least 6 mm (two subjects differ by a few mm of anatomy).
-    iterations : int, default 4000
-        Hypotheses of the three-point RANSAC.
-    max_scale : float, default 2.0
-        Transforms scaling by more than this factor (either way) are rejected.
-    with_scale : bool, default True
-        False fits a rigid transform (scale 1).
-    refine : bool, default True
-        Guided re-matching and reweighted least squares after the robust fit.
-    seed : int
-        Seed of the three-point RANSAC's sampler.
-    device : {"auto", "cpu", "cuda"}
-
-    Raises
-    ------
-    InvalidArgumentError
-        With fewer than 3 matches or only degenerate hypotheses.
-    """
+    candidates: int,
+    scale_factor: float,
+    inlier_mm: float,
+    iterations: int,
+    max_scale: float,
+    with_scale: bool,
+    refine: bool,
+    seed: int,
+) -> tuple[npt.NDArray[np.float64], Matches, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """:func:`align`'s estimate moving → fixed: (matrix, candidate matches, their moving
+    and fixed positions)."""
     from keyfuse import _align
     from keyfuse.neighbors import knn
 
-    moving = _as_keypoints(moving, device, "moving")
-    fixed = _as_keypoints(fixed, device, "fixed")
-    _check_same_dims(moving, fixed)
-    if candidates < 1 or not scale_factor >= 1.0 or not max_scale >= 1.0:
-        raise InvalidArgumentError("align needs candidates ≥ 1, scale_factor ≥ 1, max_scale ≥ 1")
-    if inlier_mm is None:
-        vox = max(float(np.max(moving.spacing)), float(np.max(fixed.spacing)), 1.0)
-        inlier_mm = max(5.0 * vox, 6.0)
-    if not inlier_mm > 0:
-        raise InvalidArgumentError(f"inlier_mm must be > 0, got {inlier_mm}")
     ia = ib = np.zeros(0, dtype=np.int64)
     dist = np.zeros(0)
     if len(moving) and len(fixed):
@@ -388,6 +338,95 @@ def align(
         raise InvalidArgumentError("no valid similarity hypothesis (degenerate or too few matches)")
     if refine:
         mat = _align.refine(mat, moving, fixed, float(inlier_mm), bool(with_scale), max_scale)
+    return mat, m, xa, xb
+
+
+def align(
+    moving: KeypointSet,
+    fixed: KeypointSet,
+    *,
+    candidates: int = 3,
+    scale_factor: float = 2.0,
+    inlier_mm: float | None = None,
+    iterations: int = 4000,
+    max_scale: float = 2.0,
+    with_scale: bool = True,
+    refine: bool = True,
+    symmetric: bool = True,
+    seed: int = 0x616C69676E21,
+    device: str = "auto",
+) -> Alignment:
+    """Robust similarity transform moving → fixed from keypoint matches.
+
+    Every moving keypoint is paired with its ``candidates`` nearest descriptors in
+    ``fixed`` (scale-compatible). Each pair is itself a hypothesis — the keypoints'
+    orientation frames give the rotation, their scales the scale — scored by the pairs
+    that agree with it in position, frame and scale; the best are refitted by least
+    squares on their consensus at tightening thresholds (together with the result of a
+    three-point RANSAC, for keypoints without orientation frames), and the lowest
+    truncated cost wins. With ``refine``, every moving keypoint is then matched again
+    among only the fixed keypoints near its predicted position and the similarity is
+    refitted by reweighted least squares. No random choice is left: the result is
+    reproducible, and rotations of any size are found when the frames are present.
+
+    Parameters
+    ----------
+    moving, fixed : KeypointSet (or Image / path, extracted first)
+    candidates : int, default 3
+        Nearest descriptors per moving keypoint taken as putative matches.
+    scale_factor : float, default 2.0
+        Candidates must have a scale within this factor of the query's.
+    inlier_mm : float, optional
+        Inlier distance (mm). Default: 5 × the larger voxel size of the two images, at
+        least 6 mm (two subjects differ by a few mm of anatomy).
+    iterations : int, default 4000
+        Hypotheses of the three-point RANSAC.
+    max_scale : float, default 2.0
+        Transforms scaling by more than this factor (either way) are rejected.
+    with_scale : bool, default True
+        False fits a rigid transform (scale 1).
+    refine : bool, default True
+        Guided re-matching and reweighted least squares after the robust fit.
+    symmetric : bool, default True
+        Also estimate fixed → moving and average the two maps (over the moving
+        keypoints) when they agree within ``inlier_mm``; the forward estimate otherwise.
+    seed : int
+        Seed of the three-point RANSAC's sampler.
+    device : {"auto", "cpu", "cuda"}
+
+    Raises
+    ------
+    InvalidArgumentError
+        With fewer than 3 matches or only degenerate hypotheses.
+    """
+    from keyfuse import _align
+
+    moving = _as_keypoints(moving, device, "moving")
+    fixed = _as_keypoints(fixed, device, "fixed")
+    _check_same_dims(moving, fixed)
+    if candidates < 1 or not scale_factor >= 1.0 or not max_scale >= 1.0:
+        raise InvalidArgumentError("align needs candidates ≥ 1, scale_factor ≥ 1, max_scale ≥ 1")
+    if inlier_mm is None:
+        vox = max(float(np.max(moving.spacing)), float(np.max(fixed.spacing)), 1.0)
+        inlier_mm = max(5.0 * vox, 6.0)
+    if not inlier_mm > 0:
+        raise InvalidArgumentError(f"inlier_mm must be > 0, got {inlier_mm}")
+    opts = (int(candidates), float(scale_factor), float(inlier_mm), int(iterations))
+    opts2 = (float(max_scale), bool(with_scale), bool(refine), int(seed))
+    mat, m, xa, xb = _align_one_way(moving, fixed, *opts, *opts2)
+    if symmetric:
+        try:
+            back = _align_one_way(fixed, moving, *opts, *opts2)[0]
+        except InvalidArgumentError:
+            pass  # the forward estimate stands alone
+        else:
+            mat = _align.average(
+                mat,
+                np.asarray(np.linalg.inv(back), np.float64),
+                moving.xyz,
+                float(inlier_mm),
+                bool(with_scale),
+            )
     res = np.linalg.norm(xa @ mat[:3, :3].T + mat[:3, 3] - xb, axis=1)
     inl = res <= inlier_mm
     rmse = float(np.sqrt(np.mean(res[inl] ** 2))) if inl.any() else float("nan")
