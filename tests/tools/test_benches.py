@@ -22,7 +22,9 @@ FIGURE = re.compile(r"\d\.\d")
 
 
 def test_the_benchmarks_are_found() -> None:
-    assert {"extract.py", "gpu.py", "index.py", "matching.py"} <= {p.name for p in SCRIPTS}
+    assert {"align.py", "extract.py", "gpu.py", "index.py", "matching.py"} <= {
+        p.name for p in SCRIPTS
+    }
 
 
 @pytest.mark.slow
