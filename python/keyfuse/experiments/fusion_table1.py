@@ -115,8 +115,8 @@ def cohort_features(
     transform_source:
         ``"align"`` (default): ``kf.align(scan keypoints, atlas keypoints)``, falling
         back to the identity when the result fails :func:`keyfuse.cnn.check_alignment`
-        (scale outside [0.75, 1.33], or a worse correlation with the atlas on the three
-        central planes than the identity gives); ``"truth"``: the simulator's known pose
+        (scale outside [0.75, 1.33], or a correlation with the atlas on the three
+        central planes more than 0.01 below the identity's); ``"truth"``: the simulator's known pose
         (an oracle, for comparison); ``"none"``: no normalisation.
     device, extract_params:
         Passed to ``kf.extract`` (and ``kf.align``).
