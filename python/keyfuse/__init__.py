@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from keyfuse.errors import (
+    AlignmentWarning,
     CorruptDataError,
     CPUFallbackWarning,
     DeviceUnavailableError,
@@ -123,6 +124,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Alignment",
+    "AlignmentWarning",
     "CNNFeatures",
     "CPUFallbackWarning",
     "CorruptDataError",

@@ -25,14 +25,22 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from keyfuse.atlas_space import (
+    axial_axis,
+    check_alignment,
+    resample_planes,
+    resample_to_atlas,
+)
 from keyfuse.device import resolve_device
 from keyfuse.errors import (
+    AlignmentWarning,
     CorruptDataError,
     DeviceUnavailableError,
     InvalidArgumentError,
     InvalidImageError,
     KeyfuseIOError,
     MissingDependencyError,
+    warn_caller,
 )
 from keyfuse.image import Image, load_image
 
@@ -40,6 +48,7 @@ __all__ = [
     "CNNConfig",
     "CNNFeatures",
     "axial_axis",
+    "check_alignment",
     "default_model_path",
     "resample_planes",
     "resample_to_atlas",
@@ -168,112 +177,6 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def _as_matrix(transform: Any) -> npt.NDArray[np.float64]:
-    mat = getattr(transform, "matrix", transform)
-    arr = np.asarray(mat, dtype=np.float64)
-    if arr.shape != (4, 4) or not np.all(np.isfinite(arr)):
-        raise InvalidArgumentError(
-            f"transform must be a finite 4×4 matrix (or have .matrix), got shape {arr.shape}"
-        )
-    if abs(np.linalg.det(arr[:3, :3])) < 1e-12:
-        raise InvalidArgumentError("transform is singular")
-    return arr
-
-
-def resample_to_atlas(image: Any, transform: Any, atlas: Image, *, order: int = 1) -> Image:
-    """T∘I on the atlas grid: the image resampled where the atlas voxels are.
-
-    Parameters
-    ----------
-    image:
-        A 3-D image (path, :class:`~keyfuse.Image`, ...).
-    transform:
-        4×4 matrix (or an object with ``.matrix``, e.g. ``kf.align(image_kps,
-        atlas_kps)``) mapping the image's world mm onto the atlas's world mm.
-    atlas:
-        The reference grid (shape and affine), e.g. ``kf.datasets.mni152()``.
-    order:
-        Spline order of the interpolation (default 1, trilinear).
-    """
-    from scipy import ndimage
-
-    img = load_image(image)
-    if img.ndim != 3 or atlas.ndim != 3:
-        raise InvalidImageError("resampling to an atlas needs a 3-D image and a 3-D atlas")
-    t = _as_matrix(transform)
-    # atlas voxel -> atlas world -> image world (T⁻¹) -> image voxel
-    m = np.linalg.inv(img.affine) @ np.linalg.inv(t) @ atlas.affine
-    data = np.asarray(img.data, dtype=np.float32)
-    out = ndimage.affine_transform(
-        data, m[:3, :3], offset=m[:3, 3], output_shape=atlas.shape, order=order, cval=0.0
-    )
-    return Image(out, atlas.affine)
-
-
-def resample_planes(
-    image: Any,
-    transform: Any,
-    atlas: Image,
-    axis: int,
-    indices: Sequence[int],
-    *,
-    order: int = 1,
-) -> list[npt.NDArray[np.float32]]:
-    """Planes ``indices`` across ``axis`` of :func:`resample_to_atlas`'s result, computed
-    directly (same values, without resampling the whole volume).
-
-    Parameters
-    ----------
-    image, transform, atlas, order:
-        As in :func:`resample_to_atlas`.
-    axis:
-        The atlas voxel axis the planes cut across (0, 1 or 2).
-    indices:
-        Plane indices along ``axis`` on the atlas grid.
-    """
-    from scipy import ndimage
-
-    img = load_image(image)
-    if img.ndim != 3 or atlas.ndim != 3:
-        raise InvalidImageError("resampling to an atlas needs a 3-D image and a 3-D atlas")
-    if axis not in (0, 1, 2):
-        raise InvalidArgumentError(f"axis must be 0, 1 or 2, got {axis}")
-    m = np.linalg.inv(img.affine) @ np.linalg.inv(_as_matrix(transform)) @ atlas.affine
-    keep = [a for a in range(3) if a != axis]
-    shape2 = (atlas.shape[keep[0]], atlas.shape[keep[1]])
-    uu, vv = np.meshgrid(np.arange(shape2[0]), np.arange(shape2[1]), indexing="ij")
-    data = np.asarray(img.data, dtype=np.float32)
-    out = []
-    for idx in indices:
-        if not 0 <= int(idx) < atlas.shape[axis]:
-            raise InvalidArgumentError(f"plane {idx} outside 0..{atlas.shape[axis] - 1}")
-        vox = np.zeros((3, uu.size))
-        vox[keep[0]] = uu.ravel()
-        vox[keep[1]] = vv.ravel()
-        vox[axis] = int(idx)
-        coords = m[:3, :3] @ vox + m[:3, 3:4]
-        plane = ndimage.map_coordinates(data, coords, order=order, cval=0.0)
-        out.append(plane.reshape(shape2).astype(np.float32))
-    return out
-
-
-def axial_axis(affine: npt.NDArray[np.float64]) -> int:
-    """The voxel axis closest to world z (superior): axial slices are across it.
-
-    Parameters
-    ----------
-    affine : (4, 4) array
-        Voxel-to-world (RAS+, mm) transform.
-
-    Returns
-    -------
-    int
-        0, 1 or 2.
-    """
-    cols = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    return int(np.argmax(np.abs(cols[2])))
-
-
 class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     """Activations of one layer of an ONNX image model for 2-D slices of (aligned) images.
 
@@ -315,8 +218,8 @@ class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     Examples
     --------
     >>> cnn = kf.CNNFeatures()
-    >>> T = kf.align(kf.extract(img), atlas_kps)   # image -> atlas similarity
-    >>> v = cnn(img, transform=T)                   # (512,) float32
+    >>> v = cnn(img)               # aligned to the atlas by keypoints: (512,) float32
+    >>> v = cnn(img, transform=T)  # or with a known image -> atlas 4×4 matrix
     >>> clf = make_pipeline(kf.CNNFeatures(), StandardScaler(), LogisticRegression())
     >>> cross_val_score(clf, ["a.png", "b.dcm", ...], labels, cv=3)
     """
@@ -356,7 +259,8 @@ class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             raise InvalidArgumentError(f"batch_size must be ≥ 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self._atlas = atlas
-        self._atlas_kps: Any = None
+        self._default_atlas = atlas is None
+        self._atlas_kps: dict[float, Any] = {}
         is_default = model is None
         path = default_model_path() if is_default else Path(model)  # type: ignore[arg-type]
         if not path.is_file():
@@ -475,28 +379,69 @@ class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
 
     def align(self, image: Any, **align_params: Any) -> npt.NDArray[np.float64]:
         """The image → atlas similarity (4×4, world mm) from keypoint matches:
-        ``kf.align(kf.extract(image), atlas keypoints)`` (atlas keypoints are cached).
+        ``kf.align(kf.extract(image), atlas keypoints)`` (atlas keypoints are cached; the
+        default MNI152 atlas is taken at the scan's voxel size).
 
         Raises :class:`~keyfuse.InvalidArgumentError` when too few keypoints match."""
         from keyfuse.extraction import extract
         from keyfuse.matching import align
 
-        # the keypoints that align the slices are extracted on the CPU (no GPU path),
-        # whatever device runs the network
-        if self._atlas_kps is None:
-            self._atlas_kps = extract(self.atlas, device="cpu")
-        kps = extract(load_image(image), device="cpu")
-        return np.asarray(align(kps, self._atlas_kps, **align_params).matrix, dtype=np.float64)
+        img = load_image(image)
+        # the default MNI152 atlas is matched at the scan's own voxel size (keypoints of
+        # the same scales align best); a given atlas as it is
+        res = round(float(np.min(img.spacing)), 3) if self._default_atlas else 0.0
+        if res not in self._atlas_kps:
+            from keyfuse.datasets import mni152
 
-    def slices_of(self, image: Any, transform: Any = None) -> list[npt.NDArray[np.float32]]:
-        """The 2-D slices the network sees: the image (first resampled to the atlas when
-        ``transform`` is given; ``"auto"`` finds it with :meth:`align`) cut across its
-        axial axis at the configured offsets."""
+            ref = mni152(resolution_mm=res) if res else self.atlas
+            # the keypoints that align the slices are extracted on the CPU (no GPU
+            # path), whatever device runs the network
+            self._atlas_kps[res] = extract(ref, device="cpu")
+        kps = extract(img, device="cpu")
+        return np.asarray(align(kps, self._atlas_kps[res], **align_params).matrix, dtype=np.float64)
+
+    def on_atlas_grid(self, image: Any) -> bool:
+        """Whether a 3-D image already lies on the atlas grid (same shape and affine)."""
+        img = load_image(image)
+        return img.shape == self.atlas.shape and bool(
+            np.allclose(img.affine, self.atlas.affine, atol=1e-3)
+        )
+
+    def _auto_transform(self, img: Image, what: str) -> npt.NDArray[np.float64] | None:
+        """The image → atlas transform ``transform="auto"`` uses: none on the atlas grid,
+        else the keypoint alignment when it passes :func:`check_alignment` (else None,
+        with an :class:`~keyfuse.AlignmentWarning`)."""
+        if self.on_atlas_grid(img):
+            return None
+        try:
+            mat = self.align(img)
+        except InvalidArgumentError as exc:
+            reason = str(exc)
+        else:
+            bad = check_alignment(img, mat, self.atlas)
+            if bad is None:
+                return mat
+            reason = bad
+        warn_caller(
+            f"CNN features of {what}: the keypoint alignment to the atlas failed ({reason}); "
+            "the vector is computed on the unaligned scan. Pass transform= a 4×4 "
+            "image → atlas matrix.",
+            AlignmentWarning,
+        )
+        return None
+
+    def slices_of(self, image: Any, transform: Any = "auto") -> list[npt.NDArray[np.float32]]:
+        """The 2-D slices the network sees: a 3-D image resampled to the atlas through
+        ``transform`` (default ``"auto"``: aligned by keypoints with :meth:`align`, unless
+        it already lies on the atlas grid), cut across its axial axis at the configured
+        offsets. ``transform=None`` takes the image as it is stored and warns (an
+        :class:`~keyfuse.AlignmentWarning`) when it is not on the atlas grid."""
         if isinstance(image, np.ndarray) and image.ndim == 2:
             return [np.asarray(image, dtype=np.float32)]
+        what = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "a 3-D image"
         img = load_image(image)
         if img.ndim == 2:
-            if transform is not None:
+            if transform is not None and not (isinstance(transform, str) and transform == "auto"):
                 raise InvalidArgumentError("a 2-D image cannot take a 3-D transform")
             return [np.asarray(img.data, dtype=np.float32)]
         if isinstance(transform, str):
@@ -504,7 +449,15 @@ class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
                 raise InvalidArgumentError(
                     f"transform must be a 4×4 matrix, an Alignment, 'auto' or None: {transform!r}"
                 )
-            transform = self.align(img)
+            transform = self._auto_transform(img, what)
+        elif transform is None and not self.on_atlas_grid(img):
+            warn_caller(
+                f"CNN features of {what} with transform=None: the scan is not on the atlas "
+                f"grid (shape {img.shape} vs {self.atlas.shape}), so its vector is not "
+                "spatially normalised and is not comparable with aligned ones; use "
+                "transform='auto' (the default) or pass the image → atlas matrix.",
+                AlignmentWarning,
+            )
         grid = self.atlas if transform is not None else img
         axis = axial_axis(grid.affine)
         step = float(grid.spacing[axis])
@@ -593,7 +546,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     def batch(
         self,
         images: Iterable[Any],
-        transforms: Iterable[Any] | None = None,
+        transforms: Iterable[Any] | str | None = "auto",
         *,
         progress: bool = True,
     ) -> npt.NDArray[np.float32]:
@@ -604,15 +557,21 @@ class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         images:
             Paths, :class:`~keyfuse.Image` objects, 3-D volumes or 2-D slices.
         transforms:
-            One image→atlas transform per image (4×4, ``.matrix``, or ``"auto"`` to align
-            by keypoints), or ``None`` for images already on the atlas grid / 2-D slices.
+            ``"auto"`` (default): every 3-D image not already on the atlas grid is aligned
+            to it by keypoints (an :class:`~keyfuse.AlignmentWarning` names any that
+            fails); ``None``: images taken as stored (a warning for each 3-D image off
+            the atlas grid); or one transform per image (4×4, ``.matrix``, ``"auto"`` or
+            ``None``). 2-D slices take no transform.
         progress:
             Show a tqdm bar (default True).
         """
         from tqdm.auto import tqdm
 
         imgs = list(images)
-        trs = [None] * len(imgs) if transforms is None else list(transforms)
+        if transforms is None or isinstance(transforms, str):
+            trs: list[Any] = [transforms] * len(imgs)
+        else:
+            trs = list(transforms)
         if len(trs) != len(imgs):
             raise InvalidArgumentError(f"{len(trs)} transforms for {len(imgs)} images")
         n_slices = len(self.slices)
@@ -638,9 +597,10 @@ class CNNFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(vectors).astype(np.float32)
 
-    def __call__(self, image: Any, transform: Any = None) -> npt.NDArray[np.float32]:
-        """The feature vector (1-D float32) of one image; see :meth:`batch`."""
-        return self.batch([image], None if transform is None else [transform], progress=False)[0]
+    def __call__(self, image: Any, transform: Any = "auto") -> npt.NDArray[np.float32]:
+        """The feature vector (1-D float32) of one image, aligned to the atlas by default;
+        see :meth:`batch`."""
+        return self.batch([image], [transform], progress=False)[0]
 
     # -- scikit-learn transformer ------------------------------------------------------
 

@@ -64,6 +64,11 @@ class EmptyRestrictionWarning(KeyfuseWarning):
     """A search's ``restrict`` matched no subject, so its result is empty."""
 
 
+class AlignmentWarning(KeyfuseWarning):
+    """A scan that should be in atlas space is not: CNN features of an unaligned scan,
+    or a keypoint alignment to the atlas that failed."""
+
+
 def warn_caller(message: str, category: type[Warning]) -> None:
     """Warn at the first stack frame outside the keyfuse package (the user's call),
     however deep inside keyfuse the warning arises."""
@@ -80,6 +85,7 @@ def warn_caller(message: str, category: type[Warning]) -> None:
 
 
 __all__ = [
+    "AlignmentWarning",
     "CPUFallbackWarning",
     "CorruptDataError",
     "DeviceUnavailableError",

@@ -4,7 +4,8 @@
   optional Hough translation voting with spatially constrained re-matching (keypoint
   transfer), and p(m), a kernel density of each match's translation.
 * :func:`align` — a robust 3D similarity transform (rotation, isotropic scale,
-  translation) between two keypoint sets, by RANSAC over the matches.
+  translation) between two keypoint sets: one-point hypotheses from the keypoints'
+  frames, local least-squares refits and guided re-matching (:mod:`keyfuse._align`).
 * :func:`soft_jaccard` — the keypoint-signature similarity of Chauvin et al.
 * :func:`reference_votes` — the reference large-scale matcher's (``featMatchMultiple``)
   voting, re-implemented deterministically, for comparisons.
@@ -268,41 +269,131 @@ class Alignment:
         )
 
 
+def _align_one_way(
+    moving: KeypointSet,
+    fixed: KeypointSet,
+    candidates: int,
+    scale_factor: float,
+    inlier_mm: float,
+    iterations: int,
+    max_scale: float,
+    with_scale: bool,
+    refine: bool,
+    seed: int,
+) -> tuple[npt.NDArray[np.float64], Matches, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """:func:`align`'s estimate moving → fixed: (matrix, candidate matches, their moving
+    and fixed positions)."""
+    from keyfuse import _align
+    from keyfuse.neighbors import knn
+
+    ia = ib = np.zeros(0, dtype=np.int64)
+    dist = np.zeros(0)
+    if len(moving) and len(fixed):
+        k = min(len(fixed), 4 * int(candidates) + 4)
+        idx, d2 = knn(_desc(fixed), _desc(moving), k, device="cpu")
+        scale_a = np.asarray(moving.scale, dtype=np.float64)
+        scale_b = np.asarray(fixed.scale, dtype=np.float64)
+        ia, ib, dist = _align.candidate_pairs(
+            np.asarray(idx, dtype=np.int64), d2, scale_a, scale_b, int(candidates), scale_factor
+        )
+    if len(np.unique(ia)) < 3:
+        raise InvalidArgumentError(
+            f"align found only {len(np.unique(ia))} keypoints with a match (need ≥ 3); are "
+            "these images of the same kind of anatomy?"
+        )
+    xa = np.ascontiguousarray(moving.xyz[ia], dtype=np.float64)
+    xb = np.ascontiguousarray(fixed.xyz[ib], dtype=np.float64)
+    tr = xb - xa
+    m = Matches(ia, ib, dist, tr, _align.translation_density(tr, 3.0))
+    extra = []
+    # the three-point RANSAC serves keypoints without orientation frames (all identity)
+    if any(np.allclose(k.orientation, np.eye(3, dtype=np.float32)) for k in (moving, fixed)):
+        try:
+            mat3, *_ = _core.ransac_similarity(
+                xa,
+                xb,
+                iterations=int(iterations),
+                inlier_mm=float(inlier_mm),
+                max_scale=float(max_scale),
+                with_scale=bool(with_scale),
+                seed=int(seed),
+            )
+            extra.append(np.asarray(mat3, dtype=np.float64))
+        except (InvalidArgumentError, ValueError):
+            pass  # degenerate samples only: the one-point hypotheses remain
+    fa = _align.world_frames(moving.orientation, moving.affine)[ia]
+    fb = _align.world_frames(fixed.orientation, fixed.affine)[ib]
+    _, det = np.unique(moving.xyz, axis=0, return_inverse=True)
+    mat = _align.robust_similarity(
+        xa,
+        xb,
+        fa,
+        fb,
+        np.asarray(fixed.scale, np.float64)[ib] / np.asarray(moving.scale, np.float64)[ia],
+        np.asarray(det, dtype=np.int64).ravel()[ia],
+        float(inlier_mm),
+        bool(with_scale),
+        float(max_scale),
+        extra,
+    )
+    if mat is None:
+        raise InvalidArgumentError("no valid similarity hypothesis (degenerate or too few matches)")
+    if refine:
+        mat = _align.refine(mat, moving, fixed, float(inlier_mm), bool(with_scale), max_scale)
+    return mat, m, xa, xb
+
+
 def align(
     moving: KeypointSet,
     fixed: KeypointSet,
     *,
-    ratio: float = 0.9,
+    candidates: int = 3,
     scale_factor: float = 2.0,
     inlier_mm: float | None = None,
     iterations: int = 4000,
     max_scale: float = 2.0,
     with_scale: bool = True,
+    refine: bool = True,
+    symmetric: bool = True,
     seed: int = 0x616C69676E21,
     device: str = "auto",
 ) -> Alignment:
     """Robust similarity transform moving → fixed from keypoint matches.
 
-    Matches (ratio test, scale gate) feed a RANSAC over minimal 3-point samples (MSAC
-    cost, hypotheses drawn from fixed seeds, so the result is reproducible), then the
-    closed-form least-squares similarity (Horn/Umeyama) is refitted on the inliers.
+    Every moving keypoint is paired with its ``candidates`` nearest descriptors in
+    ``fixed`` (scale-compatible). Each pair is itself a hypothesis — the keypoints'
+    orientation frames give the rotation, their scales the scale — scored by the pairs
+    that agree with it in position, frame and scale; the best are refitted by least
+    squares on their consensus at tightening thresholds (together with the result of a
+    three-point RANSAC, for keypoints without orientation frames), and the lowest
+    truncated cost wins. With ``refine``, every moving keypoint is then matched again
+    among only the fixed keypoints near its predicted position and the similarity is
+    refitted by reweighted least squares. No random choice is left: the result is
+    reproducible, and rotations of any size are found when the frames are present.
 
     Parameters
     ----------
     moving, fixed : KeypointSet (or Image / path, extracted first)
-    ratio, scale_factor : float, defaults 0.9 and 2.0
-        Passed to :func:`match`.
+    candidates : int, default 3
+        Nearest descriptors per moving keypoint taken as putative matches.
+    scale_factor : float, default 2.0
+        Candidates must have a scale within this factor of the query's.
     inlier_mm : float, optional
-        Inlier distance (mm). Default: 3 × the larger voxel size of the two images, at
-        least 3 mm.
+        Inlier distance (mm). Default: 5 × the larger voxel size of the two images, at
+        least 6 mm (two subjects differ by a few mm of anatomy).
     iterations : int, default 4000
-        RANSAC hypotheses.
+        Hypotheses of the three-point RANSAC.
     max_scale : float, default 2.0
-        Hypotheses scaling by more than this factor (either way) are rejected.
+        Transforms scaling by more than this factor (either way) are rejected.
     with_scale : bool, default True
         False fits a rigid transform (scale 1).
+    refine : bool, default True
+        Guided re-matching and reweighted least squares after the robust fit.
+    symmetric : bool, default True
+        Also estimate fixed → moving and average the two maps (over the moving
+        keypoints) when they agree within ``inlier_mm``; the forward estimate otherwise.
     seed : int
-        Seed of the hypothesis sampler.
+        Seed of the three-point RANSAC's sampler.
     device : {"auto", "cpu", "cuda"}
 
     Raises
@@ -310,28 +401,39 @@ def align(
     InvalidArgumentError
         With fewer than 3 matches or only degenerate hypotheses.
     """
+    from keyfuse import _align
+
     moving = _as_keypoints(moving, device, "moving")
     fixed = _as_keypoints(fixed, device, "fixed")
     _check_same_dims(moving, fixed)
-    m = match(moving, fixed, ratio=ratio, scale_factor=scale_factor, device=device)
-    if len(m) < 3:
-        raise InvalidArgumentError(
-            f"align found only {len(m)} keypoint matches (need ≥ 3); are these images "
-            "of the same kind of anatomy?"
-        )
+    if candidates < 1 or not scale_factor >= 1.0 or not max_scale >= 1.0:
+        raise InvalidArgumentError("align needs candidates ≥ 1, scale_factor ≥ 1, max_scale ≥ 1")
     if inlier_mm is None:
         vox = max(float(np.max(moving.spacing)), float(np.max(fixed.spacing)), 1.0)
-        inlier_mm = 3.0 * vox
-    mat, inl, rmse, scale = _core.ransac_similarity(
-        np.ascontiguousarray(moving.xyz[m.ia]),
-        np.ascontiguousarray(fixed.xyz[m.ib]),
-        iterations=int(iterations),
-        inlier_mm=float(inlier_mm),
-        max_scale=float(max_scale),
-        with_scale=bool(with_scale),
-        seed=int(seed),
-    )
-    return Alignment(mat, inl, m, float(rmse), float(scale))
+        inlier_mm = max(5.0 * vox, 6.0)
+    if not inlier_mm > 0:
+        raise InvalidArgumentError(f"inlier_mm must be > 0, got {inlier_mm}")
+    opts = (int(candidates), float(scale_factor), float(inlier_mm), int(iterations))
+    opts2 = (float(max_scale), bool(with_scale), bool(refine), int(seed))
+    mat, m, xa, xb = _align_one_way(moving, fixed, *opts, *opts2)
+    if symmetric:
+        try:
+            back = _align_one_way(fixed, moving, *opts, *opts2)[0]
+        except InvalidArgumentError:
+            pass  # the forward estimate stands alone
+        else:
+            mat = _align.average(
+                mat,
+                np.asarray(np.linalg.inv(back), np.float64),
+                moving.xyz,
+                float(inlier_mm),
+                bool(with_scale),
+            )
+    res = np.linalg.norm(xa @ mat[:3, :3].T + mat[:3, 3] - xb, axis=1)
+    inl = res <= inlier_mm
+    rmse = float(np.sqrt(np.mean(res[inl] ** 2))) if inl.any() else float("nan")
+    scale = float(abs(np.linalg.det(mat[:3, :3])) ** (1.0 / 3.0))
+    return Alignment(mat, inl, m, rmse, scale)
 
 
 _KERNELS = ("posterior", "published")

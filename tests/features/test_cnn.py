@@ -3,13 +3,15 @@ exposure, preprocessing, atlas resampling, errors, and one pass of the default V
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import keyfuse as kf
-from keyfuse.cnn import CNNFeatures, default_model_path, resample_planes, resample_to_atlas
+from keyfuse.atlas_space import resample_planes, resample_to_atlas
+from keyfuse.cnn import CNNFeatures, default_model_path
 from keyfuse.errors import (
     CorruptDataError,
     InvalidArgumentError,
@@ -182,3 +184,35 @@ def test_auto_alignment_to_the_atlas(tiny_model: Path) -> None:
     np.testing.assert_allclose(mat, np.eye(4), atol=1e-3)
     with pytest.raises(InvalidArgumentError, match="auto"):
         cnn.slices_of(atlas, transform="automatic")
+
+
+def test_vectors_are_aligned_to_the_atlas_by_default(tiny_model: Path) -> None:
+    atlas = kf.datasets.mni152(resolution_mm=3.0)
+    cnn = CNNFeatures(tiny_model, layer="act", device="cpu", config=TINY_CONFIG, atlas=atlas)
+    # a scan on the atlas grid needs no alignment and gives no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on_grid = cnn(atlas)
+        np.testing.assert_array_equal(on_grid, cnn(atlas, transform=None))
+    # the same anatomy on another grid (8 more planes below) in another world pose
+    # (rotated 25° about z, shifted)
+    padded = np.pad(np.asarray(atlas.data), ((0, 0), (0, 0), (8, 0)))
+    grid = atlas.affine.copy()
+    grid[:3, 3] -= 8 * grid[:3, 2]
+    pose = np.eye(4)
+    c, s = np.cos(np.deg2rad(25)), np.sin(np.deg2rad(25))
+    pose[:2, :2] = [[c, -s], [s, c]]
+    pose[:3, 3] = [6.0, -9.0, 4.0]
+    scan = kf.Image(padded, pose @ grid)
+    truth = cnn(scan, transform=np.linalg.inv(pose))
+    np.testing.assert_allclose(truth, on_grid, rtol=0.02)
+    np.testing.assert_allclose(cnn(scan), truth, rtol=0.02)  # the default aligns
+    np.testing.assert_allclose(cnn.batch([scan], progress=False)[0], truth, rtol=0.02)
+    # taking it as stored warns loudly, and the vector is not the aligned one
+    with pytest.warns(kf.AlignmentWarning, match="not on the atlas grid"):
+        unaligned = cnn(scan, transform=None)
+    assert not np.allclose(unaligned, truth, rtol=0.05)
+    # a scan the keypoints cannot align: a warning that says so, not a silent vector
+    noise = kf.Image(np.random.default_rng(3).random((20, 20, 20)), np.diag([3, 3, 3, 1.0]))
+    with pytest.warns(kf.AlignmentWarning, match="alignment to the atlas failed"):
+        cnn(noise)

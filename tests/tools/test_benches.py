@@ -22,7 +22,7 @@ FIGURE = re.compile(r"\d\.\d")
 
 
 def test_the_benchmarks_are_found() -> None:
-    assert {"active.py", "extract.py", "gpu.py", "index.py", "matching.py", "vectors.py"} <= {
+    assert {"active.py", "align.py", "extract.py", "gpu.py", "index.py", "matching.py", "vectors.py"} <= {
         p.name for p in SCRIPTS
     }
 

@@ -58,6 +58,7 @@ class CohortFeatures:
     vectors : (n, d) float32 CNN vectors of the aligned mid-axial slices.
     transforms : image → atlas 4×4 matrices used for the spatial normalisation.
     align_ok : whether the keypoint alignment passed its sanity check (else identity).
+    align_failures : subject → why its alignment failed the check.
     timings : seconds per stage (``extract3d``, ``align``, ``resample``, ``extract2d``,
         ``cnn``).
     """
@@ -69,6 +70,7 @@ class CohortFeatures:
     transforms: list[FloatArray]
     align_ok: list[bool]
     timings: dict[str, float]
+    align_failures: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _plane_affine(affine: FloatArray, axis: int, idx: int) -> FloatArray:
@@ -88,23 +90,6 @@ def _slice_image(vol: Any, axis: int) -> Any:
     idx = (vol.shape[axis] - 1) // 2
     data = np.take(np.asarray(vol.data, dtype=np.float32), idx, axis=axis)
     return Image(data, _plane_affine(vol.affine, axis, idx))
-
-
-def _atlas_ncc(image: Any, matrix: FloatArray, atlas: Any) -> float:
-    """Normalised correlation between the atlas and the image resampled through
-    ``matrix`` on the atlas's three central orthogonal planes."""
-    from keyfuse.cnn import resample_planes
-
-    a_parts, b_parts = [], []
-    for axis in range(3):
-        mid = (atlas.shape[axis] - 1) // 2
-        (plane,) = resample_planes(image, matrix, atlas, axis, [mid])
-        a_parts.append(np.take(np.asarray(atlas.data, np.float64), mid, axis=axis).ravel())
-        b_parts.append(plane.astype(np.float64).ravel())
-    a, b = np.concatenate(a_parts), np.concatenate(b_parts)
-    a, b = a - a.mean(), b - b.mean()
-    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den > 0 else 0.0
 
 
 def cohort_features(
@@ -129,9 +114,9 @@ def cohort_features(
         A :class:`keyfuse.CNNFeatures` (default: the VGG16 of ``keyfuse[cnn]``).
     transform_source:
         ``"align"`` (default): ``kf.align(scan keypoints, atlas keypoints)``, falling
-        back to the identity when the result fails a sanity check (scale outside
-        [0.75, 1.33], fewer than 4 inliers, or a worse correlation with the atlas on
-        the three central planes than the identity gives); ``"truth"``: the simulator's known pose
+        back to the identity when the result fails :func:`keyfuse.cnn.check_alignment`
+        (scale outside [0.75, 1.33], or a correlation with the atlas on the three
+        central planes more than 0.01 below the identity's); ``"truth"``: the simulator's known pose
         (an oracle, for comparison); ``"none"``: no normalisation.
     device, extract_params:
         Passed to ``kf.extract`` (and ``kf.align``).
@@ -142,7 +127,8 @@ def cohort_features(
 
     from tqdm.auto import tqdm
 
-    from keyfuse.cnn import CNNFeatures, axial_axis, resample_planes
+    from keyfuse.atlas_space import axial_axis, check_alignment, resample_planes
+    from keyfuse.cnn import CNNFeatures
     from keyfuse.datasets import mni152
     from keyfuse.extraction import extract
     from keyfuse.image import Image
@@ -158,6 +144,7 @@ def cohort_features(
     axis = axial_axis(atlas.affine)
     mid = (atlas.shape[axis] - 1) // 2
     kps3d, kps2d, slices, transforms, ok = [], [], [], [], []
+    failures: dict[str, str] = {}
     for i in tqdm(range(len(cohort)), desc="cohort features", disable=not progress):
         img = cohort.image(i)
         t0 = time.perf_counter()
@@ -168,16 +155,16 @@ def cohort_features(
             try:
                 assert atlas_kps is not None
                 al = align(k3, atlas_kps, device=device)
-                good = 0.75 <= al.scale <= 1.33 and al.n_inliers >= 4
-                # a verification step: keep the keypoint transform only when it matches
-                # the atlas better than no transform at all (normalised correlation of
-                # the three central planes)
-                good = good and _atlas_ncc(img, al.matrix, atlas) > _atlas_ncc(
-                    img, np.eye(4), atlas
-                )
-                mat = al.matrix if good else np.eye(4)
-            except InvalidArgumentError:
-                good = False
+                # verification: a plausible scale, and a better correlation with the
+                # atlas (three central planes) than no transform at all
+                why = check_alignment(img, al.matrix, atlas)
+            except InvalidArgumentError as exc:
+                why = str(exc)
+            good = why is None
+            if good:
+                mat = al.matrix
+            else:
+                failures[str(cohort.table[i]["subject"])] = str(why)
         elif transform_source == "truth":
             pose = np.asarray(json.loads(cohort.table[i]["transform"]), float).reshape(4, 4)
             mat = np.linalg.inv(pose)  # table: subject mm -> scan mm; we need scan -> atlas
@@ -207,6 +194,7 @@ def cohort_features(
         transforms=transforms,
         align_ok=ok,
         timings=timings,
+        align_failures=failures,
     )
 
 
@@ -515,6 +503,7 @@ def run_experiment(
     results["feature_timings"] = feats.timings
     results["normalisation_error_mm"] = _pose_errors(feats)
     results["align_ok"] = int(sum(feats.align_ok))
+    results["align_failures"] = dict(feats.align_failures)
     results["simulate_s"] = t_sim
     results["keypoints_per_scan"] = (
         float(np.mean([len(k) for k in feats.kps3d])),
@@ -564,6 +553,8 @@ def report(results: dict[str, Any]) -> str:
             f"{n} scans, {kp3:.0f} 3D / {kp2:.0f} 2D keypoints per scan; alignment passed "
             f"its check on {results.get('align_ok', n)}/{n}"
         )
+        for subject, why in results.get("align_failures", {}).items():
+            lines.append(f"  alignment failed for {subject}: {why} (identity used)")
         err = results.get("normalisation_error_mm") or []
         if err:
             lines.append(
