@@ -29,7 +29,6 @@ from keyfuse.atlas_space import (
     axial_axis,
     check_alignment,
     resample_planes,
-    resample_to_atlas,
 )
 from keyfuse.device import resolve_device
 from keyfuse.errors import (
@@ -47,11 +46,7 @@ from keyfuse.image import Image, load_image
 __all__ = [
     "CNNConfig",
     "CNNFeatures",
-    "axial_axis",
-    "check_alignment",
     "default_model_path",
-    "resample_planes",
-    "resample_to_atlas",
 ]
 
 #: the default layer of the default VGG16: the last convolutional block's pooled output

@@ -22,9 +22,15 @@ FIGURE = re.compile(r"\d\.\d")
 
 
 def test_the_benchmarks_are_found() -> None:
-    assert {"active.py", "align.py", "extract.py", "gpu.py", "index.py", "matching.py", "vectors.py"} <= {
-        p.name for p in SCRIPTS
-    }
+    assert {
+        "active.py",
+        "align.py",
+        "extract.py",
+        "gpu.py",
+        "index.py",
+        "matching.py",
+        "vectors.py",
+    } <= {p.name for p in SCRIPTS}
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ def cohort_features(
         A :class:`keyfuse.CNNFeatures` (default: the VGG16 of ``keyfuse[cnn]``).
     transform_source:
         ``"align"`` (default): ``kf.align(scan keypoints, atlas keypoints)``, falling
-        back to the identity when the result fails :func:`keyfuse.cnn.check_alignment`
+        back to the identity when the result fails :func:`keyfuse.atlas_space.check_alignment`
         (scale outside [0.75, 1.33], or a correlation with the atlas on the three
         central planes more than 0.01 below the identity's); ``"truth"``: the simulator's known pose
         (an oracle, for comparison); ``"none"``: no normalisation.
