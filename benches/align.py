@@ -88,10 +88,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=float, default=2.0, help="voxel size (mm)")
     ap.add_argument("--pairs", type=int, default=3, help="pairs of each kind")
-    ap.add_argument("--quick", action="store_true", help="1 pair of each kind, 0° and 120°")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 pair of each kind at 3 mm, no rotation (a smoke test)",
+    )
     args = ap.parse_args()
-    res, n_pairs = args.resolution, (1 if args.quick else args.pairs)
-    angles = (0.0, 120.0) if args.quick else (0.0, 60.0, 120.0, 180.0)
+    res, n_pairs = (3.0, 1) if args.quick else (args.resolution, args.pairs)
+    angles = (0.0,) if args.quick else (0.0, 60.0, 120.0, 180.0)
 
     # families of two (MZ twins, DZ twins, siblings in turn); no group size change
     cohort = kf.datasets.simulate_cohort(
