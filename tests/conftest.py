@@ -33,3 +33,30 @@ def textured_volume(shape: tuple[int, int, int] = (48, 48, 48), seed: int = 0) -
     vol = ndimage.gaussian_filter(noise, 2.5) + 0.5 * ndimage.gaussian_filter(noise, 1.2)
     vol -= vol.min()
     return (100.0 * vol / vol.max()).astype(np.float32)
+
+
+def write_tiny_onnx(path: Path, bias: tuple[float, float] = (0.0, 0.0)) -> Path:
+    """A tiny ONNX image model: x (N,1,8,8) → 1×1 conv with weights (+1, −1) and ``bias``
+    → ReLU "act" → global average pool → flatten "y" (N, 2)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.array([1.0, -1.0], np.float32).reshape(2, 1, 1, 1), "w")
+    b = numpy_helper.from_array(np.array(bias, np.float32), "b")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv_out"], name="block1_conv"),
+        helper.make_node("Relu", ["conv_out"], ["act"], name="block1_relu"),
+        helper.make_node("GlobalAveragePool", ["act"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["y"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        initializer=[w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import keyfuse as kf
+from conftest import write_tiny_onnx
 from keyfuse.errors import InvalidArgumentError, MissingDependencyError
 
 onnx = pytest.importorskip("onnx")
@@ -22,29 +23,7 @@ TINY_CONFIG = {"size": (8, 8), "channels": 1, "layout": "NCHW", "scaling": "minm
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """x (N,1,8,8) → 1×1 conv (+1, −1) → ReLU → global average pool → flatten "y"."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = numpy_helper.from_array(np.array([1.0, -1.0], np.float32).reshape(2, 1, 1, 1), "w")
-    b = numpy_helper.from_array(np.array([-0.5, 0.5], np.float32), "b")
-    nodes = [
-        helper.make_node("Conv", ["x", "w", "b"], ["conv"], name="conv"),
-        helper.make_node("Relu", ["conv"], ["act"], name="relu"),
-        helper.make_node("GlobalAveragePool", ["act"], ["gap"], name="gap"),
-        helper.make_node("Flatten", ["gap"], ["y"], name="flatten"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
-        initializer=[w, b],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    onnx.save(model, str(path))
-    return path
+    return write_tiny_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx", bias=(-0.5, 0.5))
 
 
 def test_sklearn_conventions(tiny_model: Path, tmp_path: Path) -> None:
