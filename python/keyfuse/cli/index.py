@@ -13,6 +13,7 @@ from keyfuse.cli.options import (
     index_argument,
     label_table_options,
     quiet_option,
+    vectors_option,
 )
 from keyfuse.errors import InvalidArgumentError
 
@@ -31,12 +32,7 @@ def index() -> None:
 )
 @label_table_options
 @device_option(IMAGE_DEVICE_HELP)
-@click.option(
-    "--vectors",
-    is_flag=True,
-    help="Also store each image's CNN vector (kf.CNNFeatures, keyfuse[cnn]) for "
-    "'keyfuse query --by vector/fused'.",
-)
+@vectors_option()
 @click.option("--overwrite", is_flag=True, help="Replace an existing index.")
 @quiet_option("No progress bar.")
 def index_build(
@@ -83,12 +79,7 @@ def index_build(
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @label_table_options
 @device_option(IMAGE_DEVICE_HELP)
-@click.option(
-    "--vectors",
-    is_flag=True,
-    help="Also store each image's CNN vector (kf.CNNFeatures, keyfuse[cnn]) for "
-    "'keyfuse query --by vector/fused'.",
-)
+@vectors_option()
 @click.option(
     "--skip-existing",
     is_flag=True,

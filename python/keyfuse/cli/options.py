@@ -57,6 +57,16 @@ def device_option(
     )
 
 
+def vectors_option() -> Callable[[F], F]:
+    """--vectors: store each image's CNN vector in the index as well."""
+    return click.option(
+        "--vectors",
+        is_flag=True,
+        help="Also store each image's CNN vector (kf.CNNFeatures, keyfuse[cnn]) for "
+        "'keyfuse query --by vector/fused'.",
+    )
+
+
 def quiet_option(help: str = "No progress bars.") -> Callable[[F], F]:
     """``-q/--quiet``."""
     return click.option("-q", "--quiet", is_flag=True, help=help)
