@@ -100,9 +100,12 @@ test-python: test-venv
 lint-wheel: test-venv
 	$(MAKE) --no-print-directory lint-run LINT_BIN=$(WHEEL_VENV)/bin
 
-# Every test: cargo's first (clippy waits on the same build lock), then the Python suite
-# and the lint gates side by side, since pytest keeps only one of two cores busy.
-test: test-rust
+# Every test, in two rounds of two jobs side by side: cargo's tests (target/debug) beside
+# the release wheel and its venv (target/<triple>/release: another build lock, and the
+# thin-LTO link leaves a core idle); then the Python suite beside the lint gates (pytest
+# keeps about one of two cores busy; clippy needs target/debug, free by then).
+test:
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-rust test-venv
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-python lint-wheel
 
 # rustfmt, clippy -D warnings, ruff, mypy and the stub check of the installed keyfuse._core
