@@ -95,8 +95,9 @@ def _apply(m: FloatArray, x: FloatArray) -> FloatArray:
     return np.asarray(x @ m[:3, :3].T + m[:3, 3], dtype=np.float64)
 
 
-def _scale_of(m: FloatArray) -> float:
-    return float(abs(np.linalg.det(m[:3, :3])) ** (1.0 / 3.0))
+def similarity_scale(m: Any) -> float:
+    """The isotropic scale of a 4×4 similarity: the cube root of |det| of its 3×3 part."""
+    return float(abs(np.linalg.det(np.asarray(m)[:3, :3])) ** (1.0 / 3.0))
 
 
 def one_point_hypotheses(
@@ -165,7 +166,7 @@ def local_fit(
         for _ in range(4):
             inl = np.linalg.norm(_apply(cur, xa) - xb, axis=1) <= thr
             nxt = fit_similarity(xa[inl], xb[inl], with_scale=with_scale)
-            if nxt is None or not 1.0 / max_scale <= _scale_of(nxt) <= max_scale:
+            if nxt is None or not 1.0 / max_scale <= similarity_scale(nxt) <= max_scale:
                 break
             done = np.allclose(nxt, cur, atol=1e-6)
             cur = nxt
@@ -197,7 +198,7 @@ def guided_pairs(
     alone)."""
     from scipy.spatial import cKDTree
 
-    s = _scale_of(m)
+    s = similarity_scale(m)
     pred = _apply(m, xyz_a)
     tree = cKDTree(xyz_b)
     near = tree.query_ball_point(pred, radius)
@@ -313,7 +314,7 @@ def robust_similarity(
     best: tuple[float, int, FloatArray] | None = None
     for n, m0 in enumerate(starts):
         m = local_fit(xa, xb, m0, (3 * inlier_mm, 2 * inlier_mm, inlier_mm), with_scale, max_scale)
-        if not 1.0 / max_scale <= _scale_of(m) <= max_scale:
+        if not 1.0 / max_scale <= similarity_scale(m) <= max_scale:
             continue
         cost = truncated_cost(xa, xb, m, inlier_mm)
         if best is None or cost < best[0]:
@@ -355,7 +356,7 @@ def refine(
             REFINE_CUTOFF * inlier_mm,
             with_scale,
         )
-        if not 1.0 / max_scale <= _scale_of(nxt) <= max_scale:
+        if not 1.0 / max_scale <= similarity_scale(nxt) <= max_scale:
             break
         cur = nxt
     return cur

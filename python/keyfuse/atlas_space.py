@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from keyfuse._align import similarity_scale
 from keyfuse.errors import InvalidArgumentError, InvalidImageError
 from keyfuse.image import Image, load_image
 
@@ -153,7 +154,7 @@ def check_alignment(image: Any, transform: Any, atlas: Image) -> str | None:
     the atlas (three central planes) at least as well (within 0.01) as the image left
     where it is."""
     mat = _as_matrix(transform)
-    scale = float(abs(np.linalg.det(mat[:3, :3])) ** (1.0 / 3.0))
+    scale = similarity_scale(mat)
     if not 0.75 <= scale <= 1.33:
         return f"scale {scale:.2f} outside [0.75, 1.33]"
     after, before = atlas_ncc(image, mat, atlas), atlas_ncc(image, np.eye(4), atlas)

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from keyfuse import _core
+from keyfuse._align import similarity_scale
 from keyfuse.device import choose_backend
 from keyfuse.errors import InvalidArgumentError
 from keyfuse.keypoints import KeypointSet, read_key
@@ -432,7 +433,7 @@ def align(
     res = np.linalg.norm(xa @ mat[:3, :3].T + mat[:3, 3] - xb, axis=1)
     inl = res <= inlier_mm
     rmse = float(np.sqrt(np.mean(res[inl] ** 2))) if inl.any() else float("nan")
-    scale = float(abs(np.linalg.det(mat[:3, :3])) ** (1.0 / 3.0))
+    scale = similarity_scale(mat)
     return Alignment(mat, inl, m, rmse, scale)
 
 
@@ -539,7 +540,7 @@ def soft_jaccard(
         mat = mat.astype(np.float64)
         if mat.shape != (4, 4):
             raise InvalidArgumentError(f"transform must be 4×4, got {mat.shape}")
-        s = float(abs(np.linalg.det(mat[:3, :3])) ** (1.0 / 3.0))
+        s = similarity_scale(mat)
         geo = {
             "xyz_a": np.ascontiguousarray(a.xyz @ mat[:3, :3].T + mat[:3, 3]),
             "scale_a": np.ascontiguousarray(a.scale, dtype=np.float64) * s,
