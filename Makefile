@@ -24,7 +24,7 @@ DIST      := dist
 WHEEL_VENV ?= $(or $(TMPDIR),/tmp)/keyfuse-wheel-venv-$(shell printf '%s' "$(CURDIR)" | sha1sum | cut -c1-12)
 WHEEL_PY   := $(WHEEL_VENV)/bin/python
 
-.PHONY: all setup build dev test test-deps test-rust test-venv test-python lint lint-run lint-wheel fmt demo bench wheel clean
+.PHONY: all setup build dev test test-deps test-rust test-venv test-python lint lint-run lint-rust lint-py lint-py-wheel fmt demo bench wheel clean
 
 all: test
 
@@ -51,7 +51,7 @@ dev: setup
 	$(VENV)/bin/maturin develop -q --profile fastbuild --extras all,test
 
 test-rust:
-	cargo test --workspace --exclude keyfuse-py -q
+	$(RUST_NICE) cargo test --workspace --exclude keyfuse-py -q
 
 # The abi3 wheel for clusters, its tags checked (cp310-abi3, manylinux_2_N with N <= 28).
 wheel: $(VENV)/.tools
@@ -87,34 +87,45 @@ test-venv: wheel test-deps
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(UV) pip install -q --python $(WHEEL_PY) "$$(ls $(CURDIR)/$(DIST)/keyfuse-*.whl)[all,test]"
 
-# The suite against the installed wheel. pytest runs in the process that first checked
-# where keyfuse is imported from, with the venv as its working directory.
+# The suite against the installed wheel, on two pytest-xdist workers. pytest runs in the
+# process that first checked where keyfuse is imported from, with the venv as its working
+# directory; KEYFUSE_TEST_INSTALLED makes every worker check it again (tests/conftest.py).
+PYTEST_WORKERS ?= 2
 test-python: test-venv
-	cd $(WHEEL_VENV) && $(WHEEL_PY) -c "import sys, keyfuse, pytest; \
+	cd $(WHEEL_VENV) && KEYFUSE_TEST_INSTALLED=$(WHEEL_VENV) $(WHEEL_PY) -c "import sys, keyfuse, pytest; \
 	    assert keyfuse.__file__.startswith(sys.prefix), keyfuse.__file__; \
 	    print('testing the installed wheel:', keyfuse.__file__); \
 	    sys.exit(pytest.main(sys.argv[1:]))" \
-	    -q -p no:cacheprovider --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(CURDIR)/tests
+	    -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal \
+	    --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(CURDIR)/tests
 
-# The lint gates with the wheel's venv (ruff, mypy and stubtest come with the `test` extra).
-lint-wheel: test-venv
-	$(MAKE) --no-print-directory lint-run LINT_BIN=$(WHEEL_VENV)/bin
+# The Python lint gates with the wheel's venv (ruff, mypy and stubtest come with `test`).
+lint-py-wheel: test-venv
+	$(MAKE) --no-print-directory lint-py LINT_BIN=$(WHEEL_VENV)/bin
 
-# Every test, in two rounds of two jobs side by side: cargo's tests (target/debug) beside
-# the release wheel and its venv (target/<triple>/release: another build lock, and the
-# thin-LTO link leaves a core idle); then the Python suite beside the lint gates (pytest
-# keeps about one of two cores busy; clippy needs target/debug, free by then).
+# Every test as one job graph on three slots, so that both cores stay busy to the end:
+# cargo's tests, clippy (its own target directory, so it never waits on cargo test's build
+# lock) and the release wheel start together; pytest and the Python lint gates start as
+# soon as the wheel is installed. The two Rust builds run at lower priority: the wheel and
+# pytest are the longest chain, so they get the cores first.
 test:
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-rust test-venv
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-python lint-wheel
+	$(MAKE) --no-print-directory -j3 --output-sync=target \
+	    RUST_NICE="nice -n 10" CLIPPY_TARGET_DIR=target/clippy \
+	    test-rust lint-rust test-python lint-py-wheel
 
 # rustfmt, clippy -D warnings, ruff, mypy and the stub check of the installed keyfuse._core
 LINT_BIN ?= $(VENV)/bin
 lint: setup lint-run
 
-lint-run:
+lint-run: lint-rust lint-py
+
+# (make test sets RUST_NICE and CLIPPY_TARGET_DIR; see `test`)
+lint-rust:
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -q -- -D warnings
+	$(if $(CLIPPY_TARGET_DIR),CARGO_TARGET_DIR=$(CLIPPY_TARGET_DIR)) $(RUST_NICE) \
+	    cargo clippy --workspace --all-targets -q -- -D warnings
+
+lint-py:
 	$(LINT_BIN)/ruff check python tests benches
 	$(LINT_BIN)/ruff format --check python tests benches
 	$(LINT_BIN)/mypy

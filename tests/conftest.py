@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``make test`` every process (each xdist worker too) must test the installed
+    wheel, never the source tree: KEYFUSE_TEST_INSTALLED names the venv it lives in."""
+    installed = os.environ.get("KEYFUSE_TEST_INSTALLED")
+    if installed:
+        import keyfuse
+
+        if not keyfuse.__file__ or not keyfuse.__file__.startswith(installed):
+            raise pytest.UsageError(f"keyfuse imported from {keyfuse.__file__}, not {installed}")
 
 
 @pytest.fixture(scope="session")
