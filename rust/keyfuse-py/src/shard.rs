@@ -95,10 +95,23 @@ impl Shard {
         self.inner.stats().to_words().into_pyarray(py)
     }
 
-    /// A copy of the shard's descriptors, (n_points, 64) uint8.
-    fn descriptors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u8>>> {
-        let d = self.inner.data().to_vec();
-        array2(py, self.inner.n_points(), keyfuse_core::DESC_LEN, d)
+    /// A copy of the shard's descriptor rows `start..stop` (`None`: to the end),
+    /// (rows, 64) uint8.
+    #[pyo3(signature = (start, stop))]
+    fn descriptors<'py>(
+        &self,
+        py: Python<'py>,
+        start: usize,
+        stop: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        let n = self.inner.n_points();
+        let stop = stop.unwrap_or(n);
+        if start > stop || stop > n {
+            return Err(invalid(py, format!("rows {start}..{stop} outside 0..{n}")));
+        }
+        const L: usize = keyfuse_core::DESC_LEN;
+        let d = self.inner.data()[start * L..stop * L].to_vec();
+        array2(py, stop - start, L, d)
     }
 
     /// Read every descriptor and check them against the header (raises when damaged).

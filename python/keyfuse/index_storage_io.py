@@ -1,0 +1,95 @@
+"""Appending to and opening an on-disk :class:`keyfuse.Index`: a part (Parquet) and the
+shards it fills, committed by one manifest; opening maps the sealed shards and streams
+the open shard's descriptors only (formats: :mod:`keyfuse.index_storage`,
+:mod:`keyfuse.index_shards`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from keyfuse.errors import IndexCorruptError
+from keyfuse.index_classify import LabelClassifiers
+from keyfuse.index_shards import ShardSet, as_descriptors, seal
+from keyfuse.index_storage import (
+    Staged,
+    _part_rows,
+    _stream_part,
+    verified_parts,
+    write_part,
+)
+
+if TYPE_CHECKING:
+    from keyfuse.index import Index
+
+
+def append_part(
+    ix: Index,
+    root: Path | None,
+    staged: Sequence[Staged],
+    parts: list[dict[str, Any]] | None = None,
+) -> list[Any]:
+    """Write one part and the shards it fills, and commit them by a new manifest (their
+    files are removed again when anything fails); ``parts=[]``: into a fresh index.
+    Returns the sealed shards for :meth:`ShardSet.append`."""
+    fresh = parts is not None
+    shards = ShardSet(ix._engine.shard_size, ix.trees) if fresh else ix._engine
+    new = [as_descriptors(s[1]) for s in staged]
+    seals, _ = shards.plan([len(d) for d in new])
+    if root is None:
+        return seal(shards, new, seals, None, [])
+    current = ix._parts if parts is None else parts
+    seq = 1 + max((int(p["seq"]) for p in current), default=0)
+    written: list[Path] = []
+    try:
+        entry = write_part(root, staged, seq, written)
+        sealed = seal(shards, new, seals, root, written)
+        entries = [e for e in [s.entry for s in shards.sealed] + [s[3] for s in sealed] if e]
+        ix._write_manifest(root, [*current, entry], entries)  # the commit point
+    except BaseException:
+        for w in written:
+            with contextlib.suppress(OSError):
+                w.unlink()
+        raise
+    current.append(entry)
+    return sealed
+
+
+def load_into(ix: Index, root: Path) -> None:
+    import pyarrow as pa
+
+    manifest, parts, checked = verified_parts(root)
+    entries = manifest.get("shards") or []
+    if ix._shard_size_arg is None and manifest.get("shard_size"):
+        ix._engine = ShardSet(int(manifest["shard_size"]), ix.trees)
+    try:
+        sizes = [int(n) for sub, _ in checked for n in sub["n_keypoints"]]
+        ix._engine.sizes = sizes
+        for e in entries:
+            lo = int(e["first_subject"])
+            if lo != ix._engine.open_first or e["n_keypoints"] != sum(
+                sizes[lo : lo + int(e["n_subjects"])]
+            ):
+                raise IndexCorruptError(f"{root}: shard {e['name']} disagrees with the parts")
+            ix._engine.add_sealed_file(root, e, sizes[lo : lo + int(e["n_subjects"])])
+        first = 0  # streamed: the open shard's descriptors only
+        for sub, kp_file in checked:
+            n = len(sub["subject_id"])
+            if first + n <= ix._engine.open_first:
+                for row in _part_rows(sub, kp_file):
+                    ix._register(*row)
+            else:
+                for i, streamed in enumerate(_stream_part(sub, kp_file, root)):
+                    *meta, desc = streamed
+                    ix._register(*meta)
+                    if first + i >= ix._engine.open_first:
+                        ix._engine.open_subject(desc)
+            first += n
+    except IndexCorruptError:
+        raise
+    except (KeyError, TypeError, ValueError, pa.ArrowException, OSError) as e:
+        raise IndexCorruptError(f"{root}: corrupt index ({type(e).__name__}: {e})") from e
+    ix._parts = list(parts)
+    ix._classifiers = LabelClassifiers.read(root)
