@@ -217,3 +217,31 @@ def test_pairwise_blocks_resume_and_dask_equals_in_process(
     masked = full.copy()
     np.fill_diagonal(masked, -np.inf)
     assert np.array_equal(best[:, 0], np.argmax(masked[: len(best)], axis=1))
+
+
+def test_cli_info_verify_query_and_blocks(sharded, cohort, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import keyfuse.cli as kcli
+
+    run = CliRunner()
+    res = run.invoke(kcli.cli, ["index", "info", str(sharded)])
+    assert res.exit_code == 0 and "6 (5 sealed" in res.output
+    res = run.invoke(kcli.cli, ["index", "verify", str(sharded)])
+    assert res.exit_code == 0 and ": ok" in res.output
+    f = sharded / "shard-000004.kff"
+    f.write_bytes(f.read_bytes()[:-3])
+    res = run.invoke(kcli.cli, ["index", "verify", str(sharded)])
+    assert res.exit_code == 1 and "shard-000004" in res.output
+    res = run.invoke(kcli.cli, ["index", "verify", "--repair", str(sharded)])
+    assert (
+        res.exit_code == 0 and "repaired: shard shard-000004.kfs: kd-forest rebuilt" in res.output
+    )
+    sid = cohort[2][0]
+    plain = run.invoke(kcli.cli, ["query", str(sharded), sid, "-k", "3", "--csv"])
+    dask = run.invoke(kcli.cli, ["query", str(sharded), sid, "-k", "3", "--csv", "--dask", "sync"])
+    assert plain.exit_code == 0 and dask.output == plain.output
+    out = tmp_path / "blocks"
+    res = run.invoke(kcli.cli, ["pairwise", str(sharded), "-o", str(out), "--blocks", "-q"])
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(read_pairwise(out), kf.Index(sharded).pairwise())

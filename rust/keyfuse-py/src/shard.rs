@@ -203,7 +203,10 @@ fn merge_score<'py>(
         .map(|&o| o.max(0) as usize)
         .collect();
     if offsets.is_empty() || offsets.windows(2).any(|w| w[1] < w[0]) {
-        return Err(invalid(py, "subject offsets must be non-decreasing, starting at 0"));
+        return Err(invalid(
+            py,
+            "subject offsets must be non-decreasing, starting at 0",
+        ));
     }
     let stats = DimStats::from_words(stats.as_array().as_slice().unwrap_or(&[]));
     let p = sj_params(k, true, 1, alpha2_floor, alpha2_cap_fraction, posterior);
