@@ -67,6 +67,7 @@ class _Sealed:
     entry: dict[str, Any] | None = None
     root: Path | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    starts: npt.NDArray[np.int64] | None = None  # each subject's first row, when needed
 
     @property
     def name(self) -> str:
@@ -135,11 +136,15 @@ class ShardSet:
         """Subject ``i``'s descriptors (a copy for a sealed shard)."""
         if i >= self.open_first:
             return self._open[i - self.open_first]
-        for s in self.sealed:
-            if s.first <= i < s.first + len(s.sizes):
-                start = int(sum(s.sizes[: i - s.first]))
-                return np.asarray(s.shard.descriptors(start, start + s.sizes[i - s.first]))
-        raise IndexError(i)
+        firsts = [s.first for s in self.sealed]
+        j = int(np.searchsorted(firsts, i, side="right")) - 1
+        if j < 0:
+            raise IndexError(i)
+        s = self.sealed[j]
+        if s.starts is None:
+            s.starts = np.concatenate([[0], np.cumsum(s.sizes)]).astype(np.int64)
+        a, b = int(s.starts[i - s.first]), int(s.starts[i - s.first + 1])
+        return np.asarray(s.shard.descriptors(a, b))
 
     def iter_subjects(self) -> Iterator[npt.NDArray[np.uint8]]:
         for s in self.sealed:
