@@ -773,9 +773,10 @@ class Index:
         return cls(p, **kwargs)
 
     def _write_manifest(
-        self, root: Path, parts: list[dict[str, Any]], shards: list[dict[str, Any]] | None = None
+        self, root: Path, parts: list[Any], shards: Any = None, segments: Any = None
     ) -> None:
-        write_manifest(root, parts, self.provenance(), shards, self._engine.shard_size)
+        """The sealed shards' and the open shard's segments' entries with the parts."""
+        write_manifest(root, parts, self.provenance(), shards, self._engine.shard_size, segments)
 
     def _append_part(
         self,

@@ -10,10 +10,13 @@ shard on disk is two files beside the parts::
                        header checksum) + n × 64 uint8 descriptors, memory-mapped
     shard-000001.kff   its kd-forest (magic, version, trees, nodes, permutations,
                        checksum; keyfuse_core::knn::forest_io), built when sealed
+    open-000007.kfs    the open shard's subjects appended by part 7 (shard file
+                       format), memory-mapped; retired when the open shard is sealed
 
 Both are written aside, flushed and renamed before the manifest that lists them (with
 their sizes and sha256) is committed, so an interrupted append leaves the previous
-index. Opening checks each shard file's size and header only (seconds for any size);
+index. Opening checks each shard or segment file's size and header only (no
+descriptor is read: seconds for any size);
 :func:`keyfuse.index_verify.verify_index` reads every byte. A forest is loaded (and
 validated) on the first approximate search, never rebuilt on open.
 
@@ -38,6 +41,7 @@ from keyfuse import _core
 from keyfuse.errors import CorruptDataError, IndexCorruptError, KeyfuseIOError
 
 DEFAULT_SHARD_SIZE = 20_000_000
+HEADER_BYTES = 2048  # of a shard file (keyfuse_core::shard::HEADER_BYTES)
 
 
 def as_descriptors(kps: Any) -> npt.NDArray[np.uint8]:
@@ -90,6 +94,7 @@ class ShardSet:
         self._open: list[np.ndarray] = []
         self._open_engine: _core.Shard | None = None
         self._lock = threading.Lock()
+        self.segments: list[dict[str, Any]] = []  # on disk: the open shard's files
 
     # -- contents -----------------------------------------------------------------------
     @property
@@ -228,6 +233,28 @@ class ShardSet:
             raise IndexCorruptError(f"{root}: shard {entry['name']} is damaged: {e}") from e
         self.sealed.append(_Sealed(shard, first, sizes, entry, root))
         self.open_first = first + len(sizes)
+
+    def map_segments(self, root: Path, segments: list[dict[str, Any]]) -> None:
+        """Map the open shard's segment files (size and header checked): each subject's
+        descriptors a view of its file, copied only when the open shard is searched."""
+        first = self.open_first
+        for e in segments:
+            lo, n = int(e["first_subject"]), int(e["n_subjects"])
+            sizes = self.sizes[lo : lo + n]
+            f = root / e["name"]
+            try:
+                if lo != first or len(sizes) != n:
+                    raise CorruptDataError("does not follow the shards")
+                _core.Shard.open(f, sizes, first_subject=lo, base=0, trees=self.trees)
+            except (CorruptDataError, KeyfuseIOError, OSError) as exc:
+                raise IndexCorruptError(f"{root}: open-shard segment {e['name']}: {exc}") from exc
+            rows = np.memmap(f, np.uint8, "r", offset=HEADER_BYTES, shape=(sum(sizes), 64))
+            for a, b in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True):
+                self.open_subject(rows[a:b])
+            first = lo + n
+        if first != len(self.sizes):
+            raise IndexCorruptError(f"{root}: the open shard's segments miss subjects")
+        self.segments = list(segments)
 
     def open_subject(self, desc: npt.NDArray[np.uint8]) -> None:
         """A subject of the open shard, streamed in when an index is opened."""

@@ -54,7 +54,7 @@ def _remove_index_files(p: Path) -> None:
     for f in p.glob("*.parquet"):
         if f.name.startswith(("subjects-", "keypoints-")):
             f.unlink()
-    for f in [*p.glob("shard-*.kfs"), *p.glob("shard-*.kff")]:
+    for f in [*p.glob("shard-*.kfs"), *p.glob("shard-*.kff"), *p.glob("open-*.kfs")]:
         f.unlink()
 
 
@@ -64,6 +64,7 @@ def write_manifest(
     provenance: dict[str, Any],
     shards: list[dict[str, Any]] | None = None,
     shard_size: int | None = None,
+    segments: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write ``root/manifest.json`` atomically (written aside, flushed and renamed): the
     format, the parts and sealed shards with their checksums, and what made the index
@@ -77,6 +78,7 @@ def write_manifest(
         "n_keypoints": sum(p["n_keypoints"] for p in parts),
         "parts": parts,
         "shards": shards or [],
+        "segments": segments or [],
         "shard_size": shard_size,
         "provenance": provenance,
     }
@@ -165,7 +167,9 @@ def verified_parts(
                 f = root / info["name"]
                 if not f.is_file():
                     raise IndexCorruptError(f"{f}: listed in the manifest but missing")
-                digest = full or kind == "subjects" or first > sealed
+                # the open shard's descriptors come from its segment files if listed
+                streamed = first > sealed and "segments" not in manifest
+                digest = full or kind == "subjects" or streamed
                 if f.stat().st_size != info["bytes"] or (digest and _sha256(f) != info["sha256"]):
                     raise IndexCorruptError(f"{f}: size or sha256 checksum mismatch")
                 if pq.ParquetFile(f).metadata.num_rows != info["rows"]:

@@ -37,24 +37,58 @@ def append_part(
     fresh = parts is not None
     shards = ShardSet(ix._engine.shard_size, ix.trees) if fresh else ix._engine
     new = [as_descriptors(s[1]) for s in staged]
-    seals, _ = shards.plan([len(d) for d in new])
+    seals, open_first = shards.plan([len(d) for d in new])
     if root is None:
         return seal(shards, new, seals, None, [])
     current = ix._parts if parts is None else parts
     seq = 1 + max((int(p["seq"]) for p in current), default=0)
     written: list[Path] = []
+    # the open shard's descriptors: one segment file per append (a seal retires them all)
+    old = [] if seals else list(shards.segments)
     try:
         entry = write_part(root, staged, seq, written)
         sealed = seal(shards, new, seals, root, written)
         entries = [e for e in [s.entry for s in shards.sealed] + [s[3] for s in sealed] if e]
-        ix._write_manifest(root, [*current, entry], entries)  # the commit point
+        segments = [*old, *_segment(root, shards, new, open_first, seq, written)]
+        ix._write_manifest(root, [*current, entry], entries, segments)  # the commit point
     except BaseException:
         for w in written:
             with contextlib.suppress(OSError):
                 w.unlink()
         raise
+    for e in shards.segments if seals else []:
+        with contextlib.suppress(OSError):
+            (root / e["name"]).unlink()  # retired: its subjects are in a sealed shard now
+    shards.segments = segments
     current.append(entry)
     return sealed
+
+
+def _segment(
+    root: Path, shards: ShardSet, new: Sequence[Any], open_first: int, seq: int, written: list[Path]
+) -> list[dict[str, Any]]:
+    """Write the appended subjects that stay in the open shard as a segment file."""
+    from keyfuse import _core
+    from keyfuse.index_storage import _sha256
+
+    lo, hi = max(open_first, len(shards.sizes)), len(shards.sizes) + len(new)
+    if lo >= hi:
+        return []
+    name = f"open-{seq:06d}.kfs"
+    written.append(root / name)
+    desc = shards.pending(new, lo, hi)
+    _core.write_shard(root / name, desc)
+    f = root / name
+    return [
+        {
+            "name": name,
+            "first_subject": lo,
+            "n_subjects": hi - lo,
+            "n_keypoints": len(desc),
+            "bytes": f.stat().st_size,
+            "sha256": _sha256(f),
+        }
+    ]
 
 
 def load_into(ix: Index, root: Path) -> None:
@@ -74,10 +108,13 @@ def load_into(ix: Index, root: Path) -> None:
             ):
                 raise IndexCorruptError(f"{root}: shard {e['name']} disagrees with the parts")
             ix._engine.add_sealed_file(root, e, sizes[lo : lo + int(e["n_subjects"])])
-        first = 0  # streamed: the open shard's descriptors only
+        segments = manifest.get("segments")
+        if segments is not None:  # the open shard's segments, mapped (format v2)
+            ix._engine.map_segments(root, segments)
+        first = 0  # else streamed: the open shard's descriptors only
         for sub, kp_file in checked:
             n = len(sub["subject_id"])
-            if first + n <= ix._engine.open_first:
+            if segments is not None or first + n <= ix._engine.open_first:
                 for row in _part_rows(sub, kp_file):
                     ix._register(*row)
             else:

@@ -5,7 +5,8 @@ checks every file's sha256 against the manifest, every sealed shard's descriptor
 its header statistics and every kd-forest's structure. ``repair=True`` rebuilds a damaged
 forest from its shard, and a damaged shard file (and its forest) from the subjects'
 keypoints in the Parquet parts when those verify; each repair is committed by a new
-manifest. What cannot be repaired (damaged parts) is reported, nothing is deleted.
+manifest. The open shard's segment files are checked and rebuilt the same way. What
+cannot be repaired (damaged parts) is reported, nothing is deleted.
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def verify_index(path: Any, *, repair: bool = False) -> VerifyReport:
             subjects.append(pq.read_table(root / part["files"]["subjects"]["name"]).to_pydict())
     sizes = [int(n) for sub in subjects for n in sub["n_keypoints"]]
     trees = int(manifest.get("provenance", {}).get("params", {}).get("trees", 8))
+    for e in manifest.get("segments") or []:
+        report.checked += 1
+        why = _file_problem(root, e)
+        if why:
+            report.problems.append(f"open-shard segment {e['name']}: {why}")
+            if repair and not bad_parts:
+                _rebuild_shard(root, e, parts, subjects)
+                report.repaired.append(f"segment {e['name']}: rebuilt from the Parquet parts")
+                report.problems.pop()
     changed = False
     for e in shards:
         report.checked += 1
@@ -125,7 +135,14 @@ def verify_index(path: Any, *, repair: bool = False) -> VerifyReport:
         report.repaired.append(f"shard {e['name']}: kd-forest rebuilt")
         changed = True
     if changed:
-        write_manifest(root, parts, manifest["provenance"], shards, manifest.get("shard_size"))
+        write_manifest(
+            root,
+            parts,
+            manifest["provenance"],
+            shards,
+            manifest.get("shard_size"),
+            manifest.get("segments"),
+        )
         report.problems = [p for p in report.problems if "cannot repair" in p]
     return report
 

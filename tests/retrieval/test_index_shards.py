@@ -245,3 +245,23 @@ def test_cli_info_verify_query_and_blocks(sharded, cohort, tmp_path: Path) -> No
     res = run.invoke(kcli.cli, ["pairwise", str(sharded), "-o", str(out), "--blocks", "-q"])
     assert res.exit_code == 0, res.output
     assert np.array_equal(read_pairwise(out), kf.Index(sharded).pairwise())
+
+
+def test_open_shard_is_mapped_from_segments(sharded, cohort, monkeypatch) -> None:
+    """The open shard's descriptors are mapped from its segment files (the Parquet parts
+    are not streamed on open); a truncated segment is named."""
+    import keyfuse.index_storage_io as sio
+
+    def no_stream(*args, **kwargs):
+        raise AssertionError("descriptors streamed from Parquet")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(sio, "_stream_part", no_stream)
+        ix = kf.Index(sharded)
+        assert ix.scores(cohort[11][1], exact=True)[11] == 1.0  # itself, in the open shard
+    segments = json.loads((sharded / "manifest.json").read_text())["segments"]
+    assert [s["first_subject"] for s in segments] == [10]
+    f = sharded / segments[0]["name"]
+    f.write_bytes(f.read_bytes()[:-64])
+    with pytest.raises(kf.IndexCorruptError, match=segments[0]["name"]):
+        kf.Index(sharded)
