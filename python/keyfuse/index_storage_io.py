@@ -45,11 +45,14 @@ def append_part(
     written: list[Path] = []
     # the open shard's descriptors: one segment file per append (a seal retires them all)
     old = [] if seals else list(shards.segments)
+    if sum(int(e["n_subjects"]) for e in old) != len(shards.sizes) - shards.open_first:
+        old = []  # a format-v1 index: its open subjects get their first segment now
     try:
         entry = write_part(root, staged, seq, written)
         sealed = seal(shards, new, seals, root, written)
         entries = [e for e in [s.entry for s in shards.sealed] + [s[3] for s in sealed] if e]
-        segments = [*old, *_segment(root, shards, new, open_first, seq, written)]
+        start = open_first if not old else len(shards.sizes)
+        segments = [*old, *_segment(root, shards, new, start, seq, written)]
         ix._write_manifest(root, [*current, entry], entries, segments)  # the commit point
     except BaseException:
         for w in written:
@@ -67,11 +70,12 @@ def append_part(
 def _segment(
     root: Path, shards: ShardSet, new: Sequence[Any], open_first: int, seq: int, written: list[Path]
 ) -> list[dict[str, Any]]:
-    """Write the appended subjects that stay in the open shard as a segment file."""
+    """Write the open shard's subjects from ``open_first`` on (the appended ones, or all
+    of them for an index without segments yet) as a segment file."""
     from keyfuse import _core
     from keyfuse.index_storage import _sha256
 
-    lo, hi = max(open_first, len(shards.sizes)), len(shards.sizes) + len(new)
+    lo, hi = open_first, len(shards.sizes) + len(new)
     if lo >= hi:
         return []
     name = f"open-{seq:06d}.kfs"

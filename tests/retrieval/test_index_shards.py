@@ -174,10 +174,15 @@ def test_format_v1_index_is_read(cohort, tmp_path: Path) -> None:
     m["version"] = 1
     del m["shards"], m["shard_size"]
     (path / "manifest.json").write_text(json.dumps(m))
-    ix = kf.Index(path, mode="r+", shard_size=250)
+    ix = kf.Index(path, mode="r+")
     assert len(ix) == 4 and not any(s["sealed"] for s in ix.shards)
-    _fill(ix, cohort[4:6])
-    assert sum(s["sealed"] for s in kf.Index(path).shards) >= 1
+    _fill(ix, cohort[4:5])  # no seal: the open shard's first segment holds all 5
+    assert len(kf.Index(path)) == 5
+    _fill(kf.Index(path, mode="r+", shard_size=250), cohort[5:7])
+    back = kf.Index(path)
+    assert len(back) == 7 and sum(s["sealed"] for s in back.shards) >= 1
+    want = _fill(kf.Index(), cohort[:7]).pairwise(exact=True)
+    assert np.array_equal(back.pairwise(exact=True), want)
 
 
 def test_pairwise_blocks_resume_and_dask_equals_in_process(
