@@ -28,6 +28,7 @@ bit-identically to one shard holding the same subjects.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class ShardSet:
         self._open_engine: _core.Shard | None = None
         self._lock = threading.Lock()
         self.segments: list[dict[str, Any]] = []  # on disk: the open shard's files
+        self.root: Path | None = None  # on disk: the index directory
 
     # -- contents -----------------------------------------------------------------------
     @property
@@ -254,7 +256,7 @@ class ShardSet:
             first = lo + n
         if first != len(self.sizes):
             raise IndexCorruptError(f"{root}: the open shard's segments miss subjects")
-        self.segments = list(segments)
+        self.segments, self.root = list(segments), root
 
     def open_subject(self, desc: npt.NDArray[np.uint8]) -> None:
         """A subject of the open shard, streamed in when an index is opened."""
@@ -286,9 +288,26 @@ class ShardSet:
             if not exact and not eng.has_forest:
                 with self._lock:
                     if not eng.has_forest:
-                        eng.build_forest()
+                        self._open_forest(eng)
             out.append(("open", eng))
         return out
+
+    def _open_forest(self, eng: _core.Shard) -> None:
+        """The open shard's forest: loaded from the cache file of its current segments
+        (``open-NNNNNN-<points>.kff``, not in the manifest: checked on load, removed when
+        the shard is sealed), else built and, where the directory is writable, saved."""
+        if self.root is None or not self.segments:
+            eng.build_forest()
+            return
+        f = self.root / f"{Path(self.segments[-1]['name']).stem}-{eng.n_points}.kff"
+        try:
+            eng.load_forest(f)
+            return
+        except (CorruptDataError, KeyfuseIOError, OSError):
+            pass
+        eng.build_forest()
+        with contextlib.suppress(KeyfuseIOError, OSError):
+            eng.save_forest(f)
 
     def _ready(self, s: _Sealed, exact: bool) -> _core.Shard:
         if exact or s.shard.has_forest:

@@ -54,7 +54,7 @@ def _remove_index_files(p: Path) -> None:
     for f in p.glob("*.parquet"):
         if f.name.startswith(("subjects-", "keypoints-")):
             f.unlink()
-    for f in [*p.glob("shard-*.kfs"), *p.glob("shard-*.kff"), *p.glob("open-*.kfs")]:
+    for f in [*p.glob("shard-*.kf[sf]"), *p.glob("open-*.kf[sf]")]:
         f.unlink()
 
 

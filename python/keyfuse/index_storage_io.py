@@ -62,7 +62,10 @@ def append_part(
     for e in shards.segments if seals else []:
         with contextlib.suppress(OSError):
             (root / e["name"]).unlink()  # retired: its subjects are in a sealed shard now
-    shards.segments = segments
+    for f in root.glob("open-*-*.kff"):  # open-shard forest caches: now stale
+        with contextlib.suppress(OSError):
+            f.unlink()
+    shards.segments, shards.root = segments, root
     current.append(entry)
     return sealed
 

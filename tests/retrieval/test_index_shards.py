@@ -75,6 +75,11 @@ def test_forests_are_persisted_and_approximate_search_is_stable(sharded, cohort)
     b = kf.Index(sharded).pairwise(exact=False)
     assert np.array_equal(a, b)
     assert {f: (sharded / f).stat().st_mtime_ns for f in files} == stamp  # never rebuilt
+    # the open shard's forest is cached beside its segments, then loaded, not rebuilt
+    (cache,) = sharded.glob("open-*-*.kff")
+    t = cache.stat().st_mtime_ns
+    assert np.array_equal(kf.Index(sharded).pairwise(exact=False), a)
+    assert cache.stat().st_mtime_ns == t
     same = [
         a[i, j] > 0.2
         for i in range(12)
