@@ -15,6 +15,7 @@ use crate::jaccard::{DimStats, SoftJaccardParams};
 use crate::knn::{check_rows, fnv64, knn_exact, write_atomic, ForestParams, KdForest, Neighbors};
 use crate::{KfError, Result, DESC_LEN};
 use std::path::Path;
+use std::sync::OnceLock;
 
 const MAGIC: &[u8; 8] = b"KFSHARD\0";
 /// Version of the shard file format.
@@ -36,7 +37,9 @@ pub struct Shard {
     base: u32,
     owner: Vec<u32>,
     stats: DimStats,
-    forest: Option<KdForest>,
+    // set once (built or loaded), then shared: every method takes `&self`, so threads
+    // searching a shard never wait on one loading its forest
+    forest: OnceLock<KdForest>,
     forest_params: ForestParams,
 }
 
@@ -103,7 +106,7 @@ impl Shard {
             store,
             base: base as u32,
             stats,
-            forest: None,
+            forest: OnceLock::new(),
             forest_params: fp,
         })
     }
@@ -216,28 +219,34 @@ impl Shard {
             Store::Owned(v) => v.len(),
             Store::Mapped(_) => 0,
         };
-        own + self.owner.len() * 4 + self.forest.as_ref().map_or(0, |f| f.memory_bytes())
+        own + self.owner.len() * 4 + self.forest.get().map_or(0, |f| f.memory_bytes())
     }
 
     pub fn has_forest(&self) -> bool {
-        self.forest.is_some()
+        self.forest.get().is_some()
     }
 
     pub fn forest(&self) -> Option<&KdForest> {
-        self.forest.as_ref()
+        self.forest.get()
     }
 
-    /// Build the kd-forest now, when missing.
-    pub fn build_forest(&mut self) -> Result<()> {
-        if self.forest.is_none() {
-            self.forest = Some(KdForest::build(self.data(), &self.forest_params)?);
+    /// Build the kd-forest now, when missing (two threads may both build it: the same
+    /// deterministic forest, one is kept).
+    pub fn build_forest(&self) -> Result<()> {
+        if self.forest.get().is_none() {
+            let _ = self
+                .forest
+                .set(KdForest::build(self.data(), &self.forest_params)?);
         }
         Ok(())
     }
 
-    /// Load the forest saved at `path` (validated; see [`KdForest::from_bytes`]).
-    pub fn load_forest(&mut self, path: &Path) -> Result<()> {
-        self.forest = Some(KdForest::load(path, self.n_points())?);
+    /// Load the forest saved at `path` (validated; see [`KdForest::from_bytes`]) unless
+    /// the shard has one already.
+    pub fn load_forest(&self, path: &Path) -> Result<()> {
+        if self.forest.get().is_none() {
+            let _ = self.forest.set(KdForest::load(path, self.n_points())?);
+        }
         Ok(())
     }
 
@@ -267,7 +276,7 @@ impl Shard {
         let mut nb = if p.exact {
             knn_exact(self.data(), queries, p.k, filter)?
         } else {
-            match &self.forest {
+            match self.forest.get() {
                 Some(f) => f.search(self.data(), queries, p.k, p.checks, filter)?,
                 None => {
                     return Err(KfError::InvalidArgument(
@@ -350,7 +359,7 @@ mod tests {
         let path = dir.join("s.kfs");
         let d = data(50, 3);
         Shard::write(&path, &d).unwrap();
-        let mut s = Shard::open(&path, &[20, 30], 4, 100, ForestParams::default()).unwrap();
+        let s = Shard::open(&path, &[20, 30], 4, 100, ForestParams::default()).unwrap();
         assert_eq!(s.data(), &d[..]);
         s.verify().unwrap();
         s.build_forest().unwrap();

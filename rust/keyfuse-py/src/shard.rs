@@ -27,7 +27,7 @@ fn forest_params(trees: usize) -> ForestParams {
 
 /// One shard of an index: descriptors (in memory or memory-mapped from a shard file), each
 /// point's global subject and its kd-forest.
-#[pyclass(module = "keyfuse._core")]
+#[pyclass(module = "keyfuse._core", frozen)]
 struct Shard {
     inner: CoreShard,
 }
@@ -120,8 +120,8 @@ impl Shard {
         detach(py, || inner.verify())
     }
 
-    fn build_forest(&mut self, py: Python<'_>) -> PyResult<()> {
-        let inner = &mut self.inner;
+    fn build_forest(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
         detach(py, || inner.build_forest())
     }
 
@@ -134,8 +134,8 @@ impl Shard {
     }
 
     /// Load and validate the forest saved at `path`.
-    fn load_forest(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        let inner = &mut self.inner;
+    fn load_forest(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let inner = &self.inner;
         detach(py, || inner.load_forest(&path))
     }
 
