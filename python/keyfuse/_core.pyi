@@ -1,6 +1,9 @@
 # Type stubs for the compiled extension `keyfuse._core` (rust/keyfuse-py).
 # One section per binding file; keep each in step with its .rs file. Parameters are
 # keyword-only and have no defaults here: the public modules of keyfuse pass every one.
+import os
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import final
@@ -311,3 +314,59 @@ class SearchEngine:
         posterior: bool,
     ) -> npt.NDArray[np.float64]: ...
     def reference_votes(self, *, k: int, exact: bool, checks: int) -> npt.NDArray[np.float64]: ...
+
+@final
+class Shard:
+    def __new__(
+        cls,
+        desc: npt.NDArray[np.uint8],
+        sizes: Sequence[int],
+        *,
+        first_subject: int,
+        base: int,
+        trees: int,
+    ) -> Shard: ...
+    @staticmethod
+    def open(
+        path: str | os.PathLike[str],
+        sizes: Sequence[int],
+        *,
+        first_subject: int,
+        base: int,
+        trees: int,
+    ) -> Shard: ...
+    @property
+    def n_points(self) -> int: ...
+    @property
+    def is_mapped(self) -> bool: ...
+    @property
+    def has_forest(self) -> bool: ...
+    def memory_bytes(self) -> int: ...
+    def stats(self) -> npt.NDArray[np.uint64]: ...
+    def descriptors(self, start: int, stop: int | None) -> npt.NDArray[np.uint8]: ...
+    def verify(self) -> None: ...
+    def build_forest(self) -> None: ...
+    def save_forest(self, path: str | os.PathLike[str]) -> None: ...
+    def load_forest(self, path: str | os.PathLike[str]) -> None: ...
+    def knn(
+        self,
+        queries: npt.NDArray[np.uint8],
+        *,
+        exclude: int | None,
+        allowed: npt.NDArray[np.bool_] | None,
+        k: int,
+        exact: bool,
+        checks: int,
+    ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]: ...
+
+def write_shard(path: str | os.PathLike[str], desc: npt.NDArray[np.uint8]) -> None: ...
+def merge_score(
+    parts: Sequence[tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]],
+    *,
+    subject_offsets: npt.NDArray[np.int64],
+    stats: npt.NDArray[np.uint64],
+    k: int,
+    alpha2_floor: float,
+    alpha2_cap_fraction: float,
+    posterior: bool,
+) -> npt.NDArray[np.float64]: ...

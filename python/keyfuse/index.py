@@ -1,15 +1,16 @@
 """The persistent cohort index: keypoint sets (and optional CNN vectors) of many subjects,
 searchable by soft-Jaccard similarity.
 
-In memory the search engine (every descriptor, a randomized kd-forest and the per-subject
-soft-Jaccard accumulation) lives in Rust (:class:`keyfuse._core.SearchEngine`) and runs with the
-GIL released. On disk an index is a directory of Apache Parquet files::
+The descriptors are searched in shards (:mod:`keyfuse.index_shards`; Rust
+:class:`keyfuse._core.Shard`, GIL released): sealed shards are memory-mapped files with
+their kd-forest saved beside them, the open one is in RAM; in process or on Dask
+(:mod:`keyfuse.index_dask`), with the same scores. On disk an index is a directory::
 
     index/
-      manifest.json                 format, version, parts and their sha256 checksums
+      manifest.json                 format, version, parts, shards and their sha256
       subjects-000001.parquet       id, keypoint count, affine, shape, labels, vector, source
       keypoints-000001.parquet      subject, geometry and the 64-byte descriptor per row
-      subjects-000002.parquet  ...  one pair per append
+      shard-000001.kfs / .kff       a sealed shard's descriptors and its kd-forest
 
 Appends are atomic: a part is written under a temporary name, flushed and renamed, and
 only then does a new ``manifest.json`` (itself written aside and renamed) list it. A file
@@ -19,7 +20,6 @@ its checksum raises :class:`~keyfuse.errors.IndexCorruptError` and nothing is lo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -34,7 +34,6 @@ import numpy.typing as npt
 from keyfuse import _core
 from keyfuse.device import runs_on_gpu
 from keyfuse.errors import (
-    IndexCorruptError,
     InvalidArgumentError,
     KeyfuseIOError,
     warn_caller,
@@ -48,6 +47,7 @@ from keyfuse.index_results import (
     Hit,
     SearchResult,
 )
+from keyfuse.index_shards import DEFAULT_SHARD_SIZE, ShardSet, as_descriptors
 from keyfuse.index_storage import (
     MANIFEST,
     Staged,
@@ -55,10 +55,7 @@ from keyfuse.index_storage import (
     _not_an_index,
     _remove_index_files,
     _Rows,
-    _stream_part,
-    verified_parts,
     write_manifest,
-    write_part,
 )
 from keyfuse.keypoints import KeypointSet
 from keyfuse.vector_search import FusedTerms, VectorMatrix
@@ -74,6 +71,7 @@ __all__ = [
 
 
 MODES = ("r", "r+", "a", "w", "x")
+
 PathLike = str | os.PathLike[str]
 
 
@@ -114,6 +112,10 @@ class Index:
     alpha2_cap_fraction : float, optional
         Cap of the adaptive kernel width (see :func:`keyfuse.soft_jaccard`); default
         ``inf`` (posterior) or 0.1 (published); ``inf`` gives the published formula.
+    shard_size : int, optional
+        Most keypoints per shard (default: the opened index's, else 20,000,000). Sealed
+        shards are memory-mapped files with their kd-forest saved beside them
+        (:mod:`keyfuse.index_shards`); scores do not depend on the layout.
 
     Scores are cohort-relative: α_i is the distance from a query keypoint to its nearest
     neighbour among all the other subjects.
@@ -137,12 +139,14 @@ class Index:
         exact_below: int = 100_000,
         kernel: str = "posterior",
         alpha2_cap_fraction: float | None = None,
+        shard_size: int | None = None,
     ) -> None:
         from keyfuse.matching import _kernel_defaults
 
         post, kk, cap = _kernel_defaults(kernel, k, alpha2_cap_fraction)
-        if checks < 1 or trees < 1:
-            raise InvalidArgumentError("checks and trees must be ≥ 1")
+        if checks < 1 or trees < 1 or (shard_size is not None and shard_size < 1):
+            raise InvalidArgumentError("checks, trees and shard_size must be ≥ 1")
+        self._shard_size_arg = shard_size
         self.kernel, self.posterior, self.alpha2_cap_fraction = kernel, post, cap
         self.k, self.checks, self.trees, self.exact_below = (
             kk,
@@ -158,7 +162,7 @@ class Index:
         # a subject's full keypoints: resident (added in this process), or where they lie
         # on disk (opened indexes keep only the descriptors, in the engine)
         self._kps: list[KeypointSet | _Rows] = []
-        self._engine = _core.SearchEngine(trees=self.trees)
+        self._engine = ShardSet(shard_size or DEFAULT_SHARD_SIZE, self.trees)
         self._ndim: int | None = None  # 2 or 3: the dimension of the indexed images
         self._gpu_cache: tuple[int, _core.GpuCohort] | None = None
         # derived from the subjects, rebuilt when their number changes (see _derived)
@@ -220,7 +224,16 @@ class Index:
 
     @property
     def n_keypoints(self) -> int:
-        return int(self._engine.n_points)
+        return self._engine.n_points
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        """The shards: name, first_subject, subjects, keypoints, sealed."""
+        return self._engine.listing()
+
+    @property
+    def shard_size(self) -> int:
+        return self._engine.shard_size
 
     @property
     def labels(self) -> dict[str, dict[str, Any]]:
@@ -259,8 +272,9 @@ class Index:
         return self._sources[self._index_of(subject_id)]
 
     def memory_bytes(self) -> int:
-        """Bytes held by the search engine (descriptors, owners, kd-forest)."""
-        return int(self._engine.memory_bytes())
+        """Bytes held in RAM by the search engine (descriptors of the open shard, owners,
+        kd-forests; memory-mapped shards not counted)."""
+        return self._engine.memory_bytes()
 
     def _index_of(self, subject_id: str) -> int:
         try:
@@ -344,10 +358,10 @@ class Index:
                 EmptyKeypointsWarning,
                 stacklevel=3,
             )
-        if self.path is not None:
-            self._append_part(self.path, staged)
+        sealed = self._append_part(self.path, staged)
         for sid, kp, v, labs, src in staged:
             self._register(sid, kp, v, labs, src)
+        self._engine.append([as_descriptors(s[1]) for s in staged], sealed)
 
     def _register(
         self,
@@ -356,14 +370,11 @@ class Index:
         v: np.ndarray | None,
         labs: dict[str, Any],
         src: str | None,
-        descriptors: np.ndarray | None = None,
     ) -> None:
-        """Add one subject to memory: its KeypointSet, or (from disk) its rows' place and
-        descriptors."""
-        desc = kp.descriptors if isinstance(kp, KeypointSet) else descriptors
+        """Add one subject's metadata to memory: its KeypointSet, or (from disk) its rows'
+        place (the descriptors go to the shards)."""
         if self._ndim is None and len(kp.shape) in (2, 3):
             self._ndim = len(kp.shape)
-        self._engine.add(np.ascontiguousarray(desc, dtype=np.uint8))
         self._pos[sid] = len(self._ids)
         self._ids.append(sid)
         self._kps.append(kp)
@@ -389,7 +400,7 @@ class Index:
         cached = self._gpu_cache
         if cached is None or cached[0] != len(self):
             data = self._engine.descriptors()
-            sizes = np.asarray(self._engine.sizes(), dtype=np.int64)
+            sizes = np.asarray(self._engine.sizes, dtype=np.int64)
             cached = (len(self), _core.GpuCohort(np.ascontiguousarray(data), sizes))
             self._gpu_cache = cached
         return cached[1]
@@ -416,11 +427,14 @@ class Index:
         exclude: str | None = None,
         exact: bool | None = None,
         device: str = "auto",
+        scheduler: Any = None,
     ) -> npt.NDArray[np.float64]:
         """Soft-Jaccard score of ``query`` against every subject, in subject order
         (0 for subjects excluded or outside ``restrict``). See :meth:`search`."""
         mask = self._mask(restrict)
-        return self._scores(query, mask, exclude=exclude, exact=exact, device=device)
+        return self._scores(
+            query, mask, exclude=exclude, exact=exact, device=device, scheduler=scheduler
+        )
 
     def _scores(
         self,
@@ -430,6 +444,7 @@ class Index:
         exclude: str | None,
         exact: bool | None,
         device: str,
+        scheduler: Any = None,
     ) -> npt.NDArray[np.float64]:
         from keyfuse.matching import _ALPHA2_FLOOR, _as_keypoints
 
@@ -456,19 +471,9 @@ class Index:
                     alpha2_cap_fraction=self.alpha2_cap_fraction,
                 )
             )
-        return np.asarray(
-            self._engine.search(
-                np.ascontiguousarray(kps.descriptors, dtype=np.uint8),
-                exclude=ex,
-                allowed=mask,
-                k=self.k,
-                exact=self._use_exact(exact),
-                checks=self.checks,
-                alpha2_floor=_ALPHA2_FLOOR,
-                alpha2_cap_fraction=self.alpha2_cap_fraction,
-                posterior=self.posterior,
-            )
-        )
+        from keyfuse.index_dask import search_scores
+
+        return search_scores(self, as_descriptors(kps), ex, mask, self._use_exact(exact), scheduler)
 
     def _derived(self, name: str, build: Any) -> Any:
         """A structure derived from the subjects (the vector matrix, the fused terms' cached
@@ -498,6 +503,7 @@ class Index:
         exact: bool | None = None,
         device: str = "auto",
         cnn: Any = None,
+        scheduler: Any = None,
     ) -> SearchResult:
         """The ``k`` subjects most similar to ``query``, best first.
 
@@ -541,6 +547,10 @@ class Index:
         cnn : CNNFeatures, optional
             Computes an image query's vector as ``cnn(image)`` (default
             ``kf.CNNFeatures()``; unaligned: pass the vector when the indexed ones were aligned).
+        scheduler : optional
+            ``None`` (default): in process. Else as in :mod:`keyfuse.batch` ("local", a
+            scheduler address, a ``distributed.Client``): the sealed shards are searched
+            on the workers, with the same results (:mod:`keyfuse.index_dask`).
 
         Returns
         -------
@@ -551,7 +561,7 @@ class Index:
 
         return run_search(
             self, query, k, restrict, by=by, alpha=alpha, metric=metric, exclude=exclude,
-            exact=exact, device=device, cnn=cnn,
+            exact=exact, device=device, cnn=cnn, scheduler=scheduler,
         )  # fmt: skip
 
     def pairwise(
@@ -564,6 +574,10 @@ class Index:
         exact: bool | None = None,
         device: str = "auto",
         as_frame: bool = False,
+        scheduler: Any = None,
+        out: PathLike | None = None,
+        top_k: int | None = None,
+        progress: bool = False,
     ) -> Any:
         """N×N score matrix, rows and columns in :attr:`subjects` order.
 
@@ -574,11 +588,22 @@ class Index:
         = eq. 4 of subject a against every other subject (see :meth:`search`; ``alpha``
         as there), diagonal the matrix's largest value. ``as_frame=True`` returns a pandas
         ``DataFrame`` with the subject ids as its index and columns (what
-        :func:`keyfuse.evaluate.family_report` matches by id)."""
+        :func:`keyfuse.evaluate.family_report` matches by id).
+
+        ``scheduler`` as in :meth:`search`. ``out=DIR`` (keypoints, asymmetric): rows are
+        computed in blocks written to ``DIR`` as Parquet as they finish (resumable: done
+        blocks are skipped), the full matrix up to 20,000 subjects or each row's ``top_k``
+        best; returns ``DIR`` (read a full one with
+        :func:`keyfuse.index_dask.read_pairwise`)."""
         from keyfuse.index_query import pairwise_by
 
         if by == "keypoints":
-            mat = self._pairwise(symmetric, exact=exact, device=device)
+            if out is not None or top_k is not None:
+                from keyfuse.index_dask import pairwise_scores
+
+                use = self._use_exact(exact)
+                return pairwise_scores(self, symmetric, use, scheduler, out, top_k, progress)
+            mat = self._pairwise(symmetric, exact=exact, device=device, scheduler=scheduler)
         else:
             mat = pairwise_by(self, by, alpha, metric)
         if not as_frame:
@@ -589,8 +614,13 @@ class Index:
         return pd.DataFrame(mat, index=ids, columns=ids.rename(None))
 
     def _pairwise(
-        self, symmetric: bool, *, exact: bool | None, device: str
-    ) -> npt.NDArray[np.float64]:
+        self,
+        symmetric: bool,
+        *,
+        exact: bool | None,
+        device: str,
+        scheduler: Any = None,
+    ) -> Any:
         from keyfuse.matching import _ALPHA2_FLOOR
 
         on_gpu = self._on_gpu(device, "index.pairwise")
@@ -606,17 +636,9 @@ class Index:
                     symmetric=symmetric,
                 )
             )
-        return np.asarray(
-            self._engine.pairwise(
-                k=self.k,
-                exact=self._use_exact(exact),
-                checks=self.checks,
-                alpha2_floor=_ALPHA2_FLOOR,
-                alpha2_cap_fraction=self.alpha2_cap_fraction,
-                symmetric=symmetric,
-                posterior=self.posterior,
-            )
-        )
+        from keyfuse.index_dask import pairwise_scores
+
+        return pairwise_scores(self, symmetric, self._use_exact(exact), scheduler)
 
     def reference_votes(
         self, k: int = 5, *, exact: bool = False, checks: int = 64
@@ -626,9 +648,10 @@ class Index:
         deterministic; see :func:`keyfuse.matching.reference_votes`."""
         if len(self) == 0:
             return np.zeros((0, 0))
-        return np.asarray(
-            self._engine.reference_votes(k=int(k), exact=bool(exact), checks=int(checks))
-        )
+        engine = _core.SearchEngine(trees=self.trees)
+        for desc in self._engine.iter_subjects():
+            engine.add(desc)
+        return np.asarray(engine.reference_votes(k=int(k), exact=bool(exact), checks=int(checks)))
 
     # -- provenance -------------------------------------------------------------------
     @property
@@ -729,12 +752,14 @@ class Index:
             for sid, kp, v, labs, src in old:
                 assert isinstance(kp, KeypointSet)  # in memory: always resident
                 self._register(sid, kp, v, labs, src)
+            descs = [as_descriptors(o[1]) for o in old]
+            self._engine.append(descs, self._append_part(None, old))  # type: ignore[arg-type]
 
     def _reset(self) -> None:
         """Forget every subject (memory only)."""
         self._ids, self._pos, self._labels = [], {}, []
         self._vectors, self._sources, self._kps, self._parts = [], [], [], []
-        self._engine = _core.SearchEngine(trees=self.trees)
+        self._engine = ShardSet(self._engine.shard_size, self.trees)
         self._ndim = None
         self._gpu_cache = None
         self._cache = {}
@@ -747,45 +772,28 @@ class Index:
             raise KeyfuseIOError(_not_an_index(p))
         return cls(p, **kwargs)
 
-    def _write_manifest(self, root: Path, parts: list[dict[str, Any]]) -> None:
-        write_manifest(root, parts, self.provenance())
+    def _write_manifest(
+        self, root: Path, parts: list[Any], shards: Any = None, segments: Any = None
+    ) -> None:
+        """The sealed shards' and the open shard's segments' entries with the parts."""
+        write_manifest(root, parts, self.provenance(), shards, self._engine.shard_size, segments)
 
     def _append_part(
         self,
-        root: Path,
+        root: Path | None,
         staged: Sequence[Staged],
         parts: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Write one part and commit it by a new manifest (its files are removed again
-        when anything fails)."""
-        current = self._parts if parts is None else parts
-        seq = 1 + max((int(p["seq"]) for p in current), default=0)
-        written: list[Path] = []
-        try:
-            entry = write_part(root, staged, seq, written)
-            self._write_manifest(root, [*current, entry])  # the commit point
-        except BaseException:
-            for w in written:
-                with contextlib.suppress(OSError):
-                    w.unlink()
-            raise
-        current.append(entry)
+    ) -> list[Any]:
+        """Write one part and the shards it fills, committed by a new manifest (see
+        :func:`keyfuse.index_storage_io.append_part`)."""
+        from keyfuse.index_storage_io import append_part
+
+        return append_part(self, root, staged, parts)
 
     def _load_into(self, root: Path) -> None:
-        import pyarrow as pa
+        from keyfuse.index_storage_io import load_into
 
-        parts, checked = verified_parts(root)
-        try:
-            # the descriptors, streamed: only they stay in memory (in the engine)
-            for sub, kp_file in checked:
-                for sid, rows, v, labs, src, desc in _stream_part(sub, kp_file, root):
-                    self._register(sid, rows, v, labs, src, descriptors=desc)
-        except IndexCorruptError:
-            raise
-        except (KeyError, TypeError, ValueError, pa.ArrowException, OSError) as e:
-            raise IndexCorruptError(f"{root}: corrupt index ({type(e).__name__}: {e})") from e
-        self._parts = list(parts)
-        self._classifiers = LabelClassifiers.read(root)
+        load_into(self, root)
 
     # -- misc ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[str]:

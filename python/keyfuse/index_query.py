@@ -280,6 +280,7 @@ def run_search(
     exact: bool | None,
     device: str,
     cnn: Any,
+    scheduler: Any = None,
 ) -> SearchResult:
     """:meth:`keyfuse.Index.search` (see there)."""
     check_by(by)
@@ -303,7 +304,9 @@ def run_search(
     if by == "fused":
         allowed, s, a = fused_scores(index, q, a, mask)
     else:
-        s = index._scores(q.kps, mask, exclude=q.exclude, exact=exact, device=device)
+        s = index._scores(
+            q.kps, mask, exclude=q.exclude, exact=exact, device=device, scheduler=scheduler
+        )
         allowed = np.ones(len(s), dtype=bool) if mask is None else mask.copy()
         if q.exclude is not None:
             allowed[index._pos[q.exclude]] = False

@@ -28,7 +28,8 @@ from keyfuse.keypoints import KeypointSet
 Staged = tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]
 
 FORMAT = "keyfuse-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed shards (keyfuse.index_shards); 1 is read as unsharded
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -53,11 +54,21 @@ def _remove_index_files(p: Path) -> None:
     for f in p.glob("*.parquet"):
         if f.name.startswith(("subjects-", "keypoints-")):
             f.unlink()
+    for f in [*p.glob("shard-*.kf[sf]"), *p.glob("open-*.kf[sf]")]:
+        f.unlink()
 
 
-def write_manifest(root: Path, parts: list[dict[str, Any]], provenance: dict[str, Any]) -> None:
+def write_manifest(
+    root: Path,
+    parts: list[dict[str, Any]],
+    provenance: dict[str, Any],
+    shards: list[dict[str, Any]] | None = None,
+    shard_size: int | None = None,
+    segments: list[dict[str, Any]] | None = None,
+) -> None:
     """Write ``root/manifest.json`` atomically (written aside, flushed and renamed): the
-    format, the parts with their checksums, and what made the index (``provenance``)."""
+    format, the parts and sealed shards with their checksums, and what made the index
+    (``provenance``)."""
     from keyfuse._io import atomic_path
 
     manifest = {
@@ -66,6 +77,9 @@ def write_manifest(root: Path, parts: list[dict[str, Any]], provenance: dict[str
         "n_subjects": sum(p["n_subjects"] for p in parts),
         "n_keypoints": sum(p["n_keypoints"] for p in parts),
         "parts": parts,
+        "shards": shards or [],
+        "segments": segments or [],
+        "shard_size": shard_size,
         "provenance": provenance,
     }
     with atomic_path(root / MANIFEST) as tmp:
@@ -110,37 +124,53 @@ def write_part(
     return entry
 
 
-def verified_parts(root: Path) -> tuple[list[Any], list[tuple[dict[str, list[Any]], Path]]]:
-    """The manifest's parts and, per part, its subjects table and keypoints file, after
-    every file's size, checksum and row count was verified (so a damaged index is refused
-    before anything is read into memory)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of the index at ``root``, its format and version checked."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise IndexCorruptError(f"{root / MANIFEST}: unreadable manifest ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexCorruptError(f"{root / MANIFEST}: not a {FORMAT} manifest")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise IndexCorruptError(
             f"{root}: index format version {manifest.get('version')} is not supported "
-            f"(this keyfuse reads version {FORMAT_VERSION})"
+            f"(this keyfuse reads versions {READABLE_VERSIONS}); a newer keyfuse wrote it"
         )
+    return manifest
+
+
+def verified_parts(
+    root: Path, full: bool = False
+) -> tuple[dict[str, Any], list[Any], list[tuple[dict[str, list[Any]], Path]]]:
+    """The manifest, its parts and, per part, its subjects table and keypoints file, after
+    every file's size and row count was verified, and the checksum of every subjects
+    table and of the keypoints files whose descriptors are read into memory (the open
+    shard's; ``full``: all), so a damaged index is refused before anything is loaded.
+    Keypoints files of sealed shards are checksummed by ``keyfuse index verify``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(root)
     parts = manifest.get("parts")
     if not isinstance(parts, list):
         raise IndexCorruptError(f"{root / MANIFEST}: no list of parts")
     try:
+        sealed = sum(int(e["n_subjects"]) for e in manifest.get("shards") or [])
         checked: list[tuple[dict[str, list[Any]], Path]] = []
+        first = 0  # the part's first subject
         for part in parts:
             files = {}
+            first += int(part["n_subjects"])
             for kind in ("subjects", "keypoints"):
                 info = part["files"][kind]
                 f = root / info["name"]
                 if not f.is_file():
                     raise IndexCorruptError(f"{f}: listed in the manifest but missing")
-                if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+                # the open shard's descriptors come from its segment files if listed
+                streamed = first > sealed and "segments" not in manifest
+                digest = full or kind == "subjects" or streamed
+                if f.stat().st_size != info["bytes"] or (digest and _sha256(f) != info["sha256"]):
                     raise IndexCorruptError(f"{f}: size or sha256 checksum mismatch")
                 if pq.ParquetFile(f).metadata.num_rows != info["rows"]:
                     raise IndexCorruptError(f"{f}: row count differs from the manifest")
@@ -153,7 +183,7 @@ def verified_parts(root: Path) -> tuple[list[Any], list[tuple[dict[str, list[Any
     ids = [sid for sub, _ in checked for sid in sub["subject_id"]]
     if len(set(ids)) != len(ids):
         raise IndexCorruptError(f"{root}: duplicate subject ids")
-    return parts, checked
+    return manifest, parts, checked
 
 
 def _sha256(path: Path) -> str:
@@ -372,6 +402,16 @@ def _stream_part(
             np.zeros((0, 64), np.uint8),
         )
         subject += 1
+
+
+def _part_rows(sub: dict[str, list[Any]], keypoints_file: Path) -> Iterator[tuple[Any, ...]]:
+    """(id, rows on disk, vector, labels, source) of one part's subjects, descriptors not
+    read (subjects of sealed shards: their descriptors are memory-mapped)."""
+    st = keypoints_file.stat()
+    start = 0
+    for i, n in enumerate(sub["n_keypoints"]):
+        yield _subject_row(sub, i, keypoints_file, start, (st.st_size, st.st_mtime_ns))
+        start += int(n)
 
 
 def _subject_row(

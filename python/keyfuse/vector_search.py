@@ -310,7 +310,7 @@ class FusedTerms:
         engine = index._engine
         self.n = len(index)
         self.descriptors = np.ascontiguousarray(engine.descriptors(), dtype=np.uint8)
-        sizes = np.asarray(engine.sizes(), dtype=np.int64)
+        sizes = np.asarray(engine.sizes, dtype=np.int64)
         self.sample = np.repeat(np.arange(self.n, dtype=np.int64), sizes)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.classes = np.arange(self.n, dtype=np.int64)

@@ -29,6 +29,7 @@ def test_the_benchmarks_are_found() -> None:
         "gpu.py",
         "index.py",
         "matching.py",
+        "scale.py",
         "vectors.py",
     } <= {p.name for p in SCRIPTS}
 

@@ -167,3 +167,36 @@ def index_info(index_path: Path, quiet: bool) -> None:
     click.echo(f"disk:       {size / 1e6:.2f} MB")
     click.echo(f"labels:     {', '.join(names) or '(none)'}")
     click.echo(f"first ids:  {preview}")
+    sealed = sum(s["sealed"] for s in idx.shards)
+    click.echo(
+        f"shards:     {len(idx.shards)} ({sealed} sealed, at most {idx.shard_size} keypoints each)"
+    )
+
+
+@index.command("verify", context_settings=CONTEXT)
+@index_argument()
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rebuild damaged kd-forests, and damaged shard files from the Parquet parts.",
+)
+@quiet_option("Accepted for symmetry with the other commands (verify prints no progress).")
+def index_verify(index_path: Path, repair: bool, quiet: bool) -> None:
+    """Read every byte of INDEX: checksums, shard headers and kd-forests (opening an
+    index checks sizes and headers only). Exits with status 1 when damage remains.
+
+    \b
+    Example:
+      keyfuse index verify cohort.kfi --repair
+    """
+    from keyfuse.index_verify import verify_index
+
+    report = verify_index(index_path, repair=repair)
+    for line in report.repaired:
+        click.echo(f"repaired: {line}")
+    for line in report.problems:
+        click.echo(f"damaged:  {line}", err=True)
+    state = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+    click.echo(f"verified {report.checked} files of {index_path}: {state}")
+    if not report.ok:
+        raise SystemExit(1)

@@ -13,6 +13,7 @@ from keyfuse.cli._inputs import load_keypoints, open_index
 from keyfuse.cli.options import (
     CONTEXT,
     SEARCH_EXACT,
+    dask_option,
     device_option,
     index_argument,
     quiet_option,
@@ -89,6 +90,7 @@ def format_score(score: float) -> str:
 )
 @by_options
 @search_option()
+@dask_option("Search the index's sealed shards on this Dask scheduler (same results).")
 @quiet_option("No notes on stderr.")
 def query(
     index_path: Path,
@@ -105,6 +107,7 @@ def query(
     by: str,
     alpha: float | None,
     metric: str,
+    dask_address: str | None,
 ) -> None:
     """Rank the subjects of INDEX by similarity to QUERY: an image, a keypoint file or
     the id of a subject in INDEX (--by vector/fused: an image or a subject id).
@@ -173,6 +176,7 @@ def query(
         metric=metric,
         exact=SEARCH_EXACT[search],
         device=device,
+        scheduler=dask_address,
     )
     if hits.predicted and not quiet and not as_csv:
         said = ", ".join(f"{n} = {v}" for n, v in hits.predicted.items())
@@ -201,16 +205,32 @@ def query(
     "-o",
     "--out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="CSV file: a header of subject ids, then one row per subject.",
+    type=click.Path(path_type=Path),
+    help="CSV file: a header of subject ids, then one row per subject; with --blocks "
+    "or --top-k, a directory of Parquet row blocks.",
+)
+@click.option(
+    "--blocks",
+    is_flag=True,
+    help="Write OUT as Parquet row blocks as they finish (resumable: rerun to finish).",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep each row's best K other subjects only (row blocks; for > 20,000 subjects).",
 )
 @by_options
 @search_option()
 @device_option("The all-pairs scoring: a CUDA GPU (exact search) or the CPU.")
-@quiet_option("Accepted for symmetry with the other commands (pairwise shows no progress).")
+@dask_option("Score the rows on this Dask scheduler (same results).")
+@quiet_option("No progress bar.")
 def pairwise(
     index_path: Path,
     out: Path,
+    blocks: bool,
+    top_k: int | None,
+    dask_address: str | None,
     search: str,
     device: str,
     quiet: bool,
@@ -234,10 +254,22 @@ def pairwise(
 
     resolve_device(device)
     idx = open_index(index_path)
+    if blocks or top_k is not None:
+        if by != "keypoints":
+            raise InvalidArgumentError("--blocks/--top-k score keypoints (--by keypoints)")
+        idx.pairwise(
+            exact=SEARCH_EXACT[search], scheduler=dask_address, out=out, top_k=top_k,
+            progress=not quiet,
+        )  # fmt: skip
+        click.echo(f"wrote the row blocks of {len(idx)} subjects -> {out}")
+        return
     mat = np.asarray(
-        idx.pairwise(by=by, alpha=alpha, metric=metric, exact=SEARCH_EXACT[search], device=device),
+        idx.pairwise(
+            by=by, alpha=alpha, metric=metric, exact=SEARCH_EXACT[search], device=device,
+            scheduler=dask_address,
+        ),
         dtype=np.float64,
-    )
+    )  # fmt: skip
     ids = [str(s) for s in idx.subjects]
     with atomic_path(out) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)

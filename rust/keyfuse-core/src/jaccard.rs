@@ -135,6 +135,40 @@ impl DimStats {
         }
         self.n += (desc.len() / DESC_LEN) as u64;
     }
+    /// Add the rows counted by `other` (the sums are exact, so merging shards' statistics
+    /// gives the statistics of their union, whatever the order).
+    pub fn merge(&mut self, other: &DimStats) {
+        self.n += other.n;
+        for d in 0..DESC_LEN {
+            self.sum[d] += other.sum[d];
+            self.sq[d] += other.sq[d];
+        }
+    }
+    /// The sums as `1 + 2·64` words: row count, per-dimension sums, sums of squares.
+    pub fn to_words(&self) -> Vec<u64> {
+        let mut w = Vec::with_capacity(1 + 2 * DESC_LEN);
+        w.push(self.n);
+        w.extend_from_slice(&self.sum);
+        w.extend_from_slice(&self.sq);
+        w
+    }
+    /// Statistics from [`DimStats::to_words`]' words.
+    pub fn from_words(w: &[u64]) -> Result<DimStats> {
+        if w.len() != 1 + 2 * DESC_LEN {
+            return Err(KfError::InvalidArgument(format!(
+                "descriptor statistics need {} words, got {}",
+                1 + 2 * DESC_LEN,
+                w.len()
+            )));
+        }
+        let mut s = DimStats {
+            n: w[0],
+            ..Default::default()
+        };
+        s.sum.copy_from_slice(&w[1..1 + DESC_LEN]);
+        s.sq.copy_from_slice(&w[1 + DESC_LEN..]);
+        Ok(s)
+    }
     /// E = 2 Σ_d Var_d of the rows added so far (∞ for fewer than two rows).
     pub fn mean_sq_dist(&self) -> f64 {
         if self.n < 2 {
@@ -341,15 +375,15 @@ impl Cohort {
             let s = owner[c as usize];
             s != ex && allowed.is_none_or(|a| a[s as usize])
         })?;
-        let mut inter = vec![0.0f64; self.n_subjects()];
-        accumulate(
+        // the one path of sharded indexes too: k-NN per shard, merge, score
+        let nb = crate::knn::merge_neighbors(&[nb], p.k)?;
+        score_neighbors(
             &nb,
-            owner,
-            alpha2_bounds(p, &self.stats),
-            p.posterior,
-            &mut inter,
-        );
-        Ok(inter)
+            |c| owner[c as usize],
+            self.n_subjects(),
+            &self.stats,
+            p,
+        )
     }
 
     /// Soft-Jaccard of a query set against every subject.
@@ -375,12 +409,12 @@ impl Cohort {
     pub fn pairwise(&self, p: &SoftJaccardParams, symmetric: bool) -> Result<Vec<f64>> {
         check_params(p)?;
         let n = self.n_subjects();
-        let bounds = alpha2_bounds(p, &self.stats);
+        let owner = &self.owner;
         let rows = self.per_subject(p, |nb| {
-            let mut inter = vec![0.0f64; n];
-            accumulate(nb, &self.owner, bounds, p.posterior, &mut inter);
-            inter
+            let nb = crate::knn::merge_neighbors(std::slice::from_ref(nb), p.k)?;
+            score_neighbors(&nb, |c| owner[c as usize], n, &self.stats, p)
         })?;
+        let rows: Vec<Vec<f64>> = rows.into_iter().collect::<Result<_>>()?;
         Ok(jaccard_matrix(&self.sizes(), symmetric, |a, b| rows[a][b]))
     }
 
@@ -411,11 +445,35 @@ impl Cohort {
     }
 }
 
+/// Soft intersections of one query set with each of `n_subjects` subjects from its
+/// keypoints' K nearest neighbours over the whole cohort (`nb`, global point ids, as
+/// merged by [`crate::knn::merge_neighbors`]); `owner(c)` is point c's subject and `stats`
+/// the cohort's descriptor statistics. Every index, sharded or not, scores here.
+pub fn score_neighbors<O: Fn(u32) -> u32>(
+    nb: &Neighbors,
+    owner: O,
+    n_subjects: usize,
+    stats: &DimStats,
+    p: &SoftJaccardParams,
+) -> Result<Vec<f64>> {
+    check_params(p)?;
+    let mut inter = vec![0.0f64; n_subjects];
+    for q in 0..nb.n_queries() {
+        if nb.row(q).any(|(c, _)| owner(c) as usize >= n_subjects) {
+            return Err(KfError::InvalidArgument(
+                "neighbour of a subject outside the cohort".into(),
+            ));
+        }
+    }
+    accumulate(nb, &owner, alpha2_bounds(p, stats), p.posterior, &mut inter);
+    Ok(inter)
+}
+
 /// Add every query keypoint's best kernel value per subject into `inter` (published
 /// kernel), or its posterior share (see [`SoftJaccardParams::posterior`]).
-fn accumulate(
+fn accumulate<O: Fn(u32) -> u32>(
     nb: &Neighbors,
-    owner: &[u32],
+    owner: &O,
     bounds: KernelWidth,
     posterior: bool,
     inter: &mut [f64],
@@ -437,7 +495,7 @@ fn accumulate(
         seen.clear();
         // neighbours come nearest first, so the first one of a subject is its maximum
         for (c, d) in row {
-            let s = owner[c as usize];
+            let s = owner(c);
             if seen.contains(&s) {
                 continue;
             }
@@ -456,12 +514,12 @@ fn accumulate(
 }
 
 /// Sum, per subject, each indexed keypoint's best share (fixed order: by keypoint).
-fn add_best_shares(mut shares: Vec<(u32, f64)>, owner: &[u32], inter: &mut [f64]) {
+fn add_best_shares<O: Fn(u32) -> u32>(mut shares: Vec<(u32, f64)>, owner: &O, inter: &mut [f64]) {
     shares.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
     let mut last = u32::MAX;
     for (c, v) in shares {
         if c != last {
-            inter[owner[c as usize] as usize] += v;
+            inter[owner(c) as usize] += v;
             last = c;
         }
     }
@@ -634,9 +692,8 @@ pub fn soft_intersections_pair(
         }
         if p.posterior {
             // each keypoint of B keeps its best share
-            let zero = vec![0u32; y.len() / DESC_LEN];
             let mut t = [0.0f64];
-            add_best_shares(shares, &zero, &mut t);
+            add_best_shares(shares, &|_| 0, &mut t);
             total = t[0];
         }
         Ok(total)

@@ -65,6 +65,7 @@ pub mod knn;
 mod linalg;
 pub mod matching;
 pub mod segment;
+pub mod shard;
 mod simd;
 pub mod vecscan;
 

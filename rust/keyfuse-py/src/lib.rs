@@ -13,6 +13,7 @@ mod gpu;
 mod kde;
 mod matching;
 mod segment;
+mod shard;
 mod vecscan;
 
 #[pymodule]
@@ -25,6 +26,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     matching::register(m)?;
     kde::register(m)?;
     segment::register(m)?;
+    shard::register(m)?;
     gpu::register(m)?;
     vecscan::register(m)?;
     Ok(())

@@ -181,7 +181,7 @@ fn ransac_similarity<'py>(
     ))
 }
 
-fn sj_params(
+pub(crate) fn sj_params(
     k: usize,
     exact: bool,
     checks: usize,

@@ -46,30 +46,30 @@ impl SplitMix {
     }
 }
 
-const LEAF: u8 = u8::MAX;
+pub(super) const LEAF: u8 = u8::MAX;
 
 /// One node: internal (`dim`, threshold `split`, children `a`,`b`) or a leaf (`dim == LEAF`,
 /// points `perm[a..b]`).
 #[derive(Clone, Copy, Debug)]
-struct Node {
-    dim: u8,
-    split: f32,
-    a: u32,
-    b: u32,
+pub(super) struct Node {
+    pub(super) dim: u8,
+    pub(super) split: f32,
+    pub(super) a: u32,
+    pub(super) b: u32,
 }
 
 #[derive(Clone, Debug)]
-struct Tree {
-    nodes: Vec<Node>,
-    perm: Vec<u32>,
+pub(super) struct Tree {
+    pub(super) nodes: Vec<Node>,
+    pub(super) perm: Vec<u32>,
 }
 
 /// A randomized kd-forest over `n × 64` descriptors. It stores only the trees; the data
 /// is passed again to [`KdForest::search`] (the caller owns it, e.g. an index).
 #[derive(Clone, Debug)]
 pub struct KdForest {
-    n: usize,
-    trees: Vec<Tree>,
+    pub(super) n: usize,
+    pub(super) trees: Vec<Tree>,
 }
 
 fn build_tree(data: &[u8], n: usize, leaf_size: usize, seed: u64) -> Tree {

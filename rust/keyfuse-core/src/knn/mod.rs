@@ -26,13 +26,16 @@ use crate::{KfError, Result, DESC_LEN};
 mod amx;
 mod exact;
 mod forest;
+mod forest_io;
 mod topk;
 
 pub use exact::{exact_kernel_name, knn_exact};
 pub(crate) use forest::SplitMix;
 pub use forest::{ForestParams, KdForest};
-pub use topk::Neighbors;
+pub use forest_io::FOREST_FORMAT_VERSION;
+pub(crate) use forest_io::{fnv64, write_atomic};
 pub(crate) use topk::TopK;
+pub use topk::{merge_neighbors, Neighbors};
 
 /// Marks a missing neighbour (fewer than k candidates passed the filter).
 pub const NONE: u32 = u32::MAX;

@@ -89,3 +89,36 @@ impl TopK {
         }
     }
 }
+
+/// Merge the neighbour lists of the same queries found in several shards (global point
+/// ids) into each query's `k` best, ordered by (distance, id): the order of an unsharded
+/// search, so merging never depends on how the cohort was split or searched.
+pub fn merge_neighbors(parts: &[Neighbors], k: usize) -> crate::Result<Neighbors> {
+    if k == 0 {
+        return Err(crate::KfError::InvalidArgument(
+            "k must be at least 1".into(),
+        ));
+    }
+    let nq = parts.first().map_or(0, |p| p.n_queries());
+    if parts
+        .iter()
+        .any(|p| p.n_queries() != nq || p.idx.len() != p.dist2.len() || p.k == 0)
+    {
+        return Err(crate::KfError::InvalidArgument(
+            "neighbour lists to merge cover different queries".into(),
+        ));
+    }
+    let mut idx = vec![NONE; nq * k];
+    let mut dist2 = vec![u32::MAX; nq * k];
+    let mut top = TopK::new(k);
+    for q in 0..nq {
+        top.items.clear();
+        for p in parts {
+            for (i, d) in p.row(q) {
+                top.push(d, i);
+            }
+        }
+        top.write(&mut idx[q * k..(q + 1) * k], &mut dist2[q * k..(q + 1) * k]);
+    }
+    Ok(Neighbors { k, idx, dist2 })
+}

@@ -1,0 +1,201 @@
+"""Scale benchmark of the sharded, memory-mapped index (issue 11); prints figures.
+
+    .venv/bin/python benches/scale.py [--sizes 1000 5000] [--keypoints 2000] [--quick]
+
+Synthetic cohorts with the descriptor statistics of real ones: the descriptor pool is
+extracted from the MNI152 template (nilearn's copy, ``kf.datasets.mni152``); a family
+prototype samples it and perturbs each descriptor (rank noise, re-ranked), members share
+60% of the prototype's keypoints (perturbed again) and have 40% of their own, so recall
+can be judged. Per size: build time (appends of 100 subjects, shards sealed and their
+kd-forests built and saved on the way), then in a fresh process: open time, peak RSS
+(VmHWM), approximate query p50/p95 (a query is a noisy rescan of an indexed subject with
+all its keypoints), top-1 = the rescanned subject, recall@1 of the approximate search
+against exact on the same queries cut to ``--recall-keypoints`` keypoints, and the index
+bytes on disk against the 1 mm float32 images it describes (182×218×182×4 bytes each).
+Last, a linear trend of each figure fitted over the sizes and read at 100,000 subjects,
+and (smallest size) a 2-worker local Dask cluster against the in-process search.
+
+Targets (issue 11): 100k query p50 ≤ 0.5 s, p95 ≤ 1 s, RSS ≤ 16 GB, open ≤ 10 s,
+recall@1 ≥ 0.95; 25k p50 ≤ 0.2 s within 6 GB; index ≥ 150× smaller than the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import keyfuse as kf
+from _synthetic import SharedGeometry, rerank
+from keyfuse.index_shards import DEFAULT_SHARD_SIZE
+
+IMAGE_BYTES = 182 * 218 * 182 * 4  # one 1 mm MNI-sized float32 volume
+
+
+def real_pool(resolution_mm: float) -> np.ndarray:
+    """Descriptors extracted from the MNI152 template, as float rank values."""
+    kps = kf.extract(kf.datasets.mni152(resolution_mm=resolution_mm))
+    return np.asarray(kps.descriptors, np.float32)
+
+
+def build(path: Path, n: int, n_kp: int, pool: np.ndarray, args: argparse.Namespace) -> dict:
+    """Build the index; returns the rescans (queries) of some subjects and timings."""
+    rng = np.random.default_rng(0)
+    geometry = SharedGeometry(n_kp, 0)
+    ix = kf.Index(path, mode="w", shard_size=args.shard_size, checks=args.checks)
+    n_sh = int(0.6 * n_kp)
+    proto = np.zeros((0, 64), np.float32)
+    queries, truth, batch = [], [], []
+    t0 = time.perf_counter()
+    every = max(1, n // args.queries)
+    for s in range(n):
+        if s % 4 == 0:
+            proto = pool[rng.integers(0, len(pool), n_kp)] + 3.0 * rng.standard_normal(
+                (n_kp, 64), dtype=np.float32
+            )
+        own = pool[rng.integers(0, len(pool), n_kp - n_sh)] + 3.0 * rng.standard_normal(
+            (n_kp - n_sh, 64), dtype=np.float32
+        )
+        vals = np.concatenate([proto[rng.choice(n_kp, n_sh, replace=False)], own])
+        vals += 2.0 * rng.standard_normal(vals.shape, dtype=np.float32)
+        batch.append((f"s{s:06d}", geometry.keypoints(rerank(vals)), None, {"family": s // 4}))
+        if s % every == 0 and len(queries) < args.queries:
+            queries.append(rerank(vals + 1.5 * rng.standard_normal(vals.shape, dtype=np.float32)))
+            truth.append(s)
+        if len(batch) == 100 or s == n - 1:
+            ix.add_many(batch)
+            batch = []
+    built = time.perf_counter() - t0
+    np.save(path.parent / "queries.npy", np.stack(queries))
+    np.save(path.parent / "truth.npy", np.asarray(truth))
+    return {"build_s": built, "shards": len(ix.shards)}
+
+
+# a fresh interpreter: open the index, time queries, peak memory from VmHWM
+_QUERY = """
+import json, sys, time
+import numpy as np
+import keyfuse as kf
+sys.path.insert(0, sys.argv[3])
+from _synthetic import SharedGeometry
+import pyarrow.parquet  # imported before timing the open
+path, cut = sys.argv[1], int(sys.argv[2])
+t = time.perf_counter()
+ix = kf.Index(path)
+opened = time.perf_counter() - t
+queries = np.load(path + "/../queries.npy"); truth = np.load(path + "/../truth.npy")
+geo = SharedGeometry(queries.shape[1], 0)
+ix.scores(geo.keypoints(queries[0])[:1], exact=False)  # forests loaded (not built)
+walls, top1, agree = [], 0, 0
+rng = np.random.default_rng(1)
+for q, s in zip(queries, truth):
+    kps = geo.keypoints(q)
+    t = time.perf_counter()
+    sc = ix.scores(kps, exact=False)
+    walls.append(time.perf_counter() - t)
+    top1 += int(np.argmax(sc) == s)
+    sub = kps[np.sort(rng.choice(len(kps), cut, replace=False))]
+    agree += int(np.argmax(ix.scores(sub, exact=False)) == np.argmax(ix.scores(sub, exact=True)))
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
+print(json.dumps({"open_s": opened, "p50": float(np.median(walls)),
+    "p95": float(np.percentile(walls, 95)), "top1": top1 / len(truth),
+    "recall": agree / len(truth), "rss_gib": int(hwm.split()[1]) / 2**20, "m": len(truth)}))
+"""
+
+
+def dask_check(path: Path) -> None:
+    """A 2-worker local cluster against the in-process search: equal, and throughput."""
+    try:
+        import distributed
+    except ImportError:
+        print("dask: distributed not installed, skipped")
+        return
+    ix = kf.Index(path)
+    queries = np.load(path.parent / "queries.npy")
+    geo = SharedGeometry(queries.shape[1], 0)
+    kps = [geo.keypoints(q) for q in queries]
+    t = time.perf_counter()
+    local = [ix.scores(k, exact=False) for k in kps]
+    t_local = time.perf_counter() - t
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        ix.scores(kps[0], exact=False, scheduler=client)  # shards opened on the workers
+        t = time.perf_counter()
+        remote = [ix.scores(k, exact=False, scheduler=client) for k in kps]
+        t_remote = time.perf_counter() - t
+    same = all(np.array_equal(a, b) for a, b in zip(local, remote, strict=True))
+    print(
+        f"dask 2-worker local cluster: identical to in-process {same}; "
+        f"{len(kps) / t_remote / 2:.2f} queries/s per worker "
+        f"(in process {len(kps) / t_local:.2f} queries/s)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    ap.add_argument("--keypoints", type=int, default=2000)
+    ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    ap.add_argument("--checks", type=int, default=64)
+    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--recall-keypoints", type=int, default=200)
+    ap.add_argument("--resolution", type=float, default=1.0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.keypoints, args.shard_size = [40, 80], 150, 3000
+        args.queries, args.recall_keypoints, args.resolution = 8, 50, 2.0
+    t = time.perf_counter()
+    pool = real_pool(args.resolution)
+    print(f"descriptor pool: {len(pool)} MNI152 descriptors ({time.perf_counter() - t:.1f} s)")
+    rows = []
+    here = str(Path(__file__).resolve().parent)
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cohort.kfi"
+            b = build(path, n, args.keypoints, pool, args)
+            disk = sum(f.stat().st_size for f in path.iterdir())
+            out = subprocess.run(
+                [sys.executable, "-c", _QUERY, str(path), str(args.recall_keypoints), here],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            r = {**b, **json.loads(out.strip().splitlines()[-1]), "n": n, "disk": disk}
+            rows.append(r)
+            print(
+                f"N={n:6d} × {args.keypoints} ({n * args.keypoints / 1e6:.1f} M keypoints, "
+                f"{r['shards']} shards): build {r['build_s']:.1f} s, open {r['open_s']:.2f} s, "
+                f"query p50 {r['p50']:.3f} s p95 {r['p95']:.3f} s, peak RSS "
+                f"{r['rss_gib']:.2f} GiB, top-1 {r['top1']:.2f}, recall@1 vs exact "
+                f"{r['recall']:.2f} ({r['m']} queries of {args.recall_keypoints} keypoints); "
+                f"disk {disk / 1e6:.1f} MB = 1/{n * IMAGE_BYTES / disk:.0f} of the images",
+                flush=True,
+            )
+            if n == args.sizes[0]:
+                dask_check(path)
+    if len(rows) >= 2:
+        ns = np.array([r["n"] for r in rows], float)
+        fit = {}
+        for key in ("build_s", "open_s", "p50", "p95", "rss_gib"):
+            b1, b0 = np.polyfit(ns, [r[key] for r in rows], 1)
+            fit[key] = b0 + b1 * 100_000
+        print(
+            "linear trend at 100,000 subjects: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in fit.items())
+            + " (targets: p50 ≤ 0.5 s, p95 ≤ 1 s, RSS ≤ 16 GB, open ≤ 10 s)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+//! One shard of a sharded cohort index: a contiguous run of subjects whose descriptors
+//! are one flat file, memory-mapped, with its kd-forest beside it.
+//!
+//! Shard file (little-endian): a 2048-byte header — magic `KFSHARD\0`, format version
+//! (u32), 4 zero bytes, point count n (u64), the descriptor statistics
+//! ([`DimStats::to_words`], 129 × u64), an FNV-1a 64 checksum of the header bytes before
+//! it, zero padding — then the `n × 64` descriptor bytes. Opening checks the size and the
+//! header only (so a large index opens in seconds); [`Shard::verify`] reads every byte.
+//!
+//! A shard searches with global point ids (`base` + local row) and knows each point's
+//! global subject, so per-shard neighbour lists merge ([`crate::knn::merge_neighbors`])
+//! and score ([`crate::jaccard::score_neighbors`]) exactly like one unsharded cohort.
+
+use crate::jaccard::{DimStats, SoftJaccardParams};
+use crate::knn::{check_rows, fnv64, knn_exact, write_atomic, ForestParams, KdForest, Neighbors};
+use crate::{KfError, Result, DESC_LEN};
+use std::path::Path;
+use std::sync::OnceLock;
+
+const MAGIC: &[u8; 8] = b"KFSHARD\0";
+/// Version of the shard file format.
+pub const SHARD_FORMAT_VERSION: u32 = 1;
+/// Bytes before the descriptors in a shard file.
+pub const HEADER_BYTES: usize = 2048;
+const WORDS: usize = 1 + 2 * DESC_LEN;
+const CHECKED: usize = 24 + WORDS * 8;
+
+enum Store {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+/// A shard: descriptors (owned or memory-mapped), each point's global subject, the
+/// descriptor statistics and the kd-forest once built or loaded.
+pub struct Shard {
+    store: Store,
+    base: u32,
+    owner: Vec<u32>,
+    stats: DimStats,
+    // set once (built or loaded), then shared: every method takes `&self`, so threads
+    // searching a shard never wait on one loading its forest
+    forest: OnceLock<KdForest>,
+    forest_params: ForestParams,
+}
+
+fn header(n: usize, stats: &DimStats) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_BYTES);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&SHARD_FORMAT_VERSION.to_le_bytes());
+    h.extend_from_slice(&[0; 4]);
+    h.extend_from_slice(&(n as u64).to_le_bytes());
+    for w in stats.to_words() {
+        h.extend_from_slice(&w.to_le_bytes());
+    }
+    let c = fnv64(&h);
+    h.extend_from_slice(&c.to_le_bytes());
+    h.resize(HEADER_BYTES, 0);
+    h
+}
+
+fn corrupt(why: String) -> KfError {
+    KfError::Corrupt(format!("shard file: {why}"))
+}
+
+/// Each point's global subject from the subjects' keypoint counts.
+fn owners(sizes: &[usize], first_subject: usize, n: usize) -> Result<Vec<u32>> {
+    if sizes.iter().sum::<usize>() != n {
+        return Err(KfError::InvalidArgument(format!(
+            "shard: subject sizes add up to {}, not its {n} points",
+            sizes.iter().sum::<usize>()
+        )));
+    }
+    if first_subject + sizes.len() >= u32::MAX as usize {
+        return Err(KfError::InvalidArgument("too many subjects".into()));
+    }
+    let mut owner = Vec::with_capacity(n);
+    for (s, &m) in sizes.iter().enumerate() {
+        owner.extend(std::iter::repeat_n((first_subject + s) as u32, m));
+    }
+    Ok(owner)
+}
+
+impl Shard {
+    fn make(
+        store: Store,
+        stats: DimStats,
+        sizes: &[usize],
+        first: usize,
+        base: usize,
+        fp: ForestParams,
+    ) -> Result<Shard> {
+        let n = check_rows(
+            "shard",
+            match &store {
+                Store::Owned(v) => v,
+                Store::Mapped(m) => &m[HEADER_BYTES..],
+            },
+        )?;
+        if base + n >= u32::MAX as usize {
+            return Err(KfError::InvalidArgument(
+                "index is full (2³² keypoints)".into(),
+            ));
+        }
+        Ok(Shard {
+            owner: owners(sizes, first, n)?,
+            store,
+            base: base as u32,
+            stats,
+            forest: OnceLock::new(),
+            forest_params: fp,
+        })
+    }
+
+    /// An in-memory shard over `data` (`n × 64` bytes) of subjects `first_subject..` with
+    /// `sizes` keypoints each, whose first point has global id `base`.
+    pub fn new(
+        data: Vec<u8>,
+        sizes: &[usize],
+        first_subject: usize,
+        base: usize,
+        fp: ForestParams,
+    ) -> Result<Shard> {
+        check_rows("shard", &data)?;
+        let mut stats = DimStats::default();
+        stats.add(&data);
+        Shard::make(Store::Owned(data), stats, sizes, first_subject, base, fp)
+    }
+
+    /// Write `data` as a shard file at `path`, atomically.
+    pub fn write(path: &Path, data: &[u8]) -> Result<()> {
+        let n = check_rows("shard", data)?;
+        let mut stats = DimStats::default();
+        stats.add(data);
+        write_atomic(path, &[&header(n, &stats), data])
+    }
+
+    /// Memory-map the shard file at `path`, checking its size and header (not its bytes:
+    /// see [`Shard::verify`]).
+    pub fn open(
+        path: &Path,
+        sizes: &[usize],
+        first_subject: usize,
+        base: usize,
+        fp: ForestParams,
+    ) -> Result<Shard> {
+        let f = std::fs::File::open(path)?;
+        // SAFETY: index files are written aside and renamed, never modified in place; a
+        // file changed underneath by another program is outside keyfuse's contract.
+        let m = unsafe { memmap2::Mmap::map(&f)? };
+        let n: usize = sizes.iter().sum();
+        if m.len() != HEADER_BYTES + n * DESC_LEN {
+            return Err(corrupt(format!(
+                "{} bytes, expected {} for {n} keypoints (truncated or extended)",
+                m.len(),
+                HEADER_BYTES + n * DESC_LEN
+            )));
+        }
+        let h = &m[..HEADER_BYTES];
+        let word = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap());
+        if &h[..8] != MAGIC {
+            return Err(corrupt("not a keyfuse shard".into()));
+        }
+        let v = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if v != SHARD_FORMAT_VERSION {
+            return Err(corrupt(format!(
+                "format version {v} (this keyfuse reads {SHARD_FORMAT_VERSION})"
+            )));
+        }
+        if fnv64(&h[..CHECKED]) != word(CHECKED) || h[CHECKED + 8..].iter().any(|&b| b != 0) {
+            return Err(corrupt("header checksum mismatch".into()));
+        }
+        if word(16) != n as u64 {
+            return Err(corrupt(format!(
+                "holds {} keypoints, expected {n}",
+                word(16)
+            )));
+        }
+        let words: Vec<u64> = (0..WORDS).map(|i| word(24 + 8 * i)).collect();
+        let stats = DimStats::from_words(&words)?;
+        #[cfg(unix)]
+        let _ = m.advise(memmap2::Advice::Random);
+        Shard::make(Store::Mapped(m), stats, sizes, first_subject, base, fp)
+    }
+
+    /// Read every descriptor and check it against the header's statistics.
+    pub fn verify(&self) -> Result<()> {
+        let mut s = DimStats::default();
+        s.add(self.data());
+        if s.to_words() != self.stats.to_words() {
+            return Err(corrupt(
+                "descriptors differ from the header's statistics".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn data(&self) -> &[u8] {
+        match &self.store {
+            Store::Owned(v) => v,
+            Store::Mapped(m) => &m[HEADER_BYTES..],
+        }
+    }
+
+    pub fn n_points(&self) -> usize {
+        self.owner.len()
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.store, Store::Mapped(_))
+    }
+
+    pub fn stats(&self) -> &DimStats {
+        &self.stats
+    }
+
+    /// Bytes held in RAM (owned descriptors, owners, forest; mapped pages not counted).
+    pub fn memory_bytes(&self) -> usize {
+        let own = match &self.store {
+            Store::Owned(v) => v.len(),
+            Store::Mapped(_) => 0,
+        };
+        own + self.owner.len() * 4 + self.forest.get().map_or(0, |f| f.memory_bytes())
+    }
+
+    pub fn has_forest(&self) -> bool {
+        self.forest.get().is_some()
+    }
+
+    pub fn forest(&self) -> Option<&KdForest> {
+        self.forest.get()
+    }
+
+    /// Build the kd-forest now, when missing (two threads may both build it: the same
+    /// deterministic forest, one is kept).
+    pub fn build_forest(&self) -> Result<()> {
+        if self.forest.get().is_none() {
+            let _ = self
+                .forest
+                .set(KdForest::build(self.data(), &self.forest_params)?);
+        }
+        Ok(())
+    }
+
+    /// Load the forest saved at `path` (validated; see [`KdForest::from_bytes`]) unless
+    /// the shard has one already.
+    pub fn load_forest(&self, path: &Path) -> Result<()> {
+        if self.forest.get().is_none() {
+            let _ = self.forest.set(KdForest::load(path, self.n_points())?);
+        }
+        Ok(())
+    }
+
+    /// Each query's `p.k` nearest points of this shard (global ids), skipping the points of
+    /// subject `exclude` and of subjects whose `allowed` entry (global subjects) is false.
+    pub fn knn(
+        &self,
+        queries: &[u8],
+        p: &SoftJaccardParams,
+        exclude: Option<usize>,
+        allowed: Option<&[bool]>,
+    ) -> Result<Neighbors> {
+        check_rows("query descriptors", queries)?;
+        let ex = exclude.map_or(u32::MAX, |e| e as u32);
+        let owner = &self.owner;
+        if let (Some(a), Some(&last)) = (allowed, owner.last()) {
+            if a.len() <= last as usize {
+                return Err(KfError::InvalidArgument(
+                    "restriction mask shorter than the number of subjects".into(),
+                ));
+            }
+        }
+        let filter = |_: usize, c: u32| {
+            let s = owner[c as usize];
+            s != ex && allowed.is_none_or(|a| a[s as usize])
+        };
+        let mut nb = if p.exact {
+            knn_exact(self.data(), queries, p.k, filter)?
+        } else {
+            match self.forest.get() {
+                Some(f) => f.search(self.data(), queries, p.k, p.checks, filter)?,
+                None => {
+                    return Err(KfError::InvalidArgument(
+                        "approximate search needs the shard's forest (build_forest)".into(),
+                    ))
+                }
+            }
+        };
+        for i in nb.idx.iter_mut() {
+            if *i != crate::knn::NONE {
+                *i += self.base;
+            }
+        }
+        Ok(nb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jaccard::{score_neighbors, Cohort};
+    use crate::knn::merge_neighbors;
+
+    fn data(n: usize, seed: u64) -> Vec<u8> {
+        let mut r = crate::knn::SplitMix(seed);
+        (0..n * DESC_LEN).map(|_| r.below(40) as u8).collect()
+    }
+
+    #[test]
+    fn sharded_scores_equal_unsharded() {
+        let sizes = [30usize, 20, 25, 40, 15, 30];
+        let sets: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| data(n, i as u64))
+            .collect();
+        let mut c = Cohort::new(ForestParams::default());
+        for s in &sets {
+            c.add(s).unwrap();
+        }
+        let p = SoftJaccardParams {
+            exact: true,
+            ..SoftJaccardParams::posterior()
+        };
+        // shards: subjects 0..2, 2..5, 5..6
+        let cuts = [0usize, 2, 5, 6];
+        let mut shards = Vec::new();
+        let mut stats = DimStats::default();
+        let mut base = 0;
+        for w in cuts.windows(2) {
+            let d: Vec<u8> = sets[w[0]..w[1]].concat();
+            let sh =
+                Shard::new(d, &sizes[w[0]..w[1]], w[0], base, ForestParams::default()).unwrap();
+            base += sh.n_points();
+            stats.merge(sh.stats());
+            shards.push(sh);
+        }
+        let offsets: Vec<usize> = std::iter::once(0)
+            .chain(sizes.iter().scan(0, |a, &n| {
+                *a += n;
+                Some(*a)
+            }))
+            .collect();
+        let owner = |c: u32| (offsets.partition_point(|&o| o <= c as usize) - 1) as u32;
+        let q = data(12, 99);
+        let parts: Vec<Neighbors> = shards
+            .iter()
+            .map(|s| s.knn(&q, &p, Some(1), None).unwrap())
+            .collect();
+        let nb = merge_neighbors(&parts, p.k).unwrap();
+        let got = score_neighbors(&nb, owner, sizes.len(), &stats, &p).unwrap();
+        let want = c.intersections(&q, Some(1), None, &p).unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn file_round_trip_and_damage() {
+        let dir = std::env::temp_dir().join(format!("kf-shard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.kfs");
+        let d = data(50, 3);
+        Shard::write(&path, &d).unwrap();
+        let s = Shard::open(&path, &[20, 30], 4, 100, ForestParams::default()).unwrap();
+        assert_eq!(s.data(), &d[..]);
+        s.verify().unwrap();
+        s.build_forest().unwrap();
+        let fpath = dir.join("s.kff");
+        s.forest().unwrap().save(&fpath).unwrap();
+        let bytes = std::fs::read(&fpath).unwrap();
+        assert_eq!(bytes, s.forest().unwrap().to_bytes());
+        s.load_forest(&fpath).unwrap();
+        // every single-byte flip and every truncation of the forest is refused
+        for i in (0..bytes.len()).step_by(7) {
+            let mut b = bytes.clone();
+            b[i] ^= 0x5a;
+            assert!(KdForest::from_bytes(&b, 50).is_err());
+            assert!(KdForest::from_bytes(&bytes[..i], 50).is_err());
+        }
+        assert!(KdForest::from_bytes(&bytes, 51).is_err());
+        // a wrong size, a damaged header
+        assert!(Shard::open(&path, &[20, 31], 4, 100, ForestParams::default()).is_err());
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[20] ^= 1;
+        std::fs::write(&path, &raw).unwrap();
+        assert!(Shard::open(&path, &[20, 30], 4, 100, ForestParams::default()).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

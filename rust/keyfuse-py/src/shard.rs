@@ -1,0 +1,229 @@
+//! Bindings for the shards of a sharded index (keyfuse_core::shard): per-shard k-NN with
+//! global point ids, the deterministic merge of the shards' lists and the soft-Jaccard
+//! scoring from merged lists — the one scoring path of `keyfuse.Index`, in process or on
+//! Dask workers.
+
+use std::path::PathBuf;
+
+use keyfuse_core::jaccard::{self, DimStats};
+use keyfuse_core::knn::{self, ForestParams, Neighbors};
+use keyfuse_core::shard::Shard as CoreShard;
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::prelude::*;
+
+use crate::convert::{array2, descriptors};
+use crate::errors::{detach, invalid};
+use crate::matching::sj_params;
+
+/// (global point ids, squared distances), both (m, k) uint32; missing: 2³²−1.
+type KnnOut<'py> = (Bound<'py, PyArray2<u32>>, Bound<'py, PyArray2<u32>>);
+
+fn forest_params(trees: usize) -> ForestParams {
+    ForestParams {
+        trees,
+        ..ForestParams::default()
+    }
+}
+
+/// One shard of an index: descriptors (in memory or memory-mapped from a shard file), each
+/// point's global subject and its kd-forest.
+#[pyclass(module = "keyfuse._core", frozen)]
+struct Shard {
+    inner: CoreShard,
+}
+
+#[pymethods]
+impl Shard {
+    /// An in-memory shard over `desc` (subjects `first_subject..` with `sizes` keypoints
+    /// each; its first point has global id `base`).
+    #[new]
+    #[pyo3(signature = (desc, sizes, *, first_subject, base, trees))]
+    fn new(
+        py: Python<'_>,
+        desc: PyReadonlyArray2<'_, u8>,
+        sizes: Vec<usize>,
+        first_subject: usize,
+        base: usize,
+        trees: usize,
+    ) -> PyResult<Self> {
+        let d = descriptors(py, "descriptors", &desc)?.into_owned();
+        let inner = detach(py, || {
+            CoreShard::new(d, &sizes, first_subject, base, forest_params(trees))
+        })?;
+        Ok(Shard { inner })
+    }
+
+    /// Memory-map a shard file, checking its size and header.
+    #[staticmethod]
+    #[pyo3(signature = (path, sizes, *, first_subject, base, trees))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        sizes: Vec<usize>,
+        first_subject: usize,
+        base: usize,
+        trees: usize,
+    ) -> PyResult<Self> {
+        let inner = detach(py, || {
+            CoreShard::open(&path, &sizes, first_subject, base, forest_params(trees))
+        })?;
+        Ok(Shard { inner })
+    }
+
+    #[getter]
+    fn n_points(&self) -> usize {
+        self.inner.n_points()
+    }
+
+    #[getter]
+    fn is_mapped(&self) -> bool {
+        self.inner.is_mapped()
+    }
+
+    #[getter]
+    fn has_forest(&self) -> bool {
+        self.inner.has_forest()
+    }
+
+    /// Bytes held in RAM (memory-mapped descriptors not counted).
+    fn memory_bytes(&self) -> usize {
+        self.inner.memory_bytes()
+    }
+
+    /// The descriptor statistics: 129 uint64 words (row count, sums, sums of squares).
+    fn stats<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        self.inner.stats().to_words().into_pyarray(py)
+    }
+
+    /// A copy of the shard's descriptor rows `start..stop` (`None`: to the end),
+    /// (rows, 64) uint8.
+    #[pyo3(signature = (start, stop))]
+    fn descriptors<'py>(
+        &self,
+        py: Python<'py>,
+        start: usize,
+        stop: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        let n = self.inner.n_points();
+        let stop = stop.unwrap_or(n);
+        if start > stop || stop > n {
+            return Err(invalid(py, format!("rows {start}..{stop} outside 0..{n}")));
+        }
+        const L: usize = keyfuse_core::DESC_LEN;
+        let d = self.inner.data()[start * L..stop * L].to_vec();
+        array2(py, stop - start, L, d)
+    }
+
+    /// Read every descriptor and check them against the header (raises when damaged).
+    fn verify(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
+        detach(py, || inner.verify())
+    }
+
+    fn build_forest(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
+        detach(py, || inner.build_forest())
+    }
+
+    /// Write the forest to `path` atomically (deterministic bytes).
+    fn save_forest(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let Some(f) = self.inner.forest() else {
+            return Err(invalid(py, "the shard has no forest to save"));
+        };
+        detach(py, || f.save(&path))
+    }
+
+    /// Load and validate the forest saved at `path`.
+    fn load_forest(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let inner = &self.inner;
+        detach(py, || inner.load_forest(&path))
+    }
+
+    /// Each query keypoint's k nearest points of this shard, by global id.
+    #[pyo3(signature = (queries, *, exclude, allowed, k, exact, checks))]
+    #[allow(clippy::too_many_arguments)]
+    fn knn<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, u8>,
+        exclude: Option<usize>,
+        allowed: Option<PyReadonlyArray1<'py, bool>>,
+        k: usize,
+        exact: bool,
+        checks: usize,
+    ) -> PyResult<KnnOut<'py>> {
+        let q = descriptors(py, "queries", &queries)?;
+        let mask: Option<Vec<bool>> = allowed.map(|a| a.as_array().to_vec());
+        let p = sj_params(k, exact, checks, 1.0, f64::INFINITY, true);
+        let inner = &self.inner;
+        let nb = detach(py, || inner.knn(&q, &p, exclude, mask.as_deref()))?;
+        let nq = nb.n_queries();
+        Ok((array2(py, nq, k, nb.idx)?, array2(py, nq, k, nb.dist2)?))
+    }
+}
+
+/// Write `desc` as a shard file at `path`, atomically.
+#[pyfunction]
+fn write_shard(py: Python<'_>, path: PathBuf, desc: PyReadonlyArray2<'_, u8>) -> PyResult<()> {
+    let d = descriptors(py, "descriptors", &desc)?;
+    detach(py, || CoreShard::write(&path, &d))
+}
+
+/// Soft intersections of one query set with every subject, from the shards' neighbour
+/// lists: merged by (distance, global id), then scored with the cohort's statistics.
+#[pyfunction]
+#[pyo3(signature = (parts, *, subject_offsets, stats, k, alpha2_floor, alpha2_cap_fraction,
+    posterior))]
+#[allow(clippy::too_many_arguments)]
+fn merge_score<'py>(
+    py: Python<'py>,
+    parts: Vec<(PyReadonlyArray2<'py, u32>, PyReadonlyArray2<'py, u32>)>,
+    subject_offsets: PyReadonlyArray1<'py, i64>,
+    stats: PyReadonlyArray1<'py, u64>,
+    k: usize,
+    alpha2_floor: f64,
+    alpha2_cap_fraction: f64,
+    posterior: bool,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let mut lists = Vec::with_capacity(parts.len());
+    for (i, d) in &parts {
+        let (i, d) = (i.as_array(), d.as_array());
+        if i.shape() != d.shape() {
+            return Err(invalid(py, "neighbour ids and distances differ in shape"));
+        }
+        lists.push(Neighbors {
+            k: i.shape()[1],
+            idx: i.iter().copied().collect(),
+            dist2: d.iter().copied().collect(),
+        });
+    }
+    let offsets: Vec<usize> = subject_offsets
+        .as_array()
+        .iter()
+        .map(|&o| o.max(0) as usize)
+        .collect();
+    if offsets.is_empty() || offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err(invalid(
+            py,
+            "subject offsets must be non-decreasing, starting at 0",
+        ));
+    }
+    let stats = DimStats::from_words(stats.as_array().as_slice().unwrap_or(&[]));
+    let p = sj_params(k, true, 1, alpha2_floor, alpha2_cap_fraction, posterior);
+    let n = offsets.len() - 1;
+    let out = detach(py, || {
+        let stats = stats?;
+        let nb = knn::merge_neighbors(&lists, k)?;
+        // a point's subject: the last offset at or before it
+        let owner = |c: u32| (offsets.partition_point(|&o| o <= c as usize) - 1) as u32;
+        jaccard::score_neighbors(&nb, owner, n, &stats, &p)
+    })?;
+    Ok(out.into_pyarray(py))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(write_shard, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_score, m)?)?;
+    m.add_class::<Shard>()?;
+    Ok(())
+}
