@@ -14,8 +14,10 @@ The synthetic subjects (random rank descriptors, random geometry) are written on
 ``.kfk`` files; each size is then built in a fresh process, which reports: the build's
 wall time, its peak RSS (VmHWM), the RSS before the build (interpreter and libraries),
 the bytes the index holds (engine + resident keypoint sets), and the rest, the loader's
-own footprint = peak − before − index. Then the built index is opened in another fresh
-process: what an opened index holds (descriptors only).
+own footprint = peak − before − index ("before" is measured after a one-file warm-up
+build, so it includes the libraries the build loads). Then the built index is opened in
+another fresh process: what an opened index holds (descriptors only). Last, the peak RSS
+of a Dask worker process extracting one 1 mm T1 (the memory to give each worker).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def rss_gib(field):
     return int(line.split()[1]) / 2**20
 
 files = sorted(Path(sys.argv[1]).glob("*.kfk"))[: int(sys.argv[2])]
+# warm-up: one file into a throwaway index loads every library the build uses
+build_index(files[:1], sys.argv[3] + ".warmup", progress=False)
 before = rss_gib("VmRSS")
 t = time.perf_counter()
 res = build_index(files, sys.argv[3], chunk=int(sys.argv[4]), scheduler="threads",
@@ -84,6 +88,37 @@ def write_cohort(d: Path, n: int, n_kp: int) -> float:
             shape=(182, 218, 182),
         ).save(d / f"s{s:06d}.kfk")
     return time.perf_counter() - t0
+
+
+def _hwm_gib() -> float:
+    line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+    return int(line.split()[1]) / 2**20
+
+
+def worker_memory(resolution_mm: float) -> None:
+    """Peak RSS of a one-thread Dask worker process that extracts one MNI152 T1: the
+    memory to give each worker of a cluster (README "Running on a cluster")."""
+    from distributed import Client, LocalCluster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        img = kf.datasets.mni152(resolution_mm=resolution_mm)
+        img.save(f"{tmp}/t1.nii.gz")
+        with (
+            LocalCluster(
+                n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            idle = next(iter(client.run(_hwm_gib).values()))
+            res = kf.batch.extract_batch(
+                f"{tmp}/t1.nii.gz", f"{tmp}/keys", scheduler=client, device="cpu", progress=False
+            )
+            peak = next(iter(client.run(_hwm_gib).values()))
+    print(
+        f"Dask worker (1 process, 1 thread) extracting one {resolution_mm:g} mm T1 "
+        f"{img.shape}: peak RSS {peak:.3f} GiB (idle worker {idle:.3f} GiB; "
+        f"{res.seconds:.1f} s)"
+    )
 
 
 def main() -> None:
@@ -128,6 +163,7 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(out)
+    worker_memory(4.0 if args.quick else 1.0)
 
 
 if __name__ == "__main__":
