@@ -116,6 +116,16 @@ def test_missing_corrupt_and_4d_inputs_are_failures_not_aborts(tmp_path: Path) -
     # a rerun retries only the failures; nothing good is recomputed
     again = batch.extract_batch(ins, tmp_path / "keys", scheduler="sync", progress=False)
     assert len(again.skipped) == 4 and len(again.failures) == 3
+    # the command line: the same failures, and the good scans indexed (--index)
+    from click.testing import CliRunner
+
+    from keyfuse.cli import cli
+
+    args = ["extract", *map(str, ins), "-o", str(tmp_path / "keys"), "--scheduler", "sync"]
+    r = CliRunner().invoke(cli, [*args, "--index", str(tmp_path / "i.kfi"), "-q"])
+    assert r.exit_code == 1 and "4 already done, 3 failed" in r.output, r.output
+    assert "indexed 4 subjects" in r.output and "fmri.nii.gz" in r.output
+    assert kf.Index(tmp_path / "i.kfi").subjects == ["good0", "good1", "good2", "good3"]
     # a batch of which no named input exists is a mistake, refused before any work
     with pytest.raises(KeyfuseIOError, match="no such file"):
         batch.extract_batch([bad[1], tmp_path / "nope.nii"], tmp_path / "keys2")

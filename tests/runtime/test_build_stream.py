@@ -74,6 +74,17 @@ def test_build_is_the_same_whatever_the_scheduler(tmp_path: Path) -> None:
     ia, ib = kf.Index(tmp_path / "a.kfi"), kf.Index(tmp_path / "b.kfi")
     q = _kps(3)
     assert ia.search(q, k=5) == ib.search(q, k=5)
+    distributed = pytest.importorskip("distributed")
+    (keys / "s01.kfk").write_bytes(b"junk")  # read on a Dask worker: a failure, not a crash
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        c = batch.build_index(
+            keys, tmp_path / "c.kfi", scheduler=cluster.scheduler_address, chunk=2, progress=False
+        )
+    assert c.added == [s for s in a.added if s != "s01"]
+    assert [Path(f.input).name for f in c.failures] == ["s01.kfk"]
+    assert kf.Index(tmp_path / "c.kfi").search(q, k=1)[0][0] == "s03"
 
 
 def test_bad_files_are_reported_and_left_out(tmp_path: Path) -> None:
