@@ -32,10 +32,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError, MissingDependencyError
+
+if TYPE_CHECKING:  # at run time through __getattr__ (keyfuse.batch_build imports this module)
+    from keyfuse.batch_build import BuildInterrupted, BuildResult, build_index
 
 __all__ = [
     "BatchFailure",
@@ -565,5 +568,14 @@ def extract_batch(
     )
 
 
-# the streaming index build (after everything it imports from this module)
-from keyfuse.batch_build import BuildInterrupted, BuildResult, build_index  # noqa: E402
+_BUILD_NAMES = ("BuildInterrupted", "BuildResult", "build_index")
+
+
+def __getattr__(name: str) -> Any:
+    """The streaming index build (:mod:`keyfuse.batch_build`, which imports this
+    module), as ``kf.batch.build_index``."""
+    if name in _BUILD_NAMES:
+        from keyfuse import batch_build
+
+        return getattr(batch_build, name)
+    raise AttributeError(f"module 'keyfuse.batch' has no attribute {name!r}")
