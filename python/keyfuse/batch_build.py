@@ -141,7 +141,7 @@ def _warn_unlabelled(todo: Sequence[str], found: Mapping[str, Any], table: Path)
     missing = [sid for sid in todo if sid not in found]
     if missing:
         warn_caller(
-            f"{len(missing)} of {len(todo)} subjects added have no row in {table} (e.g. "
+            f"{len(missing)} of {len(todo)} subjects have no row in {table} (e.g. "
             f"{', '.join(missing[:3])}): they are indexed without labels",
             UnlabelledSubjectsWarning,
         )

@@ -47,7 +47,7 @@ def test_build_appends_in_chunks_with_labels_and_resumes(tmp_path: Path) -> None
         sorted(keys.glob("s0[0-2].kfk")), out, labels=table, chunk=2, progress=False
     )
     assert first.added == ["s00", "s01", "s02"] and first.ok
-    with pytest.warns(UnlabelledSubjectsWarning, match="5 of 5 subjects added"):
+    with pytest.warns(UnlabelledSubjectsWarning, match="5 of 5 subjects have no row"):
         res = batch.build_index(keys, out, labels=table, chunk=2, progress=False)
     assert res.skipped == ["s00", "s01", "s02"]
     assert res.added == ["s03", "s04", "s05", "s06", "t00"]
