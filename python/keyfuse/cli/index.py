@@ -79,12 +79,12 @@ def index_build(
 
     The subject id of each entry is its file name without suffix.
 
-    Keypoint files (the output of 'keyfuse extract') are streamed: read in chunks,
-    each chunk appended atomically, so memory stays bounded however many files there
-    are. If OUT already exists, the build resumes: subjects already in it are skipped
-    (rerun the same command after Ctrl-C). A file that cannot be read is reported and
-    left out (exit status 1). Images are read and extracted first and the index is
-    written at the end, as one part.
+    Keypoint files (the output of 'keyfuse extract') are streamed: read in chunks
+    (at most two in memory), each chunk appended atomically. If OUT already exists,
+    the build resumes: subjects already in it are skipped (rerun the same command
+    after Ctrl-C). A file that cannot be read is reported and left out (exit status
+    1). Images are read and extracted first and the index is written at the end, as
+    one part.
 
     \b
     Examples:
