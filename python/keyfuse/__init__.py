@@ -29,6 +29,7 @@ from keyfuse.errors import (
     KeyfuseWarning,
     MissingDependencyError,
     NotDicomWarning,
+    UnlabelledSubjectsWarning,
     VoxelSizeWarning,
 )
 
@@ -72,6 +73,7 @@ _SUBMODULES = {
     "datasets",
     "evaluate",
     "batch",
+    "bids",
     "cli",
     "device",
     "neighbors",
@@ -147,10 +149,12 @@ __all__ = [
     "MissingDependencyError",
     "NotDicomWarning",
     "Segmentation",
+    "UnlabelledSubjectsWarning",
     "VoxelSizeWarning",
     "active",
     "align",
     "batch",
+    "bids",
     "cuda_available",
     "datasets",
     "evaluate",

@@ -32,15 +32,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError, MissingDependencyError
+
+if TYPE_CHECKING:  # at run time through __getattr__ (keyfuse.batch_build imports this module)
+    from keyfuse.batch_build import BuildInterrupted, BuildResult, build_index
 
 __all__ = [
     "BatchFailure",
     "BatchInterrupted",
     "BatchResult",
+    "BuildInterrupted",
+    "BuildResult",
+    "build_index",
     "collect_inputs",
     "extract_batch",
     "output_path",
@@ -112,6 +118,7 @@ def collect_inputs(
     *,
     pattern: str | None = None,
     recursive: bool = True,
+    missing: str = "raise",
 ) -> list[Path]:
     """The input files named by ``paths``.
 
@@ -127,11 +134,14 @@ def collect_inputs(
     suffixes : file-name endings a directory's files must have.
     pattern : optional glob on the file name inside directories (e.g. ``"*_T1w.nii.gz"``).
     recursive : search directories' sub-directories (default True).
+    missing : ``"raise"`` (default): a path that does not exist raises; ``"keep"``: it
+        is kept as given (a batch then lists it among its failures), unless no named
+        path exists at all.
 
     Raises
     ------
     KeyfuseIOError
-        A path that does not exist, or a glob that matches nothing.
+        A path that does not exist (see ``missing``), or a glob that matches nothing.
     """
     import glob
 
@@ -139,7 +149,10 @@ def collect_inputs(
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if missing not in ("raise", "keep"):
+        raise InvalidArgumentError(f"missing must be 'raise' or 'keep', not {missing!r}")
     out: list[Path] = []
+    gone: list[str] = []
     for p in paths:
         text = os.fspath(p)
         path = Path(text)
@@ -164,8 +177,13 @@ def collect_inputs(
             if not matched:
                 raise KeyfuseIOError(f"no files match {text!r}")
             out.extend(m for m in matched if m.is_file())
+        elif missing == "keep":
+            out.append(path)
+            gone.append(text)
         else:
             raise KeyfuseIOError(f"no such file or directory: {text}")
+    if gone and len(gone) == len(out):
+        raise KeyfuseIOError(f"no such file or directory: {', '.join(gone[:3])}")
     return out
 
 
@@ -175,9 +193,16 @@ def collect_inputs(
 Outcome = tuple[int, str | None, str, float]  # (position, error type or None, message, s)
 
 
-def _run_one(func: Task, pos: int, inp: str, out: str) -> Outcome:
-    """Run one task; never raises (the batch must survive any single input)."""
+def _run_one(func: Task, pos: int, inp: str, out: str, resume: bool = False) -> Outcome:
+    """Run one task; never raises (the batch must survive any single input).
+
+    With ``resume``, an output that exists when the task starts is kept as done: Dask
+    reruns the tasks of a worker that died, and one that had already written its
+    (atomic, complete) output is not computed a second time.
+    """
     t0 = time.perf_counter()
+    if resume and os.path.exists(out):
+        return pos, None, "", 0.0
     try:
         func(inp, out)
     except Exception as exc:  # a failure is data for the failure list, whatever it is
@@ -403,16 +428,21 @@ def run_batch(
                 else:
                     from distributed import as_completed as dask_completed
 
+                    # a worker that dies is replaced and its tasks rerun elsewhere
+                    # (distributed's allowed-failures); `resume` makes a rerun keep an
+                    # output its first run had already written
                     dfuts = {
-                        ex.submit(_run_one, func, n, ins[n], str(outs[n]), pure=False): n
+                        ex.submit(
+                            _run_one, func, n, ins[n], str(outs[n]), not overwrite, pure=False
+                        ): n
                         for n in todo
                     }
                     try:
                         for fut in dask_completed(list(dfuts)):
                             try:
                                 record(fut.result())
-                            except Exception as exc:  # a worker died: one input's failure
-                                record((dfuts[fut], type(exc).__name__, str(exc), 0.0))
+                            except Exception as exc:  # workers kept dying on this input
+                                record((dfuts[fut], *_lost_task(exc)))
                     except KeyboardInterrupt:
                         with _quiet_dask(), contextlib.suppress(Exception):
                             ex.cancel(list(dfuts), force=True)
@@ -439,6 +469,20 @@ def run_batch(
     return result
 
 
+def _lost_task(exc: BaseException) -> tuple[str, str, float]:
+    """The failure-list entry of a task Dask gave up on (``KilledWorker``: every worker
+    that ran it died, e.g. killed for memory or crashed)."""
+    name = type(exc).__name__
+    if name == "KilledWorker":
+        return (
+            name,
+            "the Dask workers running this input died each time (out of memory, or a "
+            "crash): give workers more memory or check this file",
+            0.0,
+        )
+    return name, str(exc) or name, 0.0
+
+
 def _write_failures(path: Path, failures: list[BatchFailure]) -> None:
     from keyfuse._io import atomic_path
 
@@ -453,6 +497,20 @@ def _write_failures(path: Path, failures: list[BatchFailure]) -> None:
                 w.writerow([f.input, f.error, f.message])
     except OSError as exc:
         raise KeyfuseIOError(f"cannot write the failure list {path}: {exc}") from exc
+
+
+def extract_task(device: str, fmt: str, params: dict[str, Any]) -> ExtractTask:
+    """The extraction task of a batch, its arguments checked once before any work."""
+    if fmt not in ("kfk", "key"):
+        raise InvalidArgumentError(f"fmt must be 'kfk' or 'key', not {fmt!r}")
+    # checked here rather than once per file; resolved on the workers, which may differ
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    if device == "cuda":
+        from keyfuse.extraction import check_extract_device
+
+        check_extract_device(device)  # no GPU path: one error before the work
+    return ExtractTask(device=device, params=tuple(sorted(params.items())))
 
 
 def extract_batch(
@@ -474,7 +532,8 @@ def extract_batch(
     ----------
     inputs : an image path, a directory, a glob, or a list of them (see
         :func:`collect_inputs`): directories are searched recursively for
-        ``.nii``/``.nii.gz`` files.
+        ``.nii``/``.nii.gz`` files. A named file that does not exist is listed among the
+        failures (the batch goes on), unless none of the named paths exists.
     out_dir : output directory; each image ``name.nii.gz`` gives ``out_dir/name.kfk``,
         and failures go to ``out_dir/failures.csv``.
     pattern : only files of the input directories whose names match this glob (e.g.
@@ -488,23 +547,14 @@ def extract_batch(
     progress : show a progress bar (default True).
     **params : extraction parameters for :func:`keyfuse.extract`.
     """
-    if fmt not in ("kfk", "key"):
-        raise InvalidArgumentError(f"fmt must be 'kfk' or 'key', not {fmt!r}")
-    # checked here rather than once per file; resolved on the workers, which may differ
-    if device not in ("auto", "cpu", "cuda"):
-        raise InvalidArgumentError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
-    if device == "cuda":
-        from keyfuse.extraction import check_extract_device
-
-        check_extract_device(device)  # no GPU path: one error before the work
-    files = collect_inputs(inputs, pattern=pattern)
+    task = extract_task(device, fmt, params)
+    files = collect_inputs(inputs, pattern=pattern, missing="keep")
     if not files:
         where = f" matching {pattern!r}" if pattern else ""
         raise InvalidArgumentError(
             f"no input images{where} (directories are searched for .nii/.nii.gz files)"
         )
     outs = [output_path(f, out_dir, f".{fmt}") for f in files]
-    task = ExtractTask(device=device, params=tuple(sorted(params.items())))
     return run_batch(
         task,
         files,
@@ -516,3 +566,16 @@ def extract_batch(
         desc="extract",
         failures_path=Path(out_dir) / FAILURES_FILE,
     )
+
+
+_BUILD_NAMES = ("BuildInterrupted", "BuildResult", "build_index")
+
+
+def __getattr__(name: str) -> Any:
+    """The streaming index build (:mod:`keyfuse.batch_build`, which imports this
+    module), as ``kf.batch.build_index``."""
+    if name in _BUILD_NAMES:
+        from keyfuse import batch_build
+
+        return getattr(batch_build, name)
+    raise AttributeError(f"module 'keyfuse.batch' has no attribute {name!r}")

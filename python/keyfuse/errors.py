@@ -69,6 +69,11 @@ class AlignmentWarning(KeyfuseWarning):
     or a keypoint alignment to the atlas that failed."""
 
 
+class UnlabelledSubjectsWarning(KeyfuseWarning):
+    """Some subjects added to an index have no row in the label table (e.g. a BIDS
+    ``participants.tsv``): they are indexed without labels."""
+
+
 def warn_caller(message: str, category: type[Warning]) -> None:
     """Warn at the first stack frame outside the keyfuse package (the user's call),
     however deep inside keyfuse the warning arises."""

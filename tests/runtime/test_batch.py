@@ -111,9 +111,10 @@ def test_extract_batch_real(tmp_path: Path) -> None:
     kf.Image(data, np.diag([2.0, 2.0, 2.0, 1.0])).save(good)
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti")
-    # a missing input is refused before any work (a broken one is a failure of the batch)
+    # no named input exists: refused before any work (one missing among others is a
+    # failure of the batch, see test_batch_faults.py)
     with pytest.raises(KeyfuseIOError, match=r"missing\.nii\.gz"):
-        batch.extract_batch([good, tmp_path / "missing.nii.gz"], tmp_path / "keys")
+        batch.extract_batch([tmp_path / "missing.nii.gz"], tmp_path / "keys")
     assert not (tmp_path / "keys").exists()
     res = batch.extract_batch(
         [good, broken],

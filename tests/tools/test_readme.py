@@ -51,6 +51,10 @@ def test_readme_python_blocks_run(tmp_path: Path) -> None:
     assert ns["report"]["family_auc"] > 0.8  # type: ignore[index]
     assert (tmp_path / "cohort.kfi" / "manifest.json").exists()
     assert (tmp_path / "new_labels.nii.gz").exists() and (tmp_path / "new_labels.tsv").exists()
+    # "Running on a cluster": the local cluster resumed the tour's batch; the streamed build
+    assert not ns["res"].written and ns["res"].ok  # type: ignore[attr-defined]
+    built = ns["built"]
+    assert built.ok and sorted(built.added) == sorted(ns["families"].subjects)  # type: ignore[attr-defined]
     if cnn_ok:
         assert ns["proba"].shape == (4, 2)  # type: ignore[attr-defined]
         # the classification recipe and the labelling suggestion

@@ -6,14 +6,22 @@ from pathlib import Path
 
 import click
 
-from keyfuse.cli._inputs import add_to_index, keypoint_sources, open_index, source_labels
+from keyfuse.cli._inputs import (
+    add_to_index,
+    is_keypoint_file,
+    keypoint_sources,
+    open_index,
+    source_labels,
+)
 from keyfuse.cli.options import (
     CONTEXT,
+    dask_option,
     device_option,
     index_argument,
     label_table_options,
     quiet_option,
     vectors_option,
+    workers_option,
 )
 from keyfuse.errors import InvalidArgumentError
 
@@ -34,6 +42,23 @@ def index() -> None:
 @device_option(IMAGE_DEVICE_HELP)
 @vectors_option()
 @click.option("--overwrite", is_flag=True, help="Replace an existing index.")
+@dask_option("Read the keypoint files on this Dask scheduler (e.g. tcp://10.0.0.5:8786).")
+@click.option(
+    "--scheduler",
+    type=click.Choice(["threads", "local", "processes", "sync"]),
+    default="threads",
+    show_default=True,
+    help="Without --dask: where keypoint files are read (a thread pool, a local Dask "
+    "cluster of threads or processes, or one at a time).",
+)
+@workers_option("Parallel reads (default: number of CPUs).")
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Keypoint files per atomic append (memory holds at most two chunks).",
+)
 @quiet_option("No progress bar.")
 def index_build(
     sources: tuple[Path, ...],
@@ -44,18 +69,45 @@ def index_build(
     device: str,
     vectors: bool,
     overwrite: bool,
+    dask_address: str | None,
+    scheduler: str,
+    workers: int | None,
+    chunk: int,
     quiet: bool,
 ) -> None:
     """Build an index from keypoint files (.kfk/.key) or images, or directories of them.
 
     The subject id of each entry is its file name without suffix.
 
+    Keypoint files (the output of 'keyfuse extract') are streamed: read in chunks
+    (at most two in memory), each chunk appended atomically. If OUT already exists,
+    the build resumes: subjects already in it are skipped (rerun the same command
+    after Ctrl-C). A file that cannot be read is reported and left out (exit status
+    1). Images are read and extracted first and the index is written at the end, as
+    one part.
+
     \b
     Examples:
       keyfuse index build keys/ -o cohort.kfi --labels cohort/cohort.csv --columns family,group
+      keyfuse index build keys/ -o ukb.kfi --labels participants.tsv --dask tcp://sched:8786
       keyfuse index build scans/*.nii.gz -o scans.kfi
       keyfuse index build xrays/*.png -o xrays.kfi --vectors   # 2D images, with CNN vectors
     """
+    paths = keypoint_sources(sources)
+    if not vectors and all(is_keypoint_file(p) for p in paths):
+        _stream_build(
+            paths,
+            out,
+            labels_csv,
+            id_column,
+            columns,
+            overwrite,
+            dask_address or scheduler,
+            workers,
+            chunk,
+            quiet,
+        )
+        return
     import shutil
 
     from keyfuse.index import Index
@@ -63,7 +115,6 @@ def index_build(
     if out.exists() and not overwrite:
         raise InvalidArgumentError(f"{out} exists: use 'keyfuse index add' or --overwrite")
     idx = Index()
-    paths = keypoint_sources(sources)
     labels, warning = source_labels(paths, labels_csv, id_column, columns)
     if warning:
         click.echo(warning, err=True)
@@ -72,6 +123,52 @@ def index_build(
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     idx.save(out)
     click.echo(f"indexed {n} subjects -> {out}")
+
+
+def _stream_build(
+    paths: list[Path],
+    out: Path,
+    labels_csv: Path | None,
+    id_column: str | None,
+    columns: str | None,
+    overwrite: bool,
+    scheduler: str,
+    workers: int | None,
+    chunk: int,
+    quiet: bool,
+) -> None:
+    """``index build`` of keypoint files: :func:`keyfuse.batch.build_index`."""
+    from keyfuse.batch import BuildInterrupted, build_index
+
+    try:
+        res = build_index(
+            paths,
+            out,
+            labels=labels_csv,
+            id_column=id_column,
+            columns=columns,
+            scheduler=scheduler,
+            n_workers=workers,
+            chunk=chunk,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
+    except BuildInterrupted as stop:
+        click.echo(
+            f"\ninterrupted: {len(stop.result.added)} subjects added are kept in {out}. "
+            "Run the same command again to resume.",
+            err=True,
+        )
+        raise SystemExit(130) from None
+    more = f", {len(res.skipped)} already there" if res.skipped else ""
+    click.echo(f"indexed {len(res.added)} subjects{more} -> {out} ({res.seconds:.1f} s)")
+    if res.failures:
+        for f in res.failures[:10]:
+            click.echo(f"  failed: {f.input}: {f.error}: {f.message}", err=True)
+        raise click.ClickException(
+            f"{len(res.failures)} keypoint files could not be read and were left out; "
+            "fix or remove them and run the same command again"
+        )
 
 
 @index.command("add", context_settings=CONTEXT)
