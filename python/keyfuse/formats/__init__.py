@@ -23,6 +23,7 @@ into RAS in exactly one place, :func:`lps_to_ras`. Every failure is a
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -418,7 +419,7 @@ def _read_itk(path: Path) -> Image:
         reader.ReadImageInformation()
         sizes = [int(n) for n in reader.GetSize()]
         declared = int(np.prod(sizes, dtype=object)) * int(reader.GetNumberOfComponents())
-        declared *= _ITK_BYTES.get(int(reader.GetPixelID()), 8)
+        declared *= _itk_bytes().get(int(reader.GetPixelID()), 8)
         data_file, offset, compressed = _itk_data_file(path)
         check_declared_size(path, declared, data_file.stat().st_size - offset, compressed)
         if compressed:
@@ -446,7 +447,10 @@ def _read_itk(path: Path) -> Image:
         raise InvalidImageError(f"{path}: {exc}") from exc
 
 
+@functools.cache
 def _itk_bytes() -> dict[int, int]:
+    """Bytes per voxel of each SimpleITK pixel id; looked up on first use, since importing
+    SimpleITK costs ~90 MB of memory that reading other formats must not pay."""
     try:
         import SimpleITK as sitk
     except ImportError:
@@ -470,9 +474,6 @@ def _itk_bytes() -> dict[int, int]:
             if value is not None:
                 out[int(value)] = nbytes
     return out
-
-
-_ITK_BYTES = _itk_bytes()
 
 
 def _itk_data_file(path: Path) -> tuple[Path, int, bool]:

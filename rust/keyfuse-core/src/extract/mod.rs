@@ -9,8 +9,8 @@
 //! whose eigenvalues are reported → 3D orientations → 64-bin
 //! SIFT-Rank descriptors (2×2×2 cells × 8 octant bins, rank-transformed).
 //!
-//! The scale space is streamed: only two Gaussians and three DoGs of the current
-//! octave are alive at once, and keypoints are described as soon as their DoG level is
+//! The scale space is streamed: only four Gaussians of the current octave are alive at
+//! once (the three DoGs searched are their differences), and keypoints are described as soon as their DoG level is
 //! complete. Work is split over `i`-planes and over candidates with rayon and collected
 //! in order, so the output is bit-identical whatever the thread count.
 //!
@@ -453,7 +453,13 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     if small(&vol) {
         return Ok(found);
     }
+    // KF_TRACE: per-stage seconds on stderr (blur+DoG, detection, description)
+    let trace = std::env::var_os("KF_TRACE").is_some();
+    let mut times = [0f64; 3];
+    let clock = std::time::Instant::now;
+    let t0 = clock();
     let mut base = volume::blur(&vol, p.initial_blur_sigma() as f32)?;
+    times[0] += t0.elapsed().as_secs_f64();
     // full-size buffers are recycled (the input copy included) rather than freed and
     // reallocated: every fresh buffer costs a page fault per 4 KiB
     let mut pool: Vec<Vol> = vec![vol];
@@ -468,35 +474,37 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
             break;
         }
         let mut next_base: Option<Vol> = None;
-        let mut g_prev = base;
-        let mut spare: Option<Vol> = None;
-        let mut dogs: Vec<Vol> = Vec::with_capacity(3);
+        // G_{t−3} .. G_t: the three DoGs around level t − 2 are differences of these four
+        let mut gs: Vec<Vol> = Vec::with_capacity(4);
+        gs.push(base);
         for t in 1..s_n + 3 {
             let inc = p.blur_increment(t);
-            let mut g_cur = match spare.take() {
-                Some(v) => v,
-                None => take(&mut pool, g_prev.n)?,
-            };
-            let mut d = if dogs.len() == 3 {
-                dogs.remove(0)
+            let mut g_cur = if gs.len() == 4 {
+                gs.remove(0)
             } else {
-                take(&mut pool, g_prev.n)?
+                take(&mut pool, gs[0].n)?
             };
-            volume::blur_dog_into(&g_prev, inc as f32, &mut g_cur, &mut d);
+            let t0 = clock();
+            volume::blur_into(&gs[gs.len() - 1], inc as f32, &mut g_cur);
             if t == s_n {
                 next_base = Some(volume::downsample(&g_cur)?);
             }
-            dogs.push(d);
-            if dogs.len() == 3 {
+            times[0] += t0.elapsed().as_secs_f64();
+            gs.push(g_cur);
+            if gs.len() == 4 {
                 let level = t - 2; // DoG index of the middle one
                 let (thr, m) = (p.peak_threshold as f32, p.level_margin(level, dim));
+                let t0 = clock();
+                let dogs = [1, 2, 3].map(|i| detect::Dog::new(&gs[i], &gs[i - 1]));
                 let cands = if dim == 3 {
                     detect::extrema_3d(&dogs[0], &dogs[1], &dogs[2], thr, m, p.edge_ratio)
                 } else {
                     detect::extrema_2d(&dogs[0], &dogs[1], &dogs[2], thr, m, p.edge_ratio)
                 };
-                // describe with G_{level+1}, the Gaussian still in memory (g_prev)
-                let g = &g_prev;
+                times[1] += t0.elapsed().as_secs_f64();
+                let t0 = clock();
+                // describe with G_{level+1}
+                let g = &gs[2];
                 let described: Vec<Option<Described>> = cands
                     .par_iter()
                     .map_init(
@@ -553,7 +561,8 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                         },
                     )
                     .collect();
-                if std::env::var_os("KF_TRACE").is_some() {
+                times[2] += t0.elapsed().as_secs_f64();
+                if trace {
                     eprintln!(
                         "TRACE oct {octave} lvl {level} cands {} kept {}",
                         cands.len(),
@@ -562,16 +571,19 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                 }
                 found.extend(described.into_iter().flatten());
             }
-            spare = Some(std::mem::replace(&mut g_prev, g_cur));
         }
-        pool.extend(spare);
-        pool.extend(dogs);
-        pool.push(g_prev);
+        pool.extend(gs);
         match next_base {
             Some(b) => base = b,
             None => break,
         }
         octave += 1;
+    }
+    if trace {
+        eprintln!(
+            "TRACE seconds: blur+dog {:.3} detect {:.3} describe {:.3}",
+            times[0], times[1], times[2]
+        );
     }
     Ok(found)
 }

@@ -198,8 +198,7 @@ fn sym_conv<'a>(
 }
 
 /// Blur the `i`-plane `p` of `src` (planes of `plane` voxels, `ni` of them) along all
-/// three axes into `o`, and write `o − src_p` into `dg` when it is not empty.
-/// `tmp` (a plane) and `pad` (a padded row) are scratch.
+/// three axes into `o`. `tmp` (a plane) and `pad` (a padded row) are scratch.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn blur_plane_body(
@@ -208,7 +207,6 @@ fn blur_plane_body(
     p: usize,
     w: &[f32],
     o: &mut [f32],
-    dg: &mut [f32],
     tmp: &mut [f32],
     pad: &mut [f32],
 ) {
@@ -263,16 +261,6 @@ fn blur_plane_body(
         } else {
             orow.copy_from_slice(row(y));
         }
-        if !dg.is_empty() {
-            let srow = &s[y * nk..(y + 1) * nk];
-            for ((d, &a), &b) in dg[y * nk..(y + 1) * nk]
-                .iter_mut()
-                .zip(orow.iter())
-                .zip(srow)
-            {
-                *d = a - b;
-            }
-        }
     }
 }
 
@@ -287,11 +275,28 @@ unsafe fn blur_plane_avx(
     p: usize,
     w: &[f32],
     o: &mut [f32],
-    dg: &mut [f32],
     tmp: &mut [f32],
     pad: &mut [f32],
 ) {
-    blur_plane_body(src, n, p, w, o, dg, tmp, pad)
+    blur_plane_body(src, n, p, w, o, tmp, pad)
+}
+
+/// [`blur_plane_body`] compiled for AVX-512 (a register block is two 16-wide vectors; same
+/// arithmetic, no fused multiply-add, so the same bits as the baseline build): the blur is
+/// bound by arithmetic, and twice the vector width cuts its time (docs/decisions.md).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blur_plane_avx512(
+    src: &[f32],
+    n: [usize; 3],
+    p: usize,
+    w: &[f32],
+    o: &mut [f32],
+    tmp: &mut [f32],
+    pad: &mut [f32],
+) {
+    blur_plane_body(src, n, p, w, o, tmp, pad)
 }
 
 #[inline(never)]
@@ -302,11 +307,10 @@ fn blur_plane_generic(
     p: usize,
     w: &[f32],
     o: &mut [f32],
-    dg: &mut [f32],
     tmp: &mut [f32],
     pad: &mut [f32],
 ) {
-    blur_plane_body(src, n, p, w, o, dg, tmp, pad)
+    blur_plane_body(src, n, p, w, o, tmp, pad)
 }
 
 /// Separable Gaussian blur with standard deviation `sigma` (voxels) along every axis
@@ -318,65 +322,40 @@ pub(crate) fn blur(src: &Vol, sigma: f32) -> Result<Vol> {
 }
 
 /// [`blur`] into an existing volume of the same shape (reuses its memory).
-pub(crate) fn blur_into(src: &Vol, sigma: f32, out: &mut Vol) {
-    blur_impl(src, sigma, out, None);
-}
-
-/// [`blur_into`] that also writes the difference `out − src` (the DoG) into `dog`,
-/// plane by plane while the plane is still in cache.
-pub(crate) fn blur_dog_into(src: &Vol, sigma: f32, out: &mut Vol, dog: &mut Vol) {
-    blur_impl(src, sigma, out, Some(dog));
-}
-
 #[inline(never)]
-fn blur_impl(src: &Vol, sigma: f32, out: &mut Vol, dog: Option<&mut Vol>) {
+pub(crate) fn blur_into(src: &Vol, sigma: f32, out: &mut Vol) {
     let [ni, nj, nk] = src.n;
     let plane = nj * nk;
     let w = gaussian_half_kernel(sigma);
     let r = w.len() - 1;
     out.n = src.n;
     out.data.resize(src.data.len(), 0.0);
-    let mut no_dog = Vec::new();
-    let dog_data: &mut Vec<f32> = match dog {
-        Some(d) => {
-            d.n = src.n;
-            d.data.resize(src.data.len(), 0.0);
-            &mut d.data
-        }
-        None => &mut no_dog,
-    };
-    let with_dog = !dog_data.is_empty();
     if plane == 0 || ni == 0 {
         return;
     }
-    // without a DoG, zip with empty chunks of an empty dummy
-    let mut dummy = Vec::new();
-    let dchunks: &mut [f32] = if with_dog {
-        dog_data
-    } else {
-        dummy.resize(ni, 0.0);
-        &mut dummy
-    };
-    let dplane = if with_dog { plane } else { 1 };
     #[cfg(target_arch = "x86_64")]
-    let avx = std::is_x86_feature_detected!("avx");
-    out.data
-        .par_chunks_mut(plane)
-        .zip(dchunks.par_chunks_mut(dplane))
-        .enumerate()
-        .for_each_init(
-            || (vec![0f32; plane], vec![0f32; nk + 2 * r]),
-            |(tmp, pad), (p, (o, dg))| {
-                let dg: &mut [f32] = if with_dog { dg } else { &mut [] };
-                #[cfg(target_arch = "x86_64")]
-                if avx {
-                    // SAFETY: the CPU supports AVX (checked above)
-                    unsafe { blur_plane_avx(&src.data, src.n, p, &w, o, dg, tmp, pad) };
-                    return;
-                }
-                blur_plane_generic(&src.data, src.n, p, &w, o, dg, tmp, pad);
-            },
-        );
+    let (avx, avx512) = (
+        std::is_x86_feature_detected!("avx"),
+        std::is_x86_feature_detected!("avx512f"),
+    );
+    out.data.par_chunks_mut(plane).enumerate().for_each_init(
+        || (vec![0f32; plane], vec![0f32; nk + 2 * r]),
+        |(tmp, pad), (p, o)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: the CPU supports AVX-512F (checked above)
+                unsafe { blur_plane_avx512(&src.data, src.n, p, &w, o, tmp, pad) };
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx {
+                // SAFETY: the CPU supports AVX (checked above)
+                unsafe { blur_plane_avx(&src.data, src.n, p, &w, o, tmp, pad) };
+                return;
+            }
+            blur_plane_generic(&src.data, src.n, p, &w, o, tmp, pad);
+        },
+    );
 }
 
 /// Halve the grid by averaging 2×2×2 blocks (2×2 for a 2D image): child index `p`
@@ -557,8 +536,7 @@ mod tests {
             for sigma in [0.7f32, 1.6, 2.45, 4.0] {
                 let want = reference_blur(&v, sigma);
                 let mut out = Vol::zeros([1, 1, 1]).unwrap();
-                let mut dog = Vol::zeros([1, 1, 1]).unwrap();
-                blur_dog_into(&v, sigma, &mut out, &mut dog);
+                blur_into(&v, sigma, &mut out);
                 assert!(
                     out.data
                         .iter()
@@ -566,18 +544,22 @@ mod tests {
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{n:?} σ={sigma}"
                 );
-                for ((d, a), b) in dog.data.iter().zip(&out.data).zip(&v.data) {
-                    assert_eq!(d.to_bits(), (a - b).to_bits());
-                }
                 assert_eq!(blur(&v, sigma).unwrap().data, out.data);
-                // the baseline (non-AVX) build of the plane kernel gives the same bits
+                // the baseline (non-AVX) build of the plane kernel gives the same bits, and
+                // so does the AVX build where AVX-512 ran above
                 let (plane, r) = (n[1] * n[2], gaussian_half_kernel(sigma).len() - 1);
                 let w = gaussian_half_kernel(sigma);
                 let (mut tmp, mut pad) = (vec![0f32; plane], vec![0f32; n[2] + 2 * r]);
                 let mut o = vec![0f32; plane];
                 for p in 0..n[0] {
-                    blur_plane_generic(&v.data, n, p, &w, &mut o, &mut [], &mut tmp, &mut pad);
+                    blur_plane_generic(&v.data, n, p, &w, &mut o, &mut tmp, &mut pad);
                     assert_eq!(o, out.data[p * plane..(p + 1) * plane], "{n:?} σ={sigma}");
+                    #[cfg(target_arch = "x86_64")]
+                    if std::is_x86_feature_detected!("avx") {
+                        // SAFETY: AVX was detected
+                        unsafe { blur_plane_avx(&v.data, n, p, &w, &mut o, &mut tmp, &mut pad) };
+                        assert_eq!(o, out.data[p * plane..(p + 1) * plane], "{n:?} σ={sigma}");
+                    }
                 }
             }
         }
@@ -662,14 +644,14 @@ fn blur_timing() {
         .num_threads(1)
         .build()
         .unwrap();
-    let (mut out, mut dog) = (Vol::zeros(n).unwrap(), Vol::zeros(n).unwrap());
+    let mut out = Vol::zeros(n).unwrap();
     for sigma in [1.03f32, 2.45] {
         let mut best = std::time::Duration::MAX;
         for _ in 0..10 {
             let t = std::time::Instant::now();
-            pool.install(|| blur_dog_into(&v, sigma, &mut out, &mut dog));
+            pool.install(|| blur_into(&v, sigma, &mut out));
             best = best.min(t.elapsed());
         }
-        eprintln!("blur+dog σ={sigma}: {best:?}");
+        eprintln!("blur σ={sigma}: {best:?}");
     }
 }
