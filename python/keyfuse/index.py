@@ -33,11 +33,7 @@ import numpy.typing as npt
 
 from keyfuse import _core
 from keyfuse.device import runs_on_gpu
-from keyfuse.errors import (
-    InvalidArgumentError,
-    KeyfuseIOError,
-    warn_caller,
-)
+from keyfuse.errors import InvalidArgumentError, KeyfuseIOError, warn_caller
 from keyfuse.index_classify import LabelClassifiers
 from keyfuse.index_restrict import Restrict, check_restrict_labels, restriction_mask
 from keyfuse.index_results import (
@@ -57,6 +53,7 @@ from keyfuse.index_storage import (
     _Rows,
     write_manifest,
 )
+from keyfuse.index_storage_io import kept_keypoints
 from keyfuse.keypoints import KeypointSet
 from keyfuse.vector_search import FusedTerms, VectorMatrix
 
@@ -359,9 +356,9 @@ class Index:
                 stacklevel=3,
             )
         sealed = self._append_part(self.path, staged)
-        for sid, kp, v, labs, src in staged:
-            self._register(sid, kp, v, labs, src)
         self._engine.append([as_descriptors(s[1]) for s in staged], sealed)
+        for (sid, _, v, labs, src), kp in zip(staged, kept_keypoints(self, staged), strict=True):
+            self._register(sid, kp, v, labs, src)
 
     def _register(
         self,

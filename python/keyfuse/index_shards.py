@@ -258,6 +258,12 @@ class ShardSet:
             raise IndexCorruptError(f"{root}: the open shard's segments miss subjects")
         self.segments, self.root = list(segments), root
 
+    def remap_open(self) -> None:
+        """The open shard's subjects as views of its segment files (after an append)."""
+        assert self.root is not None
+        self._open = []
+        self.map_segments(self.root, self.segments)
+
     def open_subject(self, desc: npt.NDArray[np.uint8]) -> None:
         """A subject of the open shard, streamed in when an index is opened."""
         self._open.append(np.ascontiguousarray(desc, dtype=np.uint8))

@@ -70,6 +70,22 @@ def append_part(
     return sealed
 
 
+def kept_keypoints(ix: Index, staged: Sequence[Staged]) -> list[Any]:
+    """What an index keeps of subjects just appended: in memory, their KeypointSets; on
+    disk, where their rows lie in the new part, and the open shard's descriptors become
+    views of its segment files, so that a long build's memory does not grow with N."""
+    import pyarrow.parquet as pq
+
+    if ix.path is None:
+        return [s[1] for s in staged]
+    shards = ix._engine
+    if shards.root is not None and shards.segments:
+        shards.remap_open()
+    files = ix._parts[-1]["files"]
+    sub = pq.read_table(ix.path / files["subjects"]["name"]).to_pydict()
+    return [row[1] for row in _part_rows(sub, ix.path / files["keypoints"]["name"])]
+
+
 def _segment(
     root: Path, shards: ShardSet, new: Sequence[Any], open_first: int, seq: int, written: list[Path]
 ) -> list[dict[str, Any]]:
