@@ -4,20 +4,17 @@ number of keypoint files; prints figures.
     .venv/bin/python benches/build.py [--sizes 500 1000 2000] [--keypoints 2000] [--quick]
 
 Target (issue 11): building an index from N keypoint files takes bounded memory
-(≤ 2 GB RSS whatever N). The loader reads and appends ``--chunk`` files at a time, so its
-own footprint does not depend on N; but the ``kf.Index`` it appends to keeps in memory
-what it holds today: the search engine's descriptors and, for subjects added in this
-process, their whole ``KeypointSet`` (geometry included). That part grows with N until
-the index memory-maps its shards (issue 11 item 1).
+(≤ 2 GB RSS whatever N). The loader reads and appends ``--chunk`` files at a time; the
+on-disk ``kf.Index`` it appends to keeps only where each subject's rows lie, with the open
+shard's descriptors mapped from its segment files, so the peak should not grow with N.
 
 The synthetic subjects (random rank descriptors, random geometry) are written once as
 ``.kfk`` files; each size is then built in a fresh process, which reports: the build's
-wall time, its peak RSS (VmHWM), the RSS before the build (interpreter and libraries),
-the bytes the index holds (engine + resident keypoint sets), and the rest, the loader's
-own footprint = peak − before − index ("before" is measured after a one-file warm-up
-build, so it includes the libraries the build loads). Then the built index is opened in
-another fresh process: what an opened index holds (descriptors only). Last, the peak RSS
-of a Dask worker process extracting one 1 mm T1 (the memory to give each worker).
+wall time, its peak RSS (VmHWM), the RSS before the build (interpreter and libraries,
+measured after a one-file warm-up build) and the growth (peak − before). Then the built
+index is opened in another fresh process: its peak RSS and what its engine holds. Last,
+the peak RSS of a Dask worker process extracting one 1 mm T1 (the memory to give each
+worker).
 """
 
 from __future__ import annotations
@@ -55,15 +52,7 @@ res = build_index(files, sys.argv[3], chunk=int(sys.argv[4]), scheduler="threads
                   n_workers=2, progress=False)
 wall = time.perf_counter() - t
 peak = rss_gib("VmHWM")
-idx = Index(sys.argv[3], mode="r")  # only to count what the build's index held
-n_kp = idx.n_keypoints
-del idx
-# the build's index: engine (64-byte descriptors + owners) and resident KeypointSets
-probe = kf.KeypointSet.load(files[0])
-per_kp = sum(getattr(probe, a).nbytes for a in probe.__slots__
-             if isinstance(getattr(probe, a), np.ndarray) and a != "affine") / len(probe)
-held = n_kp * (per_kp + 64 + 4) / 2**30
-print(f"{len(res.added)} {wall:.2f} {peak:.3f} {before:.3f} {held:.3f} {per_kp:.0f}")
+print(f"{len(res.added)} {wall:.2f} {peak:.3f} {before:.3f}")
 """
 
 _OPEN = """
@@ -147,16 +136,14 @@ def main() -> None:
                 text=True,
                 check=True,
             )
-            added, wall, peak, before, held, per_kp = run.stdout.split()
-            own = float(peak) - float(before) - float(held)
+            added, wall, peak, before = run.stdout.split()
             opened = subprocess.run(
                 [sys.executable, "-c", _OPEN, str(out)], capture_output=True, text=True, check=True
             ).stdout.split()
             print(
                 f"N={n:6d}: built {added} subjects in {float(wall):.1f} s "
                 f"({int(added) / max(float(wall), 1e-9):.1f} files/s); peak RSS {peak} GiB = "
-                f"{before} before + {held} held by the index ({per_kp} B/keypoint resident "
-                f"+ 68 B in the engine) + {own:.3f} loader and rest; "
+                f"{before} before + {float(peak) - float(before):.3f} for the build; "
                 f"opened: peak RSS {opened[0]} GiB (engine {opened[1]} GiB)",
                 flush=True,
             )
