@@ -4,7 +4,9 @@ Runs ``keyfuse.experiments.segmentation`` (its docstring describes both methods 
 crops) and prints per-label Dice (mean ± standard error over test scans), median wall and
 CPU seconds per volume, and the speed-up. Usage::
 
-    python benches/segment.py                      # 20 scans at 2 mm, baseline on 3
+    python benches/segment.py                      # 20 scans at 2 mm, baseline on 5
+    python benches/segment.py --baseline-atlases 7 --affine-iterations 50 \
+        --demons-iterations 20                     # the ~25 min run of docs/decisions.md
     python benches/segment.py --baseline-tests 0   # keypoint transfer only
     python benches/segment.py --quick              # 4 small scans, seconds
 """
