@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff
-from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
@@ -97,18 +96,7 @@ def precision(kps: kf.KeypointSet, ref: kf.KeypointSet, tol: float) -> tuple[flo
 def oblique(img: kf.Image, angle: float, mirror: bool, shift: float = 0.0) -> kf.Image:
     axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
     rot = Rotation.from_rotvec(np.deg2rad(angle) * axis).as_matrix()
-    centre_vox = (np.asarray(img.shape) - 1) / 2
-    centre = img.affine[:3, :3] @ centre_vox + img.affine[:3, 3]
-    new = np.eye(4)
-    new[:3, :3] = rot @ img.affine[:3, :3]
-    if mirror:
-        new[:3, 0] *= -1
-    new[:3, 3] = centre - new[:3, :3] @ (centre_vox + shift)
-    to_old = np.linalg.inv(img.affine) @ new
-    data = ndimage.affine_transform(
-        np.asarray(img.data, np.float32), to_old[:3, :3], to_old[:3, 3], order=3, cval=0.0
-    )
-    return kf.Image(data.astype(np.float32), new)
+    return kf.datasets.oblique(img, rot, mirror=mirror, shift=shift)
 
 
 def main() -> None:

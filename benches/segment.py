@@ -4,7 +4,9 @@ Runs ``keyfuse.experiments.segmentation`` (its docstring describes both methods 
 crops) and prints per-label Dice (mean ± standard error over test scans), median wall and
 CPU seconds per volume, and the speed-up. Usage::
 
-    python benches/segment.py                      # 20 scans at 2 mm, baseline on 3
+    python benches/segment.py --tests 5            # baseline on 5 scans, 19 atlases (~23 min)
+    python benches/segment.py --baseline-atlases 7 --affine-iterations 50 \
+        --demons-iterations 20                     # a lighter baseline (~3x faster per scan)
     python benches/segment.py --baseline-tests 0   # keypoint transfer only
     python benches/segment.py --quick              # 4 small scans, seconds
 """
@@ -34,7 +36,8 @@ def main() -> None:
     ap.add_argument("--resolution", type=float, default=2.0, help="voxel size in mm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tests", type=int, default=0, help="keypoint-transfer test scans (0: all)")
-    ap.add_argument("--baseline-tests", type=int, default=3)
+    ap.add_argument("--baseline-tests", type=int, default=5)
+    ap.add_argument("--baseline-atlases", type=int, default=0, help="registration atlases (0: all)")
     ap.add_argument("--affine-iterations", type=int, default=100)
     ap.add_argument("--demons-iterations", type=int, default=30)
     ap.add_argument("--nu", type=float, default=300.0)
@@ -52,6 +55,7 @@ def main() -> None:
         seed=args.seed,
         n_tests=args.tests,
         baseline_tests=args.baseline_tests,
+        baseline_atlases=args.baseline_atlases,
         affine_iterations=args.affine_iterations,
         demons_iterations=args.demons_iterations,
         nu=args.nu,

@@ -112,29 +112,33 @@ def test_every_axis_orientation_gives_identical_keypoints(k: int) -> None:
 
 
 def _oblique(img: kf.Image, angles_deg: tuple[float, float, float], mirror: bool) -> kf.Image:
-    """``img`` resampled (cubic) onto a grid rotated about the volume centre, optionally
-    stored mirrored along its first axis."""
-    from scipy import ndimage
     from scipy.spatial.transform import Rotation
 
     rot = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix()
-    centre_vox = (np.asarray(img.shape) - 1) / 2
-    centre = img.affine[:3, :3] @ centre_vox + img.affine[:3, 3]
-    new = np.eye(4)
-    new[:3, :3] = rot @ img.affine[:3, :3]
-    if mirror:
-        new[:3, 0] *= -1
-    new[:3, 3] = centre - new[:3, :3] @ centre_vox
-    to_old = np.linalg.inv(img.affine) @ new
-    data = ndimage.affine_transform(
-        np.asarray(img.data, np.float32),
-        to_old[:3, :3],
-        to_old[:3, 3],
-        order=3,
-        mode="constant",
-        cval=0.0,
-    )
-    return kf.Image(data.astype(np.float32), new)
+    return kf.datasets.oblique(img, rot, mirror=mirror)
+
+
+def test_oblique_keeps_the_anatomy_in_world_space() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.random((9, 7, 6)).astype(np.float32)  # integer centres in x and y
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-8.0, 5.0, 1.0]
+    img = kf.Image(data, affine)
+    same = kf.datasets.oblique(img, np.eye(3), order=1)
+    np.testing.assert_allclose(same.affine, affine)
+    np.testing.assert_allclose(same.data, data, atol=1e-6)
+    # mirrored, rotated by 90° about z: each stored voxel holds the value at its world
+    # position in the original
+    rz = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    other = kf.datasets.oblique(img, rz, mirror=True, order=0)
+    assert np.linalg.det(other.affine[:3, :3]) < 0
+    to_old = np.linalg.inv(affine) @ other.affine
+    ijk = np.argwhere(np.ones(other.shape, bool))
+    old = np.rint(ijk @ to_old[:3, :3].T + to_old[:3, 3]).astype(int)
+    inside = np.all((old >= 0) & (old < np.array(data.shape)), axis=1)
+    assert inside.sum() > 100
+    got = other.data[tuple(ijk[inside].T)]
+    np.testing.assert_array_equal(got, data[tuple(old[inside].T)])
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keyfuse.datasets.mni import mni152, mni152_path
 
-__all__ = ["images2d", "mni152", "mni152_path", "simulate_cohort"]
+__all__ = ["images2d", "mni152", "mni152_path", "oblique", "simulate_cohort"]
 
 
 def __getattr__(name: str) -> object:
@@ -13,6 +13,10 @@ def __getattr__(name: str) -> object:
         from keyfuse.datasets import cohort
 
         return getattr(cohort, name)
+    if name == "oblique":
+        from keyfuse.datasets.storage import oblique
+
+        return oblique
     if name == "images2d":
         from keyfuse.datasets.real2d import images2d
 
