@@ -94,7 +94,7 @@ def read_keypoint_file(path: str) -> Read:
 def _sources(sources: Inputs | Mapping[str, str | os.PathLike[str]]) -> dict[str, Path]:
     """{subject id: keypoint file}, sorted by file (ids are the file names without
     suffix unless ``sources`` maps ids to files)."""
-    from keyfuse.cli._inputs import subject_sources
+    from keyfuse._inputs import subject_sources
 
     if isinstance(sources, Mapping):
         by_id = {str(k): Path(v) for k, v in sources.items()}
@@ -121,7 +121,7 @@ def _labels(
     """Each subject's labels from a table file or a mapping (BIDS ids such as
     ``sub-01_ses-1`` match the row ``sub-01``), and the table's path; raises when a table
     matches none of the subjects."""
-    from keyfuse.cli._inputs import labels_for, match_labels, read_label_table
+    from keyfuse._inputs import labels_for, match_labels, read_label_table
 
     if labels is None:
         return {}, None

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,6 +266,40 @@ def test_import_is_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
     assert np.__name__ == "numpy"
+
+
+def test_no_library_module_imports_click() -> None:
+    """The command line lives in keyfuse.cli alone: importing every other module of the
+    package (the library a cluster worker runs) loads no click."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import keyfuse
+
+    names = [
+        m.name
+        for m in pkgutil.walk_packages(keyfuse.__path__, "keyfuse.")
+        if not m.name.startswith(("keyfuse.cli", "keyfuse.__main__"))
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print('click' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert len(names) > 30 and "keyfuse.batch_build" in names
+    assert out.stdout.strip() == "False"
+    # nor lazily, inside a function (keyfuse.cli's __init__ imports click)
+    root = Path(keyfuse.__file__).parent
+    lazy = [
+        str(f.relative_to(root))
+        for f in root.rglob("*.py")
+        if f.parts[len(root.parts)] not in ("cli", "__main__.py")
+        and re.search(r"^\s*(from|import) keyfuse\.cli\b", f.read_text(), flags=re.M)
+    ]
+    assert lazy == []
 
 
 def test_request_stop_interrupts_a_call_on_another_thread() -> None:

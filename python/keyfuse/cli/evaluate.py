@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import click
 
-from keyfuse.cli._inputs import open_index
+from keyfuse._inputs import open_index
 from keyfuse.cli.options import CONTEXT, device_option, quiet_option, simulation_options
 from keyfuse.errors import KeyfuseError
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyfuse.cli._inputs import (
+from keyfuse._inputs import (
     add_to_index,
     is_keypoint_file,
     keypoint_sources,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from keyfuse.cli._inputs import load_keypoints, open_index
+from keyfuse._inputs import load_keypoints, open_index
 from keyfuse.cli.options import (
     CONTEXT,
     SEARCH_EXACT,
