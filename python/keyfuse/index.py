@@ -55,7 +55,7 @@ from keyfuse.index_storage import (
 )
 from keyfuse.index_storage_io import kept_keypoints
 from keyfuse.keypoints import KeypointSet
-from keyfuse.vector_search import FusedTerms, VectorMatrix
+from keyfuse.vector_search import VectorMatrix
 
 __all__ = [
     "CPUFallbackWarning",
@@ -473,8 +473,8 @@ class Index:
         return search_scores(self, as_descriptors(kps), ex, mask, self._use_exact(exact), scheduler)
 
     def _derived(self, name: str, build: Any) -> Any:
-        """A structure derived from the subjects (the vector matrix, the fused terms' cached
-        descriptors), rebuilt after subjects are added or removed."""
+        """A structure derived from the subjects (the vector matrix), rebuilt after
+        subjects are added or removed."""
         hit = self._cache.get(name)
         if hit is None or hit[0] != len(self):
             hit = (len(self), build(self))
@@ -483,9 +483,6 @@ class Index:
 
     def _vector_matrix(self) -> VectorMatrix:
         return self._derived("vectors", lambda ix: VectorMatrix(ix._vectors))  # type: ignore[no-any-return]
-
-    def _fused_terms(self) -> FusedTerms:
-        return self._derived("fused", FusedTerms)  # type: ignore[no-any-return]
 
     def search(
         self,
@@ -524,8 +521,9 @@ class Index:
             nearest neighbours of the stored CNN vectors (``metric``); scores are the
             cosine similarity or minus the Euclidean distance. ``"fused"``: the fusion
             paper's eq. 4 per subject, ``α log p({f_i}|j) + (1 − α) log p(v|j)``
-            (keypoint term by eqs. 5–7 with the index's k neighbours, vector term by
-            eqs. 8–9).
+            (keypoint term by eqs. 5–7 over the index's k neighbours of each query
+            keypoint, from the keypoint search's own k-NN pass, ``exact`` included;
+            vector term by eqs. 8–9).
         alpha : float, FusionClassifier or None
             ``by="fused"`` only: the keypoint weight in [0, 1], or a fitted
             :class:`~keyfuse.FusionClassifier` whose ``alpha_`` is used. ``None``
@@ -602,7 +600,7 @@ class Index:
                 return pairwise_scores(self, symmetric, use, scheduler, out, top_k, progress)
             mat = self._pairwise(symmetric, exact=exact, device=device, scheduler=scheduler)
         else:
-            mat = pairwise_by(self, by, alpha, metric)
+            mat = pairwise_by(self, by, alpha, metric, exact, scheduler)
         if not as_frame:
             return mat
         import pandas as pd

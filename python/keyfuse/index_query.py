@@ -15,12 +15,12 @@ from keyfuse.errors import InvalidArgumentError
 from keyfuse.index_results import Hit, SearchResult
 from keyfuse.keypoints import KeypointSet
 from keyfuse.vector_search import (
-    FusedTerms,
     VectorMatrix,
     balanced_alpha,
     check_by,
     check_metric,
     check_vector,
+    keypoint_terms,
     resolve_alpha,
 )
 
@@ -189,8 +189,11 @@ def fused_scores(
     q: Query,
     alpha: float | None,
     mask: npt.NDArray[np.bool_] | None,
+    exact: bool,
+    scheduler: Any = None,
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], float]:
-    """(allowed, eq. 4 score of every subject, the α used) of a fused query."""
+    """(allowed, eq. 4 score of every subject, the α used) of a fused query; the keypoint
+    term from one k-NN pass like the keypoint search's (exact or kd-forest)."""
     vm = index._vector_matrix()
     vm.require("fused search")
     assert q.kps is not None and q.vector is not None
@@ -200,8 +203,11 @@ def fused_scores(
         allowed &= mask
     if ex is not None:
         allowed[ex] = False
-    terms = index._fused_terms()
-    l_kp = terms.keypoint(q.kps.descriptors, ex) if alpha != 0.0 else np.zeros(len(index))
+    l_kp = (
+        keypoint_terms(index, [(q.kps.descriptors, ex)], exact, scheduler)[0]
+        if alpha != 0.0
+        else np.zeros(len(index))
+    )
     l_v = (
         _vector_terms(vm, q.vector, ex) if alpha != 1.0 else np.where(vm.row_of >= 0, 0.0, -np.inf)
     )
@@ -222,11 +228,16 @@ def _vector_terms(
     return vector_terms(vm, v[None, :], exclude)[0]
 
 
+#: query subjects per k-NN pass of the fused pairwise matrix (bounds the lists held)
+FUSED_BLOCK_ROWS = 64
+
+
 def fused_term_matrices(
-    index: Index,
+    index: Index, exact: bool | None = None, scheduler: Any = None
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """The two N×N terms of eq. 4: row a = log p({f_i}|j) and log p(v|j) of subject a
-    against every subject j, a left out (its own entries are not meaningful)."""
+    against every subject j, a left out (its own entries are not meaningful). The keypoint
+    rows come from the keypoint search's k-NN (``exact`` as in :meth:`Index.pairwise`)."""
     from keyfuse.vector_search import vector_terms
 
     vm = index._vector_matrix()
@@ -237,11 +248,14 @@ def fused_term_matrices(
             "of the index's subjects have none"
         )
     n = len(index)
-    terms: FusedTerms = index._fused_terms()
     l_v = vector_terms(vm, vm.matrix, np.arange(n, dtype=np.int64))
     l_kp = np.empty((n, n))
-    for a_i in range(n):
-        l_kp[a_i] = terms.keypoint(terms.subject(a_i), a_i)
+    use_exact = index._use_exact(exact)
+    shards = index._engine
+    for a in range(0, n, FUSED_BLOCK_ROWS):
+        rows = range(a, min(n, a + FUSED_BLOCK_ROWS))
+        queries = [(shards.subject_descriptors(i), i) for i in rows]
+        l_kp[a : a + len(rows)] = keypoint_terms(index, queries, use_exact, scheduler)
     return l_kp, l_v
 
 
@@ -261,10 +275,12 @@ def fuse(
     return out
 
 
-def fused_pairwise(index: Index, alpha: float | None) -> npt.NDArray[np.float64]:
+def fused_pairwise(
+    index: Index, alpha: float | None, exact: bool | None = None, scheduler: Any = None
+) -> npt.NDArray[np.float64]:
     """N×N eq. 4 scores: row a = subject a (keypoints and vector) against every other
     subject, leaving a out; the diagonal is the matrix's largest value."""
-    return fuse(*fused_term_matrices(index), alpha)
+    return fuse(*fused_term_matrices(index, exact, scheduler), alpha)
 
 
 def run_search(
@@ -302,7 +318,7 @@ def run_search(
         order, scores = vector_top(index, q, k, metric, mask)
         return _result(index, order, scores, predicted)
     if by == "fused":
-        allowed, s, a = fused_scores(index, q, a, mask)
+        allowed, s, a = fused_scores(index, q, a, mask, index._use_exact(exact), scheduler)
     else:
         s = index._scores(
             q.kps, mask, exclude=q.exclude, exact=exact, device=device, scheduler=scheduler
@@ -335,12 +351,19 @@ def _result(
     return res
 
 
-def pairwise_by(index: Index, by: str, alpha: Any, metric: str) -> npt.NDArray[np.float64]:
+def pairwise_by(
+    index: Index,
+    by: str,
+    alpha: Any,
+    metric: str,
+    exact: bool | None = None,
+    scheduler: Any = None,
+) -> npt.NDArray[np.float64]:
     """:meth:`keyfuse.Index.pairwise` by ``"vector"`` or ``"fused"``."""
     check_by(by)
     check_metric(metric)
     if by == "fused":
-        return fused_pairwise(index, resolve_alpha(alpha))
+        return fused_pairwise(index, resolve_alpha(alpha), exact, scheduler)
     vm = index._vector_matrix()
     vm.require("pairwise(by='vector')")
     if len(vm) != len(index):

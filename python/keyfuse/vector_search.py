@@ -9,8 +9,8 @@
   Scores are "higher is better": the cosine similarity, or minus the Euclidean distance.
 * **Fused search** (``by="fused"``): the fusion paper's eq. 4 applied per candidate
   subject j (one class per subject): ``α log p({f_i} | j) + (1 − α) log p(v | j)``, the
-  keypoint term by eqs. 5–7 over the index's descriptors (the same k nearest neighbours
-  per query keypoint as the soft-Jaccard search), the vector term by eqs. 8–9.
+  keypoint term by eqs. 5–7 from the neighbour lists of the soft-Jaccard search's own
+  k-NN pass (:func:`keypoint_terms`: no second search), the vector term by eqs. 8–9.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from keyfuse.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from keyfuse.index import Index
 
-__all__ = ["BY", "METRICS", "VectorMatrix", "balanced_alpha", "check_vector"]
+__all__ = ["BY", "METRICS", "VectorMatrix", "balanced_alpha", "check_vector", "keypoint_terms"]
 
 BY = ("keypoints", "vector", "fused")
 METRICS = ("euclidean", "cosine")
@@ -302,46 +302,35 @@ def resolve_alpha(alpha: Any) -> float | None:
 # ------------------------------------------------------------------- fused (eq. 4)
 
 
-class FusedTerms:
-    """The per-subject log-likelihood terms of eq. 4 over one index (cached descriptors,
-    one class per subject)."""
+def keypoint_terms(
+    index: Index,
+    queries: Sequence[tuple[npt.NDArray[np.uint8], int | None]],
+    exact: bool,
+    scheduler: Any = None,
+) -> FloatArray:
+    """(Q, N) log p({f_i} | subject j) (eqs. 5–7, one class per subject) of each query
+    (descriptors, the subject left out or None).
 
-    def __init__(self, index: Index) -> None:
-        engine = index._engine
-        self.n = len(index)
-        self.descriptors = np.ascontiguousarray(engine.descriptors(), dtype=np.uint8)
-        sizes = np.asarray(engine.sizes, dtype=np.int64)
-        self.sample = np.repeat(np.arange(self.n, dtype=np.int64), sizes)
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.classes = np.arange(self.n, dtype=np.int64)
-        self.k = int(index.k)
-        # exact k-NN always: the engine's kd-forest is not reachable from here, and a
-        # forest rebuilt per query costs ~15× an exact search (docs/decisions.md)
-        self.checks: int | None = None
+    The kernel sums run over the neighbour lists of the keypoint search's own k-NN pass
+    (every shard's k nearest, exact or kd-forest as ``exact`` says, merged by (distance,
+    global id); :mod:`keyfuse.index_dask`), with the index's k: the KDE's k is the search's,
+    so each merged list is used whole. The whole cohort is searched (a restriction limits
+    the ranking, not the density), so with exact search the terms equal the brute-force
+    k-nearest KDE (``keyfuse.fusion.keypoint_log_likelihoods``) bit for bit, sharded or not.
+    """
+    from keyfuse import _core
+    from keyfuse.index_dask import _knn_all, _params
 
-    def subject(self, i: int) -> npt.NDArray[np.uint8]:
-        """Subject ``i``'s descriptors."""
-        return self.descriptors[self.offsets[i] : self.offsets[i + 1]]
-
-    def keypoint(self, desc: npt.NDArray[np.uint8], exclude: int | None) -> FloatArray:
-        """log p({f_i} | subject j) for every subject j (eqs. 5–7)."""
-        from keyfuse import _core
-
-        if len(self.descriptors) == 0:
-            return np.zeros(self.n)
-        return np.asarray(
-            _core.keypoint_log_likelihood(
-                np.ascontiguousarray(desc, dtype=np.uint8),
-                self.descriptors,
-                self.sample,
-                self.classes,
-                self.n,
-                exclude_sample=exclude,
-                k=self.k,
-                background=1.0,
-                checks=self.checks,
-            )
+    p = _params(index, exact)
+    offsets = index._engine.offsets()
+    qs = [(np.ascontiguousarray(d, dtype=np.uint8).reshape(-1, 64), ex) for d, ex in queries]
+    per = _knn_all(index, qs, None, p, scheduler)
+    out = np.empty((len(qs), len(index)))
+    for r, ((_, ex), parts) in enumerate(zip(qs, per, strict=True)):
+        out[r] = _core.merge_log_likelihood(
+            parts, subject_offsets=offsets, k=p.k, exclude=ex, background=1.0
         )
+    return out
 
 
 def vector_terms(

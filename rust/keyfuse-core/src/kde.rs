@@ -48,10 +48,17 @@ pub const KERNEL_FIX: f64 = 4_294_967_296.0;
 /// 2⁻³² below 2²¹ are exact in f64).
 #[inline]
 pub fn add_kernel_term(out: &mut [f64], c: usize, d2: u32, width: f64) {
-    let x = d2 as f64 / width;
-    if x < EXP_CUTOFF {
-        out[c] += ((-x).exp() * KERNEL_FIX).round_ties_even() / KERNEL_FIX;
+    if let Some(v) = kernel_value(d2, width) {
+        out[c] += v;
     }
+}
+
+/// The keypoint kernel `exp(−d2/width)` rounded to a multiple of 2⁻³², or `None` when the
+/// exponent reaches [`EXP_CUTOFF`] (see [`add_kernel_term`]).
+#[inline]
+fn kernel_value(d2: u32, width: f64) -> Option<f64> {
+    let x = d2 as f64 / width;
+    (x < EXP_CUTOFF).then(|| ((-x).exp() * KERNEL_FIX).round_ties_even() / KERNEL_FIX)
 }
 
 /// Σ over query rows of ln(S_qc/N_c + b) for each class c, from the row-major
@@ -210,15 +217,9 @@ pub fn keypoint_log_likelihood(
                         .search(ts, qs, k, checks.max(k), keep)?,
                     None => knn::knn_exact(ts, qs, k, keep)?,
                 };
-            sums.par_chunks_mut(n_classes)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let mut row = nb.row(i).peekable();
-                    let width = 1.0 + row.peek().map_or(0.0, |&(_, d)| d as f64);
-                    for (j, d2) in row {
-                        add_kernel_term(out, kp_class[j as usize], d2, width);
-                    }
-                });
+            // the excluded sample's keypoints are filtered out of the lists already
+            let class_of = |j: u32| Some(kp_class[j as usize]);
+            return neighbor_log_likelihood(&nb, k, class_of, &n_per_class, b).map(Array1::from);
         }
         _ => {
             sums.par_chunks_mut(n_classes).enumerate().for_each_init(
@@ -248,6 +249,88 @@ pub fn keypoint_log_likelihood(
         &n_per_class,
         b,
     )))
+}
+
+/// log p({f_i} | C_c) for every class c (eqs. 5–7) from the query keypoints' nearest
+/// training keypoints `nb` (nearest first, e.g. merged from an index's shards by
+/// [`knn::merge_neighbors`]): the kernel sums over the first `k` of each list, the width
+/// 1 + d²(first neighbour). `class_of(j)` is training point j's class, `None` for a
+/// point to ignore (an excluded sample's); `n_per_class` counts each class's training
+/// keypoints (those ignored left out). This is the k-nearest branch of
+/// [`keypoint_log_likelihood`] without its search, so an index computes the fused
+/// model's keypoint term from the lists its soft-Jaccard search already has.
+///
+/// The kernel values are multiples of 2⁻³² (see [`KERNEL_FIX`]), so each sum is exact in
+/// any order; with b = 1 (ln b = 0) only the classes a row reaches are visited, and the
+/// result equals the dense Σ over every class and row bit for bit.
+pub fn neighbor_log_likelihood<C: Fn(u32) -> Option<usize> + Sync>(
+    nb: &knn::Neighbors,
+    k: usize,
+    class_of: C,
+    n_per_class: &[usize],
+    background: f64,
+) -> Result<Vec<f64>> {
+    check_background(background)?;
+    let n_classes = n_per_class.len();
+    if k == 0 || k > nb.k {
+        return Err(KfError::InvalidArgument(format!(
+            "k = {k}: the likelihood takes 1 to {} neighbours of each list",
+            nb.k
+        )));
+    }
+    let nq = nb.n_queries();
+    if let Some(bad) = (0..nq)
+        .flat_map(|q| nb.row(q).take(k))
+        .filter_map(|(j, _)| class_of(j))
+        .find(|&c| c >= n_classes)
+    {
+        return Err(KfError::InvalidArgument(format!(
+            "a neighbour of class {bad}, outside 0..{n_classes}"
+        )));
+    }
+    // one row's (class, kernel sum) pairs, classes in order of first appearance
+    let row_sums = |q: usize, out: &mut Vec<(usize, f64)>| {
+        out.clear();
+        let mut width = None;
+        for (j, d2) in nb.row(q).take(k) {
+            let Some(c) = class_of(j) else { continue };
+            let w = *width.get_or_insert(1.0 + d2 as f64);
+            let v = kernel_value(d2, w).unwrap_or(0.0);
+            match out.iter_mut().find(|(oc, _)| *oc == c) {
+                Some((_, s)) => *s += v,
+                None => out.push((c, v)),
+            }
+        }
+    };
+    if background != 1.0 {
+        // ln b ≠ 0 per untouched (row, class): the dense sums, as the full search sums
+        let mut sums = vec![0.0f64; nq * n_classes];
+        sums.par_chunks_mut(n_classes.max(1))
+            .enumerate()
+            .for_each_init(Vec::new, |row, (q, out)| {
+                row_sums(q, row);
+                for &(c, s) in row.iter() {
+                    out[c] = s;
+                }
+            });
+        return Ok(log_likelihood_from_sums(&sums, n_per_class, background));
+    }
+    // b = 1: the ln(S/N + 1) terms of the classes each row reaches (every other is 0)
+    let mut terms = vec![(usize::MAX, 0.0f64); nq * k];
+    terms
+        .par_chunks_mut(k)
+        .enumerate()
+        .for_each_init(Vec::new, |row, (q, out)| {
+            row_sums(q, row);
+            for (o, &(c, s)) in out.iter_mut().zip(row.iter()) {
+                *o = (c, log_term(s, n_per_class[c], background));
+            }
+        });
+    let mut ll = vec![0.0f64; n_classes];
+    for &(c, t) in terms.iter().filter(|(c, _)| *c != usize::MAX) {
+        ll[c] += t;
+    }
+    Ok(ll)
 }
 
 /// ln(S/N + b), with an empty class contributing the background only.
@@ -489,259 +572,4 @@ pub fn binary_log_likelihood(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ndarray::{array, Array2};
-
-    fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *seed >> 33
-    }
-
-    /// [`keypoint_log_likelihood`] on owned test arrays, unwrapped.
-    fn kp_ll(
-        q: &Array2<u8>,
-        t: &Array2<u8>,
-        ts: &[i64],
-        sc: &[i64],
-        n_classes: usize,
-        exclude: Option<usize>,
-        opts: &KdeOptions,
-    ) -> Array1<f64> {
-        keypoint_log_likelihood(
-            q.view(),
-            t.view(),
-            ArrayView1::from(ts),
-            ArrayView1::from(sc),
-            n_classes,
-            exclude,
-            opts,
-        )
-        .unwrap()
-    }
-
-    fn random_desc(n: usize, seed: u64) -> Array2<u8> {
-        let mut s = seed;
-        Array2::from_shape_fn((n, 64), |_| (lcg(&mut s) % 64) as u8)
-    }
-
-    /// Direct transcription of eq. 7 in f64, for comparison.
-    fn naive_kp(q: &Array2<u8>, t: &Array2<u8>, ts: &[i64], sc: &[i64], nc: usize) -> Vec<f64> {
-        let mut out = vec![0.0; nc];
-        let mut n = vec![0.0; nc];
-        for &s in ts {
-            n[sc[s as usize] as usize] += 1.0;
-        }
-        for qi in q.rows() {
-            let d2: Vec<f64> = t
-                .rows()
-                .into_iter()
-                .map(|tj| {
-                    qi.iter()
-                        .zip(tj)
-                        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-                        .sum()
-                })
-                .collect();
-            let dnn = d2.iter().cloned().fold(f64::INFINITY, f64::min);
-            for (c, o) in out.iter_mut().enumerate() {
-                let s: f64 = d2
-                    .iter()
-                    .zip(ts)
-                    .filter(|(_, &s)| sc[s as usize] as usize == c)
-                    .map(|(&d, _)| (-d / (1.0 + dnn)).exp())
-                    .sum();
-                *o += (s / n[c] + 1.0).ln();
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn keypoint_matches_direct_formula() {
-        let q = random_desc(7, 1);
-        let mut t = random_desc(30, 2);
-        // make some training keypoints near query keypoints so kernels are not all ~0
-        for r in 0..5 {
-            let mut row = q.row(r).to_owned();
-            row[0] = row[0].saturating_add(1);
-            t.row_mut(r * 3).assign(&row);
-        }
-        let ts: Vec<i64> = (0..30).map(|j| j / 10).collect();
-        let sc = vec![0_i64, 1, 0];
-        let got = kp_ll(&q, &t, &ts, &sc, 2, None, &KdeOptions::default());
-        let want = naive_kp(&q, &t, &ts, &sc, 2);
-        for c in 0..2 {
-            assert!(
-                (got[c] - want[c]).abs() < 1e-9 * want[c].abs().max(1.0),
-                "{got} {want:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn keypoint_exclusion_equals_removal() {
-        let q = random_desc(5, 3);
-        let t = random_desc(40, 4);
-        let ts: Vec<i64> = (0..40).map(|j| j / 10).collect();
-        let sc = vec![0_i64, 1, 1, 0];
-        let ex = kp_ll(&q, &t, &ts, &sc, 2, Some(2), &KdeOptions::default());
-        let keep: Vec<usize> = (0..40).filter(|j| j / 10 != 2).collect();
-        let t2 = t.select(ndarray::Axis(0), &keep);
-        let ts2: Vec<i64> = keep.iter().map(|&j| ts[j]).collect();
-        let rm = kp_ll(&q, &t2, &ts2, &sc, 2, None, &KdeOptions::default());
-        assert_eq!(ex, rm);
-        // k = all equals the exact sum
-        let all = kp_ll(
-            &q,
-            &t2,
-            &ts2,
-            &sc,
-            2,
-            None,
-            &KdeOptions {
-                k: Some(1000),
-                ..Default::default()
-            },
-        );
-        assert_eq!(all, rm);
-    }
-
-    #[test]
-    fn vector_kde_and_errors() {
-        let train = array![[0.0, 0.0], [1.0, 0.0], [4.0, 3.0]];
-        let cls = array![0_i64, 0, 1];
-        let q = array![[0.0, 0.0]];
-        let ll = vector_log_likelihood(
-            q.view(),
-            train.view(),
-            cls.view(),
-            2,
-            None,
-            &KdeOptions::default(),
-        )
-        .unwrap();
-        let mu: f64 = (0.0 + 1.0 + 5.0) / 3.0;
-        let want0 = (0.5 * (1.0 + (-1.0 / (mu * mu)).exp()) + 1.0).ln();
-        let want1 = ((-25.0 / (mu * mu)).exp() + 1.0).ln();
-        assert!((ll[[0, 0]] - want0).abs() < 1e-12 && (ll[[0, 1]] - want1).abs() < 1e-12);
-        assert!(vector_log_likelihood(
-            q.view(),
-            train.view(),
-            array![0_i64, 0, 2].view(),
-            2,
-            None,
-            &KdeOptions::default()
-        )
-        .is_err());
-        let bad = array![[1u8, 2]];
-        assert!(binary_log_likelihood(
-            bad.view(),
-            bad.view(),
-            array![0_i64].view(),
-            1,
-            None,
-            &KdeOptions::default()
-        )
-        .is_err());
-    }
-
-    #[test]
-    fn binary_equals_hamming_formula() {
-        let train = array![[0u8, 0, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0]];
-        let cls = array![0_i64, 1, 1];
-        let ll = binary_log_likelihood(
-            train.view(),
-            train.view(),
-            cls.view(),
-            2,
-            Some(&[0, 1, 2]),
-            &KdeOptions::default(),
-        )
-        .unwrap();
-        // query 0 against 1 (d=1) and 2 (d=4): μ = 2.5; class 0 empty after exclusion
-        let mu2: f64 = 2.5 * 2.5;
-        let want = (0.5 * ((-1.0 / mu2).exp() + (-16.0 / mu2).exp()) + 1.0).ln();
-        assert_eq!(ll[[0, 0]], 0.0);
-        assert!((ll[[0, 1]] - want).abs() < 1e-12);
-    }
-
-    #[test]
-    fn k_nearest_and_thread_count_independence() {
-        let q = random_desc(40, 11);
-        let t = random_desc(300, 12);
-        let ts: Vec<i64> = (0..300).map(|j| j / 30).collect();
-        let sc: Vec<i64> = (0..10).map(|s| s % 3).collect();
-        let run = |threads: usize, k: Option<usize>| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                kp_ll(
-                    &q,
-                    &t,
-                    &ts,
-                    &sc,
-                    3,
-                    Some(4),
-                    &KdeOptions {
-                        k,
-                        ..Default::default()
-                    },
-                )
-            })
-        };
-        for k in [None, Some(7)] {
-            assert_eq!(run(1, k), run(4, k));
-        }
-        // the kd-forest with enough checks finds the exact neighbours
-        let approx = kp_ll(
-            &q,
-            &t,
-            &ts,
-            &sc,
-            3,
-            Some(4),
-            &KdeOptions {
-                k: Some(7),
-                checks: Some(10_000),
-                ..Default::default()
-            },
-        );
-        assert_eq!(approx, run(2, Some(7)));
-        // k nearest: a direct top-k transcription (excluding sample 4)
-        let mut want = [0.0f64; 3];
-        let n_k: Vec<f64> = (0..3)
-            .map(|c| (0..300).filter(|&j| j / 30 != 4 && sc[j / 30] == c).count() as f64)
-            .collect();
-        for qi in q.rows() {
-            let mut d: Vec<(u32, usize)> = (0..300)
-                .filter(|&j| j / 30 != 4)
-                .map(|j| {
-                    let s: u32 = qi
-                        .iter()
-                        .zip(t.row(j))
-                        .map(|(&a, &b)| (a as i32 - b as i32).pow(2) as u32)
-                        .sum();
-                    (s, j)
-                })
-                .collect();
-            d.sort_unstable();
-            let width = 1.0 + d[0].0 as f64;
-            let mut s = [0.0f64; 3];
-            for &(d2, j) in &d[..7] {
-                s[sc[j / 30] as usize] += (-(d2 as f64) / width).exp();
-            }
-            for c in 0..3 {
-                want[c] += (s[c] / n_k[c] + 1.0).ln();
-            }
-        }
-        let got = run(2, Some(7));
-        for c in 0..3 {
-            assert!((got[c] - want[c]).abs() < 1e-9 * want[c].abs().max(1.0));
-        }
-    }
-}
+mod tests;

@@ -5,9 +5,10 @@
 use std::borrow::Cow;
 
 use keyfuse_core::extract::ExtractParams;
+use keyfuse_core::knn::Neighbors;
 use keyfuse_core::DESC_LEN;
 use numpy::ndarray::{Array2, ArrayView2};
-use numpy::{IntoPyArray, PyArray2, PyReadonlyArray2};
+use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -80,6 +81,45 @@ pub fn rows_array<'py, T: numpy::Element + Copy, const N: usize>(
     rows: &[[T; N]],
 ) -> PyResult<Bound<'py, PyArray2<T>>> {
     array2(py, rows.len(), N, rows.iter().flatten().copied().collect())
+}
+
+/// (global point ids, squared distances) arrays of several shards, both (m, k) uint32, as
+/// the core's neighbour lists.
+pub fn neighbor_lists(
+    py: Python<'_>,
+    parts: &[(PyReadonlyArray2<'_, u32>, PyReadonlyArray2<'_, u32>)],
+) -> PyResult<Vec<Neighbors>> {
+    let mut lists = Vec::with_capacity(parts.len());
+    for (i, d) in parts {
+        let (i, d) = (i.as_array(), d.as_array());
+        if i.shape() != d.shape() {
+            return Err(invalid(py, "neighbour ids and distances differ in shape"));
+        }
+        lists.push(Neighbors {
+            k: i.shape()[1],
+            idx: i.iter().copied().collect(),
+            dist2: d.iter().copied().collect(),
+        });
+    }
+    Ok(lists)
+}
+
+/// Each subject's first global point id and the total (n_subjects + 1 offsets), checked.
+pub fn subject_offsets(py: Python<'_>, a: &PyReadonlyArray1<'_, i64>) -> PyResult<Vec<usize>> {
+    let offsets: Vec<usize> = a.as_array().iter().map(|&o| o.max(0) as usize).collect();
+    if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err(invalid(
+            py,
+            "subject offsets must be non-decreasing, starting at 0",
+        ));
+    }
+    Ok(offsets)
+}
+
+/// The subject of global point `c` given [`subject_offsets`]: the last offset at or
+/// before it (`offsets.len() − 1`, outside the cohort, for a point past the end).
+pub fn owner_of(offsets: &[usize], c: u32) -> u32 {
+    (offsets.partition_point(|&o| o <= c as usize) - 1) as u32
 }
 
 /// Extraction parameters: the core's defaults, overridden by the keyword arguments

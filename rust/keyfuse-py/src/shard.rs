@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 
 use keyfuse_core::jaccard::{self, DimStats};
-use keyfuse_core::knn::{self, ForestParams, Neighbors};
+use keyfuse_core::knn::{self, ForestParams};
 use keyfuse_core::shard::Shard as CoreShard;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
-use crate::convert::{array2, descriptors};
+use crate::convert::{self, array2, descriptors, neighbor_lists, owner_of};
 use crate::errors::{detach, invalid};
 use crate::matching::sj_params;
 
@@ -185,38 +185,15 @@ fn merge_score<'py>(
     alpha2_cap_fraction: f64,
     posterior: bool,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    let mut lists = Vec::with_capacity(parts.len());
-    for (i, d) in &parts {
-        let (i, d) = (i.as_array(), d.as_array());
-        if i.shape() != d.shape() {
-            return Err(invalid(py, "neighbour ids and distances differ in shape"));
-        }
-        lists.push(Neighbors {
-            k: i.shape()[1],
-            idx: i.iter().copied().collect(),
-            dist2: d.iter().copied().collect(),
-        });
-    }
-    let offsets: Vec<usize> = subject_offsets
-        .as_array()
-        .iter()
-        .map(|&o| o.max(0) as usize)
-        .collect();
-    if offsets.is_empty() || offsets.windows(2).any(|w| w[1] < w[0]) {
-        return Err(invalid(
-            py,
-            "subject offsets must be non-decreasing, starting at 0",
-        ));
-    }
+    let lists = neighbor_lists(py, &parts)?;
+    let offsets = convert::subject_offsets(py, &subject_offsets)?;
     let stats = DimStats::from_words(stats.as_array().as_slice().unwrap_or(&[]));
     let p = sj_params(k, true, 1, alpha2_floor, alpha2_cap_fraction, posterior);
     let n = offsets.len() - 1;
     let out = detach(py, || {
         let stats = stats?;
         let nb = knn::merge_neighbors(&lists, k)?;
-        // a point's subject: the last offset at or before it
-        let owner = |c: u32| (offsets.partition_point(|&o| o <= c as usize) - 1) as u32;
-        jaccard::score_neighbors(&nb, owner, n, &stats, &p)
+        jaccard::score_neighbors(&nb, |c| owner_of(&offsets, c), n, &stats, &p)
     })?;
     Ok(out.into_pyarray(py))
 }

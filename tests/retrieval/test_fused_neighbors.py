@@ -1,0 +1,129 @@
+"""The fused search's keypoint term (eqs. 5–7) from the keypoint search's own neighbour
+lists: equal to the brute-force k-nearest KDE it replaced, bit for bit, and the same
+whether the index is sharded on disk or in memory (keyfuse.vector_search.keypoint_terms)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _vector_data import N_KP, family_index, keypoints, rerank
+
+import keyfuse as kf
+from keyfuse import _core
+from keyfuse.errors import KeyfuseError
+
+
+@pytest.fixture(scope="module")
+def fam() -> tuple[kf.Index, dict[str, np.ndarray]]:
+    return family_index(n_families=3, size=4)
+
+
+def brute_force_kde(ix: kf.Index, desc: np.ndarray, exclude: int | None) -> np.ndarray:
+    """The former keypoint term: an exact k-NN over every indexed descriptor, then the
+    k-nearest KDE (one class per subject, the query's own subject left out)."""
+    descs = [np.asarray(ix.keypoints(s).descriptors, np.uint8) for s in ix.subjects]
+    sample = np.repeat(np.arange(len(descs)), [len(d) for d in descs]).astype(np.int64)
+    return np.asarray(
+        _core.keypoint_log_likelihood(
+            np.ascontiguousarray(desc, np.uint8),
+            np.ascontiguousarray(np.concatenate(descs)),
+            sample,
+            np.arange(len(descs), dtype=np.int64),
+            len(descs),
+            exclude_sample=exclude,
+            k=ix.k,
+            background=1.0,
+            checks=None,
+        )
+    )
+
+
+def in_subject_order(ix: kf.Index, hits: kf.SearchResult) -> np.ndarray:
+    out = np.full(len(ix), np.nan)
+    for h in hits:
+        out[ix.subjects.index(h.subject_id)] = h.score
+    return out
+
+
+def test_fused_keypoint_term_equals_the_brute_force_kde(fam) -> None:
+    ix, vecs = fam
+    rng = np.random.default_rng(3)
+    for sid in ("f0m0", "f1m3", "f2m1"):
+        i = ix.subjects.index(sid)
+        want = brute_force_kde(ix, ix.keypoints(sid).descriptors, i)
+        got = in_subject_order(ix, ix.search(sid, k=None, by="fused", alpha=1.0, exact=True))
+        keep = np.arange(len(ix)) != i
+        assert np.isnan(got[i]) and np.array_equal(got[keep], want[keep])
+    # a new scan (not indexed, nothing left out), by the default α: the keypoint term is
+    # the old one, so the fused ranking is too
+    proto = np.asarray(ix.keypoints("f1m0").descriptors, np.float64)
+    new = keypoints(rerank(proto + 4.0 * rng.standard_normal(proto.shape)), rng)
+    want = brute_force_kde(ix, new.descriptors, None)
+    got = in_subject_order(ix, ix.search((new, vecs["f1m0"]), k=None, by="fused", alpha=1.0))
+    assert np.array_equal(got, want)
+    # pairwise: every row is its subject's keypoint term, off the diagonal
+    pw = ix.pairwise(by="fused", alpha=1.0, exact=True)
+    for a, sid in enumerate(ix.subjects):
+        off = np.arange(len(ix)) != a
+        assert np.array_equal(pw[a, off], brute_force_kde(ix, ix.keypoints(sid).descriptors, a)[off])
+
+
+def _fill(ix: kf.Index, vecs: dict[str, np.ndarray], src: kf.Index, batch: int) -> kf.Index:
+    rows = [(s, src.keypoints(s), vecs[s], src.labels[s]) for s in src.subjects]
+    for a in range(0, len(rows), batch):
+        ix.add_many(rows[a : a + batch])
+    return ix
+
+
+def test_sharded_fused_search_equals_in_memory(fam, tmp_path: Path) -> None:
+    ix, vecs = fam
+    path = tmp_path / "sharded.kfi"
+    # shards of at most 2 subjects (120 keypoints each), appended 5 at a time
+    sharded = _fill(kf.Index(path, mode="x", shard_size=2 * N_KP), vecs, ix, batch=5)
+    assert sum(s["sealed"] for s in sharded.shards) >= 4
+    reopened = kf.Index(path)
+    for sid in ("f0m1", "f2m3"):
+        want = ix.search(sid, k=None, by="fused", exact=True)
+        for other in (sharded, reopened):
+            got = other.search(sid, k=None, by="fused", exact=True)
+            assert got.ids == want.ids and np.array_equal(got.scores, want.scores)
+            assert got.alpha == want.alpha
+    want_pw = ix.pairwise(by="fused", exact=True)
+    assert np.array_equal(reopened.pairwise(by="fused", exact=True), want_pw)
+    # approximate (each shard's kd-forest): deterministic, in process and on a scheduler
+    a = reopened.search("f1m1", k=None, by="fused", alpha=1.0, exact=False)
+    b = kf.Index(path).search("f1m1", k=None, by="fused", alpha=1.0, exact=False)
+    c = reopened.search("f1m1", k=None, by="fused", alpha=1.0, exact=False, scheduler="sync")
+    assert a.ids == b.ids == c.ids and np.array_equal(a.scores, b.scores)
+    assert np.array_equal(a.scores, c.scores)
+    assert {ix.labels[h]["family"] for h in a.ids[:3]} == {"F1"}
+    fa = reopened.pairwise(by="fused", alpha=1.0, exact=False)
+    assert np.array_equal(fa, kf.Index(path).pairwise(by="fused", alpha=1.0, exact=False))
+    fam_of = [ix.labels[s]["family"] for s in ix.subjects]
+    off = ~np.eye(len(ix), dtype=bool)
+    best = np.argmax(np.where(off, fa, -np.inf), axis=1)
+    assert all(fam_of[j] == fam_of[i] for i, j in enumerate(best))
+
+
+def test_neighbor_likelihood_refuses_bad_lists() -> None:
+    ids = np.array([[0, 1]], np.uint32)
+    d2 = np.array([[0, 5]], np.uint32)
+    offsets = np.array([0, 1, 2], np.int64)
+    ok = _core.merge_log_likelihood(
+        [(ids, d2)], subject_offsets=offsets, k=2, exclude=None, background=1.0
+    )
+    assert ok.shape == (2,) and np.all(ok > 0)
+    for kwargs, parts in (
+        ({"k": 3}, [(ids, d2)]),  # more neighbours than the lists hold
+        ({}, []),  # no list at all
+        ({}, [(ids, d2[:, :1])]),  # ids and distances differ
+        ({"subject_offsets": np.array([0, 1], np.int64)}, [(ids, d2)]),  # point 1 outside
+        ({"subject_offsets": np.array([1, 2], np.int64)}, [(ids, d2)]),  # not from 0
+        ({"exclude": 2}, [(ids, d2)]),
+        ({"background": 0.0}, [(ids, d2)]),
+    ):
+        args = {"subject_offsets": offsets, "k": 2, "exclude": None, "background": 1.0}
+        with pytest.raises(KeyfuseError):
+            _core.merge_log_likelihood(parts, **{**args, **kwargs})
