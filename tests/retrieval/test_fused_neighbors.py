@@ -67,7 +67,8 @@ def test_fused_keypoint_term_equals_the_brute_force_kde(fam) -> None:
     pw = ix.pairwise(by="fused", alpha=1.0, exact=True)
     for a, sid in enumerate(ix.subjects):
         off = np.arange(len(ix)) != a
-        assert np.array_equal(pw[a, off], brute_force_kde(ix, ix.keypoints(sid).descriptors, a)[off])
+        want = brute_force_kde(ix, ix.keypoints(sid).descriptors, a)
+        assert np.array_equal(pw[a, off], want[off])
 
 
 def _fill(ix: kf.Index, vecs: dict[str, np.ndarray], src: kf.Index, batch: int) -> kf.Index:
