@@ -22,6 +22,22 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"keyfuse imported from {keyfuse.__file__}, not {installed}")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules holding ``slow`` tests run first, the smallest of them first (their slow
+    tests are the longest ones: the README tour, the pinned demo cohort), and each module's
+    tests stay together so its fixtures are set up once. On the two xdist workers of
+    ``make test`` the long tests then start early instead of forming the run's tail."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(str(item.path), []).append(item)
+
+    def has_slow(tests: list[pytest.Item]) -> bool:
+        return any(t.get_closest_marker("slow") for t in tests)
+
+    order = sorted(modules.values(), key=lambda t: (not has_slow(t), len(t) if has_slow(t) else 0))
+    items[:] = [item for tests in order for item in tests]
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

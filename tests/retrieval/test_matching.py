@@ -281,6 +281,7 @@ def _map_rms(mat: np.ndarray, truth: np.ndarray, xyz: np.ndarray) -> float:
     return float(np.sqrt((diff**2).sum(axis=1).mean()))
 
 
+@pytest.mark.slow
 def test_align_scans_to_the_atlas_with_known_poses() -> None:
     """Simulated scans (another anatomy, texture, bias, a random pose) onto the MNI152
     template at 2 mm, one also stored rotated by 120°: the error over the brain voxels
@@ -361,6 +362,7 @@ _DETERMINISM_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_results_identical_across_thread_counts_and_kernels() -> None:
     """Same scores with 1, 2 and 3 threads, and with the AMX exact kernel switched off
     (where this CPU has AMX, that compares it with the AVX2 kernel)."""

@@ -441,6 +441,7 @@ def test_segment_writes_bids_label_names(runner: CliRunner, tmp_path: Path) -> N
     assert rows[:3] == ["index\tname", "0\tbackground", "1\tleft_gm"]
 
 
+@pytest.mark.slow
 def test_demo_with_one_family(runner: CliRunner, tmp_path: Path) -> None:
     """``keyfuse demo --families 1``: no different-family pairs, so no ROC curve, but the
     run completes and says so; report.json records what made it."""
