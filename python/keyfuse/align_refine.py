@@ -33,7 +33,7 @@ FloatArray = npt.NDArray[np.float64]
 #: pyramid levels as multiples of the coarser voxel size of the two images
 LEVELS = (2.0, 1.0)
 #: L-BFGS-B iterations per level
-MAX_ITER = 40
+MAX_ITER = 20
 #: sample points per level at most (a regular sub-grid of the fixed foreground)
 MAX_POINTS = 10_000
 #: margin (mm) around the fixed foreground included in the samples (the edge)

@@ -120,7 +120,7 @@ def test_intensity_refinement_bad_input(atlas4) -> None:
     kps = kf.extract(atlas4, device="cpu")
     with pytest.raises(kf.InvalidArgumentError, match="needs both 3-D images"):
         kf.align(kps, kps, intensity=True)
-    flat = kf.Image(np.ones((8, 8), np.float32))
+    flat = kf.Image(np.ones((8, 8), np.float32), spacing=(1.0, 1.0))
     with pytest.raises(kf.InvalidArgumentError):
         refine_intensity(flat, flat, np.eye(4))
     with pytest.raises(kf.InvalidArgumentError, match="4×4"):
