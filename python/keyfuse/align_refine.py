@@ -228,7 +228,7 @@ def refine_intensity(
     to_vox = np.linalg.inv(np.asarray(moving.affine, np.float64)) @ np.linalg.inv(init)
     theta = np.zeros(7)
     bounds = [(-trust_mm, trust_mm)] * 7
-    probs = []
+    probs: list[_Problem] = []
     for lev in sorted(levels, reverse=True):
         level = _Level(moving, fixed, mask, lev * vox)
         if not probs:
