@@ -5,7 +5,9 @@
   transfer), and p(m), a kernel density of each match's translation.
 * :func:`align` — a robust 3D similarity transform (rotation, isotropic scale,
   translation) between two keypoint sets: one-point hypotheses from the keypoints'
-  frames, local least-squares refits and guided re-matching (:mod:`keyfuse._align`).
+  frames, local least-squares refits and guided re-matching (:mod:`keyfuse._align`),
+  then, when the two 3-D images are known, a final local intensity fit
+  (:mod:`keyfuse.align_refine`).
 * :func:`soft_jaccard` — the keypoint-signature similarity of Chauvin et al.
 * :func:`reference_votes` — the reference large-scale matcher's (``featMatchMultiple``)
   voting, re-implemented deterministically, for comparisons.
@@ -28,6 +30,7 @@ from keyfuse import _core
 from keyfuse._align import similarity_scale
 from keyfuse.device import choose_backend
 from keyfuse.errors import InvalidArgumentError
+from keyfuse.image import Image, load_image
 from keyfuse.keypoints import KeypointSet, read_key
 
 __all__ = [
@@ -72,6 +75,25 @@ def _as_keypoints(obj: Any, device: str = "auto", name: str = "keypoints") -> Ke
     from keyfuse.extraction import extract
 
     return extract(obj, device=device)
+
+
+def _inputs_with_image(
+    obj: Any, image: Any, device: str, name: str
+) -> tuple[KeypointSet, Image | None]:
+    """:func:`align`'s input as keypoints and, when known, the 3-D image they came from
+    (``image`` if given, else ``obj`` when it is an image or an image path)."""
+    img = None if image is None else load_image(image)
+    is_kps = isinstance(obj, KeypointSet) or (
+        isinstance(obj, (str, os.PathLike)) and os.fspath(obj).endswith((".kfk", ".key"))
+    )
+    if (
+        img is None
+        and not is_kps
+        and not (obj is None or isinstance(obj, (np.ndarray, list, tuple)))
+    ):
+        img = obj = load_image(obj)
+    kps = _as_keypoints(obj, device, name)
+    return kps, img if img is not None and img.ndim == 3 else None
 
 
 def _check_same_dims(a: KeypointSet, b: KeypointSet) -> None:
@@ -356,6 +378,9 @@ def align(
     with_scale: bool = True,
     refine: bool = True,
     symmetric: bool = True,
+    intensity: bool | None = None,
+    moving_image: Any = None,
+    fixed_image: Any = None,
     seed: int = 0x616C69676E21,
     device: str = "auto",
 ) -> Alignment:
@@ -393,6 +418,16 @@ def align(
     symmetric : bool, default True
         Also estimate fixed → moving and average the two maps (over the moving
         keypoints) when they agree within ``inlier_mm``; the forward estimate otherwise.
+    intensity : bool, optional
+        A final local intensity fit of the similarity on the two 3-D images
+        (:func:`keyfuse.align_refine.refine_intensity`: normalised cross-correlation over
+        the fixed foreground, 2× then 1× voxel size), kept only when it raises the
+        correlation and moves the foreground by at most 2 × ``inlier_mm``. Default
+        (None): when both images are known — given as images or paths, or through
+        ``moving_image``/``fixed_image``; True requires them; False never.
+    moving_image, fixed_image : Image or path, optional
+        The images ``moving``/``fixed`` keypoints were extracted from, for the
+        intensity fit (not needed when ``moving``/``fixed`` are images themselves).
     seed : int
         Seed of the three-point RANSAC's sampler.
     device : {"auto", "cpu", "cuda"}
@@ -404,9 +439,15 @@ def align(
     """
     from keyfuse import _align
 
-    moving = _as_keypoints(moving, device, "moving")
-    fixed = _as_keypoints(fixed, device, "fixed")
+    moving, moving_img = _inputs_with_image(moving, moving_image, device, "moving")
+    fixed, fixed_img = _inputs_with_image(fixed, fixed_image, device, "fixed")
     _check_same_dims(moving, fixed)
+    have_images = moving_img is not None and fixed_img is not None
+    if intensity and not have_images:
+        raise InvalidArgumentError(
+            "align(intensity=True) needs both 3-D images: pass images (or image paths) as "
+            "moving/fixed, or moving_image= and fixed_image="
+        )
     if candidates < 1 or not scale_factor >= 1.0 or not max_scale >= 1.0:
         raise InvalidArgumentError("align needs candidates ≥ 1, scale_factor ≥ 1, max_scale ≥ 1")
     if inlier_mm is None:
@@ -430,11 +471,18 @@ def align(
                 float(inlier_mm),
                 bool(with_scale),
             )
+    extra: dict[str, Any] = {}
+    if have_images and intensity is not False:
+        from keyfuse.align_refine import refine_intensity
+
+        assert moving_img is not None and fixed_img is not None
+        fit = refine_intensity(moving_img, fixed_img, mat, trust_mm=2.0 * float(inlier_mm))
+        mat, extra["intensity"] = fit.matrix, fit
     res = np.linalg.norm(xa @ mat[:3, :3].T + mat[:3, 3] - xb, axis=1)
     inl = res <= inlier_mm
     rmse = float(np.sqrt(np.mean(res[inl] ** 2))) if inl.any() else float("nan")
     scale = similarity_scale(mat)
-    return Alignment(mat, inl, m, rmse, scale)
+    return Alignment(mat, inl, m, rmse, scale, extra)
 
 
 _KERNELS = ("posterior", "published")
