@@ -93,6 +93,9 @@ def test_translated_copy_is_segmented_exactly() -> None:
         assert dice(out.labels == lab, truth == lab) > 0.99, lab
     assert set(out.probabilities) == {1, 2, 3}
     assert out.n_transfers > 0
+    # wall and CPU seconds for the same stages
+    assert set(out.cpu_timings) == set(out.timings) >= {"extract", "match", "transfer"}
+    assert all(v >= 0.0 for v in out.cpu_timings.values())
     # the voted labels of organ keypoints are their true labels
     idx = np.rint(test_kps.ijk).astype(int)
     true_kp = truth[idx[:, 0], idx[:, 1], idx[:, 2]]

@@ -297,6 +297,8 @@ def run_experiment(
         out = run("fdefault", seg, images[t], labels[t], kps[t], (ext_secs[t], ext_cpu[t]))
         for k, v in out.timings.items():
             parts.setdefault(k, []).append(v)
+        for k, v in out.cpu_timings.items():
+            parts.setdefault(f"{k} cpu", []).append(v)
         seg.background_rule = other
         run("fother_rule", seg, images[t], labels[t], kps[t], (ext_secs[t], ext_cpu[t]))
         seg.background_rule = rule
@@ -327,7 +329,7 @@ def run_experiment(
             )
         echo(msg)
     echo(
-        "keypoint transfer time parts (median s): "
+        "keypoint transfer time parts (median wall and CPU s): "
         + ", ".join(f"{k} {np.median(v):.3f}" for k, v in parts.items())
         + f", extraction {np.median([ext_secs[t] for t in tests]):.3f}"
         + f" (cpu {np.median([ext_cpu[t] for t in tests]):.3f})"

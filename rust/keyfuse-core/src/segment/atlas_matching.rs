@@ -131,6 +131,10 @@ unsafe fn best_two_avx2(
 /// fraction of the step between the two (1 always suffices; less usually does).
 const TIGHT: f64 = 0.3;
 
+/// Queries per task of the re-matching: each task's first query scans every atlas
+/// keypoint, the others only the cells near their ball.
+const CHUNK: usize = 64;
+
 /// Per-thread scratch of the re-matching.
 #[derive(Default)]
 struct Scratch {
@@ -369,8 +373,13 @@ impl AtlasKeypoints {
                 ]
             })
             .collect();
+        // grid-cell order; within a cell, queries at the same position next to each other
+        // (several oriented rows share a keypoint's position): they share the candidates
         let mut order: Vec<u32> = (0..na as u32).collect();
-        order.sort_by_key(|&q| (b.grid.cell_of(y[q as usize]), q));
+        order.sort_by_key(|&q| {
+            let v = y[q as usize];
+            (b.grid.cell_of(v), v.map(f64::to_bits), q)
+        });
         let fast = b.small && crate::simd::has_avx2() && a.desc.iter().all(|&v| v < 128);
         let qnorm = if fast {
             crate::knn::sq_norms(a.desc)
@@ -378,7 +387,7 @@ impl AtlasKeypoints {
             Vec::new()
         };
         let mut found: Vec<(u32, Option<(u32, u32)>)> = order
-            .par_chunks(32)
+            .par_chunks(CHUNK)
             .flat_map_iter(|chunk| {
                 let mut s = Scratch::default();
                 let mut prev: Option<([f64; 3], f64)> = None;
@@ -386,16 +395,19 @@ impl AtlasKeypoints {
                     .iter()
                     .map(|&q| {
                         let q = q as usize;
-                        // a tight guess first, then the bound that always holds enough
-                        let radii = match prev {
-                            Some((yp, dk)) => {
-                                let (rk, step) = (dk.sqrt(), sq_dist(y[q], yp).sqrt());
-                                [rk + TIGHT * step, rk + step]
-                            }
-                            None => [f64::INFINITY; 2],
-                        };
-                        let dk = b.closest_within(y[q], keep, &radii, &mut s);
-                        prev = Some((y[q], dk));
+                        // the previous query's candidates when it sits at the same position
+                        if !matches!(prev, Some((yp, _)) if yp == y[q]) {
+                            // a tight guess first, then the bound that always holds enough
+                            let radii = match prev {
+                                Some((yp, dk)) => {
+                                    let (rk, step) = (dk.sqrt(), sq_dist(y[q], yp).sqrt());
+                                    [rk + TIGHT * step, rk + step]
+                                }
+                                None => [f64::INFINITY; 2],
+                            };
+                            let dk = b.closest_within(y[q], keep, &radii, &mut s);
+                            prev = Some((y[q], dk));
+                        }
                         let qd = &a.desc[q * crate::DESC_LEN..(q + 1) * crate::DESC_LEN];
                         #[cfg(target_arch = "x86_64")]
                         let (b1, b2) = if fast {

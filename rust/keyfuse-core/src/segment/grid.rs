@@ -61,12 +61,9 @@ impl Grid {
 
     #[inline]
     fn coord(&self, v: f64, d: usize) -> usize {
-        let c = ((v - self.origin[d]) / self.cell).floor();
-        if c.is_nan() || c < 0.0 {
-            0
-        } else {
-            (c as usize).min(self.dims[d] - 1)
-        }
+        // the cast truncates towards zero and saturates (NaN and negatives to 0): the floor
+        // for every cell index ≥ 0, without a call to libm's floor
+        (((v - self.origin[d]) / self.cell) as usize).min(self.dims[d] - 1)
     }
 
     pub(super) fn cell_of(&self, p: [f64; 3]) -> usize {
@@ -104,9 +101,15 @@ impl Grid {
                     continue;
                 }
                 let row = (cz * self.dims[1] + cy) * self.dims[2];
+                // the ball's chord along x in this row of cells
+                let h = (r2 - gyz).max(0.0).sqrt() * (1.0 + 1e-9) + 1e-9;
+                let (xa, xb) = (
+                    self.coord(y[2] - h, 2).max(x0),
+                    self.coord(y[2] + h, 2).min(x1),
+                );
                 let (a, b) = (
-                    self.start[row + x0] as usize,
-                    self.start[row + x1 + 1] as usize,
+                    self.start[row + xa] as usize,
+                    self.start[row + xb + 1] as usize,
                 );
                 for k in a..b {
                     let d = sq_dist(self.xyz[k], y);
