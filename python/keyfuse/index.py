@@ -259,8 +259,9 @@ class Index:
     def keypoints(self, subject_id: str) -> KeypointSet:
         """A subject's keypoints (read from the index directory when it was opened from
         disk: an opened index holds only the descriptors in memory)."""
-        kp = self._kps[self._index_of(subject_id)]
-        return kp if isinstance(kp, KeypointSet) else kp.read()
+        i = self._index_of(subject_id)
+        kp = self._kps[i]
+        return kp if isinstance(kp, KeypointSet) else kp.read(self._engine, i)
 
     def vector(self, subject_id: str) -> np.ndarray | None:
         return self._vectors[self._index_of(subject_id)]
