@@ -1,6 +1,7 @@
 """Scale benchmark of the sharded, memory-mapped index (issue 11); prints figures.
 
     .venv/bin/python benches/scale.py [--sizes 1000 5000] [--keypoints 2000] [--quick]
+    .venv/bin/python benches/scale.py --sizes --pairwise 5000 --pairwise-keypoints 200
 
 Synthetic cohorts with the descriptor statistics of real ones: the descriptor pool is
 extracted from the MNI152 template (nilearn's copy, ``kf.datasets.mni152``); a family
@@ -14,6 +15,9 @@ against exact on the same queries cut to ``--recall-keypoints`` keypoints, and t
 bytes on disk against the 1 mm float32 images it describes (182×218×182×4 bytes each).
 Last, a linear trend of each figure fitted over the sizes and read at 100,000 subjects,
 and (smallest size) a 2-worker local Dask cluster against the in-process search.
+``--pairwise N``: all-pairs soft Jaccard of N subjects (``--pairwise-keypoints`` each, in
+shards of ``--pairwise-shard-size``), in process and on a 2-process local cluster: equal
+or not, and pairs per second per worker.
 
 Targets (issue 11): 100k query p50 ≤ 0.5 s, p95 ≤ 1 s, RSS ≤ 16 GB, open ≤ 10 s,
 recall@1 ≥ 0.95; 25k p50 ≤ 0.2 s within 6 GB; index ≥ 150× smaller than the images.
@@ -48,7 +52,7 @@ def build(path: Path, n: int, n_kp: int, pool: np.ndarray, args: argparse.Namesp
     """Build the index; returns the rescans (queries) of some subjects and timings."""
     rng = np.random.default_rng(0)
     geometry = SharedGeometry(n_kp, 0)
-    ix = kf.Index(path, mode="w", shard_size=args.shard_size, checks=args.checks)
+    ix = kf.Index(path, mode="w", shard_size=args.shard_size, checks=args.checks, trees=args.trees)
     n_sh = int(0.6 * n_kp)
     proto = np.zeros((0, 64), np.float32)
     queries, truth, batch = [], [], []
@@ -85,9 +89,9 @@ import keyfuse as kf
 sys.path.insert(0, sys.argv[3])
 from _synthetic import SharedGeometry
 import pyarrow.parquet  # imported before timing the open
-path, cut = sys.argv[1], int(sys.argv[2])
+path, cut, trees = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
 t = time.perf_counter()
-ix = kf.Index(path)
+ix = kf.Index(path, trees=trees)
 opened = time.perf_counter() - t
 queries = np.load(path + "/../queries.npy"); truth = np.load(path + "/../truth.npy")
 geo = SharedGeometry(queries.shape[1], 0)
@@ -141,12 +145,54 @@ def dask_check(path: Path) -> None:
     )
 
 
+def pairwise_check(n: int, n_kp: int, pool: np.ndarray, args: argparse.Namespace) -> None:
+    """All-pairs of ``n`` subjects in process and on a 2-process local cluster."""
+    try:
+        import distributed
+    except ImportError:
+        print("pairwise: distributed not installed, skipped")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pairs.kfi"
+        sub = argparse.Namespace(**{**vars(args), "shard_size": args.pairwise_shard_size})
+        b = build(path, n, n_kp, pool, sub)
+        ix = kf.Index(path, trees=args.trees)
+        probe = ix.keypoints(next(iter(ix)))[:10]
+        ix.scores(probe, exact=False)  # forests loaded
+        t = time.perf_counter()
+        local = ix.pairwise(exact=False)
+        t_local = time.perf_counter() - t
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
+            ix.scores(probe, exact=False, scheduler=client)  # shards opened on the workers
+            t = time.perf_counter()
+            remote = ix.pairwise(exact=False, scheduler=client)
+            t_remote = time.perf_counter() - t
+        pairs = n * n
+        print(
+            f"pairwise N={n} × {n_kp} keypoints ({b['shards']} shards of ≤ "
+            f"{args.pairwise_shard_size}): in process {t_local:.1f} s = {pairs / t_local:,.0f} "
+            f"pairs/s; 2-process local cluster {t_remote:.1f} s = "
+            f"{pairs / t_remote / 2:,.0f} pairs/s per worker; identical "
+            f"{np.array_equal(local, remote)}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 5000])
     ap.add_argument("--keypoints", type=int, default=2000)
     ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     ap.add_argument("--checks", type=int, default=64)
+    ap.add_argument("--trees", type=int, default=kf.Index().trees)
+    ap.add_argument("--pairwise", type=int, default=0)
+    ap.add_argument("--pairwise-keypoints", type=int, default=200)
+    ap.add_argument("--pairwise-shard-size", type=int, default=250_000)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--recall-keypoints", type=int, default=200)
     ap.add_argument("--resolution", type=float, default=1.0)
@@ -166,7 +212,15 @@ def main() -> None:
             b = build(path, n, args.keypoints, pool, args)
             disk = sum(f.stat().st_size for f in path.iterdir())
             out = subprocess.run(
-                [sys.executable, "-c", _QUERY, str(path), str(args.recall_keypoints), here],
+                [
+                    sys.executable,
+                    "-c",
+                    _QUERY,
+                    str(path),
+                    str(args.recall_keypoints),
+                    here,
+                    str(args.trees),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -184,6 +238,8 @@ def main() -> None:
             )
             if n == args.sizes[0]:
                 dask_check(path)
+    if args.pairwise:
+        pairwise_check(args.pairwise, args.pairwise_keypoints, pool, args)
     if len(rows) >= 2:
         ns = np.array([r["n"] for r in rows], float)
         fit = {}

@@ -343,6 +343,15 @@ class Shard:
         base: int,
         trees: int,
     ) -> Shard: ...
+    @staticmethod
+    def read_files(
+        files: Sequence[tuple[str | os.PathLike[str], int]],
+        sizes: Sequence[int],
+        *,
+        first_subject: int,
+        base: int,
+        trees: int,
+    ) -> Shard: ...
     @property
     def n_points(self) -> int: ...
     @property

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from keyfuse import _core
-from keyfuse.errors import InvalidArgumentError
+from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
 from keyfuse.index_shards import (
     SearchParams,
     jaccard_from,
@@ -48,6 +48,31 @@ FULL_MATRIX_MAX = 20_000
 
 _cache: dict[tuple[str, str], _core.Shard] = {}
 _cache_lock = threading.Lock()
+# one Client per scheduler address in this process, reused by every later call
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+_NAMED = (None, "sync", "threads", "local", "processes")  # keyfuse.batch's own choices
+
+
+def _shared_client(scheduler: Any) -> Any:
+    """A scheduler address becomes this process's Client for it (connected once, then
+    reused while it runs); any other choice is returned as given."""
+    if not isinstance(scheduler, str) or scheduler in _NAMED:
+        return scheduler
+    with _clients_lock:
+        client = _clients.get(scheduler)
+        if client is not None and client.status == "running":
+            return client
+        try:
+            from distributed import Client
+        except ImportError:
+            return scheduler  # keyfuse.batch._executor names the missing dependency
+        try:
+            client = Client(scheduler, timeout="20s", set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise KeyfuseIOError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+        _clients[scheduler] = client
+        return client
 
 
 def _params(index: Index, exact: bool) -> SearchParams:
@@ -131,7 +156,7 @@ def _knn_all(
 
     specs = _specs(index)
     engines = shards.engines(p.exact, on_disk=False)
-    with _executor(scheduler, None) as (kind, ex):
+    with _executor(_shared_client(scheduler), None) as (kind, ex):
         if kind == "dask":
             futures = [
                 ex.submit(_knn_task, spec, queries, allowed, p, pure=False) for spec in specs

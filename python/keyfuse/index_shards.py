@@ -1,15 +1,17 @@
 """The search side of :class:`keyfuse.Index`: its subjects' descriptors in shards.
 
 A shard is a run of consecutive subjects holding at most ``shard_size`` keypoints (a
-subject with more has a shard of its own). The last shard is *open*: it lives in RAM
-(on disk, its descriptors are the Parquet parts' rows) and takes the appended subjects;
+subject with more has a shard of its own). The last shard is *open*: it is searched in
+RAM (on disk, its descriptors are its segment files, read when it is first searched) and
+takes the appended subjects;
 when the next subject would overflow it, or when it is full, it is *sealed*. A sealed
 shard on disk is two files beside the parts::
 
     shard-000001.kfs   2048-byte header (magic, version, n, descriptor statistics,
                        header checksum) + n × 64 uint8 descriptors, memory-mapped
-    shard-000001.kff   its kd-forest (magic, version, trees, nodes, permutations,
-                       checksum; keyfuse_core::knn::forest_io), built when sealed
+    shard-000001.kff   its kd-forest (magic, version, trees, 9-byte nodes, permutations
+                       in 3 bytes a point up to 16.7 M points, checksum;
+                       keyfuse_core::knn::forest_io), built when sealed
     open-000007.kfs    the open shard's subjects appended by part 7 (shard file
                        format), memory-mapped; retired when the open shard is sealed
 
@@ -273,15 +275,20 @@ class ShardSet:
     def _open_shard(self) -> _core.Shard:
         with self._lock:
             if self._open_engine is None:
-                desc = self.pending([], self.open_first, len(self.sizes))
                 base = int(sum(self.sizes[: self.open_first]))
-                self._open_engine = _core.Shard(
-                    desc,
-                    self.sizes[self.open_first :],
-                    first_subject=self.open_first,
-                    base=base,
-                    trees=self.trees,
-                )
+                kw = {"first_subject": self.open_first, "base": base, "trees": self.trees}
+                sizes = self.sizes[self.open_first :]
+                if self.root is not None and self.segments:
+                    # read from the segment files, not through their maps: the mapped
+                    # pages would stay resident beside the copy
+                    files = [(self.root / e["name"], int(e["n_keypoints"])) for e in self.segments]
+                    try:
+                        self._open_engine = _core.Shard.read_files(files, sizes, **kw)
+                    except (CorruptDataError, KeyfuseIOError, OSError) as e:
+                        raise IndexCorruptError(f"{self.root}: open-shard segments: {e}") from e
+                else:
+                    desc = self.pending([], self.open_first, len(self.sizes))
+                    self._open_engine = _core.Shard(desc, sizes, **kw)
             return self._open_engine
 
     def engines(self, exact: bool, on_disk: bool = True) -> list[tuple[str, _core.Shard]]:

@@ -3,9 +3,11 @@ their checksums, and reading a subject's keypoints back.
 
 A part is a pair of Parquet files: ``subjects-NNNNNN.parquet`` (id, keypoint count,
 affine, shape, labels as JSON, CNN vector, source) and ``keypoints-NNNNNN.parquet``
-(subject, geometry and the 64-byte descriptor per row, grouped by subject). An opened
-index streams only the descriptor column into memory and remembers, per subject, where
-its rows lie (:class:`_Rows`), so the full keypoints are read back on demand.
+(subject and geometry per row, grouped by subject). Each descriptor is stored once, in
+the checksummed shard or segment files (format 3); parts written by format 1 and 2 also
+hold a 64-byte descriptor column, which an index without segment files streams into
+memory. An opened index remembers, per subject, where its rows lie (:class:`_Rows`), so
+the full keypoints are read back on demand, their descriptors from the shards.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from keyfuse.keypoints import KeypointSet
 Staged = tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]
 
 FORMAT = "keyfuse-index"
-FORMAT_VERSION = 2  # 2: sealed shards (keyfuse.index_shards); 1 is read as unsharded
-READABLE_VERSIONS = (1, 2)
+# 3: descriptors only in the shard/segment files; 2: sealed shards, descriptors also in
+# the parts (keyfuse.index_shards); 1 is read as unsharded
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 
 
@@ -95,20 +99,24 @@ def write_part(
 ) -> dict[str, Any]:
     """Write the Parquet files of part ``seq`` (each atomically, flushed) and return its
     manifest entry; every file written is appended to ``written`` (for a clean-up)."""
+    return write_part_tables(root, _subjects_table(staged), _keypoints_table(staged), seq, written)
+
+
+def write_part_tables(
+    root: Path, subjects: Any, keypoints: Any, seq: int, written: list[Path]
+) -> dict[str, Any]:
+    """Write a part's two tables as part ``seq`` (see :func:`write_part`)."""
     import pyarrow.parquet as pq
 
     from keyfuse._io import atomic_path
 
     entry: dict[str, Any] = {
         "seq": seq,
-        "n_subjects": len(staged),
-        "n_keypoints": int(sum(len(s[1]) for s in staged)),
+        "n_subjects": subjects.num_rows,
+        "n_keypoints": keypoints.num_rows,
         "files": {},
     }
-    for kind, table in (
-        ("subjects", _subjects_table(staged)),
-        ("keypoints", _keypoints_table(staged)),
-    ):
+    for kind, table in (("subjects", subjects), ("keypoints", keypoints)):
         name = f"{kind}-{seq:06d}.parquet"
         with atomic_path(root / name) as tmp:
             pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
@@ -254,6 +262,8 @@ def _keypoints_table(staged: Sequence[Staged]) -> Any:
         )
     }
     for name, dtype, width in _KP_COLUMNS:
+        if name == "descriptors":
+            continue  # stored once, in the shard or segment files (format 3)
         flat = (
             np.concatenate(
                 [
@@ -264,11 +274,7 @@ def _keypoints_table(staged: Sequence[Staged]) -> Any:
             if staged
             else np.zeros((0, width), dtype)
         )
-        if name == "descriptors":
-            cols[name] = pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(64), len(flat), [None, pa.py_buffer(np.ascontiguousarray(flat))]
-            )
-        elif width == 1:
+        if width == 1:
             cols[name] = pa.array(flat.ravel())
         else:
             cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), width)
@@ -327,7 +333,9 @@ class _Rows:
     affine: tuple[float, ...]
     shape: tuple[int, ...]
 
-    def read(self) -> KeypointSet:
+    def read(self, shards: Any = None, i: int = -1) -> KeypointSet:
+        """The subject's keypoints; ``shards`` (the index's ``ShardSet``) and ``i`` (its
+        subject number) give its descriptors when the part has none (format 3)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -351,7 +359,12 @@ class _Rows:
                 v != self.subject for v in owners.dictionary.take(owners.indices).to_pylist()
             ):
                 raise IndexCorruptError(f"{self.path}: rows of {self.subject!r} moved; {hint}")
-            arrays = _column_arrays(table, [c[0] for c in _KP_COLUMNS])
+            arrays = _column_arrays(table, table.column_names)
+            if "descriptors" not in arrays:
+                if shards is None:
+                    raise IndexCorruptError(f"{self.path}: no descriptors for {self.subject!r}")
+                desc = shards.subject_descriptors(i)
+                arrays["descriptors"] = np.asarray(desc, np.uint8).reshape(-1, 64)
         except IndexCorruptError:
             raise
         except (OSError, ValueError, IndexError, pa.ArrowException) as e:

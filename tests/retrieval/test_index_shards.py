@@ -89,8 +89,11 @@ def test_forests_are_persisted_and_approximate_search_is_stable(sharded, cohort)
     assert np.mean(same) > 0.9  # families still found by the forest
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "forest"])
-def test_damaged_shard_is_named_and_repaired(sharded, cohort, damage: str) -> None:
+@pytest.mark.parametrize("damage", ["flip", "truncate", "forest", "descriptor"])
+def test_damaged_shard_is_named_and_repaired_or_dropped(sharded, cohort, damage: str) -> None:
+    """A forest is rebuilt from its shard; a shard holds the only copy of its descriptors
+    (format 3), so a damaged one is dropped with its subjects only when asked, and every
+    other subject then scores as in an index of just them."""
     from keyfuse.index_verify import verify_index
 
     target = sharded / ("shard-000002.kff" if damage == "forest" else "shard-000002.kfs")
@@ -98,22 +101,84 @@ def test_damaged_shard_is_named_and_repaired(sharded, cohort, damage: str) -> No
     if damage == "truncate":
         raw = raw[:-64]
     else:
-        raw[len(raw) // 2 if damage == "forest" else 100] ^= 0x40
+        raw[{"forest": len(raw) // 2, "flip": 100, "descriptor": -5}[damage]] ^= 0x40
     target.write_bytes(bytes(raw))
     if damage == "forest":
         ix = kf.Index(sharded)  # opening does not read forests
         with pytest.raises(kf.IndexCorruptError, match="shard-000002"):
             ix.scores(cohort[0][1], exact=False)
-    else:
+    elif damage != "descriptor":  # a descriptor byte is found by verify (below) only
         with pytest.raises(kf.IndexCorruptError, match="shard-000002"):
             kf.Index(sharded)
     report = verify_index(sharded)
     assert not report.ok and any("shard-000002" in p for p in report.problems)
-    fixed = verify_index(sharded, repair=True)
-    assert fixed.repaired and verify_index(sharded).ok
+    keep = cohort
+    if damage != "forest":
+        stuck = verify_index(sharded, repair=True)  # nothing dropped unless asked
+        assert not stuck.ok and not stuck.dropped and "--drop-damaged" in stuck.problems[-1]
+        assert (sharded / "shard-000002.kfs").exists()
+        fixed = verify_index(sharded, repair=True, drop_damaged=True)
+        assert fixed.dropped == [cohort[2][0], cohort[3][0]]  # shard 2: subjects 2 and 3
+        assert not (sharded / "shard-000002.kfs").exists()
+        keep = cohort[:2] + cohort[4:]
+    else:
+        fixed = verify_index(sharded, repair=True)
+    assert fixed.repaired and fixed.ok and verify_index(sharded).ok
     ix = kf.Index(sharded)
-    assert len(ix) == len(cohort)
-    assert np.array_equal(ix.pairwise(exact=True), _fill(kf.Index(), cohort).pairwise(exact=True))
+    assert list(ix) == [c[0] for c in keep]
+    want = _fill(kf.Index(), keep)
+    assert np.array_equal(ix.pairwise(exact=True), want.pairwise(exact=True))
+    assert np.array_equal(
+        ix.scores(cohort[3][1], exact=True), want.scores(cohort[3][1], exact=True)
+    )
+    assert ix.keypoints(cohort[9][0]) == cohort[9][1]  # descriptors from the shards
+    if damage != "forest":  # a dropped subject can be appended again
+        _fill(kf.Index(sharded, mode="r+"), cohort[2:3])
+        assert list(kf.Index(sharded))[-1] == cohort[2][0]
+
+
+def _as_format_v2(path: Path, cohort) -> None:
+    """Rewrite an index's parts as format 2 wrote them: with a descriptor column."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    descs = {sid: np.ascontiguousarray(kps.descriptors, np.uint8) for sid, kps, _ in cohort}
+    m = json.loads((path / "manifest.json").read_text())
+    for part in m["parts"]:
+        info = part["files"]["keypoints"]
+        f = path / info["name"]
+        t = pq.read_table(f)
+        ids = pq.read_table(path / part["files"]["subjects"]["name"])["subject_id"].to_pylist()
+        flat = np.concatenate([descs[s] for s in ids])
+        col = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(64), len(flat), [None, pa.py_buffer(flat)]
+        )
+        pq.write_table(t.add_column(4, "descriptors", col), f)
+        info["bytes"] = f.stat().st_size
+        info["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    m["version"] = 2
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_format_v2_index_with_descriptors_in_parts(sharded, cohort) -> None:
+    """Format 2 kept every descriptor in the parts too: it opens, and a damaged shard is
+    rebuilt from them."""
+    from keyfuse.index_verify import verify_index
+
+    _as_format_v2(sharded, cohort)
+    f = sharded / "shard-000003.kfs"
+    raw = bytearray(f.read_bytes())
+    raw[-5] ^= 1
+    f.write_bytes(bytes(raw))
+    fixed = verify_index(sharded, repair=True)
+    assert fixed.ok and not fixed.dropped
+    assert "shard shard-000003.kfs: rebuilt from the Parquet parts" in fixed.repaired
+    ix = kf.Index(sharded)
+    assert ix.keypoints(cohort[5][0]) == cohort[5][1]
+    want = _fill(kf.Index(), cohort)
+    assert np.array_equal(kf.Index(sharded).pairwise(exact=True), want.pairwise(exact=True))
 
 
 def test_flipped_descriptor_byte_is_found_by_verify(sharded) -> None:
@@ -220,6 +285,13 @@ def test_pairwise_blocks_resume_and_dask_equals_in_process(
                 assert np.array_equal(ix.scores(kps, exact=exact, scheduler=client), want)
         assert np.array_equal(ix.pairwise(exact=False, scheduler=client), ix.pairwise(exact=False))
         top = ix.pairwise(exact=True, out=tmp_path / "top", top_k=2, scheduler=client)
+        # an address: one Client for it in this process, reused by every call
+        addr = cluster.scheduler_address
+        assert np.array_equal(ix.scores(cohort[0][1], scheduler=addr), ix.scores(cohort[0][1]))
+        first = kd._clients[addr]
+        assert np.array_equal(ix.pairwise(scheduler=addr), ix.pairwise())
+        assert kd._clients[addr] is first and first.status == "running"
+        first.close()
     import pyarrow.parquet as pq
 
     t = pq.read_table(sorted(top.glob("rows-*.parquet"))[0])
@@ -247,6 +319,8 @@ def test_cli_info_verify_query_and_blocks(sharded, cohort, tmp_path: Path) -> No
     assert (
         res.exit_code == 0 and "repaired: shard shard-000004.kfs: kd-forest rebuilt" in res.output
     )
+    res = run.invoke(kcli.cli, ["index", "verify", "--drop-damaged", str(sharded)])
+    assert res.exit_code == 2 and "needs --repair" in res.output
     sid = cohort[2][0]
     plain = run.invoke(kcli.cli, ["query", str(sharded), sid, "-k", "3", "--csv"])
     dask = run.invoke(kcli.cli, ["query", str(sharded), sid, "-k", "3", "--csv", "--dask", "sync"])

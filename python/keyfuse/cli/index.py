@@ -275,10 +275,17 @@ def index_info(index_path: Path, quiet: bool) -> None:
 @click.option(
     "--repair",
     is_flag=True,
-    help="Rebuild damaged kd-forests, and damaged shard files from the Parquet parts.",
+    help="Rebuild damaged kd-forests, and damaged shard files from the Parquet parts "
+    "where these hold descriptors (indexes written before format 3).",
+)
+@click.option(
+    "--drop-damaged",
+    is_flag=True,
+    help="With --repair: drop a damaged shard or segment that cannot be rebuilt, and "
+    "its subjects (listed by id), from the index.",
 )
 @quiet_option("Accepted for symmetry with the other commands (verify prints no progress).")
-def index_verify(index_path: Path, repair: bool, quiet: bool) -> None:
+def index_verify(index_path: Path, repair: bool, drop_damaged: bool, quiet: bool) -> None:
     """Read every byte of INDEX: checksums, shard headers and kd-forests (opening an
     index checks sizes and headers only). Exits with status 1 when damage remains.
 
@@ -288,9 +295,13 @@ def index_verify(index_path: Path, repair: bool, quiet: bool) -> None:
     """
     from keyfuse.index_verify import verify_index
 
-    report = verify_index(index_path, repair=repair)
+    if drop_damaged and not repair:
+        raise click.UsageError("--drop-damaged needs --repair")
+    report = verify_index(index_path, repair=repair, drop_damaged=drop_damaged)
     for line in report.repaired:
         click.echo(f"repaired: {line}")
+    for sid in report.dropped:
+        click.echo(f"dropped subject: {sid}")
     for line in report.problems:
         click.echo(f"damaged:  {line}", err=True)
     state = "ok" if report.ok else f"{len(report.problems)} problem(s)"

@@ -62,6 +62,32 @@ fn corrupt(why: String) -> KfError {
     KfError::Corrupt(format!("shard file: {why}"))
 }
 
+/// Check a shard file's header (magic, version, checksum, point count `n`) and return its
+/// descriptor statistics.
+fn parse_header(h: &[u8], n: usize) -> Result<DimStats> {
+    let word = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap());
+    if &h[..8] != MAGIC {
+        return Err(corrupt("not a keyfuse shard".into()));
+    }
+    let v = u32::from_le_bytes(h[8..12].try_into().unwrap());
+    if v != SHARD_FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "format version {v} (this keyfuse reads {SHARD_FORMAT_VERSION})"
+        )));
+    }
+    if fnv64(&h[..CHECKED]) != word(CHECKED) || h[CHECKED + 8..].iter().any(|&b| b != 0) {
+        return Err(corrupt("header checksum mismatch".into()));
+    }
+    if word(16) != n as u64 {
+        return Err(corrupt(format!(
+            "holds {} keypoints, expected {n}",
+            word(16)
+        )));
+    }
+    let words: Vec<u64> = (0..WORDS).map(|i| word(24 + 8 * i)).collect();
+    DimStats::from_words(&words)
+}
+
 /// Each point's global subject from the subjects' keypoint counts.
 fn owners(sizes: &[usize], first_subject: usize, n: usize) -> Result<Vec<u32>> {
     if sizes.iter().sum::<usize>() != n {
@@ -155,31 +181,44 @@ impl Shard {
                 HEADER_BYTES + n * DESC_LEN
             )));
         }
-        let h = &m[..HEADER_BYTES];
-        let word = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap());
-        if &h[..8] != MAGIC {
-            return Err(corrupt("not a keyfuse shard".into()));
-        }
-        let v = u32::from_le_bytes(h[8..12].try_into().unwrap());
-        if v != SHARD_FORMAT_VERSION {
-            return Err(corrupt(format!(
-                "format version {v} (this keyfuse reads {SHARD_FORMAT_VERSION})"
-            )));
-        }
-        if fnv64(&h[..CHECKED]) != word(CHECKED) || h[CHECKED + 8..].iter().any(|&b| b != 0) {
-            return Err(corrupt("header checksum mismatch".into()));
-        }
-        if word(16) != n as u64 {
-            return Err(corrupt(format!(
-                "holds {} keypoints, expected {n}",
-                word(16)
-            )));
-        }
-        let words: Vec<u64> = (0..WORDS).map(|i| word(24 + 8 * i)).collect();
-        let stats = DimStats::from_words(&words)?;
+        let stats = parse_header(&m[..HEADER_BYTES], n)?;
         #[cfg(unix)]
         let _ = m.advise(memmap2::Advice::Random);
         Shard::make(Store::Mapped(m), stats, sizes, first_subject, base, fp)
+    }
+
+    /// An in-memory shard read from several shard files (`files`: path and point count
+    /// each, in order; every size and header checked), e.g. an open shard's segments:
+    /// read, not mapped, so the file pages are not held beside the copy.
+    pub fn read_files(
+        files: &[(std::path::PathBuf, usize)],
+        sizes: &[usize],
+        first_subject: usize,
+        base: usize,
+        fp: ForestParams,
+    ) -> Result<Shard> {
+        use std::io::Read;
+        let total: usize = files.iter().map(|f| f.1).sum();
+        let mut data = Vec::with_capacity(total * DESC_LEN);
+        let mut stats = DimStats::default();
+        for (path, n) in files {
+            let mut f = std::fs::File::open(path)?;
+            let len = f.metadata()?.len() as usize;
+            if len != HEADER_BYTES + n * DESC_LEN {
+                return Err(corrupt(format!(
+                    "{}: {len} bytes, expected {} for {n} keypoints",
+                    path.display(),
+                    HEADER_BYTES + n * DESC_LEN
+                )));
+            }
+            let mut h = vec![0u8; HEADER_BYTES];
+            f.read_exact(&mut h)?;
+            stats.merge(&parse_header(&h, *n)?);
+            let at = data.len();
+            data.resize(at + n * DESC_LEN, 0);
+            f.read_exact(&mut data[at..])?;
+        }
+        Shard::make(Store::Owned(data), stats, sizes, first_subject, base, fp)
     }
 
     /// Read every descriptor and check it against the header's statistics.

@@ -70,6 +70,24 @@ impl Shard {
         Ok(Shard { inner })
     }
 
+    /// An in-memory shard read from shard files (path and point count each, in order;
+    /// sizes and headers checked), e.g. an open shard's segments: read, not mapped.
+    #[staticmethod]
+    #[pyo3(signature = (files, sizes, *, first_subject, base, trees))]
+    fn read_files(
+        py: Python<'_>,
+        files: Vec<(PathBuf, usize)>,
+        sizes: Vec<usize>,
+        first_subject: usize,
+        base: usize,
+        trees: usize,
+    ) -> PyResult<Self> {
+        let inner = detach(py, || {
+            CoreShard::read_files(&files, &sizes, first_subject, base, forest_params(trees))
+        })?;
+        Ok(Shard { inner })
+    }
+
     #[getter]
     fn n_points(&self) -> usize {
         self.inner.n_points()

@@ -48,14 +48,36 @@ impl SplitMix {
 
 pub(super) const LEAF: u8 = u8::MAX;
 
-/// One node: internal (`dim`, threshold `split`, children `a`,`b`) or a leaf (`dim == LEAF`,
-/// points `perm[a..b]`).
+/// One node (12 bytes): internal (`dim`, threshold `split()`, children `a` and `a + 1`)
+/// or a leaf (`dim == LEAF`, points `perm[a..w]`). Children are always created as a
+/// pair, so one index locates both, and a leaf's end takes the place of the threshold.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Node {
     pub(super) dim: u8,
-    pub(super) split: f32,
+    /// internal: the threshold's f32 bits; leaf: the end of its points in `perm`
+    pub(super) w: u32,
+    /// internal: the first child; leaf: the start of its points in `perm`
     pub(super) a: u32,
-    pub(super) b: u32,
+}
+
+impl Node {
+    #[inline(always)]
+    pub(super) fn split(&self) -> f32 {
+        f32::from_bits(self.w)
+    }
+    #[inline(always)]
+    pub(super) fn leaf(a: u32, b: u32) -> Node {
+        Node { dim: LEAF, w: b, a }
+    }
+    /// (near, far) child for a query coordinate `diff` = value − threshold.
+    #[inline(always)]
+    pub(super) fn children(&self, diff: f32) -> (u32, u32) {
+        if diff < 0.0 {
+            (self.a, self.a + 1)
+        } else {
+            (self.a + 1, self.a)
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -81,15 +103,10 @@ fn build_tree(data: &[u8], n: usize, leaf_size: usize, seed: u64) -> Tree {
         perm.swap(i, j);
     }
     let mut nodes: Vec<Node> = Vec::with_capacity(2 * n / leaf_size.max(1) + 1);
-    nodes.push(Node {
-        dim: LEAF,
-        split: 0.0,
-        a: 0,
-        b: n as u32,
-    });
+    nodes.push(Node::leaf(0, n as u32));
     let mut stack = vec![0usize];
     while let Some(ni) = stack.pop() {
-        let (lo, hi) = (nodes[ni].a as usize, nodes[ni].b as usize);
+        let (lo, hi) = (nodes[ni].a as usize, nodes[ni].w as usize);
         if hi - lo <= leaf_size {
             continue;
         }
@@ -144,23 +161,12 @@ fn build_tree(data: &[u8], n: usize, leaf_size: usize, seed: u64) -> Tree {
             }
         }
         let l = nodes.len();
-        nodes.push(Node {
-            dim: LEAF,
-            split: 0.0,
-            a: lo as u32,
-            b: (lo + mid) as u32,
-        });
-        nodes.push(Node {
-            dim: LEAF,
-            split: 0.0,
-            a: (lo + mid) as u32,
-            b: hi as u32,
-        });
+        nodes.push(Node::leaf(lo as u32, (lo + mid) as u32));
+        nodes.push(Node::leaf((lo + mid) as u32, hi as u32));
         nodes[ni] = Node {
             dim: dim as u8,
-            split,
+            w: split.to_bits(),
             a: l as u32,
-            b: l as u32 + 1,
         };
         stack.push(l + 1);
         stack.push(l);
@@ -404,8 +410,8 @@ impl KdForest {
                     if node.dim == LEAF {
                         return (node.a, q as u32);
                     }
-                    let diff = query[node.dim as usize] as f32 - node.split;
-                    ni = if diff < 0.0 { node.a } else { node.b } as usize;
+                    let diff = query[node.dim as usize] as f32 - node.split();
+                    ni = node.children(diff).0 as usize;
                 }
             })
             .collect();
@@ -427,16 +433,12 @@ impl KdForest {
         loop {
             let node = tree.nodes[ni as usize];
             if node.dim == LEAF {
-                prefetch_rows(st.data, &tree.perm[node.a as usize..node.b as usize]);
+                prefetch_rows(st.data, &tree.perm[node.a as usize..node.w as usize]);
                 self.check_leaf(st, t, node);
                 return;
             }
-            let diff = st.query[node.dim as usize] as f32 - node.split;
-            let (near, far) = if diff < 0.0 {
-                (node.a, node.b)
-            } else {
-                (node.b, node.a)
-            };
+            let diff = st.query[node.dim as usize] as f32 - node.split();
+            let (near, far) = node.children(diff);
             let bound = mindist + diff * diff;
             // (bound, tree, node) orders the queue totally: deterministic pops
             queue(Reverse(branch(bound, t, far)));
@@ -447,7 +449,7 @@ impl KdForest {
     /// Distance to every not yet visited point of a leaf.
     #[inline]
     fn check_leaf<F: Fn(usize, u32) -> bool>(&self, st: &mut Walk<'_, F>, t: usize, leaf: Node) {
-        for &p in &self.trees[t].perm[leaf.a as usize..leaf.b as usize] {
+        for &p in &self.trees[t].perm[leaf.a as usize..leaf.w as usize] {
             if !st.vis.insert(p) {
                 continue;
             }
@@ -481,18 +483,14 @@ impl KdForest {
                     continue;
                 }
                 walking = true;
-                let diff = st.query[node.dim as usize] as f32 - node.split;
-                let (near, far) = if diff < 0.0 {
-                    (node.a, node.b)
-                } else {
-                    (node.b, node.a)
-                };
+                let diff = st.query[node.dim as usize] as f32 - node.split();
+                let (near, far) = node.children(diff);
                 pending.push(Reverse(branch(diff * diff, t, far)));
                 let next = self.trees[t].nodes[near as usize];
                 if next.dim == LEAF {
                     prefetch_rows(
                         st.data,
-                        &self.trees[t].perm[next.a as usize..next.b as usize],
+                        &self.trees[t].perm[next.a as usize..next.w as usize],
                     );
                 }
                 leaves[t] = next;

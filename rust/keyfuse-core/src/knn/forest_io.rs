@@ -1,12 +1,14 @@
 //! A [`KdForest`] on disk: deterministic bytes, validated when read back.
 //!
-//! Layout (little-endian): magic `KFFOREST`, format version (u32), tree count (u32),
-//! point count (u64); per tree its node count (u64), the nodes (16 bytes each: dim u8,
-//! 3 zero bytes, split f32 bits, a u32, b u32) and its point permutation (n × u32); last,
-//! an FNV-1a 64 checksum of everything before it. Reading checks the magic, version,
-//! exact length, checksum and that every node and point index is in bounds (children
-//! come after their parent, so a damaged file can never make a search loop or read out of
-//! bounds): a bad file is [`KfError::Corrupt`], never a panic.
+//! Layout, format 2 (little-endian): magic `KFFOREST`, format version (u32), tree count
+//! (u32), point count n (u64); per tree its node count (u64), the nodes (9 bytes each:
+//! dim u8, w u32 = the threshold's f32 bits or a leaf's end, a u32 = the first child or a
+//! leaf's start) and its point permutation (n indices of the fewest bytes that hold n − 1:
+//! 3 bytes up to 16.7 M points); last, an FNV-1a 64 checksum of everything before it.
+//! Format 1 (16-byte nodes with both children, u32 permutation) is still read. Reading
+//! checks the magic, version, exact length, checksum and that every node and point index
+//! is in bounds (children come after their parent, so a damaged file can never make a
+//! search loop or read out of bounds): a bad file is [`KfError::Corrupt`], never a panic.
 
 use super::forest::{Node, Tree, LEAF};
 use super::KdForest;
@@ -15,8 +17,17 @@ use std::io::Write;
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"KFFOREST";
-/// Version of the forest file format.
-pub const FOREST_FORMAT_VERSION: u32 = 1;
+/// Version of the forest file format written.
+pub const FOREST_FORMAT_VERSION: u32 = 2;
+
+/// Bytes of one permutation index for `n` points: the fewest that hold `n − 1`.
+pub fn perm_width(n: usize) -> usize {
+    let mut w = 1;
+    while w < 8 && (n.saturating_sub(1) >> (8 * w)) != 0 {
+        w += 1;
+    }
+    w
+}
 
 /// FNV-1a over 8-byte words (a short tail byte-wise): a cheap integrity check.
 pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
@@ -63,7 +74,13 @@ fn corrupt(why: &str) -> KfError {
 impl KdForest {
     /// The forest as bytes (the same forest always gives the same bytes).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.memory_bytes() + 64);
+        let pw = perm_width(self.n);
+        let size: usize = self
+            .trees
+            .iter()
+            .map(|t| 8 + t.nodes.len() * 9 + t.perm.len() * pw)
+            .sum();
+        let mut out = Vec::with_capacity(size + 32);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FOREST_FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&(self.trees.len() as u32).to_le_bytes());
@@ -71,13 +88,12 @@ impl KdForest {
         for t in &self.trees {
             out.extend_from_slice(&(t.nodes.len() as u64).to_le_bytes());
             for nd in &t.nodes {
-                out.extend_from_slice(&[nd.dim, 0, 0, 0]);
-                out.extend_from_slice(&nd.split.to_bits().to_le_bytes());
+                out.push(nd.dim);
+                out.extend_from_slice(&nd.w.to_le_bytes());
                 out.extend_from_slice(&nd.a.to_le_bytes());
-                out.extend_from_slice(&nd.b.to_le_bytes());
             }
             for &p in &t.perm {
-                out.extend_from_slice(&p.to_le_bytes());
+                out.extend_from_slice(&p.to_le_bytes()[..pw]);
             }
         }
         let h = fnv64(&out);
@@ -99,7 +115,7 @@ impl KdForest {
             return Err(corrupt("not a keyfuse kd-forest"));
         }
         let v = r.u32()?;
-        if v != FOREST_FORMAT_VERSION {
+        if v != 1 && v != FOREST_FORMAT_VERSION {
             return Err(corrupt(&format!(
                 "format version {v} (this keyfuse reads {FOREST_FORMAT_VERSION})"
             )));
@@ -112,44 +128,65 @@ impl KdForest {
             return Err(corrupt("no trees"));
         }
         let mut trees = Vec::with_capacity(n_trees);
+        // format 1: 16-byte nodes (dim, 3 zero bytes, split, a, b), u32 permutation
+        let (node_bytes, pw) = if v == 1 { (16, 4) } else { (9, perm_width(n)) };
         for _ in 0..n_trees {
             let nn = r.u64()?;
-            if nn == 0 || nn > (body.len() / 16) as u64 {
+            if nn == 0 || nn > (body.len() / node_bytes) as u64 {
                 return Err(corrupt("bad node count"));
             }
             let nn = nn as usize;
-            let raw = r.take(nn * 16)?;
+            let raw = r.take(nn * node_bytes)?;
             let mut nodes = Vec::with_capacity(nn);
-            for (i, c) in raw.chunks_exact(16).enumerate() {
+            for (i, c) in raw.chunks_exact(node_bytes).enumerate() {
                 let w = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
-                let nd = Node {
-                    dim: c[0],
-                    split: f32::from_bits(w(4)),
-                    a: w(8),
-                    b: w(12),
-                };
-                let ok = if nd.dim == LEAF {
-                    nd.a <= nd.b && nd.b as usize <= n
+                let (nd, ok) = if v == 1 {
+                    let (split, a, b) = (w(4), w(8), w(12));
+                    let pad = c[1..4] == [0, 0, 0];
+                    if c[0] == LEAF {
+                        (Node::leaf(a, b), pad)
+                    } else {
+                        let nd = Node {
+                            dim: c[0],
+                            w: split,
+                            a,
+                        };
+                        (nd, pad && a.checked_add(1) == Some(b))
+                    }
                 } else {
-                    (nd.dim as usize) < DESC_LEN
-                        && nd.split.is_finite()
-                        && nd.a as usize > i
-                        && nd.b as usize > i
-                        && (nd.a as usize) < nn
-                        && (nd.b as usize) < nn
+                    (
+                        Node {
+                            dim: c[0],
+                            w: w(1),
+                            a: w(5),
+                        },
+                        true,
+                    )
                 };
-                if !ok || c[1..4] != [0, 0, 0] {
+                let ok = ok
+                    && if nd.dim == LEAF {
+                        nd.a <= nd.w && nd.w as usize <= n
+                    } else {
+                        (nd.dim as usize) < DESC_LEN
+                            && nd.split().is_finite()
+                            && nd.a as usize > i
+                            && (nd.a as usize) + 1 < nn
+                    };
+                if !ok {
                     return Err(corrupt("node out of bounds"));
                 }
                 nodes.push(nd);
             }
-            let raw = r.take(n * 4)?;
-            let perm: Vec<u32> = raw
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            if perm.iter().any(|&p| p as usize >= n) {
-                return Err(corrupt("point index out of bounds"));
+            let raw = r.take(n * pw)?;
+            let mut perm = Vec::with_capacity(n);
+            for c in raw.chunks_exact(pw) {
+                let mut b = [0u8; 8];
+                b[..pw].copy_from_slice(c);
+                let p = u64::from_le_bytes(b);
+                if p >= n as u64 {
+                    return Err(corrupt("point index out of bounds"));
+                }
+                perm.push(p as u32);
             }
             trees.push(Tree { nodes, perm });
         }

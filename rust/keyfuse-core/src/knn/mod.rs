@@ -32,8 +32,8 @@ mod topk;
 pub use exact::{exact_kernel_name, knn_exact};
 pub(crate) use forest::SplitMix;
 pub use forest::{ForestParams, KdForest};
-pub use forest_io::FOREST_FORMAT_VERSION;
 pub(crate) use forest_io::{fnv64, write_atomic};
+pub use forest_io::{perm_width, FOREST_FORMAT_VERSION};
 pub(crate) use topk::TopK;
 pub use topk::{merge_neighbors, Neighbors};
 

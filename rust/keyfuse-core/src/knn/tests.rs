@@ -190,3 +190,56 @@ fn identical_points_do_not_loop() {
     let nb = f.search(&data, &data[..64], 4, 16, |_, _| true).unwrap();
     assert_eq!(nb.dist2[0], 0);
 }
+
+/// The bytes format 1 wrote (16-byte nodes with both children, u32 permutation).
+fn format1_bytes(f: &KdForest) -> Vec<u8> {
+    let mut out = b"KFFOREST".to_vec();
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&(f.trees.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(f.n as u64).to_le_bytes());
+    for t in &f.trees {
+        out.extend_from_slice(&(t.nodes.len() as u64).to_le_bytes());
+        for nd in &t.nodes {
+            let leaf = nd.dim == super::forest::LEAF;
+            let (split, b) = if leaf { (0, nd.w) } else { (nd.w, nd.a + 1) };
+            out.extend_from_slice(&[nd.dim, 0, 0, 0]);
+            out.extend_from_slice(&split.to_le_bytes());
+            out.extend_from_slice(&nd.a.to_le_bytes());
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        for &p in &t.perm {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+    let h = fnv64(&out);
+    out.extend_from_slice(&h.to_le_bytes());
+    out
+}
+
+#[test]
+fn forest_files_are_compact_and_format1_still_reads() {
+    let data = random_perms(3000, 5);
+    let f = KdForest::build(&data, &ForestParams::default()).unwrap();
+    let q = random_perms(40, 6);
+    let want = f.search(&data, &q, 5, 64, |_, _| true).unwrap();
+    let v2 = f.to_bytes();
+    let v1 = format1_bytes(&f);
+    assert_eq!(perm_width(3000), 2);
+    assert_eq!(perm_width(1 << 24), 3);
+    assert_eq!(perm_width((1 << 24) + 1), 4);
+    assert!(v2.len() * 5 < v1.len() * 3, "{} vs {}", v2.len(), v1.len()); // < 60 %
+    for bytes in [&v2, &v1] {
+        let g = KdForest::from_bytes(bytes, 3000).unwrap();
+        let got = g.search(&data, &q, 5, 64, |_, _| true).unwrap();
+        assert_eq!((got.idx, got.dist2), (want.idx.clone(), want.dist2.clone()));
+        assert_eq!(g.to_bytes(), v2);
+    }
+    // a format-1 internal node whose second child is not next to the first is refused
+    let mut bad = v1.clone();
+    let at = 8 + 4 + 4 + 8 + 8 + 12; // first tree, root node's second child
+    bad[at] ^= 4;
+    let body = bad.len() - 8;
+    let h = fnv64(&bad[..body]);
+    bad[body..].copy_from_slice(&h.to_le_bytes());
+    assert!(KdForest::from_bytes(&bad, 3000).is_err());
+}
