@@ -249,3 +249,18 @@ def refine_intensity(
     ok = bool(after > before and shift <= trust_mm)
     mat = np.linalg.inv(delta) @ init if ok else init
     return IntensityFit(np.asarray(mat, np.float64), init, ok, float(before), float(after), shift)
+
+
+def centroid_start(moving: Image, fixed: Image) -> FloatArray:
+    """A second start for :func:`refine_intensity` that needs no keypoints: the
+    translation taking the moving image's foreground centroid (world mm) onto the fixed
+    image's, no rotation or scale (SimpleITK's centred initialisation, by mass)."""
+
+    def centroid(img: Image) -> FloatArray:
+        data = np.asarray(img.data, np.float32)
+        ijk = np.argwhere(_foreground(data)).mean(axis=0)
+        return np.asarray(img.affine, np.float64)[:3] @ np.append(ijk, 1.0)
+
+    mat = np.eye(4)
+    mat[:3, 3] = centroid(fixed) - centroid(moving)
+    return mat

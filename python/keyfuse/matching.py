@@ -377,7 +377,7 @@ def align(
     max_scale: float = 2.0,
     with_scale: bool = True,
     refine: bool = True,
-    symmetric: bool = True,
+    symmetric: bool | None = None,
     intensity: bool | None = None,
     moving_image: Any = None,
     fixed_image: Any = None,
@@ -415,14 +415,19 @@ def align(
         False fits a rigid transform (scale 1).
     refine : bool, default True
         Guided re-matching and reweighted least squares after the robust fit.
-    symmetric : bool, default True
+    symmetric : bool, optional
         Also estimate fixed → moving and average the two maps (over the moving
         keypoints) when they agree within ``inlier_mm``; the forward estimate otherwise.
+        Default (None): when no intensity fit follows (the fit starts from either
+        estimate equally well, and the reverse estimate doubles the keypoint time).
     intensity : bool, optional
         A final local intensity fit of the similarity on the two 3-D images
         (:func:`keyfuse.align_refine.refine_intensity`: normalised cross-correlation over
         the fixed foreground, 2× then 1× voxel size), kept only when it raises the
-        correlation and moves the foreground by at most 2 × ``inlier_mm``. Default
+        correlation and moves the foreground by at most 2 × ``inlier_mm``; when the
+        fit from the keypoint estimate is refused, a second fit starts from the
+        foreground centroids matched (:func:`keyfuse.align_refine.centroid_start`) and
+        the better correlating one is kept. Default
         (None): when both images are known — given as images or paths, or through
         ``moving_image``/``fixed_image``; True requires them; False never.
     moving_image, fixed_image : Image or path, optional
@@ -457,6 +462,9 @@ def align(
         raise InvalidArgumentError(f"inlier_mm must be > 0, got {inlier_mm}")
     opts = (int(candidates), float(scale_factor), float(inlier_mm), int(iterations))
     opts2 = (float(max_scale), bool(with_scale), bool(refine), int(seed))
+    fit_intensity = have_images and intensity is not False
+    if symmetric is None:
+        symmetric = not fit_intensity
     mat, m, xa, xb = _align_one_way(moving, fixed, *opts, *opts2)
     if symmetric:
         try:
@@ -472,11 +480,18 @@ def align(
                 bool(with_scale),
             )
     extra: dict[str, Any] = {}
-    if have_images and intensity is not False:
-        from keyfuse.align_refine import refine_intensity
+    if fit_intensity:
+        from keyfuse.align_refine import centroid_start, refine_intensity
 
         assert moving_img is not None and fixed_img is not None
-        fit = refine_intensity(moving_img, fixed_img, mat, trust_mm=2.0 * float(inlier_mm))
+        trust = 2.0 * float(inlier_mm)
+        fit = refine_intensity(moving_img, fixed_img, mat, trust_mm=trust)
+        if not fit.accepted:  # a wrong keypoint start (few right matches between subjects)
+            alt = refine_intensity(
+                moving_img, fixed_img, centroid_start(moving_img, fixed_img), trust_mm=trust
+            )
+            if alt.ncc_after > fit.ncc_after:
+                fit = alt
         mat, extra["intensity"] = fit.matrix, fit
     res = np.linalg.norm(xa @ mat[:3, :3].T + mat[:3, 3] - xb, axis=1)
     inl = res <= inlier_mm
