@@ -44,9 +44,9 @@ __all__ = [
 ]
 
 
-def _as_keypoints(obj: Any, device: str = "auto", name: str = "keypoints") -> KeypointSet:
-    """A KeypointSet as is; a keypoint file (``.kfk``, ``.key``) is read; an Image or an
-    image path is extracted first. A bare array is refused: it has no affine, and a
+def _stored_keypoints(obj: Any, name: str) -> KeypointSet | None:
+    """A KeypointSet as is; a keypoint file (``.kfk``, ``.key``) read; None for an Image
+    or an image path (to be extracted). A bare array is refused: it has no affine, and a
     descriptor array passed by mistake would otherwise be taken for a 2D image."""
     if isinstance(obj, KeypointSet):
         return obj
@@ -72,6 +72,14 @@ def _as_keypoints(obj: Any, device: str = "auto", name: str = "keypoints") -> Ke
             f"{name}: expected a KeypointSet, a keypoint file (.kfk/.key), an Image or an "
             f"image path; got {what}{hint}"
         )
+    return None
+
+
+def _as_keypoints(obj: Any, device: str = "auto", name: str = "keypoints") -> KeypointSet:
+    """:func:`_stored_keypoints`, an Image or an image path extracted first."""
+    kps = _stored_keypoints(obj, name)
+    if kps is not None:
+        return kps
     from keyfuse.extraction import extract
 
     return extract(obj, device=device)
@@ -83,16 +91,11 @@ def _inputs_with_image(
     """:func:`align`'s input as keypoints and, when known, the 3-D image they came from
     (``image`` if given, else ``obj`` when it is an image or an image path)."""
     img = None if image is None else load_image(image)
-    is_kps = isinstance(obj, KeypointSet) or (
-        isinstance(obj, (str, os.PathLike)) and os.fspath(obj).endswith((".kfk", ".key"))
-    )
-    if (
-        img is None
-        and not is_kps
-        and not (obj is None or isinstance(obj, (np.ndarray, list, tuple)))
-    ):
-        img = obj = load_image(obj)
-    kps = _as_keypoints(obj, device, name)
+    kps = _stored_keypoints(obj, name)
+    if kps is None:
+        if img is None:
+            img = obj = load_image(obj)
+        kps = _as_keypoints(obj, device, name)
     return kps, img if img is not None and img.ndim == 3 else None
 
 
