@@ -31,10 +31,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         modules.setdefault(str(item.path), []).append(item)
 
-    def has_slow(tests: list[pytest.Item]) -> bool:
-        return any(t.get_closest_marker("slow") for t in tests)
+    def rank(tests: list[pytest.Item]) -> tuple[bool, int]:
+        slow = any(t.get_closest_marker("slow") for t in tests)
+        return (not slow, len(tests) if slow else 0)
 
-    order = sorted(modules.values(), key=lambda t: (not has_slow(t), len(t) if has_slow(t) else 0))
+    order = sorted(modules.values(), key=rank)
     items[:] = [item for tests in order for item in tests]
 
 
