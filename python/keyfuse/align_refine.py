@@ -251,16 +251,95 @@ def refine_intensity(
     return IntensityFit(np.asarray(mat, np.float64), init, ok, float(before), float(after), shift)
 
 
+def _moments(img: Image) -> tuple[FloatArray, FloatArray]:
+    """Centroid (world mm) and covariance (mm²) of an image's foreground voxels."""
+    data = np.asarray(img.data, np.float32)
+    ijk = np.argwhere(_foreground(data))
+    if len(ijk) < 64:
+        raise InvalidArgumentError("intensity refinement: an image has no foreground")
+    aff = np.asarray(img.affine, np.float64)
+    xyz = ijk[:: max(1, len(ijk) // 50_000)] @ aff[:3, :3].T + aff[:3, 3]
+    return xyz.mean(axis=0), np.cov(xyz.T)
+
+
 def centroid_start(moving: Image, fixed: Image) -> FloatArray:
-    """A second start for :func:`refine_intensity` that needs no keypoints: the
-    translation taking the moving image's foreground centroid (world mm) onto the fixed
-    image's, no rotation or scale (SimpleITK's centred initialisation, by mass)."""
-
-    def centroid(img: Image) -> FloatArray:
-        data = np.asarray(img.data, np.float32)
-        ijk = np.argwhere(_foreground(data)).mean(axis=0)
-        return np.asarray(img.affine, np.float64)[:3] @ np.append(ijk, 1.0)
-
+    """A start for :func:`refine_intensity` that needs no keypoints: the translation
+    taking the moving image's foreground centroid (world mm) onto the fixed image's,
+    no rotation or scale (SimpleITK's centred initialisation, by mass)."""
     mat = np.eye(4)
-    mat[:3, 3] = centroid(fixed) - centroid(moving)
+    mat[:3, 3] = _moments(fixed)[0] - _moments(moving)[0]
     return mat
+
+
+#: rotations (degrees) about each principal axis tried around each principal-axes pose
+_TILTS_DEG = (-30.0, 30.0)
+
+
+def moment_starts(moving: Image, fixed: Image) -> list[FloatArray]:
+    """Starts for :func:`refine_intensity` from the foregrounds' moments alone, for any
+    initial rotation: the centroids matched, the isotropic scale of the two
+    covariances, and each of the four proper rotations taking the moving principal
+    axes onto the fixed ones (their signs are unknown), each also tilted by ±30° about
+    every principal axis (nearly equal axes are ill-defined); plus the centroid start
+    without rotation."""
+    from scipy.spatial.transform import Rotation
+
+    cm, covm = _moments(moving)
+    cf, covf = _moments(fixed)
+    em, vm = np.linalg.eigh(covm)
+    ef, vf = np.linalg.eigh(covf)
+    scale = float((np.prod(np.maximum(ef, 1e-12)) / np.prod(np.maximum(em, 1e-12))) ** (1 / 6))
+    tilts = [np.eye(3)] + [
+        Rotation.from_rotvec(np.deg2rad(d) * vf[:, a]).as_matrix()
+        for a in range(3)
+        for d in _TILTS_DEG
+    ]
+    rotations = [np.eye(3)]
+    for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):
+        base = vf @ np.diag(signs) @ vm.T
+        if np.linalg.det(base) < 0:  # eigh's columns may form a left-handed frame
+            base = vf @ np.diag(signs) @ np.diag((1, 1, -1)) @ vm.T
+        rotations += [tilt @ base for tilt in tilts]
+    starts = []
+    for k, rot in enumerate(rotations):
+        mat = np.eye(4)
+        mat[:3, :3] = (1.0 if k == 0 else scale) * rot
+        mat[:3, 3] = cf - mat[:3, :3] @ cm
+        starts.append(mat)
+    return starts
+
+
+def coarse_correlations(
+    moving: Image, fixed: Image, starts: list[FloatArray], step_mm: float
+) -> FloatArray:
+    """NCC of each start (moving world → fixed world) over the fixed foreground, sampled
+    every ``step_mm`` with both images smoothed to that scale."""
+    fg = _foreground(np.asarray(fixed.data, np.float32))
+    level = _Level(moving, fixed, fg, step_mm)
+    inv_aff = np.linalg.inv(np.asarray(moving.affine, np.float64))
+    out = np.empty(len(starts))
+    for k, mat in enumerate(starts):
+        to_vox = inv_aff @ np.linalg.inv(mat)
+        vals = _trilinear(level.moving, level.points @ to_vox[:3, :3].T + to_vox[:3, 3])[0]
+        vals -= vals.mean()
+        norm = float(np.linalg.norm(vals))
+        out[k] = float(level.fz @ vals) / norm if norm > 0 else -1.0
+    return out
+
+
+def global_fit(moving: Image, fixed: Image, trust_mm: float, *, keep: int = 3) -> IntensityFit:
+    """The intensity fit when no keypoint start can be trusted: the moment starts
+    (:func:`moment_starts`) ranked by their correlation at 4 × the voxel size, the best
+    ``keep`` refined (:func:`refine_intensity`, a trust region of at least 30 mm since
+    the starts are rough), and the best correlating result kept."""
+    moving, fixed = load_image(moving), load_image(fixed)
+    starts = moment_starts(moving, fixed)
+    vox = max(float(np.max(fixed.spacing)), float(np.max(moving.spacing)))
+    ncc = coarse_correlations(moving, fixed, starts, 4.0 * vox)
+    best: IntensityFit | None = None
+    for k in np.argsort(-ncc, kind="stable")[:keep]:
+        fit = refine_intensity(moving, fixed, starts[int(k)], trust_mm=max(trust_mm, 30.0))
+        if best is None or fit.ncc_after > best.ncc_after:
+            best = fit
+    assert best is not None
+    return best

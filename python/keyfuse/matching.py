@@ -428,9 +428,10 @@ def align(
         (:func:`keyfuse.align_refine.refine_intensity`: normalised cross-correlation over
         the fixed foreground, 2× then 1× voxel size), kept only when it raises the
         correlation and moves the foreground by at most 2 × ``inlier_mm``; when the
-        fit from the keypoint estimate is refused, a second fit starts from the
-        foreground centroids matched (:func:`keyfuse.align_refine.centroid_start`) and
-        the better correlating one is kept. Default
+        fit from the keypoint estimate is refused, fits from the foreground moments
+        follow (centroids, scale and principal axes, for any initial rotation:
+        :func:`keyfuse.align_refine.global_fit`) and the best correlating one is
+        kept. Default
         (None): when both images are known — given as images or paths, or through
         ``moving_image``/``fixed_image``; True requires them; False never.
     moving_image, fixed_image : Image or path, optional
@@ -484,15 +485,13 @@ def align(
             )
     extra: dict[str, Any] = {}
     if fit_intensity:
-        from keyfuse.align_refine import centroid_start, refine_intensity
+        from keyfuse.align_refine import global_fit, refine_intensity
 
         assert moving_img is not None and fixed_img is not None
         trust = 2.0 * float(inlier_mm)
         fit = refine_intensity(moving_img, fixed_img, mat, trust_mm=trust)
         if not fit.accepted:  # a wrong keypoint start (few right matches between subjects)
-            alt = refine_intensity(
-                moving_img, fixed_img, centroid_start(moving_img, fixed_img), trust_mm=trust
-            )
+            alt = global_fit(moving_img, fixed_img, trust)
             if alt.ncc_after > fit.ncc_after:
                 fit = alt
         mat, extra["intensity"] = fit.matrix, fit
