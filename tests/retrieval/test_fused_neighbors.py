@@ -11,8 +11,6 @@ import pytest
 from _vector_data import N_KP, family_index, keypoints, rerank
 
 import keyfuse as kf
-from keyfuse import _core
-from keyfuse.errors import KeyfuseError
 
 
 @pytest.fixture(scope="module")
@@ -115,25 +113,3 @@ def test_sharded_fused_search_equals_in_memory(fam, tmp_path: Path) -> None:
     off = ~np.eye(len(ix), dtype=bool)
     best = np.argmax(np.where(off, fa, -np.inf), axis=1)
     assert all(fam_of[j] == fam_of[i] for i, j in enumerate(best))
-
-
-def test_neighbor_likelihood_refuses_bad_lists() -> None:
-    ids = np.array([[0, 1]], np.uint32)
-    d2 = np.array([[0, 5]], np.uint32)
-    offsets = np.array([0, 1, 2], np.int64)
-    ok = _core.merge_log_likelihood(
-        [(ids, d2)], subject_offsets=offsets, k=2, exclude=None, background=1.0
-    )
-    assert ok.shape == (2,) and np.all(ok > 0)
-    for kwargs, parts in (
-        ({"k": 3}, [(ids, d2)]),  # more neighbours than the lists hold
-        ({}, []),  # no list at all
-        ({}, [(ids, d2[:, :1])]),  # ids and distances differ
-        ({"subject_offsets": np.array([0, 1], np.int64)}, [(ids, d2)]),  # point 1 outside
-        ({"subject_offsets": np.array([1, 2], np.int64)}, [(ids, d2)]),  # not from 0
-        ({"exclude": 2}, [(ids, d2)]),
-        ({"background": 0.0}, [(ids, d2)]),
-    ):
-        args = {"subject_offsets": offsets, "k": 2, "exclude": None, "background": 1.0}
-        with pytest.raises(KeyfuseError):
-            _core.merge_log_likelihood(parts, **{**args, **kwargs})
