@@ -15,7 +15,9 @@ For each label, ``kf.evaluate.retrieval(index, label, by=[...], alpha="auto")`` 
 every labelled scan as a leave-one-out query (the fused α of each query chosen on the
 other queries). Printed: mAP of each source, the median fused α, and fused − the better
 single source with the standard error of the paired per-query AP difference
-(``RetrievalReport.ap``). Features are cached with ``--cache`` (one pickle per cohort).
+(``RetrievalReport.ap``). Features are cached with ``--cache`` (one pickle per cohort);
+computing them took about 1.5 (small) and 4.5 (large) minutes on 2 busy cores, the
+evaluation itself under a second (about 60 keypoints per 3 mm scan).
 """
 
 from __future__ import annotations
@@ -65,13 +67,17 @@ def run(name: str, resolution: float, cache: Path | None) -> None:
     index = kf.Index()
     for i, sid in enumerate(cols["subject"]):
         index.add(
-            sid, feats.kps3d[i], vector=feats.vectors[i], family=cols["family"][i],
+            sid,
+            feats.kps3d[i],
+            vector=feats.vectors[i],
+            family=cols["family"][i],
             group=cols["group"][i],
         )
     n_kp = np.mean([len(index.keypoints(s)) for s in index.subjects])
     print(
         f"cohort {name!r}: {len(index)} scans, {len(set(cols['family']))} families, "
-        f"{resolution:g} mm, {n_kp:.0f} keypoints per scan (features {time.process_time() - t0:.0f} CPU s)"
+        f"{resolution:g} mm, {n_kp:.0f} keypoints per scan "
+        f"(features: {time.process_time() - t0:.1f} CPU s)"
     )
     print("  label     queries  keypoints  vector   fused  (α)   fused − best single ± SE")
     for label in ("family", "group"):
@@ -85,7 +91,7 @@ def run(name: str, resolution: float, cache: Path | None) -> None:
         print(
             f"  {label:8s}  {len(d):7d}  {m['keypoints']:9.3f}  {m['vector']:6.3f}  "
             f"{m['fused']:6.3f}  ({rep.alpha:.2g})  {d.mean():+.3f} ± {se:.3f} vs {best} "
-            f"[{verdict}]  ({time.process_time() - t1:.0f} CPU s)"
+            f"[{verdict}]  ({time.process_time() - t1:.1f} CPU s)"
         )
 
 
