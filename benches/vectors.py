@@ -14,9 +14,9 @@ Part 2: ``--subjects`` subjects × ``--keypoints`` keypoints and a vector each; 
 of a query (a noisy rescan of an indexed subject) by keypoints and by the fused model,
 side by side with their ratio. The default sizes give one index searched exactly (60,000
 keypoints), one searched with the kd-forest (200,000) and the same 200 subjects on disk in
-shards of ``--shard-size`` keypoints (kd-forest). The fused keypoint term (eqs. 5–7) reads
-the neighbour lists of the keypoint search's own k-NN pass, so the fused search costs
-that pass plus the vector term.
+shards of ``--shard-size`` keypoints (kd-forest). The fused keypoint term is the log of the
+keypoint search's own soft Jaccard (the same k-NN pass), so the fused search costs that
+pass plus the vector term.
 """
 
 from __future__ import annotations

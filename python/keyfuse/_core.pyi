@@ -186,14 +186,6 @@ def keypoint_log_likelihood(
     background: float,
     checks: int | None,
 ) -> npt.NDArray[np.float64]: ...
-def merge_log_likelihood(
-    parts: Sequence[tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]],
-    *,
-    subject_offsets: npt.NDArray[np.int64],
-    k: int,
-    exclude: int | None,
-    background: float,
-) -> npt.NDArray[np.float64]: ...
 def vector_log_likelihood(
     query: npt.NDArray[np.float64],
     train: npt.NDArray[np.float64],

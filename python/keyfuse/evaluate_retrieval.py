@@ -54,6 +54,9 @@ class RetrievalReport:
         precision at the recall levels :data:`RECALL_GRID`.
     plots : list of Path
         The precision–recall PNGs written.
+    ap : dict
+        Per ``by``: the unrestricted average precision of each scored query (in subject
+        order), for paired comparisons between sources.
     """
 
     label: str
@@ -61,6 +64,7 @@ class RetrievalReport:
     accuracy: dict[str, float]
     curves: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
+    ap: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     #: with ``alpha="auto"``: the median of the α chosen for each query (nested)
     alpha: float | None = None
 
@@ -305,6 +309,7 @@ def retrieval(
     rows: list[dict[str, Any]] = []
     accuracy: dict[str, float] = {}
     curves: dict[str, npt.NDArray[np.float64]] = {}
+    per_query: dict[str, npt.NDArray[np.float64]] = {}
     chosen_alpha = None
     for b in bys:
         keep, cls = _labelled(index, label, b)
@@ -318,6 +323,7 @@ def retrieval(
         plain = retrieval_metrics(mat, cls, ks=ks)
         restricted = retrieval_metrics(mat, cls, predicted=pred, ks=ks)
         curves[b] = plain["interp"].mean(axis=0)
+        per_query[b] = np.asarray(plain["ap"], dtype=np.float64)
         curves[f"{b}|pred"] = restricted["interp"].mean(axis=0)
         for name in ["all", *sorted({str(c) for c in plain["class"]})]:
             sel = np.ones(len(plain["ap"]), bool) if name == "all" else plain["class"] == name
@@ -332,7 +338,7 @@ def retrieval(
                     row[f"R@{k}{tag}"] = float(m["r"][sel, j].mean())
             rows.append(row)
     table = pd.DataFrame(rows).set_index(["by", "class"])
-    report = RetrievalReport(label, table, accuracy, curves, alpha=chosen_alpha)
+    report = RetrievalReport(label, table, accuracy, curves, ap=per_query, alpha=chosen_alpha)
     if plot is not None:
         report.plots.append(_plot(report, Path(plot)))
     return report

@@ -193,7 +193,8 @@ def fused_scores(
     scheduler: Any = None,
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], float]:
     """(allowed, eq. 4 score of every subject, the α used) of a fused query; the keypoint
-    term from one k-NN pass like the keypoint search's (exact or kd-forest)."""
+    term from the keypoint search's own k-NN pass (exact or kd-forest), over the subjects
+    the restriction ``mask`` allows, as the keypoint search does."""
     vm = index._vector_matrix()
     vm.require("fused search")
     assert q.kps is not None and q.vector is not None
@@ -204,7 +205,7 @@ def fused_scores(
     if ex is not None:
         allowed[ex] = False
     l_kp = (
-        keypoint_terms(index, [(q.kps.descriptors, ex)], exact, scheduler)[0]
+        keypoint_terms(index, [(q.kps.descriptors, ex)], exact, scheduler, mask)[0]
         if alpha != 0.0
         else np.zeros(len(index))
     )

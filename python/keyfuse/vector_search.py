@@ -9,8 +9,8 @@
   Scores are "higher is better": the cosine similarity, or minus the Euclidean distance.
 * **Fused search** (``by="fused"``): the fusion paper's eq. 4 applied per candidate
   subject j (one class per subject): ``α log p({f_i} | j) + (1 − α) log p(v | j)``, the
-  keypoint term by eqs. 5–7 from the neighbour lists of the soft-Jaccard search's own
-  k-NN pass (:func:`keypoint_terms`: no second search), the vector term by eqs. 8–9.
+  keypoint term the log soft Jaccard of the keypoint search itself (:func:`keypoint_terms`:
+  the same k-NN pass, no second search), the vector term by eqs. 8–9.
 """
 
 from __future__ import annotations
@@ -302,34 +302,50 @@ def resolve_alpha(alpha: Any) -> float | None:
 # ------------------------------------------------------------------- fused (eq. 4)
 
 
+def keypoint_background(n_query: int, sizes: npt.NDArray[np.int64]) -> float:
+    """The uniform background of the keypoint term: the soft Jaccard of one matched
+    keypoint in a union of the query's and a mean subject's keypoints, ``1 / (|A| + mean
+    |B|)`` (the counterpart of eq. 6's ``+1``: an unmatched subject scores ``ln`` of it,
+    not ``-inf``)."""
+    return 1.0 / max(1.0, n_query + (float(np.mean(sizes)) if len(sizes) else 0.0))
+
+
 def keypoint_terms(
     index: Index,
     queries: Sequence[tuple[npt.NDArray[np.uint8], int | None]],
     exact: bool,
     scheduler: Any = None,
+    allowed: npt.NDArray[np.bool_] | None = None,
 ) -> FloatArray:
-    """(Q, N) log p({f_i} | subject j) (eqs. 5–7, one class per subject) of each query
-    (descriptors, the subject left out or None).
+    """(Q, N) keypoint term log p({f_i} | subject j) of eq. 4 for each query (descriptors,
+    the subject left out or None): ``ln(J_j + b)``, J_j the soft Jaccard of the query's
+    keypoints with subject j's (the fusion paper: the first term of eq. 4 is
+    proportional to the log Jaccard keypoint-signature similarity) and b
+    :func:`keypoint_background`.
 
-    The kernel sums run over the neighbour lists of the keypoint search's own k-NN pass
-    (every shard's k nearest, exact or kd-forest as ``exact`` says, merged by (distance,
-    global id); :mod:`keyfuse.index_dask`), with the index's k: the KDE's k is the search's,
-    so each merged list is used whole. The whole cohort is searched (a restriction limits
-    the ranking, not the density), so with exact search the terms equal the brute-force
-    k-nearest KDE (``keyfuse.fusion.keypoint_log_likelihoods``) bit for bit, sharded or not.
+    J is the keypoint search's own score, from the same k-NN pass (every shard's k
+    nearest, exact or kd-forest as ``exact`` says, merged by (distance, global id);
+    :mod:`keyfuse.index_dask`) over the ``allowed`` subjects, so at α = 1 the fused
+    ranking is the keypoint search's, bit for bit sharded or not. The per-subject
+    eq. 5–7 KDE on those lists (``kf.fusion.keypoint_log_likelihoods`` with one class
+    per subject) ranks subjects worse: it sums every neighbour a query keypoint has in a
+    subject with a kernel that barely separates the 1st from the k-th (width 1 + dNN²)
+    and divides by the subject's keypoint count, while the soft Jaccard keeps each
+    keypoint's best, normalised share (see docs/decisions.md).
     """
-    from keyfuse import _core
     from keyfuse.index_dask import _knn_all, _params
+    from keyfuse.index_shards import jaccard_from, merge_scores
 
     p = _params(index, exact)
-    offsets = index._engine.offsets()
+    shards = index._engine
+    offsets, stats = shards.offsets(), shards.stats()
+    sizes = np.asarray(shards.sizes, np.int64)
     qs = [(np.ascontiguousarray(d, dtype=np.uint8).reshape(-1, 64), ex) for d, ex in queries]
-    per = _knn_all(index, qs, None, p, scheduler)
+    per = _knn_all(index, qs, allowed, p, scheduler)
     out = np.empty((len(qs), len(index)))
-    for r, ((_, ex), parts) in enumerate(zip(qs, per, strict=True)):
-        out[r] = _core.merge_log_likelihood(
-            parts, subject_offsets=offsets, k=p.k, exclude=ex, background=1.0
-        )
+    for r, ((d, _), parts) in enumerate(zip(qs, per, strict=True)):
+        j = jaccard_from(merge_scores(parts, offsets, stats, p), len(d), sizes)
+        out[r] = np.log(j + keypoint_background(len(d), sizes))
     return out
 
 

@@ -1,6 +1,6 @@
-"""The fused search's keypoint term (eqs. 5–7) from the keypoint search's own neighbour
-lists: equal to the brute-force k-nearest KDE it replaced, bit for bit, and the same
-whether the index is sharded on disk or in memory (keyfuse.vector_search.keypoint_terms)."""
+"""The fused search's keypoint term ln(J + b) from the keypoint search's own neighbour
+lists: the keypoint search's soft Jaccard J, the same whether the index is sharded on disk
+or in memory (keyfuse.vector_search.keypoint_terms)."""
 
 from __future__ import annotations
 
@@ -11,33 +11,11 @@ import pytest
 from _vector_data import N_KP, family_index, keypoints, rerank
 
 import keyfuse as kf
-from keyfuse import _core
-from keyfuse.errors import KeyfuseError
 
 
 @pytest.fixture(scope="module")
 def fam() -> tuple[kf.Index, dict[str, np.ndarray]]:
     return family_index(n_families=3, size=4)
-
-
-def brute_force_kde(ix: kf.Index, desc: np.ndarray, exclude: int | None) -> np.ndarray:
-    """The former keypoint term: an exact k-NN over every indexed descriptor, then the
-    k-nearest KDE (one class per subject, the query's own subject left out)."""
-    descs = [np.asarray(ix.keypoints(s).descriptors, np.uint8) for s in ix.subjects]
-    sample = np.repeat(np.arange(len(descs)), [len(d) for d in descs]).astype(np.int64)
-    return np.asarray(
-        _core.keypoint_log_likelihood(
-            np.ascontiguousarray(desc, np.uint8),
-            np.ascontiguousarray(np.concatenate(descs)),
-            sample,
-            np.arange(len(descs), dtype=np.int64),
-            len(descs),
-            exclude_sample=exclude,
-            k=ix.k,
-            background=1.0,
-            checks=None,
-        )
-    )
 
 
 def in_subject_order(ix: kf.Index, hits: kf.SearchResult) -> np.ndarray:
@@ -47,28 +25,57 @@ def in_subject_order(ix: kf.Index, hits: kf.SearchResult) -> np.ndarray:
     return out
 
 
-def test_fused_keypoint_term_equals_the_brute_force_kde(fam) -> None:
+def background(ix: kf.Index, n_query: int) -> float:
+    return 1.0 / (n_query + np.mean([len(ix.keypoints(s)) for s in ix.subjects]))
+
+
+def test_fused_keypoint_term_is_the_log_soft_jaccard(fam) -> None:
     ix, vecs = fam
     rng = np.random.default_rng(3)
     for sid in ("f0m0", "f1m3", "f2m1"):
         i = ix.subjects.index(sid)
-        want = brute_force_kde(ix, ix.keypoints(sid).descriptors, i)
+        jac = in_subject_order(ix, ix.search(sid, k=None, exact=True))
         got = in_subject_order(ix, ix.search(sid, k=None, by="fused", alpha=1.0, exact=True))
         keep = np.arange(len(ix)) != i
-        assert np.isnan(got[i]) and np.array_equal(got[keep], want[keep])
-    # a new scan (not indexed, nothing left out), by the default α: the keypoint term is
-    # the old one, so the fused ranking is too
+        want = np.log(jac[keep] + background(ix, N_KP))
+        assert np.isnan(got[i]) and np.array_equal(got[keep], want)
+    # a new scan (not indexed, nothing left out)
     proto = np.asarray(ix.keypoints("f1m0").descriptors, np.float64)
     new = keypoints(rerank(proto + 4.0 * rng.standard_normal(proto.shape)), rng)
-    want = brute_force_kde(ix, new.descriptors, None)
+    jac = in_subject_order(ix, ix.search(new, k=None, exact=True))
     got = in_subject_order(ix, ix.search((new, vecs["f1m0"]), k=None, by="fused", alpha=1.0))
-    assert np.array_equal(got, want)
+    assert np.array_equal(got, np.log(jac + background(ix, len(new))))
     # pairwise: every row is its subject's keypoint term, off the diagonal
     pw = ix.pairwise(by="fused", alpha=1.0, exact=True)
-    for a, sid in enumerate(ix.subjects):
+    jp = ix.pairwise(exact=True)
+    for a in range(len(ix)):
         off = np.arange(len(ix)) != a
-        want = brute_force_kde(ix, ix.keypoints(sid).descriptors, a)
-        assert np.array_equal(pw[a, off], want[off])
+        np.testing.assert_allclose(pw[a, off], np.log(jp[a, off] + background(ix, N_KP)))
+
+
+def test_keypoint_term_known_answer() -> None:
+    """An exact copy of an indexed set has J = 1 with it, a set no neighbour reaches J = 0:
+    their terms are ln(1 + b) and ln b, b = 1 / (|A| + mean |B|)."""
+    rng = np.random.default_rng(7)
+    sets = [keypoints(rerank(rng.random((30, 64))), rng) for _ in range(3)]
+    far = keypoints(rerank(rng.random((5, 64))), rng)
+    ix = kf.Index(k=2)
+    for i, kps in enumerate([*sets, far]):
+        ix.add(f"s{i}", kps, vector=np.zeros(4, np.float32) + i, half="AB"[i % 2])
+    b = 1.0 / (30 + (3 * 30 + 5) / 4)
+    got = in_subject_order(
+        ix, ix.search((sets[1], np.ones(4, np.float32)), k=None, by="fused", alpha=1.0)
+    )
+    assert got[1] == np.log(1.0 + b)
+    # with k = 2 each keypoint's 2 nearest: its copy in s1 and one other; s3 (5 points
+    # of 95) is reached by few or none, and a subject reached by none scores ln b
+    assert np.all(got[[0, 2, 3]] < got[1]) and np.all(got >= np.log(b))
+    # a restriction limits the k-NN pass as in the keypoint search: the same J
+    q = (sets[1], np.ones(4, np.float32))
+    kp = ix.search(sets[1], k=None, restrict={"half": "A"})
+    fused = ix.search(q, k=None, by="fused", alpha=1.0, restrict={"half": "A"})
+    assert fused.ids == kp.ids and sorted(kp.ids) == ["s0", "s2"]
+    assert np.array_equal(fused.scores, np.log(np.asarray(kp.scores) + b))
 
 
 def _fill(ix: kf.Index, vecs: dict[str, np.ndarray], src: kf.Index, batch: int) -> kf.Index:
@@ -106,25 +113,3 @@ def test_sharded_fused_search_equals_in_memory(fam, tmp_path: Path) -> None:
     off = ~np.eye(len(ix), dtype=bool)
     best = np.argmax(np.where(off, fa, -np.inf), axis=1)
     assert all(fam_of[j] == fam_of[i] for i, j in enumerate(best))
-
-
-def test_neighbor_likelihood_refuses_bad_lists() -> None:
-    ids = np.array([[0, 1]], np.uint32)
-    d2 = np.array([[0, 5]], np.uint32)
-    offsets = np.array([0, 1, 2], np.int64)
-    ok = _core.merge_log_likelihood(
-        [(ids, d2)], subject_offsets=offsets, k=2, exclude=None, background=1.0
-    )
-    assert ok.shape == (2,) and np.all(ok > 0)
-    for kwargs, parts in (
-        ({"k": 3}, [(ids, d2)]),  # more neighbours than the lists hold
-        ({}, []),  # no list at all
-        ({}, [(ids, d2[:, :1])]),  # ids and distances differ
-        ({"subject_offsets": np.array([0, 1], np.int64)}, [(ids, d2)]),  # point 1 outside
-        ({"subject_offsets": np.array([1, 2], np.int64)}, [(ids, d2)]),  # not from 0
-        ({"exclude": 2}, [(ids, d2)]),
-        ({"background": 0.0}, [(ids, d2)]),
-    ):
-        args = {"subject_offsets": offsets, "k": 2, "exclude": None, "background": 1.0}
-        with pytest.raises(KeyfuseError):
-            _core.merge_log_likelihood(parts, **{**args, **kwargs})

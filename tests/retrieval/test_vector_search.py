@@ -114,17 +114,13 @@ def test_fused_alpha_one_and_zero_are_the_single_sources(fam) -> None:
     by_vec = ix.search(pair, k=None, by="vector", exclude="f1m2")
     fused0 = ix.search(pair, k=None, by="fused", alpha=0.0, exclude="f1m2")
     assert fused0.ids == by_vec.ids and fused0.alpha == 0.0
-    # α = 1: the keypoint likelihood (eqs. 5–7, one class per subject) alone
-    from keyfuse.fusion import keypoint_log_likelihoods
-
-    others = [s for s in ix.subjects if s != "f1m2"]
-    ll = keypoint_log_likelihoods(
-        [kps], [ix.keypoints(s) for s in others], np.arange(len(others)), n_neighbors=ix.k
-    )[0]
-    want = [others[i] for i in np.lexsort((np.arange(len(ll)), -ll))]
+    # α = 1: the keypoint term alone, ln(J + b): the keypoint search's ranking
+    by_kp = ix.search(pair, k=None, exclude="f1m2")
     fused1 = ix.search(pair, k=None, by="fused", alpha=1.0, exclude="f1m2")
-    assert fused1.ids == want
-    np.testing.assert_allclose(fused1.scores, np.sort(ll)[::-1], rtol=1e-9)
+    assert fused1.ids == by_kp.ids
+    sizes = [len(ix.keypoints(s)) for s in ix.subjects]
+    b = 1.0 / (len(kps) + np.mean(sizes))
+    np.testing.assert_allclose(fused1.scores, np.log(np.asarray(by_kp.scores) + b), rtol=1e-12)
     # the default α balances the two terms and still finds the family first
     fused = ix.search("f1m2", k=3, by="fused")
     assert 0 < fused.alpha < 1
@@ -249,12 +245,26 @@ def test_retrieval_metrics_restriction_hides_relevant() -> None:
 
 def test_fusion_alpha_falls_back_to_the_source_with_signal() -> None:
     """Vectors without family signal: α chosen on the index is 1 (keypoints alone), and
-    the nested-α fused retrieval is not worse than either source."""
+    the nested-α fused retrieval is not worse than either source, query by query."""
     ix, _ = family_index(n_families=3, size=3, vec_noise=50.0, seed=4)
     assert kf.evaluate.choose_fusion_alpha(ix, "family") == 1.0
-    rep = kf.evaluate.retrieval(ix, "family", by=["vector", "fused"], alpha="auto")
+    rep = kf.evaluate.retrieval(ix, "family", by=["keypoints", "vector", "fused"], alpha="auto")
     t = rep.table
     assert rep.alpha == 1.0
-    assert t.loc[("fused", "all"), "mAP"] >= t.loc[("vector", "all"), "mAP"]
+    assert t.loc[("vector", "all"), "mAP"] < t.loc[("keypoints", "all"), "mAP"]
+    assert t.loc[("fused", "all"), "mAP"] >= t.loc[("keypoints", "all"), "mAP"]
+    assert np.all(rep.ap["fused"] >= rep.ap["keypoints"])
+    # keypoints without family signal (every subject its own random set): α falls to 0
+    rng = np.random.default_rng(5)
+    protos = {f: 10.0 * rng.standard_normal(8) for f in ("F0", "F1", "F2")}
+    noisy = kf.Index()
+    for s in ix.subjects:
+        f = ix.labels[s]["family"]
+        v = (protos[f] + 0.1 * rng.standard_normal(8)).astype(np.float32)
+        noisy.add(s, keypoints(rerank(rng.random((40, 64))), rng), vector=v, family=f)
+    rep = kf.evaluate.retrieval(noisy, "family", by=["keypoints", "vector", "fused"], alpha="auto")
+    t = rep.table
+    assert t.loc[("keypoints", "all"), "mAP"] < t.loc[("vector", "all"), "mAP"] == 1.0
+    assert rep.alpha == 0.0 and t.loc[("fused", "all"), "mAP"] == 1.0
     with pytest.raises(InvalidArgumentError, match="colour"):
         kf.evaluate.choose_fusion_alpha(ix, "colour")

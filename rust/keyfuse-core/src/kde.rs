@@ -257,8 +257,7 @@ pub fn keypoint_log_likelihood(
 /// 1 + d²(first neighbour). `class_of(j)` is training point j's class, `None` for a
 /// point to ignore (an excluded sample's); `n_per_class` counts each class's training
 /// keypoints (those ignored left out). This is the k-nearest branch of
-/// [`keypoint_log_likelihood`] without its search, so an index computes the fused
-/// model's keypoint term from the lists its soft-Jaccard search already has.
+/// [`keypoint_log_likelihood`] without its search.
 ///
 /// The kernel values are multiples of 2⁻³² (see [`KERNEL_FIX`]), so each sum is exact in
 /// any order; with b = 1 (ln b = 0) only the classes a row reaches are visited, and the

@@ -1,12 +1,10 @@
 //! Bindings for the fusion-model likelihoods (keyfuse_core::kde).
 
 use keyfuse_core::kde::{self, KdeOptions};
-use keyfuse_core::knn;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
-use crate::convert::{self, neighbor_lists, owner_of};
-use crate::errors::{detach, invalid};
+use crate::errors::detach;
 
 /// log p({f_i}|C_k) per class (eqs. 5–7). See keyfuse_core::kde::keypoint_log_likelihood.
 #[pyfunction]
@@ -34,48 +32,6 @@ fn keypoint_log_likelihood<'py>(
     };
     let out = detach(py, || {
         kde::keypoint_log_likelihood(q, t, ts, sc, n_classes, exclude_sample, &opts)
-    })?;
-    Ok(out.into_pyarray(py))
-}
-
-/// log p({f_i} | subject s) for every subject s (eqs. 5–7, one class per subject) from the
-/// shards' neighbour lists of the query keypoints (global point ids): merged by
-/// (distance, id) like the soft-Jaccard scoring, the kernel over the first `k` of each
-/// merged list. `exclude`: the subject left out (its points must not be in the lists; it
-/// counts no keypoint). See keyfuse_core::kde::neighbor_log_likelihood.
-#[pyfunction]
-#[pyo3(signature = (parts, *, subject_offsets, k, exclude, background))]
-fn merge_log_likelihood<'py>(
-    py: Python<'py>,
-    parts: Vec<(PyReadonlyArray2<'py, u32>, PyReadonlyArray2<'py, u32>)>,
-    subject_offsets: PyReadonlyArray1<'py, i64>,
-    k: usize,
-    exclude: Option<usize>,
-    background: f64,
-) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    let lists = neighbor_lists(py, &parts)?;
-    let Some(search_k) = lists.iter().map(|l| l.k).max() else {
-        return Err(invalid(
-            py,
-            "no neighbour lists (an index has one per shard)",
-        ));
-    };
-    let offsets = convert::subject_offsets(py, &subject_offsets)?;
-    let n = offsets.len() - 1;
-    if exclude.is_some_and(|e| e >= n) {
-        return Err(invalid(py, format!("exclude is outside 0..{n}")));
-    }
-    let mut sizes: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
-    if let Some(e) = exclude {
-        sizes[e] = 0;
-    }
-    let out = detach(py, || {
-        let nb = knn::merge_neighbors(&lists, search_k)?;
-        let class_of = |c: u32| {
-            let s = owner_of(&offsets, c) as usize;
-            (Some(s) != exclude).then_some(s)
-        };
-        kde::neighbor_log_likelihood(&nb, k, class_of, &sizes, background)
     })?;
     Ok(out.into_pyarray(py))
 }
@@ -121,7 +77,6 @@ vector_likelihood_binding!(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(keypoint_log_likelihood, m)?)?;
-    m.add_function(wrap_pyfunction!(merge_log_likelihood, m)?)?;
     m.add_function(wrap_pyfunction!(vector_log_likelihood, m)?)?;
     m.add_function(wrap_pyfunction!(binary_log_likelihood, m)?)?;
     Ok(())
