@@ -1,6 +1,6 @@
 """Retrieval mAP of keypoint, vector and fused search on simulated cohorts; prints figures.
 
-    .venv/bin/python benches/retrieval.py [--cohort small|large|both] [--cache DIR]
+    .venv/bin/python benches/retrieval.py [--cohort small|large|both] [--cache DIR] [--quick]
 
 Target (issue 14): fused retrieval mAP ≥ max(keypoint-only, vector-only) on the simulated
 cohort, for the family and the group label. Each cohort comes from
@@ -37,6 +37,8 @@ from keyfuse.experiments.fusion_table1 import cohort_features
 COHORTS = {
     "small": {"n_families": 6, "family_size": 3, "n_rescans": 2, "seed": 0},
     "large": {"n_families": 16, "family_size": 3, "n_rescans": 4, "seed": 1},
+    # --quick: a smoke test of the whole path (seconds), no figures worth reading
+    "tiny": {"n_families": 3, "family_size": 2, "n_rescans": 1, "seed": 0},
 }
 BY = ("keypoints", "vector", "fused")
 
@@ -98,11 +100,14 @@ def run(name: str, resolution: float, cache: Path | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cohort", choices=[*COHORTS, "both"], default="both")
+    ap.add_argument("--quick", action="store_true", help="the tiny cohort at 4 mm (a smoke test)")
     ap.add_argument("--resolution", type=float, default=3.0, help="voxel size, mm (3)")
     ap.add_argument("--cache", default=None, help="directory for the cohorts' feature pickles")
     args = ap.parse_args()
     cache = Path(args.cache) if args.cache else None
-    for name in COHORTS if args.cohort == "both" else [args.cohort]:
+    if args.quick:
+        args.cohort, args.resolution = "tiny", 4.0
+    for name in ("small", "large") if args.cohort == "both" else [args.cohort]:
         run(name, args.resolution, cache)
 
 
