@@ -32,13 +32,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from keyfuse._io import IMAGE_SUFFIXES, subject_id_from_path
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError, MissingDependencyError
 
 if TYPE_CHECKING:  # at run time through __getattr__ (keyfuse.batch_build imports this module)
     from keyfuse.batch_build import BuildInterrupted, BuildResult, build_index
+
+#: what a job's ``skipped`` holds: output paths, subject ids
+T = TypeVar("T")
 
 __all__ = [
     "BatchFailure",
@@ -67,23 +70,20 @@ class BatchFailure:
     message: str
 
 
-@dataclass
-class BatchResult:
-    """What a batch did.
+@dataclass(kw_only=True)
+class RunRecord(Generic[T]):
+    """What every batch job records (:class:`BatchResult`,
+    :class:`~keyfuse.batch_build.BuildResult`).
 
     Attributes
     ----------
-    outputs : the output path of every input, in input order (whether it exists or not).
-    written : outputs written by this run.
-    skipped : outputs that already existed (resume).
+    skipped : what an earlier run already did (resume), not done again.
     failures : the inputs that failed, with their errors.
-    seconds : wall time of the whole batch.
-    interrupted : whether Ctrl-C stopped the batch (see :class:`BatchInterrupted`).
+    seconds : wall time of the whole job.
+    interrupted : whether Ctrl-C stopped the job.
     """
 
-    outputs: list[Path]
-    written: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
+    skipped: list[T] = field(default_factory=list)
     failures: list[BatchFailure] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
@@ -93,10 +93,30 @@ class BatchResult:
         """True when no input failed."""
         return not self.failures
 
+    def _summary(self, counts: str) -> str:
+        """``Name(counts, N failed, S s)``, for ``__repr__``."""
+        n_failed = len(self.failures)
+        return f"{type(self).__name__}({counts}, {n_failed} failed, {self.seconds:.1f} s)"
+
+
+@dataclass
+class BatchResult(RunRecord[Path]):
+    """What a batch did (with :class:`RunRecord`'s ``skipped``: outputs that already
+    existed, ``failures``, ``seconds``, ``ok`` and ``interrupted``, see
+    :class:`BatchInterrupted`).
+
+    Attributes
+    ----------
+    outputs : the output path of every input, in input order (whether it exists or not).
+    written : outputs written by this run.
+    """
+
+    outputs: list[Path]
+    written: list[Path] = field(default_factory=list)
+
     def __repr__(self) -> str:
-        return (
-            f"BatchResult({len(self.outputs)} inputs: {len(self.written)} written, "
-            f"{len(self.skipped)} skipped, {len(self.failures)} failed, {self.seconds:.1f} s)"
+        return self._summary(
+            f"{len(self.outputs)} inputs: {len(self.written)} written, {len(self.skipped)} skipped"
         )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from keyfuse._io import KEY_SUFFIXES
-from keyfuse.batch import BatchFailure, Inputs, _executor, _lost_task, collect_inputs
+from keyfuse.batch import BatchFailure, Inputs, RunRecord, _executor, _lost_task, collect_inputs
 from keyfuse.errors import (
     InvalidArgumentError,
     UnlabelledSubjectsWarning,
@@ -33,35 +33,24 @@ Read = tuple[Any, str | None, str]  # (keypoint set or None, error type or None,
 
 
 @dataclass
-class BuildResult:
-    """What a streaming build did.
+class BuildResult(RunRecord[str]):
+    """What a streaming build did (with :class:`~keyfuse.batch.RunRecord`'s ``skipped``:
+    subject ids already in the index, not read again; ``failures``: the keypoint files
+    that could not be read, not added, a rerun retries them; ``seconds``, ``ok`` and
+    ``interrupted``, see :class:`BuildInterrupted`).
 
     Attributes
     ----------
     index : the index directory.
     added : subject ids appended by this run, in order.
-    skipped : subject ids already in the index (resume), not read again.
-    failures : the keypoint files that could not be read (not added; a rerun retries them).
-    seconds : wall time.
-    interrupted : whether Ctrl-C stopped the build (see :class:`BuildInterrupted`).
     """
 
     index: Path
     added: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failures: list[BatchFailure] = field(default_factory=list)
-    seconds: float = 0.0
-    interrupted: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when every file was read."""
-        return not self.failures
 
     def __repr__(self) -> str:
-        return (
-            f"BuildResult({len(self.added)} added, {len(self.skipped)} already in "
-            f"{self.index}, {len(self.failures)} failed, {self.seconds:.1f} s)"
+        return self._summary(
+            f"{len(self.added)} added, {len(self.skipped)} already in {self.index}"
         )
 
 

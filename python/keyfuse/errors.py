@@ -104,6 +104,7 @@ __all__ = [
     "KeyfuseWarning",
     "MissingDependencyError",
     "NotDicomWarning",
+    "UnlabelledSubjectsWarning",
     "VoxelSizeWarning",
     "warn_caller",
 ]

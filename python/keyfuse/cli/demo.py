@@ -11,6 +11,7 @@ from keyfuse.cli.options import (
     dask_option,
     default_rescans,
     device_option,
+    path_option,
     quiet_option,
     simulation_options,
     workers_option,
@@ -18,11 +19,10 @@ from keyfuse.cli.options import (
 
 
 @click.command(context_settings=CONTEXT)
-@click.option(
+@path_option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    kind="dir",
     default=Path("demo-output"),
-    show_default=True,
     help="Output directory (cohort, keys, index, roc.png, report.json).",
 )
 @simulation_options()

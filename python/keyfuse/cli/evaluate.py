@@ -8,7 +8,14 @@ from typing import Any, Literal
 import click
 
 from keyfuse._inputs import open_index
-from keyfuse.cli.options import CONTEXT, device_option, quiet_option, simulation_options
+from keyfuse.cli.options import (
+    CONTEXT,
+    device_option,
+    index_option,
+    path_option,
+    quiet_option,
+    simulation_options,
+)
 from keyfuse.errors import KeyfuseError
 
 
@@ -47,24 +54,16 @@ def _cohort_scores(
 
 @evaluate.command("family", context_settings=CONTEXT)
 @click.argument("cohort_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
+@path_option(
     "--keys",
     "keys_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
+    kind="dir",
     help="Keypoint files NAME.kfk per scan (default: COHORT_DIR/keys, extracted if missing).",
 )
-@click.option(
-    "--index",
-    "index_path",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="Score with this index's pairwise matrix instead.",
-)
-@click.option(
+@index_option("Score with this index's pairwise matrix instead.")
+@path_option(
     "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
+    kind="file",
     help="Write the ROC curve to this file (.png, .svg or .pdf, by its suffix).",
 )
 @device_option()
@@ -108,19 +107,18 @@ def evaluate_family(
     context_settings=CONTEXT,
     short_help="Fusion of keypoints and CNN features (AUC table).",
 )
-@click.option(
+@path_option(
     "--cohort",
     "cohort_dir",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
+    kind="dir",
+    exists=True,
     help="An existing cohort directory (else one is simulated).",
 )
-@click.option(
+@path_option(
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False),
-    default="fusion-output",
-    show_default=True,
+    kind="dir",
+    default=Path("fusion-output"),
     help="Directory for the ROC and scatter PNGs.",
 )
 @simulation_options(families=10, family_size=4, rescans=False)
@@ -150,8 +148,8 @@ def evaluate_family(
 @device_option()
 @quiet_option()
 def evaluate_fusion(
-    cohort_dir: str | None,
-    out_dir: str,
+    cohort_dir: Path | None,
+    out_dir: Path,
     families: int,
     family_size: int,
     seed: int,
@@ -218,16 +216,12 @@ def evaluate_fusion(
     help="Keypoint weight of the fused ranking in [0, 1], or 'auto': chosen per query on "
     "the other queries (nested leave-one-out). Default: both terms with the same spread.",
 )
-@click.option(
+@path_option(
     "--out",
-    "out",
-    type=click.Path(path_type=Path),
     default=Path("retrieval-output"),
-    show_default=True,
     help="Directory (or .png file) for the precision-recall curves.",
 )
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the table as CSV.")  # fmt: skip
+@path_option("--csv", "csv_path", kind="file", help="Also write the table as CSV.")
 def evaluate_retrieval(
     index_path: Path,
     label: str,

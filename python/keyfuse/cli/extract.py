@@ -7,43 +7,44 @@ from typing import Any
 
 import click
 
-from keyfuse.cli.options import CONTEXT, dask_option, device_option, quiet_option, workers_option
+from keyfuse.cli.options import (
+    CONTEXT,
+    dask_option,
+    device_option,
+    path_option,
+    quiet_option,
+    scheduler_option,
+    workers_option,
+)
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option(
+@path_option(
     "-o",
     "--out",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
+    kind="dir",
     help="Output directory: one NAME.kfk per NAME.nii(.gz), plus failures.csv "
     "(with --bids: the derivative, default DATASET/derivatives/keyfuse).",
 )
-@click.option(
+@path_option(
     "--bids",
     "bids_dataset",
-    default=None,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    kind="dir",
+    exists=True,
     help="A BIDS dataset: every sub-*/[ses-*/]anat/*_T1w.nii[.gz], written as a BIDS "
     "derivative (sub-01/ses-1/anat/sub-01_ses-1_keypoints.kfk).",
 )
-@click.option(
+@path_option(
     "--index",
     "index_path",
-    default=None,
-    type=click.Path(path_type=Path),
     help="Then append the keypoints to this index (created if missing; subjects already "
     "in it are skipped); with --bids, labelled from participants.tsv.",
 )
 @dask_option("Run on this Dask scheduler (e.g. tcp://10.0.0.5:8786); workers must see the paths.")
-@click.option(
-    "--scheduler",
-    type=click.Choice(["local", "processes", "threads", "sync"]),
-    default="local",
-    show_default=True,
-    help="Without --dask: local Dask cluster (threads), Dask processes, a plain "
-    "thread pool, or one at a time.",
+@scheduler_option(
+    "local",
+    "local Dask cluster (threads), Dask processes, a plain thread pool, or one at a time.",
 )
 @workers_option("Parallel extractions (default: number of CPUs).")
 @device_option()

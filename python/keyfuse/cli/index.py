@@ -15,11 +15,14 @@ from keyfuse._inputs import (
 )
 from keyfuse.cli.options import (
     CONTEXT,
+    count_option,
     dask_option,
     device_option,
     index_argument,
     label_table_options,
+    path_option,
     quiet_option,
+    scheduler_option,
     vectors_option,
     workers_option,
 )
@@ -35,28 +38,21 @@ def index() -> None:
 
 @index.command("build", context_settings=CONTEXT)
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Index directory."
-)
+@path_option("-o", "--out", required=True, help="Index directory.")
 @label_table_options
 @device_option(IMAGE_DEVICE_HELP)
 @vectors_option()
 @click.option("--overwrite", is_flag=True, help="Replace an existing index.")
 @dask_option("Read the keypoint files on this Dask scheduler (e.g. tcp://10.0.0.5:8786).")
-@click.option(
-    "--scheduler",
-    type=click.Choice(["threads", "local", "processes", "sync"]),
-    default="threads",
-    show_default=True,
-    help="Without --dask: where keypoint files are read (a thread pool, a local Dask "
-    "cluster of threads or processes, or one at a time).",
+@scheduler_option(
+    "threads",
+    "where keypoint files are read (a thread pool, a local Dask cluster of threads or "
+    "processes, or one at a time).",
 )
 @workers_option("Parallel reads (default: number of CPUs).")
-@click.option(
+@count_option(
     "--chunk",
-    type=click.IntRange(min=1),
     default=64,
-    show_default=True,
     help="Keypoint files per atomic append (memory holds at most two chunks).",
 )
 @quiet_option("No progress bar.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
@@ -42,6 +42,52 @@ def cli_message(message: str) -> str:
 
 #: --search value -> the ``exact=`` argument of ``Index.search`` / ``Index.pairwise``
 SEARCH_EXACT = {"auto": None, "exact": True, "forest": False}
+
+
+def path_option(
+    *decls: str,
+    help: str,
+    kind: Literal["file", "dir"] | None = None,
+    exists: bool = False,
+    required: bool = False,
+    default: Path | None = None,
+) -> Callable[[F], F]:
+    """An option whose value is a :class:`~pathlib.Path`: only a file or only a folder
+    (``kind``), one that must exist (``exists``); without a value, ``default``."""
+    return click.option(
+        *decls,
+        type=click.Path(
+            exists=exists, file_okay=kind != "dir", dir_okay=kind != "file", path_type=Path
+        ),
+        required=required,
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
+def scheduler_option(default: str, help: str) -> Callable[[F], F]:
+    """``--scheduler local|processes|threads|sync``: where the work runs without
+    ``--dask``."""
+    return click.option(
+        "--scheduler",
+        type=click.Choice(["local", "processes", "threads", "sync"]),
+        default=default,
+        show_default=True,
+        help=f"Without --dask: {help}",
+    )
+
+
+def count_option(*decls: str, default: int, help: str) -> Callable[[F], F]:
+    """An option taking a whole number ≥ 1, with its default shown."""
+    return click.option(
+        *decls, type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
+
+
+def index_option(help: str) -> Callable[[F], F]:
+    """``--index INDEX``: an existing on-disk index (the ``index_path`` parameter)."""
+    return path_option("--index", "index_path", exists=True, help=help)
 
 
 def device_option(
@@ -118,11 +164,11 @@ def label_table_options(f: F) -> F:
         default=None,
         help="Id column of --labels (default: 'subject', else the first).",
     )(f)
-    return click.option(
+    return path_option(
         "--labels",
         "labels_csv",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
+        kind="file",
+        exists=True,
         help="CSV table of per-subject labels (e.g. a cohort.csv); rows are matched "
         "to files by the id column and the file name without suffix.",
     )(f)
@@ -134,20 +180,8 @@ def simulation_options(
     """The shape of a simulated cohort: ``--families``, ``--family-size``, ``--rescans``
     (when ``rescans``), ``--seed``, ``--resolution``."""
     options = [
-        click.option(
-            "--families",
-            type=click.IntRange(min=1),
-            default=families,
-            show_default=True,
-            help="Simulated families.",
-        ),
-        click.option(
-            "--family-size",
-            type=click.IntRange(min=1),
-            default=family_size,
-            show_default=True,
-            help="Scans per family.",
-        ),
+        count_option("--families", default=families, help="Simulated families."),
+        count_option("--family-size", default=family_size, help="Scans per family."),
     ]
     if rescans:
         options.append(

@@ -7,15 +7,9 @@ from pathlib import Path
 
 import click
 
-from keyfuse.cli.options import CONTEXT
+from keyfuse.cli.options import CONTEXT, count_option, index_option, path_option
 
-_OUT = click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The HTML file to write.",
-)
+_OUT = path_option("-o", "--output", kind="file", required=True, help="The HTML file to write.")
 _RADIO = click.option(
     "--radiological", is_flag=True, help="Mirror axial/coronal views (default neurological)."
 )
@@ -41,10 +35,10 @@ def report() -> None:
 @report.command("subject", context_settings=CONTEXT)
 @click.argument("image", type=click.Path(exists=True, path_type=Path))
 @_OUT
-@click.option(
+@path_option(
     "--keys",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    kind="file",
+    exists=True,
     help="The image's keypoints (.kfk); extracted when not given.",
 )
 @click.option(
@@ -53,14 +47,8 @@ def report() -> None:
     show_default=True,
     help="Image to align to: 'mni152' (the template at the scan's resolution), a path, or 'none'.",
 )
-@click.option(
-    "--index",
-    "index_path",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="An index to search for the nearest subjects (montage from its source paths).",
-)
-@click.option("-k", default=5, show_default=True, type=click.IntRange(min=1), help="Hits shown.")
+@index_option("An index to search for the nearest subjects (montage from its source paths).")
+@count_option("-k", default=5, help="Hits shown.")
 @_RADIO
 def subject(
     image: Path,
@@ -104,10 +92,10 @@ def _label_names(items: tuple[str, ...]) -> dict[int, str]:
 @click.argument("image", type=click.Path(exists=True, path_type=Path))
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_OUT
-@click.option(
+@path_option(
     "--probabilities",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    kind="file",
+    exists=True,
     help="The per-label probability maps (4D NIfTI, as `keyfuse segment --probabilities`).",
 )
 @click.option(
@@ -139,11 +127,11 @@ def segmentation(
 @report.command("cohort", context_settings=CONTEXT)
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_OUT
-@click.option(
+@path_option(
     "--keys",
     "keys_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
+    kind="dir",
+    exists=True,
     help="Keypoint folder (one <subject>.kfk per scan); default DIRECTORY/keys.",
 )
 @click.option("--worst", default=3, show_default=True, help="Worst queries shown as montages.")

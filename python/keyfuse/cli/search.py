@@ -13,9 +13,11 @@ from keyfuse._inputs import load_keypoints, open_index
 from keyfuse.cli.options import (
     CONTEXT,
     SEARCH_EXACT,
+    count_option,
     dask_option,
     device_option,
     index_argument,
+    path_option,
     quiet_option,
     search_option,
 )
@@ -57,9 +59,7 @@ def format_score(score: float) -> str:
 @click.command(context_settings=CONTEXT)
 @index_argument()
 @click.argument("query_arg", metavar="QUERY")
-@click.option(
-    "-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Results to show."
-)
+@count_option("-k", "k", default=10, help="Results to show.")
 @click.option(
     "--exclude",
     multiple=True,
@@ -201,11 +201,10 @@ def query(
 
 @click.command(context_settings=CONTEXT)
 @index_argument()
-@click.option(
+@path_option(
     "-o",
     "--out",
     required=True,
-    type=click.Path(path_type=Path),
     help="CSV file: a header of subject ids, then one row per subject; with --blocks "
     "or --top-k, a directory of Parquet row blocks.",
 )

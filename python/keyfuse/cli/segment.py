@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyfuse.cli.options import CONTEXT, device_option, quiet_option
+from keyfuse.cli.options import CONTEXT, device_option, path_option, quiet_option
 
 #: the segmenter's default ν (keyfuse.segment.DEFAULT_NU), repeated here so that
 #: ``keyfuse --help`` does not import the segmenter
@@ -32,41 +32,40 @@ def _extract_params(items: tuple[str, ...]) -> dict[str, float]:
 @click.command(
     "segment", context_settings=CONTEXT, short_help="Segment an image by keypoint transfer."
 )
-@click.option(
+@path_option(
     "--atlases",
     "atlas_dir",
+    kind="dir",
+    exists=True,
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Folder of annotated training images (.nii/.nii.gz).",
 )
-@click.option(
+@path_option(
     "--labels",
     "label_dir",
+    kind="dir",
+    exists=True,
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Folder of their label maps (same file names, or names starting with the "
     "image's name, e.g. sub01_labels.nii.gz).",
 )
-@click.option(
+@path_option(
     "--label-names",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    kind="file",
+    exists=True,
     help="BIDS look-up table (TSV with index and name columns) naming the labels "
     "[default: LABELS/dseg.tsv when present].",
 )
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
+@path_option(
     "-o",
     "--output",
     required=True,
-    type=click.Path(path_type=Path),
     help="Output label map (.nii.gz or .nii); its label names go beside it as a BIDS "
     "look-up table (NAME.tsv).",
 )
-@click.option(
+@path_option(
     "--probabilities",
-    type=click.Path(path_type=Path),
-    default=None,
     help="Also write the per-label probability maps (4D NIfTI).",
 )
 @click.option("--ratio", default=0.9, show_default=True, help="Match distance-ratio test.")

@@ -54,16 +54,8 @@ fn main() -> keyfuse_core::Result<()> {
 
     let (da, xa, sa) = geometry(&a);
     let (db, xb, sb) = geometry(&b);
-    let va = KeypointView {
-        desc: &da,
-        xyz: &xa,
-        scale: &sa,
-    };
-    let vb = KeypointView {
-        desc: &db,
-        xyz: &xb,
-        scale: &sb,
-    };
+    let va = KeypointView::new(&da, &xa, &sa);
+    let vb = KeypointView::new(&db, &xb, &sb);
     let m = match_sets(
         &va,
         &vb,

@@ -44,7 +44,7 @@
 //! // the matcher reads descriptors (n × 64 bytes), positions (mm) and scales (mm)
 //! let desc = kps.descriptors.concat();
 //! let scale: Vec<f64> = kps.scale.iter().map(|&s| s as f64).collect();
-//! let view = KeypointView { desc: &desc, xyz: &kps.ijk, scale: &scale };
+//! let view = KeypointView::new(&desc, &kps.ijk, &scale);
 //! let m = match_sets(&view, &view, &MatchParams::default())?;
 //! assert_eq!(m.ia.len(), kps.len()); // every keypoint finds itself (distance 0)
 //! # Ok(())

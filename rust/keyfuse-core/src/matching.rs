@@ -22,7 +22,12 @@ pub struct KeypointView<'a> {
     pub scale: &'a [f64],
 }
 
-impl KeypointView<'_> {
+impl<'a> KeypointView<'a> {
+    /// The view of descriptors (`n × 64`, rows back to back), positions and scales.
+    pub const fn new(desc: &'a [u8], xyz: &'a [[f64; 3]], scale: &'a [f64]) -> Self {
+        KeypointView { desc, xyz, scale }
+    }
+
     fn check(&self, name: &str) -> Result<usize> {
         let n = check_rows(name, self.desc)?;
         if self.xyz.len() != n || self.scale.len() != n {
@@ -652,11 +657,7 @@ mod tests {
         d1.swap(0, 1); // d² = 2 from d0
         let mut d2 = d0.clone();
         d2.swap(0, 2); // d² = 8 from d0
-        let a = KeypointView {
-            desc: &d0,
-            xyz: &[[0.0; 3]],
-            scale: &[2.0],
-        };
+        let a = KeypointView::new(&d0, &[[0.0; 3]], &[2.0]);
         let bd = [d1.clone(), d2.clone()].concat();
         let b = KeypointView {
             desc: &bd,

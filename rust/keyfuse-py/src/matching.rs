@@ -121,16 +121,8 @@ fn match_sets<'py>(
         kde_bandwidth,
     };
     let res = detach(py, || {
-        let a = KeypointView {
-            desc: &da,
-            xyz: &xa,
-            scale: &sa,
-        };
-        let b = KeypointView {
-            desc: &db,
-            xyz: &xb,
-            scale: &sb,
-        };
+        let a = KeypointView::new(&da, &xa, &sa);
+        let b = KeypointView::new(&db, &xb, &sb);
         matching::match_sets(&a, &b, &params)
     })?;
     let as_i64 = |v: &[u32]| v.iter().map(|&i| i as i64).collect::<Vec<_>>();

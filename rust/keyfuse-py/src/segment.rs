@@ -212,11 +212,7 @@ impl AtlasKeypoints {
         };
         let inner = &self.inner;
         let m = detach(py, || {
-            let a = KeypointView {
-                desc: &d,
-                xyz: &x,
-                scale: &s,
-            };
+            let a = KeypointView::new(&d, &x, &s);
             inner.match_all(&a, &params, hough_queries)
         })?;
         let dist2: Vec<f32> = m.dist2.iter().map(|&v| v as f32).collect();

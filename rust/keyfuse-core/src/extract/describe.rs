@@ -10,6 +10,15 @@ use std::sync::OnceLock;
 /// A keypoint frame: rows are the keypoint's axes in (octave) voxel-index space.
 pub(crate) type Frame = [[f32; 3]; 3];
 
+/// A keypoint where it is described: `g`, a block of its Gaussian level; `c`, its position
+/// in the block's voxels; `sigma`, its scale (voxels).
+#[derive(Clone, Copy)]
+pub(crate) struct Patch<'a> {
+    pub g: &'a Vol,
+    pub c: [f32; 3],
+    pub sigma: f32,
+}
+
 /// Samples per axis of the analysis patch (gradients on the inner `N-2`³).
 const NA: usize = 11;
 /// Descriptor samples per axis (2 cells × 6), plus one ring for central differences.
@@ -122,7 +131,8 @@ pub(crate) fn normalise_patch(v: &mut [f32]) -> bool {
 /// coordinates) at characteristic scale `sigma` (octave voxels). `None` when the patch
 /// is flat, the point is not blob-like, or no stable orientation exists.
 #[inline(never)]
-pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Option<Analysis> {
+pub(crate) fn analyse(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
+    let Patch { g, c, sigma } = *kp;
     let radius = p.orientation_radius as f32 * sigma;
     let h = 2.0 * radius / (NA - 1) as f32;
     let half = (NA / 2) as f32;
@@ -391,13 +401,8 @@ fn desc_weights() -> &'static Vec<[f32; 8]> {
 /// cells × 8 octant directions, gradient-magnitude weighted, then rank-transformed.
 /// `None` for a patch without gradient energy (nothing to rank).
 #[inline(never)]
-pub(crate) fn descriptor(
-    g: &Vol,
-    c: [f32; 3],
-    sigma: f32,
-    f: &Frame,
-    p: &ExtractParams,
-) -> Option<[u8; 64]> {
+pub(crate) fn descriptor(kp: &Patch, f: &Frame, p: &ExtractParams) -> Option<[u8; 64]> {
+    let Patch { g, c, sigma } = *kp;
     let radius = p.descriptor_radius as f32 * sigma;
     let h = 2.0 * radius / ND as f32;
     const NS: usize = ND + 2;
@@ -445,11 +450,17 @@ pub(crate) fn descriptor(
             }
         }
     }
+    ranked(&hist)
+}
+
+/// The rank transform of a descriptor histogram, or `None` for a patch without gradient
+/// energy (nothing to rank).
+pub(crate) fn ranked(hist: &[f32; 64]) -> Option<[u8; 64]> {
     let total: f32 = hist.iter().sum();
     if total.is_nan() || total <= 1e-9 {
         return None;
     }
-    Some(rank64(&hist))
+    Some(rank64(hist))
 }
 
 /// Rank transform: each value replaced by its rank (0..63) in the vector, ties broken by

@@ -138,22 +138,33 @@ fn strict_extremum(prev: &Dog, cur: &Dog, next: &Dog, x: usize, offs: &[isize]) 
     }
 }
 
-/// Extrema of `cur` against its 26 spatial neighbours and the 27 voxels of `prev` and
-/// `next` around it (strict), with |value| > `thr`, at least `margin` voxels from
-/// every face. Ordered by (i, j, k).
-#[inline(never)]
-pub(crate) fn extrema_3d(
-    prev: &Dog,
-    cur: &Dog,
-    next: &Dog,
+/// The candidate keypoints of the middle of three adjacent DoG levels `dogs` of a
+/// `dim`-dimensional image (2: stored as `ni × nj × 1`): strict extrema with |value| >
+/// `thr`, at least `margin` voxels from every face, ordered by (i, j, k) — none when an
+/// axis is too short for the margin.
+pub(crate) fn extrema(
+    dogs: &[Dog; 3],
+    dim: usize,
     thr: f32,
     margin: usize,
     edge: f64,
 ) -> Vec<Candidate> {
-    let [ni, nj, nk] = cur.n;
-    if ni <= 2 * margin || nj <= 2 * margin || nk <= 2 * margin {
+    if dogs[1].n[..dim].iter().any(|&len| len <= 2 * margin) {
         return Vec::new();
     }
+    if dim == 3 {
+        extrema_3d(dogs, thr, margin, edge)
+    } else {
+        extrema_2d(dogs, thr, margin, edge)
+    }
+}
+
+/// Extrema of `cur` against its 26 spatial neighbours and the 27 voxels of `prev` and
+/// `next` around it (see [`extrema`]).
+#[inline(never)]
+fn extrema_3d(dogs: &[Dog; 3], thr: f32, margin: usize, edge: f64) -> Vec<Candidate> {
+    let [prev, cur, next] = dogs;
+    let [ni, nj, nk] = cur.n;
     let (sj, si) = (nk, nj * nk);
     let offs: Vec<isize> = {
         let mut o = Vec::with_capacity(26);
@@ -277,18 +288,9 @@ pub(crate) fn extrema_3d(
 
 /// 2D version (images stored as `ni × nj × 1`): 8 in-plane neighbours plus 9 in each
 /// adjacent DoG.
-pub(crate) fn extrema_2d(
-    prev: &Dog,
-    cur: &Dog,
-    next: &Dog,
-    thr: f32,
-    margin: usize,
-    edge: f64,
-) -> Vec<Candidate> {
+fn extrema_2d(dogs: &[Dog; 3], thr: f32, margin: usize, edge: f64) -> Vec<Candidate> {
+    let [prev, cur, next] = dogs;
     let [ni, nj, _] = cur.n;
-    if ni <= 2 * margin || nj <= 2 * margin {
-        return Vec::new();
-    }
     let offs: Vec<isize> = (-1isize..=1)
         .flat_map(|di| (-1isize..=1).map(move |dj| di * nj as isize + dj))
         .filter(|&o| o != 0)
@@ -352,11 +354,11 @@ mod tests {
         };
         let (a, b, c, z) = (mk(0.5), mk(1.0), mk(0.5), mk(0.0));
         let dog = |v| Dog::new(v, &z);
-        let e = extrema_3d(&dog(&a), &dog(&b), &dog(&c), 0.1, 1, 10.0);
+        let e = extrema(&[dog(&a), dog(&b), dog(&c)], 3, 0.1, 1, 10.0);
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].polarity, 1);
         // a plateau is not a strict extremum
-        let e = extrema_3d(&dog(&b), &dog(&b), &dog(&c), 0.1, 1, 10.0);
+        let e = extrema(&[dog(&b), dog(&b), dog(&c)], 3, 0.1, 1, 10.0);
         assert!(e.is_empty());
     }
 }

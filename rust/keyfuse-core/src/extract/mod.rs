@@ -496,11 +496,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                 let (thr, m) = (p.peak_threshold as f32, p.level_margin(level, dim));
                 let t0 = clock();
                 let dogs = [1, 2, 3].map(|i| detect::Dog::new(&gs[i], &gs[i - 1]));
-                let cands = if dim == 3 {
-                    detect::extrema_3d(&dogs[0], &dogs[1], &dogs[2], thr, m, p.edge_ratio)
-                } else {
-                    detect::extrema_2d(&dogs[0], &dogs[1], &dogs[2], thr, m, p.edge_ratio)
-                };
+                let cands = detect::extrema(&dogs, dim, thr, m, p.edge_ratio);
                 times[1] += t0.elapsed().as_secs_f64();
                 let t0 = clock();
                 // describe with G_{level+1}
@@ -524,20 +520,24 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                                 volume::block_into(g, c.pos, reach.ceil() as usize + 3, blk)
                                     .ok()?;
                             let cl = [0, 1, 2].map(|a| c.pos[a] - origin[a] as f32);
-                            let g = &*blk;
+                            let at = describe::Patch {
+                                g: &*blk,
+                                c: cl,
+                                sigma: sg,
+                            };
                             let an = if dim == 3 {
-                                describe::analyse(g, cl, sg, p)?
+                                describe::analyse(&at, p)?
                             } else {
-                                two_d::analyse(g, cl, sg, p)?
+                                two_d::analyse(&at, p)?
                             };
                             let rows: Vec<_> = an
                                 .frames
                                 .iter()
                                 .filter_map(|f| {
                                     let d = if dim == 3 {
-                                        describe::descriptor(g, cl, sg, f, p)
+                                        describe::descriptor(&at, f, p)
                                     } else {
-                                        two_d::descriptor(g, cl, sg, f, p)
+                                        two_d::descriptor(&at, f, p)
                                     };
                                     d.map(|d| (*f, d))
                                 })

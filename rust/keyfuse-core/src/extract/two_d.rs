@@ -3,7 +3,7 @@
 //! extrema, a 2×2 structure-tensor edge test (Lowe's r = 10), one 36-bin orientation
 //! histogram, and a 64-bin descriptor of 4×4 cells × 4 orientation bins, rank-transformed.
 
-use super::describe::{add_angle, angle_peaks, normalise_patch, rank64, Frame, ANGLE_BINS};
+use super::describe::{add_angle, angle_peaks, normalise_patch, ranked, Frame, Patch, ANGLE_BINS};
 use super::volume::{self, Vol};
 use super::{
     assemble, check_spacing, intensity_scale, scale_space, Analysis, ExtractParams, Keypoints,
@@ -78,7 +78,8 @@ pub fn extract2d(
 }
 
 /// Patch statistics, edge test and in-plane orientations at `c` (octave pixels).
-pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Option<Analysis> {
+pub(crate) fn analyse(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
+    let Patch { g, c, sigma } = *kp;
     let radius = p.orientation_radius as f32 * sigma;
     let h = 2.0 * radius / (NA - 1) as f32;
     let half = (NA / 2) as f32;
@@ -141,13 +142,8 @@ pub(crate) fn analyse(g: &Vol, c: [f32; 3], sigma: f32, p: &ExtractParams) -> Op
 
 /// 4×4 cells × 4 orientation bins over a window of half-width
 /// `1.75 · descriptor_radius · σ` in the keypoint frame, rank-transformed.
-pub(crate) fn descriptor(
-    g: &Vol,
-    c: [f32; 3],
-    sigma: f32,
-    f: &Frame,
-    p: &ExtractParams,
-) -> Option<[u8; 64]> {
+pub(crate) fn descriptor(kp: &Patch, f: &Frame, p: &ExtractParams) -> Option<[u8; 64]> {
+    let Patch { g, c, sigma } = *kp;
     let radius = WIDEN_2D * p.descriptor_radius as f32 * sigma;
     let h = 2.0 * radius / ND as f32;
     const NS: usize = ND + 2;
@@ -205,9 +201,5 @@ pub(crate) fn descriptor(
             }
         }
     }
-    let total: f32 = hist.iter().sum();
-    if total.is_nan() || total <= 1e-9 {
-        return None;
-    }
-    Some(rank64(&hist))
+    ranked(&hist)
 }

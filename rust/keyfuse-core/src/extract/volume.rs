@@ -197,19 +197,26 @@ fn sym_conv<'a>(
     }
 }
 
-/// Blur the `i`-plane `p` of `src` (planes of `plane` voxels, `ni` of them) along all
-/// three axes into `o`. `tmp` (a plane) and `pad` (a padded row) are scratch.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn blur_plane_body(
-    src: &[f32],
+/// What every plane of one blur reads: the source volume's voxels and shape, and the
+/// Gaussian half-kernel.
+struct BlurInput<'a> {
+    src: &'a [f32],
     n: [usize; 3],
-    p: usize,
-    w: &[f32],
-    o: &mut [f32],
-    tmp: &mut [f32],
-    pad: &mut [f32],
-) {
+    w: &'a [f32],
+}
+
+/// One worker's scratch: a plane (`tmp`) and a row padded by the kernel radius (`pad`).
+struct BlurScratch {
+    tmp: Vec<f32>,
+    pad: Vec<f32>,
+}
+
+/// Blur the `i`-plane `p` of the input (planes of `nj · nk` voxels, `ni` of them) along
+/// all three axes into `o`.
+#[inline(always)]
+fn blur_plane_body(input: &BlurInput, p: usize, o: &mut [f32], s: &mut BlurScratch) {
+    let BlurInput { src, n, w } = *input;
+    let (tmp, pad) = (&mut s.tmp[..], &mut s.pad[..]);
     let [ni, nj, nk] = n;
     let plane = nj * nk;
     let r = w.len() - 1;
@@ -268,17 +275,8 @@ fn blur_plane_body(
 /// bits as the baseline build).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn blur_plane_avx(
-    src: &[f32],
-    n: [usize; 3],
-    p: usize,
-    w: &[f32],
-    o: &mut [f32],
-    tmp: &mut [f32],
-    pad: &mut [f32],
-) {
-    blur_plane_body(src, n, p, w, o, tmp, pad)
+unsafe fn blur_plane_avx(input: &BlurInput, p: usize, o: &mut [f32], s: &mut BlurScratch) {
+    blur_plane_body(input, p, o, s)
 }
 
 /// [`blur_plane_body`] compiled for AVX-512 (a register block is two 16-wide vectors; same
@@ -286,31 +284,14 @@ unsafe fn blur_plane_avx(
 /// bound by arithmetic, and twice the vector width cuts its time (docs/decisions.md).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn blur_plane_avx512(
-    src: &[f32],
-    n: [usize; 3],
-    p: usize,
-    w: &[f32],
-    o: &mut [f32],
-    tmp: &mut [f32],
-    pad: &mut [f32],
-) {
-    blur_plane_body(src, n, p, w, o, tmp, pad)
+unsafe fn blur_plane_avx512(input: &BlurInput, p: usize, o: &mut [f32], s: &mut BlurScratch) {
+    blur_plane_body(input, p, o, s)
 }
 
+/// [`blur_plane_body`] for CPUs without AVX.
 #[inline(never)]
-#[allow(clippy::too_many_arguments)]
-fn blur_plane_generic(
-    src: &[f32],
-    n: [usize; 3],
-    p: usize,
-    w: &[f32],
-    o: &mut [f32],
-    tmp: &mut [f32],
-    pad: &mut [f32],
-) {
-    blur_plane_body(src, n, p, w, o, tmp, pad)
+fn blur_plane_generic(input: &BlurInput, p: usize, o: &mut [f32], s: &mut BlurScratch) {
+    blur_plane_body(input, p, o, s)
 }
 
 /// Separable Gaussian blur with standard deviation `sigma` (voxels) along every axis
@@ -338,22 +319,30 @@ pub(crate) fn blur_into(src: &Vol, sigma: f32, out: &mut Vol) {
         std::is_x86_feature_detected!("avx"),
         std::is_x86_feature_detected!("avx512f"),
     );
+    let input = BlurInput {
+        src: &src.data,
+        n: src.n,
+        w: &w,
+    };
     out.data.par_chunks_mut(plane).enumerate().for_each_init(
-        || (vec![0f32; plane], vec![0f32; nk + 2 * r]),
-        |(tmp, pad), (p, o)| {
+        || BlurScratch {
+            tmp: vec![0f32; plane],
+            pad: vec![0f32; nk + 2 * r],
+        },
+        |scratch, (p, o)| {
             #[cfg(target_arch = "x86_64")]
             if avx512 {
                 // SAFETY: the CPU supports AVX-512F (checked above)
-                unsafe { blur_plane_avx512(&src.data, src.n, p, &w, o, tmp, pad) };
+                unsafe { blur_plane_avx512(&input, p, o, scratch) };
                 return;
             }
             #[cfg(target_arch = "x86_64")]
             if avx {
                 // SAFETY: the CPU supports AVX (checked above)
-                unsafe { blur_plane_avx(&src.data, src.n, p, &w, o, tmp, pad) };
+                unsafe { blur_plane_avx(&input, p, o, scratch) };
                 return;
             }
-            blur_plane_generic(&src.data, src.n, p, &w, o, tmp, pad);
+            blur_plane_generic(&input, p, o, scratch);
         },
     );
 }
@@ -549,15 +538,23 @@ mod tests {
                 // so does the AVX build where AVX-512 ran above
                 let (plane, r) = (n[1] * n[2], gaussian_half_kernel(sigma).len() - 1);
                 let w = gaussian_half_kernel(sigma);
-                let (mut tmp, mut pad) = (vec![0f32; plane], vec![0f32; n[2] + 2 * r]);
+                let input = BlurInput {
+                    src: &v.data,
+                    n,
+                    w: &w,
+                };
+                let mut s = BlurScratch {
+                    tmp: vec![0f32; plane],
+                    pad: vec![0f32; n[2] + 2 * r],
+                };
                 let mut o = vec![0f32; plane];
                 for p in 0..n[0] {
-                    blur_plane_generic(&v.data, n, p, &w, &mut o, &mut tmp, &mut pad);
+                    blur_plane_generic(&input, p, &mut o, &mut s);
                     assert_eq!(o, out.data[p * plane..(p + 1) * plane], "{n:?} σ={sigma}");
                     #[cfg(target_arch = "x86_64")]
                     if std::is_x86_feature_detected!("avx") {
                         // SAFETY: AVX was detected
-                        unsafe { blur_plane_avx(&v.data, n, p, &w, &mut o, &mut tmp, &mut pad) };
+                        unsafe { blur_plane_avx(&input, p, &mut o, &mut s) };
                         assert_eq!(o, out.data[p * plane..(p + 1) * plane], "{n:?} σ={sigma}");
                     }
                 }

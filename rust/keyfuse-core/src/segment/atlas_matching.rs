@@ -146,11 +146,7 @@ struct Scratch {
 
 impl KpSet {
     fn view(&self) -> crate::matching::KeypointView<'_> {
-        crate::matching::KeypointView {
-            desc: &self.desc,
-            xyz: &self.xyz,
-            scale: &self.scale,
-        }
+        crate::matching::KeypointView::new(&self.desc, &self.xyz, &self.scale)
     }
 
     /// As [`Self::closest`], trying the balls of the given radii around `y` first (any

@@ -4,6 +4,16 @@ use super::*;
 use ndarray::s;
 use ndarray::Array3;
 
+/// A transfer of `label` from atlas 0.
+fn from_atlas0(label: i32, shift: [i32; 3], weight: f64) -> Transfer {
+    Transfer {
+        atlas: 0,
+        label,
+        shift,
+        weight,
+    }
+}
+
 fn cube_atlas() -> (Array3<i32>, Array3<f32>) {
     let mut l = Array3::<i32>::zeros((12, 10, 9));
     l.slice_mut(s![3..7, 2..6, 1..5]).fill(2);
@@ -29,24 +39,9 @@ fn shifted_copy_is_reproduced_exactly() {
     }
     let test_i = test_l.mapv(|v| v as f32 * 100.0);
     let t = [
-        Transfer {
-            atlas: 0,
-            label: 2,
-            shift,
-            weight: 0.5,
-        },
-        Transfer {
-            atlas: 0,
-            label: 5,
-            shift,
-            weight: 2.0,
-        },
-        Transfer {
-            atlas: 0,
-            label: 2,
-            shift,
-            weight: 0.25,
-        },
+        from_atlas0(2, shift, 0.5),
+        from_atlas0(5, shift, 2.0),
+        from_atlas0(2, shift, 0.25),
     ];
     let out = set.transfer(test_i.view(), &t, &[50.0], 0.15).unwrap();
     assert_eq!(out.labels, test_l);
@@ -61,12 +56,7 @@ fn intensity_likelihood_and_background_rule() {
     let set = AtlasSet::new(&[l.view()], &[i.view()]).unwrap();
     // test intensities far from the atlas' organ intensity: weight ≈ 0 -> background
     let test = Array3::<f32>::from_elem((12, 10, 9), 1000.0);
-    let t = [Transfer {
-        atlas: 0,
-        label: 2,
-        shift: [0, 0, 0],
-        weight: 1.0,
-    }];
+    let t = [from_atlas0(2, [0, 0, 0], 1.0)];
     let out = set.transfer(test.view(), &t, &[50.0], 0.15).unwrap();
     assert!(out.labels.iter().all(|&v| v == 0));
     // intensity term off: the organ is transferred whatever the intensities
@@ -81,18 +71,8 @@ fn intensity_likelihood_and_background_rule() {
     assert!((p - (-0.5f32).exp()).abs() < 2e-3, "{p}");
     // two weaker transfers disagreeing: the voxel covered by one of 10 is background
     let t = [
-        Transfer {
-            atlas: 0,
-            label: 2,
-            shift: [0, 0, 0],
-            weight: 9.0,
-        },
-        Transfer {
-            atlas: 0,
-            label: 2,
-            shift: [0, 0, 4],
-            weight: 1.0,
-        },
+        from_atlas0(2, [0, 0, 0], 9.0),
+        from_atlas0(2, [0, 0, 4], 1.0),
     ];
     let out = set.transfer(i.view(), &t, &[f32::INFINITY], 0.15).unwrap();
     assert_eq!(out.labels[[4, 3, 2]], 2);
@@ -106,18 +86,8 @@ fn shifts_outside_the_grid_are_clipped() {
     let set = AtlasSet::new(&[l.view()], &[i.view()]).unwrap();
     let test = Array3::<f32>::zeros((5, 4, 3));
     let t = [
-        Transfer {
-            atlas: 0,
-            label: 2,
-            shift: [-4, -3, -2],
-            weight: 1.0,
-        },
-        Transfer {
-            atlas: 0,
-            label: 5,
-            shift: [100, -100, 7],
-            weight: 1.0,
-        },
+        from_atlas0(2, [-4, -3, -2], 1.0),
+        from_atlas0(5, [100, -100, 7], 1.0),
     ];
     let out = set
         .transfer(test.view(), &t, &[f32::INFINITY], 0.15)
@@ -229,11 +199,7 @@ fn match_all_equals_match_sets_per_atlas() {
         qx[q] = qx[q - 1];
         qs[q] = qs[q - 1];
     }
-    let a = KeypointView {
-        desc: &qd,
-        xyz: &qx,
-        scale: &qs,
-    };
+    let a = KeypointView::new(&qd, &qx, &qs);
     let atlases: Vec<_> = [(250, 2), (0, 3), (1, 4), (400, 5)]
         .iter()
         .map(|&(n, seed)| {
@@ -252,11 +218,7 @@ fn match_all_equals_match_sets_per_atlas() {
         let all = set.match_all(&a, &p, 0).unwrap();
         let mut k = 0;
         for (i, (d, x, s, l)) in atlases.iter().enumerate() {
-            let b = KeypointView {
-                desc: d,
-                xyz: x,
-                scale: s,
-            };
+            let b = KeypointView::new(d, x, s);
             let r = match_sets(&a, &b, &p).unwrap();
             let n = r.ia.len();
             assert_eq!(&all.query[k..k + n], &r.ia[..]);
@@ -290,21 +252,13 @@ fn match_all_equals_match_sets_per_atlas() {
     }
     // bytes above 127: the portable distance kernel, same matches
     let wide: Vec<u8> = qd.iter().map(|&v| v * 3).collect();
-    let aw = KeypointView {
-        desc: &wide,
-        xyz: &qx,
-        scale: &qs,
-    };
+    let aw = KeypointView::new(&wide, &qx, &qs);
     let (d, x, s) = random_set(200, 11);
     let d: Vec<u8> = d.iter().map(|&v| v * 3).collect();
     let l = vec![1; 200];
     let set = AtlasKeypoints::new(vec![(d.clone(), x.clone(), s.clone(), l)]).unwrap();
     let all = set.match_all(&aw, &p, 0).unwrap();
-    let b = KeypointView {
-        desc: &d,
-        xyz: &x,
-        scale: &s,
-    };
+    let b = KeypointView::new(&d, &x, &s);
     let r = match_sets(&aw, &b, &p).unwrap();
     assert_eq!(all.query, r.ia);
     assert_eq!(all.index, r.ib);
@@ -314,11 +268,7 @@ fn match_all_equals_match_sets_per_atlas() {
     let l = vec![2; 2000];
     let big = AtlasKeypoints::new(vec![(d.clone(), x.clone(), s.clone(), l.clone()); 3]).unwrap();
     let (qd2, qx2, qs2) = random_set(1500, 22);
-    let a2 = KeypointView {
-        desc: &qd2,
-        xyz: &qx2,
-        scale: &qs2,
-    };
+    let a2 = KeypointView::new(&qd2, &qx2, &qs2);
     let run = |threads, hq| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -371,18 +321,8 @@ fn max_vote_rule_keeps_one_weak_transfer_out() {
     let (l, i) = cube_atlas();
     let set = AtlasSet::new(&[l.view()], &[i.view()]).unwrap();
     let t = [
-        Transfer {
-            atlas: 0,
-            label: 2,
-            shift: [0, 0, 0],
-            weight: 9.0,
-        },
-        Transfer {
-            atlas: 0,
-            label: 5,
-            shift: [0, 0, 0],
-            weight: 1.0,
-        },
+        from_atlas0(2, [0, 0, 0], 9.0),
+        from_atlas0(5, [0, 0, 0], 1.0),
     ];
     let inf = [f32::INFINITY];
     // per label: the lone transfer is 100% of organ 5's weight, so it fills the organ
