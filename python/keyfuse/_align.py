@@ -18,6 +18,8 @@ Three stages, all deterministic (no random sampling):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,17 +163,34 @@ def local_fit(
     max_scale: float,
 ) -> FloatArray:
     """Least-squares refits of ``m`` on its inliers at each threshold in turn."""
+
+    def refit(cur: FloatArray, thr: float) -> FloatArray | None:
+        inl = np.linalg.norm(_apply(cur, xa) - xb, axis=1) <= thr
+        nxt = fit_similarity(xa[inl], xb[inl], with_scale=with_scale)
+        if nxt is None or not 1.0 / max_scale <= similarity_scale(nxt) <= max_scale:
+            return None
+        return nxt
+
     cur = m
     for thr in thresholds:
-        for _ in range(4):
-            inl = np.linalg.norm(_apply(cur, xa) - xb, axis=1) <= thr
-            nxt = fit_similarity(xa[inl], xb[inl], with_scale=with_scale)
-            if nxt is None or not 1.0 / max_scale <= similarity_scale(nxt) <= max_scale:
-                break
-            done = np.allclose(nxt, cur, atol=1e-6)
-            cur = nxt
-            if done:
-                break
+        cur = _until_settled(functools.partial(refit, thr=thr), cur, 4)
+    return cur
+
+
+def _until_settled(
+    step: Callable[[FloatArray], FloatArray | None], start: FloatArray, rounds: int
+) -> FloatArray:
+    """Apply ``step`` up to ``rounds`` times, stopping when it gives up (None) or the
+    matrix no longer moves (1e-6)."""
+    cur = start
+    for _ in range(rounds):
+        nxt = step(cur)
+        if nxt is None:
+            break
+        done = np.allclose(nxt, cur, atol=1e-6)
+        cur = nxt
+        if done:
+            break
     return cur
 
 
@@ -240,18 +259,13 @@ def irls(
 ) -> FloatArray:
     """Similarity refitted by iteratively reweighted least squares: Tukey biweight of
     the residual (cut-off ``c`` mm) times the match quality."""
-    cur = m
-    for _ in range(rounds):
+
+    def reweighted(cur: FloatArray) -> FloatArray | None:
         r = np.linalg.norm(_apply(cur, xa) - xb, axis=1)
         w = np.where(r < c, (1.0 - (r / c) ** 2) ** 2, 0.0) * quality
-        nxt = fit_similarity(xa, xb, w, with_scale=with_scale)
-        if nxt is None:
-            break
-        done = np.allclose(nxt, cur, atol=1e-6)
-        cur = nxt
-        if done:
-            break
-    return cur
+        return fit_similarity(xa, xb, w, with_scale=with_scale)
+
+    return _until_settled(reweighted, m, rounds)
 
 
 def candidate_pairs(
