@@ -4,8 +4,9 @@
 
 Scans simulated from the MNI152 template (``kf.datasets.simulate_cohort``: family
 deformations, pose, bias and noise) at ``--resolution`` mm are extracted and indexed
-(appends of one scan, shards of about half the keypoints, so that sealed shards with
-their kd-forests and the open shard's segment files are both on disk). Printed: the
+(one append, as ``keyfuse index build`` appends a chunk of files; shards of about half
+the keypoints, so that sealed shards with their kd-forests and the open shard's segment
+file are both on disk). Printed: the
 index's bytes per keypoint by component (shard and segment descriptor files, kd-forests,
 the Parquet parts' geometry column by column, the subjects tables, the manifest), the
 forests' bytes per keypoint at the default shard size (their point permutations take
@@ -40,7 +41,9 @@ def scans(n: int, resolution: float, cache: Path | None) -> list[tuple[str, kf.K
     if cache is not None and len(list(cache.glob("*.kfk"))) >= n:
         files = sorted(cache.glob("*.kfk"))[:n]
         sizes = np.load(cache / "image_bytes.npy")
-        return [(f.stem, kf.KeypointSet.load(f), int(b)) for f, b in zip(files, sizes, strict=False)]
+        return [
+            (f.stem, kf.KeypointSet.load(f), int(b)) for f, b in zip(files, sizes, strict=False)
+        ]
     t = time.process_time()
     cohort = kf.datasets.simulate_cohort(
         n_families=max(1, n // 2),
@@ -53,7 +56,8 @@ def scans(n: int, resolution: float, cache: Path | None) -> list[tuple[str, kf.K
     for i in range(n):
         img = cohort.image(i)
         out.append((cohort.subjects[i], kf.extract(img), int(np.prod(img.shape)) * 4))
-    print(f"{n} scans at {resolution} mm simulated and extracted: {time.process_time() - t:.0f} CPU s")
+    cpu = time.process_time() - t
+    print(f"{n} scans at {resolution} mm simulated and extracted: {cpu:.0f} CPU s")
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         for sid, kps, _ in out:
@@ -91,8 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "real.kfi"
         ix = kf.Index(path, mode="w", shard_size=max(n_kp // 2, max(len(k) for _, k, _ in data)))
-        for sid, kps, _ in data:
-            ix.add(sid, kps)
+        ix.add_many([(sid, kps, None, {}) for sid, kps, _ in data])  # one part, as a build
         ix.scores(data[0][1][:5], exact=False)  # sealed shards' forests on disk
         back = kf.Index(path)
         for sid, kps, _ in data:
@@ -120,7 +123,7 @@ def main() -> None:
     geo = bytes_of["parts: keypoint geometry"]
     print(
         "  geometry columns (compressed, Parquet footers excluded): "
-        + ", ".join(f"{k} {v / n_kp:.2f}" for k, v in sorted(columns.items(), key=lambda kv: -kv[1]))
+        + ", ".join(f"{k} {v / n_kp:.2f}" for k, v in sorted(columns.items(), key=lambda c: -c[1]))
     )
     # forests: per tree, 9-byte nodes and a permutation of the fewest bytes holding the
     # shard's point count; at the default shard size the permutation is wider
@@ -130,16 +133,15 @@ def main() -> None:
     width_full = max(1, ((DEFAULT_SHARD_SIZE - 1).bit_length() + 7) // 8)
     per_kp_here = forest / max(forest_points, 1)
     per_kp_full = per_kp_here + trees * (width_full - width_here)
-    at_scale = total - forest + per_kp_full * n_kp
+    at_scale = total - forest + per_kp_full * n_kp  # every keypoint in a full sealed shard
     print(
         f"  kd-forests per sealed keypoint: {per_kp_here:.2f} B here, {per_kp_full:.2f} B at the "
         f"default shard size ({DEFAULT_SHARD_SIZE:,} points: {width_full}-byte permutations)"
     )
     print(
-        f"total {total / n_kp:.2f} B per keypoint ({geo / n_kp:.2f} B geometry): "
-        f"index = 1/{image_bytes / total:.0f} of the images; with every keypoint in sealed "
-        f"shards at the default size 1/{image_bytes / (at_scale + (n_kp - forest_points) * per_kp_full):.0f}"
-        f" (target ≥ 150)"
+        f"total {total / n_kp:.2f} B per keypoint ({geo / n_kp:.2f} B geometry): index = "
+        f"1/{image_bytes / total:.0f} of the images; with every keypoint in a sealed shard of "
+        f"the default size {at_scale / n_kp:.2f} B = 1/{image_bytes / at_scale:.0f} (target ≥ 150)"
     )
 
 

@@ -13,7 +13,9 @@ kd-forests built and saved on the way), then in a fresh process: open time, peak
 p50/p95 in wall and CPU seconds (a query is a noisy rescan of an indexed subject with all
 its keypoints), top-1 = the rescanned subject, recall@1 of the approximate search
 against exact on the same queries cut to ``--recall-keypoints`` keypoints, and the index
-bytes on disk against the 1 mm float32 images it describes (182×218×182×4 bytes each).
+bytes on disk against the 1 mm float32 images it describes (182×218×182×4 bytes each;
+every synthetic subject shares one geometry, which compresses to almost nothing: the
+ratio on real keypoints is benches/disk.py's).
 Last, a linear trend of each figure fitted over the sizes and read at 100,000 subjects,
 and (smallest size) a 2-worker local Dask cluster against the in-process search.
 ``--pairwise N``: all-pairs soft Jaccard of N subjects (``--pairwise-keypoints`` each, in
@@ -108,15 +110,14 @@ for q, s in zip(queries, truth):
 def hwm():
     line = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
     return int(line.split()[1]) / 2**20
-rss_search = hwm()
+print(json.dumps({"open_s": opened, "p50": float(np.median(walls)),
+    "p95": float(np.percentile(walls, 95)), "cpu_p50": float(np.median(cpus)),
+    "top1": top1 / len(truth), "rss_search_gib": hwm(), "m": len(truth)}), flush=True)
 agree, rng = 0, np.random.default_rng(1)
 for q in queries:
     sub = geo.keypoints(q)[np.sort(rng.choice(len(q), cut, replace=False))]
     agree += int(np.argmax(ix.scores(sub, exact=False)) == np.argmax(ix.scores(sub, exact=True)))
-print(json.dumps({"open_s": opened, "p50": float(np.median(walls)),
-    "p95": float(np.percentile(walls, 95)), "cpu_p50": float(np.median(cpus)),
-    "top1": top1 / len(truth), "recall": agree / len(truth), "rss_search_gib": rss_search,
-    "rss_gib": hwm(), "m": len(truth)}))
+print(json.dumps({"recall": agree / len(truth), "rss_gib": hwm()}))
 """
 
 
@@ -234,14 +235,16 @@ def main() -> None:
             ).stdout
             # after the first search: the open shard's forest is cached beside it
             disk = sum(f.stat().st_size for f in path.iterdir())
-            r = {**b, **json.loads(out.strip().splitlines()[-1]), "n": n, "disk": disk}
+            search, exact = (json.loads(line) for line in out.strip().splitlines()[-2:])
+            r = {**b, **search, **exact, "n": n, "disk": disk}
             rows.append(r)
             print(
                 f"N={n:6d} × {args.keypoints} ({n * args.keypoints / 1e6:.1f} M keypoints, "
                 f"{r['shards']} shards): build {r['build_s']:.1f} s, open {r['open_s']:.2f} s, "
                 f"query p50 {r['p50']:.3f} s p95 {r['p95']:.3f} s (CPU {r['cpu_p50']:.3f} s), peak "
                 f"RSS {r['rss_search_gib']:.2f} GiB searching, {r['rss_gib']:.2f} GiB after the "
-                f"exact recall queries (every descriptor page touched), top-1 {r['top1']:.2f}, recall@1 vs exact "
+                f"exact recall queries (every descriptor page touched), top-1 {r['top1']:.2f}, "
+                f"recall@1 vs exact "
                 f"{r['recall']:.2f} ({r['m']} queries of {args.recall_keypoints} keypoints); "
                 f"disk {disk / 1e6:.1f} MB = 1/{n * IMAGE_BYTES / disk:.0f} of the images",
                 flush=True,
