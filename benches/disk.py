@@ -1,6 +1,6 @@
 """Index size on disk with real keypoints at 1 mm (issue 11); prints bytes per keypoint.
 
-    .venv/bin/python benches/disk.py [--scans 6] [--resolution 1.0] [--cache DIR]
+    .venv/bin/python benches/disk.py [--scans 6] [--resolution 1.0] [--cache DIR] [--quick]
 
 Scans simulated from the MNI152 template (``kf.datasets.simulate_cohort``: family
 deformations, pose, bias and noise) at ``--resolution`` mm are extracted and indexed
@@ -84,7 +84,10 @@ def main() -> None:
     ap.add_argument("--scans", type=int, default=6)
     ap.add_argument("--resolution", type=float, default=1.0)
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="2 scans at 3 mm")
     args = ap.parse_args()
+    if args.quick:
+        args.scans, args.resolution = 2, 3.0
     data = scans(args.scans, args.resolution, args.cache)
     n_kp = sum(len(k) for _, k, _ in data)
     image_bytes = sum(b for *_, b in data)
