@@ -146,6 +146,8 @@ def _as_old_layout(path: Path, cohort, version: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from keyfuse.index_storage import _KP_COLUMNS
+
     kps_of = {sid: kps for sid, kps, _ in cohort}
     m = json.loads((path / "manifest.json").read_text())
     for part in m["parts"]:
@@ -153,16 +155,7 @@ def _as_old_layout(path: Path, cohort, version: int) -> None:
         f = path / info["name"]
         ids = pq.read_table(path / part["files"]["subjects"]["name"])["subject_id"].to_pylist()
         cols = {"subject": pq.read_table(f).column("subject")}
-        for name, dtype, width in (
-            ("ijk", np.float64, 3),
-            ("scale", np.float32, 1),
-            ("orientation", np.float32, 9),
-            ("descriptors", np.uint8, 64),
-            ("polarity", np.int8, 1),
-            ("response", np.float32, 1),
-            ("eigenvalues", np.float32, 3),
-            ("flags", np.uint8, 1),
-        ):
+        for name, dtype, width in _KP_COLUMNS:
             flat = np.concatenate(
                 [np.asarray(getattr(kps_of[s], name), dtype).reshape(-1, width) for s in ids]
             )
