@@ -9,8 +9,9 @@ their kd-forest saved beside them, the open one is in RAM; in process or on Dask
     index/
       manifest.json                 format, version, parts, shards and their sha256
       subjects-000001.parquet       id, keypoint count, affine, shape, labels, vector, source
-      keypoints-000001.parquet      subject, geometry and the 64-byte descriptor per row
+      keypoints-000001.parquet      subject and geometry per row (descriptors: the shards)
       shard-000001.kfs / .kff       a sealed shard's descriptors and its kd-forest
+      open-000001.kfs               the open shard's descriptors, one segment an append
 
 Appends are atomic: a part is written under a temporary name, flushed and renamed, and
 only then does a new ``manifest.json`` (itself written aside and renamed) list it. A file

@@ -3,11 +3,13 @@ their checksums, and reading a subject's keypoints back.
 
 A part is a pair of Parquet files: ``subjects-NNNNNN.parquet`` (id, keypoint count,
 affine, shape, labels as JSON, CNN vector, source) and ``keypoints-NNNNNN.parquet``
-(subject and geometry per row, grouped by subject). Each descriptor is stored once, in
-the checksummed shard or segment files (format 3); parts written by format 1 and 2 also
-hold a 64-byte descriptor column, which an index without segment files streams into
-memory. An opened index remembers, per subject, where its rows lie (:class:`_Rows`), so
-the full keypoints are read back on demand, their descriptors from the shards.
+(subject and geometry per row, grouped by subject; format 4: one flat column per
+component, repeats stored as nulls, see :func:`_keypoints_table`). Each descriptor is
+stored once, in the checksummed shard or segment files (formats 3 and 4); parts written
+by format 1 and 2 also hold a 64-byte descriptor column, which an index without segment
+files streams into memory. An opened index remembers, per subject, where its rows lie
+(:class:`_Rows`), so the full keypoints are read back on demand, their descriptors from
+the shards.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from keyfuse.keypoints import KeypointSet
 Staged = tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]
 
 FORMAT = "keyfuse-index"
-# 3: descriptors only in the shard/segment files; 2: sealed shards, descriptors also in
-# the parts (keyfuse.index_shards); 1 is read as unsharded
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: flat geometry columns, repeats and the orientation's cross product as nulls (see
+# _keypoints_table); 3: descriptors only in the shard/segment files; 2: sealed shards,
+# descriptors also in the parts (keyfuse.index_shards); 1 is read as unsharded
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 
 
@@ -119,7 +122,7 @@ def write_part_tables(
     for kind, table in (("subjects", subjects), ("keypoints", keypoints)):
         name = f"{kind}-{seq:06d}.parquet"
         with atomic_path(root / name) as tmp:
-            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP, **_encodings(table))
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         written.append(root / name)
@@ -130,6 +133,20 @@ def write_part_tables(
             "rows": table.num_rows,
         }
     return entry
+
+
+def _encodings(table: Any) -> dict[str, Any]:
+    """Parquet writer options: zstd, and the flat float columns byte-stream-split (their
+    sign and exponent bytes compress, unlike whole values) instead of dictionary-coded."""
+    import pyarrow as pa
+
+    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    return {
+        "compression": "zstd",
+        "compression_level": ZSTD_LEVEL,
+        "use_dictionary": [f.name for f in table.schema if f.name not in floats],
+        "use_byte_stream_split": floats,
+    }
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -234,6 +251,9 @@ def _subjects_table(staged: Sequence[Staged]) -> Any:
     )
 
 
+# zstd level of the Parquet parts
+ZSTD_LEVEL = 9
+
 # keypoint rows per Parquet row group: one subject's keypoints are read back from disk
 # without decoding more than a group or two around them
 ROW_GROUP = 65_536
@@ -250,11 +270,47 @@ _KP_COLUMNS: tuple[tuple[str, Any, int], ...] = (
 )
 
 
+# Format 4 stores each geometry component in a flat column (``ijk_0``, ``ijk_1``, …), the
+# floats byte-stream-split, and a value is null where it is reproduced bit for bit by the
+# same component of the subject's previous row (the orientations of one detection share
+# its position, scale, response and eigenvalues) or, for the orientation's third row, by
+# the float32 cross product of its first two (as the extractor computes it). Formats 1-3
+# wrote one fixed-size-list column per component, still read.
+_REPEATED = ("ijk", "scale", "orientation", "response", "eigenvalues")
+
+
+def _flat_names(name: str, width: int) -> list[str]:
+    """The format-4 column names of a keypoint component."""
+    return [name] if width == 1 else [f"{name}_{c}" for c in range(width)]
+
+
+def _cross(o: np.ndarray) -> np.ndarray:
+    """The float32 cross products of the orientations' first two rows (``o``: (n, 9)),
+    in the extractor's arithmetic (each product and difference rounded to float32)."""
+    a, b = o[:, 0:3], o[:, 3:6]
+    return np.stack(
+        [
+            a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1],
+            a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
+            a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0],
+        ],
+        axis=1,
+    ).astype(np.float32)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """An array's values as unsigned integers of the same width (bitwise equality)."""
+    return a.view(f"u{a.dtype.itemsize}")
+
+
 def _keypoints_table(staged: Sequence[Staged]) -> Any:
     """The keypoints table of one part: every subject's keypoints, in subject order."""
     import pyarrow as pa
 
     counts = [len(s[1]) for s in staged]
+    n = sum(counts)
+    first = np.zeros(n, bool)  # each subject's first row: always stored
+    first[np.cumsum([0, *counts[:-1]])[np.asarray(counts) > 0]] = True
     cols: dict[str, Any] = {
         "subject": pa.DictionaryArray.from_arrays(
             pa.array(np.repeat(np.arange(len(staged), dtype=np.int32), counts)),
@@ -274,34 +330,65 @@ def _keypoints_table(staged: Sequence[Staged]) -> Any:
             if staged
             else np.zeros((0, width), dtype)
         )
-        if width == 1:
-            cols[name] = pa.array(flat.ravel())
-        else:
-            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), width)
+        for c, col in enumerate(_flat_names(name, width)):
+            v = np.ascontiguousarray(flat[:, c])
+            if name not in _REPEATED:
+                cols[col] = pa.array(v)
+                continue
+            if name == "orientation" and c >= 6:
+                same = _bits(_cross(flat)[:, c - 6]) == _bits(v)
+            else:
+                same = np.zeros(n, bool)
+                same[1:] = _bits(v[1:]) == _bits(v[:-1])
+                same &= ~first
+            cols[col] = pa.array(v, mask=same)
     return pa.table(cols)
 
 
-def _column_arrays(keypoints: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Numpy arrays (one row per keypoint) of some keypoint columns of a table or a
-    record batch."""
+def _column_arrays(keypoints: Any, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Numpy arrays (one row per keypoint) of some keypoint components (default: all the
+    table holds) of a table or a record batch whose rows start at a subject's first row
+    (either layout)."""
+    import pyarrow.compute as pc
+
     arrays: dict[str, np.ndarray] = {}
+    present = set(keypoints.column_names)
     for name, dtype, width in _KP_COLUMNS:
-        if name not in names:
+        if (names is None and not {name, f"{name}_0"} & present) or (
+            names is not None and name not in names
+        ):
             continue
-        col = keypoints.column(name)
-        if hasattr(col, "combine_chunks"):  # a table's column is chunked
-            col = col.combine_chunks()
         if name == "descriptors":
+            col = _combined(keypoints.column(name))
             buf = col.buffers()[1]
             flat = np.frombuffer(buf, dtype=np.uint8, count=col.offset * 64 + len(col) * 64)
             arrays[name] = flat[col.offset * 64 :].reshape(-1, 64)
-        elif width == 1:
-            arrays[name] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
-        else:
+        elif width > 1 and name in present:  # formats 1-3: a fixed-size list
+            col = _combined(keypoints.column(name))
             arrays[name] = np.asarray(
                 col.flatten().to_numpy(zero_copy_only=False), dtype=dtype
             ).reshape(-1, width)
+        else:
+            out = np.empty((keypoints.num_rows, width), dtype)
+            for c, cname in enumerate(_flat_names(name, width)):
+                col = _combined(keypoints.column(cname))
+                if name == "orientation" and c >= 6 and col.null_count:
+                    known = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
+                    out[:, c] = _cross(out)[:, c - 6]
+                    out[known, c] = np.asarray(col.drop_null().to_numpy(), dtype)
+                    continue
+                if col.null_count:
+                    if not col.is_valid()[0].as_py():
+                        raise ValueError(f"column {cname} starts with a repeat")
+                    col = pc.fill_null_forward(col)
+                out[:, c] = np.asarray(col.to_numpy(zero_copy_only=False), dtype)
+            arrays[name] = np.ascontiguousarray(out[:, 0]) if width == 1 else out
     return arrays
+
+
+def _combined(col: Any) -> Any:
+    """One array of a table's (chunked) column or a record batch's column."""
+    return col.combine_chunks() if hasattr(col, "combine_chunks") else col
 
 
 def _keypoint_set(arrays: dict[str, np.ndarray], affine: Any, shape: Any) -> KeypointSet:
@@ -359,7 +446,7 @@ class _Rows:
                 v != self.subject for v in owners.dictionary.take(owners.indices).to_pylist()
             ):
                 raise IndexCorruptError(f"{self.path}: rows of {self.subject!r} moved; {hint}")
-            arrays = _column_arrays(table, table.column_names)
+            arrays = _column_arrays(table)
             if "descriptors" not in arrays:
                 if shards is None:
                     raise IndexCorruptError(f"{self.path}: no descriptors for {self.subject!r}")

@@ -186,6 +186,53 @@ def test_subject_without_keypoints_round_trips(cohort, tmp_path: Path) -> None:
     assert back.keypoints(cohort[0][0]) == cohort[0][1]
 
 
+def _same_bits(a: kf.KeypointSet, b: kf.KeypointSet) -> bool:
+    fields = ("ijk", "scale", "orientation", "descriptors", "polarity", "response")
+    return all(
+        np.asarray(getattr(a, f)).dtype == np.asarray(getattr(b, f)).dtype
+        and np.asarray(getattr(a, f)).tobytes() == np.asarray(getattr(b, f)).tobytes()
+        for f in (*fields, "eigenvalues", "flags")
+    )
+
+
+def test_geometry_round_trips_bit_for_bit(
+    cohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Format 4 stores a value that the subject's previous row repeats, and the
+    orientation's third row where it is the cross product of the first two, as nulls:
+    real keypoints (MNI152 at 3 mm: several orientations a detection) and others (a
+    third row that is no cross product, NaN, signed zeros, a repeat across subjects)
+    read back bit for bit, also across Parquet row groups."""
+    import pyarrow.parquet as pq
+
+    import keyfuse.index_storage as kfs
+
+    monkeypatch.setattr(kfs, "ROW_GROUP", 97)
+    real = kf.extract(kf.datasets.mni152(resolution_mm=3.0))
+    odd = cohort[0][1]
+    rng = np.random.default_rng(3)
+    o = rng.standard_normal((len(odd), 3, 3)).astype(np.float32)
+    o[1] = o[0]
+    o[2, 2] = -0.0
+    o[3, 2] = 0.0
+    ijk = np.asarray(odd.ijk).copy()
+    ijk[5:9] = ijk[4]
+    ijk[10, 1] = np.nan
+    ijk[0] = np.asarray(real.ijk)[-1]  # the previous subject's last row: stored again
+    odd = kf.KeypointSet(
+        ijk, odd.scale, o, odd.descriptors, odd.polarity, odd.response, odd.eigenvalues
+    )
+    path = tmp_path / "exact.kfi"
+    ix = kf.Index.create(path)
+    ix.add_many([("real", real, None, {}), ("odd", odd, None, {})])
+    back = kf.Index(path)
+    assert _same_bits(back.keypoints("real"), real) and _same_bits(back.keypoints("odd"), odd)
+    part = pq.read_table(next(path.glob("keypoints-*.parquet")))
+    # every real third row is a cross product; detections of several orientations repeat
+    assert part.column("orientation_8").slice(0, len(real)).null_count == len(real)
+    assert 0 < part.column("ijk_0").null_count < len(real)
+
+
 def test_on_disk_appends(cohort, tmp_path: Path) -> None:
     path = tmp_path / "live"
     ix = kf.Index.create(path)

@@ -137,29 +137,59 @@ def test_damaged_shard_is_named_and_repaired_or_dropped(sharded, cohort, damage:
         assert list(kf.Index(sharded))[-1] == cohort[2][0]
 
 
-def _as_format_v2(path: Path, cohort) -> None:
-    """Rewrite an index's parts as format 2 wrote them: with a descriptor column."""
+def _as_old_layout(path: Path, cohort, version: int) -> None:
+    """Rewrite an index's parts as formats 1-3 wrote them: one fixed-size-list column
+    per geometry component, every value stored; version 2 also with a descriptor
+    column."""
     import hashlib
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    descs = {sid: np.ascontiguousarray(kps.descriptors, np.uint8) for sid, kps, _ in cohort}
+    from keyfuse.index_storage import _KP_COLUMNS
+
+    kps_of = {sid: kps for sid, kps, _ in cohort}
     m = json.loads((path / "manifest.json").read_text())
     for part in m["parts"]:
         info = part["files"]["keypoints"]
         f = path / info["name"]
-        t = pq.read_table(f)
         ids = pq.read_table(path / part["files"]["subjects"]["name"])["subject_id"].to_pylist()
-        flat = np.concatenate([descs[s] for s in ids])
-        col = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(64), len(flat), [None, pa.py_buffer(flat)]
-        )
-        pq.write_table(t.add_column(4, "descriptors", col), f)
+        cols = {"subject": pq.read_table(f).column("subject")}
+        for name, dtype, width in _KP_COLUMNS:
+            flat = np.concatenate(
+                [np.asarray(getattr(kps_of[s], name), dtype).reshape(-1, width) for s in ids]
+            )
+            if name == "descriptors":
+                if version == 2:
+                    cols[name] = pa.FixedSizeBinaryArray.from_buffers(
+                        pa.binary(64), len(flat), [None, pa.py_buffer(flat)]
+                    )
+            elif width == 1:
+                cols[name] = pa.array(flat.ravel())
+            else:
+                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), width)
+        pq.write_table(pa.table(cols), f, compression="zstd")
         info["bytes"] = f.stat().st_size
         info["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
-    m["version"] = 2
+    m["version"] = version
     (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_format_v3_index_is_read(cohort, tmp_path: Path) -> None:
+    """Format 3 parts (fixed-size-list geometry, no descriptors) read back exactly, and
+    an append adds format-4 parts beside them."""
+    path = tmp_path / "v3.kfi"
+    _fill(kf.Index(path, mode="x", shard_size=300), cohort[:-1], batch=5)
+    _as_old_layout(path, cohort[:-1], 3)
+    ix = kf.Index(path, mode="r+")
+    for sid, kps, _ in cohort[:-1]:
+        assert ix.keypoints(sid) == kps
+    _fill(ix, cohort[-1:])
+    back = kf.Index(path)
+    assert all(back.keypoints(sid) == kps for sid, kps, _ in cohort)
+    assert json.loads((path / "manifest.json").read_text())["version"] == 4
+    want = _fill(kf.Index(), cohort).pairwise(exact=True)
+    assert np.array_equal(back.pairwise(exact=True), want)
 
 
 def test_format_v2_index_with_descriptors_in_parts(sharded, cohort) -> None:
@@ -167,7 +197,7 @@ def test_format_v2_index_with_descriptors_in_parts(sharded, cohort) -> None:
     rebuilt from them."""
     from keyfuse.index_verify import verify_index
 
-    _as_format_v2(sharded, cohort)
+    _as_old_layout(sharded, cohort, 2)
     f = sharded / "shard-000003.kfs"
     raw = bytearray(f.read_bytes())
     raw[-5] ^= 1
