@@ -107,9 +107,10 @@ lint-py-wheel: test-venv
 # cargo's tests, clippy (its own target directory, so it never waits on cargo test's build
 # lock) and the release wheel start together; pytest and the Python lint gates start as
 # soon as the wheel is installed. The two Rust builds run at lower priority: the wheel and
-# pytest are the longest chain, so they get the cores first.
+# pytest are the longest chain, so they get the cores first. Cargo skips incremental
+# caches, which a fresh clone never reuses.
 test:
-	$(MAKE) --no-print-directory -j3 --output-sync=target \
+	CARGO_INCREMENTAL=0 $(MAKE) --no-print-directory -j3 --output-sync=target \
 	    RUST_NICE="nice -n 10" CLIPPY_TARGET_DIR=target/clippy \
 	    test-rust lint-rust test-python lint-py-wheel
 
