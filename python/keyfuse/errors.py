@@ -49,7 +49,8 @@ class VoxelSizeWarning(KeyfuseWarning):
 
 
 class NotDicomWarning(KeyfuseWarning):
-    """Files in a DICOM directory were skipped because they are not DICOM."""
+    """Files in a DICOM directory were skipped because they are not DICOM images (not
+    DICOM at all, or DICOM objects without an image beside the one image series)."""
 
 
 class CPUFallbackWarning(KeyfuseWarning):

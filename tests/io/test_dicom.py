@@ -242,6 +242,37 @@ def test_duplicated_slice_is_named(tmp_path: Path) -> None:
         kf.load_image(tmp_path / "s")
 
 
+def test_garbled_series_uid_is_a_damaged_file(tmp_path: Path) -> None:
+    """Three flipped bits (found by tests/io/test_fuzz.py) make a slice's header read
+    its SeriesInstanceUID as a run of other elements and lose its Rows: the file used to
+    become a one-file "series" without an image and was dropped silently."""
+    mni4 = small_mni()
+    paths = write_series(kf.Image(mni4.data[:, :, 20:24], mni4.affine), tmp_path / "s")
+    raw = bytearray(paths[0].read_bytes())
+    for at in (531, 0, 324):
+        raw[at] ^= 1
+    paths[0].write_bytes(bytes(raw))
+    with pytest.raises(CorruptDataError, match=rf"{paths[0].name} is a damaged DICOM file"):
+        kf.load_image(tmp_path / "s")
+
+
+def test_objects_without_an_image_beside_the_series_are_named(tmp_path: Path) -> None:
+    import pydicom
+
+    mni4 = small_mni()
+    paths = write_series(kf.Image(mni4.data[:, :, 20:24], mni4.affine), tmp_path / "s")
+    ds = pydicom.dcmread(paths[0])
+    for key in ("Rows", "Columns", "PixelData"):
+        delattr(ds, key)
+    ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".9"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: a report
+    ds.Modality = "SR"
+    ds.save_as(tmp_path / "s" / "note.dcm")
+    with pytest.warns(kf.errors.NotDicomWarning, match=r"ignored 1 DICOM object.*note\.dcm"):
+        img = kf.load_image(tmp_path / "s")
+    assert img.shape[2] == 4
+
+
 def test_uneven_spacing_is_refused(tmp_path: Path) -> None:
     mni4 = small_mni()
     import pydicom

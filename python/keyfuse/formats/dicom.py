@@ -182,6 +182,13 @@ def _scan_directory(root: Path) -> list[_Header]:
             raise CorruptDataError(
                 f"{file} is a damaged DICOM file (no SeriesInstanceUID or SOPClassUID)"
             )
+        for key in ("SeriesInstanceUID", "SOPClassUID"):
+            if not _uid_like(ds.get(key)):
+                # damaged bytes read as a run of other elements: not a series of its own
+                raise CorruptDataError(
+                    f"{file} is a damaged DICOM file: its {key} is not a UID "
+                    f"({str(ds.get(key))[:40]!r})"
+                )
         sop_name = str(getattr(ds.SOPClassUID, "name", ""))
         if "Image Storage" in sop_name and not _header_is_image(ds):
             raise CorruptDataError(
@@ -199,6 +206,14 @@ def _scan_directory(root: Path) -> list[_Header]:
             NotDicomWarning,
         )
     return headers
+
+
+def _uid_like(value: Any) -> bool:
+    """One value of digits and dots (real files bend the standard's other UID rules, such
+    as leading zeros, so only this much is required)."""
+    if not isinstance(value, str):  # absent, or several values
+        return False
+    return 0 < len(value) <= 64 and all(c.isdigit() or c == "." for c in value)
 
 
 def _describe(uid: str, files: list[_Header]) -> str:
@@ -233,6 +248,15 @@ def _choose_series(root: Path, headers: list[_Header], series: str | int | None)
     if series is None:
         image_uids = [u for u in uids if any(_header_is_image(h.ds) for h in groups[u])]
         if len(image_uids) == 1:
+            others = [h.path for u in uids if u != image_uids[0] for h in groups[u]]
+            if others:  # reports, presentation states... or a damaged image: never silently
+                names = ", ".join(str(p.relative_to(root)) for p in others[:5])
+                more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+                warn_caller(
+                    f"{root}: read the one image series; ignored {len(others)} DICOM "
+                    f"object{'s' if len(others) > 1 else ''} without an image: {names}{more}",
+                    NotDicomWarning,
+                )
             return groups[image_uids[0]]
         if not image_uids:
             raise CorruptDataError(f"{root} holds no DICOM images, only:\n{listing}")
