@@ -96,7 +96,7 @@ test-python: test-venv
 	    assert keyfuse.__file__.startswith(sys.prefix), keyfuse.__file__; \
 	    print('testing the installed wheel:', keyfuse.__file__); \
 	    sys.exit(pytest.main(sys.argv[1:]))" \
-	    -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal \
+	    -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal --hypothesis-profile=ci \
 	    --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(CURDIR)/tests
 
 # The Python lint gates with the wheel's venv (ruff, mypy and stubtest come with `test`).

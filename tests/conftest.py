@@ -10,6 +10,15 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
+try:  # hypothesis comes with the test extra; the fuzz tests skip without it
+    from hypothesis import settings
+
+    # `make test` (and so CI) runs the fuzz tests on a fixed sequence of examples, so a
+    # landing never hangs on a new random draw; plain pytest keeps exploring new ones
+    settings.register_profile("ci", derandomize=True, database=None)
+except ImportError:
+    pass
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under ``make test`` every process (each xdist worker too) must test the installed
