@@ -198,14 +198,24 @@ def _scan_directory(root: Path) -> list[_Header]:
     if not headers:
         raise CorruptDataError(f"{root} holds no DICOM files")
     if skipped:
-        names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
-        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        warn_caller(
-            f"{root}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
-            f"{'are' if len(skipped) > 1 else 'is'} not DICOM: {names}{more}",
-            NotDicomWarning,
+        _warn_skipped(
+            root,
+            skipped,
+            f"skipped {_count(skipped, 'file')} that "
+            f"{'are' if len(skipped) > 1 else 'is'} not DICOM",
         )
     return headers
+
+
+def _count(items: list[Path], noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) > 1 else ''}"
+
+
+def _warn_skipped(root: Path, files: list[Path], what: str) -> None:
+    """A NotDicomWarning naming (the first five of) the files a directory read passed over."""
+    names = ", ".join(str(p.relative_to(root)) for p in files[:5])
+    more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+    warn_caller(f"{root}: {what}: {names}{more}", NotDicomWarning)
 
 
 def _uid_like(value: Any) -> bool:
@@ -250,12 +260,11 @@ def _choose_series(root: Path, headers: list[_Header], series: str | int | None)
         if len(image_uids) == 1:
             others = [h.path for u in uids if u != image_uids[0] for h in groups[u]]
             if others:  # reports, presentation states... or a damaged image: never silently
-                names = ", ".join(str(p.relative_to(root)) for p in others[:5])
-                more = f" and {len(others) - 5} more" if len(others) > 5 else ""
-                warn_caller(
-                    f"{root}: read the one image series; ignored {len(others)} DICOM "
-                    f"object{'s' if len(others) > 1 else ''} without an image: {names}{more}",
-                    NotDicomWarning,
+                _warn_skipped(
+                    root,
+                    others,
+                    f"read the one image series; ignored {_count(others, 'DICOM object')} "
+                    "without an image",
                 )
             return groups[image_uids[0]]
         if not image_uids:
