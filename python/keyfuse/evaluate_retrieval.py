@@ -204,19 +204,26 @@ def _ap_by_alpha(
     return alphas, ap
 
 
+#: fusion must beat the better single source by more than this many standard errors of
+#: the paired per-query AP difference to be chosen (see docs/decisions.md)
+FALLBACK_SE = 1.5
+
+
 def _pick_alpha(
     alphas: npt.NDArray[np.float64], ap: npt.NDArray[np.float64], rows: npt.NDArray[np.bool_]
 ) -> float:
     """The α of best mean AP over ``rows``; the better single source (α = 0 or 1) wins
-    unless the best beats it by more than one standard error of their paired per-query
-    difference (fusion must not lose to the source that carries the signal)."""
+    unless the best beats it by more than ``FALLBACK_SE`` standard errors of their paired
+    per-query difference (fusion must not lose to the source that carries the signal)."""
     means = ap[:, rows].mean(axis=1)
     best = int(np.argmax(means))
     singles = [i for i, a in enumerate(alphas) if a in (0.0, 1.0)]
     single = max(singles, key=lambda i: (means[i], -i))
     d = ap[best, rows] - ap[single, rows]
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-    return float(alphas[single] if means[best] - means[single] <= se else alphas[best])
+    return float(
+        alphas[single] if means[best] - means[single] <= FALLBACK_SE * se else alphas[best]
+    )
 
 
 def _labelled(index: Index, label: str, by: str) -> tuple[list[int], list[Any]]:
@@ -236,7 +243,7 @@ def _labelled(index: Index, label: str, by: str) -> tuple[list[int], list[Any]]:
 def choose_fusion_alpha(index: Index, label: str) -> float:
     """The α of eq. 4 for fused search, chosen on the index's own subjects: the candidate
     (:func:`keyfuse.fusion.alpha_grid`) of best leave-one-out retrieval mAP by ``label``,
-    a single source unless fusion beats it by more than one standard error.
+    a single source unless fusion beats it by more than 1.5 standard errors.
 
     >>> alpha = kf.evaluate.choose_fusion_alpha(index, "family")
     >>> index.search(query, by="fused", alpha=alpha)
