@@ -524,10 +524,8 @@ class Index:
             nearest neighbours of the stored CNN vectors (``metric``); scores are the
             cosine similarity or minus the Euclidean distance. ``"fused"``: the fusion
             paper's eq. 4 per subject, ``α log p({f_i}|j) + (1 − α) log p(v|j)``
-            (keypoint term ``ln(J + b)``, the log soft Jaccard of the keypoint search
-            itself — same k-NN pass, ``exact`` and restriction — with a background
-            ``b`` of one matched keypoint in a typical union; the paper's first term is
-            proportional to the log Jaccard; vector term by eqs. 8–9).
+            (keypoint term ``ln(J + b)``, the keypoint search's own soft Jaccard: see
+            :func:`keyfuse.vector_search.keypoint_terms`; vector term by eqs. 8–9).
         alpha : float, FusionClassifier or None
             ``by="fused"`` only: the keypoint weight in [0, 1], or a fitted
             :class:`~keyfuse.FusionClassifier` whose ``alpha_`` is used (fitted on the
