@@ -262,15 +262,6 @@ def _moments(img: Image) -> tuple[FloatArray, FloatArray]:
     return xyz.mean(axis=0), np.cov(xyz.T)
 
 
-def centroid_start(moving: Image, fixed: Image) -> FloatArray:
-    """A start for :func:`refine_intensity` that needs no keypoints: the translation
-    taking the moving image's foreground centroid (world mm) onto the fixed image's,
-    no rotation or scale (SimpleITK's centred initialisation, by mass)."""
-    mat = np.eye(4)
-    mat[:3, 3] = _moments(fixed)[0] - _moments(moving)[0]
-    return mat
-
-
 #: rotations (degrees) about each principal axis tried around each principal-axes pose
 _TILTS_DEG = (-30.0, 30.0)
 
@@ -280,8 +271,9 @@ def moment_starts(moving: Image, fixed: Image) -> list[FloatArray]:
     initial rotation: the centroids matched, the isotropic scale of the two
     covariances, and each of the four proper rotations taking the moving principal
     axes onto the fixed ones (their signs are unknown), each also tilted by ±30° about
-    every principal axis (nearly equal axes are ill-defined); plus the centroid start
-    without rotation."""
+    every principal axis (nearly equal axes are ill-defined); the first start is the
+    centroids matched without rotation or scale (SimpleITK's centred initialisation, by
+    mass)."""
     from scipy.spatial.transform import Rotation
 
     cm, covm = _moments(moving)
