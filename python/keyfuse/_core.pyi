@@ -16,6 +16,12 @@ def extract3d(
     spacing: tuple[float, float, float],
     **params: float,
 ) -> dict[str, npt.NDArray[np.generic]]: ...
+def reslice_volume(
+    *,
+    volume: npt.NDArray[np.float32],
+    matrix: list[list[float]],
+    shape: tuple[int, int, int],
+) -> npt.NDArray[np.float32]: ...
 def extract2d(
     image: npt.NDArray[np.float32],
     spacing: tuple[float, float],

@@ -11,6 +11,7 @@ from keyfuse.device import choose_backend
 from keyfuse.errors import InvalidArgumentError, InvalidImageError
 from keyfuse.image import Image, load_image
 from keyfuse.keypoints import KeypointSet
+from keyfuse.world_lattice import fields_to_stored, lattice_for, resample_onto
 
 #: Why extraction has no GPU path (reported by ``device="cuda"``).
 NO_GPU_EXTRACT = (
@@ -29,7 +30,9 @@ def default_params() -> dict[str, Any]:
     return dict(_core.default_extract_params())
 
 
-def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
+def extract(
+    image: Any, device: str = "auto", *, reslice: bool = True, **params: Any
+) -> KeypointSet:
     """Extract 3D SIFT-Rank keypoints (or 2D SIFT-Rank for a 2D image).
 
     Parameters
@@ -48,9 +51,17 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
         orientations of one scan give bit-identical descriptors. ``ijk`` and the rows of
         ``orientation`` are then expressed in the grid as stored (for a mirrored storage
         the frames are reflections); ``xyz`` is world RAS mm.
+
+        Keypoints do not depend on where the voxel samples fall either: a 3D scan whose
+        grid is oblique, or whose voxel centres are off the world lattice (axis-aligned,
+        at whole multiples of its smallest voxel size in world mm), is resliced onto
+        that lattice (cubic B-spline) before extraction; see :mod:`keyfuse.world_lattice`.
     device:
         ``"auto"`` or ``"cpu"``: extraction runs on the CPU (its descriptor stage has no
         GPU version); ``"cuda"`` raises :class:`~keyfuse.DeviceUnavailableError`.
+    reslice:
+        ``False`` extracts on the grid as stored, without reslicing an oblique or
+        off-lattice grid (no interpolation, but keypoints then depend on the grid).
     **params:
         Extraction parameters; :func:`default_params` lists them with their defaults
         (e.g. ``sigma0=1.6``, ``scales_per_octave=4``, ``initial_blur=0``).
@@ -71,6 +82,14 @@ def extract(image: Any, device: str = "auto", **params: Any) -> KeypointSet:
     """
     img = load_image(image)
     check_extract_device(device)
+    lattice = lattice_for(img) if reslice and img.ndim == 3 else None
+    if lattice is not None:
+        grid, shape = lattice
+        h = float(grid[0, 0])
+        data = resample_onto(_as_float32(img), img, grid, shape)
+        fields = _core.extract3d(data, (h, h, h), **params)
+        fields = fields_to_stored(fields, img, grid, params)
+        return KeypointSet._from_core(fields, img.affine, img.shape)
     canon, to_storage = canonical_storage(img)
     data = _as_float32(canon)
     spacing = canon.spacing

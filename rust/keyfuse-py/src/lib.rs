@@ -12,6 +12,7 @@ mod extract;
 mod gpu;
 mod kde;
 mod matching;
+mod reslice;
 mod segment;
 mod shard;
 mod vecscan;
@@ -24,6 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(errors::clear_stop, m)?)?;
     extract::register(m)?;
     matching::register(m)?;
+    reslice::register(m)?;
     kde::register(m)?;
     segment::register(m)?;
     shard::register(m)?;

@@ -28,6 +28,7 @@
 mod describe;
 mod detect;
 mod two_d;
+pub mod reslice;
 mod volume;
 
 use crate::{KfError, Result, DESC_LEN};
