@@ -170,6 +170,7 @@ fn ransac_similarity<'py>(
 /// Soft intersections (|A∩B|, |B∩A|) of two sets; geometry arrays optional (all or none).
 #[pyfunction]
 #[pyo3(signature = (desc_a, desc_b, *, xyz_a, scale_a, xyz_b, scale_b, **sj))]
+#[allow(clippy::too_many_arguments)]
 fn soft_intersections<'py>(
     py: Python<'py>,
     desc_a: PyReadonlyArray2<'py, u8>,
