@@ -6,9 +6,29 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import final
+from typing_extensions import TypedDict, Unpack, final
 
 __version__: str
+
+# Keyword-argument groups (`**name` in a binding): convert.rs `SjArgs`, `VotesArgs`,
+# `GpuSjArgs`; every key required.
+class _SoftJaccard(TypedDict):
+    k: int
+    exact: bool
+    checks: int
+    alpha2_floor: float
+    alpha2_cap_fraction: float
+    posterior: bool
+
+class _Votes(TypedDict):
+    k: int
+    exact: bool
+    checks: int
+
+class _GpuSoftJaccard(TypedDict):
+    k: int
+    alpha2_floor: float
+    alpha2_cap_fraction: float
 
 # --- extract.rs ---
 def extract3d(
@@ -45,9 +65,7 @@ def gpu_cohort_search(
     *,
     exclude: int | None,
     allowed: list[bool] | None,
-    k: int,
-    alpha2_floor: float,
-    alpha2_cap_fraction: float,
+    **sj: Unpack[_GpuSoftJaccard],
 ) -> npt.NDArray[np.float64]: ...
 
 @final
@@ -62,27 +80,18 @@ class GpuCohort:
         *,
         exclude: int | None,
         allowed: list[bool] | None,
-        k: int,
-        alpha2_floor: float,
-        alpha2_cap_fraction: float,
+        **sj: Unpack[_GpuSoftJaccard],
     ) -> npt.NDArray[np.float64]: ...
     def pairwise(
-        self,
-        *,
-        k: int,
-        alpha2_floor: float,
-        alpha2_cap_fraction: float,
-        symmetric: bool,
+        self, *, symmetric: bool, **sj: Unpack[_GpuSoftJaccard]
     ) -> npt.NDArray[np.float64]: ...
 
 def gpu_cohort_pairwise(
     data: npt.NDArray[np.uint8],
     sizes: npt.NDArray[np.int64],
     *,
-    k: int,
-    alpha2_floor: float,
-    alpha2_cap_fraction: float,
     symmetric: bool,
+    **sj: Unpack[_GpuSoftJaccard],
 ) -> npt.NDArray[np.float64]: ...
 def gpu_kde_class_sums(
     queries: npt.NDArray[np.uint8],
@@ -267,19 +276,14 @@ def soft_intersections(
     desc_a: npt.NDArray[np.uint8],
     desc_b: npt.NDArray[np.uint8],
     *,
-    k: int,
-    exact: bool,
-    checks: int,
-    alpha2_floor: float,
-    alpha2_cap_fraction: float,
     xyz_a: npt.NDArray[np.float64] | None,
     scale_a: npt.NDArray[np.float64] | None,
     xyz_b: npt.NDArray[np.float64] | None,
     scale_b: npt.NDArray[np.float64] | None,
-    posterior: bool,
+    **sj: Unpack[_SoftJaccard],
 ) -> tuple[float, float]: ...
 def reference_votes(
-    sets: list[npt.NDArray[np.uint8]], *, k: int, exact: bool, checks: int
+    sets: list[npt.NDArray[np.uint8]], **votes: Unpack[_Votes]
 ) -> npt.NDArray[np.float64]: ...
 
 @final
@@ -301,25 +305,12 @@ class SearchEngine:
         *,
         exclude: int | None,
         allowed: npt.NDArray[np.bool_] | None,
-        k: int,
-        exact: bool,
-        checks: int,
-        alpha2_floor: float,
-        alpha2_cap_fraction: float,
-        posterior: bool,
+        **sj: Unpack[_SoftJaccard],
     ) -> npt.NDArray[np.float64]: ...
     def pairwise(
-        self,
-        *,
-        k: int,
-        exact: bool,
-        checks: int,
-        alpha2_floor: float,
-        alpha2_cap_fraction: float,
-        symmetric: bool,
-        posterior: bool,
+        self, *, symmetric: bool, **sj: Unpack[_SoftJaccard]
     ) -> npt.NDArray[np.float64]: ...
-    def reference_votes(self, *, k: int, exact: bool, checks: int) -> npt.NDArray[np.float64]: ...
+    def reference_votes(self, **votes: Unpack[_Votes]) -> npt.NDArray[np.float64]: ...
 
 @final
 class Shard:

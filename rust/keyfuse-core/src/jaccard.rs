@@ -229,6 +229,16 @@ pub fn jaccard_from(inter: f64, na: usize, nb: usize) -> f64 {
     }
 }
 
+/// Jaccard indices of a query set of `n_query` keypoints against subjects with keypoint
+/// counts `sizes`, from its soft intersections with them (CPU and CUDA cohorts alike).
+pub fn jaccard_scores(inter: &[f64], n_query: usize, sizes: &[usize]) -> Vec<f64> {
+    inter
+        .iter()
+        .zip(sizes)
+        .map(|(&i, &n)| jaccard_from(i, n_query, n))
+        .collect()
+}
+
 /// The N×N soft-Jaccard matrix, row-major, of subjects with keypoint counts `sizes`, from
 /// their soft intersections `inter(a, b)` (a's keypoints into subject b): diagonal 1;
 /// `symmetric` averages `inter(a, b)` and `inter(b, a)` before forming J. CPU and CUDA
@@ -396,12 +406,7 @@ impl Cohort {
     ) -> Result<Vec<f64>> {
         let nq = queries.len() / DESC_LEN;
         let inter = self.intersections(queries, exclude, allowed, p)?;
-        let sizes = self.sizes();
-        Ok(inter
-            .iter()
-            .zip(&sizes)
-            .map(|(&i, &n)| jaccard_from(i, nq, n))
-            .collect())
+        Ok(jaccard_scores(&inter, nq, &self.sizes()))
     }
 
     /// N×N soft-Jaccard matrix (row = query subject, its own subject excluded), row-major.

@@ -5,9 +5,10 @@
 //!   keypoints of class k plus a uniform background (eqs. 6–7):
 //!   p(f_i | C_k) ∝ (1/N_k) Σ_{j ∈ k} exp(−‖f_i − f_j‖² / (1 + dNN_i²)) + b,
 //!   dNN_i = min_j ‖f_i − f_j‖ over all training keypoints.
-//! * [`vector_log_likelihood`] / [`binary_log_likelihood`]: log p(v | C_k) (eqs. 8–9),
+//! * [`vector_log_likelihood`]: log p(v | C_k) (eqs. 8–9),
 //!   p(v | C_k) ∝ (1/N_k) Σ_{j ∈ k} exp(−d(v, v_j)² / μ²) + b with μ the mean distance
-//!   from v to the training vectors; Euclidean for real vectors, Hamming for binary ones.
+//!   from v to the training vectors; Euclidean for real vectors (`f64`), Hamming for
+//!   binary ones (`u8` holding 0 and 1).
 //!
 //! Everything is computed in log space as a sum of `ln(S/N + b)` terms, so a product over
 //! thousands of keypoints never underflows. Work is split over rayon threads per query
@@ -482,92 +483,125 @@ impl<'a> VectorTask<'a> {
     }
 }
 
-/// log p(v | C_k) for real vectors (eqs. 8–9, Euclidean distance), one row per query.
-///
-/// * `query` (Q, D), `train` (N, D); `train_class` (N,) in `0..n_classes`.
-/// * `exclude`: per query, the index of a training vector to ignore (leave-one-out:
-///   pass `0..Q` when the queries are the training vectors), negative = none.
-///
-/// Returns (Q, n_classes) values ln((1/N_k) Σ_{j∈k} exp(−‖v−v_j‖²/μ²) + b),
-/// μ = mean ‖v − v_j‖ over the (non-excluded) training vectors.
-pub fn vector_log_likelihood(
-    query: ArrayView2<f64>,
-    train: ArrayView2<f64>,
-    train_class: ArrayView1<i64>,
-    n_classes: usize,
-    exclude: Option<&[i64]>,
-    opts: &KdeOptions,
-) -> Result<Array2<f64>> {
-    let task = VectorTask::new(&query, &train, train_class, n_classes, exclude, opts)?;
-    if query.iter().chain(train.iter()).any(|v| !v.is_finite()) {
-        return Err(KfError::InvalidArgument(
-            "vectors contain NaN or Inf".into(),
-        ));
+/// The vectors of eqs. 8–9 and their distance: real vectors (`f64`) by the Euclidean
+/// distance, 0/1 vectors (`u8`) by the Hamming distance. The one thing in which
+/// [`vector_log_likelihood`]'s two versions differ.
+pub trait VectorElement: Copy + Sync + Sized + sealed::Sealed {
+    /// The rows prepared for repeated distances.
+    #[doc(hidden)]
+    type Rows<'a>: Sync
+    where
+        Self: 'a;
+    /// `m`'s rows, checked (finite values; only 0 and 1).
+    #[doc(hidden)]
+    fn prepare(m: ArrayView2<'_, Self>) -> Result<Self::Rows<'_>>;
+    /// The distances from row `i` of `q` to every row of `t`, into `out`.
+    #[doc(hidden)]
+    fn distances(q: &Self::Rows<'_>, i: usize, t: &Self::Rows<'_>, out: &mut [f64]);
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f64 {}
+    impl Sealed for u8 {}
+}
+
+/// Real vectors: rows back to back (row length `.1`), Euclidean distance.
+impl VectorElement for f64 {
+    type Rows<'a> = (ndarray::CowArray<'a, f64, ndarray::Ix2>, usize);
+
+    fn prepare(m: ArrayView2<'_, f64>) -> Result<Self::Rows<'_>> {
+        if m.iter().any(|v| !v.is_finite()) {
+            return Err(KfError::InvalidArgument(
+                "vectors contain NaN or Inf".into(),
+            ));
+        }
+        let d = m.ncols();
+        let rows = if m.is_standard_layout() {
+            ndarray::CowArray::from(m)
+        } else {
+            ndarray::CowArray::from(m.as_standard_layout().into_owned())
+        };
+        Ok((rows, d))
     }
-    let query = query.as_standard_layout();
-    let train = train.as_standard_layout();
-    let d = query.ncols();
-    let qs = query.as_slice().expect("standard layout");
-    let ts = train.as_slice().expect("standard layout");
-    Ok(task.solve(|i, dists| {
+
+    fn distances(q: &Self::Rows<'_>, i: usize, t: &Self::Rows<'_>, out: &mut [f64]) {
+        let d = q.1;
+        if d == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let qs = q.0.as_slice().expect("standard layout");
         let q = &qs[i * d..(i + 1) * d];
-        for (o, t) in dists.iter_mut().zip(ts.chunks_exact(d.max(1))) {
+        let ts = t.0.as_slice().expect("standard layout");
+        for (o, t) in out.iter_mut().zip(ts.chunks_exact(d)) {
             let s: f64 = q.iter().zip(t).map(|(a, b)| (a - b) * (a - b)).sum();
             *o = s.sqrt();
         }
-        if d == 0 {
-            dists.iter_mut().for_each(|o| *o = 0.0);
-        }
-    }))
+    }
 }
 
-fn pack_bits(m: ArrayView2<u8>) -> Result<(Vec<u64>, usize)> {
-    let words = m.ncols().div_ceil(64);
-    let mut out = vec![0u64; m.nrows() * words];
-    for (r, row) in m.rows().into_iter().enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            match v {
-                0 => {}
-                1 => out[r * words + c / 64] |= 1u64 << (c % 64),
-                _ => {
-                    return Err(KfError::InvalidArgument(format!(
-                        "binary vectors must hold only 0 and 1, found {v}"
-                    )))
+/// 0/1 vectors: bits packed into words (`.1` a row), Hamming distance.
+impl VectorElement for u8 {
+    type Rows<'a> = (Vec<u64>, usize);
+
+    fn prepare(m: ArrayView2<'_, u8>) -> Result<Self::Rows<'_>> {
+        let words = m.ncols().div_ceil(64);
+        let mut out = vec![0u64; m.nrows() * words];
+        for (r, row) in m.rows().into_iter().enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                match v {
+                    0 => {}
+                    1 => out[r * words + c / 64] |= 1u64 << (c % 64),
+                    _ => {
+                        return Err(KfError::InvalidArgument(format!(
+                            "binary vectors must hold only 0 and 1, found {v}"
+                        )))
+                    }
                 }
             }
         }
+        Ok((out, words))
     }
-    Ok((out, words))
-}
 
-/// log p(v | C_k) for binary vectors (eqs. 8–9 with the Hamming distance d_H as the
-/// distance: kernel exp(−d_H²/μ²), μ = mean d_H). Same arguments and result as
-/// [`vector_log_likelihood`]; `query` and `train` hold 0/1 bytes.
-pub fn binary_log_likelihood(
-    query: ArrayView2<u8>,
-    train: ArrayView2<u8>,
-    train_class: ArrayView1<i64>,
-    n_classes: usize,
-    exclude: Option<&[i64]>,
-    opts: &KdeOptions,
-) -> Result<Array2<f64>> {
-    let task = VectorTask::new(&query, &train, train_class, n_classes, exclude, opts)?;
-    let (qb, words) = pack_bits(query)?;
-    let (tb, _) = pack_bits(train)?;
-    Ok(task.solve(|i, dists| {
+    fn distances(q: &Self::Rows<'_>, i: usize, t: &Self::Rows<'_>, out: &mut [f64]) {
+        let words = q.1;
         if words == 0 {
-            dists.iter_mut().for_each(|o| *o = 0.0);
+            out.iter_mut().for_each(|o| *o = 0.0);
             return;
         }
-        let q = &qb[i * words..(i + 1) * words];
-        for (o, t) in dists.iter_mut().zip(tb.chunks_exact(words)) {
+        let q = &q.0[i * words..(i + 1) * words];
+        for (o, t) in out.iter_mut().zip(t.0.chunks_exact(words)) {
             *o = q
                 .iter()
                 .zip(t)
                 .map(|(a, b)| (a ^ b).count_ones())
                 .sum::<u32>() as f64;
         }
-    }))
+    }
+}
+
+/// log p(v | C_k) (eqs. 8–9), one row per query: for real vectors (`T = f64`, Euclidean
+/// distance) or 0/1 vectors (`T = u8`, Hamming distance d_H: kernel exp(−d_H²/μ²), μ =
+/// mean d_H).
+///
+/// * `query` (Q, D), `train` (N, D); `train_class` (N,) in `0..n_classes`.
+/// * `exclude`: per query, the index of a training vector to ignore (leave-one-out:
+///   pass `0..Q` when the queries are the training vectors), negative = none.
+///
+/// Returns (Q, n_classes) values ln((1/N_k) Σ_{j∈k} exp(−d(v, v_j)²/μ²) + b),
+/// μ = mean d(v, v_j) over the (non-excluded) training vectors.
+pub fn vector_log_likelihood<T: VectorElement>(
+    query: ArrayView2<T>,
+    train: ArrayView2<T>,
+    train_class: ArrayView1<i64>,
+    n_classes: usize,
+    exclude: Option<&[i64]>,
+    opts: &KdeOptions,
+) -> Result<Array2<f64>> {
+    let task = VectorTask::new(&query, &train, train_class, n_classes, exclude, opts)?;
+    let (q, t) = (T::prepare(query)?, T::prepare(train)?);
+    Ok(task.solve(|i, dists| T::distances(&q, i, &t, dists)))
 }
 
 #[cfg(test)]

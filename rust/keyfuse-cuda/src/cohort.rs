@@ -4,7 +4,7 @@
 //! from `keyfuse_core::jaccard`, so CPU and GPU scores cannot drift apart.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
-use keyfuse_core::jaccard::{alpha2_clamp, jaccard_from, jaccard_matrix, DimStats};
+use keyfuse_core::jaccard::{alpha2_clamp, jaccard_matrix, jaccard_scores, DimStats};
 use keyfuse_core::{KfError, Result};
 use ndarray::{Array2, ArrayView2};
 
@@ -171,14 +171,14 @@ impl Gpu {
         })
     }
 
-    /// Soft intersections of a query set with every subject of a device cohort — the
-    /// exact-search version of `keyfuse_core::jaccard::Cohort::intersections`: each query
-    /// row's k nearest cohort rows (rows of subject `exclude` and of subjects not `allowed`
-    /// are never candidates), α² = d² to the first clamped to [`alpha2_bounds`] of the cohort
-    /// data, and per subject the nearest of its rows adds `exp(−d²/2α²)`. Sums are exact
-    /// 32.32 fixed point (deterministic); they differ from the CPU's f64 sums by < 2⁻³² per
-    /// term.
-    pub fn cohort_intersections_on(
+    /// Soft-Jaccard of a query set against every subject of a device cohort — the
+    /// exact-search version of `keyfuse_core::jaccard::Cohort::search`: each query row's
+    /// k nearest cohort rows (rows of subject `exclude` and of subjects not `allowed` are
+    /// never candidates), α² = d² to the first clamped to [`alpha2_bounds`] of the cohort
+    /// data, and per subject the nearest of its rows adds `exp(−d²/2α²)` to the soft
+    /// intersection. Sums are exact 32.32 fixed point (deterministic); they differ from the
+    /// CPU's f64 sums by < 2⁻³² per term.
+    pub fn cohort_search_on(
         &self,
         cohort: &DeviceCohort,
         queries: ArrayView2<u8>,
@@ -225,26 +225,11 @@ impl Gpu {
             n_subjects,
             false,
         )?;
-        Ok(inter.into_raw_vec_and_offset().0)
-    }
-
-    /// Soft-Jaccard of a query set against every subject of a device cohort (exact-search
-    /// version of `Cohort::search`).
-    pub fn cohort_search_on(
-        &self,
-        cohort: &DeviceCohort,
-        queries: ArrayView2<u8>,
-        exclude: Option<usize>,
-        allowed: Option<&[bool]>,
-        sj: &SjParams,
-    ) -> Result<Vec<f64>> {
-        let inter = self.cohort_intersections_on(cohort, queries, exclude, allowed, sj)?;
-        let nq = queries.nrows();
-        Ok(inter
-            .iter()
-            .zip(&cohort.sizes)
-            .map(|(&i, &n)| jaccard_from(i, nq, n))
-            .collect())
+        Ok(jaccard_scores(
+            inter.as_slice().expect("a fresh array"),
+            nq,
+            &cohort.sizes,
+        ))
     }
 
     /// [`Self::cohort_search_on`] for a cohort given as host arrays (uploaded for this call).

@@ -1,14 +1,20 @@
-//! numpy ↔ core conversions shared by every binding: descriptor and point arrays in,
-//! arrays out, extraction parameters from keyword arguments. Each input check is written
-//! once here, with one message.
+//! numpy ↔ core conversions shared by every binding: descriptor, point and keypoint arrays
+//! in, arrays out, and the parameter groups taken as keyword arguments (extraction,
+//! soft-Jaccard, reference matcher). Each input check is written once here, with one
+//! message.
 
 use std::borrow::Cow;
 
 use keyfuse_core::extract::ExtractParams;
+use keyfuse_core::jaccard::SoftJaccardParams;
 use keyfuse_core::knn::Neighbors;
+use keyfuse_core::matching::KeypointView;
 use keyfuse_core::DESC_LEN;
+use keyfuse_cuda::ops::SjParams;
 use numpy::ndarray::{Array2, ArrayView2};
 use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::conversion::FromPyObjectOwned;
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -61,6 +67,35 @@ pub fn points(
         ));
     }
     Ok(v.rows().into_iter().map(|r| [r[0], r[1], r[2]]).collect())
+}
+
+/// A keypoint set's arrays (descriptors, (n, 3) positions, scales), converted.
+pub struct Keypoints<'a> {
+    pub desc: Cow<'a, [u8]>,
+    pub xyz: Vec<[f64; 3]>,
+    pub scale: Vec<f64>,
+}
+
+impl Keypoints<'_> {
+    /// The core's view (lengths and values are checked by the core).
+    pub fn view(&self) -> KeypointView<'_> {
+        KeypointView::new(&self.desc, &self.xyz, &self.scale)
+    }
+}
+
+/// A keypoint set from its three arrays.
+pub fn keypoints<'a>(
+    py: Python<'_>,
+    name: &str,
+    desc: &'a PyReadonlyArray2<'_, u8>,
+    xyz: &PyReadonlyArray2<'_, f64>,
+    scale: &PyReadonlyArray1<'_, f64>,
+) -> PyResult<Keypoints<'a>> {
+    Ok(Keypoints {
+        desc: descriptors(py, name, desc)?,
+        xyz: points(py, name, xyz)?,
+        scale: scale.as_array().to_vec(),
+    })
 }
 
 /// A row-major `rows × cols` buffer as a new numpy array (moved, not copied).
@@ -137,4 +172,119 @@ pub fn extract_params(
         p.set(&name, value).map_err(|e| to_pyerr(py, e))?;
     }
     Ok(p)
+}
+
+/// A group of keyword arguments (`**name` in a binding's signature) that several bindings
+/// share, read one by one ([`Kwargs::take`]): each is required, and one left over is an
+/// error ([`Kwargs::finish`]), as with a plain signature. The core checks the values.
+pub struct Kwargs<'py> {
+    group: &'static str,
+    left: Bound<'py, PyDict>,
+}
+
+/// The keyword arguments of `group` (None: none given).
+pub fn kwargs<'py>(
+    py: Python<'py>,
+    group: &'static str,
+    given: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Kwargs<'py>> {
+    let left = match given {
+        Some(d) => d.copy()?,
+        None => PyDict::new(py),
+    };
+    Ok(Kwargs { group, left })
+}
+
+impl<'py> Kwargs<'py> {
+    /// The argument `name`, converted.
+    pub fn take<T: FromPyObjectOwned<'py>>(&self, name: &str) -> PyResult<T> {
+        let group = self.group;
+        let value = self.left.get_item(name)?.ok_or_else(|| {
+            PyTypeError::new_err(format!(
+                "missing required keyword argument {name:?} ({group} settings)"
+            ))
+        })?;
+        self.left.del_item(name)?;
+        value.extract::<T>().map_err(|e| {
+            let e: PyErr = e.into();
+            PyTypeError::new_err(format!("keyword argument {name:?}: {e}"))
+        })
+    }
+
+    /// `value`, when no argument is left unread.
+    pub fn finish<T>(self, value: T) -> PyResult<T> {
+        if self.left.is_empty() {
+            return Ok(value);
+        }
+        let names: Vec<String> = self.left.keys().iter().map(|k| k.to_string()).collect();
+        Err(PyTypeError::new_err(format!(
+            "unexpected keyword argument(s) {} ({} settings)",
+            names.join(", "),
+            self.group
+        )))
+    }
+}
+
+/// The soft-Jaccard settings given as `**sj` (k, exact, checks, alpha2_floor,
+/// alpha2_cap_fraction, posterior).
+pub fn sj_kwargs(py: Python<'_>, sj: Option<&Bound<'_, PyDict>>) -> PyResult<SoftJaccardParams> {
+    let kw = kwargs(py, "soft-Jaccard", sj)?;
+    let p = sj_params(
+        kw.take("k")?,
+        kw.take("exact")?,
+        kw.take("checks")?,
+        kw.take("alpha2_floor")?,
+        kw.take("alpha2_cap_fraction")?,
+        kw.take("posterior")?,
+    );
+    kw.finish(p)
+}
+
+/// The soft-Jaccard settings from their values.
+pub fn sj_params(
+    k: usize,
+    exact: bool,
+    checks: usize,
+    alpha2_floor: f64,
+    alpha2_cap_fraction: f64,
+    posterior: bool,
+) -> SoftJaccardParams {
+    SoftJaccardParams {
+        k,
+        exact,
+        checks,
+        alpha2_floor,
+        alpha2_cap_fraction,
+        posterior,
+        // the posterior kernel's width is part of its definition (keyfuse_core::jaccard)
+        alpha_scale: if posterior {
+            SoftJaccardParams::posterior().alpha_scale
+        } else {
+            1.0
+        },
+    }
+}
+
+/// The reference matcher's settings given as `**votes` (k, exact, checks; its α² clamp
+/// is not used).
+pub fn votes_kwargs(
+    py: Python<'_>,
+    votes: Option<&Bound<'_, PyDict>>,
+) -> PyResult<SoftJaccardParams> {
+    let kw = kwargs(py, "reference-matcher", votes)?;
+    let (k, exact, checks) = (kw.take("k")?, kw.take("exact")?, kw.take("checks")?);
+    kw.finish(sj_params(k, exact, checks, 1.0, f64::INFINITY, false))
+}
+
+/// The GPU's soft-Jaccard settings given as `**sj` (k, alpha2_floor, alpha2_cap_fraction;
+/// the published kernel; k-NN kernel from `KEYFUSE_CUDA_KNN`).
+pub fn gpu_sj_kwargs(py: Python<'_>, sj: Option<&Bound<'_, PyDict>>) -> PyResult<SjParams> {
+    let kw = kwargs(py, "soft-Jaccard", sj)?;
+    let p = SjParams {
+        k: kw.take("k")?,
+        alpha2_floor: kw.take("alpha2_floor")?,
+        alpha2_cap_fraction: kw.take("alpha2_cap_fraction")?,
+        kernel: None,
+    };
+    kw.finish(p)
 }

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use keyfuse_core::KfError;
-use keyfuse_cuda::ops::{intensity_scale, DeviceCohort, ScaleSpaceParams, SjParams};
+use keyfuse_cuda::ops::{intensity_scale, DeviceCohort, ScaleSpaceParams};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::convert::{array2, descriptor_view, extract_params};
+use crate::convert::{array2, descriptor_view, extract_params, gpu_sj_kwargs};
 use crate::errors::{detach, internal, invalid, to_pyerr};
 
 /// `libnvrtc.so.13` inside the `nvidia-cuda-nvrtc` wheel, found through importlib without
@@ -140,16 +140,6 @@ fn owners(py: Python<'_>, sizes: &PyReadonlyArray1<'_, i64>, rows: usize) -> PyR
     Ok(owner)
 }
 
-/// The GPU's soft-Jaccard settings (published kernel; k-NN kernel from `KEYFUSE_CUDA_KNN`).
-fn sj_params(k: usize, alpha2_floor: f64, alpha2_cap_fraction: f64) -> SjParams {
-    SjParams {
-        k,
-        alpha2_floor,
-        alpha2_cap_fraction,
-        kernel: None,
-    }
-}
-
 /// (indices, squared distances), both (m, k) int64.
 type KnnOut<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>);
 
@@ -177,9 +167,7 @@ fn gpu_knn<'py>(
 /// `data` holds all subjects' rows in order, `sizes` their row counts.
 /// `exclude`: a subject whose rows are never neighbours; `allowed`: per-subject bool mask.
 #[pyfunction]
-#[pyo3(signature = (data, sizes, desc, *, exclude, allowed, k, alpha2_floor,
-    alpha2_cap_fraction))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (data, sizes, desc, *, exclude, allowed, **sj))]
 fn gpu_cohort_search<'py>(
     py: Python<'py>,
     data: PyReadonlyArray2<'py, u8>,
@@ -187,19 +175,9 @@ fn gpu_cohort_search<'py>(
     desc: PyReadonlyArray2<'py, u8>,
     exclude: Option<usize>,
     allowed: Option<Vec<bool>>,
-    k: usize,
-    alpha2_floor: f64,
-    alpha2_cap_fraction: f64,
+    sj: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    GpuCohort::new(py, data, sizes)?.search(
-        py,
-        desc,
-        exclude,
-        allowed,
-        k,
-        alpha2_floor,
-        alpha2_cap_fraction,
-    )
+    GpuCohort::new(py, data, sizes)?.search(py, desc, exclude, allowed, sj)
 }
 
 /// A cohort's descriptors resident on the GPU — upload once, search many times (the GPU
@@ -237,20 +215,17 @@ impl GpuCohort {
     }
 
     /// Soft-Jaccard of `desc` against every subject (as `gpu_cohort_search`).
-    #[pyo3(signature = (desc, *, exclude, allowed, k, alpha2_floor, alpha2_cap_fraction))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (desc, *, exclude, allowed, **sj))]
     fn search<'py>(
         &self,
         py: Python<'py>,
         desc: PyReadonlyArray2<'py, u8>,
         exclude: Option<usize>,
         allowed: Option<Vec<bool>>,
-        k: usize,
-        alpha2_floor: f64,
-        alpha2_cap_fraction: f64,
+        sj: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let q = descriptor_view(py, "desc", &desc)?;
-        let sj = sj_params(k, alpha2_floor, alpha2_cap_fraction);
+        let sj = gpu_sj_kwargs(py, sj)?;
         let inner = &self.inner;
         let scores = detach(py, || {
             gpu()?.cohort_search_on(inner, q, exclude, allowed.as_deref(), &sj)
@@ -259,16 +234,14 @@ impl GpuCohort {
     }
 
     /// N×N soft-Jaccard matrix (as `gpu_cohort_pairwise`).
-    #[pyo3(signature = (*, k, alpha2_floor, alpha2_cap_fraction, symmetric))]
+    #[pyo3(signature = (*, symmetric, **sj))]
     fn pairwise<'py>(
         &self,
         py: Python<'py>,
-        k: usize,
-        alpha2_floor: f64,
-        alpha2_cap_fraction: f64,
         symmetric: bool,
+        sj: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let sj = sj_params(k, alpha2_floor, alpha2_cap_fraction);
+        let sj = gpu_sj_kwargs(py, sj)?;
         let inner = &self.inner;
         let n = inner.n_subjects();
         let flat = detach(py, || gpu()?.cohort_pairwise_on(inner, &sj, symmetric))?;
@@ -280,17 +253,15 @@ impl GpuCohort {
 /// — the exact-search `SearchEngine.pairwise`
 /// (row = query subject, diagonal 1, `symmetric` averages the two intersections).
 #[pyfunction]
-#[pyo3(signature = (data, sizes, *, k, alpha2_floor, alpha2_cap_fraction, symmetric))]
+#[pyo3(signature = (data, sizes, *, symmetric, **sj))]
 fn gpu_cohort_pairwise<'py>(
     py: Python<'py>,
     data: PyReadonlyArray2<'py, u8>,
     sizes: PyReadonlyArray1<'py, i64>,
-    k: usize,
-    alpha2_floor: f64,
-    alpha2_cap_fraction: f64,
     symmetric: bool,
+    sj: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    GpuCohort::new(py, data, sizes)?.pairwise(py, k, alpha2_floor, alpha2_cap_fraction, symmetric)
+    GpuCohort::new(py, data, sizes)?.pairwise(py, symmetric, sj)
 }
 
 /// Per-class kernel sums of the fusion model on the GPU:

@@ -36,8 +36,8 @@ fn keypoint_log_likelihood<'py>(
     Ok(out.into_pyarray(py))
 }
 
-/// One binding per vector likelihood of the core (real and 0/1 vectors share arguments and
-/// result; only the element type and the core function differ).
+/// One binding per element type of the core's vector likelihood (real and 0/1 vectors
+/// share arguments and result; the element type picks the distance).
 macro_rules! vector_likelihood_binding {
     ($(#[$doc:meta])* $name:ident, $elem:ty) => {
         $(#[$doc])*
@@ -58,7 +58,7 @@ macro_rules! vector_likelihood_binding {
                 background,
                 ..Default::default()
             };
-            let out = detach(py, || kde::$name(q, t, c, n_classes, ex.as_deref(), &opts))?;
+            let out = detach(py, || kde::vector_log_likelihood(q, t, c, n_classes, ex.as_deref(), &opts))?;
             Ok(out.into_pyarray(py))
         }
     };

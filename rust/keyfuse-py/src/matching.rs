@@ -1,13 +1,15 @@
 //! Bindings for k-NN, matching, alignment and soft-Jaccard scoring (keyfuse_core::knn,
 //! ::matching, ::jaccard), and the `SearchEngine` behind `keyfuse.Index`.
 
-use keyfuse_core::jaccard::{self, Cohort, Geometry, SoftJaccardParams};
+use keyfuse_core::jaccard::{self, Cohort, Geometry};
 use keyfuse_core::knn::{self, ForestParams, KdForest};
-use keyfuse_core::matching::{self, AlignParams, KeypointView, MatchParams};
+use keyfuse_core::matching::{self, AlignParams, MatchParams};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
-use crate::convert::{array2, descriptors, points, rows_array};
+pub(crate) use crate::convert::sj_params;
+use crate::convert::{array2, descriptors, keypoints, points, rows_array, sj_kwargs, votes_kwargs};
 use crate::errors::{detach, invalid};
 
 /// (neighbour indices, squared distances), both (m, k) int64.
@@ -106,12 +108,8 @@ fn match_sets<'py>(
     keep_fraction: f64,
     kde_bandwidth: f64,
 ) -> PyResult<MatchOut<'py>> {
-    let (da, db) = (
-        descriptors(py, "a", &desc_a)?,
-        descriptors(py, "b", &desc_b)?,
-    );
-    let (xa, xb) = (points(py, "a", &xyz_a)?, points(py, "b", &xyz_b)?);
-    let (sa, sb) = (scale_a.as_array().to_vec(), scale_b.as_array().to_vec());
+    let a = keypoints(py, "a", &desc_a, &xyz_a, &scale_a)?;
+    let b = keypoints(py, "b", &desc_b, &xyz_b, &scale_b)?;
     let params = MatchParams {
         ratio,
         scale_factor,
@@ -120,11 +118,7 @@ fn match_sets<'py>(
         keep_fraction,
         kde_bandwidth,
     };
-    let res = detach(py, || {
-        let a = KeypointView::new(&da, &xa, &sa);
-        let b = KeypointView::new(&db, &xb, &sb);
-        matching::match_sets(&a, &b, &params)
-    })?;
+    let res = detach(py, || matching::match_sets(&a.view(), &b.view(), &params))?;
     let as_i64 = |v: &[u32]| v.iter().map(|&i| i as i64).collect::<Vec<_>>();
     Ok((
         as_i64(&res.ia).into_pyarray(py),
@@ -173,67 +167,25 @@ fn ransac_similarity<'py>(
     ))
 }
 
-pub(crate) fn sj_params(
-    k: usize,
-    exact: bool,
-    checks: usize,
-    alpha2_floor: f64,
-    alpha2_cap_fraction: f64,
-    posterior: bool,
-) -> SoftJaccardParams {
-    SoftJaccardParams {
-        k,
-        exact,
-        checks,
-        alpha2_floor,
-        alpha2_cap_fraction,
-        posterior,
-        // the posterior kernel's width is part of its definition (keyfuse_core::jaccard)
-        alpha_scale: if posterior {
-            SoftJaccardParams::posterior().alpha_scale
-        } else {
-            1.0
-        },
-    }
-}
-
-/// The reference matcher's parameters: its α² clamp is not used.
-fn votes_params(k: usize, exact: bool, checks: usize) -> SoftJaccardParams {
-    sj_params(k, exact, checks, 1.0, f64::INFINITY, false)
-}
-
 /// Soft intersections (|A∩B|, |B∩A|) of two sets; geometry arrays optional (all or none).
 #[pyfunction]
-#[pyo3(signature = (desc_a, desc_b, *, k, exact, checks, alpha2_floor, alpha2_cap_fraction,
-    xyz_a, scale_a, xyz_b, scale_b, posterior))]
+#[pyo3(signature = (desc_a, desc_b, *, xyz_a, scale_a, xyz_b, scale_b, **sj))]
 #[allow(clippy::too_many_arguments)]
 fn soft_intersections<'py>(
     py: Python<'py>,
     desc_a: PyReadonlyArray2<'py, u8>,
     desc_b: PyReadonlyArray2<'py, u8>,
-    k: usize,
-    exact: bool,
-    checks: usize,
-    alpha2_floor: f64,
-    alpha2_cap_fraction: f64,
     xyz_a: Option<PyReadonlyArray2<'py, f64>>,
     scale_a: Option<PyReadonlyArray1<'py, f64>>,
     xyz_b: Option<PyReadonlyArray2<'py, f64>>,
     scale_b: Option<PyReadonlyArray1<'py, f64>>,
-    posterior: bool,
+    sj: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<(f64, f64)> {
     let (da, db) = (
         descriptors(py, "a", &desc_a)?,
         descriptors(py, "b", &desc_b)?,
     );
-    let p = sj_params(
-        k,
-        exact,
-        checks,
-        alpha2_floor,
-        alpha2_cap_fraction,
-        posterior,
-    );
+    let p = sj_kwargs(py, sj)?;
     let geo = match (xyz_a, scale_a, xyz_b, scale_b) {
         (Some(xa), Some(sa), Some(xb), Some(sb)) => Some((
             points(py, "a", &xa)?,
@@ -262,13 +214,11 @@ fn soft_intersections<'py>(
 
 /// The reference matcher's (featMatchMultiple) vote matrix over a list of sets, N×N.
 #[pyfunction]
-#[pyo3(signature = (sets, *, k, exact, checks))]
+#[pyo3(signature = (sets, **votes))]
 fn reference_votes<'py>(
     py: Python<'py>,
     sets: Vec<PyReadonlyArray2<'py, u8>>,
-    k: usize,
-    exact: bool,
-    checks: usize,
+    votes: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
     let owned: Vec<_> = sets
         .iter()
@@ -277,7 +227,7 @@ fn reference_votes<'py>(
         .collect::<PyResult<_>>()?;
     let slices: Vec<&[u8]> = owned.iter().map(|s| &**s).collect();
     let n = slices.len();
-    let p = votes_params(k, exact, checks);
+    let p = votes_kwargs(py, votes)?;
     let v = detach(py, || jaccard::reference_votes(&slices, &p))?;
     array2(py, n, n, v)
 }
@@ -290,7 +240,24 @@ struct SearchEngine {
 }
 
 impl SearchEngine {
-    /// An N×N matrix over the subjects, from `f` run with the forest built when needed.
+    /// `f` run on the engine with the GIL released, the kd-forest built first unless
+    /// `exact`.
+    fn with_forest<T: Send>(
+        &mut self,
+        py: Python<'_>,
+        exact: bool,
+        f: impl FnOnce(&Cohort) -> keyfuse_core::Result<T> + Send,
+    ) -> PyResult<T> {
+        let inner = &mut self.inner;
+        detach(py, || {
+            if !exact {
+                inner.build_forest()?;
+            }
+            f(inner)
+        })
+    }
+
+    /// An N×N matrix over the subjects, from `f` (as [`Self::with_forest`]).
     fn matrix<'py>(
         &mut self,
         py: Python<'py>,
@@ -298,13 +265,7 @@ impl SearchEngine {
         f: impl FnOnce(&Cohort) -> keyfuse_core::Result<Vec<f64>> + Send,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let n = self.inner.n_subjects();
-        let inner = &mut self.inner;
-        let out = detach(py, || {
-            if !exact {
-                inner.build_forest()?;
-            }
-            f(inner)
-        })?;
+        let out = self.with_forest(py, exact, f)?;
         array2(py, n, n, out)
     }
 }
@@ -375,79 +336,43 @@ impl SearchEngine {
     }
 
     /// Soft-Jaccard of a query set against every subject, shape (N,).
-    #[pyo3(signature = (desc, *, exclude, allowed, k, exact, checks, alpha2_floor,
-        alpha2_cap_fraction, posterior))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (desc, *, exclude, allowed, **sj))]
     fn search<'py>(
         &mut self,
         py: Python<'py>,
         desc: PyReadonlyArray2<'py, u8>,
         exclude: Option<usize>,
         allowed: Option<PyReadonlyArray1<'py, bool>>,
-        k: usize,
-        exact: bool,
-        checks: usize,
-        alpha2_floor: f64,
-        alpha2_cap_fraction: f64,
-        posterior: bool,
+        sj: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let q = descriptors(py, "query", &desc)?;
         let mask: Option<Vec<bool>> = allowed.map(|a| a.as_array().to_vec());
-        let p = sj_params(
-            k,
-            exact,
-            checks,
-            alpha2_floor,
-            alpha2_cap_fraction,
-            posterior,
-        );
-        let inner = &mut self.inner;
-        let out = detach(py, || {
-            if !p.exact {
-                inner.build_forest()?;
-            }
-            inner.search(&q, exclude, mask.as_deref(), &p)
-        })?;
+        let p = sj_kwargs(py, sj)?;
+        let out = self.with_forest(py, p.exact, |c| c.search(&q, exclude, mask.as_deref(), &p))?;
         Ok(out.into_pyarray(py))
     }
 
     /// N×N soft-Jaccard (row = query subject), diagonal 1.
-    #[pyo3(signature = (*, k, exact, checks, alpha2_floor, alpha2_cap_fraction, symmetric,
-        posterior))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (*, symmetric, **sj))]
     fn pairwise<'py>(
         &mut self,
         py: Python<'py>,
-        k: usize,
-        exact: bool,
-        checks: usize,
-        alpha2_floor: f64,
-        alpha2_cap_fraction: f64,
         symmetric: bool,
-        posterior: bool,
+        sj: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let p = sj_params(
-            k,
-            exact,
-            checks,
-            alpha2_floor,
-            alpha2_cap_fraction,
-            posterior,
-        );
-        self.matrix(py, exact, |c| c.pairwise(&p, symmetric))
+        let p = sj_kwargs(py, sj)?;
+        self.matrix(py, p.exact, |c| c.pairwise(&p, symmetric))
     }
 
     /// The reference matcher's vote matrix over the cohort, N×N.
-    #[pyo3(signature = (*, k, exact, checks))]
+    #[pyo3(signature = (**votes))]
     fn reference_votes<'py>(
         &mut self,
         py: Python<'py>,
-        k: usize,
-        exact: bool,
-        checks: usize,
+        votes: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let p = votes_params(k, exact, checks);
-        self.matrix(py, exact, |c| c.reference_votes(&p))
+        let p = votes_kwargs(py, votes)?;
+        self.matrix(py, p.exact, |c| c.reference_votes(&p))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Bindings for keypoint-transfer segmentation: `TransferAtlases` (training label maps in
 //! run form, built once) and `vote_labels`.
 
-use keyfuse_core::matching::{KeypointView, MatchParams};
+use keyfuse_core::matching::MatchParams;
 use keyfuse_core::segment::{
     AtlasKeypoints as CoreAtlasKeypoints, AtlasSet, BackgroundRule, Transfer,
 };
@@ -11,7 +11,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use crate::convert::{self, points, rows_array};
+use crate::convert::{keypoints, rows_array};
 use crate::errors::{detach, invalid};
 
 /// The training label maps (int32, 0 = background) and normalised intensities (float32)
@@ -163,12 +163,9 @@ impl AtlasKeypoints {
         }
         let sets = (0..n)
             .map(|i| {
-                Ok((
-                    convert::descriptors(py, "descriptors", &descriptors[i])?.into_owned(),
-                    points(py, "xyz", &xyz[i])?,
-                    scale[i].as_array().to_vec(),
-                    labels[i].as_array().to_vec(),
-                ))
+                let kp = keypoints(py, "atlas", &descriptors[i], &xyz[i], &scale[i])?;
+                let label = labels[i].as_array().to_vec();
+                Ok((kp.desc.into_owned(), kp.xyz, kp.scale, label))
             })
             .collect::<PyResult<Vec<_>>>()?;
         let inner = detach(py, || CoreAtlasKeypoints::new(sets))?;
@@ -201,9 +198,7 @@ impl AtlasKeypoints {
         hough: bool,
         hough_queries: usize,
     ) -> PyResult<AtlasMatchOut<'py>> {
-        let d = convert::descriptors(py, "descriptors", &descriptors)?;
-        let x = points(py, "xyz", &xyz)?;
-        let s = scale.as_array().to_vec();
+        let test = keypoints(py, "test", &descriptors, &xyz, &scale)?;
         let params = MatchParams {
             ratio,
             scale_factor,
@@ -211,10 +206,7 @@ impl AtlasKeypoints {
             ..MatchParams::default()
         };
         let inner = &self.inner;
-        let m = detach(py, || {
-            let a = KeypointView::new(&d, &x, &s);
-            inner.match_all(&a, &params, hough_queries)
-        })?;
+        let m = detach(py, || inner.match_all(&test.view(), &params, hough_queries))?;
         let dist2: Vec<f32> = m.dist2.iter().map(|&v| v as f32).collect();
         Ok((
             m.query.into_pyarray(py),

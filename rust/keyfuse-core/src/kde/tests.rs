@@ -145,7 +145,7 @@ fn vector_kde_and_errors() {
     )
     .is_err());
     let bad = array![[1u8, 2]];
-    assert!(binary_log_likelihood(
+    assert!(vector_log_likelihood(
         bad.view(),
         bad.view(),
         array![0_i64].view(),
@@ -160,7 +160,7 @@ fn vector_kde_and_errors() {
 fn binary_equals_hamming_formula() {
     let train = array![[0u8, 0, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0]];
     let cls = array![0_i64, 1, 1];
-    let ll = binary_log_likelihood(
+    let ll = vector_log_likelihood(
         train.view(),
         train.view(),
         cls.view(),
@@ -182,43 +182,29 @@ fn k_nearest_and_thread_count_independence() {
     let t = random_desc(300, 12);
     let ts: Vec<i64> = (0..300).map(|j| j / 30).collect();
     let sc: Vec<i64> = (0..10).map(|s| s % 3).collect();
+    // sample 4 left out
+    let ll = |opts: KdeOptions| kp_ll(&q, &t, &ts, &sc, 3, Some(4), &opts);
     let run = |threads: usize, k: Option<usize>| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
         pool.install(|| {
-            kp_ll(
-                &q,
-                &t,
-                &ts,
-                &sc,
-                3,
-                Some(4),
-                &KdeOptions {
-                    k,
-                    ..Default::default()
-                },
-            )
+            ll(KdeOptions {
+                k,
+                ..Default::default()
+            })
         })
     };
     for k in [None, Some(7)] {
         assert_eq!(run(1, k), run(4, k));
     }
     // the kd-forest with enough checks finds the exact neighbours
-    let approx = kp_ll(
-        &q,
-        &t,
-        &ts,
-        &sc,
-        3,
-        Some(4),
-        &KdeOptions {
-            k: Some(7),
-            checks: Some(10_000),
-            ..Default::default()
-        },
-    );
+    let approx = ll(KdeOptions {
+        k: Some(7),
+        checks: Some(10_000),
+        ..Default::default()
+    });
     assert_eq!(approx, run(2, Some(7)));
     // k nearest: a direct top-k transcription (excluding sample 4)
     let mut want = [0.0f64; 3];
