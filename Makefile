@@ -87,12 +87,19 @@ test-venv: wheel test-deps
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(UV) pip install -q --python $(WHEEL_PY) "$$(ls $(CURDIR)/$(DIST)/keyfuse-*.whl)[all,test]"
 
+# Byte code, compiled once per run into a cache beside the wheel's venv (outside the
+# checkout): every Python process of the tests (the xdist workers, the benches' and the CLI
+# tests' subprocesses, Dask's workers) then loads numpy, scipy, scikit-learn, pandas and
+# matplotlib from .pyc files. uv installs no .pyc, and where PYTHONDONTWRITEBYTECODE is set
+# every process would compile them again (docs/decisions.md).
+PYCACHE_ENV := PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(WHEEL_VENV)/pycache
+
 # The suite against the installed wheel, on two pytest-xdist workers. pytest runs in the
 # process that first checked where keyfuse is imported from, with the venv as its working
 # directory; KEYFUSE_TEST_INSTALLED makes every worker check it again (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 test-python: test-venv
-	cd $(WHEEL_VENV) && KEYFUSE_TEST_INSTALLED=$(WHEEL_VENV) $(WHEEL_PY) -c "import sys, keyfuse, pytest; \
+	cd $(WHEEL_VENV) && $(PYCACHE_ENV) KEYFUSE_TEST_INSTALLED=$(WHEEL_VENV) $(WHEEL_PY) -c "import sys, keyfuse, pytest; \
 	    assert keyfuse.__file__.startswith(sys.prefix), keyfuse.__file__; \
 	    print('testing the installed wheel:', keyfuse.__file__); \
 	    sys.exit(pytest.main(sys.argv[1:]))" \
@@ -101,7 +108,7 @@ test-python: test-venv
 
 # The Python lint gates with the wheel's venv (ruff, mypy and stubtest come with `test`).
 lint-py-wheel: test-venv
-	$(MAKE) --no-print-directory lint-py LINT_BIN=$(WHEEL_VENV)/bin
+	$(PYCACHE_ENV) $(MAKE) --no-print-directory lint-py LINT_BIN=$(WHEEL_VENV)/bin
 
 # Every test as one job graph on three slots, so that both cores stay busy to the end:
 # cargo's tests, clippy (its own target directory, so it never waits on cargo test's build

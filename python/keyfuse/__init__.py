@@ -14,24 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from keyfuse.errors import (
-    AlignmentWarning,
-    CorruptDataError,
-    CPUFallbackWarning,
-    DeviceUnavailableError,
-    EmptyKeypointsWarning,
-    EmptyRestrictionWarning,
-    IndexCorruptError,
-    InvalidArgumentError,
-    InvalidImageError,
-    KeyfuseError,
-    KeyfuseIOError,
-    KeyfuseWarning,
-    MissingDependencyError,
-    NotDicomWarning,
-    UnlabelledSubjectsWarning,
-    VoxelSizeWarning,
-)
+from keyfuse import errors
+
+# every error and warning class (errors.__all__, added to __all__ below)
+from keyfuse.errors import *  # noqa: F403
 
 
 def _version() -> str:
@@ -88,6 +74,7 @@ if TYPE_CHECKING:
     from keyfuse import (
         active,
         batch,
+        bids,
         datasets,
         evaluate,
         experiments,
@@ -126,31 +113,15 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Alignment",
-    "AlignmentWarning",
     "CNNFeatures",
-    "CPUFallbackWarning",
-    "CorruptDataError",
-    "DeviceUnavailableError",
-    "EmptyKeypointsWarning",
-    "EmptyRestrictionWarning",
     "FusionClassifier",
     "Image",
     "Index",
-    "IndexCorruptError",
-    "InvalidArgumentError",
-    "InvalidImageError",
-    "KeyfuseError",
-    "KeyfuseIOError",
-    "KeyfuseWarning",
     "KeypointSet",
     "KeypointTransferSegmenter",
     "MIBinarizer",
     "Matches",
-    "MissingDependencyError",
-    "NotDicomWarning",
     "Segmentation",
-    "UnlabelledSubjectsWarning",
-    "VoxelSizeWarning",
     "active",
     "align",
     "batch",
@@ -172,3 +143,5 @@ __all__ = [
     "soft_jaccard",
     "write_key",
 ]
+# and every error and warning class
+__all__ += errors.__all__

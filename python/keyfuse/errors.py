@@ -90,6 +90,8 @@ def warn_caller(message: str, category: type[Warning]) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+# the error and warning classes, public at the top level too (``keyfuse.__all__`` adds
+# this list); warn_caller is the package's own helper
 __all__ = [
     "AlignmentWarning",
     "CPUFallbackWarning",
@@ -107,5 +109,4 @@ __all__ = [
     "NotDicomWarning",
     "UnlabelledSubjectsWarning",
     "VoxelSizeWarning",
-    "warn_caller",
 ]

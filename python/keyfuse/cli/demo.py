@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,18 +31,7 @@ from keyfuse.cli.options import (
 @dask_option("Extract on this Dask scheduler instead of a local thread pool.")
 @workers_option()
 @quiet_option()
-def demo(
-    out: Path,
-    families: int,
-    family_size: int,
-    rescans: int | None,
-    seed: int,
-    resolution: float,
-    device: str,
-    dask_address: str | None,
-    workers: int | None,
-    quiet: bool,
-) -> None:
+def demo(out: Path, dask_address: str | None, quiet: bool, **settings: Any) -> None:
     """Run the main job end to end on a simulated cohort.
 
     Simulates families (identical and fraternal twins, siblings) and rescans from the
@@ -57,16 +47,11 @@ def demo(
     """
     from keyfuse.demo import DemoConfig, run_demo
 
+    # settings: the simulation options, --device and --workers, named as DemoConfig's fields
     cfg = DemoConfig(
         out=out,
-        n_families=families,
-        family_size=family_size,
-        n_rescans=default_rescans(rescans, families, family_size),
-        seed=seed,
-        resolution_mm=resolution,
-        device=device,
         scheduler=dask_address or "threads",
-        n_workers=workers,
         progress=not quiet,
+        **default_rescans(settings),
     )
     run_demo(cfg, echo=click.echo)

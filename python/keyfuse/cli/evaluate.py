@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import click
 
@@ -148,17 +148,7 @@ def evaluate_family(
 @device_option()
 @quiet_option()
 def evaluate_fusion(
-    cohort_dir: Path | None,
-    out_dir: Path,
-    families: int,
-    family_size: int,
-    seed: int,
-    resolution: float,
-    transform_source: Literal["align", "truth", "none"],
-    n_neighbors: int,
-    checks: int,
-    device: str,
-    quiet: bool,
+    cohort_dir: Path | None, n_neighbors: int, checks: int, quiet: bool, **settings: Any
 ) -> None:
     """Fuse 3D/2D keypoints with (binarized) CNN vectors: leave-one-out family
     identification and group classification, printed as the fusion paper's
@@ -171,18 +161,14 @@ def evaluate_fusion(
     """
     from keyfuse.experiments.fusion_table1 import report, run_experiment
 
+    # settings: --out, the simulation options, --transform and --device, named as
+    # run_experiment's parameters; 0 neighbours / checks mean "all" / "exact" (None)
     res = run_experiment(
         cohort_dir,
-        out_dir=out_dir,
-        n_families=families,
-        family_size=family_size,
-        resolution_mm=resolution,
-        seed=seed,
-        transform_source=transform_source,
         n_neighbors=n_neighbors or None,
         checks=checks or None,
-        device=device,
         progress=not quiet,
+        **settings,
     )
     click.echo(report(res))
 

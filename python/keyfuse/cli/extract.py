@@ -72,7 +72,7 @@ def extract(
     index_path: Path | None,
     dask_address: str | None,
     scheduler: str,
-    workers: int | None,
+    n_workers: int | None,
     device: str,
     fmt: str,
     pattern: str | None,
@@ -105,7 +105,7 @@ def extract(
         raise click.UsageError("missing option '-o' / '--out' (the output directory)")
     run: dict[str, Any] = {
         "scheduler": dask_address or scheduler,
-        "n_workers": workers,
+        "n_workers": n_workers,
         "device": device,
         "fmt": fmt,
         "overwrite": overwrite,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -59,17 +60,12 @@ def index() -> None:
 def index_build(
     sources: tuple[Path, ...],
     out: Path,
-    labels_csv: Path | None,
-    id_column: str | None,
-    columns: str | None,
     device: str,
     vectors: bool,
-    overwrite: bool,
     dask_address: str | None,
     scheduler: str,
-    workers: int | None,
-    chunk: int,
     quiet: bool,
+    **options: Any,
 ) -> None:
     """Build an index from keypoint files (.kfk/.key) or images, or directories of them.
 
@@ -91,64 +87,37 @@ def index_build(
     """
     paths = keypoint_sources(sources)
     if not vectors and all(is_keypoint_file(p) for p in paths):
+        # options: the label table, --overwrite, --workers and --chunk, named as
+        # build_index's parameters
         _stream_build(
-            paths,
-            out,
-            labels_csv,
-            id_column,
-            columns,
-            overwrite,
-            dask_address or scheduler,
-            workers,
-            chunk,
-            quiet,
+            paths, out, scheduler=dask_address or scheduler, progress=not quiet, **options
         )
         return
     import shutil
 
     from keyfuse.index import Index
 
-    if out.exists() and not overwrite:
+    if out.exists() and not options["overwrite"]:
         raise InvalidArgumentError(f"{out} exists: use 'keyfuse index add' or --overwrite")
     idx = Index()
-    labels, warning = source_labels(paths, labels_csv, id_column, columns)
+    table, warning = source_labels(
+        paths, options["labels"], options["id_column"], options["columns"]
+    )
     if warning:
         click.echo(warning, err=True)
-    n, _ = add_to_index(idx, paths, labels, device=device, quiet=quiet, vectors=vectors)
+    n, _ = add_to_index(idx, paths, table, device=device, quiet=quiet, vectors=vectors)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     idx.save(out)
     click.echo(f"indexed {n} subjects -> {out}")
 
 
-def _stream_build(
-    paths: list[Path],
-    out: Path,
-    labels_csv: Path | None,
-    id_column: str | None,
-    columns: str | None,
-    overwrite: bool,
-    scheduler: str,
-    workers: int | None,
-    chunk: int,
-    quiet: bool,
-) -> None:
+def _stream_build(paths: list[Path], out: Path, **options: Any) -> None:
     """``index build`` of keypoint files: :func:`keyfuse.batch.build_index`."""
     from keyfuse.batch import BuildInterrupted, build_index
 
     try:
-        res = build_index(
-            paths,
-            out,
-            labels=labels_csv,
-            id_column=id_column,
-            columns=columns,
-            scheduler=scheduler,
-            n_workers=workers,
-            chunk=chunk,
-            overwrite=overwrite,
-            progress=not quiet,
-        )
+        res = build_index(paths, out, **options)
     except BuildInterrupted as stop:
         click.echo(
             f"\ninterrupted: {len(stop.result.added)} subjects added are kept in {out}. "
@@ -182,7 +151,7 @@ def _stream_build(
 def index_add(
     index_path: Path,
     sources: tuple[Path, ...],
-    labels_csv: Path | None,
+    labels: Path | None,
     id_column: str | None,
     columns: str | None,
     device: str,
@@ -202,13 +171,13 @@ def index_add(
     """
     idx = open_index(index_path, mode="r+")
     paths = keypoint_sources(sources)
-    labels, warning = source_labels(paths, labels_csv, id_column, columns)
+    table, warning = source_labels(paths, labels, id_column, columns)
     if warning:
         click.echo(warning, err=True)
     n, skipped = add_to_index(
         idx,
         paths,
-        labels,
+        table,
         device=device,
         quiet=quiet,
         skip_existing=skip_existing,

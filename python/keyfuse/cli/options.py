@@ -126,8 +126,10 @@ def dask_option(
 
 
 def workers_option(help: str | None = None) -> Callable[[F], F]:
-    """``-j/--workers N``."""
-    return click.option("-j", "--workers", type=click.IntRange(min=1), default=None, help=help)
+    """``-j/--workers N`` (the ``n_workers`` parameter)."""
+    return click.option(
+        "-j", "--workers", "n_workers", type=click.IntRange(min=1), default=None, help=help
+    )
 
 
 def index_argument() -> Callable[[F], F]:
@@ -166,7 +168,6 @@ def label_table_options(f: F) -> F:
     )(f)
     return path_option(
         "--labels",
-        "labels_csv",
         kind="file",
         exists=True,
         help="CSV table of per-subject labels (e.g. a cohort.csv); rows are matched "
@@ -178,15 +179,19 @@ def simulation_options(
     *, families: int = 12, family_size: int = 3, rescans: bool = True
 ) -> Callable[[F], F]:
     """The shape of a simulated cohort: ``--families``, ``--family-size``, ``--rescans``
-    (when ``rescans``), ``--seed``, ``--resolution``."""
+    (when ``rescans``), ``--seed``, ``--resolution``, under the names of the parameters
+    they set (``n_families``, ``family_size``, ``n_rescans``, ``seed``, ``resolution_mm``;
+    see :func:`keyfuse.datasets.cohort.simulate_cohort`), so a command passes them on as
+    they are (after :func:`default_rescans`)."""
     options = [
-        count_option("--families", default=families, help="Simulated families."),
+        count_option("--families", "n_families", default=families, help="Simulated families."),
         count_option("--family-size", default=family_size, help="Scans per family."),
     ]
     if rescans:
         options.append(
             click.option(
                 "--rescans",
+                "n_rescans",
                 type=click.IntRange(min=0),
                 default=None,
                 help="Individuals scanned twice [default: 4, or every individual of a "
@@ -196,7 +201,12 @@ def simulation_options(
     options += [
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
         click.option(
-            "--resolution", type=float, default=1.5, show_default=True, help="Voxel size, mm."
+            "--resolution",
+            "resolution_mm",
+            type=float,
+            default=1.5,
+            show_default=True,
+            help="Voxel size, mm.",
         ),
     ]
 
@@ -208,6 +218,9 @@ def simulation_options(
     return apply
 
 
-def default_rescans(rescans: int | None, families: int, family_size: int) -> int:
-    """``--rescans`` when given, else 4 capped at the number of individuals."""
-    return min(4, families * family_size) if rescans is None else rescans
+def default_rescans(cohort: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`simulation_options` values with ``n_rescans`` filled in: ``--rescans``
+    when given, else 4 capped at the number of individuals."""
+    if cohort.get("n_rescans") is None:
+        cohort = {**cohort, "n_rescans": min(4, cohort["n_families"] * cohort["family_size"])}
+    return cohort

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -13,15 +14,7 @@ from keyfuse.cli.options import CONTEXT, default_rescans, quiet_option, simulati
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @simulation_options()
 @quiet_option("No progress bar.")
-def simulate(
-    out_dir: Path,
-    families: int,
-    family_size: int,
-    rescans: int | None,
-    seed: int,
-    resolution: float,
-    quiet: bool,
-) -> None:
+def simulate(out_dir: Path, quiet: bool, **cohort: Any) -> None:
     """Simulate a cohort of families, twins and rescans from the MNI152 template.
 
     Writes OUT_DIR/images/*.nii.gz, OUT_DIR/labels/*.nii.gz (left/right GM and WM,
@@ -35,13 +28,6 @@ def simulate(
     """
     from keyfuse.datasets.cohort import simulate_cohort
 
-    c = simulate_cohort(
-        out_dir,
-        n_families=families,
-        family_size=family_size,
-        n_rescans=default_rescans(rescans, families, family_size),
-        seed=seed,
-        resolution_mm=resolution,
-        progress=not quiet,
-    )
-    click.echo(f"simulated {len(c)} scans in {families} families -> {out_dir}")
+    # cohort: the simulation_options, named as simulate_cohort's parameters
+    c = simulate_cohort(out_dir, progress=not quiet, **default_rescans(cohort))
+    click.echo(f"simulated {len(c)} scans in {cohort['n_families']} families -> {out_dir}")

@@ -64,14 +64,9 @@ def _index_of(cohort: Any, sets: list[KeypointSet], **params: Any) -> Index:
 def run_experiment(
     out: str | Path = "demo-output",
     *,
-    n_families: int = 12,
-    family_size: int = 3,
-    n_rescans: int = 4,
-    seed: int = 0,
-    resolution_mm: float = 1.5,
-    device: str = "auto",
     variants: bool = False,
     echo: Callable[[str], None] = print,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Simulate (or reuse) a cohort under ``out``, extract its keypoints and score it
     both ways.
@@ -80,14 +75,15 @@ def run_experiment(
     ----------
     out : str or Path, default="demo-output"
         The demo's output folder: a cohort and keypoints already there are reused.
-    n_families, family_size, n_rescans, seed, resolution_mm : int, int, int, int, float
-        The simulated cohort.
-    device : str, default="auto"
-        Where the keypoints are extracted.
     variants : bool, default=False
         Also score the symmetric soft Jaccard and the published (uncapped) kernel width.
     echo : callable, default=print
         Receives a line on the cohort once its keypoints are ready.
+    **settings
+        Fields of :class:`keyfuse.demo.DemoConfig`, with its defaults: the simulated
+        cohort (``n_families``, ``family_size``, ``n_rescans``, ``seed``,
+        ``resolution_mm``; 12 × 3 + 4 rescans at 1.5 mm) and where the keypoints are
+        extracted (``device``, ``scheduler``, ``n_workers``).
 
     Returns
     -------
@@ -96,15 +92,7 @@ def run_experiment(
         scoring seconds), ``soft_jaccard_repeatable`` and ``votes_repeatable`` (a second
         run gives identical matrices).
     """
-    cfg = DemoConfig(
-        out=Path(out),
-        n_families=n_families,
-        family_size=family_size,
-        n_rescans=n_rescans,
-        seed=seed,
-        resolution_mm=resolution_mm,
-        device=device,
-    )
+    cfg = DemoConfig(out=Path(out), **settings)
     t0 = time.perf_counter()
     cohort = stage_simulate(cfg)
     t_sim = time.perf_counter() - t0
@@ -114,7 +102,7 @@ def run_experiment(
     sets = [KeypointSet.load(k) for k in keys]
     sizes = np.array([len(s) for s in sets], dtype=np.float64)
     echo(
-        f"cohort: {len(cohort)} scans ({resolution_mm:g} mm), {int(sizes.sum())} keypoints "
+        f"cohort: {len(cohort)} scans ({cfg.resolution_mm:g} mm), {int(sizes.sum())} keypoints "
         f"({sizes.mean():.0f} per scan); simulate {t_sim:.1f} s, extract {t_ext:.1f} s "
         "(cached runs reuse both)"
     )

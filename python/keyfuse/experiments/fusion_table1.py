@@ -47,6 +47,10 @@ __all__ = [
 FloatArray = npt.NDArray[np.float64]
 
 
+#: the stages of :func:`cohort_features`, timed in :attr:`CohortFeatures.timings`
+FEATURE_STAGES = ("extract3d", "align", "resample", "extract2d", "cnn")
+
+
 @dataclasses.dataclass
 class CohortFeatures:
     """Everything the fusion experiment needs from a cohort, one entry per scan.
@@ -64,12 +68,16 @@ class CohortFeatures:
     """
 
     table: list[dict[str, Any]]
-    kps3d: list[Any]
-    kps2d: list[Any]
-    vectors: npt.NDArray[np.float32]
-    transforms: list[FloatArray]
-    align_ok: list[bool]
-    timings: dict[str, float]
+    kps3d: list[Any] = dataclasses.field(default_factory=list)
+    kps2d: list[Any] = dataclasses.field(default_factory=list)
+    vectors: npt.NDArray[np.float32] = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 0), np.float32)
+    )
+    transforms: list[FloatArray] = dataclasses.field(default_factory=list)
+    align_ok: list[bool] = dataclasses.field(default_factory=list)
+    timings: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(FEATURE_STAGES, 0.0)
+    )
     align_failures: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -139,12 +147,12 @@ def cohort_features(
     if atlas is None:
         atlas = mni152(resolution_mm=float(np.min(first.spacing)))
     cnn = cnn or CNNFeatures(device=device, atlas=atlas)
-    timings = dict.fromkeys(("extract3d", "align", "resample", "extract2d", "cnn"), 0.0)
     atlas_kps = extract(atlas, device=device, **params) if transform_source == "align" else None
     axis = axial_axis(atlas.affine)
     mid = (atlas.shape[axis] - 1) // 2
-    kps3d, kps2d, slices, transforms, ok = [], [], [], [], []
-    failures: dict[str, str] = {}
+    feats = CohortFeatures(table=list(cohort.table))
+    timings = feats.timings
+    slices: list[npt.NDArray[Any]] = []
     for i in tqdm(range(len(cohort)), desc="cohort features", disable=not progress):
         img = cohort.image(i)
         t0 = time.perf_counter()
@@ -164,7 +172,7 @@ def cohort_features(
             if good:
                 mat = al.matrix
             else:
-                failures[str(cohort.table[i]["subject"])] = str(why)
+                feats.align_failures[str(cohort.table[i]["subject"])] = str(why)
         elif transform_source == "truth":
             pose = np.asarray(json.loads(cohort.table[i]["transform"]), float).reshape(4, 4)
             mat = np.linalg.inv(pose)  # table: subject mm -> scan mm; we need scan -> atlas
@@ -178,24 +186,15 @@ def cohort_features(
         timings["align"] += t2 - t1
         timings["resample"] += t3 - t2
         timings["extract2d"] += t4 - t3
-        kps3d.append(k3)
-        kps2d.append(k2)
+        feats.kps3d.append(k3)
+        feats.kps2d.append(k2)
         slices.append(np.asarray(sl.data))
-        transforms.append(np.asarray(mat, dtype=np.float64))
-        ok.append(bool(good))
+        feats.transforms.append(np.asarray(mat, dtype=np.float64))
+        feats.align_ok.append(bool(good))
     t0 = time.perf_counter()
-    vectors = cnn.batch(slices, progress=progress)
+    feats.vectors = cnn.batch(slices, progress=progress)
     timings["cnn"] = time.perf_counter() - t0
-    return CohortFeatures(
-        table=list(cohort.table),
-        kps3d=kps3d,
-        kps2d=kps2d,
-        vectors=vectors,
-        transforms=transforms,
-        align_ok=ok,
-        timings=timings,
-        align_failures=failures,
-    )
+    return feats
 
 
 def _masked_posterior(scores: FloatArray, same: npt.NDArray[np.bool_]) -> FloatArray:

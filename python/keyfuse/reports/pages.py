@@ -13,17 +13,8 @@ import numpy as np
 import numpy.typing as npt
 
 from keyfuse.errors import InvalidArgumentError, KeyfuseError, KeyfuseIOError
+from keyfuse.reports import sections
 from keyfuse.reports.document import Report
-from keyfuse.reports.sections import (
-    _default_atlas,
-    _keypoints_of,
-    alignment_section,
-    evaluation_section,
-    keypoints_section,
-    neighbours_section,
-    segmentation_section,
-    worst_cases_section,
-)
 
 # -------------------------------------------------------------------- ready-made reports
 
@@ -47,14 +38,16 @@ def subject_report(
         Path(image).name.split(".")[0] if isinstance(image, (str, Path)) else "subject"
     )
     img = _as_image(image)
-    kps = _keypoints_of(img, keypoints)
+    kps = sections._keypoints_of(img, keypoints)
     rep = Report(f"keyfuse subject report: {label}", f"{len(kps)} keypoints")
-    keypoints_section(rep, img, kps, name=label, radiological=radiological)
+    sections.keypoints_section(rep, img, kps, name=label, radiological=radiological)
     if atlas is not None:
-        alignment_section(rep, img, kps, atlas=atlas, name=label, radiological=radiological)
+        sections.alignment_section(
+            rep, img, kps, atlas=atlas, name=label, radiological=radiological
+        )
     if index is not None:
         excl = label if label in index else None
-        neighbours_section(
+        sections.neighbours_section(
             rep, kps, index, query_image=img, images=images, k=k, exclude=excl, name=label
         )
     return rep
@@ -71,7 +64,7 @@ def segmentation_report(
     """A segmentation's page: overlay with legend, probability maps, label volumes."""
     label = name or (Path(image).name.split(".")[0] if isinstance(image, (str, Path)) else "")
     rep = Report(f"keyfuse segmentation report{': ' if label else ''}{label}")
-    segmentation_section(
+    sections.segmentation_section(
         rep, image, segmentation, label_names=label_names, name=label, radiological=radiological
     )
     return rep
@@ -102,17 +95,17 @@ def cohort_report(
     if keys is not None and len(keys) != n:
         raise InvalidArgumentError(f"keys has {len(keys)} entries for {n} scans")
     rep = Report(title, f"{n} scans · {len({r['family'] for r in cohort.table})} families")
-    evaluation_section(rep, cohort, s)
-    worst_cases_section(rep, cohort, s, n_worst=n_worst, k=k)
+    sections.evaluation_section(rep, cohort, s)
+    sections.worst_cases_section(rep, cohort, s, n_worst=n_worst, k=k)
     ids = cohort.subjects
     atlas_img = atlas_kps = None
     for i in _showcase(cohort, int(n_subjects)):
         img = cohort.image(i)
-        kps = _keypoints_of(img, None if keys is None else keys[i])
-        keypoints_section(rep, img, kps, name=ids[i])
+        kps = sections._keypoints_of(img, None if keys is None else keys[i])
+        sections.keypoints_section(rep, img, kps, name=ids[i])
         # its nearest scan (a rescan or relative when retrieval works): the same anatomy
         j = int(np.argmax(np.where(np.arange(n) == i, -np.inf, s[i])))
-        alignment_section(
+        sections.alignment_section(
             rep,
             img,
             kps,
@@ -125,13 +118,15 @@ def cohort_report(
             continue
         if atlas_img is None:
             try:
-                atlas_img = _default_atlas(img) if atlas == "mni152" else atlas
-                atlas_kps = _keypoints_of(atlas_img, None)
+                atlas_img = sections._default_atlas(img) if atlas == "mni152" else atlas
+                atlas_kps = sections._keypoints_of(atlas_img, None)
             except KeyfuseError as exc:
                 rep.section("Alignment to the atlas").note(f"no atlas: {exc}")
                 atlas = None
                 continue
-        alignment_section(rep, img, kps, atlas=atlas_img, atlas_keypoints=atlas_kps, name=ids[i])
+        sections.alignment_section(
+            rep, img, kps, atlas=atlas_img, atlas_keypoints=atlas_kps, name=ids[i]
+        )
     return rep
 
 
