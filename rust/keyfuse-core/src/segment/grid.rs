@@ -149,8 +149,8 @@ impl Grid {
                 continue;
             }
             start[key[i as usize] + 1] += 1;
-            for d in 0..3 {
-                g.pos[d].push(p[d]);
+            for (axis, &v) in g.pos.iter_mut().zip(&p) {
+                axis.push(v);
             }
             g.first.push(k as u32);
             g.mult.push(1);
