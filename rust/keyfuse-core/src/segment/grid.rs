@@ -240,15 +240,11 @@ impl Grid {
                     continue;
                 }
                 let row = (cz * self.dims[1] + cy) * self.dims[2];
-                // the ball's chord along x in this row of cells
-                let h = (r2 - gyz).max(0.0).sqrt() * (1.0 + 1e-9) + 1e-9;
-                let (xa, xb) = (
-                    self.coord(y[2] - h, 2).max(x0),
-                    self.coord(y[2] + h, 2).min(x1),
-                );
+                // the whole x range of the ball's cube: a chord per row (a sqrt and a
+                // short loop) costs more than the few extra positions it would skip
                 let (a, b) = (
-                    self.start[row + xa] as usize,
-                    self.start[row + xb + 1] as usize,
+                    self.start[row + x0] as usize,
+                    self.start[row + x1 + 1] as usize,
                 );
                 self.gather(y, a, b, r2, out);
             }
