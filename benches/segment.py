@@ -43,24 +43,18 @@ QUICK = {
 def stage_profile(families: int, family_size: int, resolution: float, seed: int, reps: int) -> None:
     """Segment scan 0 from the other scans ``reps`` times; print each stage's median CPU
     and wall seconds (extraction included: no precomputed keypoints are passed)."""
-    cohort = simulate_cohort(
-        n_families=families,
-        family_size=family_size,
-        n_rescans=0,
-        resolution_mm=resolution,
-        seed=seed,
-    )
+    cohort = simulate_cohort(None, families, family_size, 0, seed=seed, resolution_mm=resolution)
     n = len(cohort)
-    images = [cohort.image(i) for i in range(n)]
-    labels = [np.asarray(cohort.label_map(i).data, np.int32) for i in range(n)]
-    seg = KeypointTransferSegmenter(progress=False)
-    seg.fit(images[1:], labels[1:])
-    runs = [seg.predict(images[0]) for _ in range(reps)]
+    seg = KeypointTransferSegmenter(progress=False).fit(
+        [cohort.image(i) for i in range(1, n)],
+        [np.asarray(cohort.label_map(i).data, np.int32) for i in range(1, n)],
+    )
+    runs = [seg.predict(cohort.image(0)) for _ in range(reps)]
     cpu = {k: float(np.median([r.cpu_timings[k] for r in runs])) for k in runs[0].cpu_timings}
     wall = {k: float(np.median([r.timings[k] for r in runs])) for k in runs[0].timings}
     total_cpu = float(np.median([sum(r.cpu_timings.values()) for r in runs]))
     total_wall = float(np.median([sum(r.timings.values()) for r in runs]))
-    dice = label_dice(runs[-1].labels, labels[0])
+    dice = label_dice(runs[-1].labels, np.asarray(cohort.label_map(0).data, np.int32))
     print(f"predict stages, scan 0 of {n} at {resolution} mm ({n - 1} atlases, {reps} runs):")
     for k in cpu:
         print(f"  {k:<10} cpu {cpu[k]:.3f} s  wall {wall[k]:.3f} s")
