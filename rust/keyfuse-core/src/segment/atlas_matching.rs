@@ -2,7 +2,7 @@
 //! exactly the matches of [`crate::matching::match_sets`] per atlas
 //! ([`AtlasKeypoints::match_all`]).
 
-use super::grid::{dist_key, key_dist, Grid};
+use super::grid::{Grid, Near};
 use crate::linalg::sq_dist;
 use crate::{KfError, Result};
 use rayon::prelude::*;
@@ -72,6 +72,31 @@ pub struct AtlasMatches {
     pub shift: Vec<[f64; 3]>,
 }
 
+/// Fold candidate `c` at squared descriptor distance `d` into the two best `(b1, b2)` by
+/// (distance, index), among candidates within the scale factor `f` of scale `sa`. The
+/// scale test runs only for a candidate that would enter (few do), and the result does
+/// not depend on the order in which candidates are folded.
+#[inline(always)]
+fn fold_best_two(
+    best: &mut ((u32, u32), (u32, u32)),
+    d: u32,
+    c: u32,
+    sa: f64,
+    scale: &[f64],
+    f: f64,
+) {
+    if (d, c) < best.1 && crate::matching::scale_ok(sa, scale[c as usize], f) {
+        if (d, c) < best.0 {
+            best.1 = best.0;
+            best.0 = (d, c);
+        } else {
+            best.1 = (d, c);
+        }
+    }
+}
+
+const NO_BEST: ((u32, u32), (u32, u32)) = ((u32::MAX, u32::MAX), (u32::MAX, u32::MAX));
+
 /// The two candidates closest to descriptor `qd` by (squared distance, index) among those
 /// within the scale factor `f` of scale `sa`.
 #[inline(always)]
@@ -82,24 +107,16 @@ fn best_two_by<D: Fn(usize) -> u32>(
     f: f64,
     dist: D,
 ) -> ((u32, u32), (u32, u32)) {
-    let (mut b1, mut b2) = ((u32::MAX, u32::MAX), (u32::MAX, u32::MAX));
+    let mut best = NO_BEST;
     for &c in cand {
-        if !crate::matching::scale_ok(sa, b.scale[c as usize], f) {
-            continue;
-        }
-        let d = dist(c as usize);
-        if (d, c) < b1 {
-            b2 = b1;
-            b1 = (d, c);
-        } else if (d, c) < b2 {
-            b2 = (d, c);
-        }
+        fold_best_two(&mut best, dist(c as usize), c, sa, &b.scale, f);
     }
-    (b1, b2)
+    best
 }
 
-/// [`best_two_by`] with squared distances `|q|² + |b|² − 2 q·b` from an AVX2 dot product
-/// (exact integers: every byte ≤ 127, so `maddubs` cannot saturate).
+/// [`best_two_by`] with squared distances `|q|² + |b|² − 2 q·b` from AVX2 dot products,
+/// four candidates at a time (exact integers: every byte ≤ 127, so `maddubs` cannot
+/// saturate).
 ///
 /// # Safety
 /// AVX2 must be available; `qd` and every descriptor of `b` must have bytes ≤ 127.
@@ -118,13 +135,41 @@ unsafe fn best_two_avx2(
     let q0 = _mm256_loadu_si256(qd.as_ptr() as *const __m256i);
     let q1 = _mm256_loadu_si256(qd.as_ptr().add(32) as *const __m256i);
     let ones = _mm256_set1_epi16(1);
-    best_two_by(sa, b, cand, f, |c| {
-        let p = b.desc.as_ptr().add(c * crate::DESC_LEN);
+    let desc = b.desc.as_ptr();
+    let dot = |c: u32| {
+        let p = desc.add(c as usize * crate::DESC_LEN);
         let b0 = _mm256_loadu_si256(p as *const __m256i);
         let b1 = _mm256_loadu_si256(p.add(32) as *const __m256i);
-        let dot = hsum_epi32_256!(dot64_avx2!(b0, b1, q0, q1, ones));
-        qn + b.norm[c] - 2 * dot
-    })
+        dot64_avx2!(b0, b1, q0, q1, ones)
+    };
+    let mut best = NO_BEST;
+    let quads = cand.chunks_exact(4);
+    let rest = quads.remainder();
+    let qn4 = _mm_set1_epi32(qn as i32);
+    for c in quads {
+        // four rows' eight partial sums each, reduced together: lane k holds row k's dot
+        let h01 = _mm256_hadd_epi32(dot(c[0]), dot(c[1]));
+        let h23 = _mm256_hadd_epi32(dot(c[2]), dot(c[3]));
+        let h = _mm256_hadd_epi32(h01, h23);
+        let dots = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        let norms = _mm_setr_epi32(
+            b.norm[c[0] as usize] as i32,
+            b.norm[c[1] as usize] as i32,
+            b.norm[c[2] as usize] as i32,
+            b.norm[c[3] as usize] as i32,
+        );
+        let d = _mm_sub_epi32(_mm_add_epi32(qn4, norms), _mm_slli_epi32(dots, 1));
+        let mut out = [0u32; 4];
+        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, d);
+        for k in 0..4 {
+            fold_best_two(&mut best, out[k], c[k], sa, &b.scale, f);
+        }
+    }
+    for &c in rest {
+        let d = qn + b.norm[c as usize] - 2 * hsum_epi32_256!(dot(c));
+        fold_best_two(&mut best, d, c, sa, &b.scale, f);
+    }
+    best
 }
 
 /// First radius tried for a query's closest points: the previous query's radius plus this
@@ -138,9 +183,7 @@ const CHUNK: usize = 64;
 /// Per-thread scratch of the re-matching.
 #[derive(Default)]
 struct Scratch {
-    /// (squared distance, index) packed as `bits(d) << 32 | index`: d ≥ 0, so integer order
-    /// is (distance, index) order.
-    edge: Vec<u128>,
+    near: Near,
     cand: Vec<u32>,
 }
 
@@ -149,54 +192,36 @@ impl KpSet {
         crate::matching::KeypointView::new(&self.desc, &self.xyz, &self.scale)
     }
 
-    /// As [`Self::closest`], trying the balls of the given radii around `y` first (any
-    /// radius is correct: a ball is used only when it provably holds the `keep` closest
-    /// points, else the next radius, finally the full scan). Returns the `keep`-th
-    /// smallest squared distance.
+    /// The `keep` atlas keypoints closest to `y` (ties by index) into `s.cand` (any order);
+    /// returns the `keep`-th smallest squared distance (infinite when all are kept).
+    /// Balls of the given radii around `y` are tried first (any radius is correct: a ball
+    /// is used only when it provably holds the `keep` closest points), then every point.
     fn closest_within(&self, y: [f64; 3], keep: usize, radii: &[f64], s: &mut Scratch) -> f64 {
         let nb = self.xyz.len();
+        if keep >= nb {
+            s.cand.clear();
+            s.cand.extend(0..nb as u32);
+            return f64::INFINITY;
+        }
         for &r in radii {
-            if keep >= nb || !r.is_finite() {
+            if !r.is_finite() {
                 break;
             }
             // a little margin so rounding cannot drop a point at the boundary
             let r = r * (1.0 + 1e-9) + 1e-9;
             let r2 = r * r;
-            s.edge.clear();
-            self.grid.ball(y, r, r2, &mut s.edge);
-            if s.edge.len() >= keep {
-                s.edge.select_nth_unstable(keep - 1);
-                let dk = key_dist(s.edge[keep - 1]);
-                // every point left out is farther than r: exact when dk is clearly inside
-                if dk < r2 * (1.0 - 1e-9) {
-                    s.cand.clear();
-                    s.cand.extend(s.edge[..keep].iter().map(|&e| e as u32));
-                    return dk;
-                }
+            self.grid.ball(y, r, r2, &mut s.near);
+            // every point left out is farther than r: exact when dk is clearly inside
+            match s.near.select(&self.grid, keep, r2, &mut s.cand) {
+                Some(dk) if dk < r2 * (1.0 - 1e-9) => return dk,
+                _ => {}
             }
         }
-        self.closest(y, keep, s)
-    }
 
-    /// `keep` atlas keypoints closest to `y` (ties by index), into `s.cand` (any order);
-    /// returns the `keep`-th smallest squared distance (infinite when all are kept).
-    fn closest(&self, y: [f64; 3], keep: usize, s: &mut Scratch) -> f64 {
-        let nb = self.xyz.len();
-        s.cand.clear();
-        if keep >= nb {
-            s.cand.extend(0..nb as u32);
-            return f64::INFINITY;
-        }
-        s.edge.clear();
-        s.edge.extend(
-            self.xyz
-                .iter()
-                .enumerate()
-                .map(|(c, &x)| dist_key(sq_dist(x, y), c as u32)),
-        );
-        s.edge.select_nth_unstable(keep - 1);
-        s.cand.extend(s.edge[..keep].iter().map(|&e| e as u32));
-        key_dist(s.edge[keep - 1])
+        let top = self.grid.all(y, &mut s.near);
+        s.near
+            .select(&self.grid, keep, top, &mut s.cand)
+            .expect("keep < every keypoint")
     }
 }
 
@@ -303,6 +328,7 @@ impl AtlasKeypoints {
                 out.shift.push([-t[0], -t[1], -t[2]]);
             }
         }
+
         Ok(out)
     }
 
@@ -372,58 +398,56 @@ impl AtlasKeypoints {
         // grid-cell order; within a cell, queries at the same position next to each other
         // (several oriented rows share a keypoint's position): they share the candidates
         let mut order: Vec<u32> = (0..na as u32).collect();
-        order.sort_by_key(|&q| {
-            let v = y[q as usize];
-            (b.grid.cell_of(v), v.map(f64::to_bits), q)
-        });
+        let key: Vec<(usize, [u64; 3])> = y
+            .iter()
+            .map(|&v| (b.grid.cell_of(v), v.map(f64::to_bits)))
+            .collect();
+        order.sort_unstable_by_key(|&q| (key[q as usize], q));
         let fast = b.small && crate::simd::has_avx2() && a.desc.iter().all(|&v| v < 128);
         let qnorm = if fast {
             crate::knn::sq_norms(a.desc)
         } else {
             Vec::new()
         };
+        let best_two = |q: usize, cand: &[u32]| {
+            let qd = &a.desc[q * crate::DESC_LEN..(q + 1) * crate::DESC_LEN];
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: AVX2 detected and all bytes ≤ 127 (checked above)
+                return unsafe { best_two_avx2(qd, qnorm[q], a.scale[q], b, cand, f) };
+            }
+            best_two_by(a.scale[q], b, cand, f, |c| {
+                crate::knn::dist2(qd, &b.desc[c * crate::DESC_LEN..])
+            })
+        };
         let mut found: Vec<(u32, Option<(u32, u32)>)> = order
             .par_chunks(CHUNK)
             .flat_map_iter(|chunk| {
                 let mut s = Scratch::default();
                 let mut prev: Option<([f64; 3], f64)> = None;
-                chunk
-                    .iter()
-                    .map(|&q| {
-                        let q = q as usize;
-                        // the previous query's candidates when it sits at the same position
-                        if !matches!(prev, Some((yp, _)) if yp == y[q]) {
-                            // a tight guess first, then the bound that always holds enough
-                            let radii = match prev {
-                                Some((yp, dk)) => {
-                                    let (rk, step) = (dk.sqrt(), sq_dist(y[q], yp).sqrt());
-                                    [rk + TIGHT * step, rk + step]
-                                }
-                                None => [f64::INFINITY; 2],
-                            };
-                            let dk = b.closest_within(y[q], keep, &radii, &mut s);
-                            prev = Some((y[q], dk));
+                let mut out = Vec::with_capacity(chunk.len());
+                // the queries at one position (consecutive in this order) share candidates
+                for group in chunk.chunk_by(|&p, &q| y[p as usize] == y[q as usize]) {
+                    let yq = y[group[0] as usize];
+                    // a tight guess first, then the bound that always holds enough
+                    let radii = match prev {
+                        Some((yp, dk)) => {
+                            let (rk, step) = (dk.sqrt(), sq_dist(yq, yp).sqrt());
+                            [rk + TIGHT * step, rk + step]
                         }
-                        let qd = &a.desc[q * crate::DESC_LEN..(q + 1) * crate::DESC_LEN];
-                        #[cfg(target_arch = "x86_64")]
-                        let (b1, b2) = if fast {
-                            // SAFETY: AVX2 detected and all bytes ≤ 127 (checked above)
-                            unsafe { best_two_avx2(qd, qnorm[q], a.scale[q], b, &s.cand, f) }
-                        } else {
-                            best_two_by(a.scale[q], b, &s.cand, f, |c| {
-                                crate::knn::dist2(qd, &b.desc[c * crate::DESC_LEN..])
-                            })
-                        };
-                        #[cfg(not(target_arch = "x86_64"))]
-                        let (b1, b2) = best_two_by(a.scale[q], b, &s.cand, f, |c| {
-                            crate::knn::dist2(qd, &b.desc[c * crate::DESC_LEN..])
-                        });
+                        None => [f64::INFINITY; 2],
+                    };
+                    let dk = b.closest_within(yq, keep, &radii, &mut s);
+                    prev = Some((yq, dk));
+                    for &q in group {
+                        let (b1, b2) = best_two(q as usize, &s.cand);
                         let hit = (b1.1 != u32::MAX
                             && crate::matching::ratio_ok(b1.0, b2.0, p.ratio))
                         .then_some((b1.1, b1.0));
-                        (q as u32, hit)
-                    })
-                    .collect::<Vec<_>>()
+                        out.push((q, hit));
+                    }
+                }
+                out
             })
             .collect();
         found.sort_unstable_by_key(|e| e.0);
