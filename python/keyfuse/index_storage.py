@@ -393,7 +393,7 @@ def _keypoints_table(staged: Sequence[Staged], coded: bool = True) -> Any:
                     same = np.zeros(n, bool)
                     same[1:] = (_bits(row[1:]) == _bits(row[:-1])).all(axis=1)
                     same &= ~first
-                    for suffix, arr in zip(("a", "b", "code"), _orientation_code(row)):
+                    for suffix, arr in zip(("a", "b", "code"), _orientation_code(row), strict=True):
                         cols[f"orientation_r{c // 3}_{suffix}"] = pa.array(arr, mask=same)
                 continue
             v = np.ascontiguousarray(flat[:, c])
@@ -418,9 +418,7 @@ def _column_arrays(keypoints: Any, names: Sequence[str] | None = None) -> dict[s
     present = set(keypoints.column_names)
     for name, dtype, width in _KP_COLUMNS:
         stored = {name, f"{name}_0", f"{name}_r0_code"} & present
-        if (names is None and not stored) or (
-            names is not None and name not in names
-        ):
+        if (names is None and not stored) or (names is not None and name not in names):
             continue
         if name == "descriptors":
             col = _combined(keypoints.column(name))

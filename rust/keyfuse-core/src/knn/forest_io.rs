@@ -223,7 +223,10 @@ fn read_compact_nodes(r: &mut Reader<'_>, n: usize, nn: usize) -> Result<Vec<Nod
         let (lo, hi) = ranges[i];
         nd.w = threshold_bits(codes[i], hi - lo).ok_or_else(|| corrupt("bad threshold code"))?;
     }
-    if nodes.iter().any(|nd| nd.dim != LEAF && !nd.split().is_finite()) {
+    if nodes
+        .iter()
+        .any(|nd| nd.dim != LEAF && !nd.split().is_finite())
+    {
         return Err(corrupt("node out of bounds"));
     }
     Ok(nodes)
