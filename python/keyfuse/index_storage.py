@@ -3,9 +3,10 @@ their checksums, and reading a subject's keypoints back.
 
 A part is a pair of Parquet files: ``subjects-NNNNNN.parquet`` (id, keypoint count,
 affine, shape, labels as JSON, CNN vector, source) and ``keypoints-NNNNNN.parquet``
-(subject and geometry per row, grouped by subject; format 4: one flat column per
-component, repeats stored as nulls, see :func:`_keypoints_table`). Each descriptor is
-stored once, in the checksummed shard or segment files (formats 3 and 4); parts written
+(subject and geometry per row, grouped by subject; formats 4 and 5: one flat column per
+component, repeats stored as nulls, format 5 also the orientation's first two rows
+coded, see :func:`_keypoints_table`). Each descriptor is stored once, in the checksummed
+shard or segment files (formats 3 to 5); parts written
 by format 1 and 2 also hold a 64-byte descriptor column, which an index without segment
 files streams into memory. An opened index remembers, per subject, where its rows lie
 (:class:`_Rows`), so the full keypoints are read back on demand, their descriptors from

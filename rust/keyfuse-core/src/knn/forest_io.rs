@@ -287,16 +287,26 @@ impl KdForest {
             pack_bits(&t.perm, bits, &mut body);
             ok
         });
-        let version: u32 = if compact { FOREST_FORMAT_VERSION } else { 2 };
-        if !compact {
-            body = self.format2_trees();
+        if compact {
+            self.file_bytes(FOREST_FORMAT_VERSION, &body)
+        } else {
+            self.format2_bytes()
         }
+    }
+
+    /// The forest in format 2 (what `to_bytes` writes for a forest not in build order).
+    pub(super) fn format2_bytes(&self) -> Vec<u8> {
+        self.file_bytes(2, &self.format2_trees())
+    }
+
+    /// A whole file: header (magic, `version`, tree and point counts), `body`, checksum.
+    fn file_bytes(&self, version: u32, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(body.len() + 32);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(self.trees.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.n as u64).to_le_bytes());
-        out.extend_from_slice(&body);
+        out.extend_from_slice(body);
         let h = fnv64(&out);
         out.extend_from_slice(&h.to_le_bytes());
         out

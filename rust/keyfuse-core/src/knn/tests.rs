@@ -217,29 +217,6 @@ fn format1_bytes(f: &KdForest) -> Vec<u8> {
     out
 }
 
-/// The bytes format 2 wrote (9-byte nodes, whole-byte permutation indices).
-fn format2_bytes(f: &KdForest) -> Vec<u8> {
-    let mut out = b"KFFOREST".to_vec();
-    out.extend_from_slice(&2u32.to_le_bytes());
-    out.extend_from_slice(&(f.trees.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(f.n as u64).to_le_bytes());
-    let pw = perm_width(f.n);
-    for t in &f.trees {
-        out.extend_from_slice(&(t.nodes.len() as u64).to_le_bytes());
-        for nd in &t.nodes {
-            out.push(nd.dim);
-            out.extend_from_slice(&nd.w.to_le_bytes());
-            out.extend_from_slice(&nd.a.to_le_bytes());
-        }
-        for &p in &t.perm {
-            out.extend_from_slice(&p.to_le_bytes()[..pw]);
-        }
-    }
-    let h = fnv64(&out);
-    out.extend_from_slice(&h.to_le_bytes());
-    out
-}
-
 /// Recompute a forest file's checksum after editing its body.
 fn reseal(b: &mut [u8]) {
     let body = b.len() - 8;
@@ -258,7 +235,7 @@ fn forest_files_are_compact_and_older_formats_still_read() {
         let f = KdForest::build(&data, &params).unwrap();
         let q = random_perms(40, 6);
         let want = f.search(&data, &q, 5, 64, |_, _| true).unwrap();
-        let (v3, v2, v1) = (f.to_bytes(), format2_bytes(&f), format1_bytes(&f));
+        let (v3, v2, v1) = (f.to_bytes(), f.format2_bytes(), format1_bytes(&f));
         assert_eq!(v3[8], 3);
         if n == 3000 {
             // 3 bytes an internal node, 1 a leaf, 12-bit permutation indices: 43 % of format 2
