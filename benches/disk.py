@@ -128,18 +128,19 @@ def main() -> None:
         "  geometry columns (compressed, Parquet footers excluded): "
         + ", ".join(f"{k} {v / n_kp:.2f}" for k, v in sorted(columns.items(), key=lambda c: -c[1]))
     )
-    # forests: per tree, 9-byte nodes and a permutation of the fewest bytes holding the
-    # shard's point count; at the default shard size the permutation is wider
+    # forests (format 3): per tree, 3 bytes an internal node, 1 a leaf, and a permutation
+    # of ⌈log2 n⌉-bit indices; at the default shard size the indices are wider
     trees = kf.Index().trees
     forest = bytes_of["kd-forests"]
-    width_here = max(1, ((max(forest_points // max(len(sealed), 1), 2) - 1).bit_length() + 7) // 8)
-    width_full = max(1, ((DEFAULT_SHARD_SIZE - 1).bit_length() + 7) // 8)
+    bits_here = max(1, (max(forest_points // max(len(sealed), 1), 2) - 1).bit_length())
+    bits_full = max(1, (DEFAULT_SHARD_SIZE - 1).bit_length())
     per_kp_here = forest / max(forest_points, 1)
-    per_kp_full = per_kp_here + trees * (width_full - width_here)
+    per_kp_full = per_kp_here + trees * (bits_full - bits_here) / 8
     at_scale = total - forest + per_kp_full * n_kp  # every keypoint in a full sealed shard
     print(
         f"  kd-forests per sealed keypoint: {per_kp_here:.2f} B here, {per_kp_full:.2f} B at the "
-        f"default shard size ({DEFAULT_SHARD_SIZE:,} points: {width_full}-byte permutations)"
+        f"default shard size ({DEFAULT_SHARD_SIZE:,} points: {bits_full}-bit permutation indices, "
+        f"{bits_here} here)"
     )
     print(
         f"total {total / n_kp:.2f} B per keypoint ({geo / n_kp:.2f} B geometry): index = "

@@ -9,7 +9,10 @@ prototype samples it and perturbs each descriptor (rank noise, re-ranked), membe
 60% of the prototype's keypoints (perturbed again) and have 40% of their own, so recall
 can be judged. Per size: build time (appends of 100 subjects, shards sealed and their
 kd-forests built and saved on the way), then in a fresh process: open time, peak RSS
-(VmHWM) after the approximate queries and again after the exact ones, approximate query
+(VmHWM) after the approximate queries and again after the exact ones, each with the
+anonymous and file-backed resident memory at that moment (RssAnon: forests, owners,
+buffers, the interpreter; RssFile: touched pages of the memory-mapped descriptor files,
+clean and reclaimable, and of the libraries), approximate query
 p50/p95 in wall and CPU seconds (a query is a noisy rescan of an indexed subject with all
 its keypoints), top-1 = the rescanned subject, recall@1 of the approximate search
 against exact on the same queries cut to ``--recall-keypoints`` keypoints, and the index
@@ -107,17 +110,21 @@ for q, s in zip(queries, truth):
     walls.append(time.perf_counter() - t)
     cpus.append(time.process_time() - c)
     top1 += int(np.argmax(sc) == s)
-def hwm():
-    line = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
+def status(key):
+    line = [ln for ln in open("/proc/self/status") if ln.startswith(key + ":")][0]
     return int(line.split()[1]) / 2**20
+def hwm():
+    return status("VmHWM")
 print(json.dumps({"open_s": opened, "p50": float(np.median(walls)),
     "p95": float(np.percentile(walls, 95)), "cpu_p50": float(np.median(cpus)),
-    "top1": top1 / len(truth), "rss_search_gib": hwm(), "m": len(truth)}), flush=True)
+    "top1": top1 / len(truth), "rss_search_gib": hwm(), "anon_search_gib": status("RssAnon"),
+    "file_search_gib": status("RssFile"), "m": len(truth)}), flush=True)
 agree, rng = 0, np.random.default_rng(1)
 for q in queries:
     sub = geo.keypoints(q)[np.sort(rng.choice(len(q), cut, replace=False))]
     agree += int(np.argmax(ix.scores(sub, exact=False)) == np.argmax(ix.scores(sub, exact=True)))
-print(json.dumps({"recall": agree / len(truth), "rss_gib": hwm()}))
+print(json.dumps({"recall": agree / len(truth), "rss_gib": hwm(), "anon_gib": status("RssAnon"),
+    "file_gib": status("RssFile")}))
 """
 
 
@@ -242,8 +249,11 @@ def main() -> None:
                 f"N={n:6d} × {args.keypoints} ({n * args.keypoints / 1e6:.1f} M keypoints, "
                 f"{r['shards']} shards): build {r['build_s']:.1f} s, open {r['open_s']:.2f} s, "
                 f"query p50 {r['p50']:.3f} s p95 {r['p95']:.3f} s (CPU {r['cpu_p50']:.3f} s), peak "
-                f"RSS {r['rss_search_gib']:.2f} GiB searching, {r['rss_gib']:.2f} GiB after the "
-                f"exact recall queries (every descriptor page touched), top-1 {r['top1']:.2f}, "
+                f"RSS {r['rss_search_gib']:.2f} GiB searching (now RssAnon "
+                f"{r['anon_search_gib']:.2f} + RssFile {r['file_search_gib']:.2f}), "
+                f"{r['rss_gib']:.2f} GiB after the exact recall queries (every descriptor page "
+                f"touched; RssAnon {r['anon_gib']:.2f} + RssFile {r['file_gib']:.2f}), "
+                f"top-1 {r['top1']:.2f}, "
                 f"recall@1 vs exact "
                 f"{r['recall']:.2f} ({r['m']} queries of {args.recall_keypoints} keypoints); "
                 f"disk {disk / 1e6:.1f} MB = 1/{n * IMAGE_BYTES / disk:.0f} of the images",
@@ -256,7 +266,8 @@ def main() -> None:
     if len(rows) >= 2:
         ns = np.array([r["n"] for r in rows], float)
         fit = {}
-        for key in ("build_s", "open_s", "p50", "p95", "rss_search_gib", "rss_gib"):
+        keys = ("build_s", "open_s", "p50", "p95", "rss_search_gib", "rss_gib")
+        for key in (*keys, "anon_search_gib", "file_search_gib", "anon_gib", "file_gib"):
             b1, b0 = np.polyfit(ns, [r[key] for r in rows], 1)
             fit[key] = b0 + b1 * 100_000
         print(

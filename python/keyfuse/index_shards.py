@@ -9,9 +9,10 @@ shard on disk is two files beside the parts::
 
     shard-000001.kfs   2048-byte header (magic, version, n, descriptor statistics,
                        header checksum) + n × 64 uint8 descriptors, memory-mapped
-    shard-000001.kff   its kd-forest (magic, version, trees, 9-byte nodes, permutations
-                       in 3 bytes a point up to 16.7 M points, checksum;
-                       keyfuse_core::knn::forest_io), built when sealed
+    shard-000001.kff   its kd-forest (magic, version, trees, nodes in build order: 3
+                       bytes an internal node, 1 a leaf; permutations in ⌈log2 n⌉
+                       bits a point; checksum; keyfuse_core::knn::forest_io), built
+                       when sealed
     open-000007.kfs    the open shard's subjects appended by part 7 (shard file
                        format), memory-mapped; retired when the open shard is sealed
 

@@ -3,9 +3,10 @@ their checksums, and reading a subject's keypoints back.
 
 A part is a pair of Parquet files: ``subjects-NNNNNN.parquet`` (id, keypoint count,
 affine, shape, labels as JSON, CNN vector, source) and ``keypoints-NNNNNN.parquet``
-(subject and geometry per row, grouped by subject; format 4: one flat column per
-component, repeats stored as nulls, see :func:`_keypoints_table`). Each descriptor is
-stored once, in the checksummed shard or segment files (formats 3 and 4); parts written
+(subject and geometry per row, grouped by subject; formats 4 and 5: one flat column per
+component, repeats stored as nulls, format 5 also the orientation's first two rows
+coded, see :func:`_keypoints_table`). Each descriptor is stored once, in the checksummed
+shard or segment files (formats 3 to 5); parts written
 by format 1 and 2 also hold a 64-byte descriptor column, which an index without segment
 files streams into memory. An opened index remembers, per subject, where its rows lie
 (:class:`_Rows`), so the full keypoints are read back on demand, their descriptors from
@@ -32,11 +33,13 @@ from keyfuse.keypoints import KeypointSet
 Staged = tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]
 
 FORMAT = "keyfuse-index"
-# 4: flat geometry columns, repeats and the orientation's cross product as nulls (see
-# _keypoints_table); 3: descriptors only in the shard/segment files; 2: sealed shards,
-# descriptors also in the parts (keyfuse.index_shards); 1 is read as unsharded
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 5: the orientation's first two rows as two components and a predicted third (see
+# _orientation_code); 4: flat geometry columns, repeats and the orientation's cross
+# product as nulls (see _keypoints_table); 3: descriptors only in the shard/segment files;
+# 2: sealed shards, descriptors also in the parts (keyfuse.index_shards); 1 is read as
+# unsharded
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
 
 
@@ -274,9 +277,61 @@ _KP_COLUMNS: tuple[tuple[str, Any, int], ...] = (
 # floats byte-stream-split, and a value is null where it is reproduced bit for bit by the
 # same component of the subject's previous row (the orientations of one detection share
 # its position, scale, response and eigenvalues) or, for the orientation's third row, by
-# the float32 cross product of its first two (as the extractor computes it). Formats 1-3
-# wrote one fixed-size-list column per component, still read.
+# the float32 cross product of its first two (as the extractor computes it). Format 5
+# stores each of the orientation's first two rows (unit vectors) as its two smaller
+# components and a small integer from which its largest one is rebuilt bit for bit
+# (``orientation_r0_a``, ``_b``, ``_code``; see _orientation_code), null where the
+# subject's previous row repeats the whole row. Formats 1-3 wrote one fixed-size-list
+# column per component, still read.
 _REPEATED = ("ijk", "scale", "orientation", "response", "eigenvalues")
+
+# the two components kept beside the largest one (0, 1 or 2) of a row
+_OTHERS = np.array([[1, 2], [0, 2], [0, 1]])
+
+
+def _predicted_magnitude(kept: np.ndarray) -> np.ndarray:
+    """The float32 bits (sign cleared, int64) of sqrt(1 - a² - b²) from a unit row's two
+    kept components ``kept`` ((n, 2) float32), in float64 (IEEE operations in a fixed
+    order, so the same bits on every platform; 0 where the components are not finite)."""
+    a = kept.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.sqrt(np.maximum(0.0, 1.0 - a[:, 0] * a[:, 0] - a[:, 1] * a[:, 1]))
+    p = np.where(np.isfinite(p), p, 0.0).astype(np.float32)
+    return _bits(p).astype(np.int64) & 0x7FFFFFFF
+
+
+def _orientation_code(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One orientation row per keypoint (``v``: (n, 3) float32) as its two components
+    beside the largest (by magnitude bits) and a code: the zigzag-coded difference
+    between the largest's magnitude bits and :func:`_predicted_magnitude`'s, its sign and
+    its position, ``zz << 3 | sign << 2 | position``. For a unit row the difference is a
+    few units in the last place, so the code compresses to about a byte where the
+    component took 3-4; any value (NaN, signed zeros, a row that is no unit vector) is
+    rebuilt bit for bit by :func:`_orientation_rows`."""
+    bits = _bits(np.ascontiguousarray(v)).astype(np.int64)
+    mag = bits & 0x7FFFFFFF
+    j = np.argmax(mag, axis=1)
+    kept = np.take_along_axis(v, _OTHERS[j], 1)
+    r = np.take_along_axis(mag, j[:, None], 1)[:, 0] - _predicted_magnitude(kept)
+    sign = np.take_along_axis(bits, j[:, None], 1)[:, 0] >> 31
+    code = (np.where(r >= 0, 2 * r, -2 * r - 1) << 3) | (sign << 2) | j
+    return np.ascontiguousarray(kept[:, 0]), np.ascontiguousarray(kept[:, 1]), code
+
+
+def _orientation_rows(a: np.ndarray, b: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """The rows (n, 3) float32 that :func:`_orientation_code` coded as ``a, b, code``."""
+    j, sign, zz = code & 3, (code >> 2) & 1, code >> 3
+    if len(code) and (j.max() > 2 or zz.min() < 0):
+        raise ValueError("bad orientation code")
+    kept = np.stack([a, b], axis=1).astype(np.float32)
+    mag = _predicted_magnitude(kept) + np.where(zz & 1, -(zz >> 1) - 1, zz >> 1)
+    if len(code) and (mag.min() < 0 or mag.max() > 0x7FFFFFFF):
+        raise ValueError("bad orientation code")
+    out = np.empty((len(code), 3), np.float32)
+    np.put_along_axis(out, _OTHERS[j], kept, 1)
+    big = (mag | (sign << 31)).astype(np.uint32).view(np.float32)
+    np.put_along_axis(out, j[:, None], big[:, None], 1)
+    return out
 
 
 def _flat_names(name: str, width: int) -> list[str]:
@@ -288,14 +343,15 @@ def _cross(o: np.ndarray) -> np.ndarray:
     """The float32 cross products of the orientations' first two rows (``o``: (n, 9)),
     in the extractor's arithmetic (each product and difference rounded to float32)."""
     a, b = o[:, 0:3], o[:, 3:6]
-    return np.stack(
-        [
-            a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1],
-            a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
-            a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0],
-        ],
-        axis=1,
-    ).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or infinite components
+        return np.stack(
+            [
+                a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1],
+                a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
+                a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0],
+            ],
+            axis=1,
+        ).astype(np.float32)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -303,8 +359,9 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(f"u{a.dtype.itemsize}")
 
 
-def _keypoints_table(staged: Sequence[Staged]) -> Any:
-    """The keypoints table of one part: every subject's keypoints, in subject order."""
+def _keypoints_table(staged: Sequence[Staged], coded: bool = True) -> Any:
+    """The keypoints table of one part: every subject's keypoints, in subject order
+    (``coded=False``: the orientation as format 4 stored it)."""
     import pyarrow as pa
 
     counts = [len(s[1]) for s in staged]
@@ -331,6 +388,15 @@ def _keypoints_table(staged: Sequence[Staged]) -> Any:
             else np.zeros((0, width), dtype)
         )
         for c, col in enumerate(_flat_names(name, width)):
+            if name == "orientation" and coded and c < 6:
+                if c % 3 == 0:  # a whole row: two components and a code
+                    row = flat[:, c : c + 3]
+                    same = np.zeros(n, bool)
+                    same[1:] = (_bits(row[1:]) == _bits(row[:-1])).all(axis=1)
+                    same &= ~first
+                    for suffix, arr in zip(("a", "b", "code"), _orientation_code(row), strict=True):
+                        cols[f"orientation_r{c // 3}_{suffix}"] = pa.array(arr, mask=same)
+                continue
             v = np.ascontiguousarray(flat[:, c])
             if name not in _REPEATED:
                 cols[col] = pa.array(v)
@@ -349,14 +415,11 @@ def _column_arrays(keypoints: Any, names: Sequence[str] | None = None) -> dict[s
     """Numpy arrays (one row per keypoint) of some keypoint components (default: all the
     table holds) of a table or a record batch whose rows start at a subject's first row
     (either layout)."""
-    import pyarrow.compute as pc
-
     arrays: dict[str, np.ndarray] = {}
     present = set(keypoints.column_names)
     for name, dtype, width in _KP_COLUMNS:
-        if (names is None and not {name, f"{name}_0"} & present) or (
-            names is not None and name not in names
-        ):
+        stored = {name, f"{name}_0", f"{name}_r0_code"} & present
+        if (names is None and not stored) or (names is not None and name not in names):
             continue
         if name == "descriptors":
             col = _combined(keypoints.column(name))
@@ -370,20 +433,36 @@ def _column_arrays(keypoints: Any, names: Sequence[str] | None = None) -> dict[s
             ).reshape(-1, width)
         else:
             out = np.empty((keypoints.num_rows, width), dtype)
+            coded = name == "orientation" and "orientation_r0_code" in present
+            for r in range(2 if coded else 0):  # format 5: rows 0 and 1 coded
+                a, b, code = (
+                    _filled(keypoints, f"orientation_r{r}_{x}") for x in ("a", "b", "code")
+                )
+                out[:, 3 * r : 3 * r + 3] = _orientation_rows(a, b, code.astype(np.int64))
             for c, cname in enumerate(_flat_names(name, width)):
+                if coded and c < 6:
+                    continue
                 col = _combined(keypoints.column(cname))
                 if name == "orientation" and c >= 6 and col.null_count:
                     known = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
                     out[:, c] = _cross(out)[:, c - 6]
                     out[known, c] = np.asarray(col.drop_null().to_numpy(), dtype)
                     continue
-                if col.null_count:
-                    if not col.is_valid()[0].as_py():
-                        raise ValueError(f"column {cname} starts with a repeat")
-                    col = pc.fill_null_forward(col)
-                out[:, c] = np.asarray(col.to_numpy(zero_copy_only=False), dtype)
+                out[:, c] = np.asarray(_filled(keypoints, cname), dtype)
             arrays[name] = np.ascontiguousarray(out[:, 0]) if width == 1 else out
     return arrays
+
+
+def _filled(keypoints: Any, cname: str) -> np.ndarray:
+    """A flat column's values, each null (a repeat) filled with the value above it."""
+    import pyarrow.compute as pc
+
+    col = _combined(keypoints.column(cname))
+    if col.null_count:
+        if not col.is_valid()[0].as_py():
+            raise ValueError(f"column {cname} starts with a repeat")
+        col = pc.fill_null_forward(col)
+    return np.asarray(col.to_numpy(zero_copy_only=False))
 
 
 def _combined(col: Any) -> Any:

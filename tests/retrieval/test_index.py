@@ -199,10 +199,11 @@ def test_geometry_round_trips_bit_for_bit(
     cohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Format 4 stores a value that the subject's previous row repeats, and the
-    orientation's third row where it is the cross product of the first two, as nulls:
-    real keypoints (MNI152 at 3 mm: several orientations a detection) and others (a
-    third row that is no cross product, NaN, signed zeros, a repeat across subjects)
-    read back bit for bit, also across Parquet row groups."""
+    orientation's third row where it is the cross product of the first two, as nulls;
+    format 5 codes the first two rows' largest components: real keypoints (MNI152 at
+    3 mm: several orientations a detection) and others (a third row that is no cross
+    product, rows that are no unit vectors, NaN, infinities, signed zeros, a repeat
+    across subjects) read back bit for bit, also across Parquet row groups."""
     import pyarrow.parquet as pq
 
     import keyfuse.index_storage as kfs
@@ -215,6 +216,11 @@ def test_geometry_round_trips_bit_for_bit(
     o[1] = o[0]
     o[2, 2] = -0.0
     o[3, 2] = 0.0
+    o[4, 0] = [-0.0, 0.0, -0.0]
+    o[5, 1] = [np.nan, 0.5, -np.inf]
+    o[6, 0] = [np.inf, -np.inf, 1.0]
+    o[7, :2] = np.asarray(real.orientation)[0, :2]
+    o[7, 0, 2] = np.nextafter(o[7, 0, 2], np.float32(2))  # a unit row one ulp off
     ijk = np.asarray(odd.ijk).copy()
     ijk[5:9] = ijk[4]
     ijk[10, 1] = np.nan
@@ -231,6 +237,9 @@ def test_geometry_round_trips_bit_for_bit(
     # every real third row is a cross product; detections of several orientations repeat
     assert part.column("orientation_8").slice(0, len(real)).null_count == len(real)
     assert 0 < part.column("ijk_0").null_count < len(real)
+    # real unit rows: the largest component is rebuilt from a code of a few bits
+    code = part.column("orientation_r1_code").slice(0, len(real)).drop_null().to_numpy()
+    assert len(code) and code.max() < 2**10
 
 
 def test_on_disk_appends(cohort, tmp_path: Path) -> None:

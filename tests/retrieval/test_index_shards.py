@@ -138,15 +138,16 @@ def test_damaged_shard_is_named_and_repaired_or_dropped(sharded, cohort, damage:
 
 
 def _as_old_layout(path: Path, cohort, version: int) -> None:
-    """Rewrite an index's parts as formats 1-3 wrote them: one fixed-size-list column
-    per geometry component, every value stored; version 2 also with a descriptor
-    column."""
+    """Rewrite an index's parts as formats 1-4 wrote them: formats 1-3 one
+    fixed-size-list column per geometry component, every value stored (version 2 also
+    with a descriptor column); format 4 the orientation's nine components as flat
+    columns."""
     import hashlib
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from keyfuse.index_storage import _KP_COLUMNS
+    from keyfuse.index_storage import _KP_COLUMNS, _encodings, _keypoints_table
 
     kps_of = {sid: kps for sid, kps, _ in cohort}
     m = json.loads((path / "manifest.json").read_text())
@@ -155,6 +156,13 @@ def _as_old_layout(path: Path, cohort, version: int) -> None:
         f = path / info["name"]
         ids = pq.read_table(path / part["files"]["subjects"]["name"])["subject_id"].to_pylist()
         cols = {"subject": pq.read_table(f).column("subject")}
+        if version == 4:
+            t = _keypoints_table([(s, kps_of[s], None, {}, None) for s in ids], coded=False)
+            assert "orientation_0" in t.column_names and "orientation_r0_code" not in t.column_names
+            pq.write_table(t, f, **_encodings(t))
+            info["bytes"] = f.stat().st_size
+            info["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+            continue
         for name, dtype, width in _KP_COLUMNS:
             flat = np.concatenate(
                 [np.asarray(getattr(kps_of[s], name), dtype).reshape(-1, width) for s in ids]
@@ -175,19 +183,23 @@ def _as_old_layout(path: Path, cohort, version: int) -> None:
     (path / "manifest.json").write_text(json.dumps(m))
 
 
-def test_format_v3_index_is_read(cohort, tmp_path: Path) -> None:
-    """Format 3 parts (fixed-size-list geometry, no descriptors) read back exactly, and
-    an append adds format-4 parts beside them."""
-    path = tmp_path / "v3.kfi"
+@pytest.mark.parametrize("version", [3, 4])
+def test_format_v3_v4_index_is_read(cohort, tmp_path: Path, version: int) -> None:
+    """Format 3 parts (fixed-size-list geometry, no descriptors) and format 4 parts (flat
+    columns, the orientation's nine components) read back exactly, and an append adds
+    format-5 parts beside them."""
+    from keyfuse.index_storage import FORMAT_VERSION
+
+    path = tmp_path / "old.kfi"
     _fill(kf.Index(path, mode="x", shard_size=300), cohort[:-1], batch=5)
-    _as_old_layout(path, cohort[:-1], 3)
+    _as_old_layout(path, cohort[:-1], version)
     ix = kf.Index(path, mode="r+")
     for sid, kps, _ in cohort[:-1]:
         assert ix.keypoints(sid) == kps
     _fill(ix, cohort[-1:])
     back = kf.Index(path)
     assert all(back.keypoints(sid) == kps for sid, kps, _ in cohort)
-    assert json.loads((path / "manifest.json").read_text())["version"] == 4
+    assert json.loads((path / "manifest.json").read_text())["version"] == FORMAT_VERSION == 5
     want = _fill(kf.Index(), cohort).pairwise(exact=True)
     assert np.array_equal(back.pairwise(exact=True), want)
 

@@ -30,12 +30,17 @@ enum Store {
     Mapped(memmap2::Mmap),
 }
 
-/// A shard: descriptors (owned or memory-mapped), each point's global subject, the
-/// descriptor statistics and the kd-forest once built or loaded.
+/// A shard: descriptors (owned or memory-mapped), where each subject's points end (a
+/// point's subject is found by binary search: 4 bytes a subject instead of 4 a point),
+/// the descriptor statistics and the kd-forest once built or loaded.
 pub struct Shard {
     store: Store,
     base: u32,
-    owner: Vec<u32>,
+    n: usize,
+    /// the shard's first subject (global number)
+    first: u32,
+    /// each subject's end among the shard's points
+    ends: Vec<u32>,
     stats: DimStats,
     // set once (built or loaded), then shared: every method takes `&self`, so threads
     // searching a shard never wait on one loading its forest
@@ -88,8 +93,8 @@ fn parse_header(h: &[u8], n: usize) -> Result<DimStats> {
     DimStats::from_words(&words)
 }
 
-/// Each point's global subject from the subjects' keypoint counts.
-fn owners(sizes: &[usize], first_subject: usize, n: usize) -> Result<Vec<u32>> {
+/// Each subject's end among the shard's points, from the subjects' keypoint counts.
+fn subject_ends(sizes: &[usize], first_subject: usize, n: usize) -> Result<Vec<u32>> {
     if sizes.iter().sum::<usize>() != n {
         return Err(KfError::InvalidArgument(format!(
             "shard: subject sizes add up to {}, not its {n} points",
@@ -99,11 +104,13 @@ fn owners(sizes: &[usize], first_subject: usize, n: usize) -> Result<Vec<u32>> {
     if first_subject + sizes.len() >= u32::MAX as usize {
         return Err(KfError::InvalidArgument("too many subjects".into()));
     }
-    let mut owner = Vec::with_capacity(n);
-    for (s, &m) in sizes.iter().enumerate() {
-        owner.extend(std::iter::repeat_n((first_subject + s) as u32, m));
-    }
-    Ok(owner)
+    Ok(sizes
+        .iter()
+        .scan(0u32, |end, &m| {
+            *end += m as u32;
+            Some(*end)
+        })
+        .collect())
 }
 
 impl Shard {
@@ -128,7 +135,9 @@ impl Shard {
             ));
         }
         Ok(Shard {
-            owner: owners(sizes, first, n)?,
+            ends: subject_ends(sizes, first, n)?,
+            n,
+            first: first as u32,
             store,
             base: base as u32,
             stats,
@@ -241,7 +250,7 @@ impl Shard {
     }
 
     pub fn n_points(&self) -> usize {
-        self.owner.len()
+        self.n
     }
 
     pub fn is_mapped(&self) -> bool {
@@ -252,13 +261,13 @@ impl Shard {
         &self.stats
     }
 
-    /// Bytes held in RAM (owned descriptors, owners, forest; mapped pages not counted).
+    /// Bytes held in RAM (owned descriptors, subject ends, forest; mapped pages not counted).
     pub fn memory_bytes(&self) -> usize {
         let own = match &self.store {
             Store::Owned(v) => v.len(),
             Store::Mapped(_) => 0,
         };
-        own + self.owner.len() * 4 + self.forest.get().map_or(0, |f| f.memory_bytes())
+        own + self.ends.len() * 4 + self.forest.get().map_or(0, |f| f.memory_bytes())
     }
 
     pub fn has_forest(&self) -> bool {
@@ -300,16 +309,16 @@ impl Shard {
     ) -> Result<Neighbors> {
         check_rows("query descriptors", queries)?;
         let ex = exclude.map_or(u32::MAX, |e| e as u32);
-        let owner = &self.owner;
-        if let (Some(a), Some(&last)) = (allowed, owner.last()) {
-            if a.len() <= last as usize {
+        let (ends, first) = (&self.ends, self.first);
+        if let Some(a) = allowed {
+            if a.len() < first as usize + ends.len() {
                 return Err(KfError::InvalidArgument(
                     "restriction mask shorter than the number of subjects".into(),
                 ));
             }
         }
         let filter = |_: usize, c: u32| {
-            let s = owner[c as usize];
+            let s = first + ends.partition_point(|&e| e <= c) as u32;
             s != ex && allowed.is_none_or(|a| a[s as usize])
         };
         let mut nb = if p.exact {

@@ -48,10 +48,12 @@ impl SplitMix {
 
 pub(super) const LEAF: u8 = u8::MAX;
 
-/// One node (12 bytes): internal (`dim`, threshold `split()`, children `a` and `a + 1`)
-/// or a leaf (`dim == LEAF`, points `perm[a..w]`). Children are always created as a
-/// pair, so one index locates both, and a leaf's end takes the place of the threshold.
+/// One node (9 bytes, packed: no padding in the node arrays): internal (`dim`, threshold
+/// `split()`, children `a` and `a + 1`) or a leaf (`dim == LEAF`, points `perm[a..w]`).
+/// Children are always created as a pair, so one index locates both, and a leaf's end
+/// takes the place of the threshold.
 #[derive(Clone, Copy, Debug)]
+#[repr(C, packed)]
 pub(super) struct Node {
     pub(super) dim: u8,
     /// internal: the threshold's f32 bits; leaf: the end of its points in `perm`

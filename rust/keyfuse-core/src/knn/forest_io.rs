@@ -1,14 +1,27 @@
 //! A [`KdForest`] on disk: deterministic bytes, validated when read back.
 //!
-//! Layout, format 2 (little-endian): magic `KFFOREST`, format version (u32), tree count
-//! (u32), point count n (u64); per tree its node count (u64), the nodes (9 bytes each:
-//! dim u8, w u32 = the threshold's f32 bits or a leaf's end, a u32 = the first child or a
-//! leaf's start) and its point permutation (n indices of the fewest bytes that hold n − 1:
-//! 3 bytes up to 16.7 M points); last, an FNV-1a 64 checksum of everything before it.
-//! Format 1 (16-byte nodes with both children, u32 permutation) is still read. Reading
-//! checks the magic, version, exact length, checksum and that every node and point index
-//! is in bounds (children come after their parent, so a damaged file can never make a
-//! search loop or read out of bounds): a bad file is [`KfError::Corrupt`], never a panic.
+//! Layout, format 3 (little-endian): magic `KFFOREST`, format version (u32), tree count
+//! (u32), point count n (u64); per tree its node count (u64), its nodes in the order the
+//! build split them (pre-order: a node, its first child's subtree, its second child's),
+//! then its point permutation, n indices of ⌈log2 n⌉ bits each packed LSB first (padded
+//! to a byte); last, an FNV-1a 64 checksum of everything before it. A node is one tag
+//! byte: `0..64` an internal node splitting that dimension, followed by a u16 code of its
+//! threshold (`c < 0x8000`: the build's sample mean c / m in f32, m = min(points under the
+//! node, 128); `0x8000 + s`: the median split s − 0.5; `0xFFFF`: the f32 bits follow);
+//! `64 + c` (c ≤ 190) a leaf of c points, `255` a leaf whose u32 count follows. Children
+//! and leaf ranges are implicit: replaying the build's order numbers the nodes exactly as
+//! in memory (children as a pair, the first child popped next), and the leaves hold
+//! consecutive runs of the permutation. So 3 bytes an internal node and 1 a leaf instead
+//! of 9 each, for the same forest and the same search results.
+//!
+//! Format 2 (9-byte nodes: dim u8, w u32 = the threshold's f32 bits or a leaf's end, a
+//! u32 = the first child or a leaf's start; the permutation in the fewest whole bytes
+//! that hold n − 1) and format 1 (16-byte nodes with both children, u32 permutation) are
+//! still read, and format 2 is written for a forest not in the build's order (one read
+//! from an old file that a newer build would not make). Reading checks the magic,
+//! version, exact length, checksum and that every node and point index is in bounds
+//! (children come after their parent, so a damaged file can never make a search loop or
+//! read out of bounds): a bad file is [`KfError::Corrupt`], never a panic.
 
 use super::forest::{Node, Tree, LEAF};
 use super::KdForest;
@@ -18,9 +31,15 @@ use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"KFFOREST";
 /// Version of the forest file format written.
-pub const FOREST_FORMAT_VERSION: u32 = 2;
+pub const FOREST_FORMAT_VERSION: u32 = 3;
 
-/// Bytes of one permutation index for `n` points: the fewest that hold `n − 1`.
+/// Bits of one permutation index for `n` points in format 3: the fewest that hold
+/// `n − 1` (at least 1).
+pub fn perm_bits(n: usize) -> usize {
+    (usize::BITS - n.saturating_sub(1).leading_zeros()).max(1) as usize
+}
+
+/// Bytes of one permutation index for `n` points in format 2: the fewest that hold `n − 1`.
 pub fn perm_width(n: usize) -> usize {
     let mut w = 1;
     while w < 8 && (n.saturating_sub(1) >> (8 * w)) != 0 {
@@ -71,20 +90,232 @@ fn corrupt(why: &str) -> KfError {
     KfError::Corrupt(format!("kd-forest file: {why}"))
 }
 
+/// Threshold codes of format 3 (see the module documentation).
+const MEDIAN: u16 = 0x8000;
+const RAW: u16 = 0xFFFF;
+/// The largest leaf whose count fits in its tag byte.
+const SHORT_LEAF: u32 = 190;
+
+/// The code of threshold `bits` of an internal node over `points` points: the build's
+/// mean (sum / m in f32, m = min(points, 128)) or median (s − 0.5), else [`RAW`].
+fn threshold_code(bits: u32, points: u32) -> u16 {
+    let (t, m) = (f32::from_bits(bits), points.min(128) as f32);
+    let sum = (t * m).round();
+    if (0.0..32768.0).contains(&sum) && (sum / m).to_bits() == bits {
+        return sum as u16;
+    }
+    let s = t + 0.5;
+    if (0.0..=256.0).contains(&s) && s.fract() == 0.0 && (s - 0.5).to_bits() == bits {
+        return MEDIAN + s as u16;
+    }
+    RAW
+}
+
+/// The threshold bits of a code other than [`RAW`] (`None`: not a code).
+fn threshold_bits(code: u16, points: u32) -> Option<u32> {
+    match code {
+        c if c < MEDIAN => Some((c as f32 / points.min(128) as f32).to_bits()),
+        c if c - MEDIAN <= 256 => Some(((c - MEDIAN) as f32 - 0.5).to_bits()),
+        _ => None,
+    }
+}
+
+/// Each node's points, `(start, end)` in the permutation, from the leaves up (children
+/// come after their parent).
+fn node_ranges(nodes: &[Node]) -> Vec<(u32, u32)> {
+    let mut r = vec![(0u32, 0u32); nodes.len()];
+    for i in (0..nodes.len()).rev() {
+        let nd = nodes[i];
+        r[i] = if nd.dim == LEAF {
+            (nd.a, nd.w)
+        } else {
+            (r[nd.a as usize].0, r[nd.a as usize + 1].1)
+        };
+    }
+    r
+}
+
+/// Append a tree's format-3 nodes to `out`; false when the tree is not in the build's
+/// order (then it is written in format 2).
+fn compact_nodes(t: &Tree, n: usize, out: &mut Vec<u8>) -> bool {
+    let ranges = node_ranges(&t.nodes);
+    let (mut stack, mut next, mut cursor) = (vec![0u32], 1u32, 0u32);
+    while let Some(ni) = stack.pop() {
+        let nd = t.nodes[ni as usize];
+        if nd.dim == LEAF {
+            if nd.a != cursor {
+                return false;
+            }
+            let c = nd.w - nd.a;
+            cursor = nd.w;
+            if c <= SHORT_LEAF {
+                out.push(64 + c as u8);
+            } else {
+                out.push(LEAF);
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+        } else {
+            if nd.a != next || nd.dim as usize >= DESC_LEN {
+                return false;
+            }
+            next += 2;
+            let (lo, hi) = ranges[ni as usize];
+            let code = threshold_code(nd.w, hi - lo);
+            out.push(nd.dim);
+            out.extend_from_slice(&code.to_le_bytes());
+            if code == RAW {
+                out.extend_from_slice(&nd.w.to_le_bytes());
+            }
+            stack.push(nd.a + 1);
+            stack.push(nd.a);
+        }
+    }
+    next as usize == t.nodes.len() && cursor as usize == n
+}
+
+/// Read `nn` format-3 nodes of a tree over `n` points, validating them.
+fn read_compact_nodes(r: &mut Reader<'_>, n: usize, nn: usize) -> Result<Vec<Node>> {
+    let mut nodes = vec![Node::leaf(0, 0); nn];
+    let mut codes = vec![RAW; nn];
+    let (mut stack, mut next, mut cursor) = (vec![0usize], 1usize, 0usize);
+    while let Some(ni) = stack.pop() {
+        let tag = r.take(1)?[0];
+        if (tag as usize) < DESC_LEN {
+            let code = u16::from_le_bytes(r.take(2)?.try_into().unwrap());
+            let w = if code == RAW { r.u32()? } else { 0 };
+            if next + 1 >= nn {
+                return Err(corrupt("node out of bounds"));
+            }
+            nodes[ni] = Node {
+                dim: tag,
+                w,
+                a: next as u32,
+            };
+            codes[ni] = code;
+            stack.push(next + 1);
+            stack.push(next);
+            next += 2;
+        } else {
+            let c = if tag == LEAF {
+                let c = r.u32()?;
+                if c <= SHORT_LEAF {
+                    return Err(corrupt("leaf count not in its shortest form"));
+                }
+                c as usize
+            } else {
+                (tag - 64) as usize
+            };
+            if cursor + c > n {
+                return Err(corrupt("node out of bounds"));
+            }
+            nodes[ni] = Node::leaf(cursor as u32, (cursor + c) as u32);
+            cursor += c;
+        }
+    }
+    if next != nn || cursor != n {
+        return Err(corrupt("nodes do not cover the tree"));
+    }
+    let ranges = node_ranges(&nodes);
+    for (i, nd) in nodes.iter_mut().enumerate() {
+        if nd.dim == LEAF || codes[i] == RAW {
+            continue;
+        }
+        let (lo, hi) = ranges[i];
+        nd.w = threshold_bits(codes[i], hi - lo).ok_or_else(|| corrupt("bad threshold code"))?;
+    }
+    if nodes
+        .iter()
+        .any(|nd| nd.dim != LEAF && !nd.split().is_finite())
+    {
+        return Err(corrupt("node out of bounds"));
+    }
+    Ok(nodes)
+}
+
+/// Append `vals` as `bits`-bit integers, LSB first, the last byte zero-padded.
+fn pack_bits(vals: &[u32], bits: usize, out: &mut Vec<u8>) {
+    let (mut acc, mut have) = (0u64, 0usize);
+    for &v in vals {
+        acc |= (v as u64) << have;
+        have += bits;
+        while have >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            have -= 8;
+        }
+    }
+    if have > 0 {
+        out.push(acc as u8);
+    }
+}
+
+/// Read a permutation of `n` points packed by [`pack_bits`], every index checked.
+fn unpack_perm(r: &mut Reader<'_>, n: usize) -> Result<Vec<u32>> {
+    let bits = perm_bits(n);
+    let raw = r.take((n * bits).div_ceil(8))?;
+    let mask = (1u64 << bits) - 1;
+    let (mut acc, mut have, mut bytes) = (0u64, 0usize, raw.iter());
+    let mut perm = Vec::with_capacity(n);
+    for _ in 0..n {
+        while have < bits {
+            acc |= (*bytes.next().unwrap() as u64) << have;
+            have += 8;
+        }
+        let p = acc & mask;
+        acc >>= bits;
+        have -= bits;
+        if p >= n as u64 {
+            return Err(corrupt("point index out of bounds"));
+        }
+        perm.push(p as u32);
+    }
+    if acc != 0 {
+        return Err(corrupt("nonzero padding bits"));
+    }
+    Ok(perm)
+}
+
 impl KdForest {
-    /// The forest as bytes (the same forest always gives the same bytes).
+    /// The forest as bytes (the same forest always gives the same bytes): format 3, or
+    /// format 2 for a forest not in the build's order.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let pw = perm_width(self.n);
-        let size: usize = self
-            .trees
-            .iter()
-            .map(|t| 8 + t.nodes.len() * 9 + t.perm.len() * pw)
-            .sum();
-        let mut out = Vec::with_capacity(size + 32);
+        let bits = perm_bits(self.n);
+        let mut body = Vec::new();
+        let compact = self.trees.iter().all(|t| {
+            body.extend_from_slice(&(t.nodes.len() as u64).to_le_bytes());
+            let ok = compact_nodes(t, self.n, &mut body);
+            pack_bits(&t.perm, bits, &mut body);
+            ok
+        });
+        if compact {
+            self.file_bytes(FOREST_FORMAT_VERSION, &body)
+        } else {
+            self.format2_bytes()
+        }
+    }
+
+    /// The forest in format 2 (what `to_bytes` writes for a forest not in build order).
+    pub(super) fn format2_bytes(&self) -> Vec<u8> {
+        self.file_bytes(2, &self.format2_trees())
+    }
+
+    /// A whole file: header (magic, `version`, tree and point counts), `body`, checksum.
+    fn file_bytes(&self, version: u32, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(body.len() + 32);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FOREST_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(self.trees.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.n as u64).to_le_bytes());
+        out.extend_from_slice(body);
+        let h = fnv64(&out);
+        out.extend_from_slice(&h.to_le_bytes());
+        out
+    }
+
+    /// The trees in format 2 (9-byte nodes, whole-byte permutation indices).
+    fn format2_trees(&self) -> Vec<u8> {
+        let pw = perm_width(self.n);
+        let mut out = Vec::new();
         for t in &self.trees {
             out.extend_from_slice(&(t.nodes.len() as u64).to_le_bytes());
             for nd in &t.nodes {
@@ -96,8 +327,6 @@ impl KdForest {
                 out.extend_from_slice(&p.to_le_bytes()[..pw]);
             }
         }
-        let h = fnv64(&out);
-        out.extend_from_slice(&h.to_le_bytes());
         out
     }
 
@@ -115,9 +344,9 @@ impl KdForest {
             return Err(corrupt("not a keyfuse kd-forest"));
         }
         let v = r.u32()?;
-        if v != 1 && v != FOREST_FORMAT_VERSION {
+        if !(1..=FOREST_FORMAT_VERSION).contains(&v) {
             return Err(corrupt(&format!(
-                "format version {v} (this keyfuse reads {FOREST_FORMAT_VERSION})"
+                "format version {v} (this keyfuse reads 1 to {FOREST_FORMAT_VERSION})"
             )));
         }
         let n_trees = r.u32()? as usize;
@@ -127,68 +356,21 @@ impl KdForest {
         if n_trees == 0 {
             return Err(corrupt("no trees"));
         }
-        let mut trees = Vec::with_capacity(n_trees);
-        // format 1: 16-byte nodes (dim, 3 zero bytes, split, a, b), u32 permutation
-        let (node_bytes, pw) = if v == 1 { (16, 4) } else { (9, perm_width(n)) };
+        let mut trees = Vec::with_capacity(n_trees.min(64));
         for _ in 0..n_trees {
             let nn = r.u64()?;
-            if nn == 0 || nn > (body.len() / node_bytes) as u64 {
+            if nn == 0 || nn > body.len() as u64 {
                 return Err(corrupt("bad node count"));
             }
-            let nn = nn as usize;
-            let raw = r.take(nn * node_bytes)?;
-            let mut nodes = Vec::with_capacity(nn);
-            for (i, c) in raw.chunks_exact(node_bytes).enumerate() {
-                let w = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
-                let (nd, ok) = if v == 1 {
-                    let (split, a, b) = (w(4), w(8), w(12));
-                    let pad = c[1..4] == [0, 0, 0];
-                    if c[0] == LEAF {
-                        (Node::leaf(a, b), pad)
-                    } else {
-                        let nd = Node {
-                            dim: c[0],
-                            w: split,
-                            a,
-                        };
-                        (nd, pad && a.checked_add(1) == Some(b))
-                    }
-                } else {
-                    (
-                        Node {
-                            dim: c[0],
-                            w: w(1),
-                            a: w(5),
-                        },
-                        true,
-                    )
-                };
-                let ok = ok
-                    && if nd.dim == LEAF {
-                        nd.a <= nd.w && nd.w as usize <= n
-                    } else {
-                        (nd.dim as usize) < DESC_LEN
-                            && nd.split().is_finite()
-                            && nd.a as usize > i
-                            && (nd.a as usize) + 1 < nn
-                    };
-                if !ok {
-                    return Err(corrupt("node out of bounds"));
+            trees.push(if v == 3 {
+                let nodes = read_compact_nodes(&mut r, n, nn as usize)?;
+                Tree {
+                    nodes,
+                    perm: unpack_perm(&mut r, n)?,
                 }
-                nodes.push(nd);
-            }
-            let raw = r.take(n * pw)?;
-            let mut perm = Vec::with_capacity(n);
-            for c in raw.chunks_exact(pw) {
-                let mut b = [0u8; 8];
-                b[..pw].copy_from_slice(c);
-                let p = u64::from_le_bytes(b);
-                if p >= n as u64 {
-                    return Err(corrupt("point index out of bounds"));
-                }
-                perm.push(p as u32);
-            }
-            trees.push(Tree { nodes, perm });
+            } else {
+                read_old_tree(&mut r, n, nn as usize, v)?
+            });
         }
         if r.pos != body.len() {
             return Err(corrupt("trailing bytes"));
@@ -206,6 +388,68 @@ impl KdForest {
         let b = std::fs::read(path)?;
         KdForest::from_bytes(&b, n)
     }
+}
+
+/// One tree of a format-1 or format-2 file (`v`), `nn` nodes over `n` points.
+fn read_old_tree(r: &mut Reader<'_>, n: usize, nn: usize, v: u32) -> Result<Tree> {
+    // format 1: 16-byte nodes (dim, 3 zero bytes, split, a, b), u32 permutation
+    let (node_bytes, pw) = if v == 1 { (16, 4) } else { (9, perm_width(n)) };
+    if nn > r.b.len() / node_bytes {
+        return Err(corrupt("bad node count"));
+    }
+    let raw = r.take(nn * node_bytes)?;
+    let mut nodes = Vec::with_capacity(nn);
+    for (i, c) in raw.chunks_exact(node_bytes).enumerate() {
+        let w = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+        let (nd, ok) = if v == 1 {
+            let (split, a, b) = (w(4), w(8), w(12));
+            let pad = c[1..4] == [0, 0, 0];
+            if c[0] == LEAF {
+                (Node::leaf(a, b), pad)
+            } else {
+                let nd = Node {
+                    dim: c[0],
+                    w: split,
+                    a,
+                };
+                (nd, pad && a.checked_add(1) == Some(b))
+            }
+        } else {
+            (
+                Node {
+                    dim: c[0],
+                    w: w(1),
+                    a: w(5),
+                },
+                true,
+            )
+        };
+        let ok = ok
+            && if nd.dim == LEAF {
+                nd.a <= nd.w && nd.w as usize <= n
+            } else {
+                (nd.dim as usize) < DESC_LEN
+                    && nd.split().is_finite()
+                    && nd.a as usize > i
+                    && (nd.a as usize) + 1 < nn
+            };
+        if !ok {
+            return Err(corrupt("node out of bounds"));
+        }
+        nodes.push(nd);
+    }
+    let raw = r.take(n * pw)?;
+    let mut perm = Vec::with_capacity(n);
+    for c in raw.chunks_exact(pw) {
+        let mut b = [0u8; 8];
+        b[..pw].copy_from_slice(c);
+        let p = u64::from_le_bytes(b);
+        if p >= n as u64 {
+            return Err(corrupt("point index out of bounds"));
+        }
+        perm.push(p as u32);
+    }
+    Ok(Tree { nodes, perm })
 }
 
 /// Write `chunks` to `path` atomically: into `path.tmp`, flushed, then renamed.

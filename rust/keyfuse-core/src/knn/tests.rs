@@ -3,6 +3,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::amx;
 use super::exact::ExactKernel;
+use super::forest::{Node, LEAF};
 use super::*;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::dist2_avx2;
@@ -200,7 +201,7 @@ fn format1_bytes(f: &KdForest) -> Vec<u8> {
     for t in &f.trees {
         out.extend_from_slice(&(t.nodes.len() as u64).to_le_bytes());
         for nd in &t.nodes {
-            let leaf = nd.dim == super::forest::LEAF;
+            let leaf = nd.dim == LEAF;
             let (split, b) = if leaf { (0, nd.w) } else { (nd.w, nd.a + 1) };
             out.extend_from_slice(&[nd.dim, 0, 0, 0]);
             out.extend_from_slice(&split.to_le_bytes());
@@ -216,30 +217,90 @@ fn format1_bytes(f: &KdForest) -> Vec<u8> {
     out
 }
 
+/// Recompute a forest file's checksum after editing its body.
+fn reseal(b: &mut [u8]) {
+    let body = b.len() - 8;
+    let h = fnv64(&b[..body]);
+    b[body..].copy_from_slice(&h.to_le_bytes());
+}
+
 #[test]
-fn forest_files_are_compact_and_format1_still_reads() {
-    let data = random_perms(3000, 5);
-    let f = KdForest::build(&data, &ForestParams::default()).unwrap();
-    let q = random_perms(40, 6);
-    let want = f.search(&data, &q, 5, 64, |_, _| true).unwrap();
-    let v2 = f.to_bytes();
-    let v1 = format1_bytes(&f);
+fn forest_files_are_compact_and_older_formats_still_read() {
+    for (n, leaf_size) in [(3000, 8), (700, 300), (1, 8)] {
+        let data = random_perms(n, 5);
+        let params = ForestParams {
+            leaf_size,
+            ..ForestParams::default()
+        };
+        let f = KdForest::build(&data, &params).unwrap();
+        let q = random_perms(40, 6);
+        let want = f.search(&data, &q, 5, 64, |_, _| true).unwrap();
+        let (v3, v2, v1) = (f.to_bytes(), f.format2_bytes(), format1_bytes(&f));
+        assert_eq!(v3[8], 3);
+        if n == 3000 {
+            // 3 bytes an internal node, 1 a leaf, 12-bit permutation indices: 43 % of format 2
+            assert!(v3.len() * 2 < v2.len(), "{} vs {}", v3.len(), v2.len());
+        }
+        for bytes in [&v3, &v2, &v1] {
+            let g = KdForest::from_bytes(bytes, n).unwrap();
+            for (a, b) in g.trees.iter().zip(&f.trees) {
+                assert_eq!(a.perm, b.perm);
+                let same = a
+                    .nodes
+                    .iter()
+                    .zip(&b.nodes)
+                    .all(|(x, y)| (x.dim, x.w, x.a) == (y.dim, y.w, y.a));
+                assert!(same && a.nodes.len() == b.nodes.len());
+            }
+            let got = g.search(&data, &q, 5, 64, |_, _| true).unwrap();
+            assert_eq!((got.idx, got.dist2), (want.idx.clone(), want.dist2.clone()));
+            assert_eq!(g.to_bytes(), v3);
+        }
+    }
     assert_eq!(perm_width(3000), 2);
     assert_eq!(perm_width(1 << 24), 3);
     assert_eq!(perm_width((1 << 24) + 1), 4);
-    assert!(v2.len() * 5 < v1.len() * 3, "{} vs {}", v2.len(), v1.len()); // < 60 %
-    for bytes in [&v2, &v1] {
-        let g = KdForest::from_bytes(bytes, 3000).unwrap();
-        let got = g.search(&data, &q, 5, 64, |_, _| true).unwrap();
-        assert_eq!((got.idx, got.dist2), (want.idx.clone(), want.dist2.clone()));
-        assert_eq!(g.to_bytes(), v2);
-    }
+    assert_eq!((perm_bits(1), perm_bits(2), perm_bits(3000)), (1, 1, 12));
+    assert_eq!((perm_bits(1 << 24), perm_bits(20_000_000)), (24, 25));
+    let data = random_perms(3000, 5);
+    let f = KdForest::build(&data, &ForestParams::default()).unwrap();
     // a format-1 internal node whose second child is not next to the first is refused
-    let mut bad = v1.clone();
+    let mut bad = format1_bytes(&f);
     let at = 8 + 4 + 4 + 8 + 8 + 12; // first tree, root node's second child
     bad[at] ^= 4;
-    let body = bad.len() - 8;
-    let h = fnv64(&bad[..body]);
-    bad[body..].copy_from_slice(&h.to_le_bytes());
+    reseal(&mut bad);
     assert!(KdForest::from_bytes(&bad, 3000).is_err());
+    // a format-2 forest not in the build's order is written back in format 2
+    let mut moved = f.clone();
+    let t = &mut moved.trees[0];
+    let last = t.nodes.len() - 1;
+    let (a, b) = (t.nodes[last - 1], t.nodes[last]);
+    if a.dim == LEAF && b.dim == LEAF {
+        t.nodes[last - 1] = Node::leaf(b.a, b.w);
+        t.nodes[last] = Node::leaf(a.a, a.w);
+        let bytes = moved.to_bytes();
+        assert_eq!(bytes[8], 2);
+        assert_eq!(
+            KdForest::from_bytes(&bytes, 3000).unwrap().to_bytes(),
+            bytes
+        );
+    }
+    // format 3: a damaged tag, threshold code or leaf count is refused even when resealed
+    let v3 = f.to_bytes();
+    let root = 8 + 4 + 4 + 8 + 8;
+    let mut leaf = root; // the first leaf: internal nodes before it take 3 bytes each
+    while v3[leaf] < 64 {
+        leaf += 3;
+    }
+    for (at, val) in [
+        (root, 200u8),
+        (root + 2, 0x90),
+        (leaf, 64 + 191 - 1),
+        (leaf, LEAF),
+    ] {
+        let mut b = v3.clone();
+        b[at] = val;
+        reseal(&mut b);
+        assert!(KdForest::from_bytes(&b, 3000).is_err(), "byte {at} = {val}");
+    }
 }
