@@ -31,7 +31,7 @@ def default_params() -> dict[str, Any]:
 
 
 def extract(
-    image: Any, device: str = "auto", *, reslice: bool = True, **params: Any
+    image: Any, device: str = "auto", *, reslice: str = "oblique", **params: Any
 ) -> KeypointSet:
     """Extract 3D SIFT-Rank keypoints (or 2D SIFT-Rank for a 2D image).
 
@@ -52,16 +52,18 @@ def extract(
         ``orientation`` are then expressed in the grid as stored (for a mirrored storage
         the frames are reflections); ``xyz`` is world RAS mm.
 
-        Keypoints do not depend on where the voxel samples fall either: a 3D scan whose
-        grid is oblique, or whose voxel centres are off the world lattice (axis-aligned,
-        at whole multiples of its smallest voxel size in world mm), is resliced onto
-        that lattice (cubic B-spline) before extraction; see :mod:`keyfuse.world_lattice`.
+        An oblique 3D grid is resliced (cubic B-spline) onto the world lattice
+        (axis-aligned, centres at whole multiples of its smallest voxel size in world
+        mm) before extraction, so an oblique storage gives the keypoints of the
+        axis-aligned one; see :mod:`keyfuse.world_lattice`.
     device:
         ``"auto"`` or ``"cpu"``: extraction runs on the CPU (its descriptor stage has no
         GPU version); ``"cuda"`` raises :class:`~keyfuse.DeviceUnavailableError`.
     reslice:
-        ``False`` extracts on the grid as stored, without reslicing an oblique or
-        off-lattice grid (no interpolation, but keypoints then depend on the grid).
+        ``"oblique"`` (default) reslices oblique grids onto the world lattice;
+        ``"lattice"`` also axis-aligned grids whose voxel centres are off it (the field
+        of view's placement then does not change the keypoints; costs an
+        interpolation); ``"never"`` extracts on the grid as stored.
     **params:
         Extraction parameters; :func:`default_params` lists them with their defaults
         (e.g. ``sigma0=1.6``, ``scales_per_octave=4``, ``initial_blur=0``).
@@ -82,7 +84,15 @@ def extract(
     """
     img = load_image(image)
     check_extract_device(device)
-    lattice = lattice_for(img) if reslice and img.ndim == 3 else None
+    if reslice not in ("oblique", "lattice", "never"):
+        raise InvalidArgumentError(
+            f"reslice must be 'oblique', 'lattice' or 'never', not {reslice!r}"
+        )
+    lattice = (
+        lattice_for(img, off_lattice=reslice == "lattice")
+        if reslice != "never" and img.ndim == 3
+        else None
+    )
     if lattice is not None:
         grid, shape = lattice
         h = float(grid[0, 0])

@@ -5,12 +5,12 @@ on where the samples fall, not only on the anatomy: on MNI152 at 2 mm, a half-vo
 shift of the grid or an oblique re-storage keeps only 50-80% of the keypoints (see
 docs/decisions.md). To make keypoints a property of the anatomy, every 3D scan is
 sampled on one lattice fixed in world space: axis-aligned (RAS), voxel centres at whole
-multiples of the scan's smallest voxel size ``h`` in world mm. A scan stored on that
-lattice (axis-aligned, origin a multiple of ``h``, the usual case after conversion to
-RAS, e.g. every MNI-space image) is extracted exactly as stored. Any other grid (oblique
-affines, origins off the lattice) is resliced onto it first with cubic B-spline
-interpolation (Rust, :func:`keyfuse._core.reslice_volume`), and keypoints are mapped
-back to the stored grid.
+multiples of the scan's smallest voxel size ``h`` in world mm. An oblique grid is
+resliced onto it first with cubic B-spline interpolation (Rust,
+``keyfuse._core.reslice_volume``) and keypoints are mapped back to the stored grid.
+An axis-aligned grid is extracted exactly as stored (no interpolation, no cost); with
+``extract(..., reslice="lattice")`` one whose centres are off the lattice is resliced
+too, so that the placement of the field of view does not change the keypoints either.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from keyfuse.image import Image
 ON_LATTICE_TOL = 1e-3
 
 
-def lattice_for(img: Image) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+def lattice_for(
+    img: Image, off_lattice: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int]] | None:
     """The world-lattice grid covering ``img`` (its 4×4 affine and shape), or ``None``
-    when ``img`` (3D) is already sampled on the lattice."""
+    when ``img`` (3D) needs no reslicing: its grid is axis-aligned and, with
+    ``off_lattice``, also has its voxel centres on the lattice."""
     affine = np.asarray(img.affine, dtype=np.float64)
     lin = affine[:3, :3]
     spacing = np.sqrt((lin**2).sum(axis=0))
@@ -44,7 +47,8 @@ def lattice_for(img: Image) -> tuple[np.ndarray, tuple[int, int, int]] | None:
     )
     world = corners @ lin.T + affine[:3, 3]
     low = world.min(axis=0)
-    if axis_aligned and np.allclose(low / h, np.round(low / h), atol=ON_LATTICE_TOL):
+    on_lattice = np.allclose(low / h, np.round(low / h), atol=ON_LATTICE_TOL)
+    if axis_aligned and (on_lattice or not off_lattice):
         return None
     start = np.floor(low / h + ON_LATTICE_TOL) * h
     stop = np.ceil(world.max(axis=0) / h - ON_LATTICE_TOL) * h

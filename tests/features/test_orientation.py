@@ -158,7 +158,7 @@ def test_oblique_storage_repeats_and_matches(mirror: bool) -> None:
     assert world_repeatability(ref[inside], kps, vox) >= 0.95
     assert n >= 50 and precision >= 0.9
     # without reslicing (the grid as stored) they do not: the point of the lattice
-    native = kf.extract(other, device="cpu", reslice=False)
+    native = kf.extract(other, device="cpu", reslice="never")
     assert world_repeatability(ref[inside], native, vox) < 0.95
 
 
@@ -166,8 +166,9 @@ def test_oblique_storage_repeats_and_matches(mirror: bool) -> None:
 def test_half_voxel_shifted_grid_gives_the_same_keypoints() -> None:
     img, ref = _mni()
     shifted = kf.datasets.oblique(img, np.eye(3), shift=0.5)
-    assert world_lattice.lattice_for(shifted) is not None
-    kps = kf.extract(shifted, device="cpu")
+    assert world_lattice.lattice_for(shifted) is None  # axis-aligned: as stored
+    assert world_lattice.lattice_for(shifted, off_lattice=True) is not None
+    kps = kf.extract(shifted, device="cpu", reslice="lattice")
     vox = float(img.spacing.max())
     inside = np.linalg.norm(ref.xyz - ref.xyz.mean(axis=0), axis=1) < 50
     # the worst phase for two cubic interpolations in a row (0.94 here, 0.98 over the
@@ -177,12 +178,15 @@ def test_half_voxel_shifted_grid_gives_the_same_keypoints() -> None:
     assert n >= 50 and precision >= 0.9
 
 
-def test_on_lattice_grids_are_not_resliced() -> None:
+def test_only_oblique_grids_are_resliced_by_default() -> None:
     img, _ = _mni()
     assert world_lattice.lattice_for(img) is None
     moved = kf.Image(img.data, img.affine @ np.diag([1.0, 1.0, 1.0, 1.0]))
     moved.affine[:3, 3] += 0.3
-    assert world_lattice.lattice_for(moved) is not None
+    assert world_lattice.lattice_for(moved) is None
+    assert world_lattice.lattice_for(moved, off_lattice=True) is not None
+    with pytest.raises(kf.InvalidArgumentError, match="reslice must be"):
+        kf.extract(img, device="cpu", reslice="yes")
 
 
 def test_reslice_agrees_with_scipy_cubic_spline() -> None:

@@ -121,9 +121,9 @@ def test_align_with_images_refines_by_intensity() -> None:
 def test_align_starts_from_the_moments_when_the_keypoint_fit_is_refused(atlas4) -> None:
     """At 4 mm the 8–12 keypoints do not align the scan and the guard refuses the fit
     from their estimate; the fit from the foreground-moment starts (no keypoints
-    needed) correlates better and is kept: a 6° / 8 mm pose in another contrast is
+    needed) correlates better and is kept: a 3° / 8 mm pose in another contrast is
     recovered to within a voxel."""
-    scan, truth, xyz = _scan(atlas4, deg=6.0, scale=1.0)
+    scan, truth, xyz = _scan(atlas4, deg=3.0, scale=1.0)
     kp = kf.align(scan, atlas4, intensity=False)
     assert _map_rms(kp.matrix, truth, xyz) > 8.0  # the keypoint estimate is wrong
     al = kf.align(scan, atlas4)
