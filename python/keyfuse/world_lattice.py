@@ -59,7 +59,9 @@ def lattice_for(
     return lattice, (int(size[0]), int(size[1]), int(size[2]))
 
 
-def resample_onto(data: np.ndarray, img: Image, lattice: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def resample_onto(
+    data: np.ndarray, img: Image, lattice: np.ndarray, shape: tuple[int, int, int]
+) -> np.ndarray:
     """``data`` (``img``'s voxels, float32) sampled on the lattice grid (cubic B-spline;
     0 outside ``img``'s field of view)."""
     to_stored = np.linalg.inv(np.asarray(img.affine, dtype=np.float64)) @ lattice

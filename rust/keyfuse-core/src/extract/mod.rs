@@ -27,8 +27,8 @@
 
 mod describe;
 mod detect;
-mod two_d;
 pub mod reslice;
+mod two_d;
 mod volume;
 
 use crate::{KfError, Result, DESC_LEN};

@@ -48,7 +48,7 @@ fn prefilter_lanes(c: &mut [f32], len: usize, stride: usize, lanes: usize) {
         for (l, f) in first.iter_mut().enumerate() {
             *f = c[l] as f64 + z2n * c[(len - 1) * stride + l] as f64;
         }
-        z2n *= z2n * iz;
+        z2n = z2n * z2n * iz; // z^(2n − 3)
         for k in 1..len - 1 {
             for (f, &x) in first.iter_mut().zip(&c[row(k)]) {
                 *f += (zn + z2n) * x as f64;
@@ -92,9 +92,11 @@ fn coefficients(v: ArrayView3<f32>) -> Vec<f32> {
     let plane = nj * nk;
     let mut c: Vec<f32> = v.iter().copied().collect();
     // axis 2: one line per (i, j), contiguous
-    c.par_chunks_mut(nk).for_each(|line| prefilter_lanes(line, nk, 1, 1));
+    c.par_chunks_mut(nk)
+        .for_each(|line| prefilter_lanes(line, nk, 1, 1));
     // axis 1: within each i slab, all k lanes at once
-    c.par_chunks_mut(plane).for_each(|slab| prefilter_lanes(slab, nj, nk, nk));
+    c.par_chunks_mut(plane)
+        .for_each(|slab| prefilter_lanes(slab, nj, nk, nk));
     // axis 0: lanes of the (j, k) plane in chunks, each filtered in a compact copy
     const CHUNK: usize = 2048;
     let filtered: Vec<(usize, Vec<f32>)> = (0..plane)
@@ -209,20 +211,22 @@ pub fn reslice(src: ArrayView3<f32>, m: [[f64; 4]; 3], shape: [usize; 3]) -> Res
     let [oi, oj, ok] = shape;
     let hi = n.map(|v| (v - 1) as f64 + 1e-3);
     let mut out = vec![0f32; oi * oj * ok];
-    out.par_chunks_mut(oj * ok).enumerate().for_each(|(p, slab)| {
-        for q in 0..oj {
-            // source position of (p, q, r) = row + r·step
-            let row = [0, 1, 2].map(|a| m[a][0] * p as f64 + m[a][1] * q as f64 + m[a][3]);
-            let step = [m[0][2], m[1][2], m[2][2]];
-            for (r, o) in slab[q * ok..(q + 1) * ok].iter_mut().enumerate() {
-                let x = [0, 1, 2].map(|a| row[a] + step[a] * r as f64);
-                if (0..3).any(|a| x[a] < -1e-3 || x[a] > hi[a]) {
-                    continue;
+    out.par_chunks_mut(oj * ok)
+        .enumerate()
+        .for_each(|(p, slab)| {
+            for q in 0..oj {
+                // source position of (p, q, r) = row + r·step
+                let row = [0, 1, 2].map(|a| m[a][0] * p as f64 + m[a][1] * q as f64 + m[a][3]);
+                let step = [m[0][2], m[1][2], m[2][2]];
+                for (r, o) in slab[q * ok..(q + 1) * ok].iter_mut().enumerate() {
+                    let x = [0, 1, 2].map(|a| row[a] + step[a] * r as f64);
+                    if (0..3).any(|a| x[a] < -1e-3 || x[a] > hi[a]) {
+                        continue;
+                    }
+                    *o = sample(&coef, n, [si, sj], x);
                 }
-                *o = sample(&coef, n, [si, sj], x);
             }
-        }
-    });
+        });
     crate::cancel::check()?;
     Ok(out)
 }
@@ -242,7 +246,9 @@ mod tests {
 
     #[test]
     fn interpolates_its_samples() {
-        let v = Array3::from_shape_fn((7, 9, 6), |(i, j, k)| ((i * 31 + j * 7 + k * 13) % 17) as f32);
+        let v = Array3::from_shape_fn((7, 9, 6), |(i, j, k)| {
+            ((i * 31 + j * 7 + k * 13) % 17) as f32
+        });
         let out = reslice(v.view(), translate([0.0; 3]), [7, 9, 6]).unwrap();
         for (a, b) in out.iter().zip(v.iter()) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
@@ -255,7 +261,9 @@ mod tests {
         // boundary; half-voxel shifts are the hardest case
         let f = |x: f64, y: f64, z: f64| 0.01 * x * x * x - 0.2 * y * y + 0.5 * z + x * y * 0.1;
         let n = 40;
-        let v = Array3::from_shape_fn((n, n, n), |(i, j, k)| f(i as f64, j as f64, k as f64) as f32);
+        let v = Array3::from_shape_fn((n, n, n), |(i, j, k)| {
+            f(i as f64, j as f64, k as f64) as f32
+        });
         let t = [0.5, 0.25, -0.5];
         let out = reslice(v.view(), translate(t), [n, n, n]).unwrap();
         for p in 15..25 {
@@ -263,7 +271,10 @@ mod tests {
                 for r in 15..25 {
                     let want = f(p as f64 + t[0], q as f64 + t[1], r as f64 + t[2]);
                     let got = out[(p * n + q) * n + r] as f64;
-                    assert!((got - want).abs() < 2e-3 * want.abs().max(1.0), "{got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 2e-3 * want.abs().max(1.0),
+                        "{got} vs {want}"
+                    );
                 }
             }
         }
@@ -287,7 +298,10 @@ mod tests {
         let c = 0.3f64.cos();
         let s = 0.3f64.sin();
         let m = [[c, -s, 0.0, 3.2], [s, c, 0.0, -1.7], [0.0, 0.0, 1.0, 0.4]];
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let a = one.install(|| reslice(v.view(), m, [20, 18, 16]).unwrap());
         let b = reslice(v.view(), m, [20, 18, 16]).unwrap();
         assert_eq!(a, b);
