@@ -41,6 +41,7 @@ def reslice_volume(
     volume: npt.NDArray[np.float32],
     matrix: list[list[float]],
     shape: tuple[int, int, int],
+    max_voxels: float,
 ) -> npt.NDArray[np.float32]: ...
 def extract2d(
     image: npt.NDArray[np.float32],

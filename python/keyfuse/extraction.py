@@ -96,9 +96,10 @@ def extract(
     if lattice is not None:
         grid, shape = lattice
         h = float(grid[0, 0])
-        data = resample_onto(_as_float32(img), img, grid, shape)
+        settings = {**default_params(), **params}
+        data = resample_onto(_as_float32(img), img, grid, shape, float(settings["max_voxels"]))
         fields = _core.extract3d(data, (h, h, h), **params)
-        fields = fields_to_stored(fields, img, grid, params)
+        fields = fields_to_stored(fields, img, grid, settings)
         return KeypointSet._from_core(fields, img.affine, img.shape)
     canon, to_storage = canonical_storage(img)
     data = _as_float32(canon)

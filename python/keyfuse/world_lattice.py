@@ -3,10 +3,10 @@
 A DoG detector finds extrema among voxel samples, so which keypoints it keeps depends
 on where the samples fall, not only on the anatomy: on MNI152 at 2 mm, a half-voxel
 shift of the grid or an oblique re-storage keeps only 50-80% of the keypoints (see
-docs/decisions.md). To make keypoints a property of the anatomy, every 3D scan is
-sampled on one lattice fixed in world space: axis-aligned (RAS), voxel centres at whole
-multiples of the scan's smallest voxel size ``h`` in world mm. An oblique grid is
-resliced onto it first with cubic B-spline interpolation (Rust,
+docs/decisions.md). To make keypoints a property of the anatomy rather than of the
+grid, keyfuse samples on one lattice fixed in world space: axis-aligned (RAS), voxel
+centres at whole multiples of the scan's smallest voxel size ``h`` in world mm. An
+oblique grid is resliced onto it first with cubic B-spline interpolation (Rust,
 ``keyfuse._core.reslice_volume``) and keypoints are mapped back to the stored grid.
 An axis-aligned grid is extracted exactly as stored (no interpolation, no cost); with
 ``extract(..., reslice="lattice")`` one whose centres are off the lattice is resliced
@@ -35,7 +35,7 @@ def lattice_for(
     ``off_lattice``, also has its voxel centres on the lattice."""
     affine = np.asarray(img.affine, dtype=np.float64)
     lin = affine[:3, :3]
-    spacing = np.sqrt((lin**2).sum(axis=0))
+    spacing = img.spacing
     h = float(spacing.min())
     shape = np.asarray(img.shape, dtype=np.float64)
     directions = lin / spacing
@@ -60,38 +60,44 @@ def lattice_for(
 
 
 def resample_onto(
-    data: np.ndarray, img: Image, lattice: np.ndarray, shape: tuple[int, int, int]
+    data: np.ndarray,
+    img: Image,
+    lattice: np.ndarray,
+    shape: tuple[int, int, int],
+    max_voxels: float,
 ) -> np.ndarray:
     """``data`` (``img``'s voxels, float32) sampled on the lattice grid (cubic B-spline;
-    0 outside ``img``'s field of view)."""
+    0 outside ``img``'s field of view). A lattice grid over ``max_voxels`` voxels (the
+    extraction parameter) raises ``InvalidImageError`` before anything is allocated."""
     to_stored = np.linalg.inv(np.asarray(img.affine, dtype=np.float64)) @ lattice
     return _core.reslice_volume(
         volume=np.ascontiguousarray(data, dtype=np.float32),
         matrix=to_stored[:3, :].tolist(),
         shape=shape,
+        max_voxels=max_voxels,
     )
 
 
 def fields_to_stored(
-    fields: dict[str, Any], img: Image, lattice: np.ndarray, params: dict[str, Any]
+    fields: dict[str, Any], img: Image, lattice: np.ndarray, settings: dict[str, Any]
 ) -> dict[str, Any]:
     """Extractor output on the lattice, re-expressed on ``img``'s stored grid.
 
     Positions map through the two affines; a frame's axes (rows, world directions on the
     lattice) become directions along the stored axes. Keypoints whose descriptor support
     reaches past the stored field of view are dropped, as the extractor drops them at the
-    faces of a grid it samples directly (descriptor radius × σ plus the border margin).
+    faces of a grid it samples directly (descriptor radius × σ plus the border margin;
+    ``settings`` holds every extraction parameter, defaults included).
     """
     affine = np.asarray(img.affine, dtype=np.float64)
     to_stored = np.linalg.inv(affine) @ lattice
     out = dict(fields)
     ijk = np.asarray(fields["ijk"], dtype=np.float64) @ to_stored[:3, :3].T + to_stored[:3, 3]
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = img.spacing
     rotation = (affine[:3, :3] / spacing).astype(np.float32)
     orientation = np.asarray(fields["orientation"], dtype=np.float32) @ rotation
-    defaults = _core.default_extract_params()
-    radius = float(params.get("descriptor_radius", defaults["descriptor_radius"]))
-    border = float(params.get("border", defaults["border"]))
+    radius = float(settings["descriptor_radius"])
+    border = float(settings["border"])
     h = float(lattice[0, 0])
     reach = radius * np.asarray(fields["scale"], dtype=np.float64) + border * h  # mm
     last = np.asarray(img.shape, dtype=np.float64) - 1

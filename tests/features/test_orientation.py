@@ -189,6 +189,13 @@ def test_only_oblique_grids_are_resliced_by_default() -> None:
         kf.extract(img, device="cpu", reslice="yes")
 
 
+def test_a_lattice_over_max_voxels_is_refused_before_reslicing() -> None:
+    img, _ = _mni()
+    other = _oblique(img, (12.0, -8.0, 15.0), False)
+    with pytest.raises(kf.InvalidImageError, match="max_voxels"):
+        kf.extract(other, device="cpu", max_voxels=1000)
+
+
 def test_reslice_agrees_with_scipy_cubic_spline() -> None:
     from scipy import ndimage
     from scipy.spatial.transform import Rotation
@@ -199,7 +206,7 @@ def test_reslice_agrees_with_scipy_cubic_spline() -> None:
     rot = Rotation.from_euler("xyz", (10.0, -20.0, 30.0), degrees=True).as_matrix()
     other = kf.datasets.oblique(img, rot, shift=0.3)
     lattice, shape = world_lattice.lattice_for(other)
-    ours = world_lattice.resample_onto(other.data, other, lattice, shape)
+    ours = world_lattice.resample_onto(other.data, other, lattice, shape, max_voxels=1e9)
     to_stored = np.linalg.inv(other.affine) @ lattice
     want = ndimage.affine_transform(
         other.data, to_stored[:3, :3], to_stored[:3, 3], output_shape=shape, order=3, mode="mirror"

@@ -186,8 +186,15 @@ fn sample(coef: &[f32], n: [usize; 3], [si, sj]: [usize; 2], x: [f64; 3]) -> f32
 
 /// `src` resliced onto a grid of shape `shape` whose voxel `q` sits at source index
 /// `m · [q, 1]` (`m` is 3 × 4). Cubic B-spline interpolation; 0 outside the source grid
-/// (more than 1e-3 voxel beyond its first or last sample).
-pub fn reslice(src: ArrayView3<f32>, m: [[f64; 4]; 3], shape: [usize; 3]) -> Result<Vec<f32>> {
+/// (more than 1e-3 voxel beyond its first or last sample). A grid of more than
+/// `max_voxels` voxels is refused before anything is allocated (the extractor's
+/// `max_voxels` parameter, which bounds its isotropic resampling the same way).
+pub fn reslice(
+    src: ArrayView3<f32>,
+    m: [[f64; 4]; 3],
+    shape: [usize; 3],
+    max_voxels: f64,
+) -> Result<Vec<f32>> {
     let n = {
         let (a, b, c) = src.dim();
         [a, b, c]
@@ -200,10 +207,10 @@ pub fn reslice(src: ArrayView3<f32>, m: [[f64; 4]; 3], shape: [usize; 3]) -> Res
             "reslice matrix has non-finite entries".into(),
         ));
     }
-    let total = shape.iter().map(|&s| s as u128).product::<u128>();
-    if total > (1u128 << 31) {
+    let total: f64 = shape.iter().map(|&s| s as f64).product();
+    if total > max_voxels {
         return Err(KfError::InvalidImage(format!(
-            "reslicing onto {shape:?} voxels is over the limit of 2^31"
+            "reslicing onto the world lattice gives {shape:?}, over the limit of {max_voxels} voxels (parameter max_voxels)"
         )));
     }
     let coef = coefficients(src);
@@ -236,6 +243,8 @@ mod tests {
     use super::*;
     use ndarray::Array3;
 
+    const LIMIT: f64 = 1e9;
+
     fn translate(t: [f64; 3]) -> [[f64; 4]; 3] {
         [
             [1.0, 0.0, 0.0, t[0]],
@@ -249,7 +258,7 @@ mod tests {
         let v = Array3::from_shape_fn((7, 9, 6), |(i, j, k)| {
             ((i * 31 + j * 7 + k * 13) % 17) as f32
         });
-        let out = reslice(v.view(), translate([0.0; 3]), [7, 9, 6]).unwrap();
+        let out = reslice(v.view(), translate([0.0; 3]), [7, 9, 6], LIMIT).unwrap();
         for (a, b) in out.iter().zip(v.iter()) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
@@ -265,7 +274,7 @@ mod tests {
             f(i as f64, j as f64, k as f64) as f32
         });
         let t = [0.5, 0.25, -0.5];
-        let out = reslice(v.view(), translate(t), [n, n, n]).unwrap();
+        let out = reslice(v.view(), translate(t), [n, n, n], LIMIT).unwrap();
         for p in 15..25 {
             for q in 15..25 {
                 for r in 15..25 {
@@ -283,13 +292,16 @@ mod tests {
     #[test]
     fn outside_the_source_is_zero_and_bad_input_is_refused() {
         let v = Array3::from_elem((5, 5, 5), 2.0f32);
-        let out = reslice(v.view(), translate([10.0, 0.0, 0.0]), [3, 3, 3]).unwrap();
+        let out = reslice(v.view(), translate([10.0, 0.0, 0.0]), [3, 3, 3], LIMIT).unwrap();
         assert!(out.iter().all(|&x| x == 0.0));
         let mut bad = translate([0.0; 3]);
         bad[0][0] = f64::NAN;
-        assert!(reslice(v.view(), bad, [3, 3, 3]).is_err());
+        assert!(reslice(v.view(), bad, [3, 3, 3], LIMIT).is_err());
         let empty = Array3::<f32>::zeros((0, 4, 4));
-        assert!(reslice(empty.view(), translate([0.0; 3]), [3, 3, 3]).is_err());
+        assert!(reslice(empty.view(), translate([0.0; 3]), [3, 3, 3], LIMIT).is_err());
+        // over the voxel limit: refused before the output is allocated
+        let err = reslice(v.view(), translate([0.0; 3]), [3, 3, 3], 26.0).unwrap_err();
+        assert!(err.to_string().contains("max_voxels"), "{err}");
     }
 
     #[test]
@@ -302,8 +314,8 @@ mod tests {
             .num_threads(1)
             .build()
             .unwrap();
-        let a = one.install(|| reslice(v.view(), m, [20, 18, 16]).unwrap());
-        let b = reslice(v.view(), m, [20, 18, 16]).unwrap();
+        let a = one.install(|| reslice(v.view(), m, [20, 18, 16], LIMIT).unwrap());
+        let b = reslice(v.view(), m, [20, 18, 16], LIMIT).unwrap();
         assert_eq!(a, b);
     }
 }
