@@ -3,7 +3,7 @@
 //! giving the same integer distances.
 
 #[cfg(target_arch = "x86_64")]
-use super::amx;
+use super::{amx, rank};
 use super::{check_rows, dist2, sq_norm, sq_norms, Neighbors, TopK, NONE};
 #[cfg(target_arch = "x86_64")]
 use crate::simd::dot64_avx2;
@@ -122,12 +122,24 @@ unsafe fn scan_block4_dot_avx2<F: Fn(usize, u32) -> bool>(
     }
 }
 
+/// What a kernel precomputes from the data rows once per search.
+pub(super) struct Prepared {
+    /// |row|² (AMX and dot kernels).
+    norms: Vec<u32>,
+    /// The re-laid rows (rank kernel).
+    #[cfg(target_arch = "x86_64")]
+    rank: Option<rank::RankData>,
+}
+
 /// The brute-force kernels, fastest first; all give the same integer distances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum ExactKernel {
     /// AMX tiles (x86-64 Linux where the CPU and OS allow it).
     Amx,
-    /// AVX2 dot products, for descriptors whose bytes are all ≤ 127 (rank descriptors).
+    /// AVX2 dot products on re-laid rows, for descriptors whose bytes are all ≤ 63 (rank
+    /// descriptors; see `rank.rs`).
+    Rank,
+    /// AVX2 dot products, for descriptors whose bytes are all ≤ 127.
     Dot,
     /// AVX2 differences.
     Avx2,
@@ -138,15 +150,33 @@ pub(super) enum ExactKernel {
 impl ExactKernel {
     fn pick(data: &[u8], queries: &[u8]) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if amx::available() {
-            return ExactKernel::Amx;
+        {
+            if amx::available() {
+                return ExactKernel::Amx;
+            }
+            if has_avx2() {
+                let max = data.iter().chain(queries).fold(0u8, |m, &v| m.max(v));
+                return if max <= rank::MAX_BYTE {
+                    ExactKernel::Rank
+                } else if max < 128 {
+                    ExactKernel::Dot
+                } else {
+                    ExactKernel::Avx2
+                };
+            }
         }
-        if !has_avx2() {
-            ExactKernel::Plain
-        } else if data.iter().chain(queries).all(|&v| v < 128) {
-            ExactKernel::Dot
-        } else {
-            ExactKernel::Avx2
+        ExactKernel::Plain
+    }
+
+    /// What this kernel precomputes from the data rows once per search.
+    pub(super) fn prepare(self, data: &[u8]) -> Prepared {
+        Prepared {
+            norms: match self {
+                ExactKernel::Amx | ExactKernel::Dot => sq_norms(data),
+                _ => Vec::new(),
+            },
+            #[cfg(target_arch = "x86_64")]
+            rank: (self == ExactKernel::Rank).then(|| rank::RankData::new(data)),
         }
     }
 
@@ -154,13 +184,21 @@ impl ExactKernel {
     pub(super) fn scan<F: Fn(usize, u32) -> bool>(
         self,
         data: &[u8],
-        data_norms: &[u32],
+        prep: &Prepared,
         qs: &[u8],
         q0: usize,
         heaps: &mut [TopK],
         filter: &F,
     ) {
+        let data_norms = &prep.norms[..];
         match self {
+            // SAFETY: `pick` chose this kernel only where AVX2 was detected and every byte
+            // is ≤ 63; `prepare` re-laid the rows.
+            #[cfg(target_arch = "x86_64")]
+            ExactKernel::Rank => unsafe {
+                let rd = prep.rank.as_ref().expect("prepared for the rank kernel");
+                rank::scan(rd, qs, q0, heaps, filter)
+            },
             // SAFETY: `pick` chose AMX only where `amx::available()` said so.
             #[cfg(target_arch = "x86_64")]
             ExactKernel::Amx => unsafe { amx::scan(data, data_norms, qs, q0, heaps, filter) },
@@ -206,7 +244,7 @@ impl ExactKernel {
 pub fn exact_kernel_name() -> &'static str {
     match ExactKernel::pick(&[], &[]) {
         ExactKernel::Amx => "amx",
-        ExactKernel::Dot | ExactKernel::Avx2 => "avx2",
+        ExactKernel::Rank | ExactKernel::Dot | ExactKernel::Avx2 => "avx2",
         ExactKernel::Plain => "portable",
     }
 }
@@ -225,15 +263,12 @@ where
     let mut idx = vec![NONE; nq * k];
     let mut dist = vec![u32::MAX; nq * k];
     let kernel = ExactKernel::pick(data, queries);
-    let data_norms: Vec<u32> = match kernel {
-        ExactKernel::Amx | ExactKernel::Dot => sq_norms(data),
-        _ => Vec::new(),
-    };
+    let prep = kernel.prepare(data);
     // queries per task: the blocked kernels read each data chunk from memory once per
     // task, the plain ones each data row once per block of 4
     let qb = match kernel {
         ExactKernel::Amx => 128,
-        ExactKernel::Dot => 64,
+        ExactKernel::Dot | ExactKernel::Rank => 64,
         _ => 4,
     };
     idx.par_chunks_mut(qb * k)
@@ -245,7 +280,7 @@ where
             let nb = ib.len() / k;
             let qs = &queries[q0 * DESC_LEN..(q0 + nb) * DESC_LEN];
             let mut heaps = vec![TopK::new(k); nb];
-            kernel.scan(data, &data_norms, qs, q0, &mut heaps, &filter);
+            kernel.scan(data, &prep, qs, q0, &mut heaps, &filter);
             for (h, heap) in heaps.iter().enumerate() {
                 heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
             }

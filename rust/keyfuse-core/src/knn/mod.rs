@@ -27,6 +27,8 @@ mod amx;
 mod exact;
 mod forest;
 mod forest_io;
+#[cfg(target_arch = "x86_64")]
+mod rank;
 mod topk;
 
 pub use exact::{exact_kernel_name, knn_exact};

@@ -72,7 +72,7 @@ fn exact_matches_naive_sort() {
 fn every_exact_kernel_matches_naive() {
     let mut kernels = vec![ExactKernel::Plain];
     if has_avx2() {
-        kernels.extend([ExactKernel::Dot, ExactKernel::Avx2]);
+        kernels.extend([ExactKernel::Rank, ExactKernel::Dot, ExactKernel::Avx2]);
     }
     #[cfg(target_arch = "x86_64")]
     if amx::available() {
@@ -98,16 +98,16 @@ fn every_exact_kernel_matches_naive() {
             data[5 * 64..6 * 64].copy_from_slice(&first);
             qs[..64].copy_from_slice(&first);
         }
-        let norms = sq_norms(&data);
         let skip = rng.below(7) as u32 + 2;
         let filter = |q: usize, c: u32| !(c + q as u32).is_multiple_of(skip);
         for &kern in &kernels {
-            if kern == ExactKernel::Dot && wide {
+            if matches!(kern, ExactKernel::Dot | ExactKernel::Rank) && wide {
                 continue;
             }
+            let prep = kern.prepare(&data);
             for k in [1usize, 5] {
                 let mut heaps = vec![TopK::new(k); nq];
-                kern.scan(&data, &norms, &qs, 0, &mut heaps, &filter);
+                kern.scan(&data, &prep, &qs, 0, &mut heaps, &filter);
                 for q in 0..nq {
                     let qrow = &qs[q * 64..(q + 1) * 64];
                     let mut all: Vec<(u32, u32)> = data

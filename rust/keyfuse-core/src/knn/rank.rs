@@ -1,0 +1,233 @@
+//! Exact scan for descriptors whose bytes are all ≤ 63 (rank descriptors: 0..63), AVX2.
+//!
+//! The data rows are re-laid once per search in blocks of 8: a block's 16 vectors hold
+//! bytes 4g..4g+4 of its 8 rows side by side, so one `maddubs` against a query's bytes
+//! 4g..4g+4 (broadcast) gives 16 pair sums, two per row, and no horizontal sums are ever
+//! needed: lane r of the result belongs to row r. Queries are shifted to q − 32 (−32..31,
+//! signed bytes), so that a pair of products is at most 2·32·63 in magnitude and eight
+//! `maddubs` add up in 16-bit lanes without overflow (8·4032 < 32768); one `madd` by ones
+//! per half descriptor then widens to 32 bits. The shift comes back out exactly:
+//! q·b = (q − 32)·b + 32 Σb, so d² = |q|² + (|b|² − 64 Σb) − 2 (q − 32)·b, with the bracket
+//! precomputed per row. Every distance is the same integer as [`super::dist2`]'s.
+//!
+//! A micro-tile multiplies 4 queries by 2 blocks (16 rows): each data vector loaded
+//! serves 4 queries, each broadcast query group 2 blocks. Its 8 vectors of distances are
+//! compared with the 4 queries' current k-th distances; only rows that beat one reach the
+//! scalar top-k. The multiplies are the arithmetic floor: 2 `maddubs` per dot product,
+//! plus a quarter of a `madd` (see docs/decisions.md).
+
+use super::TopK;
+use crate::DESC_LEN;
+use std::arch::x86_64::*;
+
+/// Rows per block (one 32-bit lane each).
+const ROWS: usize = 8;
+/// Bytes of one re-laid block.
+const BLOCK: usize = ROWS * DESC_LEN;
+/// Queries per micro-tile.
+const QT: usize = 4;
+/// Blocks per micro-tile.
+const BT: usize = 2;
+/// Blocks per cache chunk: 256 blocks (2,048 rows, 128 KiB) stay in L2 while every
+/// query group of a task scans them.
+const CHUNK: usize = 256;
+/// The shift that makes query bytes signed.
+const SHIFT: i32 = 32;
+/// The correction term of a padding row: its distance stays far above any real one
+/// (padding rows are also skipped by index).
+const PAD: i32 = 1 << 30;
+
+/// The largest byte this kernel takes.
+pub(super) const MAX_BYTE: u8 = 63;
+
+/// The data rows re-laid for [`scan`], with their correction terms |b|² − 64 Σb.
+pub(super) struct RankData {
+    blocks: Vec<u8>,
+    corr: Vec<i32>,
+    n: usize,
+}
+
+impl RankData {
+    /// Re-lay `data` (`n × 64` bytes, each ≤ [`MAX_BYTE`]), padded to whole micro-tiles.
+    pub(super) fn new(data: &[u8]) -> Self {
+        let n = data.len() / DESC_LEN;
+        let nblk = n.div_ceil(ROWS * BT) * BT;
+        let mut blocks = vec![0u8; nblk * BLOCK];
+        let mut corr = vec![PAD; nblk * ROWS];
+        for (j, row) in data.chunks_exact(DESC_LEN).enumerate() {
+            let base = (j / ROWS) * BLOCK + (j % ROWS) * 4;
+            for (g, quad) in row.chunks_exact(4).enumerate() {
+                blocks[base + g * 32..base + g * 32 + 4].copy_from_slice(quad);
+            }
+            let (s, sq) = row.iter().fold((0i32, 0i32), |(s, sq), &v| {
+                (s + v as i32, sq + v as i32 * v as i32)
+            });
+            corr[j] = sq - 2 * SHIFT * s;
+        }
+        RankData { blocks, corr, n }
+    }
+}
+
+/// Exact scan of every row of `rd` for one block of queries (`queries.len() / 64` of
+/// them, any number, bytes ≤ [`MAX_BYTE`]), updating `heaps` (one per query);
+/// `filter(query, row)` as in [`super::knn_exact`].
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
+    rd: &RankData,
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    filter: &F,
+) {
+    let nq = heaps.len();
+    let groups = nq.div_ceil(QT);
+    // shifted queries (padding queries are zero and never win: k-th distance i32::MIN)
+    let mut qs = vec![0u8; groups * QT * DESC_LEN];
+    let mut qn = vec![0i32; groups * QT];
+    // per query: its k-th distance so far minus |q|² (padding queries never win)
+    let mut lim = vec![i32::MIN; groups * QT];
+    for (q, row) in queries.chunks_exact(DESC_LEN).enumerate() {
+        for (o, &v) in qs[q * DESC_LEN..(q + 1) * DESC_LEN].iter_mut().zip(row) {
+            *o = (v as i32 - SHIFT) as i8 as u8;
+        }
+        qn[q] = super::sq_norm(row) as i32;
+        lim[q] = worst_i32(&heaps[q]) - qn[q];
+    }
+    let nblk = rd.corr.len() / ROWS;
+    let ones = _mm256_set1_epi16(1);
+    for c0 in (0..nblk).step_by(CHUNK) {
+        let c1 = (c0 + CHUNK).min(nblk);
+        for g in 0..groups {
+            let qp = qs.as_ptr().add(g * QT * DESC_LEN);
+            for t in (c0..c1).step_by(BT) {
+                let bp = rd.blocks.as_ptr().add(t * BLOCK);
+                // dot products of the QT queries with the BT blocks' rows, by half
+                // descriptor: 16-bit sums of 8 `maddubs`, widened by `madd`
+                let (lo, hi) = (half_tile(bp, qp), half_tile(bp.add(256), qp.add(32)));
+                // e = corr_b − 2 (q − 32)·b = d² − |q|², against lim_q = k-th d² − |q|²;
+                // one test for the whole tile, the lanes gone through only when some row
+                // beats some query's k-th distance
+                let corr = [0, 1].map(|b| {
+                    _mm256_loadu_si256(rd.corr.as_ptr().add((t + b) * ROWS) as *const _)
+                });
+                let mut e = [[_mm256_setzero_si256(); BT]; QT];
+                let mut worse = _mm256_set1_epi32(-1);
+                for q in 0..QT {
+                    let l = _mm256_set1_epi32(lim[g * QT + q]);
+                    for b in 0..BT {
+                        let dot = _mm256_add_epi32(
+                            _mm256_madd_epi16(lo[q][b], ones),
+                            _mm256_madd_epi16(hi[q][b], ones),
+                        );
+                        e[q][b] = _mm256_sub_epi32(corr[b], _mm256_add_epi32(dot, dot));
+                        worse = _mm256_and_si256(worse, _mm256_cmpgt_epi32(e[q][b], l));
+                    }
+                }
+                if _mm256_movemask_epi8(worse) == -1 {
+                    continue;
+                }
+                for (q, eq) in e.iter().enumerate() {
+                    let qi = g * QT + q;
+                    for (b, ev) in eq.iter().enumerate() {
+                        let l = _mm256_set1_epi32(lim[qi]);
+                        let mut m = !(_mm256_movemask_ps(_mm256_castsi256_ps(
+                            _mm256_cmpgt_epi32(*ev, l),
+                        )) as u32)
+                            & 0xff;
+                        if m == 0 {
+                            continue;
+                        }
+                        let mut es = [0i32; ROWS];
+                        _mm256_storeu_si256(es.as_mut_ptr() as *mut _, *ev);
+                        while m != 0 {
+                            let lane = m.trailing_zeros() as usize;
+                            m &= m - 1;
+                            let j = (t + b) * ROWS + lane;
+                            if j < rd.n && (filter)(q0 + qi, j as u32) {
+                                let heap = &mut heaps[qi];
+                                heap.push((es[lane] + qn[qi]) as u32, j as u32);
+                                lim[qi] = worst_i32(heap) - qn[qi];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 16-bit pair sums of half a descriptor (groups 0..8 of the blocks at `bp` and
+/// `bp + BLOCK`, bytes 0..32 of the 4 queries at `qp`, shifted): `[query][block]`.
+///
+/// Inline assembly, one group per statement: written with intrinsics, LLVM re-associates
+/// the sums into trees that hold every data vector at once and spills them to the stack
+/// (1.4× slower). The sums cannot overflow: 8 · 2 · 32 · 63 < 32768.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn half_tile(bp: *const u8, qp: *const u8) -> [[__m256i; BT]; QT] {
+    let z = _mm256_setzero_si256();
+    let (mut a00, mut a01, mut a10, mut a11) = (z, z, z, z);
+    let (mut a20, mut a21, mut a30, mut a31) = (z, z, z, z);
+    macro_rules! group {
+        ($gi:literal) => {
+            std::arch::asm!(
+                "vmovdqu {d0}, ymmword ptr [{b}]",
+                "vmovdqu {d1}, ymmword ptr [{b} + 512]",
+                "vpbroadcastd {x}, dword ptr [{q}]",
+                "vpmaddubsw {t0}, {d0}, {x}",
+                "vpmaddubsw {t1}, {d1}, {x}",
+                "vpaddw {a00}, {a00}, {t0}",
+                "vpaddw {a01}, {a01}, {t1}",
+                "vpbroadcastd {x}, dword ptr [{q} + 64]",
+                "vpmaddubsw {t0}, {d0}, {x}",
+                "vpmaddubsw {t1}, {d1}, {x}",
+                "vpaddw {a10}, {a10}, {t0}",
+                "vpaddw {a11}, {a11}, {t1}",
+                "vpbroadcastd {x}, dword ptr [{q} + 128]",
+                "vpmaddubsw {t0}, {d0}, {x}",
+                "vpmaddubsw {t1}, {d1}, {x}",
+                "vpaddw {a20}, {a20}, {t0}",
+                "vpaddw {a21}, {a21}, {t1}",
+                "vpbroadcastd {x}, dword ptr [{q} + 192]",
+                "vpmaddubsw {t0}, {d0}, {x}",
+                "vpmaddubsw {t1}, {d1}, {x}",
+                "vpaddw {a30}, {a30}, {t0}",
+                "vpaddw {a31}, {a31}, {t1}",
+                b = in(reg) bp.add($gi * 32),
+                q = in(reg) qp.add($gi * 4),
+                d0 = out(ymm_reg) _,
+                d1 = out(ymm_reg) _,
+                x = out(ymm_reg) _,
+                t0 = out(ymm_reg) _,
+                t1 = out(ymm_reg) _,
+                a00 = inout(ymm_reg) a00,
+                a01 = inout(ymm_reg) a01,
+                a10 = inout(ymm_reg) a10,
+                a11 = inout(ymm_reg) a11,
+                a20 = inout(ymm_reg) a20,
+                a21 = inout(ymm_reg) a21,
+                a30 = inout(ymm_reg) a30,
+                a31 = inout(ymm_reg) a31,
+                options(nostack, readonly, preserves_flags)
+            )
+        };
+    }
+    group!(0);
+    group!(1);
+    group!(2);
+    group!(3);
+    group!(4);
+    group!(5);
+    group!(6);
+    group!(7);
+    [[a00, a01], [a10, a11], [a20, a21], [a30, a31]]
+}
+
+/// A query's k-th distance as i32 (every real d² is far below i32::MAX).
+#[inline]
+fn worst_i32(h: &TopK) -> i32 {
+    h.worst().min(i32::MAX as u32) as i32
+}
