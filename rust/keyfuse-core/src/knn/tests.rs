@@ -66,8 +66,10 @@ fn exact_matches_naive_sort() {
 }
 
 /// Every brute-force kernel this machine can run gives the naive answer, on sizes that
-/// are not multiples of the tile or block sizes, with a filter, bytes above 127 (the
-/// dot kernel's limit) and duplicate distances (ties go to the lower index).
+/// are not multiples of the tile or block sizes, with a filter, bytes up to 63 that are
+/// not permutations (rows of all 0 and all 63: the rank kernel's 16-bit sums at their
+/// bounds), bytes up to 127 (the dot kernel's limit) and above, and duplicate distances
+/// (ties go to the lower index).
 #[test]
 fn every_exact_kernel_matches_naive() {
     let mut kernels = vec![ExactKernel::Plain];
@@ -79,19 +81,39 @@ fn every_exact_kernel_matches_naive() {
         kernels.push(ExactKernel::Amx);
     }
     let mut rng = SplitMix(11);
-    for (n, nq, wide) in [
-        (1usize, 3usize, false),
-        (37, 45, false),
-        (2100, 132, false),
-        (300, 40, true),
+    // bytes: 0 permutations of 0..64, 1 any of 0..=63 with extreme rows, 2 up to 127,
+    // 3 up to 252
+    for (n, nq, bytes) in [
+        (1usize, 3usize, 0u8),
+        (37, 45, 0),
+        (2100, 132, 0),
+        (300, 40, 1),
+        (90, 21, 2),
+        (300, 40, 3),
     ] {
         let mut data = random_perms(n, 12 + n as u64);
         let mut qs = random_perms(nq, 13);
-        if wide {
-            data.iter_mut()
+        match bytes {
+            1 => {
+                for v in data.iter_mut().chain(qs.iter_mut()) {
+                    *v = rng.below(64) as u8;
+                }
+                data[64..128].fill(63);
+                data[128..192].fill(0);
+                qs[64..128].fill(0);
+                qs[128..192].fill(63);
+            }
+            2 => data
+                .iter_mut()
                 .chain(qs.iter_mut())
-                .for_each(|v| *v = v.wrapping_mul(4));
+                .for_each(|v| *v = *v * 2 + 1),
+            3 => data
+                .iter_mut()
+                .chain(qs.iter_mut())
+                .for_each(|v| *v = v.wrapping_mul(4)),
+            _ => {}
         }
+        let max = data.iter().chain(&qs).copied().max().unwrap();
         // exact duplicates: ties in distance
         if n > 10 {
             let first = data[..64].to_vec();
@@ -101,7 +123,7 @@ fn every_exact_kernel_matches_naive() {
         let skip = rng.below(7) as u32 + 2;
         let filter = |q: usize, c: u32| !(c + q as u32).is_multiple_of(skip);
         for &kern in &kernels {
-            if matches!(kern, ExactKernel::Dot | ExactKernel::Rank) && wide {
+            if (kern == ExactKernel::Rank && max > 63) || (kern == ExactKernel::Dot && max > 127) {
                 continue;
             }
             let prep = kern.prepare(&data);
