@@ -120,7 +120,7 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     }
     let mut worst = vec![-1i32; groups * 32]; // −1: a padding lane never wins
     for (w, h) in worst.iter_mut().zip(heaps.iter()) {
-        *w = worst_i32(h);
+        *w = h.worst_i32();
     }
     // the last rows, zero-padded to a whole step of 16 (tiles always load 16 rows)
     let full = n / 16 * 16;
@@ -282,7 +282,7 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                     if (self.filter)(self.q0 + q, j as u32) {
                         let heap = &mut self.heaps[q];
                         heap.push(ds[lane] as u32, j as u32);
-                        self.worst[q] = worst_i32(heap);
+                        self.worst[q] = heap.worst_i32();
                     }
                 }
                 need = _mm512_sub_epi32(
@@ -292,10 +292,4 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
             }
         }
     }
-}
-
-/// A query's k-th distance as i32 (every real d² is far below i32::MAX).
-#[inline]
-fn worst_i32(h: &TopK) -> i32 {
-    h.worst().min(i32::MAX as u32) as i32
 }

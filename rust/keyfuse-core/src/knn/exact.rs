@@ -85,7 +85,7 @@ unsafe fn scan_block4_dot_avx2<F: Fn(usize, u32) -> bool>(
     let qn4 = _mm_loadu_si128(qn.as_ptr() as *const __m128i);
     // k-th distances so far, as i32 (≤ i32::MAX: every real d² is far below)
     let worst_of = |h: &[TopK]| {
-        let w: [i32; 4] = std::array::from_fn(|i| h[i].worst().min(i32::MAX as u32) as i32);
+        let w: [i32; 4] = std::array::from_fn(|i| h[i].worst_i32());
         _mm_loadu_si128(w.as_ptr() as *const __m128i)
     };
     let mut worst4 = worst_of(heaps);

@@ -94,7 +94,7 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
             *o = (v as i32 - SHIFT) as i8 as u8;
         }
         qn[q] = super::sq_norm(row) as i32;
-        lim[q] = worst_i32(&heaps[q]) - qn[q];
+        lim[q] = heaps[q].worst_i32() - qn[q];
     }
     let nblk = rd.corr.len() / ROWS;
     let ones = _mm256_set1_epi16(1);
@@ -110,9 +110,8 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                 // e = corr_b − 2 (q − 32)·b = d² − |q|², against lim_q = k-th d² − |q|²;
                 // one test for the whole tile, the lanes gone through only when some row
                 // beats some query's k-th distance
-                let corr = [0, 1].map(|b| {
-                    _mm256_loadu_si256(rd.corr.as_ptr().add((t + b) * ROWS) as *const _)
-                });
+                let corr = [0, 1]
+                    .map(|b| _mm256_loadu_si256(rd.corr.as_ptr().add((t + b) * ROWS) as *const _));
                 let mut e = [[_mm256_setzero_si256(); BT]; QT];
                 let mut worse = _mm256_set1_epi32(-1);
                 for q in 0..QT {
@@ -133,10 +132,10 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                     let qi = g * QT + q;
                     for (b, ev) in eq.iter().enumerate() {
                         let l = _mm256_set1_epi32(lim[qi]);
-                        let mut m = !(_mm256_movemask_ps(_mm256_castsi256_ps(
-                            _mm256_cmpgt_epi32(*ev, l),
-                        )) as u32)
-                            & 0xff;
+                        let mut m =
+                            !(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(*ev, l)))
+                                as u32)
+                                & 0xff;
                         if m == 0 {
                             continue;
                         }
@@ -149,7 +148,7 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                             if j < rd.n && (filter)(q0 + qi, j as u32) {
                                 let heap = &mut heaps[qi];
                                 heap.push((es[lane] + qn[qi]) as u32, j as u32);
-                                lim[qi] = worst_i32(heap) - qn[qi];
+                                lim[qi] = heap.worst_i32() - qn[qi];
                             }
                         }
                     }
@@ -224,10 +223,4 @@ unsafe fn half_tile(bp: *const u8, qp: *const u8) -> [[__m256i; BT]; QT] {
     group!(6);
     group!(7);
     [[a00, a01], [a10, a11], [a20, a21], [a30, a31]]
-}
-
-/// A query's k-th distance as i32 (every real d² is far below i32::MAX).
-#[inline]
-fn worst_i32(h: &TopK) -> i32 {
-    h.worst().min(i32::MAX as u32) as i32
 }

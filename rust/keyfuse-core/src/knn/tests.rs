@@ -147,6 +147,31 @@ fn every_exact_kernel_matches_naive() {
     }
 }
 
+/// `knn_exact` (whichever kernel runs here) gives the same neighbours on 1 and 3 threads,
+/// and the same as the portable kernel, on more queries than one task takes.
+#[test]
+fn exact_is_identical_across_pools() {
+    let data = random_perms(700, 31);
+    let qs = random_perms(300, 32);
+    let filter = |q: usize, c: u32| (q as u32 + c) % 5 != 0;
+    let run = |t: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap()
+            .install(|| knn_exact(&data, &qs, 7, filter).unwrap())
+    };
+    let one = run(1);
+    assert_eq!(one, run(3));
+    let prep = ExactKernel::Plain.prepare(&data);
+    let mut heaps = vec![TopK::new(7); 300];
+    ExactKernel::Plain.scan(&data, &prep, &qs, 0, &mut heaps, &filter);
+    for (q, h) in heaps.iter().enumerate() {
+        let got: Vec<(u32, u32)> = one.row(q).map(|(i, d)| (d, i)).collect();
+        assert_eq!(h.items, got);
+    }
+}
+
 #[test]
 fn exact_filter_and_short_rows() {
     let data = random_perms(6, 3);

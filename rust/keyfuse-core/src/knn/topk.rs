@@ -58,6 +58,12 @@ impl TopK {
             self.items[self.k - 1].0
         }
     }
+    /// [`Self::worst`] as i32, for the SIMD comparisons (every real d² is far below
+    /// i32::MAX).
+    #[inline]
+    pub(crate) fn worst_i32(&self) -> i32 {
+        self.worst().min(i32::MAX as u32) as i32
+    }
     #[inline]
     pub(crate) fn push(&mut self, d: u32, i: u32) {
         let key = (d, i);
