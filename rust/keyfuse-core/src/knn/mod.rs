@@ -27,6 +27,7 @@ mod amx;
 mod exact;
 mod forest;
 mod forest_io;
+mod perm;
 mod topk;
 
 pub use exact::{exact_kernel_name, knn_exact};
