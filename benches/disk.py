@@ -33,7 +33,16 @@ import pyarrow.parquet as pq
 import keyfuse as kf
 from keyfuse.index_shards import DEFAULT_SHARD_SIZE
 
-FIELDS = ("ijk", "scale", "orientation", "descriptors", "polarity", "response", "eigenvalues")
+FIELDS = (
+    "ijk",
+    "scale",
+    "orientation",
+    "descriptors",
+    "polarity",
+    "response",
+    "eigenvalues",
+    "flags",
+)
 
 
 def scans(n: int, resolution: float, cache: Path | None) -> list[tuple[str, kf.KeypointSet, int]]:
@@ -79,6 +88,96 @@ def component(name: str) -> str:
     return name
 
 
+def check(mode: str, sid: str, want: kf.KeypointSet, got: kf.KeypointSet) -> dict[str, float]:
+    """The round trip: bit for bit (exact), or the compact bounds; returns the compact
+    errors (largest position error in voxels, scale relative error, frame angle)."""
+    exact = FIELDS if mode == "exact" else ("descriptors", "polarity", "flags")
+    for f in exact:
+        a, b = np.asarray(getattr(want, f)), np.asarray(getattr(got, f))
+        if a.dtype != b.dtype or a.tobytes() != b.tobytes():
+            raise SystemExit(f"{sid}: {f} differs after the round trip ({mode})")
+    rel = np.einsum("nij,nkj->nik", got.orientation.astype(np.float64), want.orientation)
+    cos = np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1)
+    return {
+        "ijk": float(np.abs(got.ijk - want.ijk).max()),
+        "float": max(
+            float((np.abs(getattr(got, f) - getattr(want, f)) / np.abs(getattr(want, f))).max())
+            for f in ("scale", "response", "eigenvalues")
+        ),
+        "angle": float(np.degrees(np.arccos(cos)).max()),
+        "angle_mean": float(np.degrees(np.arccos(cos)).mean()),
+    }
+
+
+def measure(data: list[tuple[str, kf.KeypointSet, int]], mode: str) -> None:
+    """Index the scans with ``geometry=mode`` and print the bytes per keypoint."""
+    n_kp = sum(len(k) for _, k, _ in data)
+    image_bytes = sum(b for *_, b in data)
+    errs: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "real.kfi"
+        ix = kf.Index(
+            path,
+            mode="w",
+            shard_size=max(n_kp // 2, max(len(k) for _, k, _ in data)),
+            geometry=mode,
+        )
+        ix.add_many([(sid, kps, None, {}) for sid, kps, _ in data])  # one part, as a build
+        ix.scores(data[0][1][:5], exact=False)  # sealed shards' forests on disk
+        back = kf.Index(path)
+        for sid, kps, _ in data:
+            errs.append(check(mode, sid, kps, back.keypoints(sid)))
+        bytes_of: dict[str, int] = defaultdict(int)
+        columns: dict[str, int] = defaultdict(int)
+        for f in path.iterdir():
+            bytes_of[component(f.name)] += f.stat().st_size
+            if f.name.startswith("keypoints-"):
+                md = pq.ParquetFile(f).metadata
+                for g in range(md.num_row_groups):
+                    for c in range(md.num_columns):
+                        col = md.row_group(g).column(c)
+                        columns[col.path_in_schema.split(".")[0]] += col.total_compressed_size
+        sealed = [s for s in back.shards if s["sealed"]]
+        forest_points = sum(int(s["keypoints"]) for s in sealed)
+    total = sum(bytes_of.values())
+    print(f"geometry={mode!r}: bytes per keypoint by component:")
+    for name, b in sorted(bytes_of.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:36s} {b / n_kp:7.2f} B")
+    geo = bytes_of["parts: keypoint geometry"]
+    print(
+        "  geometry columns (compressed, Parquet footers excluded): "
+        + ", ".join(f"{k} {v / n_kp:.2f}" for k, v in sorted(columns.items(), key=lambda c: -c[1]))
+    )
+    if mode == "compact":
+        print(
+            f"  round trip: positions within {max(e['ijk'] for e in errs):.5f} voxel, scales, "
+            f"responses and eigenvalues {max(e['float'] for e in errs):.2e} relative, frames "
+            f"{max(e['angle'] for e in errs):.3f}° (mean "
+            f"{np.mean([e['angle_mean'] for e in errs]):.3f}°); the rest bit for bit"
+        )
+    else:
+        print("  round trip: every field bit for bit")
+    # forests (format 3): per tree, 3 bytes an internal node, 1 a leaf, and a permutation
+    # of ⌈log2 n⌉-bit indices; at the default shard size the indices are wider
+    trees = kf.Index().trees
+    forest = bytes_of["kd-forests"]
+    bits_here = max(1, (max(forest_points // max(len(sealed), 1), 2) - 1).bit_length())
+    bits_full = max(1, (DEFAULT_SHARD_SIZE - 1).bit_length())
+    per_kp_here = forest / max(forest_points, 1)
+    per_kp_full = per_kp_here + trees * (bits_full - bits_here) / 8
+    at_scale = total - forest + per_kp_full * n_kp  # every keypoint in a full sealed shard
+    print(
+        f"  kd-forests per sealed keypoint: {per_kp_here:.2f} B here, {per_kp_full:.2f} B at the "
+        f"default shard size ({DEFAULT_SHARD_SIZE:,} points: {bits_full}-bit permutation indices, "
+        f"{bits_here} here)"
+    )
+    print(
+        f"  total {total / n_kp:.2f} B per keypoint ({geo / n_kp:.2f} B geometry): index = "
+        f"1/{image_bytes / total:.0f} of the images; with every keypoint in a sealed shard of "
+        f"the default size {at_scale / n_kp:.2f} B = 1/{image_bytes / at_scale:.0f} (target ≥ 150)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scans", type=int, default=6)
@@ -95,58 +194,8 @@ def main() -> None:
         f"{len(data)} scans, {n_kp} keypoints ({n_kp / len(data):.0f} per scan), "
         f"{image_bytes / len(data) / 1e6:.1f} MB of float32 image each"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "real.kfi"
-        ix = kf.Index(path, mode="w", shard_size=max(n_kp // 2, max(len(k) for _, k, _ in data)))
-        ix.add_many([(sid, kps, None, {}) for sid, kps, _ in data])  # one part, as a build
-        ix.scores(data[0][1][:5], exact=False)  # sealed shards' forests on disk
-        back = kf.Index(path)
-        for sid, kps, _ in data:
-            got = back.keypoints(sid)
-            for f in FIELDS:
-                a, b = np.asarray(getattr(kps, f)), np.asarray(getattr(got, f))
-                if a.dtype != b.dtype or a.tobytes() != b.tobytes():
-                    raise SystemExit(f"{sid}: {f} differs after the round trip")
-        bytes_of: dict[str, int] = defaultdict(int)
-        columns: dict[str, int] = defaultdict(int)
-        for f in path.iterdir():
-            bytes_of[component(f.name)] += f.stat().st_size
-            if f.name.startswith("keypoints-"):
-                md = pq.ParquetFile(f).metadata
-                for g in range(md.num_row_groups):
-                    for c in range(md.num_columns):
-                        col = md.row_group(g).column(c)
-                        columns[col.path_in_schema.split(".")[0]] += col.total_compressed_size
-        sealed = [s for s in back.shards if s["sealed"]]
-        forest_points = sum(int(s["keypoints"]) for s in sealed)
-    total = sum(bytes_of.values())
-    print("bytes per keypoint by component:")
-    for name, b in sorted(bytes_of.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:36s} {b / n_kp:7.2f} B")
-    geo = bytes_of["parts: keypoint geometry"]
-    print(
-        "  geometry columns (compressed, Parquet footers excluded): "
-        + ", ".join(f"{k} {v / n_kp:.2f}" for k, v in sorted(columns.items(), key=lambda c: -c[1]))
-    )
-    # forests (format 3): per tree, 3 bytes an internal node, 1 a leaf, and a permutation
-    # of ⌈log2 n⌉-bit indices; at the default shard size the indices are wider
-    trees = kf.Index().trees
-    forest = bytes_of["kd-forests"]
-    bits_here = max(1, (max(forest_points // max(len(sealed), 1), 2) - 1).bit_length())
-    bits_full = max(1, (DEFAULT_SHARD_SIZE - 1).bit_length())
-    per_kp_here = forest / max(forest_points, 1)
-    per_kp_full = per_kp_here + trees * (bits_full - bits_here) / 8
-    at_scale = total - forest + per_kp_full * n_kp  # every keypoint in a full sealed shard
-    print(
-        f"  kd-forests per sealed keypoint: {per_kp_here:.2f} B here, {per_kp_full:.2f} B at the "
-        f"default shard size ({DEFAULT_SHARD_SIZE:,} points: {bits_full}-bit permutation indices, "
-        f"{bits_here} here)"
-    )
-    print(
-        f"total {total / n_kp:.2f} B per keypoint ({geo / n_kp:.2f} B geometry): index = "
-        f"1/{image_bytes / total:.0f} of the images; with every keypoint in a sealed shard of "
-        f"the default size {at_scale / n_kp:.2f} B = 1/{image_bytes / at_scale:.0f} (target ≥ 150)"
-    )
+    for mode in ("compact", "exact"):
+        measure(data, mode)
 
 
 if __name__ == "__main__":

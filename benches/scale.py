@@ -2,6 +2,7 @@
 
     .venv/bin/python benches/scale.py [--sizes 1000 5000] [--keypoints 2000] [--quick]
     .venv/bin/python benches/scale.py --sizes --pairwise 5000 --pairwise-keypoints 200
+    .venv/bin/python benches/scale.py --sizes 5000 25000 --no-dask --keep DIR  # twice: reused
 
 Synthetic cohorts with the descriptor statistics of real ones: the descriptor pool is
 extracted from the MNI152 template (nilearn's copy, ``kf.datasets.mni152``); a family
@@ -213,6 +214,13 @@ def main() -> None:
     ap.add_argument("--resolution", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-dask", action="store_true", help="skip the 2-worker cluster check")
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="build each size's index in KEEP/N and keep it; an index already there is "
+        "reused (its build time is not measured): query the same indexes again",
+    )
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.keypoints, args.shard_size = [40, 80], 150, 3000
@@ -224,8 +232,12 @@ def main() -> None:
     here = str(Path(__file__).resolve().parent)
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "cohort.kfi"
-            b = build(path, n, args.keypoints, pool, args)
+            path = (Path(tmp) if args.keep is None else args.keep / str(n)) / "cohort.kfi"
+            if (path / "manifest.json").exists() and (path.parent / "truth.npy").exists():
+                b = {"build_s": float("nan"), "shards": len(kf.Index(path).shards)}
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                b = build(path, n, args.keypoints, pool, args)
             out = subprocess.run(
                 [
                     sys.executable,
@@ -268,6 +280,8 @@ def main() -> None:
         fit = {}
         keys = ("build_s", "open_s", "p50", "p95", "rss_search_gib", "rss_gib")
         for key in (*keys, "anon_search_gib", "file_search_gib", "anon_gib", "file_gib"):
+            if not np.isfinite([r[key] for r in rows]).all():
+                continue  # build times of reused indexes
             b1, b0 = np.polyfit(ns, [r[key] for r in rows], 1)
             fit[key] = b0 + b1 * 100_000
         print(

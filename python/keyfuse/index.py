@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -48,7 +47,6 @@ from keyfuse.index_shards import DEFAULT_SHARD_SIZE, ShardSet, as_descriptors
 from keyfuse.index_storage import (
     MANIFEST,
     Staged,
-    _fsync_dir,
     _not_an_index,
     _remove_index_files,
     _Rows,
@@ -115,6 +113,13 @@ class Index:
         Most keypoints per shard (default: the opened index's, else 20,000,000). Sealed
         shards are memory-mapped files with their kd-forest saved beside them
         (:mod:`keyfuse.index_shards`); scores do not depend on the layout.
+    geometry : {"compact", "exact"}, optional
+        How keypoint geometry is stored, chosen at creation and kept in the manifest
+        (default: the opened index's, else "compact"). "compact": positions within
+        1/131070 of the keypoints' extent per axis, scales, responses and eigenvalues
+        within 0.05%, frames within 0.23° (special values exact; 13 bytes a keypoint
+        instead of 28, :mod:`keyfuse.index_geometry`); "exact": bit for bit. Scores
+        never read the geometry; only :meth:`keypoints` returns it.
 
     Scores are cohort-relative: α_i is the distance from a query keypoint to its nearest
     neighbour among all the other subjects.
@@ -139,8 +144,14 @@ class Index:
         kernel: str = "posterior",
         alpha2_cap_fraction: float | None = None,
         shard_size: int | None = None,
+        geometry: str | None = None,
     ) -> None:
+        from keyfuse.index_geometry import GEOMETRIES
         from keyfuse.matching import _kernel_defaults
+
+        if geometry not in (None, *GEOMETRIES):
+            raise InvalidArgumentError(f"geometry must be 'compact' or 'exact'; got {geometry!r}")
+        self._geometry_arg, self.geometry = geometry, geometry or "compact"
 
         post, kk, cap = _kernel_defaults(kernel, k, alpha2_cap_fraction)
         if checks < 1 or trees < 1 or (shard_size is not None and shard_size < 1):
@@ -690,35 +701,9 @@ class Index:
         self._write_fresh(target, self._ids)
 
     def _write_fresh(self, target: Path, ids: Sequence[str]) -> None:
-        """Write subjects ``ids`` as a fresh index directory (one part) at ``target``,
-        built beside it and renamed into place."""
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        try:
-            staged = []
-            for sid in ids:
-                i = self._pos[sid]
-                staged.append(
-                    (sid, self.keypoints(sid), self._vectors[i], self._labels[i], self._sources[i])
-                )
-            self._write_manifest(tmp, [])
-            if self._classifiers.state:
-                self._classifiers.write(tmp)
-            if staged:
-                self._append_part(tmp, staged, parts=[])
-            old = None
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            _fsync_dir(target.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        from keyfuse.index_storage_io import write_fresh
+
+        write_fresh(self, target, ids)
 
     def remove(self, subject_ids: str | Iterable[str]) -> None:
         """Remove subjects (by id) from the index; on disk, the index is rewritten as
@@ -775,7 +760,9 @@ class Index:
         self, root: Path, parts: list[Any], shards: Any = None, segments: Any = None
     ) -> None:
         """The sealed shards' and the open shard's segments' entries with the parts."""
-        write_manifest(root, parts, self.provenance(), shards, self._engine.shard_size, segments)
+        write_manifest(
+            root, parts, self.provenance(), shards, self._engine.shard_size, segments, self.geometry
+        )
 
     def _append_part(
         self,

@@ -27,19 +27,30 @@ from typing import Any
 import numpy as np
 
 from keyfuse.errors import IndexCorruptError
+from keyfuse.index_geometry import (
+    ROUNDED,
+    SCALE_MANTISSA,
+    decode_positions,
+    encode_frames,
+    encode_positions,
+    round_mantissa,
+    subject_grids,
+    unpack_frames,
+)
 from keyfuse.keypoints import KeypointSet
 
 # one subject as staged for an append: (id, keypoints, vector, labels, source)
 Staged = tuple[str, KeypointSet, np.ndarray | None, dict[str, Any], str | None]
 
 FORMAT = "keyfuse-index"
+# 6: format 5, or compact geometry (keyfuse.index_geometry; the manifest's "geometry");
 # 5: the orientation's first two rows as two components and a predicted third (see
 # _orientation_code); 4: flat geometry columns, repeats and the orientation's cross
 # product as nulls (see _keypoints_table); 3: descriptors only in the shard/segment files;
 # 2: sealed shards, descriptors also in the parts (keyfuse.index_shards); 1 is read as
 # unsharded
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MANIFEST = "manifest.json"
 
 
@@ -75,15 +86,19 @@ def write_manifest(
     shards: list[dict[str, Any]] | None = None,
     shard_size: int | None = None,
     segments: list[dict[str, Any]] | None = None,
+    geometry: str = "exact",
 ) -> None:
     """Write ``root/manifest.json`` atomically (written aside, flushed and renamed): the
-    format, the parts and sealed shards with their checksums, and what made the index
-    (``provenance``)."""
+    format, the parts and sealed shards with their checksums, how new parts store the
+    geometry (``"compact"`` or ``"exact"``, see :mod:`keyfuse.index_geometry`), and what
+    made the index (``provenance``). An exact index is written as format 5, which older
+    keyfuse versions read."""
     from keyfuse._io import atomic_path
 
     manifest = {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if geometry == "compact" else 5,
+        "geometry": geometry,
         "n_subjects": sum(p["n_subjects"] for p in parts),
         "n_keypoints": sum(p["n_keypoints"] for p in parts),
         "parts": parts,
@@ -101,11 +116,16 @@ def write_manifest(
 
 
 def write_part(
-    root: Path, staged: Sequence[Staged], seq: int, written: list[Path]
+    root: Path, staged: Sequence[Staged], seq: int, written: list[Path], geometry: str = "exact"
 ) -> dict[str, Any]:
     """Write the Parquet files of part ``seq`` (each atomically, flushed) and return its
-    manifest entry; every file written is appended to ``written`` (for a clean-up)."""
-    return write_part_tables(root, _subjects_table(staged), _keypoints_table(staged), seq, written)
+    manifest entry; every file written is appended to ``written`` (for a clean-up).
+    ``geometry="compact"``: positions, scales and frames as :mod:`keyfuse.index_geometry`
+    codes them."""
+    grids = subject_grids(staged) if geometry == "compact" else None
+    return write_part_tables(
+        root, _subjects_table(staged, grids), _keypoints_table(staged, grids=grids), seq, written
+    )
 
 
 def write_part_tables(
@@ -140,15 +160,19 @@ def write_part_tables(
 
 def _encodings(table: Any) -> dict[str, Any]:
     """Parquet writer options: zstd, and the flat float columns byte-stream-split (their
-    sign and exponent bytes compress, unlike whole values) instead of dictionary-coded."""
+    sign and exponent bytes compress, unlike whole values) instead of dictionary-coded;
+    compact geometry codes plain (frames) or delta-coded (positions)."""
     import pyarrow as pa
 
     floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    codes = [f.name for f in table.schema if f.name.startswith(("ijk_q", "orientation_q"))]
     return {
         "compression": "zstd",
         "compression_level": ZSTD_LEVEL,
-        "use_dictionary": [f.name for f in table.schema if f.name not in floats],
+        "use_dictionary": [f.name for f in table.schema if f.name not in floats + codes],
         "use_byte_stream_split": floats,
+        # compact positions: differences between rows (keypoints come sorted on one axis)
+        "column_encoding": {c: "DELTA_BINARY_PACKED" for c in codes if c.startswith("ijk")},
     }
 
 
@@ -233,10 +257,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _subjects_table(staged: Sequence[Staged]) -> Any:
-    """The subjects table of one part: one row per subject."""
+def _subjects_table(staged: Sequence[Staged], grids: dict[str, list[Any]] | None = None) -> Any:
+    """The subjects table of one part: one row per subject (``grids``: a compact part's
+    position grids and frame signs, see :func:`keyfuse.index_geometry.subject_grids`)."""
     import pyarrow as pa
 
+    extra: dict[str, Any] = {}
+    if grids is not None:
+        extra["ijk_origin"] = pa.array(grids["ijk_origin"], pa.list_(pa.float64(), 3))
+        extra["ijk_step"] = pa.array(grids["ijk_step"], pa.list_(pa.float64(), 3))
+        extra["frame_sign"] = pa.array(grids["frame_sign"], pa.int8())
     return pa.table(
         {
             "subject_id": pa.array([s[0] for s in staged], pa.string()),
@@ -250,6 +280,7 @@ def _subjects_table(staged: Sequence[Staged]) -> Any:
                 [None if s[2] is None else s[2].tolist() for s in staged], pa.list_(pa.float32())
             ),
             "source": pa.array([s[4] for s in staged], pa.string()),
+            **extra,
         }
     )
 
@@ -359,9 +390,61 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(f"u{a.dtype.itemsize}")
 
 
-def _keypoints_table(staged: Sequence[Staged], coded: bool = True) -> Any:
+def _repeats(codes: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Rows whose value (bits; a row of a 2-D array) equals the previous row's, each
+    subject's first row excepted: stored as nulls."""
+    b = _bits(np.ascontiguousarray(codes))
+    same = np.zeros(len(b), bool)
+    eq = b[1:] == b[:-1]
+    same[1:] = eq.all(axis=1) if eq.ndim > 1 else eq
+    return same & ~first
+
+
+def _compact_columns(
+    staged: Sequence[Staged], grids: dict[str, list[Any]], first: np.ndarray
+) -> dict[str, Any]:
+    """A compact part's position and frame columns (see :mod:`keyfuse.index_geometry`):
+    codes, nulls where they repeat, exact values on exception rows only."""
+    import pyarrow as pa
+
+    pos, frames, pos_x, frame_x = [], [], [], []
+    for s, origin, step, sign in zip(
+        staged, grids["ijk_origin"], grids["ijk_step"], grids["frame_sign"], strict=True
+    ):
+        code, exc = encode_positions(s[1].ijk, np.asarray(origin), np.asarray(step))
+        pos.append(code)
+        pos_x.append(exc)
+        code, exc = encode_frames(s[1].orientation, sign)
+        frames.append(code)
+        frame_x.append(exc)
+    n = len(first)
+    ijk = np.concatenate(pos) if pos else np.zeros((0, 3), np.uint16)
+    ijk_exc = np.concatenate(pos_x) if pos else np.zeros(0, bool)
+    fc = np.concatenate(frames) if frames else np.zeros(0, np.uint32)
+    f_exc = np.concatenate(frame_x) if frames else np.zeros(0, bool)
+    cols: dict[str, Any] = {}
+    for c in range(3):
+        cols[f"ijk_q{c}"] = pa.array(ijk[:, c], mask=_repeats(ijk[:, c], first))
+    cols["orientation_q"] = pa.array(fc, mask=_repeats(fc, first))
+    exact_ijk = np.concatenate([s[1].ijk for s in staged]) if n else np.zeros((0, 3))
+    for c in range(3):
+        cols[f"ijk_x{c}"] = pa.array(np.ascontiguousarray(exact_ijk[:, c]), mask=~ijk_exc)
+    o = (
+        np.concatenate([s[1].orientation.reshape(-1, 9) for s in staged])
+        if n
+        else np.zeros((0, 9), np.float32)
+    )
+    for c in range(9):
+        cols[f"orientation_x{c}"] = pa.array(np.ascontiguousarray(o[:, c]), mask=~f_exc)
+    return cols
+
+
+def _keypoints_table(
+    staged: Sequence[Staged], coded: bool = True, grids: dict[str, list[Any]] | None = None
+) -> Any:
     """The keypoints table of one part: every subject's keypoints, in subject order
-    (``coded=False``: the orientation as format 4 stored it)."""
+    (``coded=False``: the orientation as format 4 stored it; ``grids``: compact geometry,
+    see :func:`_compact_columns`)."""
     import pyarrow as pa
 
     counts = [len(s[1]) for s in staged]
@@ -374,9 +457,13 @@ def _keypoints_table(staged: Sequence[Staged], coded: bool = True) -> Any:
             pa.array([s[0] for s in staged], pa.string()),
         )
     }
+    if grids is not None:
+        cols.update(_compact_columns(staged, grids, first))
     for name, dtype, width in _KP_COLUMNS:
         if name == "descriptors":
             continue  # stored once, in the shard or segment files (format 3)
+        if grids is not None and name in ("ijk", "orientation"):
+            continue
         flat = (
             np.concatenate(
                 [
@@ -387,6 +474,8 @@ def _keypoints_table(staged: Sequence[Staged], coded: bool = True) -> Any:
             if staged
             else np.zeros((0, width), dtype)
         )
+        if grids is not None and name in ROUNDED:
+            flat = round_mantissa(flat, SCALE_MANTISSA)
         for c, col in enumerate(_flat_names(name, width)):
             if name == "orientation" and coded and c < 6:
                 if c % 3 == 0:  # a whole row: two components and a code
@@ -411,17 +500,43 @@ def _keypoints_table(staged: Sequence[Staged], coded: bool = True) -> Any:
     return pa.table(cols)
 
 
-def _column_arrays(keypoints: Any, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+def _compact_arrays(keypoints: Any, name: str, grid: Any) -> np.ndarray:
+    """One subject's positions (n, 3) float64 or frames (n, 9) float32 from a compact
+    part's codes (``grid``: the subject's position origin, step and frame sign), the
+    exception rows' exact values put back."""
+    if grid is None:
+        raise ValueError("compact geometry without its subject's grid")
+    origin, step, sign = grid
+    if name == "ijk":
+        codes = np.stack([_filled(keypoints, f"ijk_q{c}") for c in range(3)], axis=1)
+        out = decode_positions(codes, np.asarray(origin), np.asarray(step))
+    else:
+        out = unpack_frames(_filled(keypoints, "orientation_q")).reshape(-1, 9)
+        if sign < 0:
+            out = -out
+    for c in range(out.shape[1]):
+        col = _combined(keypoints.column(f"{name}_x{c}"))
+        if col.null_count < len(col):
+            known = np.asarray(col.is_valid().to_numpy(zero_copy_only=False))
+            out[known, c] = np.asarray(col.drop_null().to_numpy(), out.dtype)
+    return out
+
+
+def _column_arrays(
+    keypoints: Any, names: Sequence[str] | None = None, grid: Any = None
+) -> dict[str, np.ndarray]:
     """Numpy arrays (one row per keypoint) of some keypoint components (default: all the
     table holds) of a table or a record batch whose rows start at a subject's first row
-    (either layout)."""
+    (any layout; a compact one holds one subject, whose ``grid`` decodes it)."""
     arrays: dict[str, np.ndarray] = {}
     present = set(keypoints.column_names)
     for name, dtype, width in _KP_COLUMNS:
-        stored = {name, f"{name}_0", f"{name}_r0_code"} & present
+        stored = {name, f"{name}_0", f"{name}_r0_code", f"{name}_q", f"{name}_q0"} & present
         if (names is None and not stored) or (names is not None and name not in names):
             continue
-        if name == "descriptors":
+        if {f"{name}_q", f"{name}_q0"} & present:  # compact geometry
+            arrays[name] = _compact_arrays(keypoints, name, grid)
+        elif name == "descriptors":
             col = _combined(keypoints.column(name))
             buf = col.buffers()[1]
             flat = np.frombuffer(buf, dtype=np.uint8, count=col.offset * 64 + len(col) * 64)
@@ -498,6 +613,8 @@ class _Rows:
     stamp: tuple[int, int]
     affine: tuple[float, ...]
     shape: tuple[int, ...]
+    # a compact part's position origin and step per axis and frame sign
+    grid: tuple[tuple[float, ...], tuple[float, ...], int] | None = None
 
     def read(self, shards: Any = None, i: int = -1) -> KeypointSet:
         """The subject's keypoints; ``shards`` (the index's ``ShardSet``) and ``i`` (its
@@ -525,7 +642,7 @@ class _Rows:
                 v != self.subject for v in owners.dictionary.take(owners.indices).to_pylist()
             ):
                 raise IndexCorruptError(f"{self.path}: rows of {self.subject!r} moved; {hint}")
-            arrays = _column_arrays(table)
+            arrays = _column_arrays(table, grid=self.grid)
             if "descriptors" not in arrays:
                 if shards is None:
                     raise IndexCorruptError(f"{self.path}: no descriptors for {self.subject!r}")
@@ -609,8 +726,18 @@ def _subject_row(
             stamp,
             tuple(sub["affine"][i]),
             tuple(sub["shape"][i]),
+            _grid(sub, i),
         ),
         None if vec is None else np.asarray(vec, dtype=np.float32),
         json.loads(sub["labels"][i]),
         sub["source"][i],
     )
+
+
+def _grid(
+    sub: dict[str, list[Any]], i: int
+) -> tuple[tuple[float, ...], tuple[float, ...], int] | None:
+    """Subject ``i``'s compact grid (origin, step, frame sign), None in an exact part."""
+    if sub.get("ijk_origin") is None or sub["ijk_origin"][i] is None:
+        return None
+    return tuple(sub["ijk_origin"][i]), tuple(sub["ijk_step"][i]), int(sub["frame_sign"][i])

@@ -6,15 +6,18 @@ the open shard's descriptors only (formats: :mod:`keyfuse.index_storage`,
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keyfuse.errors import IndexCorruptError
+from keyfuse.errors import IndexCorruptError, InvalidArgumentError
 from keyfuse.index_classify import LabelClassifiers
 from keyfuse.index_shards import ShardSet, as_descriptors, seal
 from keyfuse.index_storage import (
     Staged,
+    _fsync_dir,
     _part_rows,
     _stream_part,
     verified_parts,
@@ -48,7 +51,7 @@ def append_part(
     if sum(int(e["n_subjects"]) for e in old) != len(shards.sizes) - shards.open_first:
         old = []  # a format-v1 index: its open subjects get their first segment now
     try:
-        entry = write_part(root, staged, seq, written)
+        entry = write_part(root, staged, seq, written, ix.geometry)
         sealed = seal(shards, new, seals, root, written)
         entries = [e for e in [s.entry for s in shards.sealed] + [s[3] for s in sealed] if e]
         start = open_first if not old else len(shards.sizes)
@@ -118,6 +121,14 @@ def load_into(ix: Index, root: Path) -> None:
     import pyarrow as pa
 
     manifest, parts, checked = verified_parts(root)
+    stored = manifest.get("geometry", "exact")  # indexes before compact geometry: exact
+    if ix._geometry_arg not in (None, stored):
+        raise InvalidArgumentError(
+            f"{root} stores {stored} geometry, chosen when it was created; open it without "
+            f"geometry= (or with geometry={stored!r}), or write a new index with "
+            f"save(path) after choosing geometry={ix._geometry_arg!r} for a fresh Index"
+        )
+    ix.geometry = stored
     entries = manifest.get("shards") or []
     if ix._shard_size_arg is None and manifest.get("shard_size"):
         ix._engine = ShardSet(int(manifest["shard_size"]), ix.trees)
@@ -153,3 +164,33 @@ def load_into(ix: Index, root: Path) -> None:
         raise IndexCorruptError(f"{root}: corrupt index ({type(e).__name__}: {e})") from e
     ix._parts = list(parts)
     ix._classifiers = LabelClassifiers.read(root)
+
+
+def write_fresh(ix: Index, target: Path, ids: Sequence[str]) -> None:
+    """Write subjects ``ids`` of ``ix`` as a fresh index directory (one part) at
+    ``target``, built beside it and renamed into place."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        staged = []
+        for sid in ids:
+            i = ix._pos[sid]
+            staged.append((sid, ix.keypoints(sid), ix._vectors[i], ix._labels[i], ix._sources[i]))
+        ix._write_manifest(tmp, [])
+        if ix._classifiers.state:
+            ix._classifiers.write(tmp)
+        if staged:
+            ix._append_part(tmp, staged, parts=[])
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -188,6 +188,7 @@ def verify_index(path: Any, *, repair: bool = False, drop_damaged: bool = False)
             shards,
             manifest.get("shard_size"),
             manifest.get("segments"),
+            manifest.get("geometry", "exact"),
         )
     if changed or drop:
         report.problems = [p for p in report.problems if "cannot" in p]
@@ -280,6 +281,7 @@ def _drop(
             renumber(manifest.get("shards") or []),
             manifest.get("shard_size"),
             renumber(manifest.get("segments") or []),
+            manifest.get("geometry", "exact"),
         )  # the commit point
     except BaseException:
         for w in written:

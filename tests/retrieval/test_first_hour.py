@@ -86,7 +86,9 @@ def test_remove_subjects(family_sets, tmp_path: Path) -> None:
     assert "sub-11" not in ix and len(ix) == len(family_sets) - 2
     back = kf.Index(tmp_path / "ix")
     assert back.subjects == ix.subjects
-    assert back.keypoints("sub-00") == family_sets[0][1]
+    got, want = back.keypoints("sub-00"), family_sets[0][1]  # compact geometry
+    assert np.array_equal(got.descriptors, want.descriptors)
+    assert np.abs(got.ijk - want.ijk).max() < 1e-2
     after = back.search(family_sets[0][1], k=1)
     assert after[0] == before[0]
     with pytest.raises(kf.InvalidArgumentError, match="not in the index"):

@@ -46,7 +46,7 @@ def cohort():
 
 @pytest.fixture()
 def index(cohort) -> kf.Index:
-    ix = kf.Index()
+    ix = kf.Index(geometry="exact")  # saved bit for bit (compact: test_index_geometry.py)
     for sid, kps, labels in cohort:
         ix.add(sid, kps, vector=np.arange(4.0) + len(ix), **labels)
     return ix
@@ -176,7 +176,7 @@ def test_opened_index_notices_a_rewritten_directory(
 
 def test_subject_without_keypoints_round_trips(cohort, tmp_path: Path) -> None:
     empty = kf.KeypointSet(np.zeros((0, 3)), np.zeros(0), descriptors=np.zeros((0, 64), np.uint8))
-    ix = kf.Index()
+    ix = kf.Index(geometry="exact")
     with pytest.warns(UserWarning, match="no keypoints"):
         ix.add("blank", empty)
     ix.add(cohort[0][0], cohort[0][1])
@@ -229,7 +229,7 @@ def test_geometry_round_trips_bit_for_bit(
         ijk, odd.scale, o, odd.descriptors, odd.polarity, odd.response, odd.eigenvalues
     )
     path = tmp_path / "exact.kfi"
-    ix = kf.Index.create(path)
+    ix = kf.Index.create(path, geometry="exact")
     ix.add_many([("real", real, None, {}), ("odd", odd, None, {})])
     back = kf.Index(path)
     assert _same_bits(back.keypoints("real"), real) and _same_bits(back.keypoints("odd"), odd)

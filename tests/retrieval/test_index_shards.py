@@ -36,7 +36,7 @@ def sharded(cohort, tmp_path: Path) -> Path:
     """The cohort on disk in shards of at most 300 keypoints (subjects of 120: 2 per
     shard), appended in batches of 5 (so shards are sealed in the middle of a batch)."""
     path = tmp_path / "sharded.kfi"
-    _fill(kf.Index(path, mode="x", shard_size=300), cohort, batch=5)
+    _fill(kf.Index(path, mode="x", shard_size=300, geometry="exact"), cohort, batch=5)
     return path
 
 
@@ -180,6 +180,7 @@ def _as_old_layout(path: Path, cohort, version: int) -> None:
         info["bytes"] = f.stat().st_size
         info["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
     m["version"] = version
+    m.pop("geometry")  # written from format 6 on
     (path / "manifest.json").write_text(json.dumps(m))
 
 
@@ -191,7 +192,7 @@ def test_format_v3_v4_index_is_read(cohort, tmp_path: Path, version: int) -> Non
     from keyfuse.index_storage import FORMAT_VERSION
 
     path = tmp_path / "old.kfi"
-    _fill(kf.Index(path, mode="x", shard_size=300), cohort[:-1], batch=5)
+    _fill(kf.Index(path, mode="x", shard_size=300, geometry="exact"), cohort[:-1], batch=5)
     _as_old_layout(path, cohort[:-1], version)
     ix = kf.Index(path, mode="r+")
     for sid, kps, _ in cohort[:-1]:
@@ -199,7 +200,8 @@ def test_format_v3_v4_index_is_read(cohort, tmp_path: Path, version: int) -> Non
     _fill(ix, cohort[-1:])
     back = kf.Index(path)
     assert all(back.keypoints(sid) == kps for sid, kps, _ in cohort)
-    assert json.loads((path / "manifest.json").read_text())["version"] == FORMAT_VERSION == 5
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["version"] == 5 and m["geometry"] == "exact" and FORMAT_VERSION == 6
     want = _fill(kf.Index(), cohort).pairwise(exact=True)
     assert np.array_equal(back.pairwise(exact=True), want)
 

@@ -3,6 +3,8 @@
 // Index loops mirror the formulas.
 #![allow(clippy::needless_range_loop)]
 
+use super::forest_io::perm_bits;
+use super::perm::Perm;
 use super::{check_rows, dist2, Neighbors, TopK, NONE};
 use crate::{KfError, Result, DESC_LEN};
 use rayon::prelude::*;
@@ -85,7 +87,8 @@ impl Node {
 #[derive(Clone, Debug)]
 pub(super) struct Tree {
     pub(super) nodes: Vec<Node>,
-    pub(super) perm: Vec<u32>,
+    /// the points, leaf after leaf (bit-packed; mapped from the file a forest was read from)
+    pub(super) perm: Perm,
 }
 
 /// A randomized kd-forest over `n × 64` descriptors. It stores only the trees; the data
@@ -173,7 +176,10 @@ fn build_tree(data: &[u8], n: usize, leaf_size: usize, seed: u64) -> Tree {
         stack.push(l + 1);
         stack.push(l);
     }
-    Tree { nodes, perm }
+    Tree {
+        nodes,
+        perm: Perm::packed(&perm, perm_bits(n)),
+    }
 }
 
 /// Stable-order-free in-place partition; returns the number of elements satisfying `pred`.
@@ -208,11 +214,12 @@ fn unbranch(b: Branch) -> (f32, usize, u32) {
     )
 }
 
-/// Ask for the descriptor rows of `pts` ahead of their use (they are scattered in memory).
+/// Ask for the descriptor rows of points `a..b` of `perm` ahead of their use (they are
+/// scattered in memory).
 #[inline(always)]
-fn prefetch_rows(data: &[u8], pts: &[u32]) {
+fn prefetch_rows(data: &[u8], perm: &Perm, a: u32, b: u32) {
     #[cfg(target_arch = "x86_64")]
-    for &p in pts {
+    for p in perm.range(a as usize, b as usize) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let ptr = data[p as usize * DESC_LEN..].as_ptr();
         // SAFETY: prefetch is a hint; both addresses lie inside the row.
@@ -222,7 +229,7 @@ fn prefetch_rows(data: &[u8], pts: &[u32]) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (data, pts);
+    let _ = (data, perm, a, b);
 }
 
 /// The state of one query's best-bin-first walk.
@@ -325,11 +332,12 @@ impl KdForest {
         self.n == 0
     }
 
-    /// Bytes held by the trees (not counting the data).
+    /// Bytes held in RAM by the trees (not counting the data, nor permutations mapped from
+    /// a forest file).
     pub fn memory_bytes(&self) -> usize {
         self.trees
             .iter()
-            .map(|t| t.perm.len() * 4 + t.nodes.len() * std::mem::size_of::<Node>())
+            .map(|t| t.perm.memory_bytes() + t.nodes.len() * std::mem::size_of::<Node>())
             .sum()
     }
 
@@ -435,7 +443,7 @@ impl KdForest {
         loop {
             let node = tree.nodes[ni as usize];
             if node.dim == LEAF {
-                prefetch_rows(st.data, &tree.perm[node.a as usize..node.w as usize]);
+                prefetch_rows(st.data, &tree.perm, node.a, node.w);
                 self.check_leaf(st, t, node);
                 return;
             }
@@ -451,7 +459,7 @@ impl KdForest {
     /// Distance to every not yet visited point of a leaf.
     #[inline]
     fn check_leaf<F: Fn(usize, u32) -> bool>(&self, st: &mut Walk<'_, F>, t: usize, leaf: Node) {
-        for &p in &self.trees[t].perm[leaf.a as usize..leaf.w as usize] {
+        for p in self.trees[t].perm.range(leaf.a as usize, leaf.w as usize) {
             if !st.vis.insert(p) {
                 continue;
             }
@@ -490,10 +498,7 @@ impl KdForest {
                 pending.push(Reverse(branch(diff * diff, t, far)));
                 let next = self.trees[t].nodes[near as usize];
                 if next.dim == LEAF {
-                    prefetch_rows(
-                        st.data,
-                        &self.trees[t].perm[next.a as usize..next.w as usize],
-                    );
+                    prefetch_rows(st.data, &self.trees[t].perm, next.a, next.w);
                 }
                 leaves[t] = next;
             }

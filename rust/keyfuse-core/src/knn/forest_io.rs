@@ -12,7 +12,9 @@
 //! and leaf ranges are implicit: replaying the build's order numbers the nodes exactly as
 //! in memory (children as a pair, the first child popped next), and the leaves hold
 //! consecutive runs of the permutation. So 3 bytes an internal node and 1 a leaf instead
-//! of 9 each, for the same forest and the same search results.
+//! of 9 each, for the same forest and the same search results. [`KdForest::load`] maps
+//! the file and searches the permutations where they lie in it (bit-packed, read on
+//! demand; [`super::perm`]): only the nodes are unpacked into RAM.
 //!
 //! Format 2 (9-byte nodes: dim u8, w u32 = the threshold's f32 bits or a leaf's end, a
 //! u32 = the first child or a leaf's start; the permutation in the fewest whole bytes
@@ -24,6 +26,7 @@
 //! read out of bounds): a bad file is [`KfError::Corrupt`], never a panic.
 
 use super::forest::{Node, Tree, LEAF};
+use super::perm::Perm;
 use super::KdForest;
 use crate::{KfError, Result, DESC_LEN};
 use std::io::Write;
@@ -232,30 +235,14 @@ fn read_compact_nodes(r: &mut Reader<'_>, n: usize, nn: usize) -> Result<Vec<Nod
     Ok(nodes)
 }
 
-/// Append `vals` as `bits`-bit integers, LSB first, the last byte zero-padded.
-fn pack_bits(vals: &[u32], bits: usize, out: &mut Vec<u8>) {
-    let (mut acc, mut have) = (0u64, 0usize);
-    for &v in vals {
-        acc |= (v as u64) << have;
-        have += bits;
-        while have >= 8 {
-            out.push(acc as u8);
-            acc >>= 8;
-            have -= 8;
-        }
-    }
-    if have > 0 {
-        out.push(acc as u8);
-    }
-}
-
-/// Read a permutation of `n` points packed by [`pack_bits`], every index checked.
-fn unpack_perm(r: &mut Reader<'_>, n: usize) -> Result<Vec<u32>> {
+/// Check a permutation of `n` points packed in format 3 at the reader's position (every
+/// index below n, zero padding bits) and return where its bytes start.
+fn check_perm(r: &mut Reader<'_>, n: usize) -> Result<usize> {
     let bits = perm_bits(n);
+    let start = r.pos;
     let raw = r.take((n * bits).div_ceil(8))?;
     let mask = (1u64 << bits) - 1;
     let (mut acc, mut have, mut bytes) = (0u64, 0usize, raw.iter());
-    let mut perm = Vec::with_capacity(n);
     for _ in 0..n {
         while have < bits {
             acc |= (*bytes.next().unwrap() as u64) << have;
@@ -267,24 +254,22 @@ fn unpack_perm(r: &mut Reader<'_>, n: usize) -> Result<Vec<u32>> {
         if p >= n as u64 {
             return Err(corrupt("point index out of bounds"));
         }
-        perm.push(p as u32);
     }
     if acc != 0 {
         return Err(corrupt("nonzero padding bits"));
     }
-    Ok(perm)
+    Ok(start)
 }
 
 impl KdForest {
     /// The forest as bytes (the same forest always gives the same bytes): format 3, or
     /// format 2 for a forest not in the build's order.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let bits = perm_bits(self.n);
         let mut body = Vec::new();
         let compact = self.trees.iter().all(|t| {
             body.extend_from_slice(&(t.nodes.len() as u64).to_le_bytes());
             let ok = compact_nodes(t, self.n, &mut body);
-            pack_bits(&t.perm, bits, &mut body);
+            body.extend_from_slice(t.perm.packed_bytes()); // always perm_bits(n) bits
             ok
         });
         if compact {
@@ -323,7 +308,7 @@ impl KdForest {
                 out.extend_from_slice(&nd.w.to_le_bytes());
                 out.extend_from_slice(&nd.a.to_le_bytes());
             }
-            for &p in &t.perm {
+            for p in t.perm.range(0, self.n) {
                 out.extend_from_slice(&p.to_le_bytes()[..pw]);
             }
         }
@@ -332,6 +317,15 @@ impl KdForest {
 
     /// Read a forest written by [`KdForest::to_bytes`] for `n` points, validating it.
     pub fn from_bytes(b: &[u8], n: usize) -> Result<KdForest> {
+        let bits = perm_bits(n);
+        KdForest::parse(b, n, &|start| {
+            Perm::packed_from(&b[start..start + (n * bits).div_ceil(8)], n, bits)
+        })
+    }
+
+    /// Read and validate a forest file's bytes `b`; `perm(start)` makes a format-3 tree's
+    /// permutation from its packed bytes at `start`.
+    fn parse(b: &[u8], n: usize, perm: &dyn Fn(usize) -> Perm) -> Result<KdForest> {
         if b.len() < 32 {
             return Err(corrupt("truncated"));
         }
@@ -366,7 +360,7 @@ impl KdForest {
                 let nodes = read_compact_nodes(&mut r, n, nn as usize)?;
                 Tree {
                     nodes,
-                    perm: unpack_perm(&mut r, n)?,
+                    perm: perm(check_perm(&mut r, n)?),
                 }
             } else {
                 read_old_tree(&mut r, n, nn as usize, v)?
@@ -383,10 +377,23 @@ impl KdForest {
         write_atomic(path, &[&self.to_bytes()])
     }
 
-    /// Read a forest for `n` points from `path` (see [`KdForest::from_bytes`]).
+    /// Read a forest for `n` points from `path` (see [`KdForest::from_bytes`]): the file is
+    /// memory-mapped, validated, and a format-3 forest keeps its permutations there (file
+    /// pages, read on demand and reclaimable) instead of 4 bytes a point and tree in RAM.
     pub fn load(path: &Path, n: usize) -> Result<KdForest> {
-        let b = std::fs::read(path)?;
-        KdForest::from_bytes(&b, n)
+        let f = std::fs::File::open(path)?;
+        // SAFETY: a read-only mapping of a file that keyfuse writes once and renames into
+        // place (never modifies); bounds are checked on every access.
+        let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&f)? });
+        let bits = perm_bits(n);
+        let forest = KdForest::parse(&map, n, &|start| Perm::mapped(map.clone(), start, n, bits))?;
+        // validation read every page: let them go from this process (they stay cached), a
+        // search touches only the leaves it visits
+        // SAFETY: DontNeed on a read-only shared file mapping only drops this process's
+        // page table entries; the pages are read from the file again on access.
+        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        let _ = map.advise(memmap2::Advice::Random);
+        Ok(forest)
     }
 }
 
@@ -449,7 +456,10 @@ fn read_old_tree(r: &mut Reader<'_>, n: usize, nn: usize, v: u32) -> Result<Tree
         }
         perm.push(p as u32);
     }
-    Ok(Tree { nodes, perm })
+    Ok(Tree {
+        nodes,
+        perm: Perm::packed(&perm, perm_bits(n)),
+    })
 }
 
 /// Write `chunks` to `path` atomically: into `path.tmp`, flushed, then renamed.

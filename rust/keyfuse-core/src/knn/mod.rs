@@ -29,6 +29,7 @@ mod forest;
 mod forest_io;
 #[cfg(target_arch = "x86_64")]
 mod rank;
+mod perm;
 mod topk;
 
 pub use exact::{exact_kernel_name, knn_exact};

@@ -255,7 +255,7 @@ fn format1_bytes(f: &KdForest) -> Vec<u8> {
             out.extend_from_slice(&nd.a.to_le_bytes());
             out.extend_from_slice(&b.to_le_bytes());
         }
-        for &p in &t.perm {
+        for p in t.perm.to_vec() {
             out.extend_from_slice(&p.to_le_bytes());
         }
     }
@@ -291,7 +291,7 @@ fn forest_files_are_compact_and_older_formats_still_read() {
         for bytes in [&v3, &v2, &v1] {
             let g = KdForest::from_bytes(bytes, n).unwrap();
             for (a, b) in g.trees.iter().zip(&f.trees) {
-                assert_eq!(a.perm, b.perm);
+                assert_eq!(a.perm.to_vec(), b.perm.to_vec());
                 let same = a
                     .nodes
                     .iter()
@@ -350,4 +350,36 @@ fn forest_files_are_compact_and_older_formats_still_read() {
         reseal(&mut b);
         assert!(KdForest::from_bytes(&b, 3000).is_err(), "byte {at} = {val}");
     }
+}
+
+#[test]
+fn loaded_forest_maps_its_permutations() {
+    // a saved forest read back keeps its bit-packed permutations in the mapped file: the
+    // same searches and bytes, only the nodes in RAM
+    let n = 5000;
+    let data = random_perms(n, 9);
+    let params = ForestParams {
+        trees: 4,
+        ..ForestParams::default()
+    };
+    let f = KdForest::build(&data, &params).unwrap();
+    let dir = std::env::temp_dir().join(format!("kf-forest-map-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("f.kff");
+    f.save(&path).unwrap();
+    let g = KdForest::load(&path, n).unwrap();
+    let q = random_perms(60, 10);
+    for (k, checks) in [(1, 16), (5, 64), (10, 300)] {
+        let a = f.search(&data, &q, k, checks, |_, _| true).unwrap();
+        let b = g.search(&data, &q, k, checks, |_, _| true).unwrap();
+        assert_eq!((a.idx, a.dist2), (b.idx, b.dist2));
+    }
+    assert_eq!(g.to_bytes(), f.to_bytes());
+    let nodes: usize = g.trees.iter().map(|t| t.nodes.len() * 9).sum();
+    assert_eq!(g.memory_bytes(), nodes);
+    // built here: packed in RAM, 13 bits a point and tree (+ 8 bytes of padding a tree)
+    assert_eq!(f.memory_bytes(), nodes + 4 * ((n * 13).div_ceil(8) + 8));
+    let gone = KdForest::load(&dir.join("missing.kff"), n);
+    assert!(gone.is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
