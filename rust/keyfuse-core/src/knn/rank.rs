@@ -162,8 +162,8 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
 /// `bp + BLOCK`, bytes 0..32 of the 4 queries at `qp`, shifted): `[query][block]`.
 ///
 /// Inline assembly, one group per statement: written with intrinsics, LLVM re-associates
-/// the sums into trees that hold every data vector at once and spills them to the stack
-/// (1.4× slower). The sums cannot overflow: 8 · 2 · 32 · 63 < 32768.
+/// the sums into trees that hold every data vector at once and spills them to the stack.
+/// The sums cannot overflow: 8 · 2 · 32 · 63 < 32768.
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn half_tile(bp: *const u8, qp: *const u8) -> [[__m256i; BT]; QT] {
