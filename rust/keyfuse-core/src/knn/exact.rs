@@ -1,6 +1,7 @@
 //! Exact (brute-force) k-NN: one rayon task per block of queries, the fastest kernel
-//! this machine runs (AMX tiles, AVX2 dot products, AVX2 or portable differences), all
-//! giving the same integer distances.
+//! this machine runs (AMX tiles; AVX2 dot products on re-laid rows for rank descriptors,
+//! `rank.rs`; AVX2 dot products; AVX2 or portable differences), all giving the same
+//! integer distances.
 
 #[cfg(target_arch = "x86_64")]
 use super::{amx, rank};

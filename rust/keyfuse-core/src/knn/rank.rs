@@ -162,39 +162,45 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
 /// `bp + BLOCK`, bytes 0..32 of the 4 queries at `qp`, shifted): `[query][block]`.
 ///
 /// Inline assembly, one group per statement: written with intrinsics, LLVM re-associates
-/// the sums into trees that hold every data vector at once and spills them to the stack
-/// (1.4× slower). The sums cannot overflow: 8 · 2 · 32 · 63 < 32768.
+/// the sums into trees that hold every data vector at once and spills them to the stack.
+/// The sums cannot overflow: 8 · 2 · 32 · 63 < 32768.
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn half_tile(bp: *const u8, qp: *const u8) -> [[__m256i; BT]; QT] {
     let z = _mm256_setzero_si256();
     let (mut a00, mut a01, mut a10, mut a11) = (z, z, z, z);
     let (mut a20, mut a21, mut a30, mut a31) = (z, z, z, z);
+    // one query of a group: broadcast its 4 bytes, multiply both blocks, add
+    macro_rules! query {
+        ($off:literal, $a0:literal, $a1:literal) => {
+            concat!(
+                "vpbroadcastd {x}, dword ptr [{q} + ",
+                $off,
+                "]\n",
+                "vpmaddubsw {t0}, {d0}, {x}\n",
+                "vpmaddubsw {t1}, {d1}, {x}\n",
+                "vpaddw ",
+                $a0,
+                ", ",
+                $a0,
+                ", {t0}\n",
+                "vpaddw ",
+                $a1,
+                ", ",
+                $a1,
+                ", {t1}"
+            )
+        };
+    }
     macro_rules! group {
         ($gi:literal) => {
             std::arch::asm!(
                 "vmovdqu {d0}, ymmword ptr [{b}]",
                 "vmovdqu {d1}, ymmword ptr [{b} + 512]",
-                "vpbroadcastd {x}, dword ptr [{q}]",
-                "vpmaddubsw {t0}, {d0}, {x}",
-                "vpmaddubsw {t1}, {d1}, {x}",
-                "vpaddw {a00}, {a00}, {t0}",
-                "vpaddw {a01}, {a01}, {t1}",
-                "vpbroadcastd {x}, dword ptr [{q} + 64]",
-                "vpmaddubsw {t0}, {d0}, {x}",
-                "vpmaddubsw {t1}, {d1}, {x}",
-                "vpaddw {a10}, {a10}, {t0}",
-                "vpaddw {a11}, {a11}, {t1}",
-                "vpbroadcastd {x}, dword ptr [{q} + 128]",
-                "vpmaddubsw {t0}, {d0}, {x}",
-                "vpmaddubsw {t1}, {d1}, {x}",
-                "vpaddw {a20}, {a20}, {t0}",
-                "vpaddw {a21}, {a21}, {t1}",
-                "vpbroadcastd {x}, dword ptr [{q} + 192]",
-                "vpmaddubsw {t0}, {d0}, {x}",
-                "vpmaddubsw {t1}, {d1}, {x}",
-                "vpaddw {a30}, {a30}, {t0}",
-                "vpaddw {a31}, {a31}, {t1}",
+                query!("0", "{a00}", "{a01}"),
+                query!("64", "{a10}", "{a11}"),
+                query!("128", "{a20}", "{a21}"),
+                query!("192", "{a30}", "{a31}"),
                 b = in(reg) bp.add($gi * 32),
                 q = in(reg) qp.add($gi * 4),
                 d0 = out(ymm_reg) _,
