@@ -33,16 +33,7 @@ import pyarrow.parquet as pq
 import keyfuse as kf
 from keyfuse.index_shards import DEFAULT_SHARD_SIZE
 
-FIELDS = (
-    "ijk",
-    "scale",
-    "orientation",
-    "descriptors",
-    "polarity",
-    "response",
-    "eigenvalues",
-    "flags",
-)
+FIELDS = tuple("ijk scale orientation descriptors polarity response eigenvalues flags".split())
 
 
 def scans(n: int, resolution: float, cache: Path | None) -> list[tuple[str, kf.KeypointSet, int]]:

@@ -12,7 +12,8 @@ shard on disk is two files beside the parts::
     shard-000001.kff   its kd-forest (magic, version, trees, nodes in build order: 3
                        bytes an internal node, 1 a leaf; permutations in ⌈log2 n⌉
                        bits a point; checksum; keyfuse_core::knn::forest_io), built
-                       when sealed
+                       when sealed; once loaded, its nodes are in RAM and its
+                       permutations are searched in the mapped file
     open-000007.kfs    the open shard's subjects appended by part 7 (shard file
                        format), memory-mapped; retired when the open shard is sealed
 
