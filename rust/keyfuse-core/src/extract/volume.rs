@@ -373,60 +373,147 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     })
 }
 
-/// Copy the cube of half-width `r` voxels around `c` (border replicated, so sampling
-/// the copy equals clamped sampling of `src`). Returns the block and its origin, the
-/// `src` index of the block's voxel (0, 0, 0). Sampling many rotated points from this
-/// small contiguous copy is much more cache-friendly than from the whole volume.
-#[cfg(test)]
-pub(crate) fn block(src: &Vol, c: [f32; 3], r: usize) -> Result<(Vol, [isize; 3])> {
-    let mut out = Vol {
-        n: [0; 3],
-        data: Vec::new(),
-    };
-    let origin = block_into(src, c, r, &mut out)?;
-    Ok((out, origin))
+/// The cube of half-width `r` voxels around `c` of `src`, border replicated, read in place:
+/// voxel `(x, y, z)` of the block is `src[clamp(origin + (x, y, z))]`, so sampling it
+/// equals clamped sampling of `src`. Positions are given in the block's voxels (relative
+/// to `origin`): a keypoint's patches are sampled at `(c − origin) + u`, the same f32
+/// arithmetic whichever memory holds the voxels. (It once was a copy; reading `src` in
+/// place touches only the cache lines the samples need: docs/decisions.md.)
+#[derive(Clone, Copy)]
+pub(crate) struct Block<'a> {
+    src: &'a Vol,
+    pub origin: [isize; 3],
+    /// the block's shape
+    pub n: [usize; 3],
+    /// the whole block lies inside `src` (no clamping needed)
+    inside: bool,
 }
 
-/// [`block`] into a reusable buffer; returns the origin.
-#[inline(never)]
-pub(crate) fn block_into(src: &Vol, c: [f32; 3], r: usize, out: &mut Vol) -> Result<[isize; 3]> {
-    let flat = src.n[2] == 1;
-    let origin = [0, 1, 2].map(|a| {
-        if a == 2 && flat {
-            0
-        } else {
-            c[a].round() as isize - r as isize
-        }
-    });
-    let side = 2 * r + 2;
-    let m = [side, side, if flat { 1 } else { side }];
-    let len = m[0] * m[1] * m[2];
-    if out.data.len() < len {
-        out.data.try_reserve(len - out.data.len()).map_err(|_| {
-            crate::KfError::InvalidImage("cannot allocate a descriptor block".into())
-        })?;
-        out.data.resize(len, 0.0);
-    }
-    out.data.truncate(len);
-    out.n = m;
-    let (ni, nj, nk) = (src.n[0], src.n[1], src.n[2]);
-    for x in 0..m[0] {
-        let si = clampi(origin[0] + x as isize, ni);
-        for y in 0..m[1] {
-            let sj = clampi(origin[1] + y as isize, nj);
-            let row = (si * nj + sj) * nk;
-            let dst = &mut out.data[(x * m[1] + y) * m[2]..(x * m[1] + y + 1) * m[2]];
-            let k0 = origin[2];
-            if k0 >= 0 && k0 as usize + m[2] <= nk {
-                dst.copy_from_slice(&src.data[row + k0 as usize..row + k0 as usize + m[2]]);
+impl<'a> Block<'a> {
+    /// The block of half-width `r` around `c` (2D images: one voxel thick).
+    pub fn new(src: &'a Vol, c: [f32; 3], r: usize) -> Block<'a> {
+        let flat = src.n[2] == 1;
+        let origin = [0, 1, 2].map(|a| {
+            if a == 2 && flat {
+                0
             } else {
-                for (z, d) in dst.iter_mut().enumerate() {
-                    *d = src.data[row + clampi(k0 + z as isize, nk)];
+                c[a].round() as isize - r as isize
+            }
+        });
+        let side = 2 * r + 2;
+        let n = [side, side, if flat { 1 } else { side }];
+        let inside = (0..3).all(|a| origin[a] >= 0 && origin[a] as usize + n[a] <= src.n[a]);
+        Block {
+            src,
+            origin,
+            n,
+            inside,
+        }
+    }
+
+    /// The `src` index of block voxel `(x, y, z)` (clamped to `src`).
+    #[inline(always)]
+    fn src_index(&self, x: usize, y: usize, z: usize) -> usize {
+        let [ni, nj, nk] = self.src.n;
+        let o = self.origin;
+        let i = clampi(o[0] + x as isize, ni);
+        let j = clampi(o[1] + y as isize, nj);
+        let k = clampi(o[2] + z as isize, nk);
+        (i * nj + j) * nk + k
+    }
+
+    #[inline(always)]
+    fn at(&self, x: usize, y: usize, z: usize) -> f32 {
+        self.src.data[self.src_index(x, y, z)]
+    }
+
+    /// [`Vol::sample`] of the block (the same formula and order of operations).
+    #[inline]
+    pub fn sample(&self, p: [f32; 3]) -> f32 {
+        let [ni, nj, nk] = self.n;
+        if p[0] >= 0.0
+            && p[1] >= 0.0
+            && p[2] >= 0.0
+            && p[0] < (ni - 1) as f32
+            && p[1] < (nj - 1) as f32
+            && p[2] < (nk - 1) as f32
+        {
+            let (x, y, z) = (p[0] as usize, p[1] as usize, p[2] as usize);
+            let (fx, fy, fz) = (p[0] - x as f32, p[1] - y as f32, p[2] - z as f32);
+            let l = |d: &[f32], o: usize| d[o] + fz * (d[o + 1] - d[o]);
+            if self.inside {
+                let [_, snj, snk] = self.src.n;
+                let (sj, si) = (snk, snj * snk);
+                let b = self.src_index(x, y, z);
+                let d = &self.src.data[b..b + si + sj + 2];
+                let c0 = l(d, 0) + fy * (l(d, sj) - l(d, 0));
+                let c1 = l(d, si) + fy * (l(d, si + sj) - l(d, si));
+                return c0 + fx * (c1 - c0);
+            }
+            let lz = |x: usize, y: usize| {
+                let a = self.at(x, y, z);
+                a + fz * (self.at(x, y, z + 1) - a)
+            };
+            let c0 = lz(x, y) + fy * (lz(x, y + 1) - lz(x, y));
+            let c1 = lz(x + 1, y) + fy * (lz(x + 1, y + 1) - lz(x + 1, y));
+            return c0 + fx * (c1 - c0);
+        }
+        self.sample_clamped(p)
+    }
+
+    /// [`Vol::sample_clamped`] of the block.
+    fn sample_clamped(&self, p: [f32; 3]) -> f32 {
+        let mut i0 = [0usize; 3];
+        let mut i1 = [0usize; 3];
+        let mut f = [0f32; 3];
+        for a in 0..3 {
+            let hi = (self.n[a] - 1) as f32;
+            let x = if p[a].is_finite() {
+                p[a].clamp(0.0, hi)
+            } else {
+                0.0
+            };
+            let fl = x.floor();
+            i0[a] = fl as usize;
+            i1[a] = (i0[a] + 1).min(self.n[a] - 1);
+            f[a] = x - fl;
+        }
+        let l = |i: usize, j: usize| {
+            let a = self.at(i, j, i0[2]);
+            a + f[2] * (self.at(i, j, i1[2]) - a)
+        };
+        let c0 = l(i0[0], i0[1]) + f[1] * (l(i0[0], i1[1]) - l(i0[0], i0[1]));
+        let c1 = l(i1[0], i0[1]) + f[1] * (l(i1[0], i1[1]) - l(i1[0], i0[1]));
+        c0 + f[0] * (c1 - c0)
+    }
+}
+
+/// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`
+/// fastest). Tiles of 16 `i`-planes: each cache line of `src` (16 consecutive `i`) is read
+/// once and scattered over the tile's planes, in parallel over tiles.
+pub(crate) fn copy_fortran(src: &[f32], out: &mut Vol) {
+    const TILE: usize = 16;
+    let [ni, nj, nk] = out.n;
+    let plane = nj * nk;
+    assert_eq!(src.len(), ni * plane);
+    if plane == 0 {
+        return;
+    }
+    out.data
+        .par_chunks_mut(TILE * plane)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let i0 = t * TILE;
+            let m = o.len() / plane;
+            for k in 0..nk {
+                for j in 0..nj {
+                    let s = &src[i0 + ni * (j + nj * k)..][..m];
+                    for (di, &v) in s.iter().enumerate() {
+                        o[di * plane + j * nk + k] = v;
+                    }
                 }
             }
-        }
-    }
-    Ok(origin)
+        });
 }
 
 /// Trilinear resampling onto a grid of shape `m` where new index `q` sits at old index
@@ -563,6 +650,24 @@ mod tests {
     }
 
     #[test]
+    fn fortran_copy_transposes() {
+        for n in [[37, 5, 9], [16, 3, 4], [1, 7, 2], [33, 1, 1]] {
+            let len = n[0] * n[1] * n[2];
+            // Fortran order: element (i, j, k) at i + ni·(j + nj·k)
+            let f: Vec<f32> = (0..len).map(|x| x as f32 * 0.5 - 7.0).collect();
+            let mut out = Vol::zeros(n).unwrap();
+            copy_fortran(&f, &mut out);
+            for i in 0..n[0] {
+                for j in 0..n[1] {
+                    for k in 0..n[2] {
+                        assert_eq!(out.at(i, j, k), f[i + n[0] * (j + n[1] * k)], "{n:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn downsample_averages_blocks() {
         let mut v = Vol::zeros([4, 4, 4]).unwrap();
         for (x, val) in v.data.iter_mut().enumerate() {
@@ -578,16 +683,70 @@ mod tests {
         assert!((d.at(0, 0, 0) - want).abs() < 1e-6);
     }
 
+    /// The block as a copy (what the extractor once sampled): voxel (x, y, z) is
+    /// `src[clamp(origin + (x, y, z))]`.
+    fn block_copy(b: &Block) -> Vol {
+        Vol::from_fn(b.n, |x, y, z| b.at(x, y, z)).unwrap()
+    }
+
     #[test]
     fn block_sampling_equals_volume_sampling() {
         let mut v = Vol::zeros([9, 10, 11]).unwrap();
         for (x, val) in v.data.iter_mut().enumerate() {
             *val = ((x * 7919) % 101) as f32;
         }
-        let (b, o) = block(&v, [1.2, 8.7, 5.0], 4).unwrap();
+        let b = Block::new(&v, [1.2, 8.7, 5.0], 4);
+        let o = b.origin;
         for p in [[0.3f32, 7.9, 4.2], [-1.0, 9.5, 2.0], [4.9, 5.1, 8.4]] {
             let q = [0, 1, 2].map(|a| p[a] - o[a] as f32);
             assert!((b.sample(q) - v.sample(p)).abs() < 1e-3, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn block_sampling_is_bit_identical_to_sampling_a_copy() {
+        let mut v = Vol::zeros([23, 19, 27]).unwrap();
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for x in v.data.iter_mut() {
+            *x = 50.0 * next() - 10.0;
+        }
+        // blocks inside the volume, across faces and corners, and larger than it
+        for (c, r) in [
+            ([11.3f32, 9.6, 13.2], 4usize),
+            ([1.2, 17.7, 5.0], 4),
+            ([21.9, 0.4, 26.5], 3),
+            ([11.0, 9.0, 13.0], 15),
+        ] {
+            let b = Block::new(&v, c, r);
+            let copy = block_copy(&b);
+            let side = b.n[0] as f32;
+            for _ in 0..3000 {
+                // mostly inside the block, some outside it (the clamped path)
+                let q = [0, 1, 2].map(|_| (1.2 * next() - 0.1) * side);
+                assert_eq!(
+                    b.sample(q).to_bits(),
+                    copy.sample(q).to_bits(),
+                    "{c:?} {q:?}"
+                );
+            }
+        }
+        // a 2D image: the block is one voxel thick
+        let mut f = Vol::zeros([17, 13, 1]).unwrap();
+        for x in f.data.iter_mut() {
+            *x = next();
+        }
+        let b = Block::new(&f, [3.3, 11.2, 0.0], 5);
+        assert_eq!(b.n[2], 1);
+        let copy = block_copy(&b);
+        for _ in 0..2000 {
+            let q = [14.0 * next() - 1.0, 14.0 * next() - 1.0, 0.0];
+            assert_eq!(b.sample(q).to_bits(), copy.sample(q).to_bits(), "{q:?}");
         }
     }
 
