@@ -25,8 +25,39 @@ pub(crate) fn try_zeros(len: usize) -> Result<Vec<f32>> {
             len * 4 / (1 << 20)
         ))
     })?;
+    advise_huge_pages(&v);
     v.resize(len, 0.0);
     Ok(v)
+}
+
+/// Ask Linux to back the 2 MiB-aligned interior of a fresh (untouched) buffer with
+/// transparent huge pages where the system leaves that to `madvise`: a 1 mm volume is
+/// ~8,500 pages of 4 KiB, each a page fault on first touch and a TLB entry that the
+/// scale space's plane sweeps and the descriptors' scattered samples keep missing
+/// (docs/decisions.md). Contents and results are unchanged; elsewhere a no-op.
+fn advise_huge_pages(v: &Vec<f32>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = v.capacity() * std::mem::size_of::<f32>();
+        if bytes < 2 * HUGE {
+            return;
+        }
+        let start = v.as_ptr() as usize;
+        let (a, end) = (
+            (start + HUGE - 1) & !(HUGE - 1),
+            (start + bytes) & !(HUGE - 1),
+        );
+        if end > a {
+            // SAFETY: [a, end) lies inside the vector's allocation; MADV_HUGEPAGE only
+            // changes how the kernel backs those pages (a failure is harmless and ignored)
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, end - a, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
 }
 
 impl Vol {
