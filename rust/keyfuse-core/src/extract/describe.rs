@@ -2,7 +2,7 @@
 //! 64-bin SIFT-Rank descriptor, all sampled from the Gaussian image of the keypoint's
 //! octave by trilinear interpolation.
 
-use super::volume::Block;
+use super::block::Block;
 use super::ExtractParams;
 use crate::linalg::sym3_eigenvalues;
 use std::sync::OnceLock;

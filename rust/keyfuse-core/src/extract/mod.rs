@@ -25,6 +25,7 @@
 //! assert!(kps.len() >= 1);
 //! ```
 
+mod block;
 mod describe;
 mod detect;
 pub mod reslice;
@@ -516,7 +517,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                         // a block covering every rotated sample (+2 for gradients)
                         let reach =
                             p.descriptor_radius.max(p.orientation_radius) * sigma * 3f64.sqrt();
-                        let blk = volume::Block::new(g, c.pos, reach.ceil() as usize + 3);
+                        let blk = block::Block::new(g, c.pos, reach.ceil() as usize + 3);
                         let cl = [0, 1, 2].map(|a| c.pos[a] - blk.origin[a] as f32);
                         let at = describe::Patch {
                             g: blk,

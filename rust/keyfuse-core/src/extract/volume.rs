@@ -70,7 +70,10 @@ impl Vol {
 
     /// A volume of shape `m` whose voxel (p, q, r) is `value(p, q, r)`, filled in
     /// parallel over `p`-planes.
-    fn from_fn(m: [usize; 3], value: impl Fn(usize, usize, usize) -> f32 + Sync) -> Result<Vol> {
+    pub(crate) fn from_fn(
+        m: [usize; 3],
+        value: impl Fn(usize, usize, usize) -> f32 + Sync,
+    ) -> Result<Vol> {
         let mut out = Vol::zeros(m)?;
         let mplane = m[1] * m[2];
         if mplane == 0 {
@@ -106,53 +109,78 @@ impl Vol {
     #[inline]
     pub fn sample(&self, p: [f32; 3]) -> f32 {
         // fast path: strictly inside the grid, no clamping needed
-        let [ni, nj, nk] = self.n;
-        if p[0] >= 0.0
-            && p[1] >= 0.0
-            && p[2] >= 0.0
-            && p[0] < (ni - 1) as f32
-            && p[1] < (nj - 1) as f32
-            && p[2] < (nk - 1) as f32
-        {
-            let (x, y, z) = (p[0] as usize, p[1] as usize, p[2] as usize);
-            let (fx, fy, fz) = (p[0] - x as f32, p[1] - y as f32, p[2] - z as f32);
-            let (sj, si) = (nk, nj * nk);
-            let b = (x * nj + y) * nk + z;
-            let d = &self.data[b..b + si + sj + 2];
-            let l = |o: usize| d[o] + fz * (d[o + 1] - d[o]);
-            let c0 = l(0) + fy * (l(sj) - l(0));
-            let c1 = l(si) + fy * (l(si + sj) - l(si));
-            return c0 + fx * (c1 - c0);
+        match cell_of(p, self.n) {
+            Some((c, f)) => trilinear_fast(&self.data, self.n, c, f),
+            None => self.sample_clamped(p),
         }
-        self.sample_clamped(p)
     }
 
     /// Trilinear interpolation with the position clamped to the grid (the fast path's
     /// formula and order of operations: bit-identical to it inside the grid).
     fn sample_clamped(&self, p: [f32; 3]) -> f32 {
-        let mut i0 = [0usize; 3];
-        let mut i1 = [0usize; 3];
-        let mut f = [0f32; 3];
-        for a in 0..3 {
-            let hi = (self.n[a] - 1) as f32;
-            let x = if p[a].is_finite() {
-                p[a].clamp(0.0, hi)
-            } else {
-                0.0
-            };
-            let fl = x.floor();
-            i0[a] = fl as usize;
-            i1[a] = (i0[a] + 1).min(self.n[a] - 1);
-            f[a] = x - fl;
-        }
-        let l = |i: usize, j: usize| {
-            let a = self.at(i, j, i0[2]);
-            a + f[2] * (self.at(i, j, i1[2]) - a)
-        };
-        let c0 = l(i0[0], i0[1]) + f[1] * (l(i0[0], i1[1]) - l(i0[0], i0[1]));
-        let c1 = l(i1[0], i0[1]) + f[1] * (l(i1[0], i1[1]) - l(i1[0], i0[1]));
-        c0 + f[0] * (c1 - c0)
+        trilinear_clamped(self.n, p, |i, j, k| self.at(i, j, k))
     }
+}
+
+/// The cell `⌊p⌋` and the fractions `p − ⌊p⌋` when `p` lies strictly inside a grid of
+/// shape `n` (the trilinear fast path needs no clamping), else `None`.
+#[inline(always)]
+pub(crate) fn cell_of(p: [f32; 3], n: [usize; 3]) -> Option<([usize; 3], [f32; 3])> {
+    let inside = (0..3).all(|a| p[a] >= 0.0 && p[a] < (n[a] - 1) as f32);
+    inside.then(|| {
+        let c = p.map(|x| x as usize);
+        (c, [0, 1, 2].map(|a| p[a] - c[a] as f32))
+    })
+}
+
+/// [`Vol::sample`]'s fast path: the trilinear formula on the voxels `(x, y, z) + {0, 1}³`
+/// of `data`, a C-ordered grid of shape `n`, with the fractions `[fx, fy, fz]` in that cell.
+#[inline(always)]
+pub(crate) fn trilinear_fast(
+    data: &[f32],
+    n: [usize; 3],
+    [x, y, z]: [usize; 3],
+    [fx, fy, fz]: [f32; 3],
+) -> f32 {
+    let (sj, si) = (n[2], n[1] * n[2]);
+    let b = (x * n[1] + y) * n[2] + z;
+    let d = &data[b..b + si + sj + 2];
+    let l = |o: usize| d[o] + fz * (d[o + 1] - d[o]);
+    let c0 = l(0) + fy * (l(sj) - l(0));
+    let c1 = l(si) + fy * (l(si + sj) - l(si));
+    c0 + fx * (c1 - c0)
+}
+
+/// Trilinear interpolation at `p`, clamped to a grid of shape `n` whose voxel `(i, j, k)`
+/// is `at(i, j, k)`: [`Vol::sample`]'s formula and order of operations.
+#[inline(always)]
+pub(crate) fn trilinear_clamped(
+    n: [usize; 3],
+    p: [f32; 3],
+    at: impl Fn(usize, usize, usize) -> f32,
+) -> f32 {
+    let mut i0 = [0usize; 3];
+    let mut i1 = [0usize; 3];
+    let mut f = [0f32; 3];
+    for a in 0..3 {
+        let hi = (n[a] - 1) as f32;
+        let x = if p[a].is_finite() {
+            p[a].clamp(0.0, hi)
+        } else {
+            0.0
+        };
+        let fl = x.floor();
+        i0[a] = fl as usize;
+        i1[a] = (i0[a] + 1).min(n[a] - 1);
+        f[a] = x - fl;
+    }
+    let l = |i: usize, j: usize| {
+        let a = at(i, j, i0[2]);
+        a + f[2] * (at(i, j, i1[2]) - a)
+    };
+    let c0 = l(i0[0], i0[1]) + f[1] * (l(i0[0], i1[1]) - l(i0[0], i0[1]));
+    let c1 = l(i1[0], i0[1]) + f[1] * (l(i1[0], i1[1]) - l(i1[0], i0[1]));
+    c0 + f[0] * (c1 - c0)
 }
 
 /// Half of a normalised Gaussian kernel of σ `sigma` voxels, in f32 throughout: `w[0]` is
@@ -404,121 +432,6 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     })
 }
 
-/// The cube of half-width `r` voxels around `c` of `src`, border replicated, read in place:
-/// voxel `(x, y, z)` of the block is `src[clamp(origin + (x, y, z))]`, so sampling it
-/// equals clamped sampling of `src`. Positions are given in the block's voxels (relative
-/// to `origin`): a keypoint's patches are sampled at `(c − origin) + u`, the same f32
-/// arithmetic whichever memory holds the voxels. (It once was a copy; reading `src` in
-/// place touches only the cache lines the samples need: docs/decisions.md.)
-#[derive(Clone, Copy)]
-pub(crate) struct Block<'a> {
-    src: &'a Vol,
-    pub origin: [isize; 3],
-    /// the block's shape
-    pub n: [usize; 3],
-    /// the whole block lies inside `src` (no clamping needed)
-    inside: bool,
-}
-
-impl<'a> Block<'a> {
-    /// The block of half-width `r` around `c` (2D images: one voxel thick).
-    pub fn new(src: &'a Vol, c: [f32; 3], r: usize) -> Block<'a> {
-        let flat = src.n[2] == 1;
-        let origin = [0, 1, 2].map(|a| {
-            if a == 2 && flat {
-                0
-            } else {
-                c[a].round() as isize - r as isize
-            }
-        });
-        let side = 2 * r + 2;
-        let n = [side, side, if flat { 1 } else { side }];
-        let inside = (0..3).all(|a| origin[a] >= 0 && origin[a] as usize + n[a] <= src.n[a]);
-        Block {
-            src,
-            origin,
-            n,
-            inside,
-        }
-    }
-
-    /// The `src` index of block voxel `(x, y, z)` (clamped to `src`).
-    #[inline(always)]
-    fn src_index(&self, x: usize, y: usize, z: usize) -> usize {
-        let [ni, nj, nk] = self.src.n;
-        let o = self.origin;
-        let i = clampi(o[0] + x as isize, ni);
-        let j = clampi(o[1] + y as isize, nj);
-        let k = clampi(o[2] + z as isize, nk);
-        (i * nj + j) * nk + k
-    }
-
-    #[inline(always)]
-    fn at(&self, x: usize, y: usize, z: usize) -> f32 {
-        self.src.data[self.src_index(x, y, z)]
-    }
-
-    /// [`Vol::sample`] of the block (the same formula and order of operations).
-    #[inline]
-    pub fn sample(&self, p: [f32; 3]) -> f32 {
-        let [ni, nj, nk] = self.n;
-        if p[0] >= 0.0
-            && p[1] >= 0.0
-            && p[2] >= 0.0
-            && p[0] < (ni - 1) as f32
-            && p[1] < (nj - 1) as f32
-            && p[2] < (nk - 1) as f32
-        {
-            let (x, y, z) = (p[0] as usize, p[1] as usize, p[2] as usize);
-            let (fx, fy, fz) = (p[0] - x as f32, p[1] - y as f32, p[2] - z as f32);
-            let l = |d: &[f32], o: usize| d[o] + fz * (d[o + 1] - d[o]);
-            if self.inside {
-                let [_, snj, snk] = self.src.n;
-                let (sj, si) = (snk, snj * snk);
-                let b = self.src_index(x, y, z);
-                let d = &self.src.data[b..b + si + sj + 2];
-                let c0 = l(d, 0) + fy * (l(d, sj) - l(d, 0));
-                let c1 = l(d, si) + fy * (l(d, si + sj) - l(d, si));
-                return c0 + fx * (c1 - c0);
-            }
-            let lz = |x: usize, y: usize| {
-                let a = self.at(x, y, z);
-                a + fz * (self.at(x, y, z + 1) - a)
-            };
-            let c0 = lz(x, y) + fy * (lz(x, y + 1) - lz(x, y));
-            let c1 = lz(x + 1, y) + fy * (lz(x + 1, y + 1) - lz(x + 1, y));
-            return c0 + fx * (c1 - c0);
-        }
-        self.sample_clamped(p)
-    }
-
-    /// [`Vol::sample_clamped`] of the block.
-    fn sample_clamped(&self, p: [f32; 3]) -> f32 {
-        let mut i0 = [0usize; 3];
-        let mut i1 = [0usize; 3];
-        let mut f = [0f32; 3];
-        for a in 0..3 {
-            let hi = (self.n[a] - 1) as f32;
-            let x = if p[a].is_finite() {
-                p[a].clamp(0.0, hi)
-            } else {
-                0.0
-            };
-            let fl = x.floor();
-            i0[a] = fl as usize;
-            i1[a] = (i0[a] + 1).min(self.n[a] - 1);
-            f[a] = x - fl;
-        }
-        let l = |i: usize, j: usize| {
-            let a = self.at(i, j, i0[2]);
-            a + f[2] * (self.at(i, j, i1[2]) - a)
-        };
-        let c0 = l(i0[0], i0[1]) + f[1] * (l(i0[0], i1[1]) - l(i0[0], i0[1]));
-        let c1 = l(i1[0], i0[1]) + f[1] * (l(i1[0], i1[1]) - l(i1[0], i0[1]));
-        c0 + f[0] * (c1 - c0)
-    }
-}
-
 /// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`
 /// fastest). Tiles of 16 `i`-planes: each cache line of `src` (16 consecutive `i`) is read
 /// once and scattered over the tile's planes, in parallel over tiles.
@@ -560,7 +473,7 @@ pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -714,73 +627,6 @@ mod tests {
         assert!((d.at(0, 0, 0) - want).abs() < 1e-6);
     }
 
-    /// The block as a copy (what the extractor once sampled): voxel (x, y, z) is
-    /// `src[clamp(origin + (x, y, z))]`.
-    fn block_copy(b: &Block) -> Vol {
-        Vol::from_fn(b.n, |x, y, z| b.at(x, y, z)).unwrap()
-    }
-
-    #[test]
-    fn block_sampling_equals_volume_sampling() {
-        let mut v = Vol::zeros([9, 10, 11]).unwrap();
-        for (x, val) in v.data.iter_mut().enumerate() {
-            *val = ((x * 7919) % 101) as f32;
-        }
-        let b = Block::new(&v, [1.2, 8.7, 5.0], 4);
-        let o = b.origin;
-        for p in [[0.3f32, 7.9, 4.2], [-1.0, 9.5, 2.0], [4.9, 5.1, 8.4]] {
-            let q = [0, 1, 2].map(|a| p[a] - o[a] as f32);
-            assert!((b.sample(q) - v.sample(p)).abs() < 1e-3, "{p:?}");
-        }
-    }
-
-    #[test]
-    fn block_sampling_is_bit_identical_to_sampling_a_copy() {
-        let mut v = Vol::zeros([23, 19, 27]).unwrap();
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        };
-        for x in v.data.iter_mut() {
-            *x = 50.0 * next() - 10.0;
-        }
-        // blocks inside the volume, across faces and corners, and larger than it
-        for (c, r) in [
-            ([11.3f32, 9.6, 13.2], 4usize),
-            ([1.2, 17.7, 5.0], 4),
-            ([21.9, 0.4, 26.5], 3),
-            ([11.0, 9.0, 13.0], 15),
-        ] {
-            let b = Block::new(&v, c, r);
-            let copy = block_copy(&b);
-            let side = b.n[0] as f32;
-            for _ in 0..3000 {
-                // mostly inside the block, some outside it (the clamped path)
-                let q = [0, 1, 2].map(|_| (1.2 * next() - 0.1) * side);
-                assert_eq!(
-                    b.sample(q).to_bits(),
-                    copy.sample(q).to_bits(),
-                    "{c:?} {q:?}"
-                );
-            }
-        }
-        // a 2D image: the block is one voxel thick
-        let mut f = Vol::zeros([17, 13, 1]).unwrap();
-        for x in f.data.iter_mut() {
-            *x = next();
-        }
-        let b = Block::new(&f, [3.3, 11.2, 0.0], 5);
-        assert_eq!(b.n[2], 1);
-        let copy = block_copy(&b);
-        for _ in 0..2000 {
-            let q = [14.0 * next() - 1.0, 14.0 * next() - 1.0, 0.0];
-            assert_eq!(b.sample(q).to_bits(), copy.sample(q).to_bits(), "{q:?}");
-        }
-    }
-
     #[test]
     fn sample_interpolates_and_clamps() {
         let mut v = Vol::zeros([2, 2, 2]).unwrap();
@@ -791,18 +637,22 @@ mod tests {
         assert_eq!(v.sample([f32::NAN, -3.0, 0.0]), 0.0);
     }
 
+    /// Uniform numbers in [0, 1) from a xorshift generator seeded with `s`.
+    pub(crate) fn uniform(mut s: u64) -> impl FnMut() -> f32 {
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+
     #[test]
     fn sample_paths_share_one_formula() {
         // inside the grid the fast path and the clamped path (the CUDA sampler's
         // formula) give bit-identical values
         let mut v = Vol::zeros([7, 6, 5]).unwrap();
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut next = uniform(0x2545_f491_4f6c_dd1du64);
         for x in v.data.iter_mut() {
             *x = 100.0 * next() - 30.0;
         }
