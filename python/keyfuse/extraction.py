@@ -223,12 +223,14 @@ def extract_slice(
 
 
 def _as_float32(img: Image) -> np.ndarray:
-    """The voxel array as C-contiguous float32, refusing non-finite voxels.
+    """The voxel array as float32 in its own memory order, refusing non-finite voxels.
 
     (``Image`` has already refused non-real dtypes, and every integer dtype fits float32's
-    range, so only floats can hold NaN/Inf.)
+    range, so only floats can hold NaN/Inf.) A float32 array is passed as it is: the
+    extractor copies it into its own C-ordered buffer (Fortran order included), so a
+    second, C-ordered copy would only add the volume's size to the peak memory.
     """
-    out = np.ascontiguousarray(img.data, dtype=np.float32)
+    out = np.asarray(img.data, dtype=np.float32)
     if img.data.dtype.kind == "f" and not np.isfinite(out).all():
         bad = int(np.count_nonzero(~np.isfinite(out)))
         raise InvalidImageError(

@@ -221,6 +221,19 @@ def test_tiny_volumes_give_an_empty_result(shape: tuple[int, int, int]) -> None:
     assert len(kps) == 0 or np.all((kps.ijk >= 0) & (kps.ijk <= np.array(shape) - 1))
 
 
+def test_memory_order_does_not_change_keypoints() -> None:
+    # C order, Fortran order (how nibabel loads NIfTI; copied by the extractor itself) and
+    # a strided view of the same voxels give identical keypoints
+    vol = textured_volume((48, 52, 56)).astype(np.float32)
+    wide = np.zeros((48, 52, 112), np.float32)
+    wide[:, :, ::2] = vol
+    runs = [kf.extract(v) for v in (vol, np.asfortranarray(vol), wide[:, :, ::2])]
+    assert len(runs[0]) > 10
+    for other in runs[1:]:
+        for name in ("ijk", "scale", "orientation", "descriptors", "response"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(runs[0], name))
+
+
 def test_integer_and_bool_dtypes_are_accepted() -> None:
     vol = textured_volume((48, 48, 48))
     as_int = kf.extract(vol.astype(np.int16))

@@ -2,7 +2,7 @@
 //! 64-bin SIFT-Rank descriptor, all sampled from the Gaussian image of the keypoint's
 //! octave by trilinear interpolation.
 
-use super::volume::Vol;
+use super::block::Block;
 use super::ExtractParams;
 use crate::linalg::sym3_eigenvalues;
 use std::sync::OnceLock;
@@ -14,7 +14,7 @@ pub(crate) type Frame = [[f32; 3]; 3];
 /// in the block's voxels; `sigma`, its scale (voxels).
 #[derive(Clone, Copy)]
 pub(crate) struct Patch<'a> {
-    pub g: &'a Vol,
+    pub g: Block<'a>,
     pub c: [f32; 3],
     pub sigma: f32,
 }

@@ -25,6 +25,7 @@
 //! assert!(kps.len() >= 1);
 //! ```
 
+mod block;
 mod describe;
 mod detect;
 pub mod reslice;
@@ -382,9 +383,12 @@ pub fn extract3d(
         return Ok(Keypoints::default());
     }
     let mut vol = Vol::zeros(n)?;
-    match volume.as_slice() {
-        Some(s) => vol.data.copy_from_slice(s),
-        None => {
+    match (volume.as_slice(), volume.t().as_slice()) {
+        (Some(s), _) => vol.data.copy_from_slice(s),
+        // Fortran order (NIfTI arrays as nibabel loads them): copied here rather than by
+        // numpy, so no second C-ordered copy of the input stays alive during extraction
+        (None, Some(s)) => volume::copy_fortran(s, &mut vol),
+        (None, None) => {
             for (d, s) in vol.data.iter_mut().zip(volume.iter()) {
                 *d = *s;
             }
@@ -454,13 +458,15 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     if small(&vol) {
         return Ok(found);
     }
-    // KF_TRACE: per-stage seconds on stderr (blur+DoG, detection, description)
+    // KF_TRACE: per-stage seconds on stderr (blur+DoG, detection, description), wall
+    // and CPU (all threads)
     let trace = std::env::var_os("KF_TRACE").is_some();
     let mut times = [0f64; 3];
-    let clock = std::time::Instant::now;
+    let mut cpu = [0f64; 3];
+    let clock = || Stamp::now(trace);
     let t0 = clock();
     let mut base = volume::blur(&vol, p.initial_blur_sigma() as f32)?;
-    times[0] += t0.elapsed().as_secs_f64();
+    t0.add_to(&mut times[0], &mut cpu[0]);
     // full-size buffers are recycled (the input copy included) rather than freed and
     // reallocated: every fresh buffer costs a page fault per 4 KiB
     let mut pool: Vec<Vol> = vec![vol];
@@ -490,7 +496,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
             if t == s_n {
                 next_base = Some(volume::downsample(&g_cur)?);
             }
-            times[0] += t0.elapsed().as_secs_f64();
+            t0.add_to(&mut times[0], &mut cpu[0]);
             gs.push(g_cur);
             if gs.len() == 4 {
                 let level = t - 2; // DoG index of the middle one
@@ -498,71 +504,62 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                 let t0 = clock();
                 let dogs = [1, 2, 3].map(|i| detect::Dog::new(&gs[i], &gs[i - 1]));
                 let cands = detect::extrema(&dogs, dim, thr, m, p.edge_ratio);
-                times[1] += t0.elapsed().as_secs_f64();
+                t0.add_to(&mut times[1], &mut cpu[1]);
                 let t0 = clock();
                 // describe with G_{level+1}
                 let g = &gs[2];
                 let described: Vec<Option<Described>> = cands
                     .par_iter()
-                    .map_init(
-                        || Vol {
-                            n: [0; 3],
-                            data: Vec::new(),
-                        },
-                        |blk, c| {
-                            let s = level as f64 + c.ds as f64;
-                            let sigma = p.sigma0 * kappa.powf(s) * cf; // octave voxels
-                            let sg = sigma as f32;
-                            // a local copy covering every rotated sample (+2 for gradients)
-                            let reach =
-                                p.descriptor_radius.max(p.orientation_radius) * sigma * 3f64.sqrt();
-                            // (the buffer is only scratch: results do not depend on its history)
-                            let origin =
-                                volume::block_into(g, c.pos, reach.ceil() as usize + 3, blk)
-                                    .ok()?;
-                            let cl = [0, 1, 2].map(|a| c.pos[a] - origin[a] as f32);
-                            let at = describe::Patch {
-                                g: &*blk,
-                                c: cl,
-                                sigma: sg,
-                            };
-                            let an = if dim == 3 {
-                                describe::analyse(&at, p)?
-                            } else {
-                                two_d::analyse(&at, p)?
-                            };
-                            let rows: Vec<_> = an
-                                .frames
-                                .iter()
-                                .filter_map(|f| {
-                                    let d = if dim == 3 {
-                                        describe::descriptor(&at, f, p)
-                                    } else {
-                                        two_d::descriptor(&at, f, p)
-                                    };
-                                    d.map(|d| (*f, d))
-                                })
-                                .collect();
-                            if rows.is_empty() {
-                                return None;
-                            }
-                            let o = (1u64 << octave) as f64;
-                            let mut pos = c.pos.map(|x| x as f64 * o + (o - 1.0) * 0.5);
-                            if dim == 2 {
-                                pos[2] = 0.0;
-                            }
-                            Some(Described {
-                                pos,
-                                sigma: sigma * o,
-                                response: c.response,
-                                polarity: c.polarity,
-                                eigenvalues: an.eigenvalues,
-                                rows,
+                    .map(|c| {
+                        let s = level as f64 + c.ds as f64;
+                        let sigma = p.sigma0 * kappa.powf(s) * cf; // octave voxels
+                        let sg = sigma as f32;
+                        // a block covering every rotated sample (+2 for gradients)
+                        let reach =
+                            p.descriptor_radius.max(p.orientation_radius) * sigma * 3f64.sqrt();
+                        let blk = block::Block::new(g, c.pos, reach.ceil() as usize + 3);
+                        let cl = [0, 1, 2].map(|a| c.pos[a] - blk.origin[a] as f32);
+                        let at = describe::Patch {
+                            g: blk,
+                            c: cl,
+                            sigma: sg,
+                        };
+                        let an = if dim == 3 {
+                            describe::analyse(&at, p)?
+                        } else {
+                            two_d::analyse(&at, p)?
+                        };
+                        let rows: Vec<_> = an
+                            .frames
+                            .iter()
+                            .filter_map(|f| {
+                                let d = if dim == 3 {
+                                    describe::descriptor(&at, f, p)
+                                } else {
+                                    two_d::descriptor(&at, f, p)
+                                };
+                                d.map(|d| (*f, d))
                             })
-                        },
-                    )
+                            .collect();
+                        if rows.is_empty() {
+                            return None;
+                        }
+                        let o = (1u64 << octave) as f64;
+                        let mut pos = c.pos.map(|x| x as f64 * o + (o - 1.0) * 0.5);
+                        if dim == 2 {
+                            pos[2] = 0.0;
+                        }
+                        Some(Described {
+                            pos,
+                            sigma: sigma * o,
+                            response: c.response,
+                            polarity: c.polarity,
+                            eigenvalues: an.eigenvalues,
+                            rows,
+                        })
+                    })
                     .collect();
-                times[2] += t0.elapsed().as_secs_f64();
+                t0.add_to(&mut times[2], &mut cpu[2]);
                 if trace {
                     eprintln!(
                         "TRACE oct {octave} lvl {level} cands {} kept {}",
@@ -585,8 +582,47 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
             "TRACE seconds: blur+dog {:.3} detect {:.3} describe {:.3}",
             times[0], times[1], times[2]
         );
+        eprintln!(
+            "TRACE cpu seconds: blur+dog {:.3} detect {:.3} describe {:.3}",
+            cpu[0], cpu[1], cpu[2]
+        );
     }
     Ok(found)
+}
+
+/// A KF_TRACE time stamp: wall clock and the process's CPU time (the sum over its
+/// threads of `/proc/self/task/*/schedstat`, in ns; 0 where unavailable or not tracing).
+struct Stamp {
+    wall: std::time::Instant,
+    cpu: f64,
+}
+
+impl Stamp {
+    fn now(trace: bool) -> Stamp {
+        Stamp {
+            wall: std::time::Instant::now(),
+            cpu: if trace { process_cpu_seconds() } else { 0.0 },
+        }
+    }
+    /// Add the wall and CPU seconds since the stamp.
+    fn add_to(&self, wall: &mut f64, cpu: &mut f64) {
+        *wall += self.wall.elapsed().as_secs_f64();
+        if self.cpu > 0.0 {
+            *cpu += process_cpu_seconds() - self.cpu;
+        }
+    }
+}
+
+fn process_cpu_seconds() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 * 1e-9
 }
 
 #[cfg(test)]

@@ -25,8 +25,39 @@ pub(crate) fn try_zeros(len: usize) -> Result<Vec<f32>> {
             len * 4 / (1 << 20)
         ))
     })?;
+    advise_huge_pages(&v);
     v.resize(len, 0.0);
     Ok(v)
+}
+
+/// Ask Linux to back the 2 MiB-aligned interior of a fresh (untouched) buffer with
+/// transparent huge pages where the system leaves that to `madvise`: a 1 mm volume is
+/// ~8,500 pages of 4 KiB, each a page fault on first touch and a TLB entry that the
+/// scale space's plane sweeps and the descriptors' scattered samples keep missing
+/// (docs/decisions.md). Contents and results are unchanged; elsewhere a no-op.
+fn advise_huge_pages(v: &Vec<f32>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = v.capacity() * std::mem::size_of::<f32>();
+        if bytes < 2 * HUGE {
+            return;
+        }
+        let start = v.as_ptr() as usize;
+        let (a, end) = (
+            (start + HUGE - 1) & !(HUGE - 1),
+            (start + bytes) & !(HUGE - 1),
+        );
+        if end > a {
+            // SAFETY: [a, end) lies inside the vector's allocation; MADV_HUGEPAGE only
+            // changes how the kernel backs those pages (a failure is harmless and ignored)
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, end - a, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
 }
 
 impl Vol {
@@ -39,7 +70,10 @@ impl Vol {
 
     /// A volume of shape `m` whose voxel (p, q, r) is `value(p, q, r)`, filled in
     /// parallel over `p`-planes.
-    fn from_fn(m: [usize; 3], value: impl Fn(usize, usize, usize) -> f32 + Sync) -> Result<Vol> {
+    pub(crate) fn from_fn(
+        m: [usize; 3],
+        value: impl Fn(usize, usize, usize) -> f32 + Sync,
+    ) -> Result<Vol> {
         let mut out = Vol::zeros(m)?;
         let mplane = m[1] * m[2];
         if mplane == 0 {
@@ -75,53 +109,78 @@ impl Vol {
     #[inline]
     pub fn sample(&self, p: [f32; 3]) -> f32 {
         // fast path: strictly inside the grid, no clamping needed
-        let [ni, nj, nk] = self.n;
-        if p[0] >= 0.0
-            && p[1] >= 0.0
-            && p[2] >= 0.0
-            && p[0] < (ni - 1) as f32
-            && p[1] < (nj - 1) as f32
-            && p[2] < (nk - 1) as f32
-        {
-            let (x, y, z) = (p[0] as usize, p[1] as usize, p[2] as usize);
-            let (fx, fy, fz) = (p[0] - x as f32, p[1] - y as f32, p[2] - z as f32);
-            let (sj, si) = (nk, nj * nk);
-            let b = (x * nj + y) * nk + z;
-            let d = &self.data[b..b + si + sj + 2];
-            let l = |o: usize| d[o] + fz * (d[o + 1] - d[o]);
-            let c0 = l(0) + fy * (l(sj) - l(0));
-            let c1 = l(si) + fy * (l(si + sj) - l(si));
-            return c0 + fx * (c1 - c0);
+        match cell_of(p, self.n) {
+            Some((c, f)) => trilinear_fast(&self.data, self.n, c, f),
+            None => self.sample_clamped(p),
         }
-        self.sample_clamped(p)
     }
 
     /// Trilinear interpolation with the position clamped to the grid (the fast path's
     /// formula and order of operations: bit-identical to it inside the grid).
     fn sample_clamped(&self, p: [f32; 3]) -> f32 {
-        let mut i0 = [0usize; 3];
-        let mut i1 = [0usize; 3];
-        let mut f = [0f32; 3];
-        for a in 0..3 {
-            let hi = (self.n[a] - 1) as f32;
-            let x = if p[a].is_finite() {
-                p[a].clamp(0.0, hi)
-            } else {
-                0.0
-            };
-            let fl = x.floor();
-            i0[a] = fl as usize;
-            i1[a] = (i0[a] + 1).min(self.n[a] - 1);
-            f[a] = x - fl;
-        }
-        let l = |i: usize, j: usize| {
-            let a = self.at(i, j, i0[2]);
-            a + f[2] * (self.at(i, j, i1[2]) - a)
-        };
-        let c0 = l(i0[0], i0[1]) + f[1] * (l(i0[0], i1[1]) - l(i0[0], i0[1]));
-        let c1 = l(i1[0], i0[1]) + f[1] * (l(i1[0], i1[1]) - l(i1[0], i0[1]));
-        c0 + f[0] * (c1 - c0)
+        trilinear_clamped(self.n, p, |i, j, k| self.at(i, j, k))
     }
+}
+
+/// The cell `⌊p⌋` and the fractions `p − ⌊p⌋` when `p` lies strictly inside a grid of
+/// shape `n` (the trilinear fast path needs no clamping), else `None`.
+#[inline(always)]
+pub(crate) fn cell_of(p: [f32; 3], n: [usize; 3]) -> Option<([usize; 3], [f32; 3])> {
+    let inside = (0..3).all(|a| p[a] >= 0.0 && p[a] < (n[a] - 1) as f32);
+    inside.then(|| {
+        let c = p.map(|x| x as usize);
+        (c, [0, 1, 2].map(|a| p[a] - c[a] as f32))
+    })
+}
+
+/// [`Vol::sample`]'s fast path: the trilinear formula on the voxels `(x, y, z) + {0, 1}³`
+/// of `data`, a C-ordered grid of shape `n`, with the fractions `[fx, fy, fz]` in that cell.
+#[inline(always)]
+pub(crate) fn trilinear_fast(
+    data: &[f32],
+    n: [usize; 3],
+    [x, y, z]: [usize; 3],
+    [fx, fy, fz]: [f32; 3],
+) -> f32 {
+    let (sj, si) = (n[2], n[1] * n[2]);
+    let b = (x * n[1] + y) * n[2] + z;
+    let d = &data[b..b + si + sj + 2];
+    let l = |o: usize| d[o] + fz * (d[o + 1] - d[o]);
+    let c0 = l(0) + fy * (l(sj) - l(0));
+    let c1 = l(si) + fy * (l(si + sj) - l(si));
+    c0 + fx * (c1 - c0)
+}
+
+/// Trilinear interpolation at `p`, clamped to a grid of shape `n` whose voxel `(i, j, k)`
+/// is `at(i, j, k)`: [`Vol::sample`]'s formula and order of operations.
+#[inline(always)]
+pub(crate) fn trilinear_clamped(
+    n: [usize; 3],
+    p: [f32; 3],
+    at: impl Fn(usize, usize, usize) -> f32,
+) -> f32 {
+    let mut i0 = [0usize; 3];
+    let mut i1 = [0usize; 3];
+    let mut f = [0f32; 3];
+    for a in 0..3 {
+        let hi = (n[a] - 1) as f32;
+        let x = if p[a].is_finite() {
+            p[a].clamp(0.0, hi)
+        } else {
+            0.0
+        };
+        let fl = x.floor();
+        i0[a] = fl as usize;
+        i1[a] = (i0[a] + 1).min(n[a] - 1);
+        f[a] = x - fl;
+    }
+    let l = |i: usize, j: usize| {
+        let a = at(i, j, i0[2]);
+        a + f[2] * (at(i, j, i1[2]) - a)
+    };
+    let c0 = l(i0[0], i0[1]) + f[1] * (l(i0[0], i1[1]) - l(i0[0], i0[1]));
+    let c1 = l(i1[0], i0[1]) + f[1] * (l(i1[0], i1[1]) - l(i1[0], i0[1]));
+    c0 + f[0] * (c1 - c0)
 }
 
 /// Half of a normalised Gaussian kernel of σ `sigma` voxels, in f32 throughout: `w[0]` is
@@ -373,60 +432,32 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     })
 }
 
-/// Copy the cube of half-width `r` voxels around `c` (border replicated, so sampling
-/// the copy equals clamped sampling of `src`). Returns the block and its origin, the
-/// `src` index of the block's voxel (0, 0, 0). Sampling many rotated points from this
-/// small contiguous copy is much more cache-friendly than from the whole volume.
-#[cfg(test)]
-pub(crate) fn block(src: &Vol, c: [f32; 3], r: usize) -> Result<(Vol, [isize; 3])> {
-    let mut out = Vol {
-        n: [0; 3],
-        data: Vec::new(),
-    };
-    let origin = block_into(src, c, r, &mut out)?;
-    Ok((out, origin))
-}
-
-/// [`block`] into a reusable buffer; returns the origin.
-#[inline(never)]
-pub(crate) fn block_into(src: &Vol, c: [f32; 3], r: usize, out: &mut Vol) -> Result<[isize; 3]> {
-    let flat = src.n[2] == 1;
-    let origin = [0, 1, 2].map(|a| {
-        if a == 2 && flat {
-            0
-        } else {
-            c[a].round() as isize - r as isize
-        }
-    });
-    let side = 2 * r + 2;
-    let m = [side, side, if flat { 1 } else { side }];
-    let len = m[0] * m[1] * m[2];
-    if out.data.len() < len {
-        out.data.try_reserve(len - out.data.len()).map_err(|_| {
-            crate::KfError::InvalidImage("cannot allocate a descriptor block".into())
-        })?;
-        out.data.resize(len, 0.0);
+/// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`
+/// fastest). Tiles of 16 `i`-planes: each cache line of `src` (16 consecutive `i`) is read
+/// once and scattered over the tile's planes, in parallel over tiles.
+pub(crate) fn copy_fortran(src: &[f32], out: &mut Vol) {
+    const TILE: usize = 16;
+    let [ni, nj, nk] = out.n;
+    let plane = nj * nk;
+    assert_eq!(src.len(), ni * plane);
+    if plane == 0 {
+        return;
     }
-    out.data.truncate(len);
-    out.n = m;
-    let (ni, nj, nk) = (src.n[0], src.n[1], src.n[2]);
-    for x in 0..m[0] {
-        let si = clampi(origin[0] + x as isize, ni);
-        for y in 0..m[1] {
-            let sj = clampi(origin[1] + y as isize, nj);
-            let row = (si * nj + sj) * nk;
-            let dst = &mut out.data[(x * m[1] + y) * m[2]..(x * m[1] + y + 1) * m[2]];
-            let k0 = origin[2];
-            if k0 >= 0 && k0 as usize + m[2] <= nk {
-                dst.copy_from_slice(&src.data[row + k0 as usize..row + k0 as usize + m[2]]);
-            } else {
-                for (z, d) in dst.iter_mut().enumerate() {
-                    *d = src.data[row + clampi(k0 + z as isize, nk)];
+    out.data
+        .par_chunks_mut(TILE * plane)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let i0 = t * TILE;
+            let m = o.len() / plane;
+            for k in 0..nk {
+                for j in 0..nj {
+                    let s = &src[i0 + ni * (j + nj * k)..][..m];
+                    for (di, &v) in s.iter().enumerate() {
+                        o[di * plane + j * nk + k] = v;
+                    }
                 }
             }
-        }
-    }
-    Ok(origin)
+        });
 }
 
 /// Trilinear resampling onto a grid of shape `m` where new index `q` sits at old index
@@ -442,7 +473,7 @@ pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -563,6 +594,24 @@ mod tests {
     }
 
     #[test]
+    fn fortran_copy_transposes() {
+        for n in [[37, 5, 9], [16, 3, 4], [1, 7, 2], [33, 1, 1]] {
+            let len = n[0] * n[1] * n[2];
+            // Fortran order: element (i, j, k) at i + ni·(j + nj·k)
+            let f: Vec<f32> = (0..len).map(|x| x as f32 * 0.5 - 7.0).collect();
+            let mut out = Vol::zeros(n).unwrap();
+            copy_fortran(&f, &mut out);
+            for i in 0..n[0] {
+                for j in 0..n[1] {
+                    for k in 0..n[2] {
+                        assert_eq!(out.at(i, j, k), f[i + n[0] * (j + n[1] * k)], "{n:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn downsample_averages_blocks() {
         let mut v = Vol::zeros([4, 4, 4]).unwrap();
         for (x, val) in v.data.iter_mut().enumerate() {
@@ -579,19 +628,6 @@ mod tests {
     }
 
     #[test]
-    fn block_sampling_equals_volume_sampling() {
-        let mut v = Vol::zeros([9, 10, 11]).unwrap();
-        for (x, val) in v.data.iter_mut().enumerate() {
-            *val = ((x * 7919) % 101) as f32;
-        }
-        let (b, o) = block(&v, [1.2, 8.7, 5.0], 4).unwrap();
-        for p in [[0.3f32, 7.9, 4.2], [-1.0, 9.5, 2.0], [4.9, 5.1, 8.4]] {
-            let q = [0, 1, 2].map(|a| p[a] - o[a] as f32);
-            assert!((b.sample(q) - v.sample(p)).abs() < 1e-3, "{p:?}");
-        }
-    }
-
-    #[test]
     fn sample_interpolates_and_clamps() {
         let mut v = Vol::zeros([2, 2, 2]).unwrap();
         let c = v.idx(1, 1, 1);
@@ -601,18 +637,22 @@ mod tests {
         assert_eq!(v.sample([f32::NAN, -3.0, 0.0]), 0.0);
     }
 
+    /// Uniform numbers in [0, 1) from a xorshift generator seeded with `s`.
+    pub(crate) fn uniform(mut s: u64) -> impl FnMut() -> f32 {
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+
     #[test]
     fn sample_paths_share_one_formula() {
         // inside the grid the fast path and the clamped path (the CUDA sampler's
         // formula) give bit-identical values
         let mut v = Vol::zeros([7, 6, 5]).unwrap();
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut next = uniform(0x2545_f491_4f6c_dd1du64);
         for x in v.data.iter_mut() {
             *x = 100.0 * next() - 30.0;
         }
