@@ -199,9 +199,9 @@ pub fn hough_mode(t: &[[f64; 3]], sigma: f64) -> [f64; 3] {
     m
 }
 
-/// The bin (of width σ) with the largest count smoothed by a Gaussian of σ over ±2 bins,
-/// and that smoothed count (the first such bin in key order on ties).
-fn densest_bin(t: &[[f64; 3]], sigma: f64) -> ([i64; 3], f64) {
+/// The occupied bins of width σ with their counts, sorted by key (no hash order:
+/// deterministic).
+fn count_bins(t: &[[f64; 3]], sigma: f64) -> Vec<([i64; 3], f64)> {
     let key = |v: [f64; 3]| -> [i64; 3] {
         [
             (v[0] / sigma).floor() as i64,
@@ -209,7 +209,6 @@ fn densest_bin(t: &[[f64; 3]], sigma: f64) -> ([i64; 3], f64) {
             (v[2] / sigma).floor() as i64,
         ]
     };
-    // counts per occupied bin, kept sorted (no hash order: deterministic)
     let mut keys: Vec<[i64; 3]> = t.iter().map(|&v| key(v)).collect();
     keys.sort_unstable();
     let mut bins: Vec<([i64; 3], f64)> = Vec::new();
@@ -219,6 +218,13 @@ fn densest_bin(t: &[[f64; 3]], sigma: f64) -> ([i64; 3], f64) {
             _ => bins.push((k, 1.0)),
         }
     }
+    bins
+}
+
+/// The bin (of width σ) with the largest count smoothed by a Gaussian of σ over ±2 bins,
+/// and that smoothed count (the first such bin in key order on ties).
+fn densest_bin(t: &[[f64; 3]], sigma: f64) -> ([i64; 3], f64) {
+    let bins = count_bins(t, sigma);
     // the smoothing weight exp(−|δ|²/2) of a neighbour bin by its squared offset (≤ 12)
     let weight: [f64; 13] = std::array::from_fn(|s| (-0.5 * s as f64).exp());
     // For each of the 25 (dx, dy) offsets, the first bin at or after (x+dx, y+dy, z−2):
@@ -745,16 +751,7 @@ mod tests {
     /// The Hough mode as first written: a binary search per neighbour bin and its weight
     /// computed at every use.
     fn densest_bin_by_search(t: &[[f64; 3]], sigma: f64) -> ([i64; 3], f64) {
-        let key = |v: [f64; 3]| v.map(|c| (c / sigma).floor() as i64);
-        let mut keys: Vec<[i64; 3]> = t.iter().map(|&v| key(v)).collect();
-        keys.sort_unstable();
-        let mut bins: Vec<([i64; 3], f64)> = Vec::new();
-        for k in keys {
-            match bins.last_mut() {
-                Some((lk, c)) if *lk == k => *c += 1.0,
-                _ => bins.push((k, 1.0)),
-            }
-        }
+        let bins = count_bins(t, sigma);
         let mut best = (f64::MIN, 0usize);
         for (i, (k, _)) in bins.iter().enumerate() {
             let mut s = 0.0;
