@@ -13,26 +13,35 @@ pub(super) struct Grid {
     dims: [usize; 3],
     /// `start[c]..start[c + 1]` are the positions of cell `c` in `pos` / `first` / `mult`.
     start: Vec<u32>,
-    /// x, y and z of the positions in cell order.
+    /// x, y and z of the positions in cell order, and their keypoint counts as f64 (each
+    /// padded with [`PAD`] zeros, so a 4-wide load at the last position stays in bounds).
     pos: [Vec<f64>; 3],
+    multf: Vec<f64>,
     /// `index[first[u]..first[u] + mult[u]]` are the keypoints at position `u`.
     first: Vec<u32>,
     mult: Vec<u32>,
     /// Keypoint indices grouped by position, ascending within a position.
     index: Vec<u32>,
+    /// The AVX2 gather applies (detected once).
+    simd: bool,
 }
 
+/// Padding of the per-position arrays (and of [`Near`]'s buffers) for 4-wide access.
+const PAD: usize = 4;
+
 /// Positions near a query (squared distance, position, its keypoint count), `len` of them
-/// in buffers sized for every position of the grid (so a push never reallocates and
-/// needs no branch).
+/// in buffers sized for every position of the grid plus [`PAD`] (so a push never
+/// reallocates and a 4-wide store needs no branch).
 #[derive(Debug, Default)]
 pub(super) struct Near {
     d: Vec<f64>,
     pos: Vec<u32>,
-    mult: Vec<u32>,
+    mult: Vec<f64>,
     len: usize,
     /// Histogram of the squared distances for [`Near::select`].
     counts: Vec<u32>,
+    /// Positions of the bins below the boundary, for [`Near::select`].
+    kept: Vec<u32>,
     /// The keypoints of the histogram bin that holds the boundary, as (distance, index).
     tie: Vec<(f64, u32)>,
 }
@@ -40,12 +49,41 @@ pub(super) struct Near {
 /// Bins of the histogram of squared distances in [`Near::select`].
 const BINS: usize = 256;
 
+/// For a 4-bit mask of selected 64-bit lanes, the 32-bit lane indices that move them to
+/// the front in order (`_mm256_permutevar8x32_ps`).
+const PACK64: [[u32; 8]; 16] = pack_table::<8>();
+/// For a 4-bit mask of selected lanes, their lane numbers moved to the front in order.
+const PACK32: [[u32; 4]; 16] = pack_table::<4>();
+
+const fn pack_table<const W: usize>() -> [[u32; W]; 16] {
+    let per = W / 4;
+    let mut t = [[0u32; W]; 16];
+    let mut m = 0;
+    while m < 16 {
+        let (mut out, mut lane) = (0, 0);
+        while lane < 4 {
+            if (m >> lane) & 1 == 1 {
+                let mut p = 0;
+                while p < per {
+                    t[m][out * per + p] = (lane * per + p) as u32;
+                    p += 1;
+                }
+                out += 1;
+            }
+            lane += 1;
+        }
+        m += 1;
+    }
+    t
+}
+
 impl Near {
     fn reset(&mut self, n: usize) {
-        if self.d.len() < n {
-            self.d.resize(n, 0.0);
-            self.pos.resize(n, 0);
-            self.mult.resize(n, 0);
+        if self.d.len() < n + PAD {
+            self.d.resize(n + PAD, 0.0);
+            self.pos.resize(n + PAD, 0);
+            self.mult.resize(n + PAD, 0.0);
+            self.kept.resize(n + PAD, 0);
         }
         self.len = 0;
     }
@@ -73,10 +111,12 @@ impl Near {
         let bin = |v: f64| ((v * scale) as usize).min(BINS - 1);
         self.counts.clear();
         self.counts.resize(BINS, 0);
+        let mut total = 0.0;
         for (&v, &m) in d.iter().zip(mult) {
-            self.counts[bin(v)] += m;
+            self.counts[bin(v)] += m as u32;
+            total += m;
         }
-        if mult.iter().map(|&m| m as usize).sum::<usize>() < keep {
+        if (total as usize) < keep {
             return None;
         }
         let (mut below, mut b) = (0usize, 0usize);
@@ -84,22 +124,22 @@ impl Near {
             below += self.counts[b] as usize;
             b += 1;
         }
-        cand.clear();
+        // positions below the boundary bin packed without a branch, the boundary bin's
+        // (few) keypoints with their distances
+        let mut nk = 0;
         self.tie.clear();
         for k in 0..n {
             let bk = bin(d[k]);
-            if bk > b {
-                continue;
+            self.kept[nk] = pos[k];
+            nk += (bk < b) as usize;
+            if bk == b {
+                self.tie
+                    .extend(grid.rows(pos[k] as usize).iter().map(|&i| (d[k], i)));
             }
-            let u = pos[k] as usize;
-            let rows = &grid.index[grid.first[u] as usize..][..mult[k] as usize];
-            if bk < b {
-                for &i in rows {
-                    cand.push(i);
-                }
-            } else {
-                self.tie.extend(rows.iter().map(|&i| (d[k], i)));
-            }
+        }
+        cand.clear();
+        for &u in &self.kept[..nk] {
+            cand.extend_from_slice(grid.rows(u as usize));
         }
         self.tie
             .sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
@@ -134,6 +174,7 @@ impl Grid {
             cell,
             inv_cell: 1.0 / cell,
             dims,
+            simd: crate::simd::has_avx2(),
             ..Grid::default()
         };
         let key: Vec<usize> = xyz.iter().map(|&p| g.cell_of(p)).collect();
@@ -158,14 +199,31 @@ impl Grid {
         for c in 0..n_cells {
             start[c + 1] += start[c];
         }
+        g.multf = g.mult.iter().map(|&m| m as f64).collect();
+        for v in g.pos.iter_mut().chain([&mut g.multf]) {
+            v.extend([0.0; PAD]);
+        }
         g.start = start;
         g.index = order;
         g
     }
 
+    /// The same grid with the AVX2 gather on or off (off: the portable loop).
+    #[cfg(test)]
+    pub(super) fn with_simd(mut self, on: bool) -> Grid {
+        self.simd = on && crate::simd::has_avx2();
+        self
+    }
+
     /// Number of distinct positions.
     pub(super) fn len(&self) -> usize {
-        self.pos[0].len()
+        self.mult.len()
+    }
+
+    /// The keypoints at position `u`.
+    #[inline]
+    fn rows(&self, u: usize) -> &[u32] {
+        &self.index[self.first[u] as usize..][..self.mult[u] as usize]
     }
 
     #[inline]
@@ -182,21 +240,87 @@ impl Grid {
 
     /// Gather the positions `a..b` (cell order) with squared distance ≤ `r2` from `y`.
     /// The distance is [`crate::linalg::sq_dist`]'s, term for term.
-    #[inline(always)]
+    #[inline]
     fn gather(&self, y: [f64; 3], a: usize, b: usize, r2: f64, out: &mut Near) {
-        let (px, py, pz) = (&self.pos[0][a..b], &self.pos[1][a..b], &self.pos[2][a..b]);
-        let mult = &self.mult[a..b];
-        let (d, pos, m) = (&mut out.d[..], &mut out.pos[..], &mut out.mult[..]);
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: AVX2 was detected when the grid was built
+            unsafe { self.gather_avx2(y, a, b, r2, out) };
+            return;
+        }
         let mut n = out.len;
-        for k in 0..px.len() {
-            let (dx, dy, dz) = (px[k] - y[0], py[k] - y[1], pz[k] - y[2]);
+        for k in a..b {
+            let (dx, dy, dz) = (
+                self.pos[0][k] - y[0],
+                self.pos[1][k] - y[1],
+                self.pos[2][k] - y[2],
+            );
             let v = dx * dx + dy * dy + dz * dz;
             // written always, counted when inside: n ≤ positions visited, so it stays in
             // bounds
-            d[n] = v;
-            pos[n] = (a + k) as u32;
-            m[n] = mult[k];
+            out.d[n] = v;
+            out.pos[n] = k as u32;
+            out.mult[n] = self.multf[k];
             n += (v <= r2) as usize;
+        }
+        out.len = n;
+    }
+
+    /// [`Self::gather`] four positions at a time: the same distances (no fused
+    /// multiply-add) and order, the lanes inside packed to the front of each store by a
+    /// table (no branch).
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn gather_avx2(&self, y: [f64; 3], a: usize, b: usize, r2: f64, out: &mut Near) {
+        use std::arch::x86_64::*;
+        let (yx, yy, yz) = (
+            _mm256_set1_pd(y[0]),
+            _mm256_set1_pd(y[1]),
+            _mm256_set1_pd(y[2]),
+        );
+        let r2v = _mm256_set1_pd(r2);
+        let (px, py, pz) = (
+            self.pos[0].as_ptr(),
+            self.pos[1].as_ptr(),
+            self.pos[2].as_ptr(),
+        );
+        let mp = self.multf.as_ptr();
+        let (od, op, om) = (
+            out.d.as_mut_ptr() as *mut f32,
+            out.pos.as_mut_ptr() as *mut __m128i,
+            out.mult.as_mut_ptr() as *mut f32,
+        );
+        let mut n = out.len;
+        let mut k = a;
+        while k < b {
+            let dx = _mm256_sub_pd(_mm256_loadu_pd(px.add(k)), yx);
+            let dy = _mm256_sub_pd(_mm256_loadu_pd(py.add(k)), yy);
+            let dz = _mm256_sub_pd(_mm256_loadu_pd(pz.add(k)), yz);
+            let d = _mm256_add_pd(
+                _mm256_add_pd(_mm256_mul_pd(dx, dx), _mm256_mul_pd(dy, dy)),
+                _mm256_mul_pd(dz, dz),
+            );
+            // lanes past b belong to the next range (or the padding): masked off
+            let valid = (1usize << (b - k).min(4)) - 1;
+            let mask = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_LE_OQ>(d, r2v)) as usize & valid;
+            let perm = _mm256_loadu_si256(PACK64[mask].as_ptr() as *const __m256i);
+            let m = _mm256_loadu_pd(mp.add(k));
+            _mm256_storeu_ps(
+                od.add(2 * n),
+                _mm256_permutevar8x32_ps(_mm256_castpd_ps(d), perm),
+            );
+            _mm256_storeu_ps(
+                om.add(2 * n),
+                _mm256_permutevar8x32_ps(_mm256_castpd_ps(m), perm),
+            );
+            let lanes = _mm_loadu_si128(PACK32[mask].as_ptr() as *const __m128i);
+            let p = _mm_add_epi32(_mm_set1_epi32(k as i32), lanes);
+            _mm_storeu_si128((op as *mut u32).add(n) as *mut __m128i, p);
+            n += mask.count_ones() as usize;
+            k += 4;
         }
         out.len = n;
     }
@@ -240,8 +364,6 @@ impl Grid {
                     continue;
                 }
                 let row = (cz * self.dims[1] + cy) * self.dims[2];
-                // the whole x range of the ball's cube: a chord per row (a sqrt and a
-                // short loop) costs more than the few extra positions it would skip
                 let (a, b) = (
                     self.start[row + x0] as usize,
                     self.start[row + x1 + 1] as usize,

@@ -284,6 +284,47 @@ fn match_all_equals_match_sets_per_atlas() {
 }
 
 #[test]
+fn closest_points_equal_a_full_sort_with_and_without_avx2() {
+    use super::grid::{Grid, Near};
+    use crate::linalg::sq_dist;
+    let (_, mut xyz, _) = random_set(600, 7);
+    // several keypoints at one position (as extraction gives)
+    for i in (1..600).step_by(3) {
+        xyz[i] = xyz[i - 1];
+    }
+    let grids = [Grid::new(&xyz), Grid::new(&xyz).with_simd(false)];
+    let mut near = Near::default();
+    let mut cand = Vec::new();
+    for q in 0..40 {
+        let y = [q as f64 * 2.0, 78.0 - q as f64 * 1.5, (q % 9) as f64 * 6.0];
+        let mut sorted: Vec<(f64, u32)> =
+            (0..600).map(|i| (sq_dist(xyz[i], y), i as u32)).collect();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for (r, keep) in [(6.0, 3), (20.0, 40), (35.0, 150), (200.0, 599)] {
+            let mut got = Vec::new();
+            for g in &grids {
+                g.ball(y, r, r * r, &mut near);
+                let dk = near.select(g, keep, r * r, &mut cand);
+                cand.sort_unstable();
+                got.push((dk, cand.clone()));
+            }
+            assert_eq!(got[0], got[1]);
+            if let (Some(dk), cand) = &got[0] {
+                let mut want: Vec<u32> = sorted[..keep].iter().map(|e| e.1).collect();
+                want.sort_unstable();
+                assert_eq!(*dk, sorted[keep - 1].0);
+                assert_eq!(cand, &want);
+            } else {
+                assert!(sorted[keep - 1].0 > r * r * (1.0 - 1e-9));
+            }
+            let top = grids[1].all(y, &mut near);
+            let dk = near.select(&grids[1], keep, top, &mut cand);
+            assert_eq!(dk, Some(sorted[keep - 1].0));
+        }
+    }
+}
+
+#[test]
 fn voting_follows_the_descriptor_likelihood() {
     // keypoint 0: two weak matches to label 1 lose to a close match to label 2?
     // d² = 0 (lik 1) for label 2; d² = τ² (lik e^-1/2 ≈ 0.61) twice for label 1 -> 1.21
