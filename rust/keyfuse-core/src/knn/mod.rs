@@ -27,9 +27,9 @@ mod amx;
 mod exact;
 mod forest;
 mod forest_io;
+mod perm;
 #[cfg(target_arch = "x86_64")]
 mod rank;
-mod perm;
 mod topk;
 
 pub use exact::{exact_kernel_name, knn_exact};
