@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn rot(ax: f64, ay: f64, az: f64) -> [[f64; 3]; 3] {
