@@ -13,7 +13,7 @@ subjects); only :meth:`keyfuse.Index.keypoints` returns it. A compact part store
   compressed): relative error ≤ 2⁻¹¹ (0.05%), infinities and NaN kept;
 - **orientation frames** as a unit quaternion in 32 bits ("smallest three": the index of
   the largest component in 2 bits, the other three in 10 bits each, steps of
-  (1/√2)/511, the largest rebuilt as √(1 − a² − b² − c²)): rotation error ≤ 0.16°
+  (1/√2)/511, the largest rebuilt as √(1 − a² − b² − c²)): rotation error ≤ 0.23°
   (measured on real keypoints and random rotations, tests/retrieval/test_index_geometry.py).
   A subject whose frames are reflections (a mirrored storage) stores ``−R`` and a sign in
   the subjects table;
