@@ -159,3 +159,27 @@ def test_cli_index_build_streams_and_resumes(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "s10.kfk" in r.output and "could not be read" in r.output
     r = runner.invoke(cli, [*args, "--overwrite", "--scheduler", "sync"])
     assert r.exit_code == 1 and "indexed 6 subjects ->" in r.output
+
+
+def test_cli_index_build_chooses_the_geometry(tmp_path: Path) -> None:
+    keys = _keydir(tmp_path, n=2)
+    runner = CliRunner()
+    out = tmp_path / "exact.kfi"
+    r = runner.invoke(
+        cli, ["index", "build", str(keys), "-o", str(out), "-q", "--geometry", "exact"]
+    )
+    assert r.exit_code == 0, r.output
+    exact = kf.Index(out)
+    assert exact.geometry == "exact"
+    original = kf.KeypointSet.load(keys / "s00.kfk")
+    np.testing.assert_array_equal(np.asarray(exact.keypoints("s00").ijk), np.asarray(original.ijk))
+    r = runner.invoke(cli, ["index", "info", str(out)])
+    assert r.exit_code == 0 and "geometry:   exact" in r.output, r.output
+    # the default is compact; resuming an index with the other choice is refused clearly
+    compact = tmp_path / "compact.kfi"
+    r = runner.invoke(cli, ["index", "build", str(keys), "-o", str(compact), "-q"])
+    assert r.exit_code == 0 and kf.Index(compact).geometry == "compact", r.output
+    r = runner.invoke(
+        cli, ["index", "build", str(keys), "-o", str(compact), "-q", "--geometry", "exact"]
+    )
+    assert r.exit_code != 0 and "compact geometry" in r.output, r.output

@@ -44,6 +44,14 @@ def index() -> None:
 @device_option(IMAGE_DEVICE_HELP)
 @vectors_option()
 @click.option("--overwrite", is_flag=True, help="Replace an existing index.")
+@click.option(
+    "--geometry",
+    type=click.Choice(["compact", "exact"]),
+    default=None,
+    help="How a new index stores keypoint geometry: compact (default; positions within "
+    "extent/131070, frames within 0.23 degrees, scores unaffected) or exact (bit for bit). "
+    "An existing index keeps the choice it was created with.",
+)
 @dask_option("Read the keypoint files on this Dask scheduler (e.g. tcp://10.0.0.5:8786).")
 @scheduler_option(
     "threads",
@@ -87,8 +95,8 @@ def index_build(
     """
     paths = keypoint_sources(sources)
     if not vectors and all(is_keypoint_file(p) for p in paths):
-        # options: the label table, --overwrite, --workers and --chunk, named as
-        # build_index's parameters
+        # options: the label table, --overwrite, --geometry, --workers and --chunk, named
+        # as build_index's parameters
         _stream_build(
             paths, out, scheduler=dask_address or scheduler, progress=not quiet, **options
         )
@@ -99,7 +107,7 @@ def index_build(
 
     if out.exists() and not options["overwrite"]:
         raise InvalidArgumentError(f"{out} exists: use 'keyfuse index add' or --overwrite")
-    idx = Index()
+    idx = Index(geometry=options["geometry"])
     table, warning = source_labels(
         paths, options["labels"], options["id_column"], options["columns"]
     )
@@ -228,6 +236,7 @@ def index_info(index_path: Path, quiet: bool) -> None:
     click.echo(f"keypoints:  {n_kp} ({n_kp / max(len(idx), 1):.0f} per subject)")
     click.echo(f"disk:       {size / 1e6:.2f} MB")
     click.echo(f"labels:     {', '.join(names) or '(none)'}")
+    click.echo(f"geometry:   {idx.geometry}")
     click.echo(f"first ids:  {preview}")
     sealed = sum(s["sealed"] for s in idx.shards)
     click.echo(
