@@ -79,6 +79,12 @@ def _remove_index_files(p: Path) -> None:
         f.unlink()
 
 
+def stored_geometry(manifest: dict[str, Any]) -> str:
+    """How an index's parts store geometry: its manifest's choice, "exact" for indexes
+    written before compact geometry existed."""
+    return str(manifest.get("geometry", "exact"))
+
+
 def write_manifest(
     root: Path,
     parts: list[dict[str, Any]],

@@ -20,6 +20,7 @@ from keyfuse.index_storage import (
     _fsync_dir,
     _part_rows,
     _stream_part,
+    stored_geometry,
     verified_parts,
     write_part,
 )
@@ -121,7 +122,7 @@ def load_into(ix: Index, root: Path) -> None:
     import pyarrow as pa
 
     manifest, parts, checked = verified_parts(root)
-    stored = manifest.get("geometry", "exact")  # indexes before compact geometry: exact
+    stored = stored_geometry(manifest)
     if ix._geometry_arg not in (None, stored):
         raise InvalidArgumentError(
             f"{root} stores {stored} geometry, chosen when it was created; open it without "

@@ -23,7 +23,13 @@ import numpy as np
 
 from keyfuse import _core
 from keyfuse.errors import CorruptDataError, KeyfuseError
-from keyfuse.index_storage import _sha256, _stream_part, read_manifest, write_manifest
+from keyfuse.index_storage import (
+    _sha256,
+    _stream_part,
+    read_manifest,
+    stored_geometry,
+    write_manifest,
+)
 
 
 @dataclass
@@ -188,7 +194,7 @@ def verify_index(path: Any, *, repair: bool = False, drop_damaged: bool = False)
             shards,
             manifest.get("shard_size"),
             manifest.get("segments"),
-            manifest.get("geometry", "exact"),
+            stored_geometry(manifest),
         )
     if changed or drop:
         report.problems = [p for p in report.problems if "cannot" in p]
@@ -281,7 +287,7 @@ def _drop(
             renumber(manifest.get("shards") or []),
             manifest.get("shard_size"),
             renumber(manifest.get("segments") or []),
-            manifest.get("geometry", "exact"),
+            stored_geometry(manifest),
         )  # the commit point
     except BaseException:
         for w in written:
