@@ -120,8 +120,11 @@ def measure(data: list[tuple[str, kf.KeypointSet, int]], mode: str) -> None:
             errs.append(check(mode, sid, kps, back.keypoints(sid)))
         bytes_of: dict[str, int] = defaultdict(int)
         columns: dict[str, int] = defaultdict(int)
+        sealed_forest = 0  # the sealed shards' forests (the open shard's cache excluded)
         for f in path.iterdir():
             bytes_of[component(f.name)] += f.stat().st_size
+            if f.name.startswith("shard-") and f.name.endswith(".kff"):
+                sealed_forest += f.stat().st_size
             if f.name.startswith("keypoints-"):
                 md = pq.ParquetFile(f).metadata
                 for g in range(md.num_row_groups):
@@ -154,7 +157,7 @@ def measure(data: list[tuple[str, kf.KeypointSet, int]], mode: str) -> None:
     forest = bytes_of["kd-forests"]
     bits_here = max(1, (max(forest_points // max(len(sealed), 1), 2) - 1).bit_length())
     bits_full = max(1, (DEFAULT_SHARD_SIZE - 1).bit_length())
-    per_kp_here = forest / max(forest_points, 1)
+    per_kp_here = sealed_forest / max(forest_points, 1)
     per_kp_full = per_kp_here + trees * (bits_full - bits_here) / 8
     at_scale = total - forest + per_kp_full * n_kp  # every keypoint in a full sealed shard
     print(
@@ -164,8 +167,8 @@ def measure(data: list[tuple[str, kf.KeypointSet, int]], mode: str) -> None:
     )
     print(
         f"  total {total / n_kp:.2f} B per keypoint ({geo / n_kp:.2f} B geometry): index = "
-        f"1/{image_bytes / total:.0f} of the images; with every keypoint in a sealed shard of "
-        f"the default size {at_scale / n_kp:.2f} B = 1/{image_bytes / at_scale:.0f} (target ≥ 150)"
+        f"1/{image_bytes / total:.1f} of the images; with every keypoint in a sealed shard of "
+        f"the default size {at_scale / n_kp:.2f} B = 1/{image_bytes / at_scale:.1f} (target ≥ 150)"
     )
 
 

@@ -273,7 +273,7 @@ fn reseal(b: &mut [u8]) {
 
 #[test]
 fn forest_files_are_compact_and_older_formats_still_read() {
-    for (n, leaf_size) in [(3000, 8), (700, 300), (1, 8)] {
+    for (n, leaf_size) in [(3000, 8), (3000, 16), (700, 300), (1, 8)] {
         let data = random_perms(n, 5);
         let params = ForestParams {
             leaf_size,
