@@ -273,6 +273,7 @@ fn reseal(b: &mut [u8]) {
 
 #[test]
 fn forest_files_are_compact_and_older_formats_still_read() {
+    let mut leaf8_len = 0;
     for (n, leaf_size) in [(3000, 8), (3000, 16), (700, 300), (1, 8)] {
         let data = random_perms(n, 5);
         let params = ForestParams {
@@ -284,9 +285,17 @@ fn forest_files_are_compact_and_older_formats_still_read() {
         let want = f.search(&data, &q, 5, 64, |_, _| true).unwrap();
         let (v3, v2, v1) = (f.to_bytes(), f.format2_bytes(), format1_bytes(&f));
         assert_eq!(v3[8], 3);
-        if n == 3000 {
+        if (n, leaf_size) == (3000, 8) {
             // 3 bytes an internal node, 1 a leaf, 12-bit permutation indices: 43 % of format 2
             assert!(v3.len() * 2 < v2.len(), "{} vs {}", v3.len(), v2.len());
+            leaf8_len = v3.len();
+        }
+        if (n, leaf_size) == (3000, 16) {
+            // the default leaf size: half the nodes, the same permutations
+            // header and checksum 32 bytes; a tree's node count 8 and permutation 4,500
+            let nodes = |len: usize| len - 32 - f.trees.len() * (8 + 4500);
+            let (nodes8, nodes16) = (nodes(leaf8_len), nodes(v3.len()));
+            assert!(nodes16 * 3 < nodes8 * 2, "{nodes16} vs {nodes8}");
         }
         for bytes in [&v3, &v2, &v1] {
             let g = KdForest::from_bytes(bytes, n).unwrap();
