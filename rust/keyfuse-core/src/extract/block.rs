@@ -63,7 +63,7 @@ impl<'a> Block<'a> {
     }
 
     /// [`Vol::sample`] of the block (the same formula and order of operations).
-    #[inline]
+    #[inline(always)]
     pub fn sample(&self, p: [f32; 3]) -> f32 {
         if self.inside {
             if let Some(([x, y, z], f)) = cell_of(p, self.n) {
@@ -74,8 +74,54 @@ impl<'a> Block<'a> {
                 return trilinear_fast(&self.src.data, self.src.n, cell.map(|v| v as usize), f);
             }
         }
-        // inside the block the clamped formula is the fast path's, bit for bit
+        self.sample_clamped(p)
+    }
+
+    /// Inside the block the clamped formula is the fast path's, bit for bit.
+    #[cold]
+    #[inline(never)]
+    fn sample_clamped(&self, p: [f32; 3]) -> f32 {
         trilinear_clamped(self.n, p, |x, y, z| self.at(x, y, z))
+    }
+
+    /// [`Block::sample`] at every point `(xs[a], ys[b], zs[d])` of an axis-aligned grid, in
+    /// C order into `out` (`xs.len() · ys.len() · zs.len()` values), bit for bit: where the
+    /// whole grid takes the fast path, each axis's cells and fractions are found once.
+    pub fn sample_grid(&self, [xs, ys, zs]: [&[f32]; 3], out: &mut [f32]) {
+        assert_eq!(out.len(), xs.len() * ys.len() * zs.len());
+        // `cell_of`'s test, axis by axis
+        let fast = |v: &[f32], a: usize| v.iter().all(|&p| p >= 0.0 && p < (self.n[a] - 1) as f32);
+        if !(self.inside && fast(xs, 0) && fast(ys, 1) && fast(zs, 2)) {
+            let mut i = 0;
+            for &x in xs {
+                for &y in ys {
+                    for &z in zs {
+                        out[i] = self.sample([x, y, z]);
+                        i += 1;
+                    }
+                }
+            }
+            return;
+        }
+        // the cell in `src` and the fraction, as `cell_of` computes them
+        let cells = |v: &[f32], a: usize| -> Vec<(usize, f32)> {
+            v.iter()
+                .map(|&p| {
+                    let c = p as usize;
+                    ((c as isize + self.origin[a]) as usize, p - c as f32)
+                })
+                .collect()
+        };
+        let (cx, cy, cz) = (cells(xs, 0), cells(ys, 1), cells(zs, 2));
+        let mut i = 0;
+        for &(x, fx) in &cx {
+            for &(y, fy) in &cy {
+                for &(z, fz) in &cz {
+                    out[i] = trilinear_fast(&self.src.data, self.src.n, [x, y, z], [fx, fy, fz]);
+                    i += 1;
+                }
+            }
+        }
     }
 }
 
@@ -129,6 +175,26 @@ mod tests {
                     copy.sample(q).to_bits(),
                     "{c:?} {q:?}"
                 );
+            }
+        }
+        // an axis-aligned grid: inside the volume (the fast path) and across a face
+        for c in [[11.3f32, 9.6, 13.2], [1.2, 17.7, 5.0]] {
+            let b = Block::new(&v, c, 4);
+            let axes: [Vec<f32>; 3] = std::array::from_fn(|a| {
+                (0..7)
+                    .map(|i| c[a] - b.origin[a] as f32 + 0.93 * i as f32 - 2.9)
+                    .collect()
+            });
+            let mut out = vec![0f32; 7 * 7 * 7];
+            b.sample_grid([&axes[0], &axes[1], &axes[2]], &mut out);
+            let mut i = 0;
+            for &x in &axes[0] {
+                for &y in &axes[1] {
+                    for &z in &axes[2] {
+                        assert_eq!(out[i].to_bits(), b.sample([x, y, z]).to_bits(), "{c:?}");
+                        i += 1;
+                    }
+                }
             }
         }
         // a 2D image: the block is one voxel thick

@@ -105,6 +105,36 @@ fn sphere_bin(g: [f32; 3], mag: f32) -> usize {
     zi * NPHI + pi
 }
 
+/// An analysis-patch gradient: its components, Gaussian weight and magnitude.
+#[derive(Clone, Copy)]
+struct Grad {
+    g: [f32; 3],
+    w: f32,
+    m: f32,
+}
+
+/// The Gaussian weights (σ_w = radius / 2) of the analysis patch's inner `(NA − 2)³`
+/// gradients, in their order: the same for every keypoint, so computed once.
+fn analysis_weights() -> &'static [f32] {
+    static W: OnceLock<Vec<f32>> = OnceLock::new();
+    W.get_or_init(|| {
+        let half = (NA / 2) as f32;
+        let sw = (NA - 1) as f32 / 4.0; // radius/2 in sample units
+        let mut w = Vec::new();
+        for a in 1..NA - 1 {
+            for b in 1..NA - 1 {
+                for d in 1..NA - 1 {
+                    let r2 = (a as f32 - half).powi(2)
+                        + (b as f32 - half).powi(2)
+                        + (d as f32 - half).powi(2);
+                    w.push((-r2 / (2.0 * sw * sw)).exp());
+                }
+            }
+        }
+        w
+    })
+}
+
 /// Result of analysing a candidate: structure-tensor eigenvalues and its frames.
 pub(crate) struct Analysis {
     pub eigenvalues: [f32; 3],
@@ -137,26 +167,17 @@ pub(crate) fn analyse(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
     let h = 2.0 * radius / (NA - 1) as f32;
     let half = (NA / 2) as f32;
     let mut v = vec![0f32; NA * NA * NA];
-    for a in 0..NA {
-        for b in 0..NA {
-            for d in 0..NA {
-                let u = [
-                    (a as f32 - half) * h,
-                    (b as f32 - half) * h,
-                    (d as f32 - half) * h,
-                ];
-                v[(a * NA + b) * NA + d] = g.sample([c[0] + u[0], c[1] + u[1], c[2] + u[2]]);
-            }
-        }
-    }
+    let axes: [[f32; NA]; 3] =
+        std::array::from_fn(|x| std::array::from_fn(|a| c[x] + (a as f32 - half) * h));
+    g.sample_grid([&axes[0], &axes[1], &axes[2]], &mut v);
     if !normalise_patch(&mut v) {
         return None;
     }
     // gradients on the inner grid, Gaussian-weighted (σ_w = radius / 2)
     let inner = NA - 2;
-    let mut grads: Vec<([f32; 3], f32)> = Vec::with_capacity(inner * inner * inner);
+    let mut grads: Vec<Grad> = Vec::with_capacity(inner * inner * inner);
     let mut t = [[0f64; 3]; 3];
-    let sw = (NA - 1) as f32 / 4.0; // radius/2 in sample units
+    let weights = analysis_weights();
     for a in 1..NA - 1 {
         for b in 1..NA - 1 {
             for d in 1..NA - 1 {
@@ -166,16 +187,17 @@ pub(crate) fn analyse(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
                     0.5 * (at(a, b + 1, d) - at(a, b - 1, d)),
                     0.5 * (at(a, b, d + 1) - at(a, b, d - 1)),
                 ];
-                let r2 = (a as f32 - half).powi(2)
-                    + (b as f32 - half).powi(2)
-                    + (d as f32 - half).powi(2);
-                let w = (-r2 / (2.0 * sw * sw)).exp();
+                let w = weights[grads.len()];
                 for (x, row) in t.iter_mut().enumerate() {
                     for (y, cell) in row.iter_mut().enumerate() {
                         *cell += (w * gv[x] * gv[y]) as f64;
                     }
                 }
-                grads.push((gv, w));
+                grads.push(Grad {
+                    g: gv,
+                    w,
+                    m: dot(gv, gv).sqrt(),
+                });
             }
         }
     }
@@ -201,12 +223,11 @@ pub(crate) fn analyse(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
 /// Mean-shift refinement of a direction: the weighted mean of the gradient directions
 /// within 25° of it, three times.
 #[inline(never)]
-fn refine_direction(grads: &[([f32; 3], f32)], mut d: [f32; 3]) -> [f32; 3] {
+fn refine_direction(grads: &[Grad], mut d: [f32; 3]) -> [f32; 3] {
     let cos_lim = 25f32.to_radians().cos();
     for _ in 0..3 {
         let mut acc = [0f32; 3];
-        for &(gv, w) in grads {
-            let m = dot(gv, gv).sqrt();
+        for &Grad { g: gv, w, m } in grads {
             if m <= 0.0 || dot(gv, d) < cos_lim * m {
                 continue;
             }
@@ -283,12 +304,11 @@ pub(crate) fn angle_peaks(h: &[f32; ANGLE_BINS], rel: f32) -> (f32, Vec<(f32, f3
 /// axis the in-plane peaks of the projected gradients (≥ `secondary_peak`·max); the
 /// third axis is their cross product. Strongest first, at most `max_orientations`.
 #[inline(never)]
-fn orientations(grads: &[([f32; 3], f32)], p: &ExtractParams) -> Vec<Frame> {
+fn orientations(grads: &[Grad], p: &ExtractParams) -> Vec<Frame> {
     let sph = sphere();
     let nb = sph.centres.len();
     let mut hist = vec![0f32; nb];
-    for &(gv, w) in grads {
-        let m = dot(gv, gv).sqrt();
+    for &Grad { g: gv, w, m } in grads {
         if m > 0.0 {
             hist[sphere_bin(gv, m)] += w * m;
         }
@@ -336,7 +356,7 @@ fn orientations(grads: &[([f32; 3], f32)], p: &ExtractParams) -> Vec<Frame> {
         };
         let e2 = cross(a1, e1);
         let mut h = [0f32; ANGLE_BINS];
-        for &(gv, w) in grads {
+        for &Grad { g: gv, w, .. } in grads {
             let x = dot(gv, e1);
             let y = dot(gv, e2);
             let m = (x * x + y * y).sqrt();
