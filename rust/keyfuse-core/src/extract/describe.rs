@@ -473,18 +473,19 @@ pub(crate) fn descriptor(kp: &Patch, f: &Frame, p: &ExtractParams) -> Option<[u8
     let radius = p.descriptor_radius as f32 * sigma;
     let h = 2.0 * radius / ND as f32;
     const NS: usize = ND + 2;
-    let mut v = vec![0f32; NS * NS * NS];
+    let mut pts = Vec::with_capacity(NS * NS * NS);
     for a in 0..NS {
         let ua = -radius + (a as f32 - 0.5) * h;
         for b in 0..NS {
             let ub = -radius + (b as f32 - 0.5) * h;
             for d in 0..NS {
                 let ud = -radius + (d as f32 - 0.5) * h;
-                let q = [0, 1, 2].map(|x| c[x] + ua * f[0][x] + ub * f[1][x] + ud * f[2][x]);
-                v[(a * NS + b) * NS + d] = g.sample(q);
+                pts.push([0, 1, 2].map(|x| c[x] + ua * f[0][x] + ub * f[1][x] + ud * f[2][x]));
             }
         }
     }
+    let mut v = vec![0f32; NS * NS * NS];
+    g.sample_points(&pts, &mut v);
     let s = 1.0 / 3f32.sqrt();
     let weights = desc_weights();
     let mut hist = [0f32; 64];
@@ -581,7 +582,7 @@ mod tests {
             state ^= state << 17;
             (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         };
-        let mut check = |y: f32, x: f32| assert_eq!(phi_bin(y, x), phi_bin_exact(y, x), "{y} {x}");
+        let check = |y: f32, x: f32| assert_eq!(phi_bin(y, x), phi_bin_exact(y, x), "{y} {x}");
         for _ in 0..2_000_000 {
             check(next(), next());
         }
