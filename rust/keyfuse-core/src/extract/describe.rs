@@ -377,8 +377,12 @@ fn orientations(grads: &[Grad], p: &ExtractParams) -> Vec<Frame> {
         .map(|b| (b, smooth[b] / max))
         .collect();
     peaks.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let max_o = p.max_orientations.max(1.0) as usize;
     let mut primaries: Vec<([f32; 3], f32)> = Vec::new();
     for (b, s) in peaks {
+        if primaries.len() == max_o {
+            break; // the frames below use the first max_o primaries only
+        }
         let d = refine_direction(grads, sph.centres[b]);
         if primaries
             .iter()
@@ -387,7 +391,6 @@ fn orientations(grads: &[Grad], p: &ExtractParams) -> Vec<Frame> {
             primaries.push((d, s));
         }
     }
-    let max_o = p.max_orientations.max(1.0) as usize;
     let mut frames: Vec<(Frame, f32)> = Vec::new();
     for (a1, s1) in primaries.into_iter().take(max_o) {
         // a deterministic basis of the plane orthogonal to a1
