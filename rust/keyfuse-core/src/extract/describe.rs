@@ -578,13 +578,8 @@ mod tests {
 
     #[test]
     fn phi_bin_equals_the_atan2_bin() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut u = super::super::volume::tests::uniform(0x2545_f491_4f6c_dd1du64);
+        let mut next = move || 2.0 * u() - 1.0;
         let check = |y: f32, x: f32| assert_eq!(phi_bin(y, x), phi_bin_exact(y, x), "{y} {x}");
         for _ in 0..2_000_000 {
             check(next(), next());
