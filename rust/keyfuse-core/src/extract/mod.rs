@@ -508,9 +508,11 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                 let t0 = clock();
                 // describe with G_{level+1}
                 let g = &gs[2];
-                let described: Vec<Option<Described>> = cands
+                let order = cache_order(&cands);
+                let described: Vec<Option<Described>> = order
                     .par_iter()
-                    .map(|c| {
+                    .map(|&ci| {
+                        let c = &cands[ci];
                         let s = level as f64 + c.ds as f64;
                         let sigma = p.sigma0 * kappa.powf(s) * cf; // octave voxels
                         let sg = sigma as f32;
@@ -559,6 +561,12 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                         })
                     })
                     .collect();
+                // back in the candidates' order
+                let mut slots: Vec<Option<Described>> = (0..cands.len()).map(|_| None).collect();
+                for (&ci, d) in order.iter().zip(described) {
+                    slots[ci] = d;
+                }
+                let described = slots;
                 t0.add_to(&mut times[2], &mut cpu[2]);
                 if trace {
                     eprintln!(
@@ -588,6 +596,30 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
         );
     }
     Ok(found)
+}
+
+/// The order in which candidates are described: by the Morton code of their 16-voxel
+/// tile, so that consecutive keypoints (on a thread) read overlapping parts of the
+/// Gaussian while they are still cached (the candidates come in scan order, where
+/// neighbours in the list lie far apart in the plane). Each keypoint's description does
+/// not depend on the order: only the speed does.
+fn cache_order(cands: &[detect::Candidate]) -> Vec<usize> {
+    let spread = |v: u64| {
+        // the bits of a 21-bit value three apart
+        let mut x = v & 0x1f_ffff;
+        x = (x | x << 32) & 0x1f_0000_0000_ffff;
+        x = (x | x << 16) & 0x1f_0000_ff00_00ff;
+        x = (x | x << 8) & 0x100f_00f0_0f00_f00f;
+        x = (x | x << 4) & 0x10c3_0c30_c30c_30c3;
+        (x | x << 2) & 0x1249_2492_4924_9249
+    };
+    let key = |c: &detect::Candidate| {
+        let t = c.pos.map(|x| (x.max(0.0) as u64) >> 4);
+        spread(t[0]) << 2 | spread(t[1]) << 1 | spread(t[2])
+    };
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by_key(|&i| (key(&cands[i]), i));
+    order
 }
 
 /// A KF_TRACE time stamp: wall clock and the process's CPU time (the sum over its
