@@ -281,11 +281,13 @@ class ShardSet:
                 kw = {"first_subject": self.open_first, "base": base, "trees": self.trees}
                 sizes = self.sizes[self.open_first :]
                 if self.root is not None and self.segments:
-                    # read from the segment files, not through their maps: the mapped
-                    # pages would stay resident beside the copy
+                    # mapped like a sealed shard: one segment in place, several joined
+                    # into a cache file beside them (like the open shard's forest)
                     files = [(self.root / e["name"], int(e["n_keypoints"])) for e in self.segments]
+                    n = sum(f[1] for f in files)
+                    joined = self.root / f"{Path(self.segments[-1]['name']).stem}-{n}.kfs"
                     try:
-                        self._open_engine = _core.Shard.read_files(files, sizes, **kw)
+                        self._open_engine = _core.Shard.open_files(files, joined, sizes, **kw)
                     except (CorruptDataError, KeyfuseIOError, OSError) as e:
                         raise IndexCorruptError(f"{self.root}: open-shard segments: {e}") from e
                 else:
