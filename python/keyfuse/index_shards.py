@@ -1,11 +1,15 @@
 """The search side of :class:`keyfuse.Index`: its subjects' descriptors in shards.
 
 A shard is a run of consecutive subjects holding at most ``shard_size`` keypoints (a
-subject with more has a shard of its own). The last shard is *open*: it is searched in
-RAM (on disk, its descriptors are its segment files, read when it is first searched) and
-takes the appended subjects;
-when the next subject would overflow it, or when it is full, it is *sealed*. A sealed
-shard on disk is two files beside the parts::
+subject with more has a shard of its own). The last shard is *open*: it takes the
+appended subjects; when the next subject would overflow it, or when it is full, it is
+*sealed*. On disk the open shard's descriptors are its segment files, memory-mapped and
+searched there like a sealed shard's: one segment in place; several are joined, when
+first searched, into one cache file beside them (``open-NNNNNN-<points>.kfs``, the shard
+format, named by the last segment; not in the manifest: reused when its size, header and
+statistics match the segments', removed by the next append), since a search reads one
+contiguous array (where it cannot be written they are read into RAM). A sealed shard on
+disk is two files beside the parts::
 
     shard-000001.kfs   2048-byte header (magic, version, n, descriptor statistics,
                        header checksum) + n × 64 uint8 descriptors, memory-mapped
@@ -23,6 +27,12 @@ index. Opening checks each shard or segment file's size and header only (no
 descriptor is read: seconds for any size);
 :func:`keyfuse.index_verify.verify_index` reads every byte. A forest is loaded (and
 validated) on the first approximate search, never rebuilt on open.
+
+Memory: a search of a shard ends by releasing the pages of its mapped files (descriptors,
+the forest's permutations) from the process (``madvise(MADV_DONTNEED)``: they stay in the
+OS page cache, and the next search maps them again with minor faults), so a process holds
+the pages of the shard it is searching, not every page it has ever read; what stays is
+anonymous memory: the forests' nodes, subject ends, the interpreter.
 
 Scoring is the same whatever the layout: every shard's k nearest neighbours of each
 query keypoint (global point ids), merged by (distance, id), then scored with the
@@ -115,9 +125,11 @@ class ShardSet:
 
     def memory_bytes(self) -> int:
         """Bytes in RAM: open descriptors, owners and forests (mapped files not counted)."""
-        return sum(int(s.shard.memory_bytes()) for s in self.sealed) + sum(
-            d.nbytes for d in self._open
-        )
+        sealed = sum(int(s.shard.memory_bytes()) for s in self.sealed)
+        if self.root is not None and self.segments:  # the open shard's views are mapped
+            eng = self._open_engine
+            return sealed + (0 if eng is None else int(eng.memory_bytes()))
+        return sealed + sum(d.nbytes for d in self._open)
 
     def listing(self) -> list[dict[str, Any]]:
         """One row per shard: name, subjects, keypoints, sealed."""

@@ -424,3 +424,4 @@ def test_open_shard_is_searched_in_its_files(cohort, tmp_path: Path) -> None:
     _fill(ix, cohort[7:8])
     assert not joined.exists()
     assert np.array_equal(ix.scores(cohort[7][1]), _fill(mem, cohort[7:8]).scores(cohort[7][1]))
+    assert ix.memory_bytes() < 8 * 120 * 64  # the open shard's descriptors are not in RAM
