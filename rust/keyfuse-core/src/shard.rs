@@ -443,9 +443,10 @@ impl Shard {
         for l in lines {
             if let Some(v) = l.strip_prefix("Rss:") {
                 let kb = v.trim().trim_end_matches("kB").trim();
-                return kb.parse::<usize>().map(|k| k * 1024).map_err(|_| {
-                    KfError::InvalidArgument("unreadable /proc/self/smaps".into())
-                });
+                return kb
+                    .parse::<usize>()
+                    .map(|k| k * 1024)
+                    .map_err(|_| KfError::InvalidArgument("unreadable /proc/self/smaps".into()));
             }
         }
         Ok(0)
