@@ -28,11 +28,14 @@ descriptor is read: seconds for any size);
 :func:`keyfuse.index_verify.verify_index` reads every byte. A forest is loaded (and
 validated) on the first approximate search, never rebuilt on open.
 
-Memory: a search of a shard ends by releasing the pages of its mapped files (descriptors,
-the forest's permutations) from the process (``madvise(MADV_DONTNEED)``: they stay in the
-OS page cache, and the next search maps them again with minor faults), so a process holds
-the pages of the shard it is searching, not every page it has ever read; what stays is
-anonymous memory: the forests' nodes, subject ends, the interpreter.
+Memory: the pages of mapped files a search touches count in the process's resident set
+(clean, reclaimable, but in RSS, its peak and a Dask worker's memory limit). When the
+process's file-backed resident memory exceeds :data:`MAPPED_BUDGET` after a shard's
+search, that shard's mapped pages (descriptors, the forest's permutations) are released
+from the process (``madvise(MADV_DONTNEED)``: they stay in the OS page cache; its next
+search maps them again with minor faults, ≈ 0.4 µs a page), so the resident set stays
+within the anonymous memory (forests' nodes, subject ends, the interpreter) + the budget
++ one shard.
 
 Scoring is the same whatever the layout: every shard's k nearest neighbours of each
 query keypoint (global point ids), merged by (distance, id), then scored with the
@@ -43,6 +46,7 @@ bit-identically to one shard holding the same subjects.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +60,9 @@ from keyfuse import _core
 from keyfuse.errors import CorruptDataError, IndexCorruptError, KeyfuseIOError
 
 DEFAULT_SHARD_SIZE = 20_000_000
+#: file-backed resident bytes above which a searched shard's mapped pages are released:
+#: 40% of the machine's memory (a process may set it; 0 releases after every search)
+MAPPED_BUDGET = int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 HEADER_BYTES = 2048  # of a shard file (keyfuse_core::shard::HEADER_BYTES)
 
 
@@ -368,11 +375,30 @@ def shard_knn(
     allowed: np.ndarray | None,
     p: SearchParams,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each shard's neighbour lists of ``queries`` (global point ids)."""
-    return [
-        eng.knn(queries, exclude=exclude, allowed=allowed, k=p.k, exact=p.exact, checks=p.checks)
-        for _, eng in engines
-    ]
+    """Each shard's neighbour lists of ``queries`` (global point ids); a shard's mapped
+    pages are released after its search when the process holds more than
+    :data:`MAPPED_BUDGET` of file-backed pages."""
+    out = []
+    for _, eng in engines:
+        out.append(
+            eng.knn(
+                queries, exclude=exclude, allowed=allowed, k=p.k, exact=p.exact, checks=p.checks
+            )
+        )
+        if file_resident_bytes() > MAPPED_BUDGET:
+            eng.release_pages()
+    return out
+
+
+def file_resident_bytes() -> int:
+    """This process's file-backed (and shared) resident bytes (``/proc/self/statm``; 0
+    where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            shared = int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return shared * os.sysconf("SC_PAGE_SIZE")
 
 
 def merge_scores(

@@ -395,11 +395,13 @@ def test_open_shard_is_mapped_from_segments(sharded, cohort, monkeypatch) -> Non
         kf.Index(sharded)
 
 
-def test_open_shard_is_searched_in_its_files(cohort, tmp_path: Path) -> None:
+def test_open_shard_is_searched_in_its_files(cohort, tmp_path: Path, monkeypatch) -> None:
     """The open shard is memory-mapped like a sealed shard: one segment in place, several
     joined into one cache file beside them (reused on reopening, dropped by the next
-    append); the answers equal an in-memory index's, and a search leaves none of the
-    mapped descriptor pages resident in the process."""
+    append); the answers equal an in-memory index's; past the mapped-pages budget a
+    search leaves none of the shard's mapped pages resident in the process."""
+    import keyfuse.index_shards as ish
+
     path = tmp_path / "open.kfi"
     one = _fill(kf.Index(path, mode="x", geometry="exact"), cohort[:3], batch=3)
     assert one._engine._open_shard().is_mapped and not list(path.glob("open-*-*.kfs"))
@@ -415,6 +417,9 @@ def test_open_shard_is_searched_in_its_files(cohort, tmp_path: Path) -> None:
     assert eng.is_mapped and list(path.glob("open-*-*.kfs")) == [joined]
     assert np.array_equal(eng.descriptors(0, None), ix._engine.descriptors())
     assert eng.resident_bytes() >= 7 * 120 * 64  # every page just read
+    ix.scores(cohort[0][1])  # within the budget: kept
+    assert eng.resident_bytes() >= 7 * 120 * 64
+    monkeypatch.setattr(ish, "MAPPED_BUDGET", 0)
     ix.scores(cohort[0][1])
     assert eng.resident_bytes() == 0
     stamp = joined.stat().st_mtime_ns

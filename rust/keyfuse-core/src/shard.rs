@@ -406,7 +406,6 @@ impl Shard {
                 }
             }
         };
-        self.release_pages();
         for i in nb.idx.iter_mut() {
             if *i != crate::knn::NONE {
                 *i += self.base;
@@ -416,8 +415,8 @@ impl Shard {
     }
 
     /// Drop this process's pages of the shard's mapped files (descriptors, the forest's
-    /// permutations), which stay in the OS page cache: done after every search, so that
-    /// the pages a process holds are one shard's at a time, not every page ever read.
+    /// permutations), which stay in the OS page cache: the next search maps them again
+    /// (minor faults); what bounds a process's resident set of mapped pages.
     pub fn release_pages(&self) {
         if let Store::Mapped(m) = &self.store {
             // SAFETY: DontNeed on a read-only shared file mapping only drops page table
@@ -430,7 +429,7 @@ impl Shard {
     }
 
     /// Resident bytes of the shard's mapped descriptors in this process's page tables
-    /// (`mincore` reports page-cache residency instead, so this reads
+    /// (`mincore` would report page-cache residency instead, so this reads
     /// `/proc/self/smaps` for the mapping); 0 for an in-memory shard.
     pub fn mapped_resident_bytes(&self) -> Result<usize> {
         let Store::Mapped(m) = &self.store else {

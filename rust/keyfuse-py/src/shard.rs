@@ -114,8 +114,13 @@ impl Shard {
         self.inner.has_forest()
     }
 
-    /// Bytes of the mapped descriptor file resident in this process (0 in memory): a
-    /// search releases them when it ends.
+    /// Drop this process's pages of the shard's mapped files (descriptors, the forest's
+    /// permutations); they stay in the OS page cache.
+    fn release_pages(&self) {
+        self.inner.release_pages()
+    }
+
+    /// Bytes of the mapped descriptor file resident in this process (0 in memory).
     fn resident_bytes(&self, py: Python<'_>) -> PyResult<usize> {
         let inner = &self.inner;
         detach(py, || inner.mapped_resident_bytes())
