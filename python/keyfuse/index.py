@@ -3,7 +3,8 @@ searchable by soft-Jaccard similarity.
 
 The descriptors are searched in shards (:mod:`keyfuse.index_shards`; Rust
 :class:`keyfuse._core.Shard`, GIL released): sealed shards are memory-mapped files with
-their kd-forest saved beside them, the open one is in RAM; in process or on Dask
+their kd-forest saved beside them, the open one too on disk (in RAM in memory); in
+process or on Dask
 (:mod:`keyfuse.index_dask`), with the same scores. On disk an index is a directory::
 
     index/
@@ -12,6 +13,7 @@ their kd-forest saved beside them, the open one is in RAM; in process or on Dask
       keypoints-000001.parquet      subject and geometry per row (descriptors: the shards)
       shard-000001.kfs / .kff       a sealed shard's descriptors and its kd-forest
       open-000001.kfs               the open shard's descriptors, one segment an append
+      open-000003-<n>.kfs / .kff    caches: its segments joined, its forest (not listed)
 
 Appends are atomic: a part is written under a temporary name, flushed and renamed, and
 only then does a new ``manifest.json`` (itself written aside and renamed) list it. A file
@@ -283,8 +285,8 @@ class Index:
         return self._sources[self._index_of(subject_id)]
 
     def memory_bytes(self) -> int:
-        """Bytes held in RAM by the search engine (descriptors of the open shard, owners,
-        kd-forests; memory-mapped shards not counted)."""
+        """Bytes held in RAM by the search engine (descriptors of an in-memory index's open
+        shard, owners, kd-forests' nodes; memory-mapped files not counted)."""
         return self._engine.memory_bytes()
 
     def _index_of(self, subject_id: str) -> int:

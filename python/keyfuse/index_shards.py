@@ -1,11 +1,15 @@
 """The search side of :class:`keyfuse.Index`: its subjects' descriptors in shards.
 
 A shard is a run of consecutive subjects holding at most ``shard_size`` keypoints (a
-subject with more has a shard of its own). The last shard is *open*: it is searched in
-RAM (on disk, its descriptors are its segment files, read when it is first searched) and
-takes the appended subjects;
-when the next subject would overflow it, or when it is full, it is *sealed*. A sealed
-shard on disk is two files beside the parts::
+subject with more has a shard of its own). The last shard is *open*: it takes the
+appended subjects; when the next subject would overflow it, or when it is full, it is
+*sealed*. On disk the open shard's descriptors are its segment files, memory-mapped and
+searched there like a sealed shard's: one segment in place; several are joined, when
+first searched, into one cache file beside them (``open-NNNNNN-<points>.kfs``, the shard
+format, named by the last segment; not in the manifest: reused when its size, header and
+statistics match the segments', removed by the next append), since a search reads one
+contiguous array (where it cannot be written they are read into RAM). A sealed shard on
+disk is two files beside the parts::
 
     shard-000001.kfs   2048-byte header (magic, version, n, descriptor statistics,
                        header checksum) + n × 64 uint8 descriptors, memory-mapped
@@ -24,6 +28,15 @@ descriptor is read: seconds for any size);
 :func:`keyfuse.index_verify.verify_index` reads every byte. A forest is loaded (and
 validated) on the first approximate search, never rebuilt on open.
 
+Memory: the pages of mapped files a search touches count in the process's resident set
+(clean, reclaimable, but in RSS, its peak and a Dask worker's memory limit). When the
+process's file-backed resident memory exceeds :data:`MAPPED_BUDGET` after a shard's
+search, that shard's mapped pages (descriptors, the forest's permutations) are released
+from the process (``madvise(MADV_DONTNEED)``: they stay in the OS page cache; its next
+search maps them again with minor faults, ≈ 0.4 µs a page), so the resident set stays
+within the anonymous memory (forests' nodes, subject ends, the interpreter) + the budget
++ one shard.
+
 Scoring is the same whatever the layout: every shard's k nearest neighbours of each
 query keypoint (global point ids), merged by (distance, id), then scored with the
 cohort's merged descriptor statistics (``_core.merge_score``), so a sharded index scores
@@ -33,6 +46,7 @@ bit-identically to one shard holding the same subjects.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +60,9 @@ from keyfuse import _core
 from keyfuse.errors import CorruptDataError, IndexCorruptError, KeyfuseIOError
 
 DEFAULT_SHARD_SIZE = 20_000_000
+#: file-backed resident bytes above which a searched shard's mapped pages are released:
+#: 40% of the machine's memory (a process may set it; 0 releases after every search)
+MAPPED_BUDGET = int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 HEADER_BYTES = 2048  # of a shard file (keyfuse_core::shard::HEADER_BYTES)
 
 
@@ -115,9 +132,11 @@ class ShardSet:
 
     def memory_bytes(self) -> int:
         """Bytes in RAM: open descriptors, owners and forests (mapped files not counted)."""
-        return sum(int(s.shard.memory_bytes()) for s in self.sealed) + sum(
-            d.nbytes for d in self._open
-        )
+        sealed = sum(int(s.shard.memory_bytes()) for s in self.sealed)
+        if self.root is not None and self.segments:  # the open shard's views are mapped
+            eng = self._open_engine
+            return sealed + (0 if eng is None else int(eng.memory_bytes()))
+        return sealed + sum(d.nbytes for d in self._open)
 
     def listing(self) -> list[dict[str, Any]]:
         """One row per shard: name, subjects, keypoints, sealed."""
@@ -281,11 +300,13 @@ class ShardSet:
                 kw = {"first_subject": self.open_first, "base": base, "trees": self.trees}
                 sizes = self.sizes[self.open_first :]
                 if self.root is not None and self.segments:
-                    # read from the segment files, not through their maps: the mapped
-                    # pages would stay resident beside the copy
+                    # mapped like a sealed shard: one segment in place, several joined
+                    # into a cache file beside them (like the open shard's forest)
                     files = [(self.root / e["name"], int(e["n_keypoints"])) for e in self.segments]
+                    n = sum(f[1] for f in files)
+                    joined = self.root / f"{Path(self.segments[-1]['name']).stem}-{n}.kfs"
                     try:
-                        self._open_engine = _core.Shard.read_files(files, sizes, **kw)
+                        self._open_engine = _core.Shard.open_files(files, joined, sizes, **kw)
                     except (CorruptDataError, KeyfuseIOError, OSError) as e:
                         raise IndexCorruptError(f"{self.root}: open-shard segments: {e}") from e
                 else:
@@ -354,11 +375,30 @@ def shard_knn(
     allowed: np.ndarray | None,
     p: SearchParams,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each shard's neighbour lists of ``queries`` (global point ids)."""
-    return [
-        eng.knn(queries, exclude=exclude, allowed=allowed, k=p.k, exact=p.exact, checks=p.checks)
-        for _, eng in engines
-    ]
+    """Each shard's neighbour lists of ``queries`` (global point ids); a shard's mapped
+    pages are released after its search when the process holds more than
+    :data:`MAPPED_BUDGET` of file-backed pages."""
+    out = []
+    for _, eng in engines:
+        out.append(
+            eng.knn(
+                queries, exclude=exclude, allowed=allowed, k=p.k, exact=p.exact, checks=p.checks
+            )
+        )
+        if file_resident_bytes() > MAPPED_BUDGET:
+            eng.release_pages()
+    return out
+
+
+def file_resident_bytes() -> int:
+    """This process's file-backed (and shared) resident bytes (``/proc/self/statm``; 0
+    where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            shared = int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return shared * os.sysconf("SC_PAGE_SIZE")
 
 
 def merge_scores(

@@ -66,7 +66,7 @@ def append_part(
     for e in shards.segments if seals else []:
         with contextlib.suppress(OSError):
             (root / e["name"]).unlink()  # retired: its subjects are in a sealed shard now
-    for f in root.glob("open-*-*.kff"):  # open-shard forest caches: now stale
+    for f in root.glob("open-*-*.kf[sf]"):  # the open shard's caches (joined, forest): stale
         with contextlib.suppress(OSError):
             f.unlink()
     shards.segments, shards.root = segments, root

@@ -293,7 +293,7 @@ def _drop(
         for w in written:
             w.unlink(missing_ok=True)
         raise
-    for f in [*stale, *root.glob("open-*-*.kff")]:  # the open shard's forest caches: stale
+    for f in [*stale, *root.glob("open-*-*.kf[sf]")]:  # the open shard's caches: stale
         f.unlink(missing_ok=True)
     for e in drop:
         report.repaired.append(

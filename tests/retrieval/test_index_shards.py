@@ -393,3 +393,40 @@ def test_open_shard_is_mapped_from_segments(sharded, cohort, monkeypatch) -> Non
     f.write_bytes(f.read_bytes()[:-64])
     with pytest.raises(kf.IndexCorruptError, match=segments[0]["name"]):
         kf.Index(sharded)
+
+
+def test_open_shard_is_searched_in_its_files(cohort, tmp_path: Path, monkeypatch) -> None:
+    """The open shard is memory-mapped like a sealed shard: one segment in place, several
+    joined into one cache file beside them (reused on reopening, dropped by the next
+    append); the answers equal an in-memory index's; past the mapped-pages budget a
+    search leaves none of the shard's mapped pages resident in the process."""
+    import keyfuse.index_shards as ish
+
+    path = tmp_path / "open.kfi"
+    one = _fill(kf.Index(path, mode="x", geometry="exact"), cohort[:3], batch=3)
+    assert one._engine._open_shard().is_mapped and not list(path.glob("open-*-*.kfs"))
+    ix = _fill(one, cohort[3:7], batch=2)  # three segments
+    mem = _fill(kf.Index(), cohort[:7])
+    for _, kps, _ in cohort[:7:2]:
+        for exact in (True, False):
+            assert np.array_equal(ix.scores(kps, exact=exact), mem.scores(kps, exact=exact))
+    segments = json.loads((path / "manifest.json").read_text())["segments"]
+    assert len(segments) == 3 and len(ix.shards) == 1
+    eng = ix._engine._open_shard()
+    joined = path / f"{Path(segments[-1]['name']).stem}-{7 * 120}.kfs"
+    assert eng.is_mapped and list(path.glob("open-*-*.kfs")) == [joined]
+    assert np.array_equal(eng.descriptors(0, None), ix._engine.descriptors())
+    assert eng.resident_bytes() >= 7 * 120 * 64  # every page just read
+    ix.scores(cohort[0][1])  # within the budget: kept
+    assert eng.resident_bytes() >= 7 * 120 * 64
+    monkeypatch.setattr(ish, "MAPPED_BUDGET", 0)
+    ix.scores(cohort[0][1])
+    assert eng.resident_bytes() == 0
+    stamp = joined.stat().st_mtime_ns
+    again = kf.Index(path)
+    assert np.array_equal(again.scores(cohort[5][1]), ix.scores(cohort[5][1]))
+    assert joined.stat().st_mtime_ns == stamp  # reused, not written again
+    _fill(ix, cohort[7:8])
+    assert not joined.exists()
+    assert np.array_equal(ix.scores(cohort[7][1]), _fill(mem, cohort[7:8]).scores(cohort[7][1]))
+    assert ix.memory_bytes() < 8 * 120 * 64  # the open shard's descriptors are not in RAM

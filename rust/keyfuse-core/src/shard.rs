@@ -113,6 +113,56 @@ fn subject_ends(sizes: &[usize], first_subject: usize, n: usize) -> Result<Vec<u
         .collect())
 }
 
+/// Open the shard file `path` of `n` points, check its size and header: the file
+/// positioned at its descriptors, and its statistics.
+fn read_header(path: &Path, n: usize) -> Result<(std::fs::File, DimStats)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len() as usize;
+    if len != HEADER_BYTES + n * DESC_LEN {
+        return Err(corrupt(format!(
+            "{}: {len} bytes, expected {} for {n} keypoints",
+            path.display(),
+            HEADER_BYTES + n * DESC_LEN
+        )));
+    }
+    let mut h = vec![0u8; HEADER_BYTES];
+    f.read_exact(&mut h)?;
+    Ok((f, parse_header(&h, n)?))
+}
+
+/// Write shard file `out`: `head`, then the descriptors of `files` in order (streamed,
+/// not held in memory), into a file beside it named for this process and call (two
+/// processes may join the same files at once), flushed, then renamed.
+fn join_files(files: &[(std::path::PathBuf, usize)], out: &Path, head: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let mut tmp = out.as_os_str().to_owned();
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    tmp.push(format!(".{}-{call}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let res = (|| -> Result<()> {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        w.write_all(head)?;
+        for (path, n) in files {
+            let (mut f, _) = read_header(path, *n)?;
+            let copied = std::io::copy(&mut f, &mut w)?;
+            if copied != (n * DESC_LEN) as u64 {
+                return Err(corrupt(format!("{}: changed while read", path.display())));
+            }
+        }
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, out)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
 impl Shard {
     fn make(
         store: Store,
@@ -196,6 +246,39 @@ impl Shard {
         Shard::make(Store::Mapped(m), stats, sizes, first_subject, base, fp)
     }
 
+    /// The shard made of several shard files (`files`: path and point count each, in
+    /// order; every size and header checked), e.g. an open shard's segments, memory-mapped
+    /// like a sealed shard: one file is mapped in place; several are first joined into
+    /// the shard file `joined` (reused when its size, header and statistics match the
+    /// files', else written aside and renamed) since a search reads one contiguous array.
+    /// Where `joined` cannot be written (a read-only directory) they are read into RAM.
+    pub fn open_files(
+        files: &[(std::path::PathBuf, usize)],
+        joined: &Path,
+        sizes: &[usize],
+        first_subject: usize,
+        base: usize,
+        fp: ForestParams,
+    ) -> Result<Shard> {
+        if let [(path, _)] = files {
+            return Shard::open(path, sizes, first_subject, base, fp);
+        }
+        let mut stats = DimStats::default();
+        for (path, n) in files {
+            stats.merge(&read_header(path, *n)?.1);
+        }
+        let want = stats.to_words();
+        if let Ok(s) = Shard::open(joined, sizes, first_subject, base, fp.clone()) {
+            if s.stats.to_words() == want {
+                return Ok(s);
+            }
+        }
+        match join_files(files, joined, &header(sizes.iter().sum(), &stats)) {
+            Ok(()) => Shard::open(joined, sizes, first_subject, base, fp),
+            Err(_) => Shard::read_files(files, sizes, first_subject, base, fp),
+        }
+    }
+
     /// An in-memory shard read from several shard files (`files`: path and point count
     /// each, in order; every size and header checked), e.g. an open shard's segments:
     /// read, not mapped, so the file pages are not held beside the copy.
@@ -211,18 +294,8 @@ impl Shard {
         let mut data = Vec::with_capacity(total * DESC_LEN);
         let mut stats = DimStats::default();
         for (path, n) in files {
-            let mut f = std::fs::File::open(path)?;
-            let len = f.metadata()?.len() as usize;
-            if len != HEADER_BYTES + n * DESC_LEN {
-                return Err(corrupt(format!(
-                    "{}: {len} bytes, expected {} for {n} keypoints",
-                    path.display(),
-                    HEADER_BYTES + n * DESC_LEN
-                )));
-            }
-            let mut h = vec![0u8; HEADER_BYTES];
-            f.read_exact(&mut h)?;
-            stats.merge(&parse_header(&h, *n)?);
+            let (mut f, s) = read_header(path, *n)?;
+            stats.merge(&s);
             let at = data.len();
             data.resize(at + n * DESC_LEN, 0);
             f.read_exact(&mut data[at..])?;
@@ -340,6 +413,43 @@ impl Shard {
         }
         Ok(nb)
     }
+
+    /// Drop this process's pages of the shard's mapped files (descriptors, the forest's
+    /// permutations), which stay in the OS page cache: the next search maps them again
+    /// (minor faults); what bounds a process's resident set of mapped pages.
+    pub fn release_pages(&self) {
+        if let Store::Mapped(m) = &self.store {
+            // SAFETY: DontNeed on a read-only shared file mapping only drops page table
+            // entries; the bytes are read from the file again on access.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+        if let Some(f) = self.forest.get() {
+            f.release_pages();
+        }
+    }
+
+    /// Resident bytes of the shard's mapped descriptors in this process's page tables
+    /// (`mincore` would report page-cache residency instead, so this reads
+    /// `/proc/self/smaps` for the mapping); 0 for an in-memory shard.
+    pub fn mapped_resident_bytes(&self) -> Result<usize> {
+        let Store::Mapped(m) = &self.store else {
+            return Ok(0);
+        };
+        let start = format!("{:x}-", m.as_ptr() as usize & !4095);
+        let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        lines.next();
+        for l in lines {
+            if let Some(v) = l.strip_prefix("Rss:") {
+                let kb = v.trim().trim_end_matches("kB").trim();
+                return kb
+                    .parse::<usize>()
+                    .map(|k| k * 1024)
+                    .map_err(|_| KfError::InvalidArgument("unreadable /proc/self/smaps".into()));
+            }
+        }
+        Ok(0)
+    }
 }
 
 #[cfg(test)]
@@ -398,6 +508,36 @@ mod tests {
         let got = score_neighbors(&nb, owner, sizes.len(), &stats, &p).unwrap();
         let want = c.intersections(&q, Some(1), None, &p).unwrap();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn files_joined_and_mapped() {
+        let dir = std::env::temp_dir().join(format!("kf-shard-join-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (data(30, 5), data(20, 6));
+        let files = vec![(dir.join("a.kfs"), 30), (dir.join("b.kfs"), 20)];
+        Shard::write(&files[0].0, &a).unwrap();
+        Shard::write(&files[1].0, &b).unwrap();
+        let joined = dir.join("ab.kfs");
+        let fp = ForestParams::default();
+        let s = Shard::open_files(&files, &joined, &[30, 20], 0, 0, fp.clone()).unwrap();
+        assert!(s.is_mapped() && joined.exists());
+        assert_eq!(s.data(), &[a.clone(), b.clone()].concat()[..]);
+        let mut stats = DimStats::default();
+        stats.add(s.data());
+        assert_eq!(s.stats().to_words(), stats.to_words());
+        std::hint::black_box(s.data().iter().map(|&x| x as u64).sum::<u64>());
+        assert!(s.mapped_resident_bytes().unwrap() > 0);
+        s.release_pages();
+        assert_eq!(s.mapped_resident_bytes().unwrap(), 0);
+        // a joined file of other descriptors is replaced; one file is mapped in place
+        Shard::write(&joined, &data(50, 7)).unwrap();
+        let s = Shard::open_files(&files, &joined, &[30, 20], 0, 0, fp.clone()).unwrap();
+        assert_eq!(s.data(), &[a.clone(), b].concat()[..]);
+        let one = Shard::open_files(&files[..1], &dir.join("x.kfs"), &[30], 0, 0, fp).unwrap();
+        assert!(one.is_mapped() && !dir.join("x.kfs").exists());
+        assert_eq!(one.data(), &a[..]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -70,20 +70,31 @@ impl Shard {
         Ok(Shard { inner })
     }
 
-    /// An in-memory shard read from shard files (path and point count each, in order;
-    /// sizes and headers checked), e.g. an open shard's segments: read, not mapped.
+    /// The shard made of shard files (path and point count each, in order; sizes and
+    /// headers checked), e.g. an open shard's segments, memory-mapped: one file in place,
+    /// several joined first into the shard file `joined` (reused when it matches; read
+    /// into RAM instead where it cannot be written).
     #[staticmethod]
-    #[pyo3(signature = (files, sizes, *, first_subject, base, trees))]
-    fn read_files(
+    #[pyo3(signature = (files, joined, sizes, *, first_subject, base, trees))]
+    #[allow(clippy::too_many_arguments)]
+    fn open_files(
         py: Python<'_>,
         files: Vec<(PathBuf, usize)>,
+        joined: PathBuf,
         sizes: Vec<usize>,
         first_subject: usize,
         base: usize,
         trees: usize,
     ) -> PyResult<Self> {
         let inner = detach(py, || {
-            CoreShard::read_files(&files, &sizes, first_subject, base, forest_params(trees))
+            CoreShard::open_files(
+                &files,
+                &joined,
+                &sizes,
+                first_subject,
+                base,
+                forest_params(trees),
+            )
         })?;
         Ok(Shard { inner })
     }
@@ -101,6 +112,18 @@ impl Shard {
     #[getter]
     fn has_forest(&self) -> bool {
         self.inner.has_forest()
+    }
+
+    /// Drop this process's pages of the shard's mapped files (descriptors, the forest's
+    /// permutations); they stay in the OS page cache.
+    fn release_pages(&self) {
+        self.inner.release_pages()
+    }
+
+    /// Bytes of the mapped descriptor file resident in this process (0 in memory).
+    fn resident_bytes(&self, py: Python<'_>) -> PyResult<usize> {
+        let inner = &self.inner;
+        detach(py, || inner.mapped_resident_bytes())
     }
 
     /// Bytes held in RAM (memory-mapped descriptors not counted).

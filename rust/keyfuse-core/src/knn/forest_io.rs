@@ -397,6 +397,16 @@ impl KdForest {
     }
 }
 
+impl KdForest {
+    /// Drop this process's pages of the forest file's permutations (loaded forests; they
+    /// stay in the page cache): see [`crate::shard::Shard::knn`].
+    pub fn release_pages(&self) {
+        for t in &self.trees {
+            t.perm.release_pages();
+        }
+    }
+}
+
 /// One tree of a format-1 or format-2 file (`v`), `nn` nodes over `n` points.
 fn read_old_tree(r: &mut Reader<'_>, n: usize, nn: usize, v: u32) -> Result<Tree> {
     // format 1: 16-byte nodes (dim, 3 zero bytes, split, a, b), u32 permutation

@@ -71,6 +71,16 @@ impl Perm {
         }
     }
 
+    /// Drop this process's pages of a mapped permutation (they stay in the page cache; a
+    /// later read maps them again): see [`crate::shard::Shard::knn`].
+    pub(crate) fn release_pages(&self) {
+        if let Bytes::Mapped { map, .. } = &self.bytes {
+            // SAFETY: DontNeed on a read-only shared file mapping only drops page table
+            // entries; the bytes are read from the file again on access.
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     #[inline(always)]
     fn raw(&self) -> &[u8] {
         match &self.bytes {
