@@ -93,8 +93,10 @@ class Index:
     k : int, optional
         Nearest neighbours per query keypoint (K of the soft Jaccard); default 10 for the
         posterior kernel, 30 for the published one.
-    checks : int, default 64
-        Distance evaluations per keypoint in the approximate (kd-forest) search.
+    checks : int, default 96
+        Distance evaluations per keypoint in the approximate (kd-forest) search (96 with
+        the forest's leaves of 16 gives the per-keypoint recall that 64 gave with leaves of
+        8, at about the same time; docs/decisions.md).
     trees : int, default 4
         Randomized kd-trees of the forest (4: recall@1 against exact search 1.00 as
         with 8, at half the forest's memory and disk; docs/decisions.md).
@@ -140,7 +142,7 @@ class Index:
         *,
         mode: str = "r",
         k: int | None = None,
-        checks: int = 64,
+        checks: int = 96,
         trees: int = 4,
         exact_below: int = 100_000,
         kernel: str = "posterior",

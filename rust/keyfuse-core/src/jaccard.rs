@@ -575,7 +575,12 @@ fn vote_row(nb: &Neighbors, owner: &[u32], n: usize) -> Vec<f64> {
 /// image with `log2(1 + w_j/Σw)`, `w_j = exp(−D_j²/D_min²)`; each feature of image b keeps
 /// only its best vote from a; `V[a][b]` sums them. Row-major N×N, asymmetric.
 pub fn reference_votes(sets: &[&[u8]], p: &SoftJaccardParams) -> Result<Vec<f64>> {
-    let mut c = Cohort::new(ForestParams::default());
+    // leaves of 8, as when this emulation was compared with the reference's figures (the
+    // index's forests use 16 since; docs/decisions.md)
+    let mut c = Cohort::new(ForestParams {
+        leaf_size: 8,
+        ..ForestParams::default()
+    });
     for s in sets {
         c.add(s)?;
     }
