@@ -425,6 +425,69 @@ mod tests {
     }
 
     #[test]
+    fn computed_top_level_finds_the_same_candidates_as_a_stored_one() {
+        use super::super::volume::{blur, gaussian_half_kernel, tests::uniform};
+        let n = [40, 44, 38];
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15);
+        let next_noise = |x: usize| ((x * 7919) % 1013) as f32 / 1013.0;
+        // blobs of both signs, σ 2.8–3.6 (extrema of the middle DoG), a little noise
+        let blobs: Vec<[f32; 5]> = (0..10)
+            .map(|_| {
+                let c = [0, 1, 2].map(|a| 4.0 + (n[a] as f32 - 8.0) * next());
+                [
+                    c[0],
+                    c[1],
+                    c[2],
+                    2.8 + 0.8 * next(),
+                    if next() < 0.5 { -1.0 } else { 1.0 },
+                ]
+            })
+            .collect();
+        let v = Vol::from_fn(n, |i, j, k| {
+            let p = [i, j, k].map(|x| x as f32);
+            let b: f32 = blobs
+                .iter()
+                .map(|b| {
+                    let d2: f32 = (0..3).map(|a| (p[a] - b[a]).powi(2)).sum();
+                    b[4] * (-d2 / (2.0 * b[3] * b[3])).exp()
+                })
+                .sum();
+            b + 0.01 * next_noise(i * 1000 + j * 31 + k)
+        })
+        .unwrap();
+        let g: Vec<Vol> = [0.0f32, 1.0, 1.2, 1.45]
+            .iter()
+            .scan(v, |cur, &s| {
+                if s > 0.0 {
+                    *cur = blur(cur, s).unwrap();
+                }
+                Some(cur.clone())
+            })
+            .collect();
+        let w = gaussian_half_kernel(1.7);
+        let top = blur(&g[3], 1.7).unwrap();
+        let [prev, cur] = [1, 2].map(|i| Dog::new(&g[i + 1], &g[i]));
+        let stored = extrema(
+            [prev, cur],
+            Upper::Stored(Dog::new(&top, &g[3])),
+            3,
+            0.0,
+            2,
+            10.0,
+        );
+        let computed = extrema([prev, cur], Upper::Top { g: &g[3], w: &w }, 3, 0.0, 2, 10.0);
+        assert!(stored.len() >= 5, "{}", stored.len());
+        assert_eq!(stored.len(), computed.len());
+        for (a, b) in stored.iter().zip(&computed) {
+            assert_eq!(a.pos.map(f32::to_bits), b.pos.map(f32::to_bits));
+            assert_eq!(
+                (a.ds.to_bits(), a.response.to_bits(), a.polarity),
+                (b.ds.to_bits(), b.response.to_bits(), b.polarity)
+            );
+        }
+    }
+
+    #[test]
     fn finds_a_single_strict_maximum() {
         let n = [7, 7, 7];
         let mk = |peak: f32| {
