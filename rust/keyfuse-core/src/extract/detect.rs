@@ -4,7 +4,7 @@
 //! parabola per axis when the step leaves the voxel's neighbourhood; 2D: one parabola
 //! per axis and one over scale).
 
-use super::volume::Vol;
+use super::volume::{blur_at_neighbourhood, Vol};
 use crate::linalg::sym3_eigenvalues;
 use rayon::prelude::*;
 
@@ -55,6 +55,43 @@ impl<'a> Dog<'a> {
     #[inline(always)]
     pub fn at(&self, x: usize) -> f32 {
         self.hi[x] - self.lo[x]
+    }
+}
+
+/// The DoG above the searched one: stored, or an octave's top level, `blur(g) − g` with the
+/// half-kernel `w`, which detection reads only in the 3×3×3 neighbourhoods of the voxels
+/// that beat their neighbours in the two lower DoGs, so the scale space computes it only
+/// there (bit-identical to blurring the whole volume: `blur_at_neighbourhood`) instead of
+/// making its largest blur pass (docs/decisions.md). 3D only.
+#[derive(Clone, Copy)]
+pub(crate) enum Upper<'a> {
+    Stored(Dog<'a>),
+    Top { g: &'a Vol, w: &'a [f32] },
+}
+
+impl Upper<'_> {
+    /// The DoG at the 27 voxels `(i, j, k) + d`, `d ∈ {−1, 0, 1}³` (index
+    /// `(d0 + 1)·9 + (d1 + 1)·3 + d2 + 1`), inside the grid; `x` is `(i, j, k)`'s index.
+    fn around(&self, x: usize, ijk: [usize; 3]) -> [f32; 27] {
+        let n = match self {
+            Upper::Stored(d) => d.n,
+            Upper::Top { g, .. } => g.n,
+        };
+        let at = |e: usize| {
+            let (d0, d1, d2) = (
+                (e / 9) as isize - 1,
+                ((e / 3) % 3) as isize - 1,
+                (e % 3) as isize - 1,
+            );
+            (x as isize + (d0 * n[1] as isize + d1) * n[2] as isize + d2) as usize
+        };
+        match self {
+            Upper::Stored(d) => std::array::from_fn(|e| d.at(at(e))),
+            Upper::Top { g, w } => {
+                let hi = blur_at_neighbourhood(g, w, ijk);
+                std::array::from_fn(|e| hi[e] - g.data[at(e)])
+            }
+        }
     }
 }
 
@@ -138,32 +175,59 @@ fn strict_extremum(prev: &Dog, cur: &Dog, next: &Dog, x: usize, offs: &[isize]) 
     }
 }
 
+/// Whether `v = cur[x]` beats (as in [`strict_extremum`]) its neighbours in `cur` at the
+/// offsets `offs` and the voxels of `prev` at `x` and at those offsets.
+#[inline(always)]
+fn strict_below_top(prev: &Dog, cur: &Dog, x: usize, offs: &[isize]) -> bool {
+    let v = cur.at(x);
+    let all = |beats: &dyn Fn(f32) -> bool| {
+        offs.iter()
+            .all(|&o| beats(cur.at((x as isize + o) as usize)))
+            && beats(prev.at(x))
+            && offs
+                .iter()
+                .all(|&o| beats(prev.at((x as isize + o) as usize)))
+    };
+    if v > 0.0 {
+        all(&|y| y < v)
+    } else {
+        all(&|y| y > v)
+    }
+}
+
 /// The candidate keypoints of the middle of three adjacent DoG levels `dogs` of a
 /// `dim`-dimensional image (2: stored as `ni × nj × 1`): strict extrema with |value| >
 /// `thr`, at least `margin` voxels from every face, ordered by (i, j, k) — none when an
 /// axis is too short for the margin.
 pub(crate) fn extrema(
-    dogs: &[Dog; 3],
+    [prev, cur]: [Dog; 2],
+    next: Upper,
     dim: usize,
     thr: f32,
     margin: usize,
     edge: f64,
 ) -> Vec<Candidate> {
-    if dogs[1].n[..dim].iter().any(|&len| len <= 2 * margin) {
+    if cur.n[..dim].iter().any(|&len| len <= 2 * margin) {
         return Vec::new();
     }
-    if dim == 3 {
-        extrema_3d(dogs, thr, margin, edge)
-    } else {
-        extrema_2d(dogs, thr, margin, edge)
+    match (dim, next) {
+        (3, _) => extrema_3d([prev, cur], next, thr, margin, edge),
+        (_, Upper::Stored(next)) => extrema_2d(&[prev, cur, next], thr, margin, edge),
+        (_, Upper::Top { .. }) => unreachable!("the 2D scale space stores its top level"),
     }
 }
 
 /// Extrema of `cur` against its 26 spatial neighbours and the 27 voxels of `prev` and
 /// `next` around it (see [`extrema`]).
 #[inline(never)]
-fn extrema_3d(dogs: &[Dog; 3], thr: f32, margin: usize, edge: f64) -> Vec<Candidate> {
-    let [prev, cur, next] = dogs;
+fn extrema_3d(
+    [prev, cur]: [Dog; 2],
+    next: Upper,
+    thr: f32,
+    margin: usize,
+    edge: f64,
+) -> Vec<Candidate> {
+    let (prev, cur) = (&prev, &cur);
     let [ni, nj, nk] = cur.n;
     let (sj, si) = (nk, nj * nk);
     let offs: Vec<isize> = {
@@ -225,9 +289,23 @@ fn extrema_3d(dogs: &[Dog; 3], thr: f32, margin: usize, edge: f64) -> Vec<Candid
                 for &k in &hits {
                     let x = row + k;
                     let v = cur.at(x);
-                    if !strict_extremum(prev, cur, next, x, &offs) {
+                    // the two lower DoGs first: the upper one may have to be computed
+                    if !strict_below_top(prev, cur, x, &offs) {
                         continue;
                     }
+                    let up = next.around(x, [i, j, k]);
+                    let beaten = if v > 0.0 {
+                        up.iter().all(|&y| y < v)
+                    } else {
+                        up.iter().all(|&y| y > v)
+                    };
+                    if !beaten {
+                        continue;
+                    }
+                    // the upper DoG at (i, j, k) + (d0, d1, d2)
+                    let sn = |d0: isize, d1: isize, d2: isize| {
+                        up[(13 + 9 * d0 + 3 * d1 + d2) as usize] as f64
+                    };
                     let d = |o: isize| cur.at((x as isize + o) as usize) as f64;
                     let (a, b) = (si as isize, sj as isize);
                     let c2 = 2.0 * v as f64;
@@ -243,20 +321,23 @@ fn extrema_3d(dogs: &[Dog; 3], thr: f32, margin: usize, edge: f64) -> Vec<Candid
                     }
                     // full quadratic fit in (i, j, k, s) with cross terms (Lowe); when the
                     // step leaves the voxel, one parabola per axis instead
-                    let sv = |o: isize, w: &Dog| w.at((x as isize + o) as usize) as f64;
+                    let sv = |o: isize| prev.at((x as isize + o) as usize) as f64;
                     let grad = [
                         0.5 * (d(a) - d(-a)),
                         0.5 * (d(b) - d(-b)),
                         0.5 * (d(1) - d(-1)),
-                        0.5 * (sv(0, next) - sv(0, prev)),
+                        0.5 * (sn(0, 0, 0) - sv(0)),
                     ];
-                    let hs =
-                        |o: isize| 0.25 * (sv(o, next) - sv(-o, next) - sv(o, prev) + sv(-o, prev));
+                    // mixed space-scale derivative along the axis of stride `o`, unit `e`
+                    let hs = |o: isize, [e0, e1, e2]: [isize; 3]| {
+                        0.25 * (sn(e0, e1, e2) - sn(-e0, -e1, -e2) - sv(o) + sv(-o))
+                    };
+                    let (ha, hb, hk) = (hs(a, [1, 0, 0]), hs(b, [0, 1, 0]), hs(1, [0, 0, 1]));
                     let h4 = [
-                        [hess[0][0], hess[0][1], hess[0][2], hs(a)],
-                        [hess[1][0], hess[1][1], hess[1][2], hs(b)],
-                        [hess[2][0], hess[2][1], hess[2][2], hs(1)],
-                        [hs(a), hs(b), hs(1), sv(0, next) + sv(0, prev) - c2],
+                        [hess[0][0], hess[0][1], hess[0][2], ha],
+                        [hess[1][0], hess[1][1], hess[1][2], hb],
+                        [hess[2][0], hess[2][1], hess[2][2], hk],
+                        [ha, hb, hk, sn(0, 0, 0) + sv(0) - c2],
                     ];
                     let step =
                         solve4(h4, grad.map(|g| -g)).filter(|o| o.iter().all(|x| x.abs() <= 1.0));
@@ -269,7 +350,7 @@ fn extrema_3d(dogs: &[Dog; 3], thr: f32, margin: usize, edge: f64) -> Vec<Candid
                             let (oi, ri) = parabola(cur.at(x - si), v, cur.at(x + si));
                             let (oj, rj) = parabola(cur.at(x - sj), v, cur.at(x + sj));
                             let (ok, rk) = parabola(cur.at(x - 1), v, cur.at(x + 1));
-                            let (os, rs) = parabola(prev.at(x), v, next.at(x));
+                            let (os, rs) = parabola(prev.at(x), v, up[13]);
                             ([oi, oj, ok, os], v + ri + rj + rk + rs)
                         }
                     };
@@ -344,6 +425,69 @@ mod tests {
     }
 
     #[test]
+    fn computed_top_level_finds_the_same_candidates_as_a_stored_one() {
+        use super::super::volume::{blur, gaussian_half_kernel, tests::uniform};
+        let n = [40, 44, 38];
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15);
+        let next_noise = |x: usize| ((x * 7919) % 1013) as f32 / 1013.0;
+        // blobs of both signs, σ 2.8–3.6 (extrema of the middle DoG), a little noise
+        let blobs: Vec<[f32; 5]> = (0..10)
+            .map(|_| {
+                let c = [0, 1, 2].map(|a| 4.0 + (n[a] as f32 - 8.0) * next());
+                [
+                    c[0],
+                    c[1],
+                    c[2],
+                    2.8 + 0.8 * next(),
+                    if next() < 0.5 { -1.0 } else { 1.0 },
+                ]
+            })
+            .collect();
+        let v = Vol::from_fn(n, |i, j, k| {
+            let p = [i, j, k].map(|x| x as f32);
+            let b: f32 = blobs
+                .iter()
+                .map(|b| {
+                    let d2: f32 = (0..3).map(|a| (p[a] - b[a]).powi(2)).sum();
+                    b[4] * (-d2 / (2.0 * b[3] * b[3])).exp()
+                })
+                .sum();
+            b + 0.01 * next_noise(i * 1000 + j * 31 + k)
+        })
+        .unwrap();
+        let g: Vec<Vol> = [0.0f32, 1.0, 1.2, 1.45]
+            .iter()
+            .scan(v, |cur, &s| {
+                if s > 0.0 {
+                    *cur = blur(cur, s).unwrap();
+                }
+                Some(cur.clone())
+            })
+            .collect();
+        let w = gaussian_half_kernel(1.7);
+        let top = blur(&g[3], 1.7).unwrap();
+        let [prev, cur] = [1, 2].map(|i| Dog::new(&g[i + 1], &g[i]));
+        let stored = extrema(
+            [prev, cur],
+            Upper::Stored(Dog::new(&top, &g[3])),
+            3,
+            0.0,
+            2,
+            10.0,
+        );
+        let computed = extrema([prev, cur], Upper::Top { g: &g[3], w: &w }, 3, 0.0, 2, 10.0);
+        assert!(stored.len() >= 5, "{}", stored.len());
+        assert_eq!(stored.len(), computed.len());
+        for (a, b) in stored.iter().zip(&computed) {
+            assert_eq!(a.pos.map(f32::to_bits), b.pos.map(f32::to_bits));
+            assert_eq!(
+                (a.ds.to_bits(), a.response.to_bits(), a.polarity),
+                (b.ds.to_bits(), b.response.to_bits(), b.polarity)
+            );
+        }
+    }
+
+    #[test]
     fn finds_a_single_strict_maximum() {
         let n = [7, 7, 7];
         let mk = |peak: f32| {
@@ -354,11 +498,11 @@ mod tests {
         };
         let (a, b, c, z) = (mk(0.5), mk(1.0), mk(0.5), mk(0.0));
         let dog = |v| Dog::new(v, &z);
-        let e = extrema(&[dog(&a), dog(&b), dog(&c)], 3, 0.1, 1, 10.0);
+        let e = extrema([dog(&a), dog(&b)], Upper::Stored(dog(&c)), 3, 0.1, 1, 10.0);
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].polarity, 1);
         // a plateau is not a strict extremum
-        let e = extrema(&[dog(&b), dog(&b), dog(&c)], 3, 0.1, 1, 10.0);
+        let e = extrema([dog(&b), dog(&b)], Upper::Stored(dog(&c)), 3, 0.1, 1, 10.0);
         assert!(e.is_empty());
     }
 }

@@ -486,24 +486,47 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
         gs.push(base);
         for t in 1..s_n + 3 {
             let inc = p.blur_increment(t);
-            let mut g_cur = if gs.len() == 4 {
-                gs.remove(0)
+            // 3D: the top level (t = S + 2) is only read by detection, around the voxels
+            // that beat their neighbours in the two DoGs below it, and is computed there
+            // (detect::Upper::Top) instead of blurred whole
+            let top = dim == 3 && t == s_n + 2;
+            let top_kernel = if top {
+                volume::gaussian_half_kernel(inc as f32)
             } else {
-                take(&mut pool, gs[0].n)?
+                Vec::new()
             };
-            let t0 = clock();
-            volume::blur_into(&gs[gs.len() - 1], inc as f32, &mut g_cur);
-            if t == s_n {
-                next_base = Some(volume::downsample(&g_cur)?);
+            if top {
+                if let Some(g) = (gs.len() == 4).then(|| gs.remove(0)) {
+                    pool.push(g);
+                }
+            } else {
+                let mut g_cur = if gs.len() == 4 {
+                    gs.remove(0)
+                } else {
+                    take(&mut pool, gs[0].n)?
+                };
+                let t0 = clock();
+                volume::blur_into(&gs[gs.len() - 1], inc as f32, &mut g_cur);
+                if t == s_n {
+                    next_base = Some(volume::downsample(&g_cur)?);
+                }
+                t0.add_to(&mut times[0], &mut cpu[0]);
+                gs.push(g_cur);
             }
-            t0.add_to(&mut times[0], &mut cpu[0]);
-            gs.push(g_cur);
-            if gs.len() == 4 {
+            if gs.len() == 4 || (top && gs.len() == 3) {
                 let level = t - 2; // DoG index of the middle one
                 let (thr, m) = (p.peak_threshold as f32, p.level_margin(level, dim));
                 let t0 = clock();
-                let dogs = [1, 2, 3].map(|i| detect::Dog::new(&gs[i], &gs[i - 1]));
-                let cands = detect::extrema(&dogs, dim, thr, m, p.edge_ratio);
+                let [prev, cur] = [1, 2].map(|i| detect::Dog::new(&gs[i], &gs[i - 1]));
+                let next = if top {
+                    detect::Upper::Top {
+                        g: &gs[2],
+                        w: &top_kernel,
+                    }
+                } else {
+                    detect::Upper::Stored(detect::Dog::new(&gs[3], &gs[2]))
+                };
+                let cands = detect::extrema([prev, cur], next, dim, thr, m, p.edge_ratio);
                 t0.add_to(&mut times[1], &mut cpu[1]);
                 let t0 = clock();
                 // describe with G_{level+1}

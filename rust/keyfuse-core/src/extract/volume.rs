@@ -406,6 +406,74 @@ pub(crate) fn blur_into(src: &Vol, sigma: f32, out: &mut Vol) {
     );
 }
 
+/// [`blur_into`]'s output at the 27 voxels `c + d`, `d ∈ {−1, 0, 1}³` (each coordinate
+/// clamped to the grid; index `(d0 + 1)·9 + (d1 + 1)·3 + d2 + 1`), computed from `src`
+/// alone with the half-kernel `w`: the same passes (i, j, k; length-1 axes skipped), the
+/// same replicated border and the same order of operations per voxel, so the values are
+/// bit-identical to the full blur's. The scale space's top level is only ever read around
+/// extremum candidates, so it is computed there instead of over the whole volume.
+pub(crate) fn blur_at_neighbourhood(src: &Vol, w: &[f32], c: [usize; 3]) -> [f32; 27] {
+    let n = src.n;
+    let centre = |a: usize, d: usize| clampi(c[a] as isize + d as isize - 1, n[a]);
+    // the spans of axes 1 and 2 that the later passes read (clamped indices stay inside)
+    let r = w.len() - 1;
+    let span = |a: usize| {
+        let reach = if n[a] > 1 { r as isize } else { 0 };
+        let lo = (c[a] as isize - 1 - reach).max(0) as usize;
+        (lo, (c[a] + 1 + reach as usize).min(n[a] - 1) + 1 - lo)
+    };
+    let ((j0, nj), (k0, nk)) = (span(1), span(2));
+    // one pass over rows of `nk` values: `out = w0·row(pos) + Σ w_t·(row(pos − t) +
+    // row(pos + t))`, the clamped positions of an axis of length `len` (copied when 1)
+    #[inline(always)]
+    fn pass<'a>(
+        w: &[f32],
+        out: &mut [f32],
+        row: impl Fn(usize) -> &'a [f32],
+        pos: usize,
+        len: usize,
+    ) {
+        out.copy_from_slice(row(pos));
+        if len == 1 {
+            return;
+        }
+        for o in out.iter_mut() {
+            *o *= w[0];
+        }
+        for (t, &wt) in w.iter().enumerate().skip(1) {
+            let (a, b) = (
+                row(clampi(pos as isize - t as isize, len)),
+                row(clampi(pos as isize + t as isize, len)),
+            );
+            for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                *o += wt * (x + y);
+            }
+        }
+    }
+    // pass i at the planes c0 − 1 ..= c0 + 1, over the span of (j, k)
+    let mut a = vec![0f32; 3 * nj * nk];
+    for (di, plane) in a.chunks_exact_mut(nj * nk).enumerate() {
+        for (y, out) in plane.chunks_exact_mut(nk).enumerate() {
+            let row = |q: usize| &src.data[src.idx(q, j0 + y, k0)..][..nk];
+            pass(w, out, row, centre(0, di), n[0]);
+        }
+    }
+    // pass j at the rows c1 − 1 ..= c1 + 1, over the span of k
+    let mut b = vec![0f32; 9 * nk];
+    for (e, out) in b.chunks_exact_mut(nk).enumerate() {
+        let (di, dj) = (e / 3, e % 3);
+        let row = |q: usize| &a[(di * nj + q - j0) * nk..][..nk];
+        pass(w, out, row, centre(1, dj), n[1]);
+    }
+    // pass k at the 27 voxels
+    let mut out = [0f32; 27];
+    for (x, o) in out.iter_mut().enumerate() {
+        let at = |q: usize| std::slice::from_ref(&b[(x / 3) * nk + q - k0]);
+        pass(w, std::slice::from_mut(o), at, centre(2, x % 3), n[2]);
+    }
+    out
+}
+
 /// Halve the grid by averaging 2×2×2 blocks (2×2 for a 2D image): child index `p`
 /// covers parent indices `2p, 2p+1`, i.e. sits at parent coordinate `2p + 0.5`.
 pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
@@ -587,6 +655,43 @@ pub(super) mod tests {
                         // SAFETY: AVX was detected
                         unsafe { blur_plane_avx(&input, p, &mut o, &mut s) };
                         assert_eq!(o, out.data[p * plane..(p + 1) * plane], "{n:?} σ={sigma}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn neighbourhood_blur_is_bit_identical_to_the_full_blur() {
+        for (si, n) in [
+            [9, 7, 11],
+            [20, 23, 19],
+            [12, 33, 1],
+            [1, 17, 25],
+            [6, 1, 40],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut v = Vol::zeros(n).unwrap();
+            for (x, val) in v.data.iter_mut().enumerate() {
+                *val = (((x + si) * 7919) % 1013) as f32 / 97.0 - 3.0;
+            }
+            for sigma in [0.7f32, 1.6, 2.45, 4.0] {
+                let full = blur(&v, sigma).unwrap();
+                let w = gaussian_half_kernel(sigma);
+                for c in [
+                    [0, 0, 0],
+                    [n[0] / 2, n[1] / 2, n[2] / 2],
+                    n.map(|x| x - 1),
+                    [1, 2, 3].map(|x: usize| x.min(n[0] - 1).min(n[1] - 1).min(n[2] - 1)),
+                ] {
+                    let got = blur_at_neighbourhood(&v, &w, c);
+                    for (x, g) in got.iter().enumerate() {
+                        let d = [x / 9, (x / 3) % 3, x % 3];
+                        let p = [0, 1, 2].map(|a| clampi(c[a] as isize + d[a] as isize - 1, n[a]));
+                        let want = full.at(p[0], p[1], p[2]);
+                        assert_eq!(g.to_bits(), want.to_bits(), "{n:?} σ={sigma} {c:?} {d:?}");
                     }
                 }
             }
