@@ -336,7 +336,7 @@ class Shard:
     @staticmethod
     def open_files(
         files: Sequence[tuple[str | os.PathLike[str], int]],
-        joined: str | os.PathLike[str],
+        joined: str | os.PathLike[str] | None,
         sizes: Sequence[int],
         *,
         first_subject: int,

@@ -3,12 +3,15 @@
 A shard is a run of consecutive subjects holding at most ``shard_size`` keypoints (a
 subject with more has a shard of its own). The last shard is *open*: it takes the
 appended subjects; when the next subject would overflow it, or when it is full, it is
-*sealed*. On disk the open shard's descriptors are its segment files, memory-mapped and
-searched there like a sealed shard's: one segment in place; several are joined, when
-first searched, into one cache file beside them (``open-NNNNNN-<points>.kfs``, the shard
-format, named by the last segment; not in the manifest: reused when its size, header and
-statistics match the segments', removed by the next append), since a search reads one
-contiguous array (where it cannot be written they are read into RAM). A sealed shard on
+*sealed*. On disk the open shard's descriptors are its segment files (one per append). A
+single segment is memory-mapped and searched in place like a sealed shard; several are
+read into RAM when first searched, since a search reads one contiguous array, unless
+:data:`JOIN_OPEN_SEGMENTS` is set: then they are joined into one cache file beside them
+(``open-NNNNNN-<points>.kfs``, the shard format, named by the last segment; not in the
+manifest: reused when its size, header and statistics match the segments', removed by the
+next append) and mapped, which trades a second copy of the open shard on disk (up to
+``shard_size`` × 64 bytes) for its RAM (where it cannot be written they are read). A
+sealed shard on
 disk is two files beside the parts::
 
     shard-000001.kfs   2048-byte header (magic, version, n, descriptor statistics,
@@ -63,6 +66,9 @@ DEFAULT_SHARD_SIZE = 20_000_000
 #: file-backed resident bytes above which a searched shard's mapped pages are released:
 #: 40% of the machine's memory (a process may set it; 0 releases after every search)
 MAPPED_BUDGET = int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+#: map a multi-segment open shard through a joined cache file instead of reading it into
+#: RAM (off by default: the cache doubles the open shard on disk; docs/decisions.md)
+JOIN_OPEN_SEGMENTS = False
 HEADER_BYTES = 2048  # of a shard file (keyfuse_core::shard::HEADER_BYTES)
 
 
@@ -300,11 +306,12 @@ class ShardSet:
                 kw = {"first_subject": self.open_first, "base": base, "trees": self.trees}
                 sizes = self.sizes[self.open_first :]
                 if self.root is not None and self.segments:
-                    # mapped like a sealed shard: one segment in place, several joined
-                    # into a cache file beside them (like the open shard's forest)
+                    # one segment mapped in place; several read, or joined into a cache
+                    # file beside them (like the open shard's forest) and mapped
                     files = [(self.root / e["name"], int(e["n_keypoints"])) for e in self.segments]
                     n = sum(f[1] for f in files)
-                    joined = self.root / f"{Path(self.segments[-1]['name']).stem}-{n}.kfs"
+                    stem = Path(self.segments[-1]["name"]).stem
+                    joined = self.root / f"{stem}-{n}.kfs" if JOIN_OPEN_SEGMENTS else None
                     try:
                         self._open_engine = _core.Shard.open_files(files, joined, sizes, **kw)
                     except (CorruptDataError, KeyfuseIOError, OSError) as e:

@@ -397,15 +397,20 @@ def test_open_shard_is_mapped_from_segments(sharded, cohort, monkeypatch) -> Non
 
 def test_open_shard_is_searched_in_its_files(cohort, tmp_path: Path, monkeypatch) -> None:
     """The open shard is memory-mapped like a sealed shard: one segment in place, several
-    joined into one cache file beside them (reused on reopening, dropped by the next
-    append); the answers equal an in-memory index's; past the mapped-pages budget a
-    search leaves none of the shard's mapped pages resident in the process."""
+    read into RAM by default or, with JOIN_OPEN_SEGMENTS, joined into one cache file
+    beside them (reused on reopening, dropped by the next append); the answers equal an
+    in-memory index's; past the mapped-pages budget a search leaves none of the shard's
+    mapped pages resident in the process."""
     import keyfuse.index_shards as ish
 
     path = tmp_path / "open.kfi"
     one = _fill(kf.Index(path, mode="x", geometry="exact"), cohort[:3], batch=3)
     assert one._engine._open_shard().is_mapped and not list(path.glob("open-*-*.kfs"))
-    ix = _fill(one, cohort[3:7], batch=2)  # three segments
+    two = _fill(one, cohort[3:5], batch=2)  # two segments: read, nothing written beside
+    assert not two._engine._open_shard().is_mapped and not list(path.glob("open-*-*.kfs"))
+    assert two.memory_bytes() >= 5 * 120 * 64
+    monkeypatch.setattr(ish, "JOIN_OPEN_SEGMENTS", True)
+    ix = _fill(two, cohort[5:7], batch=2)  # three segments
     mem = _fill(kf.Index(), cohort[:7])
     for _, kps, _ in cohort[:7:2]:
         for exact in (True, False):

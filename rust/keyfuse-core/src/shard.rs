@@ -251,10 +251,11 @@ impl Shard {
     /// like a sealed shard: one file is mapped in place; several are first joined into
     /// the shard file `joined` (reused when its size, header and statistics match the
     /// files', else written aside and renamed) since a search reads one contiguous array.
-    /// Where `joined` cannot be written (a read-only directory) they are read into RAM.
+    /// Without `joined`, or where it cannot be written (a read-only directory), they are
+    /// read into RAM.
     pub fn open_files(
         files: &[(std::path::PathBuf, usize)],
-        joined: &Path,
+        joined: Option<&Path>,
         sizes: &[usize],
         first_subject: usize,
         base: usize,
@@ -263,6 +264,9 @@ impl Shard {
         if let [(path, _)] = files {
             return Shard::open(path, sizes, first_subject, base, fp);
         }
+        let Some(joined) = joined else {
+            return Shard::read_files(files, sizes, first_subject, base, fp);
+        };
         let mut stats = DimStats::default();
         for (path, n) in files {
             stats.merge(&read_header(path, *n)?.1);
@@ -520,7 +524,7 @@ mod tests {
         Shard::write(&files[1].0, &b).unwrap();
         let joined = dir.join("ab.kfs");
         let fp = ForestParams::default();
-        let s = Shard::open_files(&files, &joined, &[30, 20], 0, 0, fp.clone()).unwrap();
+        let s = Shard::open_files(&files, Some(&joined), &[30, 20], 0, 0, fp.clone()).unwrap();
         assert!(s.is_mapped() && joined.exists());
         assert_eq!(s.data(), &[a.clone(), b.clone()].concat()[..]);
         let mut stats = DimStats::default();
@@ -532,9 +536,13 @@ mod tests {
         assert_eq!(s.mapped_resident_bytes().unwrap(), 0);
         // a joined file of other descriptors is replaced; one file is mapped in place
         Shard::write(&joined, &data(50, 7)).unwrap();
-        let s = Shard::open_files(&files, &joined, &[30, 20], 0, 0, fp.clone()).unwrap();
+        let s = Shard::open_files(&files, Some(&joined), &[30, 20], 0, 0, fp.clone()).unwrap();
+        assert_eq!(s.data(), &[a.clone(), b.clone()].concat()[..]);
+        // without a joined file, several are read into RAM
+        let s = Shard::open_files(&files, None, &[30, 20], 0, 0, fp.clone()).unwrap();
+        assert!(!s.is_mapped());
         assert_eq!(s.data(), &[a.clone(), b].concat()[..]);
-        let one = Shard::open_files(&files[..1], &dir.join("x.kfs"), &[30], 0, 0, fp).unwrap();
+        let one = Shard::open_files(&files[..1], Some(&dir.join("x.kfs")), &[30], 0, 0, fp).unwrap();
         assert!(one.is_mapped() && !dir.join("x.kfs").exists());
         assert_eq!(one.data(), &a[..]);
         std::fs::remove_dir_all(&dir).unwrap();

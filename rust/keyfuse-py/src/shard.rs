@@ -71,16 +71,17 @@ impl Shard {
     }
 
     /// The shard made of shard files (path and point count each, in order; sizes and
-    /// headers checked), e.g. an open shard's segments, memory-mapped: one file in place,
-    /// several joined first into the shard file `joined` (reused when it matches; read
-    /// into RAM instead where it cannot be written).
+    /// headers checked), e.g. an open shard's segments: one file memory-mapped in place;
+    /// several joined first into the shard file `joined` and mapped (reused when it
+    /// matches; read into RAM instead where it cannot be written), or read into RAM when
+    /// `joined` is None.
     #[staticmethod]
     #[pyo3(signature = (files, joined, sizes, *, first_subject, base, trees))]
     #[allow(clippy::too_many_arguments)]
     fn open_files(
         py: Python<'_>,
         files: Vec<(PathBuf, usize)>,
-        joined: PathBuf,
+        joined: Option<PathBuf>,
         sizes: Vec<usize>,
         first_subject: usize,
         base: usize,
@@ -89,7 +90,7 @@ impl Shard {
         let inner = detach(py, || {
             CoreShard::open_files(
                 &files,
-                &joined,
+                joined.as_deref(),
                 &sizes,
                 first_subject,
                 base,
