@@ -542,7 +542,8 @@ mod tests {
         let s = Shard::open_files(&files, None, &[30, 20], 0, 0, fp.clone()).unwrap();
         assert!(!s.is_mapped());
         assert_eq!(s.data(), &[a.clone(), b].concat()[..]);
-        let one = Shard::open_files(&files[..1], Some(&dir.join("x.kfs")), &[30], 0, 0, fp).unwrap();
+        let one =
+            Shard::open_files(&files[..1], Some(&dir.join("x.kfs")), &[30], 0, 0, fp).unwrap();
         assert!(one.is_mapped() && !dir.join("x.kfs").exists());
         assert_eq!(one.data(), &a[..]);
         std::fs::remove_dir_all(&dir).unwrap();
