@@ -12,7 +12,9 @@
 //! and score ([`crate::jaccard::score_neighbors`]) exactly like one unsharded cohort.
 
 use crate::jaccard::{DimStats, SoftJaccardParams};
-use crate::knn::{check_rows, fnv64, knn_exact, write_atomic, ForestParams, KdForest, Neighbors};
+use crate::knn::{
+    aside_path, check_rows, fnv64, knn_exact, write_atomic, ForestParams, KdForest, Neighbors,
+};
 use crate::{KfError, Result, DESC_LEN};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -136,12 +138,7 @@ fn read_header(path: &Path, n: usize) -> Result<(std::fs::File, DimStats)> {
 /// processes may join the same files at once), flushed, then renamed.
 fn join_files(files: &[(std::path::PathBuf, usize)], out: &Path, head: &[u8]) -> Result<()> {
     use std::io::Write;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static CALLS: AtomicUsize = AtomicUsize::new(0);
-    let mut tmp = out.as_os_str().to_owned();
-    let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    tmp.push(format!(".{}-{call}.tmp", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
+    let tmp = aside_path(out);
     let res = (|| -> Result<()> {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
         w.write_all(head)?;

@@ -472,11 +472,21 @@ fn read_old_tree(r: &mut Reader<'_>, n: usize, nn: usize, v: u32) -> Result<Tree
     })
 }
 
-/// Write `chunks` to `path` atomically: into `path.tmp`, flushed, then renamed.
-pub(crate) fn write_atomic(path: &Path, chunks: &[&[u8]]) -> Result<()> {
+/// The file beside `path` that a write goes to before it is renamed: `path.<pid>-<n>.tmp`,
+/// named for this process and call, since two processes (or threads) may write the same
+/// cache file at once and must not write into each other's.
+pub(crate) fn aside_path(path: &Path) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    tmp.push(format!(".{}-{call}.tmp", std::process::id()));
+    tmp.into()
+}
+
+/// Write `chunks` to `path` atomically: into [`aside_path`], flushed, then renamed.
+pub(crate) fn write_atomic(path: &Path, chunks: &[&[u8]]) -> Result<()> {
+    let tmp = aside_path(path);
     let res = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         for c in chunks {

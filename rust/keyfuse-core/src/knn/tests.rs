@@ -392,3 +392,30 @@ fn loaded_forest_maps_its_permutations() {
     assert!(gone.is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn atomic_writes_of_one_file_at_once_never_mix() {
+    // several writers of the same cache file (processes opening one index): each writes
+    // its own file aside, so the file is always one writer's whole content
+    let dir = std::env::temp_dir().join(format!("kf-atomic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("open-000001.kff");
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let path = &path;
+            s.spawn(move || {
+                let body = vec![t; 1 << 16];
+                for _ in 0..25 {
+                    write_atomic(path, &[&body[..4096], &body[4096..]]).unwrap();
+                }
+            });
+        }
+    });
+    let got = std::fs::read(&path).unwrap();
+    assert_eq!(got.len(), 1 << 16);
+    assert!(got.iter().all(|&b| b == got[0]) && got[0] < 4);
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(left.len(), 1, "no file left aside");
+    assert_ne!(aside_path(&path), aside_path(&path));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
