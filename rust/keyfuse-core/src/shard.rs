@@ -13,7 +13,8 @@
 
 use crate::jaccard::{DimStats, SoftJaccardParams};
 use crate::knn::{
-    aside_path, check_rows, fnv64, knn_exact, write_atomic, ForestParams, KdForest, Neighbors,
+    check_rows, fnv64, knn_exact, release_mapped_pages, write_aside, write_atomic, ForestParams,
+    KdForest, Neighbors,
 };
 use crate::{KfError, Result, DESC_LEN};
 use std::path::Path;
@@ -133,31 +134,23 @@ fn read_header(path: &Path, n: usize) -> Result<(std::fs::File, DimStats)> {
     Ok((f, parse_header(&h, n)?))
 }
 
-/// Write shard file `out`: `head`, then the descriptors of `files` in order (streamed,
-/// not held in memory), into a file beside it named for this process and call (two
-/// processes may join the same files at once), flushed, then renamed.
+/// Write shard file `out` atomically ([`write_aside`]): `head`, then the descriptors of
+/// `files` in order (streamed, not held in memory).
 fn join_files(files: &[(std::path::PathBuf, usize)], out: &Path, head: &[u8]) -> Result<()> {
     use std::io::Write;
-    let tmp = aside_path(out);
-    let res = (|| -> Result<()> {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    write_aside(out, |f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
         w.write_all(head)?;
         for (path, n) in files {
-            let (mut f, _) = read_header(path, *n)?;
-            let copied = std::io::copy(&mut f, &mut w)?;
+            let (mut src, _) = read_header(path, *n)?;
+            let copied = std::io::copy(&mut src, &mut w)?;
             if copied != (n * DESC_LEN) as u64 {
                 return Err(corrupt(format!("{}: changed while read", path.display())));
             }
         }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, out)?;
+        w.flush()?;
         Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    })
 }
 
 impl Shard {
@@ -420,9 +413,7 @@ impl Shard {
     /// (minor faults); what bounds a process's resident set of mapped pages.
     pub fn release_pages(&self) {
         if let Store::Mapped(m) = &self.store {
-            // SAFETY: DontNeed on a read-only shared file mapping only drops page table
-            // entries; the bytes are read from the file again on access.
-            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+            release_mapped_pages(m);
         }
         if let Some(f) = self.forest.get() {
             f.release_pages();

@@ -389,9 +389,7 @@ impl KdForest {
         let forest = KdForest::parse(&map, n, &|start| Perm::mapped(map.clone(), start, n, bits))?;
         // validation read every page: let them go from this process (they stay cached), a
         // search touches only the leaves it visits
-        // SAFETY: DontNeed on a read-only shared file mapping only drops this process's
-        // page table entries; the pages are read from the file again on access.
-        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        release_mapped_pages(&map);
         let _ = map.advise(memmap2::Advice::Random);
         Ok(forest)
     }
@@ -475,7 +473,7 @@ fn read_old_tree(r: &mut Reader<'_>, n: usize, nn: usize, v: u32) -> Result<Tree
 /// The file beside `path` that a write goes to before it is renamed: `path.<pid>-<n>.tmp`,
 /// named for this process and call, since two processes (or threads) may write the same
 /// cache file at once and must not write into each other's.
-pub(crate) fn aside_path(path: &Path) -> std::path::PathBuf {
+pub(super) fn aside_path(path: &Path) -> std::path::PathBuf {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed);
@@ -484,14 +482,17 @@ pub(crate) fn aside_path(path: &Path) -> std::path::PathBuf {
     tmp.into()
 }
 
-/// Write `chunks` to `path` atomically: into [`aside_path`], flushed, then renamed.
-pub(crate) fn write_atomic(path: &Path, chunks: &[&[u8]]) -> Result<()> {
+/// Write `path` atomically: `fill` writes a file beside it ([`aside_path`]), which is
+/// flushed to disk and renamed into place; on any error it is removed and `path` is
+/// untouched.
+pub(crate) fn write_aside(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
+) -> Result<()> {
     let tmp = aside_path(path);
     let res = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        for c in chunks {
-            f.write_all(c)?;
-        }
+        fill(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         Ok(())
@@ -500,4 +501,22 @@ pub(crate) fn write_atomic(path: &Path, chunks: &[&[u8]]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// Write `chunks` to `path` atomically ([`write_aside`]).
+pub(crate) fn write_atomic(path: &Path, chunks: &[&[u8]]) -> Result<()> {
+    write_aside(path, |f| {
+        for c in chunks {
+            f.write_all(c)?;
+        }
+        Ok(())
+    })
+}
+
+/// Drop this process's pages of a read-only file mapping (they stay in the OS page cache;
+/// a later read maps them again with minor faults).
+pub(crate) fn release_mapped_pages(map: &memmap2::Mmap) {
+    // SAFETY: DontNeed on a read-only shared file mapping only drops this process's page
+    // table entries; the pages are read from the file again on access.
+    let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
 }

@@ -35,7 +35,7 @@ mod topk;
 pub use exact::{exact_kernel_name, knn_exact};
 pub(crate) use forest::SplitMix;
 pub use forest::{ForestParams, KdForest};
-pub(crate) use forest_io::{aside_path, fnv64, write_atomic};
+pub(crate) use forest_io::{fnv64, release_mapped_pages, write_aside, write_atomic};
 pub use forest_io::{perm_bits, perm_width, FOREST_FORMAT_VERSION};
 pub(crate) use topk::TopK;
 pub use topk::{merge_neighbors, Neighbors};

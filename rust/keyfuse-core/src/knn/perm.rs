@@ -75,9 +75,7 @@ impl Perm {
     /// later read maps them again): see [`crate::shard::Shard::knn`].
     pub(crate) fn release_pages(&self) {
         if let Bytes::Mapped { map, .. } = &self.bytes {
-            // SAFETY: DontNeed on a read-only shared file mapping only drops page table
-            // entries; the bytes are read from the file again on access.
-            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+            super::forest_io::release_mapped_pages(map);
         }
     }
 

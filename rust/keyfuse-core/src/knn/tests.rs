@@ -416,6 +416,7 @@ fn atomic_writes_of_one_file_at_once_never_mix() {
     assert!(got.iter().all(|&b| b == got[0]) && got[0] < 4);
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert_eq!(left.len(), 1, "no file left aside");
+    use super::forest_io::aside_path;
     assert_ne!(aside_path(&path), aside_path(&path));
     std::fs::remove_dir_all(&dir).unwrap();
 }
