@@ -3,8 +3,8 @@ searchable by soft-Jaccard similarity.
 
 The descriptors are searched in shards (:mod:`keyfuse.index_shards`; Rust
 :class:`keyfuse._core.Shard`, GIL released): sealed shards are memory-mapped files with
-their kd-forest saved beside them, the open one too on disk (in RAM in memory); in
-process or on Dask
+their kd-forest saved beside them, the open one too when it holds one append (several
+are read into RAM; :mod:`keyfuse.index_shards`); in process or on Dask
 (:mod:`keyfuse.index_dask`), with the same scores. On disk an index is a directory::
 
     index/
@@ -13,7 +13,8 @@ process or on Dask
       keypoints-000001.parquet      subject and geometry per row (descriptors: the shards)
       shard-000001.kfs / .kff       a sealed shard's descriptors and its kd-forest
       open-000001.kfs               the open shard's descriptors, one segment an append
-      open-000003-<n>.kfs / .kff    caches: its segments joined, its forest (not listed)
+      open-000003-<n>.kff / .kfs    caches: its forest, its segments joined (only with
+                                    index_shards.JOIN_OPEN_SEGMENTS; not listed)
 
 Appends are atomic: a part is written under a temporary name, flushed and renamed, and
 only then does a new ``manifest.json`` (itself written aside and renamed) list it. A file

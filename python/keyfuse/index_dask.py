@@ -6,7 +6,7 @@ point ids), merged by (distance, id) and scored with the cohort's statistics
 :mod:`keyfuse.batch`: "local", "threads", "sync", a scheduler address or a
 ``distributed.Client``), the sealed on-disk shards are searched by tasks that carry the
 query descriptors and the shard's file name and checksum; each worker opens a shard once
-and keeps it in a worker-local cache (:func:`_worker_shard`). The open shard (mapped in
+and keeps it in a worker-local cache (:func:`_worker_shard`). The open shard (opened in
 the client) and in-memory shards are searched in the client. Neighbour lists of a shard
 do not depend on who computes them, so the scores are bit-identical whatever the
 scheduler and worker count.
