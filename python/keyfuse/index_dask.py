@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from keyfuse import _core
+from keyfuse import _core, index_shards
 from keyfuse.errors import InvalidArgumentError, KeyfuseIOError
 from keyfuse.index_shards import (
     SearchParams,
@@ -114,7 +114,27 @@ def _knn_task(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """On a worker: one shard's neighbour lists of each (descriptors, excluded subject)."""
     eng = _worker_shard(spec, p.exact)
-    return [shard_knn([("", eng)], q, ex, allowed, p)[0] for q, ex in queries]
+    budget = worker_mapped_budget()
+    return [shard_knn([("", eng)], q, ex, allowed, p, budget)[0] for q, ex in queries]
+
+
+def worker_mapped_budget() -> int:
+    """The mapped-pages budget of a search task: :data:`~keyfuse.index_shards.MAPPED_BUDGET`,
+    and on a Dask worker with a memory limit at most ``MAPPED_FRACTION`` of that limit.
+
+    Clean mapped pages count in a worker's resident memory, which its nanny compares with
+    the limit (pausing at 80%, restarting at 95%); several workers on one host would
+    otherwise each keep up to the machine-wide budget.
+    """
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):  # not on a worker
+        limit = None
+    if not limit:
+        return index_shards.MAPPED_BUDGET
+    return min(index_shards.MAPPED_BUDGET, int(index_shards.MAPPED_FRACTION * limit))
 
 
 def _specs(index: Index) -> list[dict[str, Any]]:

@@ -64,8 +64,10 @@ from keyfuse.errors import CorruptDataError, IndexCorruptError, KeyfuseIOError
 
 DEFAULT_SHARD_SIZE = 20_000_000
 #: file-backed resident bytes above which a searched shard's mapped pages are released:
-#: 40% of the machine's memory (a process may set it; 0 releases after every search)
-MAPPED_BUDGET = int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+#: 40% of the machine's memory (a process may set it; 0 releases after every search; a
+#: Dask worker uses at most this fraction of its own memory limit, index_dask)
+MAPPED_FRACTION = 0.4
+MAPPED_BUDGET = int(MAPPED_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 #: map a multi-segment open shard through a joined cache file instead of reading it into
 #: RAM (off by default: the cache doubles the open shard on disk; docs/decisions.md)
 JOIN_OPEN_SEGMENTS = False
@@ -381,10 +383,12 @@ def shard_knn(
     exclude: int | None,
     allowed: np.ndarray | None,
     p: SearchParams,
+    budget: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each shard's neighbour lists of ``queries`` (global point ids); a shard's mapped
-    pages are released after its search when the process holds more than
-    :data:`MAPPED_BUDGET` of file-backed pages."""
+    pages are released after its search when the process holds more than ``budget``
+    (default :data:`MAPPED_BUDGET`) of file-backed pages."""
+    budget = MAPPED_BUDGET if budget is None else budget
     out = []
     for _, eng in engines:
         out.append(
@@ -392,7 +396,7 @@ def shard_knn(
                 queries, exclude=exclude, allowed=allowed, k=p.k, exact=p.exact, checks=p.checks
             )
         )
-        if file_resident_bytes() > MAPPED_BUDGET:
+        if file_resident_bytes() > budget:
             eng.release_pages()
     return out
 
