@@ -565,7 +565,9 @@ class Index:
         scheduler : optional
             ``None`` (default): in process. Else as in :mod:`keyfuse.batch` ("local", a
             scheduler address, a ``distributed.Client``): the sealed shards are searched
-            on the workers, with the same results (:mod:`keyfuse.index_dask`).
+            on the workers, with the same results (:mod:`keyfuse.index_dask`). An
+            address, "local" or "processes" is connected or started once per process
+            and reused, so workers keep the shards they opened.
 
         Returns
         -------

@@ -9,7 +9,8 @@ query descriptors and the shard's file name and checksum; each worker opens a sh
 and keeps it in a worker-local cache (:func:`_worker_shard`). The open shard (opened in
 the client) and in-memory shards are searched in the client. Neighbour lists of a shard
 do not depend on who computes them, so the scores are bit-identical whatever the
-scheduler and worker count.
+scheduler and worker count. A scheduler address, "local" or "processes" gets one Client
+(and local cluster) per process, reused by later calls while it runs.
 
 ``pairwise(out=DIR)`` runs in row blocks, each written atomically as
 ``rows-START-STOP.parquet`` (columns ``row``, and ``scores`` — the full row — or
@@ -55,9 +56,11 @@ _NAMED = (None, "sync", "threads", "local", "processes")  # keyfuse.batch's own 
 
 
 def _shared_client(scheduler: Any) -> Any:
-    """A scheduler address becomes this process's Client for it (connected once, then
-    reused while it runs); any other choice is returned as given."""
-    if not isinstance(scheduler, str) or scheduler in _NAMED:
+    """A scheduler address, "local" or "processes" becomes this process's Client for it
+    (connected or started once, then reused while it runs, so a worker's opened shards
+    stay resident from one search to the next); any other choice is returned as given."""
+    local = scheduler in ("local", "processes")
+    if not isinstance(scheduler, str) or (scheduler in _NAMED and not local):
         return scheduler
     with _clients_lock:
         client = _clients.get(scheduler)
@@ -67,12 +70,44 @@ def _shared_client(scheduler: Any) -> Any:
             from distributed import Client
         except ImportError:
             return scheduler  # keyfuse.batch._executor names the missing dependency
-        try:
-            client = Client(scheduler, timeout="20s", set_as_default=False)
-        except (OSError, TimeoutError) as exc:
-            raise KeyfuseIOError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+        if local:
+            client = _local_client(scheduler == "processes")
+        else:
+            try:
+                client = Client(scheduler, timeout="20s", set_as_default=False)
+            except (OSError, TimeoutError) as exc:
+                msg = f"cannot reach the Dask scheduler at {scheduler}: {exc}"
+                raise KeyfuseIOError(msg) from exc
         _clients[scheduler] = client
         return client
+
+
+def _local_client(processes: bool) -> Any:
+    """A LocalCluster of this machine's cores (threads of this process, or one-thread
+    worker processes) and its Client, both closed when the interpreter exits."""
+    import atexit
+    import os
+
+    from distributed import Client, LocalCluster
+
+    from keyfuse.batch import _quiet_dask
+
+    workers = os.cpu_count() or 1
+    cluster = LocalCluster(
+        n_workers=workers if processes else 1,
+        threads_per_worker=1 if processes else workers,
+        processes=processes,
+        dashboard_address=None,
+    )
+    client = Client(cluster, set_as_default=False)
+
+    def close() -> None:
+        with _quiet_dask():
+            client.close()
+            cluster.close()
+
+    atexit.register(close)
+    return client
 
 
 def _params(index: Index, exact: bool) -> SearchParams:

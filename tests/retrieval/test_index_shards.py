@@ -349,6 +349,12 @@ def test_pairwise_blocks_resume_and_dask_equals_in_process(
         assert np.array_equal(ix.pairwise(scheduler=addr), ix.pairwise())
         assert kd._clients[addr] is first and first.status == "running"
         first.close()
+    # "local": one cluster for this process, started by the first search and reused
+    want = ix.scores(cohort[1][1], exact=False)
+    assert np.array_equal(ix.scores(cohort[1][1], exact=False, scheduler="local"), want)
+    local = kd._clients["local"]
+    assert np.array_equal(ix.scores(cohort[1][1], exact=False, scheduler="local"), want)
+    assert kd._clients["local"] is local and local.status == "running"
     import pyarrow.parquet as pq
 
     t = pq.read_table(sorted(top.glob("rows-*.parquet"))[0])
