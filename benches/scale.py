@@ -129,6 +129,21 @@ print(json.dumps({"recall": agree / len(truth), "rss_gib": hwm(), "anon_gib": st
 """
 
 
+def query_process(path: Path, args: argparse.Namespace, here: str) -> str:
+    """Run _QUERY in a fresh interpreter; its lines are echoed as they come (the exact
+    recall queries of a large index take long) and returned."""
+    argv = [sys.executable, "-c", _QUERY, str(path), str(args.recall_keypoints), here]
+    with subprocess.Popen([*argv, str(args.trees)], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            print(f"  {line.strip()}", flush=True)
+            lines.append(line)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv)
+    return "".join(lines)
+
+
 def dask_check(path: Path) -> None:
     """A 2-worker local cluster against the in-process search: equal, and throughput."""
     try:
@@ -238,20 +253,7 @@ def main() -> None:
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 b = build(path, n, args.keypoints, pool, args)
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    _QUERY,
-                    str(path),
-                    str(args.recall_keypoints),
-                    here,
-                    str(args.trees),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
+            out = query_process(path, args, here)
             # after the first search: the open shard's forest is cached beside it
             disk = sum(f.stat().st_size for f in path.iterdir())
             search, exact = (json.loads(line) for line in out.strip().splitlines()[-2:])
