@@ -96,9 +96,9 @@ import keyfuse as kf
 sys.path.insert(0, sys.argv[3])
 from _synthetic import SharedGeometry
 import pyarrow.parquet  # imported before timing the open
-path, cut, trees = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
+path, cut, trees, checks = sys.argv[1], int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])
 t = time.perf_counter()
-ix = kf.Index(path, trees=trees)
+ix = kf.Index(path, trees=trees, checks=checks)
 opened = time.perf_counter() - t
 queries = np.load(path + "/../queries.npy"); truth = np.load(path + "/../truth.npy")
 geo = SharedGeometry(queries.shape[1], 0)
@@ -120,10 +120,18 @@ print(json.dumps({"open_s": opened, "p50": float(np.median(walls)),
     "p95": float(np.percentile(walls, 95)), "cpu_p50": float(np.median(cpus)),
     "top1": top1 / len(truth), "rss_search_gib": hwm(), "anon_search_gib": status("RssAnon"),
     "file_search_gib": status("RssFile"), "m": len(truth)}), flush=True)
-agree, rng = 0, np.random.default_rng(1)
-for q in queries:
+# exact answers do not depend on the search parameters: kept beside the index and reused
+cache = path + f"/../exact-top1-{cut}.npy"
+try:
+    exact_top = np.load(cache)
+except OSError:
+    exact_top = None
+agree, rng, tops = 0, np.random.default_rng(1), []
+for i, q in enumerate(queries):
     sub = geo.keypoints(q)[np.sort(rng.choice(len(q), cut, replace=False))]
-    agree += int(np.argmax(ix.scores(sub, exact=False)) == np.argmax(ix.scores(sub, exact=True)))
+    tops.append(exact_top[i] if exact_top is not None else np.argmax(ix.scores(sub, exact=True)))
+    agree += int(np.argmax(ix.scores(sub, exact=False)) == tops[i])
+np.save(cache, np.asarray(tops))
 print(json.dumps({"recall": agree / len(truth), "rss_gib": hwm(), "anon_gib": status("RssAnon"),
     "file_gib": status("RssFile")}))
 """
@@ -133,7 +141,8 @@ def query_process(path: Path, args: argparse.Namespace, here: str) -> str:
     """Run _QUERY in a fresh interpreter; its lines are echoed as they come (the exact
     recall queries of a large index take long) and returned."""
     argv = [sys.executable, "-c", _QUERY, str(path), str(args.recall_keypoints), here]
-    with subprocess.Popen([*argv, str(args.trees)], stdout=subprocess.PIPE, text=True) as proc:
+    argv += [str(args.trees), str(args.checks)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
         lines = []
         for line in proc.stdout:
@@ -219,7 +228,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 5000])
     ap.add_argument("--keypoints", type=int, default=2000)
     ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
-    ap.add_argument("--checks", type=int, default=64)
+    ap.add_argument("--checks", type=int, default=kf.Index().checks)
     ap.add_argument("--trees", type=int, default=kf.Index().trees)
     ap.add_argument("--pairwise", type=int, default=0)
     ap.add_argument("--pairwise-keypoints", type=int, default=200)
