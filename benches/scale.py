@@ -98,6 +98,9 @@ from _synthetic import SharedGeometry
 import pyarrow.parquet  # imported before timing the open
 path, cut, trees, checks = sys.argv[1], int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])
 t = time.perf_counter()
+if sys.argv[6] != "default":
+    import keyfuse.index_shards
+    keyfuse.index_shards.MAPPED_BUDGET = int(float(sys.argv[6]) * 2**30)
 ix = kf.Index(path, trees=trees, checks=checks)
 opened = time.perf_counter() - t
 queries = np.load(path + "/../queries.npy"); truth = np.load(path + "/../truth.npy")
@@ -141,7 +144,7 @@ def query_process(path: Path, args: argparse.Namespace, here: str) -> str:
     """Run _QUERY in a fresh interpreter; its lines are echoed as they come (the exact
     recall queries of a large index take long) and returned."""
     argv = [sys.executable, "-c", _QUERY, str(path), str(args.recall_keypoints), here]
-    argv += [str(args.trees), str(args.checks)]
+    argv += [str(args.trees), str(args.checks), args.mapped_budget]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
         lines = []
@@ -229,6 +232,11 @@ def main() -> None:
     ap.add_argument("--keypoints", type=int, default=2000)
     ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     ap.add_argument("--checks", type=int, default=kf.Index().checks)
+    ap.add_argument(
+        "--mapped-budget",
+        default="default",
+        help="GiB of mapped pages a query process keeps (keyfuse.index_shards.MAPPED_BUDGET)",
+    )
     ap.add_argument("--trees", type=int, default=kf.Index().trees)
     ap.add_argument("--pairwise", type=int, default=0)
     ap.add_argument("--pairwise-keypoints", type=int, default=200)
