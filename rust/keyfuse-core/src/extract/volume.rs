@@ -181,10 +181,13 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
 }
 
 /// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`
-/// fastest). Tiles of 16 `i`-planes: each cache line of `src` (16 consecutive `i`) is read
-/// once and scattered over the tile's planes, in parallel over tiles.
+/// fastest), in blocks of 32 `i` × 16 `k` (parallel over tiles of 32 `i`-planes): for each
+/// `j`, sixteen 128-byte runs of `src` (one per `k`) are read and 32 runs of `out` (one
+/// per `i`) written whole, so cache lines on either side are used whole (the copy that
+/// wrote one value per line per pass took ~1.5× as long, docs/decisions.md).
 pub(crate) fn copy_fortran(src: &[f32], out: &mut Vol) {
-    const TILE: usize = 16;
+    const TILE: usize = 32;
+    const TK: usize = 16;
     let [ni, nj, nk] = out.n;
     let plane = nj * nk;
     assert_eq!(src.len(), ni * plane);
@@ -197,11 +200,19 @@ pub(crate) fn copy_fortran(src: &[f32], out: &mut Vol) {
         .for_each(|(t, o)| {
             let i0 = t * TILE;
             let m = o.len() / plane;
-            for k in 0..nk {
+            // block[dk][di] = src(i0 + di, j, k0 + dk)
+            let mut block = [[0f32; TILE]; TK];
+            for k0 in (0..nk).step_by(TK) {
+                let kn = TK.min(nk - k0);
                 for j in 0..nj {
-                    let s = &src[i0 + ni * (j + nj * k)..][..m];
-                    for (di, &v) in s.iter().enumerate() {
-                        o[di * plane + j * nk + k] = v;
+                    for (dk, b) in block[..kn].iter_mut().enumerate() {
+                        b[..m].copy_from_slice(&src[i0 + ni * (j + nj * (k0 + dk))..][..m]);
+                    }
+                    for di in 0..m {
+                        let row = &mut o[di * plane + j * nk + k0..][..kn];
+                        for (dk, x) in row.iter_mut().enumerate() {
+                            *x = block[dk][di];
+                        }
                     }
                 }
             }
@@ -226,7 +237,14 @@ pub(super) mod tests {
 
     #[test]
     fn fortran_copy_transposes() {
-        for n in [[37, 5, 9], [16, 3, 4], [1, 7, 2], [33, 1, 1]] {
+        for n in [
+            [37, 5, 9],
+            [16, 3, 4],
+            [1, 7, 2],
+            [33, 1, 1],
+            [70, 6, 35],
+            [64, 2, 32],
+        ] {
             let len = n[0] * n[1] * n[2];
             // Fortran order: element (i, j, k) at i + ni·(j + nj·k)
             let f: Vec<f32> = (0..len).map(|x| x as f32 * 0.5 - 7.0).collect();
