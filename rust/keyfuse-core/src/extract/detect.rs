@@ -4,7 +4,8 @@
 //! parabola per axis when the step leaves the voxel's neighbourhood; 2D: one parabola
 //! per axis and one over scale).
 
-use super::volume::{blur_at_neighbourhood, Vol};
+use super::blur::blur_at_neighbourhood;
+use super::volume::Vol;
 use crate::linalg::sym3_eigenvalues;
 use rayon::prelude::*;
 
@@ -426,7 +427,8 @@ mod tests {
 
     #[test]
     fn computed_top_level_finds_the_same_candidates_as_a_stored_one() {
-        use super::super::volume::{blur, gaussian_half_kernel, tests::uniform};
+        use super::super::blur::{blur, gaussian_half_kernel};
+        use super::super::volume::tests::uniform;
         let n = [40, 44, 38];
         let mut next = uniform(0x9e37_79b9_7f4a_7c15);
         let next_noise = |x: usize| ((x * 7919) % 1013) as f32 / 1013.0;

@@ -26,11 +26,13 @@
 //! ```
 
 mod block;
+mod blur;
 mod describe;
 mod detect;
 pub mod reslice;
 mod two_d;
 mod volume;
+mod workspace;
 
 use crate::{KfError, Result, DESC_LEN};
 use describe::Analysis;
@@ -38,8 +40,8 @@ use ndarray::ArrayView3;
 use rayon::prelude::*;
 use volume::Vol;
 
+pub use blur::gaussian_half_kernel;
 pub use two_d::extract2d;
-pub use volume::gaussian_half_kernel;
 
 /// Every extraction parameter, with its default. Lengths are in voxels of the
 /// (isotropic) extraction grid unless stated; "scale" is the keypoint's characteristic
@@ -382,7 +384,8 @@ pub fn extract3d(
     if n.contains(&0) {
         return Ok(Keypoints::default());
     }
-    let mut vol = Vol::zeros(n)?;
+    // every voxel is written below
+    let mut vol = Vol::scratch(n)?;
     match (volume.as_slice(), volume.t().as_slice()) {
         (Some(s), _) => vol.data.copy_from_slice(s),
         // Fortran order (NIfTI arrays as nibabel loads them): copied here rather than by
@@ -411,7 +414,8 @@ pub fn extract3d(
                 params.max_voxels
             )));
         }
-        vol = volume::resample(&vol, m, step)?;
+        let iso_vol = volume::resample(&vol, m, step)?;
+        Vol::give_back([std::mem::replace(&mut vol, iso_vol)]);
     }
     let found = scale_space(vol, params, 3)?;
     let step = if aniso { step } else { [1.0; 3] };
@@ -456,6 +460,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     let mut found = Vec::new();
     let small = |v: &Vol| v.n[..dim].iter().any(|&x| x < min_size);
     if small(&vol) {
+        Vol::give_back([vol]);
         return Ok(found);
     }
     // KF_TRACE: per-stage seconds on stderr (blur+DoG, detection, description), wall
@@ -465,19 +470,21 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     let mut cpu = [0f64; 3];
     let clock = || Stamp::now(trace);
     let t0 = clock();
-    let mut base = volume::blur(&vol, p.initial_blur_sigma() as f32)?;
+    let mut base = blur::blur(&vol, p.initial_blur_sigma() as f32)?;
     t0.add_to(&mut times[0], &mut cpu[0]);
     // full-size buffers are recycled (the input copy included) rather than freed and
-    // reallocated: every fresh buffer costs a page fault per 4 KiB
+    // reallocated: every fresh buffer costs a page fault per 4 KiB; at the end they go
+    // to the process's workspace pool for the next extraction
     let mut pool: Vec<Vol> = vec![vol];
     let take = |pool: &mut Vec<Vol>, n: [usize; 3]| match pool.pop() {
         Some(v) => Ok(v),
-        None => Vol::zeros(n),
+        None => Vol::scratch(n),
     };
     let mut octave = 0usize;
     loop {
         crate::cancel::check()?;
         if small(&base) || (p.max_octaves > 0.0 && octave >= p.max_octaves as usize) {
+            pool.push(base);
             break;
         }
         let mut next_base: Option<Vol> = None;
@@ -491,7 +498,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
             // (detect::Upper::Top) instead of blurred whole
             let top = dim == 3 && t == s_n + 2;
             let top_kernel = if top {
-                volume::gaussian_half_kernel(inc as f32)
+                blur::gaussian_half_kernel(inc as f32)
             } else {
                 Vec::new()
             };
@@ -506,7 +513,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
                     take(&mut pool, gs[0].n)?
                 };
                 let t0 = clock();
-                volume::blur_into(&gs[gs.len() - 1], inc as f32, &mut g_cur);
+                blur::blur_into(&gs[gs.len() - 1], inc as f32, &mut g_cur);
                 if t == s_n {
                     next_base = Some(volume::downsample(&g_cur)?);
                 }
@@ -608,6 +615,7 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
         }
         octave += 1;
     }
+    Vol::give_back(pool);
     if trace {
         eprintln!(
             "TRACE seconds: blur+dog {:.3} detect {:.3} describe {:.3}",
