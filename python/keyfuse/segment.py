@@ -22,7 +22,6 @@ differ by ~300 there; see docs/decisions.md).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from keyfuse.segment_files import (
     write_image,
 )
 from keyfuse.segment_intensity import normalize_intensity
+from keyfuse.segment_timing import Concurrent, StageClock
 
 __all__ = [
     "KeypointTransferSegmenter",
@@ -124,9 +124,11 @@ class Segmentation:
         Matches over all training images, and agreeing matches that transferred a map.
     timings : dict[str, float]
         Wall seconds spent in extraction, intensity normalisation, matching, voting and
-        transfer.
+        transfer. The normalisation runs on a worker thread alongside extraction and
+        matching, so the stages overlap; ``wait`` is the time predict then waited for it.
     cpu_timings : dict[str, float]
-        CPU seconds of the same stages (all threads of the process).
+        CPU seconds of the same stages (all threads of the process; the normalisation's
+        thread counted in ``normalise`` only).
     """
 
     labels: npt.NDArray[np.int32]
@@ -246,22 +248,6 @@ def _as_label_array(source: Any, name: str) -> tuple[npt.NDArray[np.int32], Imag
     if data.size and (data.min() < 0 or data.max() > np.iinfo(np.int32).max):
         raise InvalidArgumentError(f"{name} must hold labels in 0..2^31-1 (0 = background)")
     return data.astype(np.int32), img
-
-
-class _StageClock:
-    """Wall and CPU (all threads) seconds per named stage."""
-
-    def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-        self._t = (0.0, 0.0)
-
-    def start(self) -> None:
-        self._t = (time.perf_counter(), time.process_time())
-
-    def stop(self, name: str) -> None:
-        self.wall[name] = time.perf_counter() - self._t[0]
-        self.cpu[name] = time.process_time() - self._t[1]
 
 
 class NotFittedError(InvalidArgumentError, _SkNotFittedError):
@@ -577,17 +563,15 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
         img = load_image(image)
         if img.ndim != 3:
             raise InvalidImageError(f"expected a 3D image, got shape {img.shape}")
-        clock = _StageClock()
+        # the intensities are normalised on a worker thread while extraction and matching
+        # run (both release the GIL); the transfer waits for them
+        norm: Concurrent[npt.NDArray[np.float32]] | None = None
+        if self.normalize:
+            norm = Concurrent(lambda: normalize_intensity(img.data, img.spacing))
+        clock = StageClock(norm)
         clock.start()
         kps = keypoints if keypoints is not None else self.extract_keypoints(img)
         clock.stop("extract")
-        clock.start()
-        intensity = (
-            normalize_intensity(img.data, img.spacing)
-            if self.normalize
-            else np.asarray(img.data, dtype=np.float32)
-        )
-        clock.stop("normalise")
 
         # 1. matches to every training image (Rust, atlases in parallel): ratio test, Hough
         # mode, spatially constrained re-matching, p(m) by KDE over translations
@@ -607,6 +591,14 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
         else:
             q = np.zeros(0, np.uint32)
         clock.stop("match")
+        # the worker's own seconds (it ran alongside extraction and matching)
+        clock.start()
+        intensity = norm.result() if norm is not None else np.asarray(img.data, dtype=np.float32)
+        clock.stop("wait")
+        if norm is not None:
+            clock.wall["normalise"], clock.cpu["normalise"] = norm.wall, norm.cpu
+        else:
+            clock.wall["normalise"] = clock.cpu["normalise"] = 0.0
 
         labels_out = np.zeros(img.shape, dtype=np.int32)
         if q.size == 0:
