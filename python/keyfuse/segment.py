@@ -672,11 +672,12 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
             self._nu_array(label_values),
             float(self.background_fraction),
             max_vote=self.background_rule == "max_vote",
+            # a posterior per voxel: the labels' shares divided by max(1, their sum), so
+            # they sum to at most 1 (background the rest)
+            posterior=True,
         )
         clock.stop("transfer")
-        # a posterior per voxel: the labels' shares sum to at most 1 (background the rest)
         stack = np.asarray(probs, dtype=np.float32)
-        stack = stack / np.maximum(stack.sum(axis=0), np.float32(1.0))
         return Segmentation(
             labels=seg_labels,
             probabilities={int(v): stack[k] for k, v in enumerate(label_values)},

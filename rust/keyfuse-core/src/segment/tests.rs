@@ -408,3 +408,28 @@ fn shared_pair_density_equals_kde3_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn posterior_divides_by_the_label_sum_where_it_exceeds_one() {
+    let (shape, n) = ((3usize, 5usize, 4usize, 7usize), 5 * 4 * 7);
+    let vals: Vec<f32> = (0..3 * n)
+        .map(|i| ((i * 37 % 101) as f32) / 150.0)
+        .collect();
+    let mut p = ndarray::Array4::from_shape_vec(shape, vals.clone()).unwrap();
+    posterior_in_place(&mut p);
+    let p = p.as_slice().unwrap();
+    for v in 0..n {
+        let s = (vals[v] + vals[n + v]) + vals[2 * n + v];
+        for l in 0..3 {
+            assert_eq!(
+                p[l * n + v].to_bits(),
+                (vals[l * n + v] / s.max(1.0)).to_bits()
+            );
+        }
+    }
+    // a non-standard layout is handled too
+    let mut t = ndarray::Array4::from_shape_vec((7, 4, 5, 3), vals).unwrap();
+    t.swap_axes(0, 3);
+    posterior_in_place(&mut t);
+    assert!(t.iter().all(|&x| (0.0..=1.0).contains(&x)));
+}
