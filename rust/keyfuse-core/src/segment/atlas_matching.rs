@@ -310,16 +310,23 @@ impl AtlasKeypoints {
                 "test keypoints: positions must be finite and scales positive".into(),
             ));
         }
-        let per: Vec<Vec<(u32, u32, u32)>> = self
+        // each atlas' matches, translations and p(m) in one task (the densities of
+        // different atlases are independent)
+        type PerAtlas = (Vec<(u32, u32, u32)>, Vec<[f64; 3]>, Vec<f64>);
+        let per: Vec<PerAtlas> = self
             .sets
             .par_iter()
-            .map(|b| self.match_one(a, b, p, hough_queries))
+            .map(|b| {
+                let pairs = self.match_one(a, b, p, hough_queries)?;
+                let t = translations(&pairs, a, b);
+                let pm = kde3_pairs(&t, p.kde_bandwidth);
+                Ok((pairs, t, pm))
+            })
             .collect::<Result<_>>()?;
         let mut out = AtlasMatches::default();
-        for (i, (pairs, b)) in per.iter().zip(&self.sets).enumerate() {
-            let t = translations(pairs, a, b);
-            out.p.extend(kde3_pairs(&t, p.kde_bandwidth));
-            for (&(q, c, d), t) in pairs.iter().zip(&t) {
+        for (i, ((pairs, t, pm), b)) in per.iter().zip(&self.sets).enumerate() {
+            out.p.extend_from_slice(pm);
+            for (&(q, c, d), t) in pairs.iter().zip(t) {
                 out.query.push(q);
                 out.atlas.push(i as u32);
                 out.index.push(c);
