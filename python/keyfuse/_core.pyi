@@ -143,6 +143,7 @@ class TransferAtlases:
         nu: npt.NDArray[np.float32],
         background_fraction: float,
         max_vote: bool = False,
+        posterior: bool = False,
     ) -> tuple[
         npt.NDArray[np.int32],
         npt.NDArray[np.float32],

@@ -22,7 +22,6 @@ differ by ~300 there; see docs/decisions.md).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,8 @@ from keyfuse.segment_files import (
     pair_atlas_files,
     write_image,
 )
+from keyfuse.segment_intensity import normalize_intensity
+from keyfuse.segment_timing import Concurrent, StageClock
 
 __all__ = [
     "KeypointTransferSegmenter",
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
     from keyfuse.keypoints import KeypointSet
 
 PathLike = str | os.PathLike[str]
-NORMALISED_MEAN = 1000.0
 DEFAULT_NU = 300.0
 # The Hough translation mode per atlas is voted by at most about this many test keypoints
 # (every k-th, k = ⌈n / 1000⌉; the re-matching still covers all of them): the unconstrained
@@ -67,104 +67,6 @@ HOUGH_QUERIES = 1000
 # transfer_from="auto": an organ is also carried by the keypoints of labels that make up at
 # least this share of its boundary in the training maps
 AUTO_CONTACT_SHARE = 0.05
-
-
-def normalize_intensity(
-    data: npt.ArrayLike,
-    spacing: Sequence[float] | npt.ArrayLike = (1.0, 1.0, 1.0),
-    bias_mm: float | None = 20.0,
-) -> npt.NDArray[np.float32]:
-    """Put an MRI volume on a common intensity scale: 1000 × intensity / local mean.
-
-    The foreground is the voxels above 10% of the image's robust maximum (99th
-    percentile). Each voxel is divided by the Gaussian-weighted mean (σ = ``bias_mm``) of
-    the foreground around it and multiplied by 1000: scanner gain and a smooth bias field
-    cancel, tissue contrast stays (T1: grey matter ≈ 850, white matter ≈ 1150). Background
-    voxels far from any foreground are scaled by the global foreground mean. With
-    ``bias_mm=None`` only the global gain is removed (foreground mean → 1000). Zero stays
-    zero; non-finite voxels raise :class:`InvalidImageError`.
-
-    Parameters
-    ----------
-    data : array
-        The 3D volume.
-    spacing : 3 floats, default (1, 1, 1)
-        Voxel sizes in mm (for the width of the local mean).
-    bias_mm : float or None, default 20.0
-        Width (mm) of the local mean.
-    """
-    arr = np.asarray(data, dtype=np.float32)
-    if not np.all(np.isfinite(arr)):
-        raise InvalidImageError("image has NaN or infinite voxels")
-    top = float(np.percentile(arr, 99.0)) if arr.size else 0.0
-    if top <= 0.0:
-        return np.zeros_like(arr)
-    fg = arr > 0.1 * top
-    global_mean = float(arr[fg].mean())
-    out = arr * np.float32(NORMALISED_MEAN / global_mean)
-    if bias_mm is None or arr.ndim != 3:
-        return out.astype(np.float32, copy=False)
-    from scipy import ndimage
-
-    sigma = np.array(
-        [float(bias_mm) / max(float(s), 1e-6) for s in np.asarray(spacing).ravel()[:3]]
-    )
-    # The local mean is very smooth (σ = 20 mm): compute it on a grid coarser by an integer
-    # factor per axis (block means; the Gaussian's σ reduced by the block's own spread) and
-    # interpolate it back linearly (see docs/decisions.md).
-    factor = np.maximum(1, np.floor(sigma / 3.0)).astype(int)
-    mask = fg.astype(np.float32)
-    num_c = _block_mean(out * mask, factor)
-    den_c = _block_mean(mask, factor)
-    sigma_c = np.sqrt(np.maximum(sigma**2 - (factor**2 - 1) / 12.0, 0.0)) / factor
-    num_c = ndimage.gaussian_filter(num_c, sigma_c, mode="constant")
-    den_c = ndimage.gaussian_filter(den_c, sigma_c, mode="constant")
-    # where the foreground is too sparse for a local mean, keep the global scaling
-    local_c = np.where(den_c > 0.05, num_c / np.maximum(den_c, 1e-6), NORMALISED_MEAN)
-    local_c = np.maximum(local_c, 0.05 * NORMALISED_MEAN).astype(np.float32)
-    local = _upsample_linear(local_c, factor, arr.shape)
-    return (out * (NORMALISED_MEAN / local)).astype(np.float32)
-
-
-def _block_mean(
-    a: npt.NDArray[np.float32], factor: npt.NDArray[np.int_]
-) -> npt.NDArray[np.float32]:
-    """Means over blocks of ``factor`` voxels (the last blocks are partial)."""
-    out = np.asarray(a, dtype=np.float32)
-    for axis, f in enumerate(int(v) for v in factor):
-        if f == 1:
-            continue
-        n = out.shape[axis]
-        starts = np.arange(0, n, f)
-        sums = np.add.reduceat(out, starts, axis=axis)
-        counts = np.diff(np.append(starts, n)).astype(np.float32)
-        shape = [1] * out.ndim
-        shape[axis] = counts.size
-        out = (sums / counts.reshape(shape)).astype(np.float32)
-    return out
-
-
-def _upsample_linear(
-    c: npt.NDArray[np.float32], factor: npt.NDArray[np.int_], shape: tuple[int, ...]
-) -> npt.NDArray[np.float32]:
-    """Linear interpolation of block means (block ``b`` centred at voxel ``b·f + (f−1)/2``)
-    back to a grid of ``shape``, one axis at a time (constant beyond the end centres)."""
-    out = c
-    for axis, f in enumerate(int(v) for v in factor):
-        if f == 1:
-            continue
-        n = shape[axis]
-        m = out.shape[axis]
-        pos = (np.arange(n, dtype=np.float64) - (f - 1) / 2.0) / f
-        pos = np.clip(pos, 0.0, m - 1)
-        lo = np.minimum(np.floor(pos).astype(np.intp), max(m - 2, 0))
-        hi = np.minimum(lo + 1, m - 1)
-        w = (pos - lo).astype(np.float32)
-        bshape = [1] * out.ndim
-        bshape[axis] = n
-        w = w.reshape(bshape)
-        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
-    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def _contact_shares(label_maps: Sequence[npt.NDArray[np.int32]]) -> dict[int, dict[int, float]]:
@@ -222,9 +124,11 @@ class Segmentation:
         Matches over all training images, and agreeing matches that transferred a map.
     timings : dict[str, float]
         Wall seconds spent in extraction, intensity normalisation, matching, voting and
-        transfer.
+        transfer. The normalisation runs on a worker thread alongside extraction and
+        matching, so the stages overlap; ``wait`` is the time predict then waited for it.
     cpu_timings : dict[str, float]
-        CPU seconds of the same stages (all threads of the process).
+        CPU seconds of the same stages (all threads of the process; the normalisation's
+        thread counted in ``normalise`` only).
     """
 
     labels: npt.NDArray[np.int32]
@@ -344,22 +248,6 @@ def _as_label_array(source: Any, name: str) -> tuple[npt.NDArray[np.int32], Imag
     if data.size and (data.min() < 0 or data.max() > np.iinfo(np.int32).max):
         raise InvalidArgumentError(f"{name} must hold labels in 0..2^31-1 (0 = background)")
     return data.astype(np.int32), img
-
-
-class _StageClock:
-    """Wall and CPU (all threads) seconds per named stage."""
-
-    def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-        self._t = (0.0, 0.0)
-
-    def start(self) -> None:
-        self._t = (time.perf_counter(), time.process_time())
-
-    def stop(self, name: str) -> None:
-        self.wall[name] = time.perf_counter() - self._t[0]
-        self.cpu[name] = time.process_time() - self._t[1]
 
 
 class NotFittedError(InvalidArgumentError, _SkNotFittedError):
@@ -675,17 +563,15 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
         img = load_image(image)
         if img.ndim != 3:
             raise InvalidImageError(f"expected a 3D image, got shape {img.shape}")
-        clock = _StageClock()
+        # the intensities are normalised on a worker thread while extraction and matching
+        # run (both release the GIL); the transfer waits for them
+        norm: Concurrent[npt.NDArray[np.float32]] | None = None
+        if self.normalize:
+            norm = Concurrent(lambda: normalize_intensity(img.data, img.spacing))
+        clock = StageClock(norm)
         clock.start()
         kps = keypoints if keypoints is not None else self.extract_keypoints(img)
         clock.stop("extract")
-        clock.start()
-        intensity = (
-            normalize_intensity(img.data, img.spacing)
-            if self.normalize
-            else np.asarray(img.data, dtype=np.float32)
-        )
-        clock.stop("normalise")
 
         # 1. matches to every training image (Rust, atlases in parallel): ratio test, Hough
         # mode, spatially constrained re-matching, p(m) by KDE over translations
@@ -705,6 +591,14 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
         else:
             q = np.zeros(0, np.uint32)
         clock.stop("match")
+        # the worker's own seconds (it ran alongside extraction and matching)
+        clock.start()
+        intensity = norm.result() if norm is not None else np.asarray(img.data, dtype=np.float32)
+        clock.stop("wait")
+        if norm is not None:
+            clock.wall["normalise"], clock.cpu["normalise"] = norm.wall, norm.cpu
+        else:
+            clock.wall["normalise"] = clock.cpu["normalise"] = 0.0
 
         labels_out = np.zeros(img.shape, dtype=np.int32)
         if q.size == 0:
@@ -778,11 +672,12 @@ class KeypointTransferSegmenter(BaseEstimator):  # type: ignore[misc]
             self._nu_array(label_values),
             float(self.background_fraction),
             max_vote=self.background_rule == "max_vote",
+            # a posterior per voxel: the labels' shares divided by max(1, their sum), so
+            # they sum to at most 1 (background the rest)
+            posterior=True,
         )
         clock.stop("transfer")
-        # a posterior per voxel: the labels' shares sum to at most 1 (background the rest)
         stack = np.asarray(probs, dtype=np.float32)
-        stack = stack / np.maximum(stack.sum(axis=0), np.float32(1.0))
         return Segmentation(
             labels=seg_labels,
             probabilities={int(v): stack[k] for k, v in enumerate(label_values)},

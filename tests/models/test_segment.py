@@ -418,3 +418,28 @@ def test_both_background_rules_segment_a_shifted_copy() -> None:
             assert dice(out.labels == organ, truth == organ) > 0.99, (rule, organ)
     with pytest.raises(InvalidArgumentError, match="background_rule"):
         KeypointTransferSegmenter(background_rule="max")
+
+
+def test_concurrent_normalisation_reraises_and_times_itself() -> None:
+    from keyfuse.segment_timing import Concurrent, StageClock
+
+    def fail() -> None:
+        raise InvalidImageError("from the worker")
+
+    with pytest.raises(InvalidImageError, match="from the worker"):
+        Concurrent(fail).result()
+    data = np.random.default_rng(0).random((30, 30, 30)).astype(np.float32)
+    work = Concurrent(lambda: normalize_intensity(data))
+    clock = StageClock(work)
+    clock.start()
+    out = work.result()
+    clock.stop("wait")
+    np.testing.assert_array_equal(out, normalize_intensity(data))
+    assert work.wall > 0.0 and work.cpu >= 0.0 and clock.cpu["wait"] >= 0.0
+    # predict reports the worker's own seconds and the wait for it
+    labels, image, kps, test_img, test_kps, _ = shifted_case()
+    seg = KeypointTransferSegmenter(progress=False)
+    seg.fit([kf.Image(image, AFFINE)], [labels], keypoints=[kps])
+    res = seg.predict(test_img, keypoints=test_kps)
+    assert {"extract", "normalise", "wait", "match", "vote", "transfer"} <= set(res.timings)
+    assert set(res.timings) == set(res.cpu_timings)

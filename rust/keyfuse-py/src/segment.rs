@@ -3,7 +3,7 @@
 
 use keyfuse_core::matching::MatchParams;
 use keyfuse_core::segment::{
-    AtlasKeypoints as CoreAtlasKeypoints, AtlasSet, BackgroundRule, Transfer,
+    posterior_in_place, AtlasKeypoints as CoreAtlasKeypoints, AtlasSet, BackgroundRule, Transfer,
 };
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyReadonlyArray1, PyReadonlyArray2,
@@ -59,9 +59,10 @@ impl TransferAtlases {
 
     /// Accumulate the transfers on the test grid; returns
     /// `(labels, probabilities, total_weight, n_groups)`. `max_vote`: the background rule
-    /// against the largest vote instead of per-label shares.
+    /// against the largest vote instead of per-label shares. `posterior`: the
+    /// probabilities divided per voxel by max(1, their sum) (`posterior_in_place`).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (image, atlas, label, shift, weight, nu, background_fraction, max_vote = false))]
+    #[pyo3(signature = (image, atlas, label, shift, weight, nu, background_fraction, max_vote = false, posterior = false))]
     fn transfer<'py>(
         &self,
         py: Python<'py>,
@@ -73,6 +74,7 @@ impl TransferAtlases {
         nu: PyReadonlyArray1<'py, f32>,
         background_fraction: f32,
         max_vote: bool,
+        posterior: bool,
     ) -> PyResult<TransferOut<'py>> {
         let (image, atlas, label, shift, weight, nu) = (
             image.as_array(),
@@ -111,7 +113,11 @@ impl TransferAtlases {
             } else {
                 BackgroundRule::PerLabel
             };
-            inner.transfer_with(image, &transfers, &nu, background_fraction, rule)
+            let mut out = inner.transfer_with(image, &transfers, &nu, background_fraction, rule)?;
+            if posterior {
+                posterior_in_place(&mut out.probabilities);
+            }
+            Ok::<_, keyfuse_core::KfError>(out)
         })?;
         Ok((
             out.labels.into_pyarray(py),

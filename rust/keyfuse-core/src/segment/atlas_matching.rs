@@ -310,16 +310,23 @@ impl AtlasKeypoints {
                 "test keypoints: positions must be finite and scales positive".into(),
             ));
         }
-        let per: Vec<Vec<(u32, u32, u32)>> = self
+        // each atlas' matches, translations and p(m) in one task (the densities of
+        // different atlases are independent)
+        type PerAtlas = (Vec<(u32, u32, u32)>, Vec<[f64; 3]>, Vec<f64>);
+        let per: Vec<PerAtlas> = self
             .sets
             .par_iter()
-            .map(|b| self.match_one(a, b, p, hough_queries))
+            .map(|b| {
+                let pairs = self.match_one(a, b, p, hough_queries)?;
+                let t = translations(&pairs, a, b);
+                let pm = kde3_pairs(&t, p.kde_bandwidth);
+                Ok((pairs, t, pm))
+            })
             .collect::<Result<_>>()?;
         let mut out = AtlasMatches::default();
-        for (i, (pairs, b)) in per.iter().zip(&self.sets).enumerate() {
-            let t = translations(pairs, a, b);
-            out.p.extend(crate::matching::kde3(&t, p.kde_bandwidth));
-            for (&(q, c, d), t) in pairs.iter().zip(&t) {
+        for (i, ((pairs, t, pm), b)) in per.iter().zip(&self.sets).enumerate() {
+            out.p.extend_from_slice(pm);
+            for (&(q, c, d), t) in pairs.iter().zip(t) {
                 out.query.push(q);
                 out.atlas.push(i as u32);
                 out.index.push(c);
@@ -457,4 +464,83 @@ impl AtlasKeypoints {
             .collect();
         Ok(r)
     }
+}
+
+/// Pairs beyond which [`kde3_pairs`] computes every value twice instead of keeping a table
+/// (32 MB).
+const MAX_KDE_PAIRS: usize = 1 << 22;
+
+/// [`crate::matching::kde3`], bit for bit, with each pair's kernel value computed once:
+/// `exp(−½ |t_i − t_j|² / h²)` is the same number for (i, j) and (j, i) (the difference
+/// only changes sign), and the exponentials are most of the density's cost (the matches
+/// of one atlas cluster around its Hough mode, so nearly all pairs fall in each other's
+/// window). Each point's window and summation order are kde3's: the points sorted by
+/// (x, index), those within 5h along x, in that order; a value missing from the shared
+/// table (x rounding can make windows asymmetric at their edges) is computed directly.
+/// Beyond [`MAX_KDE_PAIRS`] pairs it is kde3 itself.
+pub(super) fn kde3_pairs(t: &[[f64; 3]], h: f64) -> Vec<f64> {
+    let n = t.len();
+    if n < 2 {
+        return vec![0.0; n];
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&i, &j| t[i][0].total_cmp(&t[j][0]).then(i.cmp(&j)));
+    let xs: Vec<f64> = order.iter().map(|&i| t[i][0]).collect();
+    let norm = 1.0 / ((2.0 * std::f64::consts::PI).powf(1.5) * h * h * h * (n - 1) as f64);
+    let cut = 5.0 * h;
+    let kernel = |i: usize, j: usize| (-0.5 * sq_dist(t[i], t[j]) / (h * h)).exp();
+    // window [lo, hi) of the point at sorted position p
+    let window = |p: usize| {
+        let x = t[order[p]][0];
+        (
+            xs.partition_point(|&v| v < x - cut),
+            xs.partition_point(|&v| v <= x + cut),
+        )
+    };
+    let windows: Vec<(usize, usize)> = (0..n).into_par_iter().map(window).collect();
+    // row p: the kernel values of sorted positions p + 1 .. hi(p)
+    let mut start = vec![0usize; n + 1];
+    for p in 0..n {
+        start[p + 1] = start[p] + windows[p].1.saturating_sub(p + 1);
+    }
+    if start[n] > MAX_KDE_PAIRS {
+        return crate::matching::kde3(t, h);
+    }
+    let mut table = vec![0.0f64; start[n]];
+    {
+        let mut rows: Vec<&mut [f64]> = Vec::with_capacity(n);
+        let mut rest = &mut table[..];
+        for p in 0..n {
+            let (row, tail) = rest.split_at_mut(start[p + 1] - start[p]);
+            rows.push(row);
+            rest = tail;
+        }
+        rows.into_par_iter().enumerate().for_each(|(p, row)| {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = kernel(order[p], order[p + 1 + k]);
+            }
+        });
+    }
+    let value = |p: usize, q: usize| {
+        // the pair's value from the row of the smaller position when it holds it
+        let (a, b) = if p < q { (p, q) } else { (q, p) };
+        if b < windows[a].1 {
+            table[start[a] + (b - a - 1)]
+        } else {
+            kernel(order[p], order[q])
+        }
+    };
+    let mut out = vec![0.0; n];
+    let sums: Vec<(usize, f64)> = (0..n)
+        .into_par_iter()
+        .map(|p| {
+            let (lo, hi) = windows[p];
+            let s: f64 = (lo..hi).filter(|&q| q != p).map(|q| value(p, q)).sum();
+            (order[p], s * norm)
+        })
+        .collect();
+    for (i, v) in sums {
+        out[i] = v;
+    }
+    out
 }

@@ -37,7 +37,7 @@ mod transfer;
 mod voting;
 
 pub use atlas_matching::{AtlasKeypointSet, AtlasKeypoints, AtlasMatches};
-pub use transfer::{AtlasSet, BackgroundRule, Transfer, TransferResult};
+pub use transfer::{posterior_in_place, AtlasSet, BackgroundRule, Transfer, TransferResult};
 pub use voting::vote_labels;
 
 #[cfg(test)]

@@ -379,3 +379,57 @@ fn max_vote_rule_keeps_one_weak_transfer_out() {
     assert!((mv.probabilities[[1, 9, 7, 6]] - 1.0 / 9.0).abs() < 1e-6);
     assert!((mv.probabilities[[0, 4, 3, 2]] - 1.0).abs() < 1e-6);
 }
+
+#[test]
+fn shared_pair_density_equals_kde3_bit_for_bit() {
+    use super::atlas_matching::kde3_pairs;
+    for (n, seed, spread) in [
+        (0, 1, 1.0),
+        (1, 2, 1.0),
+        (2, 3, 1.0),
+        (300, 4, 0.37),
+        (900, 5, 1.3),
+    ] {
+        let (_, xyz, scale) = random_set(n, seed);
+        // clustered translations with ties in x, sub-millimetre offsets and points near
+        // the window edges (multiples of the 15 mm cut)
+        let t: Vec<[f64; 3]> = xyz
+            .iter()
+            .zip(&scale)
+            .map(|(p, s)| [p[0] * spread * 0.5, p[1] * 0.25 + s, p[2] * 0.3 - s * 0.1])
+            .collect();
+        for h in [3.0, 0.7] {
+            let want = crate::matching::kde3(&t, h);
+            let got = kde3_pairs(&t, h);
+            assert_eq!(want.len(), got.len());
+            for (a, b) in want.iter().zip(&got) {
+                assert_eq!(a.to_bits(), b.to_bits(), "n {n} h {h}");
+            }
+        }
+    }
+}
+
+#[test]
+fn posterior_divides_by_the_label_sum_where_it_exceeds_one() {
+    let (shape, n) = ((3usize, 5usize, 4usize, 7usize), 5 * 4 * 7);
+    let vals: Vec<f32> = (0..3 * n)
+        .map(|i| ((i * 37 % 101) as f32) / 150.0)
+        .collect();
+    let mut p = ndarray::Array4::from_shape_vec(shape, vals.clone()).unwrap();
+    posterior_in_place(&mut p);
+    let p = p.as_slice().unwrap();
+    for v in 0..n {
+        let s = (vals[v] + vals[n + v]) + vals[2 * n + v];
+        for l in 0..3 {
+            assert_eq!(
+                p[l * n + v].to_bits(),
+                (vals[l * n + v] / s.max(1.0)).to_bits()
+            );
+        }
+    }
+    // a non-standard layout is handled too
+    let mut t = ndarray::Array4::from_shape_vec((7, 4, 5, 3), vals).unwrap();
+    t.swap_axes(0, 3);
+    posterior_in_place(&mut t);
+    assert!(t.iter().all(|&x| (0.0..=1.0).contains(&x)));
+}

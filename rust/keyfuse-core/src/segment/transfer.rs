@@ -464,3 +464,45 @@ impl AtlasSet {
         })
     }
 }
+
+/// Turn [`TransferResult::probabilities`] (`(n_labels, Z, Y, X)`, each label's share) into
+/// a posterior in place: every voxel's labels divided by `max(1, Σ_l p_l)`, so they sum
+/// to at most 1 (background the rest). The sum runs over the labels in order in f32,
+/// as numpy's `p / np.maximum(p.sum(axis=0), 1)` does, so the values are the same bits;
+/// parallel over voxels.
+pub fn posterior_in_place(probabilities: &mut Array4<f32>) {
+    let n_labels = probabilities.shape()[0];
+    let n_vox: usize = probabilities.shape()[1..].iter().product();
+    if n_labels == 0 || n_vox == 0 {
+        return;
+    }
+    if !probabilities.is_standard_layout() {
+        *probabilities = probabilities.as_standard_layout().into_owned();
+    }
+    let p = probabilities.as_slice_mut().expect("standard layout");
+    const BLOCK: usize = 1 << 14;
+    let denom: Vec<f32> = {
+        let p = &*p;
+        (0..n_vox)
+            .into_par_iter()
+            .with_min_len(BLOCK)
+            .map(|v| {
+                let mut s = p[v];
+                for l in 1..n_labels {
+                    s += p[l * n_vox + v];
+                }
+                s.max(1.0)
+            })
+            .collect()
+    };
+    p.par_chunks_mut(n_vox).for_each(|label| {
+        label
+            .par_chunks_mut(BLOCK)
+            .zip(denom.par_chunks(BLOCK))
+            .for_each(|(x, d)| {
+                for (x, &d) in x.iter_mut().zip(d) {
+                    *x /= d;
+                }
+            });
+    });
+}
