@@ -316,12 +316,12 @@ pub fn kde3(t: &[[f64; 3]], h: f64) -> Vec<f64> {
     if n < 2 {
         return vec![0.0; n];
     }
-    // sort by x so that only points within 5h along x are visited
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&i, &j| t[i][0].total_cmp(&t[j][0]).then(i.cmp(&j)));
-    let xs: Vec<f64> = order.iter().map(|&i| t[i][0]).collect();
-    let norm = 1.0 / ((2.0 * std::f64::consts::PI).powf(1.5) * h * h * h * (n - 1) as f64);
-    let cut = 5.0 * h;
+    let KdeWindows {
+        order,
+        xs,
+        norm,
+        cut,
+    } = KdeWindows::new(t, h);
     (0..n)
         .into_par_iter()
         .map(|i| {
@@ -335,6 +335,32 @@ pub fn kde3(t: &[[f64; 3]], h: f64) -> Vec<f64> {
             s * norm
         })
         .collect()
+}
+
+/// What [`kde3`] and its pairwise twin share: the points sorted by (x, index), so that
+/// only those within `cut` = 5h along x are visited, their sorted x and the density's
+/// normalisation for `n ≥ 2` points.
+pub(crate) struct KdeWindows {
+    pub order: Vec<usize>,
+    pub xs: Vec<f64>,
+    pub norm: f64,
+    pub cut: f64,
+}
+
+impl KdeWindows {
+    pub(crate) fn new(t: &[[f64; 3]], h: f64) -> Self {
+        let n = t.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&i, &j| t[i][0].total_cmp(&t[j][0]).then(i.cmp(&j)));
+        let xs: Vec<f64> = order.iter().map(|&i| t[i][0]).collect();
+        let norm = 1.0 / ((2.0 * std::f64::consts::PI).powf(1.5) * h * h * h * (n - 1) as f64);
+        KdeWindows {
+            order,
+            xs,
+            norm,
+            cut: 5.0 * h,
+        }
+    }
 }
 
 /// A 3D similarity transform `y = s·R·x + t`.

@@ -483,11 +483,12 @@ pub(super) fn kde3_pairs(t: &[[f64; 3]], h: f64) -> Vec<f64> {
     if n < 2 {
         return vec![0.0; n];
     }
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&i, &j| t[i][0].total_cmp(&t[j][0]).then(i.cmp(&j)));
-    let xs: Vec<f64> = order.iter().map(|&i| t[i][0]).collect();
-    let norm = 1.0 / ((2.0 * std::f64::consts::PI).powf(1.5) * h * h * h * (n - 1) as f64);
-    let cut = 5.0 * h;
+    let crate::matching::KdeWindows {
+        order,
+        xs,
+        norm,
+        cut,
+    } = crate::matching::KdeWindows::new(t, h);
     let kernel = |i: usize, j: usize| (-0.5 * sq_dist(t[i], t[j]) / (h * h)).exp();
     // window [lo, hi) of the point at sorted position p
     let window = |p: usize| {
