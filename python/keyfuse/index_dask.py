@@ -155,7 +155,8 @@ def _knn_task(
 
 def worker_mapped_budget() -> int:
     """The mapped-pages budget of a search task: :data:`~keyfuse.index_shards.MAPPED_BUDGET`,
-    and on a Dask worker with a memory limit at most ``MAPPED_FRACTION`` of that limit.
+    and on a Dask worker with a memory limit at most ``WORKER_MAPPED_FRACTION`` (30%) of
+    that limit.
 
     Clean mapped pages count in a worker's resident memory, which its nanny compares with
     the limit (pausing at 80%, restarting at 95%); several workers on one host would
@@ -169,7 +170,7 @@ def worker_mapped_budget() -> int:
         limit = None
     if not limit:
         return index_shards.MAPPED_BUDGET
-    return min(index_shards.MAPPED_BUDGET, int(index_shards.MAPPED_FRACTION * limit))
+    return min(index_shards.MAPPED_BUDGET, int(index_shards.WORKER_MAPPED_FRACTION * limit))
 
 
 def _specs(index: Index) -> list[dict[str, Any]]:

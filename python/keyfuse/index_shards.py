@@ -64,9 +64,12 @@ from keyfuse.errors import CorruptDataError, IndexCorruptError, KeyfuseIOError
 
 DEFAULT_SHARD_SIZE = 20_000_000
 #: file-backed resident bytes above which a searched shard's mapped pages are released:
-#: 40% of the machine's memory (a process may set it; 0 releases after every search; a
-#: Dask worker uses at most this fraction of its own memory limit, index_dask)
-MAPPED_FRACTION = 0.4
+#: 50% of the machine's memory (a process may set it; 0 releases after every search;
+#: a Dask worker keeps less, index_dask.worker_mapped_budget)
+MAPPED_FRACTION = 0.5
+#: of a Dask worker's memory limit: the rest holds its forests' nodes, the interpreter and
+#: the shard being searched below the 80% at which Dask pauses the worker
+WORKER_MAPPED_FRACTION = 0.3
 MAPPED_BUDGET = int(MAPPED_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 #: map a multi-segment open shard through a joined cache file instead of reading it into
 #: RAM (off by default: the cache doubles the open shard on disk; docs/decisions.md)
