@@ -270,7 +270,7 @@ def _executor(scheduler: Any, n_workers: int | None) -> Iterator[tuple[str, Any]
         yield "dask", scheduler
         return
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError as exc:
         if scheduler in (None, "local"):
             with _thread_pool(workers) as pool:
@@ -280,13 +280,7 @@ def _executor(scheduler: Any, n_workers: int | None) -> Iterator[tuple[str, Any]
             "a Dask scheduler needs dask[distributed]: pip install 'keyfuse[dask]'"
         ) from exc
     if scheduler in (None, "local", "processes"):
-        processes = scheduler == "processes"
-        cluster = LocalCluster(
-            n_workers=workers if processes else 1,
-            threads_per_worker=1 if processes else workers,
-            processes=processes,
-            dashboard_address=None,
-        )
+        cluster = _local_cluster(scheduler == "processes", workers)
         client = Client(cluster)
         try:
             yield "dask", client
@@ -306,6 +300,19 @@ def _executor(scheduler: Any, n_workers: int | None) -> Iterator[tuple[str, Any]
     finally:
         with _quiet_dask():
             client.close()
+
+
+def _local_cluster(processes: bool, workers: int) -> Any:
+    """A Dask LocalCluster of ``workers`` cores: threads of this process, or one-thread
+    worker processes."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=workers if processes else 1,
+        threads_per_worker=1 if processes else workers,
+        processes=processes,
+        dashboard_address=None,
+    )
 
 
 @contextlib.contextmanager

@@ -88,17 +88,11 @@ def _local_client(processes: bool) -> Any:
     import atexit
     import os
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from keyfuse.batch import _quiet_dask
+    from keyfuse.batch import _local_cluster, _quiet_dask
 
-    workers = os.cpu_count() or 1
-    cluster = LocalCluster(
-        n_workers=workers if processes else 1,
-        threads_per_worker=1 if processes else workers,
-        processes=processes,
-        dashboard_address=None,
-    )
+    cluster = _local_cluster(processes, os.cpu_count() or 1)
     client = Client(cluster, set_as_default=False)
 
     def close() -> None:

@@ -2,9 +2,10 @@
 //! between extractions.
 //!
 //! A 1 mm MNI-sized scale space holds four ~35 MB volumes. Fresh ones cost the kernel a
-//! zeroed page per first touch (~0.1 CPU s per extraction, `clear_page_rep` in perf,
-//! docs/decisions.md); a batch of extractions in one process (cohorts, the batch
-//! functions' workers) instead reuses the buffers the previous extraction handed back.
+//! zeroed page per first touch (`clear_page_rep` in perf; how much depends on whether
+//! huge pages back them, docs/decisions.md); a batch of extractions in one process
+//! (cohorts, the batch functions' workers) instead reuses the buffers the previous
+//! extraction handed back.
 //!
 //! Bounds: the pool holds at most [`cap_bytes`] (default 192 MiB: one 1 mm MNI-sized
 //! scale space; `KF_EXTRACT_POOL_MB` sets it, 0 turns the pool off) while no extraction
