@@ -41,7 +41,8 @@ def heavy(fn: Callable[[], Callable[[], object]]) -> Callable[[], Callable[[], o
 
 @heavy
 def _extract3d() -> Callable[[], object]:
-    vol = textured_volume((64, 64, 64), seed=3)
+    # ≈ 35 ms on a quiet 2-core machine: 64³ (10 ms) was too quick to show anything
+    vol = textured_volume((96, 96, 96), seed=3)
     return lambda: _core.extract3d(vol, (1.0, 1.0, 1.0))
 
 
@@ -120,7 +121,11 @@ def _SearchEngine__reference_votes() -> Callable[[], object]:
 
 @heavy
 def _SearchEngine__build_forest() -> Callable[[], object]:
-    engine = _engine()
+    # only the first call builds (later ones find the forest): 72,000 descriptors, ≈ 35 ms
+    # on a quiet 2-core machine (24,000 took 11 ms, too quick to show anything)
+    engine = _core.SearchEngine(trees=4)
+    for s in range(6):
+        engine.add(_descriptors(12_000, s))
     return engine.build_forest
 
 
