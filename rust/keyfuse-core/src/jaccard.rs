@@ -30,9 +30,10 @@
 // Index loops mirror the formulas; `!(x > 0.0)` is deliberate: it also rejects NaN.
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
-use crate::knn::{check_rows, knn_exact, ForestParams, KdForest, Neighbors};
+use crate::knn::{check_rows, knn_exact, knn_exact_skipping, ForestParams, KdForest, Neighbors};
 use crate::{KfError, Result, DESC_LEN};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Parameters of soft-Jaccard scoring.
 #[derive(Clone, Debug)]
@@ -431,8 +432,22 @@ impl Cohort {
         p: &SoftJaccardParams,
         row: G,
     ) -> Result<Vec<R>> {
-        let owner = &self.owner;
-        let nb = self.knn(&self.data, p, |q, c| owner[q] != owner[c as usize])?;
+        let (owner, offsets) = (&self.owner, &self.offsets);
+        let filter = |q: usize, c: u32| owner[q] != owner[c as usize];
+        let nb = if p.exact {
+            // a block of queries from one subject skips that subject's rows
+            let own_rows = |qs: Range<usize>| match qs.len() {
+                0 => 0..0,
+                _ if owner[qs.start] == owner[qs.end - 1] => {
+                    let s = owner[qs.start] as usize;
+                    offsets[s]..offsets[s + 1]
+                }
+                _ => 0..0,
+            };
+            knn_exact_skipping(&self.data, &self.data, p.k, own_rows, filter)?
+        } else {
+            self.knn(&self.data, p, filter)?
+        };
         crate::cancel::check()?;
         Ok((0..self.n_subjects())
             .into_par_iter()

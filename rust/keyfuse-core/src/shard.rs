@@ -13,8 +13,8 @@
 
 use crate::jaccard::{DimStats, SoftJaccardParams};
 use crate::knn::{
-    check_rows, fnv64, knn_exact, release_mapped_pages, write_aside, write_atomic, ForestParams,
-    KdForest, Neighbors,
+    check_rows, fnv64, knn_exact_skipping, release_mapped_pages, write_aside, write_atomic,
+    ForestParams, KdForest, Neighbors,
 };
 use crate::{KfError, Result, DESC_LEN};
 use std::path::Path;
@@ -384,12 +384,25 @@ impl Shard {
                 ));
             }
         }
+        // the excluded subject's rows [lo, hi), tested without a search: this filter runs
+        // for every candidate that beats a query's k-th distance
+        let (lo, hi) = match ex.checked_sub(first).map(|i| i as usize) {
+            Some(i) if i < ends.len() => (if i == 0 { 0 } else { ends[i - 1] }, ends[i]),
+            _ => (0, 0),
+        };
         let filter = |_: usize, c: u32| {
-            let s = first + ends.partition_point(|&e| e <= c) as u32;
-            s != ex && allowed.is_none_or(|a| a[s as usize])
+            c.wrapping_sub(lo) >= hi - lo
+                && allowed
+                    .is_none_or(|a| a[(first + ends.partition_point(|&e| e <= c) as u32) as usize])
         };
         let mut nb = if p.exact {
-            knn_exact(self.data(), queries, p.k, filter)?
+            knn_exact_skipping(
+                self.data(),
+                queries,
+                p.k,
+                |_| lo as usize..hi as usize,
+                filter,
+            )?
         } else {
             match self.forest.get() {
                 Some(f) => f.search(self.data(), queries, p.k, p.checks, filter)?,

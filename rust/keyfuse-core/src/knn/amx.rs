@@ -5,10 +5,14 @@
 //! `d² = |q|² + |b|² − 2 q·b` are the same integers as the SIMD kernels': results are
 //! bit-identical whichever kernel runs. The data rows are the A operand, read straight
 //! from the descriptor array; each block of 32 queries is transposed once into the B
-//! operand's layout (4-byte groups). Each step multiplies 16 rows by 32 queries (two
-//! tiles), alternate steps on disjoint tiles so that they overlap; AVX-512 then tests
-//! the step's 16 distances per query against the queries' current k-th distances at
-//! once (a tile's best row first), and only the rare winners reach the scalar top-k.
+//! operand's layout (4-byte groups; doubled, 2q, where every byte allows it, so the
+//! tiles hold 2 q·b). Each step multiplies 16 rows by 32 queries (two tiles), alternate
+//! steps on disjoint tiles so that they overlap; AVX-512 then tests the step's 16
+//! distances per query against the queries' current k-th distances at once (a tile's
+//! best row first, then every row of a passing tile as one mask), and only the rare
+//! winners reach a query's top k, kept as 16 sorted keys in two vectors where k ≤ 16
+//! (an insertion without a branch). Rows the caller's filter rejects for every query
+//! (an all-pairs query's own subject) can be skipped whole.
 //! It is the fastest exact kernel where it runs (see docs/decisions.md).
 //!
 //! Stable Rust has no AMX intrinsics, so the tile instructions are inline assembly. Linux
@@ -19,6 +23,7 @@ use super::TopK;
 use crate::DESC_LEN;
 use std::arch::asm;
 use std::arch::x86_64::*;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 /// Whether the AMX kernel can run in this process (checked, and permission asked, once).
@@ -91,7 +96,8 @@ const CHUNK: usize = 2048;
 
 /// Exact scan of all `data` rows for one block of queries (`queries.len() / 64` of them,
 /// any number), updating `heaps` (one per query). `filter(query, row)` as in
-/// [`super::knn_exact`]; `data_norms[j] = |data_j|²`.
+/// [`super::knn_exact`]; steps of 16 rows inside `skip` (rows the filter rejects for
+/// every query) are not computed; `data_norms[j] = |data_j|²`.
 ///
 /// # Safety
 /// [`available`] must have returned true in this process.
@@ -99,6 +105,7 @@ const CHUNK: usize = 2048;
 pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     data: &[u8],
     data_norms: &[u32],
+    skip: &Range<usize>,
     queries: &[u8],
     q0: usize,
     heaps: &mut [TopK],
@@ -111,10 +118,18 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     // 16 queries side by side; missing queries are zero and masked out below
     let mut bt = vec![0u8; groups * 2 * TILE];
     let mut qn = vec![0i32; groups * 32];
+    // queries whose bytes are all ≤ 127 are doubled in the B operands (2q still fits a
+    // byte): the tiles then hold 2 q·b and the comparisons skip one addition per vector
+    let doubled = queries.iter().all(|&v| v <= 127);
     for (q, row) in queries.chunks_exact(DESC_LEN).enumerate() {
         let base = (q / 16) * TILE + (q % 16) * 4;
         for r in 0..16 {
-            bt[base + r * 64..base + r * 64 + 4].copy_from_slice(&row[4 * r..4 * r + 4]);
+            for (o, &v) in bt[base + r * 64..base + r * 64 + 4]
+                .iter_mut()
+                .zip(&row[4 * r..])
+            {
+                *o = if doubled { 2 * v } else { v };
+            }
         }
         qn[q] = super::sq_norm(row) as i32;
     }
@@ -142,7 +157,14 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     // two result buffers: while the tiles of one step compute, the previous step's
     // distances are compared (AMX latency hidden behind the vector work)
     let mut c = [[0i32; 2 * 256]; 2];
+    let k = heaps.first().map_or(1, |h| h.k());
     let mut st = Compare {
+        best: if k <= 16 {
+            heaps.iter().map(Best16::from_heap).collect()
+        } else {
+            Vec::new()
+        },
+        k,
         data_norms,
         qn: &qn,
         worst: &mut worst,
@@ -162,7 +184,11 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                 options(nostack, readonly)
             );
             let mut prev: Option<(usize, usize)> = None;
-            for (step, r0) in (c0..c1).step_by(16).enumerate() {
+            for (step, r0) in (c0..c1)
+                .step_by(16)
+                .filter(|&r0| !(skip.start <= r0 && r0 + 16 <= skip.end))
+                .enumerate()
+            {
                 let a = if r0 + 16 <= n {
                     data.as_ptr().add(r0 * DESC_LEN)
                 } else {
@@ -193,20 +219,78 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                     step!("2", "3", "5");
                 }
                 if let Some((pr0, pb)) = prev {
-                    st.step(&c[pb], pr0, g, n);
+                    st.step_any(doubled, &c[pb], pr0, g, n);
                 }
                 prev = Some((r0, step % 2));
             }
             if let Some((pr0, pb)) = prev {
-                st.step(&c[pb], pr0, g, n);
+                st.step_any(doubled, &c[pb], pr0, g, n);
             }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
+    let Compare { best, heaps, .. } = st;
+    for (b, h) in best.into_iter().zip(heaps.iter_mut()) {
+        b.to_heap(h);
+    }
+}
+
+/// A query's best keys (distance << 32 | row), ascending, for k ≤ 16: an insertion is a
+/// few vector operations without a branch (the scalar [`TopK`] insertion loop's exit
+/// was mispredicted about once per insertion). Unused slots hold `u64::MAX`.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Best16([u64; 16]);
+
+impl Best16 {
+    fn from_heap(h: &TopK) -> Self {
+        let mut b = Best16([u64::MAX; 16]);
+        for (slot, &(d, i)) in b.0.iter_mut().zip(&h.items) {
+            *slot = (d as u64) << 32 | i as u64;
+        }
+        b
+    }
+
+    fn to_heap(self, h: &mut TopK) {
+        h.items.clear();
+        for &key in self.0.iter().take(h.k()) {
+            if key != u64::MAX {
+                h.items.push(((key >> 32) as u32, key as u32));
+            }
+        }
+    }
+
+    /// Insert `key` (smaller than the k-th key: checked by the caller).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn insert(&mut self, key: u64) {
+        let p = self.0.as_mut_ptr() as *mut __m512i;
+        let (lo, hi) = (
+            _mm512_load_si512(p as *const _),
+            _mm512_load_si512(p.add(1) as *const _),
+        );
+        let kv = _mm512_set1_epi64(key as i64);
+        // lanes holding a larger key move up one lane; the first of them takes `key`
+        let (mlo, mhi) = (
+            _mm512_cmpgt_epu64_mask(lo, kv),
+            _mm512_cmpgt_epu64_mask(hi, kv),
+        );
+        let prev_lo = _mm512_permutexvar_epi64(_mm512_set_epi64(6, 5, 4, 3, 2, 1, 0, 0), lo);
+        let prev_hi =
+            _mm512_permutex2var_epi64(lo, _mm512_set_epi64(14, 13, 12, 11, 10, 9, 8, 7), hi);
+        let (plo, phi) = (mlo << 1, (mhi << 1) | (mlo >> 7));
+        let new_lo = _mm512_mask_blend_epi64(mlo, lo, _mm512_mask_blend_epi64(plo, kv, prev_lo));
+        let new_hi = _mm512_mask_blend_epi64(mhi, hi, _mm512_mask_blend_epi64(phi, kv, prev_hi));
+        _mm512_store_si512(p as *mut _, new_lo);
+        _mm512_store_si512(p.add(1) as *mut _, new_hi);
+    }
 }
 
 /// The per-query state the distance comparisons update.
 struct Compare<'a, F> {
+    /// Per query, its best keys, where k ≤ 16 (else empty: `heaps` are updated).
+    best: Vec<Best16>,
+    k: usize,
     data_norms: &'a [u32],
     qn: &'a [i32],
     worst: &'a mut [i32],
@@ -216,35 +300,64 @@ struct Compare<'a, F> {
 }
 
 impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
-    /// Compare one step's 16 rows × 32 queries of dot products (tile t: rows r0 ..,
-    /// queries 32·g + 16·t ..) with the queries' k-th distances.
-    /// Row j can enter query q's top k only if d² = |q|² + |b_j|² − 2 q·b_j ≤ worst_q, i.e.
-    /// 2 q·b_j − |b_j|² ≥ |q|² − worst_q: the left side's maximum over a tile's 16 rows is
-    /// tested first, and the rows are gone through one by one only when it passes.
+    /// [`Self::step`] for tiles of 2 q·b (`doubled`) or of q·b.
     #[target_feature(enable = "avx512f")]
-    unsafe fn step(&mut self, c: &[i32; 2 * 256], r0: usize, g: usize, n: usize) {
+    #[inline]
+    unsafe fn step_any(
+        &mut self,
+        doubled: bool,
+        c: &[i32; 2 * 256],
+        r0: usize,
+        g: usize,
+        n: usize,
+    ) {
+        if doubled {
+            self.step::<true>(c, r0, g, n)
+        } else {
+            self.step::<false>(c, r0, g, n)
+        }
+    }
+
+    /// Compare one step's 16 rows × 32 queries of dot products (tile t: rows r0 ..,
+    /// queries 32·g + 16·t ..) with the queries' k-th distances. `DOUBLED`: the tiles
+    /// hold 2 q·b (the queries were doubled in the B operands), else q·b.
+    /// Row j can enter query q's top k only if d² = |q|² + |b_j|² − 2 q·b_j ≤ worst_q, i.e.
+    /// gain = 2 q·b_j − |b_j|² ≥ |q|² − worst_q: the gains' maximum over a tile's 16 rows
+    /// is tested first; when it passes, every row is compared at once (masks, no branch
+    /// per row) and only the (row, query) pairs that pass reach the scalar top-k, which
+    /// checks them against its current k-th distance (pushes earlier in the tile may have
+    /// lowered it).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn step<const DOUBLED: bool>(
+        &mut self,
+        c: &[i32; 2 * 256],
+        r0: usize,
+        g: usize,
+        n: usize,
+    ) {
+        let rows = 16.min(n.saturating_sub(r0));
+        if rows == 0 {
+            return; // padding past the last row
+        }
+        let norms = self.data_norms.as_ptr().add(r0);
         for t in 0..2 {
             let qb = g * 32 + 16 * t;
-            let rows = 16.min(n.saturating_sub(r0));
-            if rows == 0 {
-                continue; // padding past the last row
-            }
             let ct = c.as_ptr().add(t * 256);
-            let qn_v = _mm512_loadu_si512(self.qn.as_ptr().add(qb) as *const _);
-            let mut need = _mm512_sub_epi32(
-                qn_v,
+            let need = _mm512_sub_epi32(
+                _mm512_loadu_si512(self.qn.as_ptr().add(qb) as *const _),
                 _mm512_loadu_si512(self.worst.as_ptr().add(qb) as *const _),
             );
-            let norms = self.data_norms.as_ptr().add(r0);
             // 2 q·b − |b|² of row i for the 16 queries (macro: a closure would not inherit
             // the target features, and the intrinsics would become calls)
             macro_rules! gain {
                 ($i:expr) => {{
                     let dot = _mm512_loadu_si512(ct.add($i * 16) as *const _);
-                    _mm512_sub_epi32(
-                        _mm512_add_epi32(dot, dot),
-                        _mm512_set1_epi32(*norms.add($i) as i32),
-                    )
+                    let dot2 = if DOUBLED {
+                        dot
+                    } else {
+                        _mm512_add_epi32(dot, dot)
+                    };
+                    _mm512_sub_epi32(dot2, _mm512_set1_epi32(*norms.add($i) as i32))
                 }};
             }
             let best = if rows == 16 {
@@ -265,30 +378,47 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
             if _mm512_cmpge_epi32_mask(best, need) == 0 {
                 continue;
             }
-            for i in 0..rows {
-                let gi = gain!(i);
-                let mut m = _mm512_cmpge_epi32_mask(gi, need);
-                if m == 0 {
-                    continue;
+            // the 16 rows' masks, four rows to a 64-bit word (bit 16·(i % 4) + lane)
+            let mut words = [0u64; 4];
+            for (w, word) in words.iter_mut().enumerate() {
+                let mut bits = 0u64;
+                for i in 4 * w..(4 * w + 4).min(rows) {
+                    let m = _mm512_cmpge_epi32_mask(gain!(i), need) as u64;
+                    bits |= m << (16 * (i % 4));
                 }
-                let d = _mm512_sub_epi32(qn_v, gi);
-                let mut ds = [0i32; 16];
-                _mm512_storeu_si512(ds.as_mut_ptr() as *mut _, d);
-                let j = r0 + i;
-                while m != 0 {
-                    let lane = m.trailing_zeros() as usize;
-                    m &= m - 1;
+                *word = bits;
+            }
+            for (w, &word) in words.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let (i, lane) = (4 * w + b / 16, b % 16);
                     let q = qb + lane;
-                    if (self.filter)(self.q0 + q, j as u32) {
-                        let heap = &mut self.heaps[q];
-                        heap.push(ds[lane] as u32, j as u32);
-                        self.worst[q] = heap.worst_i32();
+                    let j = (r0 + i) as u32;
+                    if (self.filter)(self.q0 + q, j) {
+                        let dot = *ct.add(i * 16 + lane);
+                        let dot2 = if DOUBLED { dot } else { 2 * dot };
+                        let d = self.qn[q] - dot2 + *norms.add(i) as i32;
+                        if self.best.is_empty() {
+                            let heap = &mut self.heaps[q];
+                            heap.push(d as u32, j);
+                            self.worst[q] = heap.worst_i32();
+                        } else {
+                            let b = &mut self.best[q];
+                            let key = (d as u32 as u64) << 32 | j as u64;
+                            if key < b.0[self.k - 1] {
+                                b.insert(key);
+                                let w = b.0[self.k - 1];
+                                self.worst[q] = if w == u64::MAX {
+                                    i32::MAX
+                                } else {
+                                    (w >> 32) as i32
+                                };
+                            }
+                        }
                     }
                 }
-                need = _mm512_sub_epi32(
-                    qn_v,
-                    _mm512_loadu_si512(self.worst.as_ptr().add(qb) as *const _),
-                );
             }
         }
     }

@@ -11,6 +11,7 @@ use crate::simd::dot64_avx2;
 use crate::simd::has_avx2;
 use crate::{KfError, Result, DESC_LEN};
 use rayon::prelude::*;
+use std::ops::Range;
 
 #[inline(always)]
 fn scan_block<F: Fn(usize, u32) -> bool, D: Fn(&[u8], &[u8]) -> u32>(
@@ -181,11 +182,14 @@ impl ExactKernel {
         }
     }
 
-    /// Scan every data row for one block of queries (one heap per query).
+    /// Scan every data row for one block of queries (one heap per query); rows in `skip`
+    /// (which `filter` rejects for every query) may be left out.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn scan<F: Fn(usize, u32) -> bool>(
         self,
         data: &[u8],
         prep: &Prepared,
+        skip: &Range<usize>,
         qs: &[u8],
         q0: usize,
         heaps: &mut [TopK],
@@ -198,11 +202,11 @@ impl ExactKernel {
             #[cfg(target_arch = "x86_64")]
             ExactKernel::Rank => unsafe {
                 let rd = prep.rank.as_ref().expect("prepared for the rank kernel");
-                rank::scan(rd, qs, q0, heaps, filter)
+                rank::scan(rd, skip, qs, q0, heaps, filter)
             },
             // SAFETY: `pick` chose AMX only where `amx::available()` said so.
             #[cfg(target_arch = "x86_64")]
-            ExactKernel::Amx => unsafe { amx::scan(data, data_norms, qs, q0, heaps, filter) },
+            ExactKernel::Amx => unsafe { amx::scan(data, data_norms, skip, qs, q0, heaps, filter) },
             #[cfg(target_arch = "x86_64")]
             ExactKernel::Dot if heaps.len().is_multiple_of(4) => {
                 // cache blocking: a chunk of data rows stays in L2 while every group of 4
@@ -256,6 +260,23 @@ pub fn knn_exact<F>(data: &[u8], queries: &[u8], k: usize, filter: F) -> Result<
 where
     F: Fn(usize, u32) -> bool + Sync,
 {
+    knn_exact_skipping(data, queries, k, |_| 0..0, filter)
+}
+
+/// [`knn_exact`] where `skip(queries)` names rows that `filter` rejects for every query
+/// of the range `queries` (e.g. the queries' own subject in all-pairs): the fast kernels
+/// do not compute those rows at all. Same results as [`knn_exact`] with the same filter.
+pub fn knn_exact_skipping<F, S>(
+    data: &[u8],
+    queries: &[u8],
+    k: usize,
+    skip: S,
+    filter: F,
+) -> Result<Neighbors>
+where
+    F: Fn(usize, u32) -> bool + Sync,
+    S: Fn(Range<usize>) -> Range<usize> + Sync,
+{
     check_rows("data", data)?;
     let nq = check_rows("queries", queries)?;
     if k == 0 {
@@ -281,7 +302,7 @@ where
             let nb = ib.len() / k;
             let qs = &queries[q0 * DESC_LEN..(q0 + nb) * DESC_LEN];
             let mut heaps = vec![TopK::new(k); nb];
-            kernel.scan(data, &prep, qs, q0, &mut heaps, &filter);
+            kernel.scan(data, &prep, &skip(q0..q0 + nb), qs, q0, &mut heaps, &filter);
             for (h, heap) in heaps.iter().enumerate() {
                 heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
             }

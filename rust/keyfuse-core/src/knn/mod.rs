@@ -32,7 +32,7 @@ mod perm;
 mod rank;
 mod topk;
 
-pub use exact::{exact_kernel_name, knn_exact};
+pub use exact::{exact_kernel_name, knn_exact, knn_exact_skipping};
 pub(crate) use forest::SplitMix;
 pub use forest::{ForestParams, KdForest};
 pub(crate) use forest_io::{fnv64, release_mapped_pages, write_aside, write_atomic};

@@ -19,6 +19,7 @@
 use super::TopK;
 use crate::DESC_LEN;
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 /// Rows per block (one 32-bit lane each).
 const ROWS: usize = 8;
@@ -70,13 +71,15 @@ impl RankData {
 
 /// Exact scan of every row of `rd` for one block of queries (`queries.len() / 64` of
 /// them, any number, bytes ≤ [`MAX_BYTE`]), updating `heaps` (one per query);
-/// `filter(query, row)` as in [`super::knn_exact`].
+/// `filter(query, row)` as in [`super::knn_exact`]; micro-tiles whose rows all lie in
+/// `skip` (rows the filter rejects for every query) are not computed.
 ///
 /// # Safety
 /// AVX2 must be available.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     rd: &RankData,
+    skip: &Range<usize>,
     queries: &[u8],
     q0: usize,
     heaps: &mut [TopK],
@@ -103,6 +106,9 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         for g in 0..groups {
             let qp = qs.as_ptr().add(g * QT * DESC_LEN);
             for t in (c0..c1).step_by(BT) {
+                if skip.start <= t * ROWS && (t + BT) * ROWS <= skip.end {
+                    continue;
+                }
                 let bp = rd.blocks.as_ptr().add(t * BLOCK);
                 // dot products of the QT queries with the BT blocks' rows, by half
                 // descriptor: 16-bit sums of 8 `maddubs`, widened by `madd`

@@ -50,6 +50,9 @@ impl TopK {
             items: Vec::with_capacity(k + 1),
         }
     }
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
     #[inline]
     pub(crate) fn worst(&self) -> u32 {
         if self.items.len() < self.k {
