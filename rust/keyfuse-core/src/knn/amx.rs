@@ -133,9 +133,13 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         }
         qn[q] = super::sq_norm(row) as i32;
     }
-    let mut worst = vec![-1i32; groups * 32]; // −1: a padding lane never wins
-    for (w, h) in worst.iter_mut().zip(heaps.iter()) {
-        *w = h.worst_i32();
+    // per 16 queries, |q|² − their k-th distance so far (a padding lane: 1, never won);
+    // updated in registers and stored whole (a vector load just after a scalar store
+    // to the same line would wait for it)
+    let mut need = vec![_mm512_set1_epi32(1); groups * 2];
+    for (q, h) in heaps.iter().enumerate() {
+        let v = need.as_mut_ptr().add(q / 16) as *mut i32;
+        *v.add(q % 16) = qn[q] - h.worst_i32();
     }
     // the last rows, zero-padded to a whole step of 16 (tiles always load 16 rows)
     let full = n / 16 * 16;
@@ -167,7 +171,7 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         k,
         data_norms,
         qn: &qn,
-        worst: &mut worst,
+        need: &mut need,
         heaps,
         q0,
         filter,
@@ -293,7 +297,7 @@ struct Compare<'a, F> {
     k: usize,
     data_norms: &'a [u32],
     qn: &'a [i32],
-    worst: &'a mut [i32],
+    need: &'a mut [__m512i],
     heaps: &'a mut [TopK],
     q0: usize,
     filter: &'a F,
@@ -322,7 +326,7 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
     /// queries 32·g + 16·t ..) with the queries' k-th distances. `DOUBLED`: the tiles
     /// hold 2 q·b (the queries were doubled in the B operands), else q·b.
     /// Row j can enter query q's top k only if d² = |q|² + |b_j|² − 2 q·b_j ≤ worst_q, i.e.
-    /// gain = 2 q·b_j − |b_j|² ≥ |q|² − worst_q: the gains' maximum over a tile's 16 rows
+    /// gain = 2 q·b_j − |b_j|² ≥ |q|² − worst_q = need_q: the gains' maximum over a tile's 16 rows
     /// is tested first; when it passes, every row is compared at once (masks, no branch
     /// per row) and only the (row, query) pairs that pass reach the scalar top-k, which
     /// checks them against its current k-th distance (pushes earlier in the tile may have
@@ -343,10 +347,8 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
         for t in 0..2 {
             let qb = g * 32 + 16 * t;
             let ct = c.as_ptr().add(t * 256);
-            let need = _mm512_sub_epi32(
-                _mm512_loadu_si512(self.qn.as_ptr().add(qb) as *const _),
-                _mm512_loadu_si512(self.worst.as_ptr().add(qb) as *const _),
-            );
+            let need = self.need[qb / 16];
+            let mut need_now = need;
             // 2 q·b − |b|² of row i for the 16 queries (macro: a closure would not inherit
             // the target features, and the intrinsics would become calls)
             macro_rules! gain {
@@ -403,23 +405,30 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                         if self.best.is_empty() {
                             let heap = &mut self.heaps[q];
                             heap.push(d as u32, j);
-                            self.worst[q] = heap.worst_i32();
+                            need_now = _mm512_mask_set1_epi32(
+                                need_now,
+                                1 << lane,
+                                self.qn[q] - heap.worst_i32(),
+                            );
                         } else {
                             let b = &mut self.best[q];
                             let key = (d as u32 as u64) << 32 | j as u64;
                             if key < b.0[self.k - 1] {
                                 b.insert(key);
                                 let w = b.0[self.k - 1];
-                                self.worst[q] = if w == u64::MAX {
+                                let worst = if w == u64::MAX {
                                     i32::MAX
                                 } else {
                                     (w >> 32) as i32
                                 };
+                                need_now =
+                                    _mm512_mask_set1_epi32(need_now, 1 << lane, self.qn[q] - worst);
                             }
                         }
                     }
                 }
             }
+            self.need[qb / 16] = need_now;
         }
     }
 }
