@@ -3,8 +3,10 @@
     .venv/bin/python benches/matching.py [--subjects 1000] [--keypoints 2000] [--quick]
         [--peers DIR]
 
-1. pairwise soft-Jaccard of 20 keypoint sets (target ≤ 0.15 s, bit-identical every run),
-   with the reference matcher's voting (featMatchMultiple re-implemented) on the same sets;
+1. pairwise soft-Jaccard of 20 keypoint sets (target ≤ 0.15 s, bit-identical every run);
+   where the AMX kernel runs, the same pairwise with the AVX2 kernel in another process
+   (target: within 3×); the reference matcher's voting (featMatchMultiple re-implemented)
+   on the same sets;
 2. all-pairs scoring for a cohort of ``--subjects`` (target ≤ 0.05 s per image);
 3. two-set kf.match (plain and Hough) and kf.align at 2,000 keypoints.
 
@@ -125,6 +127,13 @@ def main() -> None:
         f"{np.array_equal(s_e, again)}  family AUC {family_auc(s_e, fam):.3f}"
     )
     print(f"  exact k-NN: {(20 * n_kp) ** 2 / c:.3g} descriptor pairs per CPU second (whole call)")
+    if cpu_knn_kernel() == "amx":
+        avx2 = avx2_pairwise(n_kp)
+        print(
+            f"  same, AVX2 kernel (AMX off, another process): {avx2['wall']:.3f} s wall, "
+            f"{avx2['cpu']:.3f} s CPU = {avx2['wall'] / w:.2f}× / {avx2['cpu'] / c:.2f}× the AMX "
+            f"kernel's (target ≤ 3×)  identical scores: {np.array_equal(avx2['scores'], s_e)}"
+        )
     (s_a, w, c) = timed(lambda: ix.pairwise(exact=False), repeat=5)
     off = 2 * np.eye(20)
     agree = np.mean(np.argmax(s_a - off, 1) == np.argmax(s_e - off, 1))
@@ -196,6 +205,39 @@ def main() -> None:
         f"reference voting on the same cohort: {w:.2f} s wall, {c:.2f} s CPU, "
         f"family AUC {family_auc(jv, fam):.4f}"
     )
+
+
+# the exact pairwise of the same synthetic sets with the AMX kernel turned off
+_AVX2_PAIRWISE = r"""
+import json, sys
+import numpy as np
+from matching import index_of, synth_cohort, timed
+ix = index_of(synth_cohort(20, int(sys.argv[1]))[0])
+ix.pairwise()
+scores, wall, cpu = timed(lambda: ix.pairwise(), repeat=5)
+np.save(sys.argv[2], scores)
+print(json.dumps({"wall": wall, "cpu": cpu}))
+"""
+
+
+def avx2_pairwise(n_kp: int) -> dict[str, Any]:
+    """Wall and CPU seconds (median of 5) and scores of the exact pairwise of 20 synthetic
+    sets in a process whose exact k-NN runs the AVX2 kernel (`KEYFUSE_NO_AMX`)."""
+    import json
+    import os
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="keyfuse-avx2-") as tmp:
+        out = Path(tmp) / "scores.npy"
+        run = subprocess.run(
+            [sys.executable, "-c", _AVX2_PAIRWISE, str(n_kp), str(out)],
+            env={**os.environ, "KEYFUSE_NO_AMX": "1"},
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return {**json.loads(run.stdout.splitlines()[-1]), "scores": np.load(out)}
 
 
 # keyfuse's whole process for the side-by-side: read the .key files, score all pairs

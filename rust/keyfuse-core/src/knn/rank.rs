@@ -5,7 +5,7 @@
 //! 4g..4g+4 (broadcast) gives 16 pair sums, two per row, and no horizontal sums are ever
 //! needed: lane r of the result belongs to row r. Queries are shifted to q − 32 (−32..31,
 //! signed bytes), so that a pair of products is at most 2·32·63 in magnitude and eight
-//! `maddubs` add up in 16-bit lanes without overflow (8·4032 < 32768); one `madd` by ones
+//! `maddubs` add up in 16-bit lanes without overflow (8·4032 < 32768); one `madd` by twos
 //! per half descriptor then widens to 32 bits. The shift comes back out exactly:
 //! q·b = (q − 32)·b + 32 Σb, so d² = |q|² + (|b|² − 64 Σb) − 2 (q − 32)·b, with the bracket
 //! precomputed per row. Every distance is the same integer as [`super::dist2`]'s.
@@ -100,7 +100,8 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         lim[q] = heaps[q].worst_i32() - qn[q];
     }
     let nblk = rd.corr.len() / ROWS;
-    let ones = _mm256_set1_epi16(1);
+    // `madd` by twos widens and doubles at once (2 q·b is what the distance needs)
+    let twos = _mm256_set1_epi16(2);
     for c0 in (0..nblk).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(nblk);
         for g in 0..groups {
@@ -123,11 +124,11 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                 for q in 0..QT {
                     let l = _mm256_set1_epi32(lim[g * QT + q]);
                     for b in 0..BT {
-                        let dot = _mm256_add_epi32(
-                            _mm256_madd_epi16(lo[q][b], ones),
-                            _mm256_madd_epi16(hi[q][b], ones),
+                        let dot2 = _mm256_add_epi32(
+                            _mm256_madd_epi16(lo[q][b], twos),
+                            _mm256_madd_epi16(hi[q][b], twos),
                         );
-                        e[q][b] = _mm256_sub_epi32(corr[b], _mm256_add_epi32(dot, dot));
+                        e[q][b] = _mm256_sub_epi32(corr[b], dot2);
                         worse = _mm256_and_si256(worse, _mm256_cmpgt_epi32(e[q][b], l));
                     }
                 }
