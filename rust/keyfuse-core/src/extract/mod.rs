@@ -27,6 +27,8 @@
 
 mod block;
 mod blur;
+#[cfg(target_arch = "x86_64")]
+mod blur_avx512;
 mod describe;
 mod detect;
 pub mod reslice;

@@ -376,3 +376,29 @@ fn stage_timings() {
         );
     }
 }
+
+/// Blur timings (fastest of 10, one thread):
+/// `cargo test --release -p keyfuse-core blur_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn blur_timing() {
+    let n = [197, 233, 189];
+    let mut v = Vol::zeros(n).unwrap();
+    for (x, val) in v.data.iter_mut().enumerate() {
+        *val = ((x * 7919) % 1013) as f32 / 97.0;
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let mut out = Vol::zeros(n).unwrap();
+    for sigma in [1.03f32, 2.45] {
+        let mut best = std::time::Duration::MAX;
+        for _ in 0..10 {
+            let t = std::time::Instant::now();
+            pool.install(|| super::blur::blur_into(&v, sigma, &mut out));
+            best = best.min(t.elapsed());
+        }
+        eprintln!("blur σ={sigma}: {best:?}");
+    }
+}
