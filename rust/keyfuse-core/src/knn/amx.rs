@@ -19,6 +19,7 @@
 //! must grant the process the tile state first (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); where
 //! that, the CPU or the OS says no, [`available`] is false and the AVX2 kernels run.
 
+use super::best::{Best16, MAX_K};
 use super::TopK;
 use crate::DESC_LEN;
 use std::arch::asm;
@@ -163,7 +164,7 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     let mut c = [[0i32; 2 * 256]; 2];
     let k = heaps.first().map_or(1, |h| h.k());
     let mut st = Compare {
-        best: if k <= 16 {
+        best: if k <= MAX_K {
             heaps.iter().map(Best16::from_heap).collect()
         } else {
             Vec::new()
@@ -236,57 +237,6 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     let Compare { best, heaps, .. } = st;
     for (b, h) in best.into_iter().zip(heaps.iter_mut()) {
         b.to_heap(h);
-    }
-}
-
-/// A query's best keys (distance << 32 | row), ascending, for k ≤ 16: an insertion is a
-/// few vector operations without a branch (the scalar [`TopK`] insertion loop's exit
-/// was mispredicted about once per insertion). Unused slots hold `u64::MAX`.
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Best16([u64; 16]);
-
-impl Best16 {
-    fn from_heap(h: &TopK) -> Self {
-        let mut b = Best16([u64::MAX; 16]);
-        for (slot, &(d, i)) in b.0.iter_mut().zip(&h.items) {
-            *slot = (d as u64) << 32 | i as u64;
-        }
-        b
-    }
-
-    fn to_heap(self, h: &mut TopK) {
-        h.items.clear();
-        for &key in self.0.iter().take(h.k()) {
-            if key != u64::MAX {
-                h.items.push(((key >> 32) as u32, key as u32));
-            }
-        }
-    }
-
-    /// Insert `key` (smaller than the k-th key: checked by the caller).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn insert(&mut self, key: u64) {
-        let p = self.0.as_mut_ptr() as *mut __m512i;
-        let (lo, hi) = (
-            _mm512_load_si512(p as *const _),
-            _mm512_load_si512(p.add(1) as *const _),
-        );
-        let kv = _mm512_set1_epi64(key as i64);
-        // lanes holding a larger key move up one lane; the first of them takes `key`
-        let (mlo, mhi) = (
-            _mm512_cmpgt_epu64_mask(lo, kv),
-            _mm512_cmpgt_epu64_mask(hi, kv),
-        );
-        let prev_lo = _mm512_permutexvar_epi64(_mm512_set_epi64(6, 5, 4, 3, 2, 1, 0, 0), lo);
-        let prev_hi =
-            _mm512_permutex2var_epi64(lo, _mm512_set_epi64(14, 13, 12, 11, 10, 9, 8, 7), hi);
-        let (plo, phi) = (mlo << 1, (mhi << 1) | (mlo >> 7));
-        let new_lo = _mm512_mask_blend_epi64(mlo, lo, _mm512_mask_blend_epi64(plo, kv, prev_lo));
-        let new_hi = _mm512_mask_blend_epi64(mhi, hi, _mm512_mask_blend_epi64(phi, kv, prev_hi));
-        _mm512_store_si512(p as *mut _, new_lo);
-        _mm512_store_si512(p.add(1) as *mut _, new_hi);
     }
 }
 
@@ -413,14 +363,9 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                         } else {
                             let b = &mut self.best[q];
                             let key = (d as u32 as u64) << 32 | j as u64;
-                            if key < b.0[self.k - 1] {
-                                b.insert(key);
-                                let w = b.0[self.k - 1];
-                                let worst = if w == u64::MAX {
-                                    i32::MAX
-                                } else {
-                                    (w >> 32) as i32
-                                };
+                            if key < b.kth(self.k) {
+                                b.insert_avx512(key);
+                                let worst = b.worst_i32(self.k);
                                 need_now =
                                     _mm512_mask_set1_epi32(need_now, 1 << lane, self.qn[q] - worst);
                             }

@@ -24,6 +24,8 @@ use crate::{KfError, Result, DESC_LEN};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod best;
 mod exact;
 mod forest;
 mod forest_io;

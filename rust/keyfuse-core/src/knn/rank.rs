@@ -16,6 +16,7 @@
 //! scalar top-k. The multiplies are the arithmetic floor: 2 `maddubs` per dot product,
 //! plus a quarter of a `madd` (see docs/decisions.md).
 
+use super::best::{Best16, MAX_K};
 use super::TopK;
 use crate::DESC_LEN;
 use std::arch::x86_64::*;
@@ -99,6 +100,13 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         qn[q] = super::sq_norm(row) as i32;
         lim[q] = heaps[q].worst_i32() - qn[q];
     }
+    // the top k in vectors where k allows it (`best`), else the heaps themselves
+    let k = heaps.first().map_or(1, |h| h.k());
+    let mut best: Vec<Best16> = if k <= MAX_K {
+        heaps.iter().map(Best16::from_heap).collect()
+    } else {
+        Vec::new()
+    };
     let nblk = rd.corr.len() / ROWS;
     // `madd` by twos widens and doubles at once (2 q·b is what the distance needs)
     let twos = _mm256_set1_epi16(2);
@@ -153,15 +161,28 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                             m &= m - 1;
                             let j = (t + b) * ROWS + lane;
                             if j < rd.n && (filter)(q0 + qi, j as u32) {
-                                let heap = &mut heaps[qi];
-                                heap.push((es[lane] + qn[qi]) as u32, j as u32);
-                                lim[qi] = heap.worst_i32() - qn[qi];
+                                let d = (es[lane] + qn[qi]) as u32;
+                                if best.is_empty() {
+                                    let heap = &mut heaps[qi];
+                                    heap.push(d, j as u32);
+                                    lim[qi] = heap.worst_i32() - qn[qi];
+                                } else {
+                                    let b = &mut best[qi];
+                                    let key = (d as u64) << 32 | j as u64;
+                                    if key < b.kth(k) {
+                                        b.insert_avx2(key);
+                                        lim[qi] = b.worst_i32(k) - qn[qi];
+                                    }
+                                }
                             }
                         }
                     }
                 }
             }
         }
+    }
+    for (b, h) in best.into_iter().zip(heaps.iter_mut()) {
+        b.to_heap(h);
     }
 }
 
