@@ -243,7 +243,7 @@ def _inter_rows(
     shards = index._engine
     queries = [(shards.subject_descriptors(i), i) for i in rows]
     offsets, stats = shards.offsets(), shards.stats()
-    if scheduler is None and queries:
+    if scheduler is None:
         from concurrent.futures import ThreadPoolExecutor
 
         engines = shards.engines(p.exact)
@@ -254,11 +254,11 @@ def _inter_rows(
                 pool.submit(merge_scores, shard_knn(engines, q, ex, None, p), offsets, stats, p)
                 for q, ex in queries
             ]
-            return np.stack([f.result() for f in scored]).reshape(len(rows), len(shards))
-    per = _knn_all(index, queries, None, p, scheduler)
-    return np.stack([merge_scores(parts, offsets, stats, p) for parts in per]).reshape(
-        len(rows), len(shards)
-    )
+            inter = [f.result() for f in scored]
+    else:
+        per = _knn_all(index, queries, None, p, scheduler)
+        inter = [merge_scores(parts, offsets, stats, p) for parts in per]
+    return np.stack(inter).reshape(len(rows), len(shards))
 
 
 def pairwise_scores(

@@ -345,14 +345,21 @@ impl Cohort {
         self.forest.is_some()
     }
 
-    fn knn<F: Fn(usize, u32) -> bool + Sync>(
+    /// k-NN of `queries` among the cohort's points; `skip` as in [`knn_exact_skipping`]
+    /// (only the exact search uses it).
+    fn knn<F, S>(
         &self,
         queries: &[u8],
         p: &SoftJaccardParams,
+        skip: S,
         filter: F,
-    ) -> Result<Neighbors> {
+    ) -> Result<Neighbors>
+    where
+        F: Fn(usize, u32) -> bool + Sync,
+        S: Fn(Range<usize>) -> Range<usize> + Sync,
+    {
         if p.exact {
-            return knn_exact(&self.data, queries, p.k, filter);
+            return knn_exact_skipping(&self.data, queries, p.k, skip, filter);
         }
         match &self.forest {
             Some(f) => f.search(&self.data, queries, p.k, p.checks, filter),
@@ -382,10 +389,19 @@ impl Cohort {
         }
         let ex = exclude.map_or(u32::MAX, |e| e as u32);
         let owner = &self.owner;
-        let nb = self.knn(queries, p, |_, c| {
-            let s = owner[c as usize];
-            s != ex && allowed.is_none_or(|a| a[s as usize])
-        })?;
+        // the excluded subject's rows (none if it is not in the cohort)
+        let own = exclude
+            .and_then(|e| Some(*self.offsets.get(e)?..*self.offsets.get(e + 1)?))
+            .unwrap_or(0..0);
+        let nb = self.knn(
+            queries,
+            p,
+            |_| own.clone(),
+            |_, c| {
+                let s = owner[c as usize];
+                s != ex && allowed.is_none_or(|a| a[s as usize])
+            },
+        )?;
         // the one path of sharded indexes too: k-NN per shard, merge, score
         let nb = crate::knn::merge_neighbors(&[nb], p.k)?;
         score_neighbors(
@@ -433,21 +449,18 @@ impl Cohort {
         row: G,
     ) -> Result<Vec<R>> {
         let (owner, offsets) = (&self.owner, &self.offsets);
-        let filter = |q: usize, c: u32| owner[q] != owner[c as usize];
-        let nb = if p.exact {
-            // a block of queries from one subject skips that subject's rows
-            let own_rows = |qs: Range<usize>| match qs.len() {
-                0 => 0..0,
-                _ if owner[qs.start] == owner[qs.end - 1] => {
-                    let s = owner[qs.start] as usize;
-                    offsets[s]..offsets[s + 1]
-                }
-                _ => 0..0,
-            };
-            knn_exact_skipping(&self.data, &self.data, p.k, own_rows, filter)?
-        } else {
-            self.knn(&self.data, p, filter)?
+        // a block of queries from one subject skips that subject's rows
+        let own_rows = |qs: Range<usize>| match qs.len() {
+            0 => 0..0,
+            _ if owner[qs.start] == owner[qs.end - 1] => {
+                let s = owner[qs.start] as usize;
+                offsets[s]..offsets[s + 1]
+            }
+            _ => 0..0,
         };
+        let nb = self.knn(&self.data, p, own_rows, |q, c| {
+            owner[q] != owner[c as usize]
+        })?;
         crate::cancel::check()?;
         Ok((0..self.n_subjects())
             .into_par_iter()

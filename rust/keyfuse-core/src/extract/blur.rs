@@ -292,12 +292,9 @@ impl Isa {
     /// The widest build this CPU runs.
     pub(crate) fn best() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::is_x86_feature_detected!("avx") {
-                return Isa::Avx;
+        for isa in [Isa::Avx512, Isa::Avx] {
+            if isa.available() {
+                return isa;
             }
         }
         Isa::Generic

@@ -19,7 +19,7 @@
 //! must grant the process the tile state first (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); where
 //! that, the CPU or the OS says no, [`available`] is false and the AVX2 kernels run.
 
-use super::best::{Best16, MAX_K};
+use super::best::Tops;
 use super::TopK;
 use crate::DESC_LEN;
 use std::arch::asm;
@@ -162,18 +162,11 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     // two result buffers: while the tiles of one step compute, the previous step's
     // distances are compared (AMX latency hidden behind the vector work)
     let mut c = [[0i32; 2 * 256]; 2];
-    let k = heaps.first().map_or(1, |h| h.k());
     let mut st = Compare {
-        best: if k <= MAX_K {
-            heaps.iter().map(Best16::from_heap).collect()
-        } else {
-            Vec::new()
-        },
-        k,
+        tops: Tops::new(heaps),
         data_norms,
         qn: &qn,
         need: &mut need,
-        heaps,
         q0,
         filter,
     };
@@ -234,21 +227,15 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
-    let Compare { best, heaps, .. } = st;
-    for (b, h) in best.into_iter().zip(heaps.iter_mut()) {
-        b.to_heap(h);
-    }
+    st.tops.finish();
 }
 
 /// The per-query state the distance comparisons update.
 struct Compare<'a, F> {
-    /// Per query, its best keys, where k ≤ 16 (else empty: `heaps` are updated).
-    best: Vec<Best16>,
-    k: usize,
+    tops: Tops<'a>,
     data_norms: &'a [u32],
     qn: &'a [i32],
     need: &'a mut [__m512i],
-    heaps: &'a mut [TopK],
     q0: usize,
     filter: &'a F,
 }
@@ -352,24 +339,8 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                         let dot = *ct.add(i * 16 + lane);
                         let dot2 = if DOUBLED { dot } else { 2 * dot };
                         let d = self.qn[q] - dot2 + *norms.add(i) as i32;
-                        if self.best.is_empty() {
-                            let heap = &mut self.heaps[q];
-                            heap.push(d as u32, j);
-                            need_now = _mm512_mask_set1_epi32(
-                                need_now,
-                                1 << lane,
-                                self.qn[q] - heap.worst_i32(),
-                            );
-                        } else {
-                            let b = &mut self.best[q];
-                            let key = (d as u32 as u64) << 32 | j as u64;
-                            if key < b.kth(self.k) {
-                                b.insert_avx512(key);
-                                let worst = b.worst_i32(self.k);
-                                need_now =
-                                    _mm512_mask_set1_epi32(need_now, 1 << lane, self.qn[q] - worst);
-                            }
-                        }
+                        let worst = self.tops.offer::<true>(q, d as u32, j);
+                        need_now = _mm512_mask_set1_epi32(need_now, 1 << lane, self.qn[q] - worst);
                     }
                 }
             }

@@ -134,6 +134,59 @@ impl Best16 {
     }
 }
 
+/// The top k of a block of queries while a kernel scans: in [`Best16`] vectors where
+/// k ≤ [`MAX_K`], else in the [`TopK`] lists themselves; [`Tops::finish`] writes the
+/// vectors back into the lists.
+pub(super) struct Tops<'a> {
+    k: usize,
+    best: Vec<Best16>,
+    heaps: &'a mut [TopK],
+}
+
+impl<'a> Tops<'a> {
+    pub(super) fn new(heaps: &'a mut [TopK]) -> Self {
+        let k = heaps.first().map_or(1, |h| h.k());
+        let best = if k <= MAX_K {
+            heaps.iter().map(Best16::from_heap).collect()
+        } else {
+            Vec::new()
+        };
+        Tops { k, best, heaps }
+    }
+
+    /// Offer row `j` at squared distance `d` to query `q`; returns the query's k-th
+    /// distance afterwards (as [`TopK::worst_i32`]). `AVX512`: the vector insertion to
+    /// use (inlined into the kernel, whose target features it then shares).
+    ///
+    /// # Safety
+    /// AVX2, and AVX-512F where `AVX512`, must be available.
+    #[inline(always)]
+    pub(super) unsafe fn offer<const AVX512: bool>(&mut self, q: usize, d: u32, j: u32) -> i32 {
+        if self.best.is_empty() {
+            let heap = &mut self.heaps[q];
+            heap.push(d, j);
+            return heap.worst_i32();
+        }
+        let b = &mut self.best[q];
+        let key = (d as u64) << 32 | j as u64;
+        if key < b.kth(self.k) {
+            if AVX512 {
+                b.insert_avx512(key);
+            } else {
+                b.insert_avx2(key);
+            }
+        }
+        b.worst_i32(self.k)
+    }
+
+    /// Write the vectors back into the [`TopK`] lists.
+    pub(super) fn finish(self) {
+        for (b, h) in self.best.into_iter().zip(self.heaps.iter_mut()) {
+            b.to_heap(h);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@
 //! scalar top-k. The multiplies are the arithmetic floor: 2 `maddubs` per dot product,
 //! plus a quarter of a `madd` (see docs/decisions.md).
 
-use super::best::{Best16, MAX_K};
+use super::best::Tops;
 use super::TopK;
 use crate::DESC_LEN;
 use std::arch::x86_64::*;
@@ -100,13 +100,7 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         qn[q] = super::sq_norm(row) as i32;
         lim[q] = heaps[q].worst_i32() - qn[q];
     }
-    // the top k in vectors where k allows it (`best`), else the heaps themselves
-    let k = heaps.first().map_or(1, |h| h.k());
-    let mut best: Vec<Best16> = if k <= MAX_K {
-        heaps.iter().map(Best16::from_heap).collect()
-    } else {
-        Vec::new()
-    };
+    let mut tops = Tops::new(heaps);
     let nblk = rd.corr.len() / ROWS;
     // `madd` by twos widens and doubles at once (2 q·b is what the distance needs)
     let twos = _mm256_set1_epi16(2);
@@ -162,18 +156,7 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                             let j = (t + b) * ROWS + lane;
                             if j < rd.n && (filter)(q0 + qi, j as u32) {
                                 let d = (es[lane] + qn[qi]) as u32;
-                                if best.is_empty() {
-                                    let heap = &mut heaps[qi];
-                                    heap.push(d, j as u32);
-                                    lim[qi] = heap.worst_i32() - qn[qi];
-                                } else {
-                                    let b = &mut best[qi];
-                                    let key = (d as u64) << 32 | j as u64;
-                                    if key < b.kth(k) {
-                                        b.insert_avx2(key);
-                                        lim[qi] = b.worst_i32(k) - qn[qi];
-                                    }
-                                }
+                                lim[qi] = tops.offer::<false>(qi, d, j as u32) - qn[qi];
                             }
                         }
                     }
@@ -181,9 +164,7 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
             }
         }
     }
-    for (b, h) in best.into_iter().zip(heaps.iter_mut()) {
-        b.to_heap(h);
-    }
+    tops.finish();
 }
 
 /// The 16-bit pair sums of half a descriptor (groups 0..8 of the blocks at `bp` and
