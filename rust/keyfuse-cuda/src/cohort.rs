@@ -95,6 +95,12 @@ impl DeviceCohort {
     }
 }
 
+impl Drop for DeviceCohort {
+    fn drop(&mut self) {
+        crate::runtime::bind_before_free(&self.data);
+    }
+}
+
 fn subject_sizes(owner: &[i32], n_subjects: usize) -> Vec<usize> {
     let mut sizes = vec![0usize; n_subjects];
     for &s in owner {

@@ -8,7 +8,7 @@ use std::panic::{AssertUnwindSafe, UnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use keyfuse_core::{KfError, Result};
 
@@ -273,6 +273,18 @@ fn probe() -> std::result::Result<Gpu, String> {
         sm_count,
         total_memory,
     })
+}
+
+/// Makes `buffer`'s context current on this thread before the buffer is dropped.
+///
+/// cudarc frees device memory (`cuMemFreeAsync`) without making the context current, and
+/// on a thread where it is not current (the Python thread dropping a `GpuCohort`, say) the
+/// free fails with `CUDA_ERROR_INVALID_CONTEXT`, which cudarc keeps as the context's
+/// error: every later GPU call of the process then fails. Owners of device buffers that
+/// can be dropped on any thread call this in their `Drop`.
+pub(crate) fn bind_before_free<T>(buffer: &CudaSlice<T>) {
+    // a failure here is recorded by the free that follows
+    let _ = buffer.context().bind_to_thread();
 }
 
 static GPU: OnceLock<std::result::Result<Gpu, String>> = OnceLock::new();

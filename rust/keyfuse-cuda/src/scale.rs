@@ -33,6 +33,12 @@ pub struct DeviceVolume {
     pub shape: [usize; 3],
 }
 
+impl Drop for DeviceVolume {
+    fn drop(&mut self) {
+        crate::runtime::bind_before_free(&self.data);
+    }
+}
+
 impl DeviceVolume {
     pub fn len(&self) -> usize {
         self.shape.iter().product()

@@ -493,6 +493,35 @@ fn cohort_scores_match_the_cpu_engine() {
     }
 }
 
+/// Device buffers dropped on a thread that never used the GPU (the Python thread dropping a
+/// `GpuCohort`) leave the GPU usable: cudarc frees without making the context current, and a
+/// failed free would poison every later call of the process.
+#[test]
+fn buffers_dropped_on_another_thread_leave_the_gpu_usable() {
+    let Some(gpu) = gpu_or_skip("drop on another thread") else {
+        return;
+    };
+    let (all, owner) = cohort(3, 40);
+    let sj = SjParams {
+        k: 5,
+        ..Default::default()
+    };
+    let want = gpu
+        .cohort_pairwise(all.view(), &owner, 3, &sj, false)
+        .unwrap();
+    let cohort = gpu.upload_cohort(all.view(), &owner, 3).unwrap();
+    let volume = gpu
+        .upload_volume(random_volume((6, 5, 4), 1).view())
+        .unwrap();
+    std::thread::spawn(move || drop((cohort, volume)))
+        .join()
+        .unwrap();
+    let got = gpu
+        .cohort_pairwise(all.view(), &owner, 3, &sj, false)
+        .unwrap();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn kde_class_sums_match_cpu() {
     let Some(gpu) = gpu_or_skip("kde") else {
