@@ -30,10 +30,13 @@
 // Index loops mirror the formulas; `!(x > 0.0)` is deliberate: it also rejects NaN.
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
-use crate::knn::{check_rows, knn_exact, knn_exact_skipping, ForestParams, KdForest, Neighbors};
+use crate::knn::{
+    check_rows, knn_exact, knn_exact_prepared, ExactPrepared, ForestParams, KdForest, Neighbors,
+};
 use crate::{KfError, Result, DESC_LEN};
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 /// Parameters of soft-Jaccard scoring.
 #[derive(Clone, Debug)]
@@ -278,6 +281,9 @@ pub struct Cohort {
     forest: Option<KdForest>,
     forest_params: ForestParams,
     stats: DimStats,
+    // what exact search precomputes from the rows, made on the first exact search after
+    // the last `add`
+    exact: OnceLock<ExactPrepared>,
 }
 
 impl Cohort {
@@ -289,6 +295,7 @@ impl Cohort {
             forest: None,
             forest_params,
             stats: DimStats::default(),
+            exact: OnceLock::new(),
         }
     }
 
@@ -306,6 +313,7 @@ impl Cohort {
         self.offsets.push(self.owner.len());
         self.stats.add(desc);
         self.forest = None;
+        self.exact = OnceLock::new();
         Ok(s)
     }
 
@@ -359,7 +367,8 @@ impl Cohort {
         S: Fn(Range<usize>) -> Range<usize> + Sync,
     {
         if p.exact {
-            return knn_exact_skipping(&self.data, queries, p.k, skip, filter);
+            let prepared = ExactPrepared::cached(&self.exact, &self.data)?;
+            return knn_exact_prepared(&self.data, prepared, queries, p.k, skip, filter);
         }
         match &self.forest {
             Some(f) => f.search(&self.data, queries, p.k, p.checks, filter),

@@ -13,8 +13,8 @@
 
 use crate::jaccard::{DimStats, SoftJaccardParams};
 use crate::knn::{
-    check_rows, fnv64, knn_exact_skipping, release_mapped_pages, write_aside, write_atomic,
-    ForestParams, KdForest, Neighbors,
+    check_rows, fnv64, knn_exact_prepared, release_mapped_pages, write_aside, write_atomic,
+    ExactPrepared, ForestParams, KdForest, Neighbors,
 };
 use crate::{KfError, Result, DESC_LEN};
 use std::path::Path;
@@ -49,6 +49,8 @@ pub struct Shard {
     // searching a shard never wait on one loading its forest
     forest: OnceLock<KdForest>,
     forest_params: ForestParams,
+    // what exact search precomputes from the rows, made on the first exact search
+    exact: OnceLock<ExactPrepared>,
 }
 
 fn header(n: usize, stats: &DimStats) -> Vec<u8> {
@@ -182,6 +184,7 @@ impl Shard {
             base: base as u32,
             stats,
             forest: OnceLock::new(),
+            exact: OnceLock::new(),
             forest_params: fp,
         })
     }
@@ -328,13 +331,16 @@ impl Shard {
         &self.stats
     }
 
-    /// Bytes held in RAM (owned descriptors, subject ends, forest; mapped pages not counted).
+    /// Bytes held in RAM (owned descriptors, subject ends, forest, exact-search set-up;
+    /// mapped pages not counted).
     pub fn memory_bytes(&self) -> usize {
         let own = match &self.store {
             Store::Owned(v) => v.len(),
             Store::Mapped(_) => 0,
         };
-        own + self.ends.len() * 4 + self.forest.get().map_or(0, |f| f.memory_bytes())
+        own + self.ends.len() * 4
+            + self.forest.get().map_or(0, |f| f.memory_bytes())
+            + self.exact.get().map_or(0, |e| e.memory_bytes())
     }
 
     pub fn has_forest(&self) -> bool {
@@ -396,8 +402,10 @@ impl Shard {
                     .is_none_or(|a| a[(first + ends.partition_point(|&e| e <= c) as u32) as usize])
         };
         let mut nb = if p.exact {
-            knn_exact_skipping(
+            let prepared = ExactPrepared::cached(&self.exact, self.data())?;
+            knn_exact_prepared(
                 self.data(),
+                prepared,
                 queries,
                 p.k,
                 |_| lo as usize..hi as usize,

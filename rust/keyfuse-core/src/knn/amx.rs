@@ -98,14 +98,17 @@ const CHUNK: usize = 2048;
 /// Exact scan of all `data` rows for one block of queries (`queries.len() / 64` of them,
 /// any number), updating `heaps` (one per query). `filter(query, row)` as in
 /// [`super::knn_exact`]; steps of 16 rows inside `skip` (rows the filter rejects for
-/// every query) are not computed; `data_norms[j] = |data_j|²`.
+/// every query) are not computed; `data_norms[j] = |data_j|²`, `common_norm` their value
+/// where all rows share it.
 ///
 /// # Safety
 /// [`available`] must have returned true in this process.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     data: &[u8],
     data_norms: &[u32],
+    common_norm: Option<u32>,
     skip: &Range<usize>,
     queries: &[u8],
     q0: usize,
@@ -134,13 +137,15 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         }
         qn[q] = super::sq_norm(row) as i32;
     }
-    // per 16 queries, |q|² − their k-th distance so far (a padding lane: 1, never won);
-    // updated in registers and stored whole (a vector load just after a scalar store
-    // to the same line would wait for it)
+    // per 16 queries, |q|² − their k-th distance so far, plus the rows' common norm
+    // where they share one (then the comparisons need not subtract it row by row); a
+    // padding lane: 1, never won. Updated in registers and stored whole (a vector load
+    // just after a scalar store to the same line would wait for it)
+    let bias = common_norm.map_or(0, |v| v as i32);
     let mut need = vec![_mm512_set1_epi32(1); groups * 2];
     for (q, h) in heaps.iter().enumerate() {
         let v = need.as_mut_ptr().add(q / 16) as *mut i32;
-        *v.add(q % 16) = qn[q] - h.worst_i32();
+        *v.add(q % 16) = qn[q] - h.worst_i32() + bias;
     }
     // the last rows, zero-padded to a whole step of 16 (tiles always load 16 rows)
     let full = n / 16 * 16;
@@ -167,6 +172,7 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         data_norms,
         qn: &qn,
         need: &mut need,
+        bias,
         q0,
         filter,
     };
@@ -217,12 +223,12 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                     step!("2", "3", "5");
                 }
                 if let Some((pr0, pb)) = prev {
-                    st.step_any(doubled, &c[pb], pr0, g, n);
+                    st.step_any(doubled, common_norm.is_some(), &c[pb], pr0, g, n);
                 }
                 prev = Some((r0, step % 2));
             }
             if let Some((pr0, pb)) = prev {
-                st.step_any(doubled, &c[pb], pr0, g, n);
+                st.step_any(doubled, common_norm.is_some(), &c[pb], pr0, g, n);
             }
         }
     }
@@ -236,32 +242,38 @@ struct Compare<'a, F> {
     data_norms: &'a [u32],
     qn: &'a [i32],
     need: &'a mut [__m512i],
+    /// What `need` holds beyond |q|² − k-th distance: the rows' common norm, or 0.
+    bias: i32,
     q0: usize,
     filter: &'a F,
 }
 
 impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
-    /// [`Self::step`] for tiles of 2 q·b (`doubled`) or of q·b.
+    /// [`Self::step`] for tiles of 2 q·b (`doubled`) or of q·b, rows with a common norm
+    /// (`common`, held in `need`) or not.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn step_any(
         &mut self,
         doubled: bool,
+        common: bool,
         c: &[i32; 2 * 256],
         r0: usize,
         g: usize,
         n: usize,
     ) {
-        if doubled {
-            self.step::<true>(c, r0, g, n)
-        } else {
-            self.step::<false>(c, r0, g, n)
+        match (doubled, common) {
+            (true, true) => self.step::<true, true>(c, r0, g, n),
+            (true, false) => self.step::<true, false>(c, r0, g, n),
+            (false, true) => self.step::<false, true>(c, r0, g, n),
+            (false, false) => self.step::<false, false>(c, r0, g, n),
         }
     }
 
     /// Compare one step's 16 rows × 32 queries of dot products (tile t: rows r0 ..,
     /// queries 32·g + 16·t ..) with the queries' k-th distances. `DOUBLED`: the tiles
-    /// hold 2 q·b (the queries were doubled in the B operands), else q·b.
+    /// hold 2 q·b (the queries were doubled in the B operands), else q·b. `COMMON`: every
+    /// row's |b_j|² is `bias`, already added to `need`, so the gain is 2 q·b_j alone.
     /// Row j can enter query q's top k only if d² = |q|² + |b_j|² − 2 q·b_j ≤ worst_q, i.e.
     /// gain = 2 q·b_j − |b_j|² ≥ |q|² − worst_q = need_q: the gains' maximum over a tile's 16 rows
     /// is tested first; when it passes, every row is compared at once (masks, no branch
@@ -269,7 +281,7 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
     /// checks them against its current k-th distance (pushes earlier in the tile may have
     /// lowered it).
     #[target_feature(enable = "avx512f")]
-    unsafe fn step<const DOUBLED: bool>(
+    unsafe fn step<const DOUBLED: bool, const COMMON: bool>(
         &mut self,
         c: &[i32; 2 * 256],
         r0: usize,
@@ -296,7 +308,11 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                     } else {
                         _mm512_add_epi32(dot, dot)
                     };
-                    _mm512_sub_epi32(dot2, _mm512_set1_epi32(*norms.add($i) as i32))
+                    if COMMON {
+                        dot2
+                    } else {
+                        _mm512_sub_epi32(dot2, _mm512_set1_epi32(*norms.add($i) as i32))
+                    }
                 }};
             }
             let best = if rows == 16 {
@@ -340,7 +356,11 @@ impl<F: Fn(usize, u32) -> bool> Compare<'_, F> {
                         let dot2 = if DOUBLED { dot } else { 2 * dot };
                         let d = self.qn[q] - dot2 + *norms.add(i) as i32;
                         let worst = self.tops.offer::<true>(q, d as u32, j);
-                        need_now = _mm512_mask_set1_epi32(need_now, 1 << lane, self.qn[q] - worst);
+                        need_now = _mm512_mask_set1_epi32(
+                            need_now,
+                            1 << lane,
+                            self.qn[q] - worst + self.bias,
+                        );
                     }
                 }
             }

@@ -34,7 +34,9 @@ mod perm;
 mod rank;
 mod topk;
 
-pub use exact::{exact_kernel_name, knn_exact, knn_exact_skipping};
+pub use exact::{
+    exact_kernel_name, knn_exact, knn_exact_prepared, knn_exact_skipping, ExactPrepared,
+};
 pub(crate) use forest::SplitMix;
 pub use forest::{ForestParams, KdForest};
 pub(crate) use forest_io::{fnv64, release_mapped_pages, write_aside, write_atomic};

@@ -82,7 +82,7 @@ fn every_exact_kernel_matches_naive() {
     }
     let mut rng = SplitMix(11);
     // bytes: 0 permutations of 0..64, 1 any of 0..=63 with extreme rows, 2 up to 127,
-    // 3 up to 252
+    // 3 up to 252; 4 any (rows of unequal norms above 127: every AMX comparison variant)
     for (n, nq, bytes) in [
         (1usize, 3usize, 0u8),
         (37, 45, 0),
@@ -90,6 +90,7 @@ fn every_exact_kernel_matches_naive() {
         (300, 40, 1),
         (90, 21, 2),
         (300, 40, 3),
+        (200, 33, 4),
     ] {
         let mut data = random_perms(n, 12 + n as u64);
         let mut qs = random_perms(nq, 13);
@@ -111,6 +112,11 @@ fn every_exact_kernel_matches_naive() {
                 .iter_mut()
                 .chain(qs.iter_mut())
                 .for_each(|v| *v = v.wrapping_mul(4)),
+            4 => {
+                for v in data.iter_mut().chain(qs.iter_mut()) {
+                    *v = rng.below(256) as u8;
+                }
+            }
             _ => {}
         }
         let max = data.iter().chain(&qs).copied().max().unwrap();
@@ -177,6 +183,34 @@ fn exact_is_identical_across_pools() {
         let got: Vec<(u32, u32)> = one.row(q).map(|(i, d)| (d, i)).collect();
         assert_eq!(h.items, got);
     }
+}
+
+/// Exact search with the rows prepared once gives `knn_exact`'s answers, also for queries
+/// with larger bytes than the rows (another kernel than the one prepared for); rows other
+/// than the prepared ones are refused.
+#[test]
+fn prepared_exact_search_equals_knn_exact() {
+    let data = random_perms(700, 21);
+    let prepared = ExactPrepared::new(&data).unwrap();
+    let mut wide = random_perms(20, 22);
+    wide.iter_mut().for_each(|v| *v = v.wrapping_mul(3));
+    for qs in [random_perms(50, 23), wide] {
+        let filter = |q: usize, c: u32| (c as usize) % 7 != q % 7;
+        let want = knn_exact(&data, &qs, 6, filter).unwrap();
+        for _ in 0..2 {
+            let got = knn_exact_prepared(&data, &prepared, &qs, 6, |_| 0..0, filter).unwrap();
+            assert_eq!((got.idx, got.dist2), (want.idx.clone(), want.dist2.clone()));
+        }
+    }
+    let err = knn_exact_prepared(
+        &data[..64 * 699],
+        &prepared,
+        &data[..64],
+        1,
+        |_| 0..0,
+        |_, _| true,
+    );
+    assert!(matches!(err, Err(KfError::InvalidArgument(_))));
 }
 
 #[test]
