@@ -47,9 +47,6 @@ pub(super) const MAX_BYTE: u8 = 63;
 pub(super) struct RankData {
     blocks: Vec<u8>,
     corr: Vec<i32>,
-    /// The correction term every real row shares, if they all do (rank descriptors,
-    /// permutations of 0..63, all do): the comparisons then fold it into the limits.
-    common_corr: Option<i32>,
     n: usize,
 }
 
@@ -70,16 +67,7 @@ impl RankData {
             });
             corr[j] = sq - 2 * SHIFT * s;
         }
-        let common_corr = match corr[..n].first() {
-            Some(&first) if corr[..n].iter().all(|&v| v == first) => Some(first),
-            _ => None,
-        };
-        RankData {
-            blocks,
-            corr,
-            common_corr,
-            n,
-        }
+        RankData { blocks, corr, n }
     }
 }
 
@@ -121,30 +109,6 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
         lim[q] = heaps[q].worst_i32() - qn[q];
     }
     let mut tops = Tops::new(heaps);
-    match rd.common_corr {
-        Some(c) => scan_chunks::<true, F>(rd, c, skip, &qs, &qn, &mut lim, q0, &mut tops, filter),
-        None => scan_chunks::<false, F>(rd, 0, skip, &qs, &qn, &mut lim, q0, &mut tops, filter),
-    }
-    tops.finish();
-}
-
-/// The micro-tiles of [`scan`]. `COMMON`: every real row's correction term is `common`,
-/// so a tile is tested as 2 (q − 32)·b < common − lim_q without a subtraction per vector
-/// (padding rows then pass it, and are rejected by index).
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2")]
-unsafe fn scan_chunks<const COMMON: bool, F: Fn(usize, u32) -> bool>(
-    rd: &RankData,
-    common: i32,
-    skip: &Range<usize>,
-    qs: &[u8],
-    qn: &[i32],
-    lim: &mut [i32],
-    q0: usize,
-    tops: &mut Tops<'_>,
-    filter: &F,
-) {
-    let groups = lim.len() / QT;
     let nblk = rd.corr.len() / ROWS;
     // `madd` by twos widens and doubles at once (2 q·b is what the distance needs)
     let twos = _mm256_set1_epi16(2);
@@ -162,50 +126,44 @@ unsafe fn scan_chunks<const COMMON: bool, F: Fn(usize, u32) -> bool>(
                 let (lo, hi) = (half_tile(bp, qp), half_tile(bp.add(256), qp.add(32)));
                 // e = corr_b − 2 (q − 32)·b = d² − |q|², against lim_q = k-th d² − |q|²;
                 // one test for the whole tile, the lanes gone through only when some row
-                // beats some query's k-th distance. `v` holds e, or 2 (q − 32)·b where
-                // the rows share one correction term (tested against common − lim_q)
+                // beats some query's k-th distance
                 let corr = [0, 1]
                     .map(|b| _mm256_loadu_si256(rd.corr.as_ptr().add((t + b) * ROWS) as *const _));
-                let mut v = [[_mm256_setzero_si256(); BT]; QT];
+                let mut e = [[_mm256_setzero_si256(); BT]; QT];
                 let mut worse = _mm256_set1_epi32(-1);
                 for q in 0..QT {
-                    let l = limit::<COMMON>(common, lim[g * QT + q]);
+                    let l = _mm256_set1_epi32(lim[g * QT + q]);
                     for b in 0..BT {
                         let dot2 = _mm256_add_epi32(
                             _mm256_madd_epi16(lo[q][b], twos),
                             _mm256_madd_epi16(hi[q][b], twos),
                         );
-                        v[q][b] = if COMMON {
-                            dot2
-                        } else {
-                            _mm256_sub_epi32(corr[b], dot2)
-                        };
-                        worse = _mm256_and_si256(worse, beyond::<COMMON>(v[q][b], l));
+                        e[q][b] = _mm256_sub_epi32(corr[b], dot2);
+                        worse = _mm256_and_si256(worse, _mm256_cmpgt_epi32(e[q][b], l));
                     }
                 }
                 if _mm256_movemask_epi8(worse) == -1 {
                     continue;
                 }
-                for (q, vq) in v.iter().enumerate() {
+                for (q, eq) in e.iter().enumerate() {
                     let qi = g * QT + q;
-                    for (b, vv) in vq.iter().enumerate() {
-                        let l = limit::<COMMON>(common, lim[qi]);
+                    for (b, ev) in eq.iter().enumerate() {
+                        let l = _mm256_set1_epi32(lim[qi]);
                         let mut m =
-                            !(_mm256_movemask_ps(_mm256_castsi256_ps(beyond::<COMMON>(*vv, l)))
+                            !(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(*ev, l)))
                                 as u32)
                                 & 0xff;
                         if m == 0 {
                             continue;
                         }
-                        let mut vs = [0i32; ROWS];
-                        _mm256_storeu_si256(vs.as_mut_ptr() as *mut _, *vv);
+                        let mut es = [0i32; ROWS];
+                        _mm256_storeu_si256(es.as_mut_ptr() as *mut _, *ev);
                         while m != 0 {
                             let lane = m.trailing_zeros() as usize;
                             m &= m - 1;
                             let j = (t + b) * ROWS + lane;
                             if j < rd.n && (filter)(q0 + qi, j as u32) {
-                                let e = if COMMON { common - vs[lane] } else { vs[lane] };
-                                let d = (e + qn[qi]) as u32;
+                                let d = (es[lane] + qn[qi]) as u32;
                                 lim[qi] = tops.offer::<false>(qi, d, j as u32) - qn[qi];
                             }
                         }
@@ -214,29 +172,7 @@ unsafe fn scan_chunks<const COMMON: bool, F: Fn(usize, u32) -> bool>(
             }
         }
     }
-}
-
-/// The limit a tile's values are compared with: lim_q, or common − lim_q (saturated: a
-/// padding query's lim is i32::MIN, and its rows must always be beyond it).
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn limit<const COMMON: bool>(common: i32, lim: i32) -> __m256i {
-    _mm256_set1_epi32(if COMMON {
-        common.saturating_sub(lim)
-    } else {
-        lim
-    })
-}
-
-/// Lanes whose row cannot enter the query's top k: e > lim, or 2 (q − 32)·b < common − lim.
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn beyond<const COMMON: bool>(v: __m256i, l: __m256i) -> __m256i {
-    if COMMON {
-        _mm256_cmpgt_epi32(l, v)
-    } else {
-        _mm256_cmpgt_epi32(v, l)
-    }
+    tops.finish();
 }
 
 /// The 16-bit pair sums of half a descriptor (groups 0..8 of the blocks at `bp` and
