@@ -31,6 +31,7 @@ mod blur;
 mod blur_avx512;
 mod describe;
 mod detect;
+mod flush;
 pub mod reslice;
 mod two_d;
 mod volume;
@@ -44,6 +45,29 @@ use volume::Vol;
 
 pub use blur::gaussian_half_kernel;
 pub use two_d::extract2d;
+
+/// The extractor's Gaussian blur of a C-ordered `shape` volume (σ `sigma` voxels,
+/// replicated border, subnormals flushed to zero): the CPU reference of the CUDA blur.
+pub fn gaussian_blur(data: &[f32], shape: [usize; 3], sigma: f32) -> Result<Vec<f32>> {
+    if shape.iter().product::<usize>() != data.len() {
+        return Err(KfError::InvalidArgument(format!(
+            "{} values for a volume of shape {shape:?}",
+            data.len()
+        )));
+    }
+    let v = Vol {
+        n: shape,
+        data: data.to_vec(),
+    };
+    Ok(blur::blur(&v, sigma)?.data)
+}
+
+/// Runs `f` on this thread with subnormals flushed to zero (x86-64: MXCSR FTZ and DAZ) as
+/// the scale space computes, for reference code that spells its arithmetic out (the CUDA
+/// parity tests); the caller's floating-point state is restored afterwards.
+pub fn with_flushed_subnormals<R>(f: impl FnOnce() -> R) -> R {
+    flush::flushed(f)
+}
 
 /// Every extraction parameter, with its default. Lengths are in voxels of the
 /// (isotropic) extraction grid unless stated; "scale" is the keypoint's characteristic
@@ -386,6 +410,9 @@ pub fn extract3d(
     if n.contains(&0) {
         return Ok(Keypoints::default());
     }
+    // KF_TRACE: the input copy and intensity normalisation's seconds too
+    let trace = std::env::var_os("KF_TRACE").is_some();
+    let (t0, mut t_wall, mut t_cpu) = (Stamp::now(trace), 0f64, 0f64);
     // every voxel is written below
     let mut vol = Vol::scratch(n)?;
     match (volume.as_slice(), volume.t().as_slice()) {
@@ -403,6 +430,10 @@ pub fn extract3d(
         return Ok(Keypoints::default());
     };
     vol.data.par_iter_mut().for_each(|x| *x *= iscale);
+    if trace {
+        t0.add_to(&mut t_wall, &mut t_cpu);
+        eprintln!("TRACE input copy+scale seconds {t_wall:.3} cpu {t_cpu:.3}");
+    }
 
     // anisotropic voxels: resample to an isotropic grid at the finest spacing
     let iso = spacing.iter().cloned().fold(f64::INFINITY, f64::min);
