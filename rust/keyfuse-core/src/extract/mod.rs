@@ -31,6 +31,8 @@ mod blur;
 mod blur_avx512;
 mod describe;
 mod detect;
+#[cfg(target_arch = "x86_64")]
+mod detect_avx512;
 mod flush;
 pub mod reslice;
 mod two_d;
