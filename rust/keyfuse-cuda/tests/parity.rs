@@ -2,6 +2,7 @@
 //! usable, so the suite passes on CPU-only machines; on a GPU machine it is the check.
 //! The CPU references below spell out the arithmetic the kernels must reproduce.
 
+use keyfuse_core::extract::{gaussian_blur as core_blur, with_flushed_subnormals};
 use keyfuse_core::jaccard::{Cohort, SoftJaccardParams};
 use keyfuse_core::kde::{keypoint_log_likelihood, KdeOptions};
 use keyfuse_core::knn::{knn_exact, ForestParams};
@@ -50,11 +51,34 @@ fn random_volume(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
     Array3::from_shape_simple_fn(shape, || rng.unit())
 }
 
-/// CPU reference blur, written as keyfuse-core's extractor blurs (`volume::blur_into`):
+/// A volume of values near and below the smallest normal f32 (2^−126 ≈ 1.2e−38): zeros,
+/// subnormals of both signs and tiny normals, so that the blur's products and sums meet
+/// subnormals, which the scale space flushes to zero.
+fn tiny_volume(shape: (usize, usize, usize), seed: u64) -> Array3<f32> {
+    let mut rng = Rng(seed);
+    Array3::from_shape_simple_fn(shape, || {
+        let u = rng.unit();
+        match rng.next() % 5 {
+            0 => 0.0,
+            1 => u * 3e-39,
+            2 => -u * 1e-40,
+            3 => u * 2e-38,
+            _ => u * 1e-36,
+        }
+    })
+}
+
+/// CPU reference blur, written as keyfuse-core's extractor blurs (`extract/blur.rs`):
 /// axes 0, 1, 2 in turn (length-1 axes skipped), replicated border,
-/// `acc = w0·x; acc += w[t]·(x[p−t] + x[p+t])`, no fused multiply-add.
+/// `acc = w0·x; acc += w[t]·(x[p−t] + x[p+t])`, no fused multiply-add, every operation
+/// with subnormals flushed to zero (FTZ and DAZ, `extract/flush.rs`).
+/// `cpu_reference_blur_is_the_extractor_blur` checks it against the extractor's blur.
 fn cpu_blur(v: &Array3<f32>, sigma: f32) -> Array3<f32> {
     let w = gaussian_half_kernel(sigma);
+    with_flushed_subnormals(|| reference_passes(v, &w))
+}
+
+fn reference_passes(v: &Array3<f32>, w: &[f32]) -> Array3<f32> {
     let mut cur = v.clone();
     for axis in 0..3 {
         let n = cur.shape()[axis] as i64;
@@ -80,19 +104,74 @@ fn cpu_blur(v: &Array3<f32>, sigma: f32) -> Array3<f32> {
     cur
 }
 
+/// The extractor's own CPU blur (keyfuse-core), as an array.
+fn extractor_blur(v: &Array3<f32>, sigma: f32) -> Array3<f32> {
+    let (a, b, c) = v.dim();
+    let data = core_blur(v.as_standard_layout().as_slice().unwrap(), [a, b, c], sigma).unwrap();
+    Array3::from_shape_vec((a, b, c), data).unwrap()
+}
+
+/// Runs without a GPU: the reference above is the extractor's blur, bit for bit, on
+/// ordinary values and on values that meet subnormals (which both flush).
+#[test]
+fn cpu_reference_blur_is_the_extractor_blur() {
+    for (shape, sigma) in [((17, 12, 9), 1.7f32), ((20, 11, 1), 1.2), ((5, 6, 7), 4.0)] {
+        for v in [random_volume(shape, 7), tiny_volume(shape, 8)] {
+            let want = cpu_blur(&v, sigma);
+            let got = extractor_blur(&v, sigma);
+            let bits = |a: &Array3<f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&got), bits(&want), "shape {shape:?} sigma {sigma}");
+            assert!(!got.iter().any(|x| x.is_subnormal()));
+        }
+    }
+}
+
 #[test]
 fn blur_matches_cpu_bit_for_bit() {
     let Some(gpu) = gpu_or_skip("blur") else {
         return;
     };
     for (shape, sigma) in [((17, 12, 9), 1.7f32), ((20, 11, 1), 1.2), ((5, 6, 7), 4.0)] {
-        let v = random_volume(shape, 7);
-        let want = cpu_blur(&v, sigma);
+        for v in [random_volume(shape, 7), tiny_volume(shape, 8)] {
+            let want = cpu_blur(&v, sigma);
+            assert_eq!(extractor_blur(&v, sigma), want);
+            let dv = gpu.upload_volume(v.view()).unwrap();
+            let got = gpu
+                .download_volume(&gpu.gaussian_blur(&dv, sigma).unwrap())
+                .unwrap();
+            let bits = |a: &Array3<f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&got), bits(&want), "shape {shape:?} sigma {sigma}");
+        }
+    }
+}
+
+/// Single flushed products `w·x` (a one-tap kernel along the only long axis) within
+/// ±3,000 ulps of the smallest normal: the GPU's `.ftz` flushes exactly the products the
+/// CPU's MXCSR FTZ flushes (a result tiny after rounding), signs of zeros included.
+#[test]
+fn flushed_products_at_the_normal_boundary_match_cpu() {
+    let Some(gpu) = gpu_or_skip("flushed products") else {
+        return;
+    };
+    for w in [0.75f32, 0.3, 0.123_456_8, 0.0023, 0.398_9, 0.041_1] {
+        let x0 = (f32::MIN_POSITIVE / w).to_bits();
+        let xs: Vec<f32> = (0..6000u32)
+            .map(|d| f32::from_bits(x0 - 3000 + d))
+            .flat_map(|x| [x, -x])
+            .collect();
+        let v = Array3::from_shape_vec((xs.len(), 1, 1), xs).unwrap();
+        let want = with_flushed_subnormals(|| v.mapv(|x| std::hint::black_box(w) * x));
         let dv = gpu.upload_volume(v.view()).unwrap();
         let got = gpu
-            .download_volume(&gpu.gaussian_blur(&dv, sigma).unwrap())
+            .download_volume(
+                &gpu.blur_half_kernel(&dv, &[w], keyfuse_cuda::ops::Border::Clamp)
+                    .unwrap(),
+            )
             .unwrap();
-        assert_eq!(got, want, "shape {shape:?} sigma {sigma}");
+        let bits = |a: &Array3<f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&got), bits(&want), "w = {w}");
+        // both sides of the boundary occur
+        assert!(want.iter().any(|&x| x == 0.0) && want.iter().any(|&x| x != 0.0));
     }
 }
 
@@ -101,19 +180,27 @@ fn downsample_and_dog_match_cpu() {
     let Some(gpu) = gpu_or_skip("downsample") else {
         return;
     };
+    for v in [random_volume((9, 8, 7), 3), tiny_volume((9, 8, 7), 9)] {
+        let dv = gpu.upload_volume(v.view()).unwrap();
+        let got = gpu.download_volume(&gpu.downsample2(&dv).unwrap()).unwrap();
+        // the extractor's order, subnormals flushed (extract/volume.rs `downsample`)
+        let want = with_flushed_subnormals(|| {
+            Array3::from_shape_fn((4, 4, 3), |(i, j, k)| {
+                let mut acc = 0.0f32;
+                for a in 0..2 {
+                    for b in 0..2 {
+                        acc +=
+                            v[[2 * i + a, 2 * j + b, 2 * k]] + v[[2 * i + a, 2 * j + b, 2 * k + 1]];
+                    }
+                }
+                acc * 0.125
+            })
+        });
+        let bits = |a: &Array3<f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&got), bits(&want));
+    }
     let v = random_volume((9, 8, 7), 3);
     let dv = gpu.upload_volume(v.view()).unwrap();
-    let got = gpu.download_volume(&gpu.downsample2(&dv).unwrap()).unwrap();
-    let want = Array3::from_shape_fn((4, 4, 3), |(i, j, k)| {
-        let mut acc = 0.0f32;
-        for a in 0..2 {
-            for b in 0..2 {
-                acc += v[[2 * i + a, 2 * j + b, 2 * k]] + v[[2 * i + a, 2 * j + b, 2 * k + 1]];
-            }
-        }
-        acc * 0.125
-    });
-    assert_eq!(got, want);
     let w = random_volume((9, 8, 7), 4);
     let dw = gpu.upload_volume(w.view()).unwrap();
     let diff = gpu

@@ -94,6 +94,7 @@ impl<'a> Block<'a> {
         #[cfg(target_arch = "x86_64")]
         if self.inside
             && self.src.data.len() < i32::MAX as usize
+            && super::blur::isa_cap() >= 1
             && std::is_x86_feature_detected!("avx2")
         {
             // SAFETY: AVX2 was detected

@@ -4,10 +4,12 @@
 //! Layout: C order, index `(i, j, k)`, `k` contiguous. Every kernel is written as AXPY
 //! over contiguous rows or planes (so it autovectorises) and parallelised over
 //! `i`-planes; there are no cross-thread reductions, so results are bit-identical
-//! whatever the rayon thread count.
+//! whatever the rayon thread count. Every task runs with subnormals flushed to zero
+//! (`flush::flushed`: each multiply and add as IEEE f32 with FTZ and DAZ).
 
 #[cfg(target_arch = "x86_64")]
 use super::blur_avx512::{kconv_avx512, sym_conv_avx512};
+use super::flush::flushed;
 use super::volume::Vol;
 use crate::Result;
 use rayon::prelude::*;
@@ -278,6 +280,19 @@ builds!(
     |o, row, lead, w, p| kconv_pairs(&|o, c, w, p| sym_conv_pairs(o, c, w, p), o, row, lead, w, p),
 );
 
+/// The widest instruction-set level the extractor's kernels may use: 0 the portable
+/// code, 1 AVX/AVX2, 2 AVX-512 (the default: whatever the CPU has). The environment
+/// variable `KEYFUSE_EXTRACT_ISA` (`generic`, `avx2` or `avx512`, read once) lowers it,
+/// to compare the builds' output end to end (they give the same bits).
+pub(crate) fn isa_cap() -> u8 {
+    static CAP: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var("KEYFUSE_EXTRACT_ISA").as_deref() {
+        Ok("generic") => 0,
+        Ok("avx2") | Ok("avx") => 1,
+        _ => 2,
+    })
+}
+
 /// Which build of the passes runs.
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub(crate) enum Isa {
@@ -289,11 +304,11 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
-    /// The widest build this CPU runs.
+    /// The widest build this CPU runs, within [`isa_cap`].
     pub(crate) fn best() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        for isa in [Isa::Avx512, Isa::Avx] {
-            if isa.available() {
+        for (isa, level) in [(Isa::Avx512, 2), (Isa::Avx, 1)] {
+            if level <= isa_cap() && isa.available() {
                 return isa;
             }
         }
@@ -347,7 +362,7 @@ pub(crate) fn blur_into_with(src: &Vol, sigma: f32, out: &mut Vol, isa: Isa) {
             let cols = (c * I_COLS, ((c + 1) * I_COLS).min(plane));
             // SAFETY: `out` holds ni·plane values; tasks own disjoint columns; the build
             // is available (asserted above)
-            unsafe {
+            flushed(|| unsafe {
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 => blur_i_avx512(src, n, w, ptr, cols),
@@ -355,7 +370,7 @@ pub(crate) fn blur_into_with(src: &Vol, sigma: f32, out: &mut Vol, isa: Isa) {
                     Isa::Avx => blur_i_avx(src, n, w, ptr, cols),
                     Isa::Generic => blur_i_generic(src, n, w, ptr, cols),
                 }
-            }
+            })
         });
     } else {
         out.data.copy_from_slice(&src.data);
@@ -369,7 +384,7 @@ pub(crate) fn blur_into_with(src: &Vol, sigma: f32, out: &mut Vol, isa: Isa) {
         || vec![0f32; tmp_len],
         |scratch, o| {
             // SAFETY: the build is available (asserted above)
-            unsafe {
+            flushed(|| unsafe {
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 => blur_jk_avx512(o, nj, nk, w, scratch),
@@ -377,7 +392,7 @@ pub(crate) fn blur_into_with(src: &Vol, sigma: f32, out: &mut Vol, isa: Isa) {
                     Isa::Avx => blur_jk_avx(o, nj, nk, w, scratch),
                     Isa::Generic => blur_jk_generic(o, nj, nk, w, scratch),
                 }
-            }
+            })
         },
     );
 }
@@ -388,7 +403,12 @@ pub(crate) fn blur_into_with(src: &Vol, sigma: f32, out: &mut Vol, isa: Isa) {
 /// same replicated border and the same order of operations per voxel, so the values are
 /// bit-identical to the full blur's. The scale space's top level is only ever read around
 /// extremum candidates, so it is computed there instead of over the whole volume.
+/// Subnormals are flushed, as in the full blur.
 pub(crate) fn blur_at_neighbourhood(src: &Vol, w: &[f32], c: [usize; 3]) -> [f32; 27] {
+    flushed(|| neighbourhood(src, w, c))
+}
+
+fn neighbourhood(src: &Vol, w: &[f32], c: [usize; 3]) -> [f32; 27] {
     let n = src.n;
     let centre = |a: usize, d: usize| clampi(c[a] as isize + d as isize - 1, n[a]);
     // the spans of axes 1 and 2 that the later passes read (clamped indices stay inside)
@@ -483,9 +503,14 @@ mod tests {
 
     /// The blur's arithmetic, one voxel at a time (the order the CUDA kernel and the
     /// parity tests mirror): per axis i, j, k (length-1 axes skipped),
-    /// acc = w0·x; acc += w[t]·(x[−t] + x[+t]) for t = 1..r, replicated border.
+    /// acc = w0·x; acc += w[t]·(x[−t] + x[+t]) for t = 1..r, replicated border; every
+    /// operation with subnormals flushed (FTZ and DAZ).
     fn reference_blur(v: &Vol, sigma: f32) -> Vol {
         let w = gaussian_half_kernel(sigma);
+        flushed(|| reference_passes(v, &w))
+    }
+
+    fn reference_passes(v: &Vol, w: &[f32]) -> Vol {
         let mut cur = v.clone();
         for axis in 0..3 {
             let len = v.n[axis];
@@ -539,6 +564,10 @@ mod tests {
             let mut v = Vol::zeros(n).unwrap();
             for (x, val) in v.data.iter_mut().enumerate() {
                 *val = (((x + si) * 7919) % 1013) as f32 / 97.0 - 3.0;
+                // every third shape near the subnormal range (products and sums flushed)
+                if si % 3 == 1 {
+                    *val *= if x % 5 == 0 { 1e-40 } else { 4e-38 };
+                }
             }
             for sigma in [0.7f32, 1.6, 2.45, 4.0] {
                 let want = reference_blur(&v, sigma);
@@ -605,6 +634,50 @@ mod tests {
         }
     }
 
+    /// The blur flushes: no subnormal in its output, subnormal inputs count as zeros, and
+    /// it differs from the unflushed arithmetic where that one meets subnormals.
+    #[test]
+    fn blur_flushes_subnormals() {
+        let n = [12, 17, 40];
+        let v = Vol::from_fn(n, |i, j, k| {
+            let u = ((((i * 131 + j) * 137 + k) * 7919) % 1013) as f32 / 1013.0;
+            match (i + j + k) % 3 {
+                0 => u * 3e-39,
+                1 => -u * 1e-40,
+                _ => u * 2e-38,
+            }
+        })
+        .unwrap();
+        let zeroed = Vol {
+            n,
+            data: v
+                .data
+                .iter()
+                .map(|&x| {
+                    if x.is_subnormal() {
+                        0.0 * x.signum()
+                    } else {
+                        x
+                    }
+                })
+                .collect(),
+        };
+        let w = gaussian_half_kernel(1.6);
+        let ieee = reference_passes(&v, &w);
+        assert!(ieee.data.iter().any(|x| x.is_subnormal()));
+        for &isa in ALL_ISAS.iter().filter(|isa| isa.available()) {
+            let (mut a, mut b) = (
+                Vol::zeros([1, 1, 1]).unwrap(),
+                Vol::zeros([1, 1, 1]).unwrap(),
+            );
+            blur_into_with(&v, 1.6, &mut a, isa);
+            blur_into_with(&zeroed, 1.6, &mut b, isa);
+            assert!(!a.data.iter().any(|x| x.is_subnormal()), "{isa:?}");
+            assert_eq!(a.data, b.data, "{isa:?}");
+            assert_ne!(a.data, ieee.data, "{isa:?}");
+        }
+    }
+
     #[test]
     fn neighbourhood_blur_is_bit_identical_to_the_full_blur() {
         for (si, n) in [
@@ -620,6 +693,9 @@ mod tests {
             let mut v = Vol::zeros(n).unwrap();
             for (x, val) in v.data.iter_mut().enumerate() {
                 *val = (((x + si) * 7919) % 1013) as f32 / 97.0 - 3.0;
+                if si == 1 {
+                    *val *= 2e-38; // subnormal products and sums, flushed in both
+                }
             }
             for sigma in [0.7f32, 1.6, 2.45, 4.0] {
                 let full = blur(&v, sigma).unwrap();

@@ -402,3 +402,48 @@ fn blur_timing() {
         eprintln!("blur σ={sigma}: {best:?}");
     }
 }
+
+/// The intensity normalisation's factor is the one of a sort-based 99.5th percentile of
+/// the stride sample (the formula it replaced), on sizes around the stride's steps, with
+/// zeros, negatives, repeated values and all-but-one zero; non-finite values are refused.
+#[test]
+fn intensity_scale_is_the_sample_percentile() {
+    fn by_sorting(data: &[f32]) -> Option<f32> {
+        let stride = (data.len() / 1_000_000).max(1);
+        let mut s: Vec<f32> = data.iter().step_by(stride).map(|x| x.abs()).collect();
+        let max = s.iter().cloned().fold(0f32, f32::max);
+        if max <= 0.0 {
+            return None;
+        }
+        let q = ((s.len() as f64 * 0.995) as usize).min(s.len() - 1);
+        let (_, &mut v, _) = s.select_nth_unstable_by(q, |a, b| a.total_cmp(b));
+        Some(1.0 / if v > 0.0 { v } else { max })
+    }
+    let mut next = super::volume::tests::uniform(0x9e37_79b9_7f4a_7c15);
+    for (case, len) in [1usize, 7, 1000, 999_999, 1_000_000, 2_000_001, 3_100_007]
+        .into_iter()
+        .enumerate()
+    {
+        let data: Vec<f32> = (0..len)
+            .map(|x| {
+                let u = next();
+                match (x + case) % 6 {
+                    0 => 0.0,
+                    1 => -u * 300.0,
+                    2 => (u * 8.0).floor(),
+                    _ => u * u * 1000.0,
+                }
+            })
+            .collect();
+        let want = by_sorting(&data);
+        assert_eq!(intensity_scale(&data).unwrap(), want, "len {len}");
+        assert!(want.is_some() || len == 1);
+        // mostly zeros: the percentile is 0 and the maximum is used
+        let mut sparse = vec![0f32; len];
+        sparse[len / 2] = -3.5;
+        assert_eq!(intensity_scale(&sparse).unwrap(), by_sorting(&sparse));
+    }
+    assert_eq!(intensity_scale(&[0.0; 50]).unwrap(), None);
+    assert!(intensity_scale(&[1.0, f32::NAN]).is_err());
+    assert!(intensity_scale(&vec![f32::INFINITY; 3_000_000]).is_err());
+}

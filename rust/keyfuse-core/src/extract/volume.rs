@@ -6,6 +6,7 @@
 //! `i`-planes; there are no cross-thread reductions, so results are bit-identical
 //! whatever the rayon thread count.
 
+use super::flush::flushed;
 use super::workspace;
 use crate::Result;
 use rayon::prelude::*;
@@ -155,29 +156,42 @@ pub(crate) fn trilinear_clamped(
 }
 
 /// Halve the grid by averaging 2×2×2 blocks (2×2 for a 2D image): child index `p`
-/// covers parent indices `2p, 2p+1`, i.e. sits at parent coordinate `2p + 0.5`.
+/// covers parent indices `2p, 2p+1`, i.e. sits at parent coordinate `2p + 0.5`; with
+/// subnormals flushed, like the blur (extract/flush.rs).
 pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     let [ni, nj, nk] = src.n;
     let flat = nk == 1;
     let m = [ni / 2, nj / 2, if flat { 1 } else { nk / 2 }];
-    Vol::from_fn(m, |p, q, r| {
-        let mut s = 0.0f32;
-        for di in 0..2 {
-            for dj in 0..2 {
-                if flat {
-                    s += src.at(2 * p + di, 2 * q + dj, 0);
-                } else {
-                    s += src.at(2 * p + di, 2 * q + dj, 2 * r)
-                        + src.at(2 * p + di, 2 * q + dj, 2 * r + 1);
+    let mut out = Vol::scratch(m)?;
+    let mplane = m[1] * m[2];
+    if mplane == 0 {
+        return Ok(out);
+    }
+    // one output plane per task, with subnormals flushed as in the blur
+    #[inline(never)]
+    fn plane(src: &Vol, p: usize, o: &mut [f32], m: [usize; 3], flat: bool) {
+        for q in 0..m[1] {
+            for r in 0..m[2] {
+                let mut s = 0.0f32;
+                for di in 0..2 {
+                    for dj in 0..2 {
+                        if flat {
+                            s += src.at(2 * p + di, 2 * q + dj, 0);
+                        } else {
+                            s += src.at(2 * p + di, 2 * q + dj, 2 * r)
+                                + src.at(2 * p + di, 2 * q + dj, 2 * r + 1);
+                        }
+                    }
                 }
+                o[q * m[2] + r] = if flat { s * 0.25 } else { s * 0.125 };
             }
         }
-        if flat {
-            s * 0.25
-        } else {
-            s * 0.125
-        }
-    })
+    }
+    out.data
+        .par_chunks_mut(mplane)
+        .enumerate()
+        .for_each(|(p, o)| flushed(|| plane(src, p, o, m, flat)));
+    Ok(out)
 }
 
 /// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`

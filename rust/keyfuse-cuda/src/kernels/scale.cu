@@ -2,6 +2,22 @@
 // extrema, central-difference gradients and rotated patch sampling.
 // Volumes are C-ordered float32 (n0, n1, n2): index = (i * n1 + j) * n2 + k.
 // Compiled with --fmad=false so every a*b+c rounds twice, as the CPU's `acc += w * x`.
+// The blur and the downsampling flush subnormals like the CPU's (MXCSR FTZ and DAZ,
+// keyfuse-core extract/flush.rs): their multiplies and adds are mul/add.rn.ftz.f32 (a
+// subnormal operand counts as a zero of its sign, a result tiny after rounding becomes
+// one; the same rule as x86, checked bit for bit on an H200 at the 2^-126 boundary).
+
+__device__ __forceinline__ float kf_mul_ftz(float a, float b) {
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ float kf_add_ftz(float a, float b) {
+    float r;
+    asm("add.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
 
 // Map an out-of-range index back into [0, n) for the border rule:
 // 0 clamp (replicate), 1 reflect (…2 1 0 | 0 1 2…), 2 mirror (…2 1 | 0 1 2…), 3 zero (-1).
@@ -19,8 +35,9 @@ __device__ __forceinline__ int kf_border(int p, int n, int mode) {
 
 // One pass of a symmetric 1D convolution along `axis` (0, 1 or 2) with the half kernel
 // `half[0..=radius]` (half[t] weighs offsets ±t), in the CPU extractor's exact order:
-// acc = half[0]*x[p]; then acc += half[t]*(x[p-t] + x[p+t]) for t = 1..radius.
-// An axis of length 1 is copied unchanged (the CPU skips it).
+// acc = half[0]*x[p]; then acc += half[t]*(x[p-t] + x[p+t]) for t = 1..radius, each
+// operation with subnormals flushed. An axis of length 1 is copied unchanged (the CPU
+// skips it).
 extern "C" __global__ void kf_blur_axis(const float* __restrict__ src, float* __restrict__ dst,
                                         int n0, int n1, int n2, int axis,
                                         const float* __restrict__ half, int radius, int border) {
@@ -35,13 +52,13 @@ extern "C" __global__ void kf_blur_axis(const float* __restrict__ src, float* __
     if (len == 1) { dst[idx] = src[idx]; return; }
     long long stride = axis == 0 ? (long long)n1 * n2 : (axis == 1 ? (long long)n2 : 1LL);
     long long base = idx - (long long)pos * stride;
-    float acc = half[0] * src[idx];
+    float acc = kf_mul_ftz(half[0], src[idx]);
     for (int t = 1; t <= radius; ++t) {
         int pa = kf_border(pos - t, len, border);
         int pb = kf_border(pos + t, len, border);
         float xa = pa < 0 ? 0.0f : src[base + (long long)pa * stride];
         float xb = pb < 0 ? 0.0f : src[base + (long long)pb * stride];
-        acc = acc + half[t] * (xa + xb);
+        acc = kf_add_ftz(acc, kf_mul_ftz(half[t], kf_add_ftz(xa, xb)));
     }
     dst[idx] = acc;
 }
@@ -54,7 +71,8 @@ extern "C" __global__ void kf_sub(const float* __restrict__ a, const float* __re
 }
 
 // Next octave: the mean of each 2x2x2 block (2x2 when n2 == 1), in the CPU's order:
-// s += x[.., 2r] + x[.., 2r+1] over (di, dj), then s * 1/8 (1/4 when flat).
+// s += x[.., 2r] + x[.., 2r+1] over (di, dj), then s * 1/8 (1/4 when flat), each
+// operation with subnormals flushed.
 extern "C" __global__ void kf_downsample2(const float* __restrict__ src, float* __restrict__ dst,
                                           int n0, int n1, int n2, int m0, int m1, int m2) {
     long long total = (long long)m0 * m1 * m2;
@@ -68,10 +86,10 @@ extern "C" __global__ void kf_downsample2(const float* __restrict__ src, float* 
     for (int di = 0; di < 2; ++di)
         for (int dj = 0; dj < 2; ++dj) {
             long long row = ((long long)(2 * p + di) * n1 + (2 * q + dj)) * n2;
-            if (flat) s = s + src[row];
-            else s = s + (src[row + 2 * r] + src[row + 2 * r + 1]);
+            if (flat) s = kf_add_ftz(s, src[row]);
+            else s = kf_add_ftz(s, kf_add_ftz(src[row + 2 * r], src[row + 2 * r + 1]));
         }
-    dst[idx] = flat ? s * 0.25f : s * 0.125f;
+    dst[idx] = kf_mul_ftz(s, flat ? 0.25f : 0.125f);
 }
 
 // Strict extrema over the 80 neighbours (3x3x3 in this DoG and the two adjacent ones, minus
