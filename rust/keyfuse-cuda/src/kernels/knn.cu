@@ -5,6 +5,10 @@
 // memory in tiles of KF_TILE descriptors; no distance matrix is ever stored.
 // Ties are broken by the smaller database index (the database is scanned in index order and
 // an equal distance never displaces an earlier entry), as the CPU path does.
+// A row is read from shared memory as four 16-byte vectors (one 16-byte shared load serves
+// four __dp4a, where 4-byte loads were one each), and the k-th distance a candidate must
+// beat is kept in a register: the top-k arrays are indexed at run time, so they live in
+// local memory, and reading bd[k - 1] for every row was one local load per distance.
 
 #define KF_TILE 128
 #define KF_KMAX 32
@@ -15,6 +19,21 @@ __device__ __forceinline__ unsigned int kf_norm(const unsigned int* v) {
     unsigned int n = 0;
     for (int w = 0; w < KF_WORDS; ++w) n = __dp4a(v[w], v[w], n);
     return n;
+}
+
+// dot += the dot product of the query's 16 words (registers) with a 16-byte-aligned row of
+// shared memory, read as four 16-byte vectors, words in order.
+__device__ __forceinline__ void kf_dot_row(const unsigned int* qv, const unsigned int* row,
+                                           unsigned int& dot) {
+    const uint4* row4 = reinterpret_cast<const uint4*>(row);
+#pragma unroll
+    for (int w = 0; w < KF_WORDS / 4; ++w) {
+        uint4 v = row4[w];
+        dot = __dp4a(qv[4 * w], v.x, dot);
+        dot = __dp4a(qv[4 * w + 1], v.y, dot);
+        dot = __dp4a(qv[4 * w + 2], v.z, dot);
+        dot = __dp4a(qv[4 * w + 3], v.w, dot);
+    }
 }
 
 // Load rows [t0, t0 + n) of the database into shared memory with their squared norms.
@@ -50,7 +69,7 @@ extern "C" __global__ void kf_knn(const unsigned int* __restrict__ q, int nq,
                                   const int* __restrict__ q_exclude,
                                   const unsigned char* __restrict__ allowed, int filter,
                                   unsigned int* __restrict__ out_d, int* __restrict__ out_i) {
-    __shared__ unsigned int tile[KF_TILE * KF_WORDS];
+    __shared__ __align__(16) unsigned int tile[KF_TILE * KF_WORDS];
     __shared__ unsigned int tnorm[KF_TILE];
     __shared__ int towner[KF_TILE];
     int qi = blockIdx.x * blockDim.x + threadIdx.x;
@@ -62,6 +81,7 @@ extern "C" __global__ void kf_knn(const unsigned int* __restrict__ q, int nq,
     unsigned int bd[KF_KMAX];
     int bi[KF_KMAX];
     for (int s = 0; s < KF_KMAX; ++s) { bd[s] = KF_NONE; bi[s] = -1; }
+    unsigned int worst = KF_NONE;  // bd[k - 1]
     int start = blockIdx.y * chunk;
     int end = min(nd, start + chunk);
     for (int t0 = start; t0 < end; t0 += KF_TILE) {
@@ -72,10 +92,9 @@ extern "C" __global__ void kf_knn(const unsigned int* __restrict__ q, int nq,
                 if (filter && !kf_keep(towner[r], exclude, allowed, filter)) continue;
                 unsigned int dot = 0;
                 const unsigned int* row = tile + r * KF_WORDS;
-#pragma unroll
-                for (int w = 0; w < KF_WORDS; ++w) dot = __dp4a(qv[w], row[w], dot);
+                kf_dot_row(qv, row, dot);
                 unsigned int d = qn + tnorm[r] - 2u * dot;
-                if (d < bd[k - 1]) {
+                if (d < worst) {
                     int pos = k - 1;
                     while (pos > 0 && bd[pos - 1] > d) {
                         bd[pos] = bd[pos - 1];
@@ -84,6 +103,7 @@ extern "C" __global__ void kf_knn(const unsigned int* __restrict__ q, int nq,
                     }
                     bd[pos] = d;
                     bi[pos] = t0 + r;
+                    worst = bd[k - 1];
                 }
             }
         }
@@ -101,7 +121,7 @@ extern "C" __global__ void kf_knn2(const unsigned int* __restrict__ q, int nq,
                                    const int* __restrict__ q_exclude,
                                    const unsigned char* __restrict__ allowed, int filter,
                                    unsigned int* __restrict__ out_d, int* __restrict__ out_i) {
-    __shared__ unsigned int tile[KF_TILE * KF_WORDS];
+    __shared__ __align__(16) unsigned int tile[KF_TILE * KF_WORDS];
     __shared__ unsigned int tnorm[KF_TILE];
     __shared__ int towner[KF_TILE];
     int qi = blockIdx.x * blockDim.x + threadIdx.x;
@@ -122,8 +142,7 @@ extern "C" __global__ void kf_knn2(const unsigned int* __restrict__ q, int nq,
                 if (filter && !kf_keep(towner[r], exclude, allowed, filter)) continue;
                 unsigned int dot = 0;
                 const unsigned int* row = tile + r * KF_WORDS;
-#pragma unroll
-                for (int w = 0; w < KF_WORDS; ++w) dot = __dp4a(qv[w], row[w], dot);
+                kf_dot_row(qv, row, dot);
                 unsigned int d = qn + tnorm[r] - 2u * dot;
                 if (d < d1) {
                     if (d < d0) { d1 = d0; i1 = i0; d0 = d; i0 = t0 + r; }
