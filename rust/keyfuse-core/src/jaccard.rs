@@ -353,7 +353,7 @@ impl Cohort {
         self.forest.is_some()
     }
 
-    /// k-NN of `queries` among the cohort's points; `skip` as in [`knn_exact_skipping`]
+    /// k-NN of `queries` among the cohort's points; `skip` as in [`knn_exact_prepared`]
     /// (only the exact search uses it).
     fn knn<F, S>(
         &self,

@@ -339,29 +339,14 @@ pub fn knn_exact<F>(data: &[u8], queries: &[u8], k: usize, filter: F) -> Result<
 where
     F: Fn(usize, u32) -> bool + Sync,
 {
-    knn_exact_skipping(data, queries, k, |_| 0..0, filter)
-}
-
-/// [`knn_exact`] where `skip(queries)` names rows that `filter` rejects for every query
-/// of the range `queries` (e.g. the queries' own subject in all-pairs): the fast kernels
-/// do not compute those rows at all. Same results as [`knn_exact`] with the same filter.
-pub fn knn_exact_skipping<F, S>(
-    data: &[u8],
-    queries: &[u8],
-    k: usize,
-    skip: S,
-    filter: F,
-) -> Result<Neighbors>
-where
-    F: Fn(usize, u32) -> bool + Sync,
-    S: Fn(Range<usize>) -> Range<usize> + Sync,
-{
     let prepared = ExactPrepared::new(data)?;
-    knn_exact_prepared(data, &prepared, queries, k, skip, filter)
+    knn_exact_prepared(data, &prepared, queries, k, |_| 0..0, filter)
 }
 
-/// [`knn_exact_skipping`] with the data side prepared once ([`ExactPrepared::new`] of the
-/// same `data`).
+/// [`knn_exact`] with the data side prepared once ([`ExactPrepared::new`] of the same
+/// `data`), where `skip(queries)` names rows that `filter` rejects for every query of the
+/// range `queries` (e.g. the queries' own subject in all-pairs): the fast kernels do not
+/// compute those rows at all. Same results as [`knn_exact`] with the same filter.
 pub fn knn_exact_prepared<F, S>(
     data: &[u8],
     prepared: &ExactPrepared,

@@ -34,9 +34,7 @@ mod perm;
 mod rank;
 mod topk;
 
-pub use exact::{
-    exact_kernel_name, knn_exact, knn_exact_prepared, knn_exact_skipping, ExactPrepared,
-};
+pub use exact::{exact_kernel_name, knn_exact, knn_exact_prepared, ExactPrepared};
 pub(crate) use forest::SplitMix;
 pub use forest::{ForestParams, KdForest};
 pub(crate) use forest_io::{fnv64, release_mapped_pages, write_aside, write_atomic};
