@@ -521,28 +521,31 @@ fn accumulate<O: Fn(u32) -> u32>(
     inter: &mut [f64],
 ) {
     let mut seen: Vec<u32> = Vec::with_capacity(nb.k);
+    // posterior: each neighbour's kernel value, computed once for the sum and the shares
+    let mut weights: Vec<f64> = Vec::with_capacity(nb.k);
     // posterior: (indexed keypoint, share), reduced to each keypoint's best share
     let mut shares: Vec<(u32, f64)> = Vec::new();
     for q in 0..nb.n_queries() {
         let mut row = nb.row(q).peekable();
         let Some(&(_, d1)) = row.peek() else { continue };
         let a2 = bounds.alpha2(d1 as f64);
+        let kernel = |d: u32| (-(d as f64) / (2.0 * a2)).exp();
+        weights.clear();
         let wsum: f64 = if posterior {
-            nb.row(q)
-                .map(|(_, d)| (-(d as f64) / (2.0 * a2)).exp())
-                .sum()
+            weights.extend(nb.row(q).map(|(_, d)| kernel(d)));
+            weights.iter().copied().sum()
         } else {
             1.0
         };
         seen.clear();
         // neighbours come nearest first, so the first one of a subject is its maximum
-        for (c, d) in row {
+        for (i, (c, d)) in row.enumerate() {
             let s = owner(c);
             if seen.contains(&s) {
                 continue;
             }
             seen.push(s);
-            let w = (-(d as f64) / (2.0 * a2)).exp();
+            let w = if posterior { weights[i] } else { kernel(d) };
             if posterior {
                 shares.push((c, w / wsum));
             } else {
@@ -556,7 +559,46 @@ fn accumulate<O: Fn(u32) -> u32>(
 }
 
 /// Sum, per subject, each indexed keypoint's best share (fixed order: by keypoint).
-fn add_best_shares<O: Fn(u32) -> u32>(mut shares: Vec<(u32, f64)>, owner: &O, inter: &mut [f64]) {
+fn add_best_shares<O: Fn(u32) -> u32>(shares: Vec<(u32, f64)>, owner: &O, inter: &mut [f64]) {
+    let top = shares.iter().map(|s| s.0 as usize).max().unwrap_or(0);
+    if top < 4 * shares.len() {
+        add_best_shares_dense(shares, top, owner, inter)
+    } else {
+        add_best_shares_sorted(shares, owner, inter)
+    }
+}
+
+/// [`add_best_shares`] for few distinct ids (a cohort's all-pairs): each id's best share in
+/// a dense table, then added in id order: the same values in the same order as
+/// [`add_best_shares_sorted`], whose sort took most of a subject's scoring time.
+fn add_best_shares_dense<O: Fn(u32) -> u32>(
+    shares: Vec<(u32, f64)>,
+    top: usize,
+    owner: &O,
+    inter: &mut [f64],
+) {
+    // below every share in `total_cmp` order (shares are ≥ 0, or NaN)
+    let unset = f64::from_bits(u64::MAX);
+    let mut best = vec![unset; top + 1];
+    for (c, v) in shares {
+        let b = &mut best[c as usize];
+        if v.total_cmp(b).is_gt() {
+            *b = v;
+        }
+    }
+    for (c, v) in best.into_iter().enumerate() {
+        if v.to_bits() != unset.to_bits() {
+            inter[owner(c as u32) as usize] += v;
+        }
+    }
+}
+
+/// [`add_best_shares`] by sorting the shares by id, best first.
+fn add_best_shares_sorted<O: Fn(u32) -> u32>(
+    mut shares: Vec<(u32, f64)>,
+    owner: &O,
+    inter: &mut [f64],
+) {
     shares.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
     let mut last = u32::MAX;
     for (c, v) in shares {
