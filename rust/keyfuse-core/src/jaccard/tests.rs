@@ -1,3 +1,4 @@
+use super::shares::{add_best_shares_dense, add_best_shares_sorted};
 use super::*;
 use crate::knn::SplitMix;
 
