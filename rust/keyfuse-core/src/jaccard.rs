@@ -548,11 +548,10 @@ fn accumulate<O: Fn(u32) -> u32>(
                 continue;
             }
             seen.push(s);
-            let w = if posterior { weights[i] } else { kernel(d) };
             if posterior {
-                shares.push((c, w / wsum));
+                shares.push((c, weights[i] / wsum));
             } else {
-                inter[s as usize] += w;
+                inter[s as usize] += kernel(d);
             }
         }
     }

@@ -279,7 +279,7 @@ fn extrema_3d(
         o
     };
     #[cfg(target_arch = "x86_64")]
-    let avx512 = super::blur::isa_cap() >= 2 && std::is_x86_feature_detected!("avx512f");
+    let avx512 = super::blur::Isa::best() == super::blur::Isa::Avx512;
     (margin..ni - margin)
         .into_par_iter()
         .flat_map_iter(|i| {

@@ -46,6 +46,23 @@ impl Vol {
         m: [usize; 3],
         value: impl Fn(usize, usize, usize) -> f32 + Sync,
     ) -> Result<Vol> {
+        Vol::fill(m, false, value)
+    }
+
+    /// [`Vol::from_fn`] with subnormals flushed (extract/flush.rs), as the scale space
+    /// computes.
+    pub(crate) fn from_fn_flushed(
+        m: [usize; 3],
+        value: impl Fn(usize, usize, usize) -> f32 + Sync,
+    ) -> Result<Vol> {
+        Vol::fill(m, true, value)
+    }
+
+    fn fill(
+        m: [usize; 3],
+        flush: bool,
+        value: impl Fn(usize, usize, usize) -> f32 + Sync,
+    ) -> Result<Vol> {
         let mut out = Vol::scratch(m)?;
         let mplane = m[1] * m[2];
         if mplane == 0 {
@@ -55,10 +72,17 @@ impl Vol {
             .par_chunks_mut(mplane)
             .enumerate()
             .for_each(|(p, o)| {
-                for q in 0..m[1] {
-                    for r in 0..m[2] {
-                        o[q * m[2] + r] = value(p, q, r);
+                let plane = |o: &mut [f32]| {
+                    for q in 0..m[1] {
+                        for r in 0..m[2] {
+                            o[q * m[2] + r] = value(p, q, r);
+                        }
                     }
+                };
+                if flush {
+                    flushed(|| plane(o))
+                } else {
+                    plane(o)
                 }
             });
         Ok(out)
@@ -162,36 +186,24 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     let [ni, nj, nk] = src.n;
     let flat = nk == 1;
     let m = [ni / 2, nj / 2, if flat { 1 } else { nk / 2 }];
-    let mut out = Vol::scratch(m)?;
-    let mplane = m[1] * m[2];
-    if mplane == 0 {
-        return Ok(out);
-    }
-    // one output plane per task, with subnormals flushed as in the blur
-    #[inline(never)]
-    fn plane(src: &Vol, p: usize, o: &mut [f32], m: [usize; 3], flat: bool) {
-        for q in 0..m[1] {
-            for r in 0..m[2] {
-                let mut s = 0.0f32;
-                for di in 0..2 {
-                    for dj in 0..2 {
-                        if flat {
-                            s += src.at(2 * p + di, 2 * q + dj, 0);
-                        } else {
-                            s += src.at(2 * p + di, 2 * q + dj, 2 * r)
-                                + src.at(2 * p + di, 2 * q + dj, 2 * r + 1);
-                        }
-                    }
+    Vol::from_fn_flushed(m, |p, q, r| {
+        let mut s = 0.0f32;
+        for di in 0..2 {
+            for dj in 0..2 {
+                if flat {
+                    s += src.at(2 * p + di, 2 * q + dj, 0);
+                } else {
+                    s += src.at(2 * p + di, 2 * q + dj, 2 * r)
+                        + src.at(2 * p + di, 2 * q + dj, 2 * r + 1);
                 }
-                o[q * m[2] + r] = if flat { s * 0.25 } else { s * 0.125 };
             }
         }
-    }
-    out.data
-        .par_chunks_mut(mplane)
-        .enumerate()
-        .for_each(|(p, o)| flushed(|| plane(src, p, o, m, flat)));
-    Ok(out)
+        if flat {
+            s * 0.25
+        } else {
+            s * 0.125
+        }
+    })
 }
 
 /// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`

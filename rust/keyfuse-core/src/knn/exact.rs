@@ -289,7 +289,8 @@ pub fn exact_kernel_name() -> &'static str {
 #[derive(Clone, Debug)]
 pub struct ExactPrepared {
     rows: usize,
-    max_byte: u8,
+    /// The rows' largest byte, where the kernel choice asked for it (not with AMX).
+    max_byte: Option<u8>,
     kernel: ExactKernel,
     prep: Prepared,
 }
@@ -298,11 +299,11 @@ impl ExactPrepared {
     /// Prepare `data` (`n × 64` bytes) for [`knn_exact_prepared`].
     pub fn new(data: &[u8]) -> Result<Self> {
         let rows = check_rows("data", data)?;
-        let max_byte = max_byte(data);
-        let kernel = ExactKernel::pick(|| max_byte);
+        let mut max = None;
+        let kernel = ExactKernel::pick(|| *max.get_or_insert_with(|| max_byte(data)));
         Ok(ExactPrepared {
             rows,
-            max_byte,
+            max_byte: max,
             kernel,
             prep: kernel.prepare(data),
         })
@@ -373,7 +374,10 @@ where
     let mut idx = vec![NONE; nq * k];
     let mut dist = vec![u32::MAX; nq * k];
     // queries with larger bytes than the rows can need another kernel (and its set-up)
-    let kernel = ExactKernel::pick(|| prepared.max_byte.max(max_byte(queries)));
+    let kernel = ExactKernel::pick(|| {
+        let rows = prepared.max_byte.unwrap_or_else(|| max_byte(data));
+        rows.max(max_byte(queries))
+    });
     let fresh;
     let prep = if kernel == prepared.kernel {
         &prepared.prep

@@ -69,9 +69,7 @@ impl RankData {
         }
         RankData { blocks, corr, n }
     }
-}
 
-impl RankData {
     /// Bytes held.
     pub(super) fn memory_bytes(&self) -> usize {
         self.blocks.len() + self.corr.len() * 4
