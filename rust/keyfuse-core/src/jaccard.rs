@@ -31,7 +31,8 @@
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
 use crate::knn::{
-    check_rows, knn_exact, knn_exact_prepared, ExactPrepared, ForestParams, KdForest, Neighbors,
+    check_rows, knn_all_pairs, knn_exact, knn_exact_prepared, ExactPrepared, ForestParams,
+    KdForest, Neighbors,
 };
 use crate::{KfError, Result, DESC_LEN};
 use rayon::prelude::*;
@@ -460,19 +461,18 @@ impl Cohort {
         p: &SoftJaccardParams,
         row: G,
     ) -> Result<Vec<R>> {
-        let (owner, offsets) = (&self.owner, &self.offsets);
-        // a block of queries from one subject skips that subject's rows
-        let own_rows = |qs: Range<usize>| match qs.len() {
-            0 => 0..0,
-            _ if owner[qs.start] == owner[qs.end - 1] => {
-                let s = owner[qs.start] as usize;
-                offsets[s]..offsets[s + 1]
-            }
-            _ => 0..0,
+        let owner = &self.owner;
+        let nb = if p.exact {
+            let prepared = ExactPrepared::cached(&self.exact, &self.data)?;
+            knn_all_pairs(&self.data, prepared, &self.offsets[1..], p.k)?
+        } else {
+            self.knn(
+                &self.data,
+                p,
+                |_| 0..0,
+                |q, c| owner[q] != owner[c as usize],
+            )?
         };
-        let nb = self.knn(&self.data, p, own_rows, |q, c| {
-            owner[q] != owner[c as usize]
-        })?;
         crate::cancel::check()?;
         Ok((0..self.n_subjects())
             .into_par_iter()

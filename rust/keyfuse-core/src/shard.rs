@@ -13,8 +13,8 @@
 
 use crate::jaccard::{DimStats, SoftJaccardParams};
 use crate::knn::{
-    check_rows, fnv64, knn_exact_prepared, release_mapped_pages, write_aside, write_atomic,
-    ExactPrepared, ForestParams, KdForest, Neighbors,
+    check_rows, fnv64, knn_all_pairs, knn_exact_prepared, release_mapped_pages, write_aside,
+    write_atomic, ExactPrepared, ForestParams, KdForest, Neighbors,
 };
 use crate::{KfError, Result, DESC_LEN};
 use std::path::Path;
@@ -421,6 +421,22 @@ impl Shard {
                 }
             }
         };
+        for i in nb.idx.iter_mut() {
+            if *i != crate::knn::NONE {
+                *i += self.base;
+            }
+        }
+        Ok(nb)
+    }
+
+    /// Every point's `k` nearest points among the shard's other subjects (exact; global
+    /// ids): the all-pairs of the subjects one shard holds, each pair computed once where
+    /// the kernel allows it ([`knn_all_pairs`]). Equal to [`Shard::knn`] of each
+    /// subject's points with that subject excluded.
+    pub fn knn_all_pairs(&self, k: usize) -> Result<Neighbors> {
+        let prepared = ExactPrepared::cached(&self.exact, self.data())?;
+        let ends: Vec<usize> = self.ends.iter().map(|&e| e as usize).collect();
+        let mut nb = knn_all_pairs(self.data(), prepared, &ends, k)?;
         for i in nb.idx.iter_mut() {
             if *i != crate::knn::NONE {
                 *i += self.base;

@@ -202,6 +202,15 @@ impl Shard {
         let nq = nb.n_queries();
         Ok((array2(py, nq, k, nb.idx)?, array2(py, nq, k, nb.dist2)?))
     }
+
+    /// Every point's k nearest points among the shard's other subjects (exact, global
+    /// ids): a cohort's all-pairs when one shard holds it.
+    fn knn_all_pairs<'py>(&self, py: Python<'py>, k: usize) -> PyResult<KnnOut<'py>> {
+        let inner = &self.inner;
+        let nb = detach(py, || inner.knn_all_pairs(k))?;
+        let nq = nb.n_queries();
+        Ok((array2(py, nq, k, nb.idx)?, array2(py, nq, k, nb.dist2)?))
+    }
 }
 
 /// Write `desc` as a shard file at `path`, atomically.

@@ -309,6 +309,18 @@ impl ExactPrepared {
         })
     }
 
+    /// [`ExactPrepared::new`] with a chosen kernel (tests: every kernel this machine can
+    /// run, not only the fastest).
+    #[cfg(test)]
+    pub(super) fn with_kernel(data: &[u8], kernel: ExactKernel) -> Self {
+        ExactPrepared {
+            rows: data.len() / DESC_LEN,
+            max_byte: Some(max_byte(data)),
+            kernel,
+            prep: kernel.prepare(data),
+        }
+    }
+
     /// The set-up of `data` kept in `cell`, made on first use (two threads may both make
     /// it: the same rows, one is kept). `cell` must only ever see the same `data`.
     pub fn cached<'a>(cell: &'a OnceLock<ExactPrepared>, data: &[u8]) -> Result<&'a Self> {
@@ -317,6 +329,15 @@ impl ExactPrepared {
         }
         let _ = cell.set(ExactPrepared::new(data)?);
         Ok(cell.get().expect("set above"))
+    }
+
+    /// The rows re-laid for the AVX2 rank kernel, where that is the kernel picked.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn rank_data(&self) -> Option<&rank::RankData> {
+        match self.kernel {
+            ExactKernel::Rank => self.prep.rank.as_ref(),
+            _ => None,
+        }
     }
 
     /// Bytes held (the AVX2 rank kernel keeps a re-laid copy of the rows).

@@ -29,6 +29,7 @@ mod best;
 mod exact;
 mod forest;
 mod forest_io;
+mod pairs;
 mod perm;
 #[cfg(target_arch = "x86_64")]
 mod rank;
@@ -39,6 +40,7 @@ pub(crate) use forest::SplitMix;
 pub use forest::{ForestParams, KdForest};
 pub(crate) use forest_io::{fnv64, release_mapped_pages, write_aside, write_atomic};
 pub use forest_io::{perm_bits, perm_width, FOREST_FORMAT_VERSION};
+pub use pairs::knn_all_pairs;
 pub(crate) use topk::TopK;
 pub use topk::{merge_neighbors, Neighbors};
 

@@ -17,6 +17,7 @@
 //! plus a quarter of a `madd` (see docs/decisions.md).
 
 use super::best::Tops;
+use super::pairs::Columns;
 use super::TopK;
 use crate::DESC_LEN;
 use std::arch::x86_64::*;
@@ -70,6 +71,11 @@ impl RankData {
         RankData { blocks, corr, n }
     }
 
+    /// Rows including the padding to whole micro-tiles.
+    pub(super) fn padded_rows(&self) -> usize {
+        self.corr.len()
+    }
+
     /// Bytes held.
     pub(super) fn memory_bytes(&self) -> usize {
         self.blocks.len() + self.corr.len() * 4
@@ -92,6 +98,40 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     heaps: &mut [TopK],
     filter: &F,
 ) {
+    scan_with::<false, F>(rd, skip, queries, q0, heaps, &mut Columns::none(), filter)
+}
+
+/// [`scan`] that also keeps, for every data row, its own best k among the block's
+/// queries (`cols`, by global query id `q0 + q`): the pass of a symmetric all-pairs,
+/// where each distance serves both of its rows (`pairs.rs`). `filter` must accept a pair
+/// for at most one of its two orders, and rows before `skip.end` (`skip.start` 0) are
+/// not visited.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn scan_pairs<F: Fn(usize, u32) -> bool>(
+    rd: &RankData,
+    first: usize,
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    cols: &mut Columns,
+    filter: &F,
+) {
+    scan_with::<true, F>(rd, &(0..first), queries, q0, heaps, cols, filter)
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
+    rd: &RankData,
+    skip: &Range<usize>,
+    queries: &[u8],
+    q0: usize,
+    heaps: &mut [TopK],
+    cols: &mut Columns,
+    filter: &F,
+) {
     let nq = heaps.len();
     let groups = nq.div_ceil(QT);
     // shifted queries (padding queries are zero and never win: k-th distance i32::MIN)
@@ -99,12 +139,16 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     let mut qn = vec![0i32; groups * QT];
     // per query: its k-th distance so far minus |q|² (padding queries never win)
     let mut lim = vec![i32::MIN; groups * QT];
+    // SYM: what a data row's k-th distance is compared with, d² − e = |q|²; padding
+    // queries: so large that a row's limit minus it is below every e (never offered)
+    let mut qcol = vec![Columns::PAD_QUERY; groups * QT];
     for (q, row) in queries.chunks_exact(DESC_LEN).enumerate() {
         for (o, &v) in qs[q * DESC_LEN..(q + 1) * DESC_LEN].iter_mut().zip(row) {
             *o = (v as i32 - SHIFT) as i8 as u8;
         }
         qn[q] = super::sq_norm(row) as i32;
         lim[q] = heaps[q].worst_i32() - qn[q];
+        qcol[q] = qn[q];
     }
     let mut tops = Tops::new(heaps);
     let nblk = rd.corr.len() / ROWS;
@@ -112,6 +156,9 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     let twos = _mm256_set1_epi16(2);
     for c0 in (0..nblk).step_by(CHUNK) {
         let c1 = (c0 + CHUNK).min(nblk);
+        if skip.start <= c0 * ROWS && c1 * ROWS <= skip.end {
+            continue;
+        }
         for g in 0..groups {
             let qp = qs.as_ptr().add(g * QT * DESC_LEN);
             for t in (c0..c1).step_by(BT) {
@@ -129,8 +176,18 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                     .map(|b| _mm256_loadu_si256(rd.corr.as_ptr().add((t + b) * ROWS) as *const _));
                 let mut e = [[_mm256_setzero_si256(); BT]; QT];
                 let mut worse = _mm256_set1_epi32(-1);
+                // SYM: the rows' own k-th distances, against d² = e + |q|²
+                let cw = if SYM {
+                    [0, 1].map(|b| {
+                        _mm256_loadu_si256(cols.lim.as_ptr().add((t + b) * ROWS) as *const _)
+                    })
+                } else {
+                    [_mm256_setzero_si256(); BT]
+                };
+                let mut worse_col = _mm256_set1_epi32(-1);
                 for q in 0..QT {
                     let l = _mm256_set1_epi32(lim[g * QT + q]);
+                    let qc = _mm256_set1_epi32(qcol[g * QT + q]);
                     for b in 0..BT {
                         let dot2 = _mm256_add_epi32(
                             _mm256_madd_epi16(lo[q][b], twos),
@@ -138,6 +195,38 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                         );
                         e[q][b] = _mm256_sub_epi32(corr[b], dot2);
                         worse = _mm256_and_si256(worse, _mm256_cmpgt_epi32(e[q][b], l));
+                        if SYM {
+                            let lc = _mm256_sub_epi32(cw[b], qc);
+                            worse_col =
+                                _mm256_and_si256(worse_col, _mm256_cmpgt_epi32(e[q][b], lc));
+                        }
+                    }
+                }
+                if SYM && _mm256_movemask_epi8(worse_col) != -1 {
+                    for (q, eq) in e.iter().enumerate() {
+                        let qi = g * QT + q;
+                        let qc = _mm256_set1_epi32(qcol[qi]);
+                        for (b, ev) in eq.iter().enumerate() {
+                            let lc = _mm256_sub_epi32(cw[b], qc);
+                            let mut m = !(_mm256_movemask_ps(_mm256_castsi256_ps(
+                                _mm256_cmpgt_epi32(*ev, lc),
+                            )) as u32)
+                                & 0xff;
+                            if m == 0 {
+                                continue;
+                            }
+                            let mut es = [0i32; ROWS];
+                            _mm256_storeu_si256(es.as_mut_ptr() as *mut _, *ev);
+                            while m != 0 {
+                                let lane = m.trailing_zeros() as usize;
+                                m &= m - 1;
+                                let j = (t + b) * ROWS + lane;
+                                if j < rd.n && qi < nq && (filter)(q0 + qi, j as u32) {
+                                    let d = (es[lane] + qn[qi]) as u32;
+                                    cols.offer(j, d, (q0 + qi) as u32);
+                                }
+                            }
+                        }
                     }
                 }
                 if _mm256_movemask_epi8(worse) == -1 {

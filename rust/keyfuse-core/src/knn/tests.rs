@@ -461,3 +461,50 @@ fn atomic_writes_of_one_file_at_once_never_mix() {
     assert_ne!(aside_path(&path), aside_path(&path));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// All-pairs over groups gives the one-sided search's neighbours with each row's own
+/// group filtered out: with the kernel picked here and with the AVX2 rank kernel's
+/// symmetric pass (forced: this machine may run AMX), on 1 and 3 threads; groups of every
+/// size (empty, one row, across block boundaries), exact duplicates in other groups
+/// (ties), k up to 16 and above (the one-sided search). Bad group ends are errors.
+#[test]
+fn all_pairs_equal_the_one_sided_search() {
+    let n = 1500;
+    let mut data = random_perms(n, 41);
+    for (from, to) in [(0usize, 700usize), (0, 1400), (66, 67), (300, 1499)] {
+        let row = data[from * 64..(from + 1) * 64].to_vec();
+        data[to * 64..(to + 1) * 64].copy_from_slice(&row);
+    }
+    let ends = [0usize, 1, 65, 66, 300, 300, 811, 1200, 1500];
+    let mut owner = vec![0usize; n];
+    let mut start = 0;
+    for (g, &end) in ends.iter().enumerate() {
+        owner[start..end].fill(g);
+        start = end;
+    }
+    let mut prepared = vec![ExactPrepared::new(&data).unwrap()];
+    if has_avx2() {
+        prepared.push(ExactPrepared::with_kernel(&data, ExactKernel::Rank));
+    }
+    let pool = |t: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap()
+    };
+    for k in [1usize, 10, 16, 20] {
+        let want = knn_exact(&data, &data, k, |q, c| owner[q] != owner[c as usize]).unwrap();
+        for prep in &prepared {
+            for t in [1, 3] {
+                let got = pool(t).install(|| knn_all_pairs(&data, prep, &ends, k).unwrap());
+                assert_eq!(got, want, "k={k} threads={t}");
+            }
+        }
+    }
+    let prep = &prepared[0];
+    for bad in [&[1500usize, 1400][..], &[10, 1499], &[]] {
+        let err = knn_all_pairs(&data, prep, bad, 3);
+        assert!(matches!(err, Err(KfError::InvalidArgument(_))), "{bad:?}");
+    }
+    assert!(knn_all_pairs(&data, prep, &ends, 0).is_err());
+}
