@@ -187,7 +187,13 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                 b = in(reg) b, b2 = in(reg) b.add(TILE), s = in(reg) 64usize,
                 options(nostack, readonly)
             );
-            let mut prev: Option<(usize, usize)> = None;
+            // a step's products are stored by the next step's asm, after that step's
+            // own products are issued (a store right after its products waited for them),
+            // and compared one step later still: step s computes into tile set s % 2,
+            // stores step s − 1's tiles into c[(s − 1) % 2] and compares step s − 2's
+            // distances, in c[s % 2]
+            let mut computed: Option<usize> = None; // r0 of the step in tiles, not stored
+            let mut stored: Option<(usize, usize)> = None; // (r0, buffer) not compared
             for (step, r0) in (c0..c1)
                 .step_by(16)
                 .filter(|&r0| !(skip.start <= r0 && r0 + 16 <= skip.end))
@@ -198,10 +204,10 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                 } else {
                     tail.as_ptr()
                 };
-                let out = c[step % 2].as_mut_ptr();
-                // tiles are not renamed: alternate steps use disjoint tiles so that one
-                // step's products overlap the previous step's stores
-                macro_rules! step {
+                let set = step % 2;
+                // tiles are not renamed: alternate steps use disjoint tiles (0, 1 with A in
+                // 4; 2, 3 with A in 5)
+                macro_rules! products {
                     ($c0:literal, $c1:literal, $a:literal) => {
                         asm!(
                             concat!("tilezero tmm", $c0),
@@ -209,31 +215,62 @@ pub(crate) unsafe fn scan<F: Fn(usize, u32) -> bool>(
                             concat!("tileloadd tmm", $a, ", [{a} + {s}*1]"),
                             concat!("tdpbuud tmm", $c0, ", tmm", $a, ", tmm6"),
                             concat!("tdpbuud tmm", $c1, ", tmm", $a, ", tmm7"),
-                            concat!("tilestored [{c} + {s}*1], tmm", $c0),
-                            concat!("tilestored [{c1} + {s}*1], tmm", $c1),
                             a = in(reg) a, s = in(reg) 64usize,
-                            c = in(reg) out, c1 = in(reg) out.add(256),
-                            options(nostack)
+                            options(nostack, readonly)
                         )
                     };
                 }
-                if step % 2 == 0 {
-                    step!("0", "1", "4");
+                if set == 0 {
+                    products!("0", "1", "4");
                 } else {
-                    step!("2", "3", "5");
+                    products!("2", "3", "5");
                 }
-                if let Some((pr0, pb)) = prev {
-                    st.step_any(doubled, common_norm.is_some(), &c[pb], pr0, g, n);
+                if let Some(pr0) = computed {
+                    store_set(1 - set, c[1 - set].as_mut_ptr());
+                    if let Some((sr0, sb)) = stored {
+                        st.step_any(doubled, common_norm.is_some(), &c[sb], sr0, g, n);
+                    }
+                    stored = Some((pr0, 1 - set));
                 }
-                prev = Some((r0, step % 2));
+                computed = Some(r0);
             }
-            if let Some((pr0, pb)) = prev {
-                st.step_any(doubled, common_norm.is_some(), &c[pb], pr0, g, n);
+            // the last two steps: the one in tiles is stored, both are compared in order
+            if let Some((sr0, sb)) = stored {
+                st.step_any(doubled, common_norm.is_some(), &c[sb], sr0, g, n);
+            }
+            if let Some(pr0) = computed {
+                let set = usize::from(stored.is_some_and(|(_, sb)| sb == 0));
+                store_set(set, c[set].as_mut_ptr());
+                st.step_any(doubled, common_norm.is_some(), &c[set], pr0, g, n);
             }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
     st.tops.finish();
+}
+
+/// Store tile set `set`'s two result tiles (tmm0, tmm1 or tmm2, tmm3) into `out` (512
+/// i32: the first tile, then the second).
+///
+/// # Safety
+/// The tile state must be configured (`ldtilecfg`) and `out` hold 512 i32.
+#[inline(always)]
+unsafe fn store_set(set: usize, out: *mut i32) {
+    if set == 0 {
+        asm!(
+            "tilestored [{c} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            c = in(reg) out, c1 = in(reg) out.add(256), s = in(reg) 64usize,
+            options(nostack)
+        );
+    } else {
+        asm!(
+            "tilestored [{c} + {s}*1], tmm2",
+            "tilestored [{c1} + {s}*1], tmm3",
+            c = in(reg) out, c1 = in(reg) out.add(256), s = in(reg) 64usize,
+            options(nostack)
+        );
+    }
 }
 
 /// The per-query state the distance comparisons update.

@@ -142,13 +142,20 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
     // SYM: what a data row's k-th distance is compared with, d² − e = |q|²; padding
     // queries: so large that a row's limit minus it is below every e (never offered)
     let mut qcol = vec![Columns::PAD_QUERY; groups * QT];
+    // SYM: a bound on each query's final k-th distance, known before its scan
+    let mut bound = vec![i32::MAX; groups * QT];
     for (q, row) in queries.chunks_exact(DESC_LEN).enumerate() {
         for (o, &v) in qs[q * DESC_LEN..(q + 1) * DESC_LEN].iter_mut().zip(row) {
             *o = (v as i32 - SHIFT) as i8 as u8;
         }
         qn[q] = super::sq_norm(row) as i32;
-        lim[q] = heaps[q].worst_i32() - qn[q];
         qcol[q] = qn[q];
+        if SYM {
+            // a row's best k among queries this thread offered it (as a data row) bound
+            // its final k-th distance: its own search need not keep anything above that
+            bound[q] = cols.lim[q0 + q];
+        }
+        lim[q] = heaps[q].worst_i32().min(bound[q]) - qn[q];
     }
     let mut tops = Tops::new(heaps);
     let nblk = rd.corr.len() / ROWS;
@@ -251,7 +258,8 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
                             let j = (t + b) * ROWS + lane;
                             if j < rd.n && (filter)(q0 + qi, j as u32) {
                                 let d = (es[lane] + qn[qi]) as u32;
-                                lim[qi] = tops.offer::<false>(qi, d, j as u32) - qn[qi];
+                                lim[qi] =
+                                    tops.offer::<false>(qi, d, j as u32).min(bound[qi]) - qn[qi];
                             }
                         }
                     }
