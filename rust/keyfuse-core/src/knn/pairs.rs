@@ -5,12 +5,14 @@
 //! Where the AVX2 rank kernel runs (and k ≤ 16), each distance is computed once and
 //! serves both of its rows: a block of queries scans only the rows of later groups,
 //! keeping the queries' best k as usual and, for every row it scans, that row's best k
-//! among the block's queries ([`Columns`], one per thread). Each pair is offered to each
-//! of its two lists exactly once, every list keeps the exact best k of what it was
-//! offered, and the lists of a row are merged by (distance, id) at the end, so the result
-//! is the same as the one-sided search whatever the thread count or task order. The
-//! AMX kernel keeps the one-sided search: its time goes to the comparisons, which the
-//! second side would double (docs/decisions.md).
+//! among the queries of every block that scanned it ([`Columns`], one per cache chunk of
+//! rows, locked while a task scans the chunk). Each pair is offered to each of its two
+//! lists exactly once; a list keeps the exact best k of what it was offered, pruned only
+//! by bounds on the row's final k-th distance (the row's other list so far); the two
+//! lists of a row are merged by (distance, id) at the end. So the result is the one-sided
+//! search's whatever the thread count or task order. The AMX kernel keeps the one-sided
+//! search: its time goes to the comparisons, which the second side would double
+//! (docs/decisions.md).
 
 #[cfg(target_arch = "x86_64")]
 use super::best::{Best16, MAX_K};
@@ -69,9 +71,10 @@ pub fn knn_all_pairs(
 #[cfg(target_arch = "x86_64")]
 const COLUMNS_BUDGET: usize = 512 << 20;
 
-/// For every data row, its best k among the queries of the blocks one thread scanned:
-/// keys in [`Best16`] vectors and, for the kernel's comparisons, each row's k-th distance
-/// so far (`lim`, capped at [`Columns::OPEN`] while it has fewer than k).
+/// For the data rows of one chunk, each row's best k among the queries of the blocks
+/// that scanned it: keys in [`Best16`] vectors and, for the kernel's comparisons, each
+/// row's k-th distance so far (`lim`, capped at [`Columns::OPEN`] while it has fewer
+/// than k).
 #[cfg(target_arch = "x86_64")]
 pub(super) struct Columns {
     k: usize,
@@ -91,15 +94,6 @@ impl Columns {
     /// is below every real value they are compared with, and cannot overflow.
     pub(super) const PAD_QUERY: i32 = 1 << 30;
 
-    /// No columns (the one-sided scan).
-    pub(super) fn none() -> Self {
-        Columns {
-            k: 1,
-            best: Vec::new(),
-            lim: Vec::new(),
-        }
-    }
-
     fn new(n: usize, padded: usize, k: usize) -> Self {
         let mut lim = vec![Self::PAD_ROW; padded.max(n)];
         lim[..n].fill(Self::OPEN);
@@ -110,10 +104,9 @@ impl Columns {
         }
     }
 
-    /// Bytes of the lists of all threads for `n` rows.
+    /// Bytes of the lists for `n` rows.
     fn bytes(n: usize) -> usize {
         n.saturating_mul(std::mem::size_of::<Best16>() + 4)
-            .saturating_mul(rayon::current_num_threads())
     }
 
     /// Offer query `id` at squared distance `d` to row `j`'s list.
@@ -127,7 +120,7 @@ impl Columns {
         let key = (d as u64) << 32 | id as u64;
         if key < b.kth(self.k) {
             b.insert_avx2(key);
-            self.lim[j] = b.worst_i32(self.k).min(Self::OPEN);
+            self.lim[j] = self.lim[j].min(b.worst_i32(self.k));
         }
     }
 }
@@ -146,11 +139,18 @@ fn symmetric(
     use rayon::prelude::*;
     use std::sync::Mutex;
 
+    use super::rank::CHUNK_ROWS;
+    // queries per task: a divisor of the chunk, so that a task's queries are the rows of
+    // one chunk
     const QB: usize = 64;
+    const _: () = assert!(CHUNK_ROWS.is_multiple_of(QB));
     let n = owner.len();
-    let threads = rayon::current_num_threads().max(1);
-    let stores: Vec<Mutex<Columns>> = (0..threads)
-        .map(|_| Mutex::new(Columns::new(n, rd.padded_rows(), k)))
+    let padded = rd.padded_rows();
+    let chunks: Vec<Mutex<Columns>> = (0..padded.div_ceil(CHUNK_ROWS))
+        .map(|c| {
+            let (a, b) = (c * CHUNK_ROWS, ((c + 1) * CHUNK_ROWS).min(padded));
+            Mutex::new(Columns::new(n.clamp(a, b) - a, b - a, k))
+        })
         .collect();
     let mut idx = vec![NONE; n * k];
     let mut dist = vec![u32::MAX; n * k];
@@ -168,19 +168,15 @@ fn symmetric(
             // queries in their own blocks)
             let first = ends[owner[q0] as usize];
             let mut heaps = vec![TopK::new(k); nb];
-            // one store per thread: a task runs on one thread from start to end (no
-            // nested parallelism inside), so the lock is never contended
-            let t = rayon::current_thread_index().unwrap_or(0) % threads;
-            let mut cols = stores[t].lock().unwrap_or_else(|e| e.into_inner());
             // SAFETY: `rank_data` exists only where the rank kernel was picked (AVX2
             // detected, every byte ≤ 63)
-            unsafe { super::rank::scan_pairs(rd, first, qs, q0, &mut heaps, &mut cols, &filter) };
+            unsafe { super::rank::scan_pairs(rd, first, qs, q0, &mut heaps, &chunks, &filter) };
             for (h, heap) in heaps.iter().enumerate() {
                 heap.write(&mut ib[h * k..(h + 1) * k], &mut db[h * k..(h + 1) * k]);
             }
         });
     crate::cancel::check()?;
-    let stores: Vec<Columns> = stores
+    let chunks: Vec<Columns> = chunks
         .into_iter()
         .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
         .collect();
@@ -194,12 +190,10 @@ fn symmetric(
                     top.push(d, i);
                 }
             }
-            for s in &stores {
-                let mut h = TopK::new(k);
-                s.best[j].to_heap(&mut h);
-                for &(d, i) in &h.items {
-                    top.push(d, i);
-                }
+            let mut h = TopK::new(k);
+            chunks[j / CHUNK_ROWS].best[j % CHUNK_ROWS].to_heap(&mut h);
+            for &(d, i) in &h.items {
+                top.push(d, i);
             }
             top.write(ib, db);
         });

@@ -22,6 +22,7 @@ use super::TopK;
 use crate::DESC_LEN;
 use std::arch::x86_64::*;
 use std::ops::Range;
+use std::sync::{Mutex, TryLockError};
 
 /// Rows per block (one 32-bit lane each).
 const ROWS: usize = 8;
@@ -34,6 +35,8 @@ const BT: usize = 2;
 /// Blocks per cache chunk: 256 blocks (2,048 rows, 128 KiB) stay in L2 while every
 /// query group of a task scans them.
 const CHUNK: usize = 256;
+/// Rows per cache chunk (the symmetric pass keeps one [`Columns`] per chunk).
+pub(super) const CHUNK_ROWS: usize = CHUNK * ROWS;
 /// The shift that makes query bytes signed.
 const SHIFT: i32 = 32;
 /// The correction term of a padding row: its distance stays far above any real one
@@ -98,14 +101,16 @@ pub(super) unsafe fn scan<F: Fn(usize, u32) -> bool>(
     heaps: &mut [TopK],
     filter: &F,
 ) {
-    scan_with::<false, F>(rd, skip, queries, q0, heaps, &mut Columns::none(), filter)
+    scan_with::<false, F>(rd, skip, queries, q0, heaps, &[], filter)
 }
 
 /// [`scan`] that also keeps, for every data row, its own best k among the block's
-/// queries (`cols`, by global query id `q0 + q`): the pass of a symmetric all-pairs,
-/// where each distance serves both of its rows (`pairs.rs`). `filter` must accept a pair
-/// for at most one of its two orders, and rows before `skip.end` (`skip.start` 0) are
-/// not visited.
+/// queries (by global query id `q0 + q`) in `cols`, one [`Columns`] per chunk of
+/// [`CHUNK_ROWS`] rows, each locked while a task scans its rows (a chunk another task
+/// holds is left for later): the pass of a symmetric all-pairs, where each distance
+/// serves both of its rows (`pairs.rs`). `filter` must accept a pair for at most one of
+/// its two orders; rows before `first` are not visited; the queries are rows of one
+/// chunk.
 ///
 /// # Safety
 /// AVX2 must be available.
@@ -116,7 +121,7 @@ pub(super) unsafe fn scan_pairs<F: Fn(usize, u32) -> bool>(
     queries: &[u8],
     q0: usize,
     heaps: &mut [TopK],
-    cols: &mut Columns,
+    cols: &[Mutex<Columns>],
     filter: &F,
 ) {
     scan_with::<true, F>(rd, &(0..first), queries, q0, heaps, cols, filter)
@@ -129,7 +134,7 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
     queries: &[u8],
     q0: usize,
     heaps: &mut [TopK],
-    cols: &mut Columns,
+    cols: &[Mutex<Columns>],
     filter: &F,
 ) {
     let nq = heaps.len();
@@ -150,22 +155,48 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
         }
         qn[q] = super::sq_norm(row) as i32;
         qcol[q] = qn[q];
-        if SYM {
-            // a row's best k among queries this thread offered it (as a data row) bound
-            // its final k-th distance: its own search need not keep anything above that
-            bound[q] = cols.lim[q0 + q];
+        lim[q] = heaps[q].worst_i32() - qn[q];
+    }
+    if SYM && nq > 0 {
+        // a row's best k among the queries already offered it as a data row bounds its
+        // final k-th distance: its own search need not keep anything above that
+        let c = q0 / CHUNK_ROWS;
+        debug_assert_eq!(c, (q0 + nq - 1) / CHUNK_ROWS);
+        let cc = cols[c].lock().unwrap_or_else(|e| e.into_inner());
+        for q in 0..nq {
+            bound[q] = cc.lim[q0 + q - c * CHUNK_ROWS];
+            lim[q] = (lim[q] + qn[q]).min(bound[q]) - qn[q];
         }
-        lim[q] = heaps[q].worst_i32().min(bound[q]) - qn[q];
     }
     let mut tops = Tops::new(heaps);
     let nblk = rd.corr.len() / ROWS;
     // `madd` by twos widens and doubles at once (2 q·b is what the distance needs)
     let twos = _mm256_set1_epi16(2);
-    for c0 in (0..nblk).step_by(CHUNK) {
+    let mut order: Vec<usize> = (0..nblk).step_by(CHUNK).collect();
+    let tried = order.len();
+    let mut pos = 0;
+    while pos < order.len() {
+        let c0 = order[pos];
+        pos += 1;
         let c1 = (c0 + CHUNK).min(nblk);
         if skip.start <= c0 * ROWS && c1 * ROWS <= skip.end {
             continue;
         }
+        // SYM: this chunk's column lists, held while its rows are scanned; one that
+        // another task holds is scanned after the others
+        let mut held = None;
+        if SYM {
+            let m = &cols[c0 / CHUNK];
+            held = Some(match m.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::WouldBlock) if pos <= tried => {
+                    order.push(c0);
+                    continue;
+                }
+                Err(_) => m.lock().unwrap_or_else(|e| e.into_inner()),
+            });
+        }
+        let base = c0 * ROWS;
         for g in 0..groups {
             let qp = qs.as_ptr().add(g * QT * DESC_LEN);
             for t in (c0..c1).step_by(BT) {
@@ -186,7 +217,8 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
                 // SYM: the rows' own k-th distances, against d² = e + |q|²
                 let cw = if SYM {
                     [0, 1].map(|b| {
-                        _mm256_loadu_si256(cols.lim.as_ptr().add((t + b) * ROWS) as *const _)
+                        let lim = held.as_ref().map_or(std::ptr::null(), |c| c.lim.as_ptr());
+                        _mm256_loadu_si256(lim.add((t + b) * ROWS - base) as *const _)
                     })
                 } else {
                     [_mm256_setzero_si256(); BT]
@@ -230,7 +262,9 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
                                 let j = (t + b) * ROWS + lane;
                                 if j < rd.n && qi < nq && (filter)(q0 + qi, j as u32) {
                                     let d = (es[lane] + qn[qi]) as u32;
-                                    cols.offer(j, d, (q0 + qi) as u32);
+                                    if let Some(c) = held.as_mut() {
+                                        c.offer(j - base, d, (q0 + qi) as u32);
+                                    }
                                 }
                             }
                         }
