@@ -247,7 +247,8 @@ def _inter_rows(
         from concurrent.futures import ThreadPoolExecutor
 
         engines = shards.engines(p.exact)
-        if p.exact and len(engines) == 1 and list(rows) == list(range(len(shards))):
+        one_call = int(offsets[-1]) * p.k * ALL_PAIRS_BYTES_PER_NEIGHBOR <= ALL_PAIRS_MAX_BYTES
+        if p.exact and len(engines) == 1 and one_call and list(rows) == list(range(len(shards))):
             return _all_pairs_one_shard(engines[0][1], offsets, stats, p)
         # a subject's scoring (one thread, the GIL released) runs while the next subject
         # is searched: it was a tenth of an exact all-pairs' wall time, done in turn
@@ -261,6 +262,13 @@ def _inter_rows(
         per = _knn_all(index, queries, None, p, scheduler)
         inter = [merge_scores(parts, offsets, stats, p) for parts in per]
     return np.stack(inter).reshape(len(rows), len(shards))
+
+
+#: Exact all-pairs of a cohort in one shard run as one search when its neighbour lists
+#: (8 bytes a neighbour) and the symmetric pass's column lists (≈ 17 bytes a neighbour at
+#: k = 10) fit in this; larger cohorts are searched subject by subject.
+ALL_PAIRS_MAX_BYTES = 1 << 30
+ALL_PAIRS_BYTES_PER_NEIGHBOR = 25
 
 
 def _all_pairs_one_shard(
