@@ -507,4 +507,22 @@ fn all_pairs_equal_the_one_sided_search() {
         assert!(matches!(err, Err(KfError::InvalidArgument(_))), "{bad:?}");
     }
     assert!(knn_all_pairs(&data, prep, &ends, 0).is_err());
+    // several cache chunks of column lists (2,048 rows each), groups across their
+    // boundaries, three threads contending for them
+    let n = 4500;
+    let data = random_perms(n, 43);
+    let ends = [2000usize, 2100, 4095, 4097, 4500];
+    let mut owner = vec![0usize; n];
+    let mut start = 0;
+    for (g, &end) in ends.iter().enumerate() {
+        owner[start..end].fill(g);
+        start = end;
+    }
+    let want = knn_exact(&data, &data, 10, |q, c| owner[q] != owner[c as usize]).unwrap();
+    let prep = match has_avx2() {
+        true => ExactPrepared::with_kernel(&data, ExactKernel::Rank),
+        false => ExactPrepared::new(&data).unwrap(),
+    };
+    let got = pool(3).install(|| knn_all_pairs(&data, &prep, &ends, 10).unwrap());
+    assert_eq!(got, want);
 }
