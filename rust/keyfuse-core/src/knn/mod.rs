@@ -2,6 +2,8 @@
 //!
 //! * [`knn_exact`]: brute force, the ground truth. Integer distances (no rounding), one
 //!   rayon task per block of queries, AVX2 picked at run time on x86-64.
+//! * [`knn_all_pairs`]: the exact all-pairs of a cohort (every row against the rows of
+//!   the other subjects), each pair computed once where the kernel allows it.
 //! * [`KdForest`]: randomized kd-trees searched best-bin-first across all trees (FLANN's
 //!   scheme: split on one of the 5 highest-variance dimensions at its mean; a shared
 //!   priority queue of unexplored branches; stop after `checks` distance evaluations).
