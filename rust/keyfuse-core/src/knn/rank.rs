@@ -127,6 +127,27 @@ pub(super) unsafe fn scan_pairs<F: Fn(usize, u32) -> bool>(
     scan_with::<true, F>(rd, &(0..first), queries, q0, heaps, cols, filter)
 }
 
+/// Run `body` for each lane of `e` (8 rows' values, a vector) not above `limit`, lowest
+/// lane first, with the lane and its value (a macro: a closure would not inherit the
+/// target features, and the intrinsics would become calls).
+macro_rules! passing_lanes {
+    ($e:expr, $limit:expr, |$lane:ident, $val:ident| $body:block) => {{
+        let e = $e;
+        let above = _mm256_cmpgt_epi32(e, $limit);
+        let mut m = !(_mm256_movemask_ps(_mm256_castsi256_ps(above)) as u32) & 0xff;
+        if m != 0 {
+            let mut vals = [0i32; ROWS];
+            _mm256_storeu_si256(vals.as_mut_ptr() as *mut _, e);
+            while m != 0 {
+                let $lane = m.trailing_zeros() as usize;
+                m &= m - 1;
+                let $val = vals[$lane];
+                $body
+            }
+        }
+    }};
+}
+
 #[target_feature(enable = "avx2")]
 unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
     rd: &RankData,
@@ -245,28 +266,15 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
                     for (q, eq) in e.iter().enumerate() {
                         let qi = g * QT + q;
                         let qc = _mm256_set1_epi32(qcol[qi]);
-                        for (b, ev) in eq.iter().enumerate() {
-                            let lc = _mm256_sub_epi32(cw[b], qc);
-                            let mut m = !(_mm256_movemask_ps(_mm256_castsi256_ps(
-                                _mm256_cmpgt_epi32(*ev, lc),
-                            )) as u32)
-                                & 0xff;
-                            if m == 0 {
-                                continue;
-                            }
-                            let mut es = [0i32; ROWS];
-                            _mm256_storeu_si256(es.as_mut_ptr() as *mut _, *ev);
-                            while m != 0 {
-                                let lane = m.trailing_zeros() as usize;
-                                m &= m - 1;
+                        for (b, &ev) in eq.iter().enumerate() {
+                            passing_lanes!(ev, _mm256_sub_epi32(cw[b], qc), |lane, e| {
                                 let j = (t + b) * ROWS + lane;
                                 if j < rd.n && qi < nq && (filter)(q0 + qi, j as u32) {
-                                    let d = (es[lane] + qn[qi]) as u32;
                                     if let Some(c) = held.as_mut() {
-                                        c.offer(j - base, d, (q0 + qi) as u32);
+                                        c.offer(j - base, (e + qn[qi]) as u32, (q0 + qi) as u32);
                                     }
                                 }
-                            }
+                            });
                         }
                     }
                 }
@@ -275,27 +283,15 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
                 }
                 for (q, eq) in e.iter().enumerate() {
                     let qi = g * QT + q;
-                    for (b, ev) in eq.iter().enumerate() {
-                        let l = _mm256_set1_epi32(lim[qi]);
-                        let mut m =
-                            !(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(*ev, l)))
-                                as u32)
-                                & 0xff;
-                        if m == 0 {
-                            continue;
-                        }
-                        let mut es = [0i32; ROWS];
-                        _mm256_storeu_si256(es.as_mut_ptr() as *mut _, *ev);
-                        while m != 0 {
-                            let lane = m.trailing_zeros() as usize;
-                            m &= m - 1;
+                    for (b, &ev) in eq.iter().enumerate() {
+                        passing_lanes!(ev, _mm256_set1_epi32(lim[qi]), |lane, e| {
                             let j = (t + b) * ROWS + lane;
                             if j < rd.n && (filter)(q0 + qi, j as u32) {
-                                let d = (es[lane] + qn[qi]) as u32;
+                                let d = (e + qn[qi]) as u32;
                                 lim[qi] =
                                     tops.offer::<false>(qi, d, j as u32).min(bound[qi]) - qn[qi];
                             }
-                        }
+                        });
                     }
                 }
             }
