@@ -35,6 +35,7 @@ mod detect;
 mod detect_avx512;
 mod flush;
 pub mod reslice;
+mod transpose;
 mod two_d;
 mod volume;
 mod workspace;
@@ -472,7 +473,7 @@ pub fn extract3d(
         (Some(s), _) => vol.data.copy_from_slice(s),
         // Fortran order (NIfTI arrays as nibabel loads them): copied here rather than by
         // numpy, so no second C-ordered copy of the input stays alive during extraction
-        (None, Some(s)) => volume::copy_fortran(s, &mut vol),
+        (None, Some(s)) => transpose::copy_fortran(s, &mut vol),
         (None, None) => {
             for (d, s) in vol.data.iter_mut().zip(volume.iter()) {
                 *d = *s;

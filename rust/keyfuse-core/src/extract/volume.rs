@@ -206,45 +206,6 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     })
 }
 
-/// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`
-/// fastest), in blocks of 32 `i` × 16 `k` (parallel over tiles of 32 `i`-planes): for each
-/// `j`, sixteen 128-byte runs of `src` (one per `k`) are read and 32 runs of `out` (one
-/// per `i`) written whole, so cache lines on either side are used whole (the copy that
-/// wrote one value per line per pass took ~1.5× as long, docs/decisions.md).
-pub(crate) fn copy_fortran(src: &[f32], out: &mut Vol) {
-    const TILE: usize = 32;
-    const TK: usize = 16;
-    let [ni, nj, nk] = out.n;
-    let plane = nj * nk;
-    assert_eq!(src.len(), ni * plane);
-    if plane == 0 {
-        return;
-    }
-    out.data
-        .par_chunks_mut(TILE * plane)
-        .enumerate()
-        .for_each(|(t, o)| {
-            let i0 = t * TILE;
-            let m = o.len() / plane;
-            // block[dk][di] = src(i0 + di, j, k0 + dk)
-            let mut block = [[0f32; TILE]; TK];
-            for k0 in (0..nk).step_by(TK) {
-                let kn = TK.min(nk - k0);
-                for j in 0..nj {
-                    for (dk, b) in block[..kn].iter_mut().enumerate() {
-                        b[..m].copy_from_slice(&src[i0 + ni * (j + nj * (k0 + dk))..][..m]);
-                    }
-                    for di in 0..m {
-                        let row = &mut o[di * plane + j * nk + k0..][..kn];
-                        for (dk, x) in row.iter_mut().enumerate() {
-                            *x = block[dk][di];
-                        }
-                    }
-                }
-            }
-        });
-}
-
 /// Trilinear resampling onto a grid of shape `m` where new index `q` sits at old index
 /// `q * step` (per axis).
 pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> {
@@ -260,31 +221,6 @@ pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> 
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-
-    #[test]
-    fn fortran_copy_transposes() {
-        for n in [
-            [37, 5, 9],
-            [16, 3, 4],
-            [1, 7, 2],
-            [33, 1, 1],
-            [70, 6, 35],
-            [64, 2, 32],
-        ] {
-            let len = n[0] * n[1] * n[2];
-            // Fortran order: element (i, j, k) at i + ni·(j + nj·k)
-            let f: Vec<f32> = (0..len).map(|x| x as f32 * 0.5 - 7.0).collect();
-            let mut out = Vol::zeros(n).unwrap();
-            copy_fortran(&f, &mut out);
-            for i in 0..n[0] {
-                for j in 0..n[1] {
-                    for k in 0..n[2] {
-                        assert_eq!(out.at(i, j, k), f[i + n[0] * (j + n[1] * k)], "{n:?}");
-                    }
-                }
-            }
-        }
-    }
 
     #[test]
     fn downsample_averages_blocks() {
