@@ -15,9 +15,9 @@ use super::volume::Vol;
 use rayon::prelude::*;
 
 /// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`
-/// fastest).
-pub(crate) fn copy_fortran(src: &[f32], out: &mut Vol) {
-    copy_fortran_with(src, out, Isa::best())
+/// fastest), each value multiplied by `scale` (one IEEE product per voxel, in every build).
+pub(crate) fn copy_fortran(src: &[f32], out: &mut Vol, scale: f32) {
+    copy_fortran_with(src, out, scale, Isa::best())
 }
 
 /// The destination of the register builds' slices.
@@ -39,7 +39,7 @@ impl OutPtr {
 }
 
 /// [`copy_fortran`] with a chosen instruction-set build (`isa` must be available).
-pub(crate) fn copy_fortran_with(src: &[f32], out: &mut Vol, isa: Isa) {
+pub(crate) fn copy_fortran_with(src: &[f32], out: &mut Vol, scale: f32, isa: Isa) {
     assert!(isa.available());
     let n = out.n;
     let plane = n[1] * n[2];
@@ -56,8 +56,8 @@ pub(crate) fn copy_fortran_with(src: &[f32], out: &mut Vol, isa: Isa) {
             // slice `j`, and the build is available
             unsafe {
                 match isa {
-                    Isa::Avx512 => slice_avx512(src, n, j, op.get()),
-                    _ => slice_avx(src, n, j, op.get()),
+                    Isa::Avx512 => slice_avx512(src, n, j, scale, op.get()),
+                    _ => slice_avx(src, n, j, scale, op.get()),
                 }
             }
         });
@@ -67,7 +67,7 @@ pub(crate) fn copy_fortran_with(src: &[f32], out: &mut Vol, isa: Isa) {
     out.data
         .par_chunks_mut(TILE * plane)
         .enumerate()
-        .for_each(|(t, o)| tile_generic::<TILE>(src, n, t * TILE, o));
+        .for_each(|(t, o)| tile_generic::<TILE>(src, n, scale, t * TILE, o));
 }
 
 /// The portable copy of the `i`-planes `i0..` held by `o`, in blocks of `TILE` `i` × 16
@@ -76,6 +76,7 @@ pub(crate) fn copy_fortran_with(src: &[f32], out: &mut Vol, isa: Isa) {
 fn tile_generic<const TILE: usize>(
     src: &[f32],
     [ni, nj, nk]: [usize; 3],
+    scale: f32,
     i0: usize,
     o: &mut [f32],
 ) {
@@ -93,7 +94,7 @@ fn tile_generic<const TILE: usize>(
             for di in 0..m {
                 let row = &mut o[di * plane + j * nk + k0..][..kn];
                 for (dk, x) in row.iter_mut().enumerate() {
-                    *x = block[dk][di];
+                    *x = block[dk][di] * scale;
                 }
             }
         }
@@ -146,11 +147,12 @@ unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
 /// touches slice `j` of `op`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn slice_avx512(src: &[f32], [ni, nj, nk]: [usize; 3], j: usize, op: *mut f32) {
+unsafe fn slice_avx512(src: &[f32], [ni, nj, nk]: [usize; 3], j: usize, scale: f32, op: *mut f32) {
     use std::arch::x86_64::*;
     let plane = nj * nk;
     let sp = src.as_ptr();
     let next = j + 1 < nj;
+    let vs = _mm512_set1_ps(scale);
     let mask = |n: usize| -> __mmask16 { (u32::MAX >> (32 - n)) as u16 };
     for i0 in (0..ni).step_by(16) {
         let (mi, imask) = (16.min(ni - i0), mask(16.min(ni - i0)));
@@ -172,7 +174,7 @@ unsafe fn slice_avx512(src: &[f32], [ni, nj, nk]: [usize; 3], j: usize, op: *mut
                 if next {
                     _mm_prefetch::<_MM_HINT_ET1>(d.add(nk) as *const i8);
                 }
-                _mm512_mask_storeu_ps(d, kmask, *row);
+                _mm512_mask_storeu_ps(d, kmask, _mm512_mul_ps(*row, vs));
             }
         }
     }
@@ -210,11 +212,12 @@ unsafe fn transpose8(r: &mut [std::arch::x86_64::__m256; 8]) {
 /// slice `j` of `op`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn slice_avx(src: &[f32], [ni, nj, nk]: [usize; 3], j: usize, op: *mut f32) {
+unsafe fn slice_avx(src: &[f32], [ni, nj, nk]: [usize; 3], j: usize, scale: f32, op: *mut f32) {
     use std::arch::x86_64::*;
     let plane = nj * nk;
     let sp = src.as_ptr();
     let next = j + 1 < nj;
+    let vs = _mm256_set1_ps(scale);
     // lane masks `lane < n`, from float comparisons of small exact integers (AVX has no
     // 256-bit integer compare)
     let lanes = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
@@ -246,10 +249,11 @@ unsafe fn slice_avx(src: &[f32], [ni, nj, nk]: [usize; 3], j: usize, op: *mut f3
                 if next {
                     _mm_prefetch::<_MM_HINT_ET1>(d.add(nk) as *const i8);
                 }
+                let v = _mm256_mul_ps(*row, vs);
                 if kn == 8 {
-                    _mm256_storeu_ps(d, *row);
+                    _mm256_storeu_ps(d, v);
                 } else {
-                    _mm256_maskstore_ps(d, kmask, *row);
+                    _mm256_maskstore_ps(d, kmask, v);
                 }
             }
         }
@@ -267,8 +271,9 @@ mod tests {
         v.into_iter().filter(|i| i.available()).collect()
     }
 
-    /// Every build copies every voxel, on shapes that are and are not multiples of the
-    /// blocks (16, 8, the portable copy's 32), with axes of one voxel.
+    /// Every build copies every voxel times the scale (the scalar product's bits), on shapes
+    /// that are and are not multiples of the blocks (16, 8, the portable copy's 32), with
+    /// axes of one voxel.
     #[test]
     fn fortran_copy_transposes() {
         for n in [
@@ -288,21 +293,25 @@ mod tests {
         ] {
             let len = n[0] * n[1] * n[2];
             // Fortran order: element (i, j, k) at i + ni·(j + nj·k); any bits (NaNs with
-            // payloads, subnormals, signed zeros): the copy only moves them
+            // payloads, subnormals, signed zeros)
             let f: Vec<f32> = (0..len as u32)
                 .map(|x| f32::from_bits(x.wrapping_mul(0x9e37_79b9) ^ (x << 29)))
                 .collect();
-            for isa in isas() {
+            for (isa, scale) in isas()
+                .into_iter()
+                .flat_map(|i| [(i, 1.0), (i, 0.37), (i, 3e-39)])
+            {
                 let mut out = Vol::zeros(n).unwrap();
                 out.data.fill(f32::NAN);
-                copy_fortran_with(&f, &mut out, isa);
+                copy_fortran_with(&f, &mut out, scale, isa);
                 for i in 0..n[0] {
                     for j in 0..n[1] {
                         for k in 0..n[2] {
+                            let x = std::hint::black_box(f[i + n[0] * (j + n[1] * k)]);
                             assert_eq!(
                                 out.at(i, j, k).to_bits(),
-                                f[i + n[0] * (j + n[1] * k)].to_bits(),
-                                "{n:?} {isa:?}"
+                                (x * scale).to_bits(),
+                                "{n:?} {isa:?} {scale}"
                             );
                         }
                     }
