@@ -351,7 +351,7 @@ pub(crate) fn blur_into_with(src: &Vol, sigma: f32, out: &mut Vol, isa: Isa) {
     let w = gaussian_half_kernel(sigma);
     let r = w.len() - 1;
     out.n = src.n;
-    out.data.resize(src.data.len(), 0.0);
+    out.resize(src.data.len());
     if plane == 0 || ni == 0 {
         return;
     }
@@ -648,10 +648,9 @@ mod tests {
             }
         })
         .unwrap();
-        let zeroed = Vol {
+        let zeroed = Vol::new(
             n,
-            data: v
-                .data
+            v.data
                 .iter()
                 .map(|&x| {
                     if x.is_subnormal() {
@@ -661,7 +660,7 @@ mod tests {
                     }
                 })
                 .collect(),
-        };
+        );
         let w = gaussian_half_kernel(1.6);
         let ieee = reference_passes(&v, &w);
         assert!(ieee.data.iter().any(|x| x.is_subnormal()));

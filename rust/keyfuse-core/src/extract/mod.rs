@@ -60,10 +60,7 @@ pub fn gaussian_blur(data: &[f32], shape: [usize; 3], sigma: f32) -> Result<Vec<
             data.len()
         )));
     }
-    let v = Vol {
-        n: shape,
-        data: data.to_vec(),
-    };
+    let v = Vol::new(shape, data.to_vec());
     Ok(blur::blur(&v, sigma)?.data)
 }
 

@@ -16,13 +16,26 @@ use rayon::prelude::*;
 pub(crate) struct Vol {
     pub n: [usize; 3],
     pub data: Vec<f32>,
+    /// Every value of `data`'s capacity is initialised (a workspace buffer that was never
+    /// reallocated, however much it was shortened): the pool takes it back whole.
+    whole: bool,
 }
 
 impl Vol {
+    /// A volume of shape `n` holding `data` (C order).
+    pub fn new(n: [usize; 3], data: Vec<f32>) -> Vol {
+        Vol {
+            n,
+            data,
+            whole: false,
+        }
+    }
+
     pub fn zeros(n: [usize; 3]) -> Result<Vol> {
         Ok(Vol {
             n,
             data: workspace::try_zeros(n[0] * n[1] * n[2])?,
+            whole: true,
         })
     }
 
@@ -32,12 +45,30 @@ impl Vol {
         Ok(Vol {
             n,
             data: workspace::take(n[0] * n[1] * n[2])?,
+            whole: true,
         })
+    }
+
+    /// Resize `data` to `len` values (new ones zero), keeping track of whether all of its
+    /// capacity stays initialised (it does unless the vector is reallocated).
+    pub(crate) fn resize(&mut self, len: usize) {
+        if len > self.data.capacity() {
+            self.whole = false;
+        }
+        self.data.resize(len, 0.0);
     }
 
     /// Return volumes' buffers to the workspace pool.
     pub(crate) fn give_back(vols: impl IntoIterator<Item = Vol>) {
-        workspace::give_back(vols.into_iter().map(|v| v.data));
+        for v in vols {
+            if v.whole {
+                // SAFETY: `whole`: all of the buffer's capacity is initialised (a
+                // workspace buffer, whole when it was taken, never reallocated)
+                unsafe { workspace::give_back_whole(v.data) }
+            } else {
+                workspace::give_back(v.data)
+            }
+        }
     }
 
     /// A volume of shape `m` whose voxel (p, q, r) is `value(p, q, r)`, filled in
@@ -221,6 +252,22 @@ pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> 
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+
+    /// A workspace volume stays whole (its capacity initialised, pooled back at full
+    /// length) when shortened and lengthened within its capacity, not when reallocated;
+    /// a volume from elsewhere is not whole.
+    #[test]
+    fn whole_tracks_reallocation() {
+        let mut v = Vol::zeros([4, 5, 6]).unwrap();
+        assert!(v.whole);
+        v.resize(7);
+        v.resize(120);
+        assert!(v.whole && v.data.len() == 120);
+        v.resize(121);
+        assert!(!v.whole);
+        assert!(!Vol::new([1, 1, 2], vec![1.0, 2.0]).whole);
+        Vol::give_back([v, Vol::new([1, 1, 2], vec![1.0, 2.0])]);
+    }
 
     #[test]
     fn downsample_averages_blocks() {
