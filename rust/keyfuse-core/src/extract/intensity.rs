@@ -96,32 +96,21 @@ fn sample_fortran(src: &[f32], [ni, nj, nk]: [usize; 3]) -> Result<Vec<Vec<u32>>
 /// bin's members.
 fn scale_of(parts: &[Vec<u32>]) -> Option<f32> {
     const BINS: usize = 1 << 16;
-    let (mut hist, max) = parts
-        .par_iter()
-        .fold(
-            || (vec![0u32; BINS], 0u32),
-            |(mut h, mut mx), part| {
-                // bin 0 (zeros, most of a head image's background) is not counted here:
-                // it is what the other bins leave (incrementing one bin over and over
-                // waits on each store)
-                for &b in part {
-                    if b >> 16 != 0 {
-                        h[(b >> 16) as usize] += 1;
-                    }
-                    mx = mx.max(b);
-                }
-                (h, mx)
-            },
-        )
-        .reduce(
-            || (vec![0u32; BINS], 0u32),
-            |(mut h1, m1), (h2, m2)| {
-                for (a, b) in h1.iter_mut().zip(&h2) {
-                    *a += b;
-                }
-                (h1, m1.max(m2))
-            },
-        );
+    // one pass on one thread: ~1 M increments take less than a histogram per task costs
+    // to allocate, zero and merge (the time is CPU time summed over threads)
+    let mut hist = vec![0u32; BINS];
+    let mut max = 0u32;
+    for part in parts {
+        // bin 0 (zeros, most of a head image's background) is not counted here: it is
+        // what the other bins leave (incrementing one bin over and over waits on each
+        // store)
+        for &b in part {
+            if b >> 16 != 0 {
+                hist[(b >> 16) as usize] += 1;
+            }
+            max = max.max(b);
+        }
+    }
     if max == 0 {
         return None;
     }
