@@ -351,7 +351,7 @@ pub(crate) fn blur_into_with(src: &Vol, sigma: f32, out: &mut Vol, isa: Isa) {
     let w = gaussian_half_kernel(sigma);
     let r = w.len() - 1;
     out.n = src.n;
-    out.resize(src.data.len());
+    out.data.resize(src.data.len(), 0.0);
     if plane == 0 || ni == 0 {
         return;
     }

@@ -16,9 +16,10 @@ use rayon::prelude::*;
 pub(crate) struct Vol {
     pub n: [usize; 3],
     pub data: Vec<f32>,
-    /// Every value of `data`'s capacity is initialised (a workspace buffer that was never
-    /// reallocated, however much it was shortened): the pool takes it back whole.
-    whole: bool,
+    /// `Some((address, capacity))` of a workspace buffer, all of whose capacity is
+    /// initialised: while `data` is still that allocation (however much it was shortened
+    /// or lengthened within its capacity), the pool takes it back whole.
+    whole: Option<(usize, usize)>,
 }
 
 impl Vol {
@@ -27,43 +28,38 @@ impl Vol {
         Vol {
             n,
             data,
-            whole: false,
+            whole: None,
         }
     }
 
+    /// A volume of a workspace buffer (all of its capacity initialised).
+    fn workspace(n: [usize; 3], data: Vec<f32>) -> Vol {
+        let whole = Some((data.as_ptr() as usize, data.capacity()));
+        Vol { n, data, whole }
+    }
+
+    /// Whether `data` is still the workspace allocation it was made with (not reallocated
+    /// or replaced), so all of its capacity is initialised.
+    fn is_whole(&self) -> bool {
+        self.whole == Some((self.data.as_ptr() as usize, self.data.capacity()))
+    }
+
     pub fn zeros(n: [usize; 3]) -> Result<Vol> {
-        Ok(Vol {
-            n,
-            data: workspace::try_zeros(n[0] * n[1] * n[2])?,
-            whole: true,
-        })
+        Ok(Vol::workspace(n, workspace::try_zeros(n[0] * n[1] * n[2])?))
     }
 
     /// A volume of shape `n` with unspecified values, from the workspace pool (the caller
     /// overwrites every voxel); hand it back with [`Vol::give_back`].
     pub(crate) fn scratch(n: [usize; 3]) -> Result<Vol> {
-        Ok(Vol {
-            n,
-            data: workspace::take(n[0] * n[1] * n[2])?,
-            whole: true,
-        })
-    }
-
-    /// Resize `data` to `len` values (new ones zero), keeping track of whether all of its
-    /// capacity stays initialised (it does unless the vector is reallocated).
-    pub(crate) fn resize(&mut self, len: usize) {
-        if len > self.data.capacity() {
-            self.whole = false;
-        }
-        self.data.resize(len, 0.0);
+        Ok(Vol::workspace(n, workspace::take(n[0] * n[1] * n[2])?))
     }
 
     /// Return volumes' buffers to the workspace pool.
     pub(crate) fn give_back(vols: impl IntoIterator<Item = Vol>) {
         for v in vols {
-            if v.whole {
-                // SAFETY: `whole`: all of the buffer's capacity is initialised (a
-                // workspace buffer, whole when it was taken, never reallocated)
+            if v.is_whole() {
+                // SAFETY: the workspace allocation the volume was made with, whole then
+                // (safe code cannot de-initialise a `Vec<f32>`'s values)
                 unsafe { workspace::give_back_whole(v.data) }
             } else {
                 workspace::give_back(v.data)
@@ -253,20 +249,23 @@ pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> 
 pub(super) mod tests {
     use super::*;
 
-    /// A workspace volume stays whole (its capacity initialised, pooled back at full
-    /// length) when shortened and lengthened within its capacity, not when reallocated;
-    /// a volume from elsewhere is not whole.
+    /// A workspace volume stays whole (pooled back at full length) when shortened and
+    /// lengthened within its capacity, not when reallocated; a volume from elsewhere is
+    /// not whole.
     #[test]
     fn whole_tracks_reallocation() {
         let mut v = Vol::zeros([4, 5, 6]).unwrap();
-        assert!(v.whole);
-        v.resize(7);
-        v.resize(120);
-        assert!(v.whole && v.data.len() == 120);
-        v.resize(121);
-        assert!(!v.whole);
-        assert!(!Vol::new([1, 1, 2], vec![1.0, 2.0]).whole);
-        Vol::give_back([v, Vol::new([1, 1, 2], vec![1.0, 2.0])]);
+        assert!(v.is_whole());
+        v.data.truncate(7);
+        v.data.resize(120, 0.0);
+        assert!(v.is_whole() && v.data.len() == 120);
+        v.data.resize(121, 0.0);
+        assert!(!v.is_whole());
+        let mut w = Vol::zeros([2, 2, 2]).unwrap();
+        w.data = vec![0.0; 8];
+        assert!(!w.is_whole());
+        assert!(!Vol::new([1, 1, 2], vec![1.0, 2.0]).is_whole());
+        Vol::give_back([v, w, Vol::new([1, 1, 2], vec![1.0, 2.0])]);
     }
 
     #[test]

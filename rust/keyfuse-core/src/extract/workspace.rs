@@ -75,7 +75,7 @@ pub(crate) fn give_back(mut v: Vec<f32>) {
 
 /// [`give_back`] of a buffer whose whole capacity is initialised, at its full length as
 /// it is: a buffer from [`take`] or [`try_zeros`] that was shortened (a smaller octave's
-/// volume) but never reallocated. Filling its tail would write up to the whole volume for
+/// volume) but not reallocated (`Vol` checks its address and capacity). Filling its tail would write up to the whole volume for
 /// nothing: a buffer's values are unspecified when it is taken again.
 ///
 /// # Safety
