@@ -648,10 +648,9 @@ mod tests {
             }
         })
         .unwrap();
-        let zeroed = Vol {
+        let zeroed = Vol::new(
             n,
-            data: v
-                .data
+            v.data
                 .iter()
                 .map(|&x| {
                     if x.is_subnormal() {
@@ -661,7 +660,7 @@ mod tests {
                     }
                 })
                 .collect(),
-        };
+        );
         let w = gaussian_half_kernel(1.6);
         let ieee = reference_passes(&v, &w);
         assert!(ieee.data.iter().any(|x| x.is_subnormal()));

@@ -19,6 +19,15 @@ pub(crate) struct Patch<'a> {
     pub sigma: f32,
 }
 
+/// Whether the per-keypoint code runs its AVX2 builds: the CPU has AVX2 and
+/// `KEYFUSE_EXTRACT_ISA` allows it. They are the same Rust code compiled for wider
+/// vectors: LLVM neither reorders nor fuses floating-point operations (and FMA is not
+/// enabled), so they give the same bits.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    super::blur::isa_cap() >= 1 && std::is_x86_feature_detected!("avx2")
+}
+
 /// Samples per axis of the analysis patch (gradients on the inner `N-2`³).
 const NA: usize = 11;
 /// Descriptor samples per axis (2 cells × 6), plus one ring for central differences.
@@ -207,6 +216,23 @@ pub(crate) fn normalise_patch(v: &mut [f32]) -> bool {
 /// is flat, the point is not blob-like, or no stable orientation exists.
 #[inline(never)]
 pub(crate) fn analyse(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 was detected
+        return unsafe { analyse_avx2(kp, p) };
+    }
+    analyse_body(kp, p)
+}
+
+/// [`analyse`] compiled for AVX2 (without FMA: the same IEEE operations, wider).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn analyse_avx2(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
+    analyse_body(kp, p)
+}
+
+#[inline(always)]
+fn analyse_body(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
     let Patch { g, c, sigma } = *kp;
     let radius = p.orientation_radius as f32 * sigma;
     let h = 2.0 * radius / (NA - 1) as f32;
@@ -267,7 +293,7 @@ pub(crate) fn analyse(kp: &Patch, p: &ExtractParams) -> Option<Analysis> {
 
 /// Mean-shift refinement of a direction: the weighted mean of the gradient directions
 /// within 25° of it, three times.
-#[inline(never)]
+#[inline(always)]
 fn refine_direction(grads: &[Grad], mut d: [f32; 3]) -> [f32; 3] {
     let cos_lim = 25f32.to_radians().cos();
     for _ in 0..3 {
@@ -350,7 +376,7 @@ pub(crate) fn angle_peaks(h: &[f32; ANGLE_BINS], rel: f32) -> (f32, Vec<(f32, f3
 /// gradient directions on the sphere (≥ `primary_peak`·max), then for each primary
 /// axis the in-plane peaks of the projected gradients (≥ `secondary_peak`·max); the
 /// third axis is their cross product. Strongest first, at most `max_orientations`.
-#[inline(never)]
+#[inline(always)]
 fn orientations(grads: &[Grad], p: &ExtractParams) -> Vec<Frame> {
     let sph = sphere();
     let nb = sph.centres.len();
@@ -472,6 +498,23 @@ fn desc_weights() -> &'static Vec<[f32; 8]> {
 /// `None` for a patch without gradient energy (nothing to rank).
 #[inline(never)]
 pub(crate) fn descriptor(kp: &Patch, f: &Frame, p: &ExtractParams) -> Option<[u8; 64]> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 was detected
+        return unsafe { descriptor_avx2(kp, f, p) };
+    }
+    descriptor_body(kp, f, p)
+}
+
+/// [`descriptor`] compiled for AVX2 (without FMA: the same IEEE operations, wider).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn descriptor_avx2(kp: &Patch, f: &Frame, p: &ExtractParams) -> Option<[u8; 64]> {
+    descriptor_body(kp, f, p)
+}
+
+#[inline(always)]
+fn descriptor_body(kp: &Patch, f: &Frame, p: &ExtractParams) -> Option<[u8; 64]> {
     let Patch { g, c, sigma } = *kp;
     let radius = p.descriptor_radius as f32 * sigma;
     let h = 2.0 * radius / ND as f32;
@@ -549,6 +592,78 @@ pub(crate) fn rank64(h: &[f32; 64]) -> [u8; 64] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 builds of the analysis and the descriptor give the portable build's bits,
+    /// on smooth blobs of many scales and positions (inside the volume and across its
+    /// faces) with random frames.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_builds_give_the_same_bits() {
+        use super::super::volume::Vol;
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut next = super::super::volume::tests::uniform(0x5851_f42d_4c95_7f2d);
+        let n = [48, 44, 40];
+        let centres: Vec<([f32; 3], f32)> = (0..40)
+            .map(|_| {
+                (
+                    [44.0 * next(), 40.0 * next(), 36.0 * next()],
+                    1.0 + 4.0 * next(),
+                )
+            })
+            .collect();
+        let g = Vol::from_fn(n, |i, j, k| {
+            let mut v = 0.0;
+            for &(c, s) in &centres {
+                let d = [i as f32 - c[0], j as f32 - c[1], k as f32 - c[2]];
+                v += (-(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) / (2.0 * s * s)).exp();
+            }
+            v
+        })
+        .unwrap();
+        let p = ExtractParams::default();
+        let (mut analysed, mut described) = (0, 0);
+        for t in 0..400 {
+            let pos = [47.0 * next(), 43.0 * next(), 39.0 * next()];
+            let sigma = 0.8 + 3.0 * next();
+            let blk = Block::new(&g, pos, (9.0 * sigma).ceil() as usize + 3);
+            let c = [0, 1, 2].map(|a| pos[a] - blk.origin[a] as f32);
+            let kp = Patch { g: blk, c, sigma };
+            // SAFETY: AVX2 was detected
+            let (a, b) = (analyse_body(&kp, &p), unsafe { analyse_avx2(&kp, &p) });
+            assert_eq!(a.is_some(), b.is_some(), "{t}");
+            if let (Some(a), Some(b)) = (a, b) {
+                analysed += 1;
+                let bits = |x: &Analysis| {
+                    let f = x.frames.iter().flatten().flatten().map(|v| v.to_bits());
+                    x.eigenvalues
+                        .map(f32::to_bits)
+                        .into_iter()
+                        .chain(f)
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&a), bits(&b), "{t}");
+            }
+            let f = normalise(cross(
+                [next() - 0.5, next() - 0.5, 0.3],
+                [0.2, next(), next()],
+            ))
+            .map(|e0| {
+                let e1 = normalise(cross(e0, [next(), 0.1, next() - 0.5])).unwrap();
+                [e0, e1, cross(e0, e1)]
+            });
+            if let Some(f) = f {
+                // SAFETY: AVX2 was detected
+                let (a, b) = (descriptor_body(&kp, &f, &p), unsafe {
+                    descriptor_avx2(&kp, &f, &p)
+                });
+                assert_eq!(a, b, "{t}");
+                described += a.is_some() as usize;
+            }
+        }
+        assert!(analysed > 50 && described > 200, "{analysed} {described}");
+    }
 
     #[test]
     fn rank_is_a_permutation() {

@@ -34,7 +34,9 @@ mod detect;
 #[cfg(target_arch = "x86_64")]
 mod detect_avx512;
 mod flush;
+mod intensity;
 pub mod reslice;
+mod transpose;
 mod two_d;
 mod volume;
 mod workspace;
@@ -46,6 +48,7 @@ use rayon::prelude::*;
 use volume::Vol;
 
 pub use blur::gaussian_half_kernel;
+pub use intensity::intensity_scale;
 pub use two_d::extract2d;
 
 /// The extractor's Gaussian blur of a C-ordered `shape` volume (σ `sigma` voxels,
@@ -57,10 +60,7 @@ pub fn gaussian_blur(data: &[f32], shape: [usize; 3], sigma: f32) -> Result<Vec<
             data.len()
         )));
     }
-    let v = Vol {
-        n: shape,
-        data: data.to_vec(),
-    };
+    let v = Vol::new(shape, data.to_vec());
     Ok(blur::blur(&v, sigma)?.data)
 }
 
@@ -360,78 +360,6 @@ pub(crate) struct Described {
     pub rows: Vec<([[f32; 3]; 3], [u8; DESC_LEN])>,
 }
 
-/// The extractor's intensity normalisation: the factor that maps the 99.5th percentile of
-/// |value| (over a stride sample of at most ~1 M voxels) to 1. `None` for an all-zero
-/// image; non-finite values are `InvalidImage`. The CUDA scale space normalises with it too.
-///
-/// The sample is every `stride`-th voxel; its value of rank `q` is found by a histogram of
-/// the top 16 bits of |value| (for non-negative floats the order of the bits is the order
-/// of the values) and a selection among the one bin's members, in parallel chunks of
-/// whole strides, with the finiteness check in the same pass.
-pub fn intensity_scale(data: &[f32]) -> Result<Option<f32>> {
-    const BINS: usize = 1 << 16;
-    let stride = (data.len() / 1_000_000).max(1);
-    // whole strides per chunk, so that a chunk's every stride-th value is the sample's
-    let chunk = stride * (1 << 15);
-    let bits = |x: &f32| x.to_bits() & 0x7fff_ffff;
-    let (bad, hist, max) = data
-        .par_chunks(chunk)
-        .fold(
-            || (false, vec![0u32; BINS], 0u32),
-            |(bad, mut h, mut mx), c| {
-                for b in c.iter().step_by(stride).map(bits) {
-                    h[(b >> 16) as usize] += 1;
-                    mx = mx.max(b);
-                }
-                // non-finite: all exponent bits set (blocks of 256 without an early
-                // exit, so that the test vectorises)
-                let inf = |w: &[f32]| {
-                    w.iter()
-                        .fold(false, |m, x| m | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000))
-                };
-                (bad || c.chunks(256).any(inf), h, mx)
-            },
-        )
-        .reduce(
-            || (false, vec![0u32; BINS], 0u32),
-            |(b1, mut h1, m1), (b2, h2, m2)| {
-                for (a, b) in h1.iter_mut().zip(&h2) {
-                    *a += b;
-                }
-                (b1 || b2, h1, m1.max(m2))
-            },
-        );
-    if bad {
-        return Err(KfError::InvalidImage(
-            "image contains NaN or infinite values".into(),
-        ));
-    }
-    if max == 0 {
-        return Ok(None);
-    }
-    let n = data.len().div_ceil(stride);
-    let q = ((n as f64 * 0.995) as usize).min(n - 1);
-    // the bin holding rank q, and the sample values below it
-    let (mut bin, mut below) = (0usize, 0usize);
-    while below + hist[bin] as usize <= q {
-        below += hist[bin] as usize;
-        bin += 1;
-    }
-    let mut members: Vec<u32> = data
-        .par_chunks(chunk)
-        .flat_map_iter(|c| {
-            c.iter()
-                .step_by(stride)
-                .map(bits)
-                .filter(|b| (b >> 16) as usize == bin)
-        })
-        .collect();
-    let (_, &mut v, _) = members.select_nth_unstable(q - below);
-    let v = f32::from_bits(v);
-    let v = if v > 0.0 { v } else { f32::from_bits(max) };
-    Ok(Some(1.0 / v))
-}
-
 pub(crate) fn check_spacing(spacing: &[f64]) -> Result<()> {
     if spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
         return Err(KfError::InvalidArgument(format!(
@@ -466,23 +394,9 @@ pub fn extract3d(
     // KF_TRACE: the input copy and intensity normalisation's seconds too
     let trace = std::env::var_os("KF_TRACE").is_some();
     let (t0, mut t_wall, mut t_cpu) = (Stamp::now(trace), 0f64, 0f64);
-    // every voxel is written below
-    let mut vol = Vol::scratch(n)?;
-    match (volume.as_slice(), volume.t().as_slice()) {
-        (Some(s), _) => vol.data.copy_from_slice(s),
-        // Fortran order (NIfTI arrays as nibabel loads them): copied here rather than by
-        // numpy, so no second C-ordered copy of the input stays alive during extraction
-        (None, Some(s)) => volume::copy_fortran(s, &mut vol),
-        (None, None) => {
-            for (d, s) in vol.data.iter_mut().zip(volume.iter()) {
-                *d = *s;
-            }
-        }
-    }
-    let Some(iscale) = intensity_scale(&vol.data)? else {
+    let Some(mut vol) = intensity::scaled_copy(volume)? else {
         return Ok(Keypoints::default());
     };
-    vol.data.par_iter_mut().for_each(|x| *x *= iscale);
     if trace {
         t0.add_to(&mut t_wall, &mut t_cpu);
         eprintln!("TRACE input copy+scale seconds {t_wall:.3} cpu {t_cpu:.3}");

@@ -16,28 +16,55 @@ use rayon::prelude::*;
 pub(crate) struct Vol {
     pub n: [usize; 3],
     pub data: Vec<f32>,
+    /// `Some((address, capacity))` of a workspace buffer, all of whose capacity is
+    /// initialised: while `data` is still that allocation (however much it was shortened
+    /// or lengthened within its capacity), the pool takes it back whole.
+    whole: Option<(usize, usize)>,
 }
 
 impl Vol {
-    pub fn zeros(n: [usize; 3]) -> Result<Vol> {
-        Ok(Vol {
+    /// A volume of shape `n` holding `data` (C order).
+    pub fn new(n: [usize; 3], data: Vec<f32>) -> Vol {
+        Vol {
             n,
-            data: workspace::try_zeros(n[0] * n[1] * n[2])?,
-        })
+            data,
+            whole: None,
+        }
+    }
+
+    /// A volume of a workspace buffer (all of its capacity initialised).
+    fn workspace(n: [usize; 3], data: Vec<f32>) -> Vol {
+        let whole = Some((data.as_ptr() as usize, data.capacity()));
+        Vol { n, data, whole }
+    }
+
+    /// Whether `data` is still the workspace allocation it was made with (not reallocated
+    /// or replaced), so all of its capacity is initialised.
+    fn is_whole(&self) -> bool {
+        self.whole == Some((self.data.as_ptr() as usize, self.data.capacity()))
+    }
+
+    pub fn zeros(n: [usize; 3]) -> Result<Vol> {
+        Ok(Vol::workspace(n, workspace::try_zeros(n[0] * n[1] * n[2])?))
     }
 
     /// A volume of shape `n` with unspecified values, from the workspace pool (the caller
     /// overwrites every voxel); hand it back with [`Vol::give_back`].
     pub(crate) fn scratch(n: [usize; 3]) -> Result<Vol> {
-        Ok(Vol {
-            n,
-            data: workspace::take(n[0] * n[1] * n[2])?,
-        })
+        Ok(Vol::workspace(n, workspace::take(n[0] * n[1] * n[2])?))
     }
 
     /// Return volumes' buffers to the workspace pool.
     pub(crate) fn give_back(vols: impl IntoIterator<Item = Vol>) {
-        workspace::give_back(vols.into_iter().map(|v| v.data));
+        for v in vols {
+            if v.is_whole() {
+                // SAFETY: the workspace allocation the volume was made with, whole then
+                // (safe code cannot de-initialise a `Vec<f32>`'s values)
+                unsafe { workspace::give_back_whole(v.data) }
+            } else {
+                workspace::give_back(v.data)
+            }
+        }
     }
 
     /// A volume of shape `m` whose voxel (p, q, r) is `value(p, q, r)`, filled in
@@ -206,45 +233,6 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     })
 }
 
-/// Fill `out` (C order, shape `out.n`) from `src`, the same volume in Fortran order (`i`
-/// fastest), in blocks of 32 `i` × 16 `k` (parallel over tiles of 32 `i`-planes): for each
-/// `j`, sixteen 128-byte runs of `src` (one per `k`) are read and 32 runs of `out` (one
-/// per `i`) written whole, so cache lines on either side are used whole (the copy that
-/// wrote one value per line per pass took ~1.5× as long, docs/decisions.md).
-pub(crate) fn copy_fortran(src: &[f32], out: &mut Vol) {
-    const TILE: usize = 32;
-    const TK: usize = 16;
-    let [ni, nj, nk] = out.n;
-    let plane = nj * nk;
-    assert_eq!(src.len(), ni * plane);
-    if plane == 0 {
-        return;
-    }
-    out.data
-        .par_chunks_mut(TILE * plane)
-        .enumerate()
-        .for_each(|(t, o)| {
-            let i0 = t * TILE;
-            let m = o.len() / plane;
-            // block[dk][di] = src(i0 + di, j, k0 + dk)
-            let mut block = [[0f32; TILE]; TK];
-            for k0 in (0..nk).step_by(TK) {
-                let kn = TK.min(nk - k0);
-                for j in 0..nj {
-                    for (dk, b) in block[..kn].iter_mut().enumerate() {
-                        b[..m].copy_from_slice(&src[i0 + ni * (j + nj * (k0 + dk))..][..m]);
-                    }
-                    for di in 0..m {
-                        let row = &mut o[di * plane + j * nk + k0..][..kn];
-                        for (dk, x) in row.iter_mut().enumerate() {
-                            *x = block[dk][di];
-                        }
-                    }
-                }
-            }
-        });
-}
-
 /// Trilinear resampling onto a grid of shape `m` where new index `q` sits at old index
 /// `q * step` (per axis).
 pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> {
@@ -261,29 +249,23 @@ pub(crate) fn resample(src: &Vol, m: [usize; 3], step: [f64; 3]) -> Result<Vol> 
 pub(super) mod tests {
     use super::*;
 
+    /// A workspace volume stays whole (pooled back at full length) when shortened and
+    /// lengthened within its capacity, not when reallocated; a volume from elsewhere is
+    /// not whole.
     #[test]
-    fn fortran_copy_transposes() {
-        for n in [
-            [37, 5, 9],
-            [16, 3, 4],
-            [1, 7, 2],
-            [33, 1, 1],
-            [70, 6, 35],
-            [64, 2, 32],
-        ] {
-            let len = n[0] * n[1] * n[2];
-            // Fortran order: element (i, j, k) at i + ni·(j + nj·k)
-            let f: Vec<f32> = (0..len).map(|x| x as f32 * 0.5 - 7.0).collect();
-            let mut out = Vol::zeros(n).unwrap();
-            copy_fortran(&f, &mut out);
-            for i in 0..n[0] {
-                for j in 0..n[1] {
-                    for k in 0..n[2] {
-                        assert_eq!(out.at(i, j, k), f[i + n[0] * (j + n[1] * k)], "{n:?}");
-                    }
-                }
-            }
-        }
+    fn whole_tracks_reallocation() {
+        let mut v = Vol::zeros([4, 5, 6]).unwrap();
+        assert!(v.is_whole());
+        v.data.truncate(7);
+        v.data.resize(120, 0.0);
+        assert!(v.is_whole() && v.data.len() == 120);
+        v.data.resize(121, 0.0);
+        assert!(!v.is_whole());
+        let mut w = Vol::zeros([2, 2, 2]).unwrap();
+        w.data = vec![0.0; 8];
+        assert!(!w.is_whole());
+        assert!(!Vol::new([1, 1, 2], vec![1.0, 2.0]).is_whole());
+        Vol::give_back([v, w, Vol::new([1, 1, 2], vec![1.0, 2.0])]);
     }
 
     #[test]

@@ -20,7 +20,8 @@
 use crate::{KfError, Result};
 use std::sync::{Mutex, OnceLock};
 
-/// Idle buffers, any order.
+/// Idle buffers, any order, each whole: its length is its capacity (so all of it is
+/// initialised, and [`take`] can shorten it without writing).
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// The most bytes the pool keeps between extractions: `KF_EXTRACT_POOL_MB` MiB (read once;
@@ -56,25 +57,48 @@ pub(crate) fn take(len: usize) -> Result<Vec<f32>> {
     };
     match pooled {
         Some(mut v) => {
-            // values below the old length are kept as they are (they get overwritten)
-            if v.len() >= len {
-                v.truncate(len);
-            } else {
-                v.resize(len, 0.0);
-            }
+            // pooled buffers are whole (length = capacity ≥ len): the values are kept as
+            // they are (they get overwritten)
+            v.truncate(len);
             Ok(v)
         }
         None => fresh(len),
     }
 }
 
-/// Hand buffers back to the pool; beyond [`cap_bytes`] the smallest are freed.
-pub(crate) fn give_back(bufs: impl IntoIterator<Item = Vec<f32>>) {
+/// Hand a buffer back to the pool (its values beyond its length set to zero); beyond
+/// [`cap_bytes`] the smallest are freed.
+pub(crate) fn give_back(mut v: Vec<f32>) {
+    v.resize(v.capacity(), 0.0);
+    pool_whole(v);
+}
+
+/// [`give_back`] of a buffer whose whole capacity is initialised, at its full length as
+/// it is: a buffer from [`take`] or [`try_zeros`] that was shortened (a smaller octave's
+/// volume) but not reallocated (`Vol` checks its address and capacity). Filling its tail would write up to the whole volume for
+/// nothing: a buffer's values are unspecified when it is taken again.
+///
+/// # Safety
+/// All of `v`'s capacity is initialised.
+pub(crate) unsafe fn give_back_whole(mut v: Vec<f32>) {
+    // SAFETY: the caller vouches for the values up to the capacity (f32 has no invalid
+    // bit patterns)
+    unsafe { v.set_len(v.capacity()) };
+    pool_whole(v);
+}
+
+/// Pool `v`, whose length is its capacity; beyond [`cap_bytes`] the smallest buffers are
+/// freed.
+fn pool_whole(v: Vec<f32>) {
+    debug_assert_eq!(v.len(), v.capacity());
+    if v.capacity() == 0 {
+        return;
+    }
     let cap = cap_bytes();
     let mut freed: Vec<Vec<f32>> = Vec::new();
     {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        pool.extend(bufs.into_iter().filter(|v| v.capacity() > 0));
+        pool.push(v);
         let mut total: usize = pool.iter().map(bytes).sum();
         if total > cap {
             pool.sort_by_key(|v| std::cmp::Reverse(v.capacity()));
