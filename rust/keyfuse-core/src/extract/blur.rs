@@ -109,8 +109,8 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// The `i` pass over the columns `c0..c1` of every plane: `out[p][c] = w0·src[p][c] +
-/// Σ_t w_t·(src[p − t][c] + src[p + t][c])` (clamped), `p` sweeping all planes.
+/// The `i` pass over the columns `c0..c1` of the planes `p0..p1`: `out[p][c] = w0·src[p][c]
+/// + Σ_t w_t·(src[p − t][c] + src[p + t][c])` (clamped).
 ///
 /// # Safety
 /// `out` points to `n[0]·plane` values, and no other thread touches columns `c0..c1`.
@@ -122,6 +122,7 @@ unsafe fn blur_i_columns(
     w: &[f32],
     out: OutPtr,
     (c0, c1): (usize, usize),
+    (p0, p1): (usize, usize),
 ) {
     let ni = n[0];
     let plane = n[1] * n[2];
@@ -131,7 +132,7 @@ unsafe fn blur_i_columns(
         &src[q * plane + c0..q * plane + c1]
     };
     let mut prs: Vec<(&[f32], &[f32])> = Vec::with_capacity(r);
-    for p in 0..ni as isize {
+    for p in p0 as isize..p1 as isize {
         prs.clear();
         prs.extend((1..=r as isize).map(|t| (pl(p - t), pl(p + t))));
         // SAFETY: in bounds (caller), and only this task writes these columns
@@ -141,9 +142,10 @@ unsafe fn blur_i_columns(
     }
 }
 
-/// The `j` and `k` passes of one plane `o` (`nj` rows of `nk`), in place: `j` into the
-/// rows of `tmp` padded by the kernel radius on both sides (the padding replicates the
-/// row's ends), then `k` from those rows back into `o`.
+/// The `j` and `k` passes of one plane `o` (`nj` rows of `nk`), in place, for the rows
+/// `y0..y1` (the others are left as they are): `j` into the rows of `tmp` padded by the
+/// kernel radius on both sides (the padding replicates the row's ends), then `k` from
+/// those rows back into `o`.
 #[inline(always)]
 fn blur_jk_plane<'t>(
     conv: impl Fn(&mut [f32], &[f32], &[f32], &Pairs),
@@ -153,6 +155,7 @@ fn blur_jk_plane<'t>(
     nk: usize,
     w: &[f32],
     tmp: &'t mut [f32],
+    (y0, y1): (usize, usize),
 ) {
     let r = w.len() - 1;
     let src = &*o;
@@ -178,7 +181,7 @@ fn blur_jk_plane<'t>(
     let (lead, stride) = jk_layout(nk, r);
     let base = tmp.as_ptr().align_offset(64).min(15);
     let tmp = &mut tmp[base..];
-    for y in 0..nj {
+    for y in y0..y1 {
         let padded = &mut tmp[y * stride..(y + 1) * stride];
         let mid = &mut padded[lead..lead + nk];
         if nj > 1 {
@@ -194,7 +197,7 @@ fn blur_jk_plane<'t>(
     }
     let tmp = &*tmp;
     let mut prs: Vec<(&[f32], &[f32])> = Vec::with_capacity(r);
-    for (y, orow) in o.chunks_exact_mut(nk).enumerate() {
+    for (y, orow) in o.chunks_exact_mut(nk).enumerate().take(y1).skip(y0) {
         let row = &tmp[y * stride..(y + 1) * stride];
         kconv(orow, row, lead, w, &mut prs);
     }
@@ -239,9 +242,16 @@ macro_rules! builds {
         $(#[target_feature(enable = $feat)])?
         #[inline(never)]
         #[allow(clippy::redundant_closure)]
-        unsafe fn $i(src: &[f32], n: [usize; 3], w: &[f32], out: OutPtr, cols: (usize, usize)) {
+        unsafe fn $i(
+            src: &[f32],
+            n: [usize; 3],
+            w: &[f32],
+            out: OutPtr,
+            cols: (usize, usize),
+            planes: (usize, usize),
+        ) {
             // SAFETY: forwarded from the caller
-            unsafe { blur_i_columns($conv, src, n, w, out, cols) }
+            unsafe { blur_i_columns($conv, src, n, w, out, cols, planes) }
         }
         $(#[target_feature(enable = $feat)])?
         #[inline(never)]
@@ -252,8 +262,9 @@ macro_rules! builds {
             nk: usize,
             w: &[f32],
             tmp: &mut [f32],
+            rows: (usize, usize),
         ) {
-            blur_jk_plane($conv, $kconv, o, nj, nk, w, tmp)
+            blur_jk_plane($conv, $kconv, o, nj, nk, w, tmp, rows)
         }
     };
 }
@@ -344,57 +355,108 @@ pub(crate) fn blur_into(src: &Vol, sigma: f32, out: &mut Vol) {
 /// [`blur_into`] with a chosen instruction-set build (`isa` must be available): two
 /// phases, the `i` pass over columns of all planes into `out`, then the `j` and `k`
 /// passes plane by plane in place.
+///
+/// A 3D volume is computed only inside its [`Vol::support`] grown by the kernel radius:
+/// outside, every tap reads +0.0, so every product and sum is +0.0, which is written
+/// instead (the same bits); `out.support` is that grown box.
 pub(crate) fn blur_into_with(src: &Vol, sigma: f32, out: &mut Vol, isa: Isa) {
     assert!(isa.available());
     let [ni, nj, nk] = src.n;
     let plane = nj * nk;
     let w = gaussian_half_kernel(sigma);
     let r = w.len() - 1;
+    // where `out` may hold something other than +0.0 now (its own support if it already
+    // has this shape: a recycled level of the same octave)
+    let old = match out.n == src.n && out.data.len() == src.data.len() {
+        true => out.support,
+        false => Vol::full(src.n),
+    };
     out.n = src.n;
     out.data.resize(src.data.len(), 0.0);
+    out.support = Vol::full(src.n);
     if plane == 0 || ni == 0 {
         return;
     }
+    // the box the passes compute: src's support (3D only) and its growth by r
+    let boxed = ni > 1 && nj > 1 && nk > 1;
+    let sup = if boxed { src.support } else { Vol::full(src.n) };
+    let grown = if boxed { grow(sup, r, src.n) } else { sup };
+    let [(i0, i1), (j0, j1), _] = grown;
+    let cols_in = (sup[1].0 * nk, sup[1].1 * nk);
     if ni > 1 {
         let (n, ptr) = (src.n, OutPtr(out.data.as_mut_ptr()));
         let (src, w) = (&src.data[..], &w[..]);
-        (0..plane.div_ceil(I_COLS)).into_par_iter().for_each(|c| {
-            let cols = (c * I_COLS, ((c + 1) * I_COLS).min(plane));
-            // SAFETY: `out` holds ni·plane values; tasks own disjoint columns; the build
-            // is available (asserted above)
-            flushed(|| unsafe {
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => blur_i_avx512(src, n, w, ptr, cols),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx => blur_i_avx(src, n, w, ptr, cols),
-                    Isa::Generic => blur_i_generic(src, n, w, ptr, cols),
-                }
-            })
-        });
+        let planes = (i0, i1);
+        let (c0, c1) = cols_in;
+        (c0 / I_COLS..c1.div_ceil(I_COLS))
+            .into_par_iter()
+            .for_each(|c| {
+                let cols = ((c * I_COLS).max(c0), ((c + 1) * I_COLS).min(c1));
+                // SAFETY: `out` holds ni·plane values; tasks own disjoint columns; the build
+                // is available (asserted above)
+                flushed(|| unsafe {
+                    match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => blur_i_avx512(src, n, w, ptr, cols, planes),
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx => blur_i_avx(src, n, w, ptr, cols, planes),
+                        Isa::Generic => blur_i_generic(src, n, w, ptr, cols, planes),
+                    }
+                })
+            });
     } else {
         out.data.copy_from_slice(&src.data);
+    }
+    if boxed {
+        // what the i pass left out is +0.0: whole planes outside i0..i1, and the rows
+        // outside src's support in j within them; written where `out` held anything else
+        let held = (old[1].0 * nk, old[1].1 * nk);
+        let (hi0, hi1) = old[0];
+        out.data[hi0 * plane..hi1 * plane]
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(p, o)| {
+                let (a, b) = match (i0..i1).contains(&(hi0 + p)) {
+                    true => cols_in,
+                    false => (held.1, held.1),
+                };
+                o[held.0..a.clamp(held.0, held.1)].fill(0.0);
+                o[b.clamp(held.0, held.1)..held.1].fill(0.0);
+            });
+        out.support = grown;
     }
     if nj == 1 && nk == 1 {
         return;
     }
     let w = &w[..];
     let tmp_len = nj * jk_layout(nk, r).1 + 15;
-    out.data.par_chunks_mut(plane).for_each_init(
-        || vec![0f32; tmp_len],
-        |scratch, o| {
-            // SAFETY: the build is available (asserted above)
-            flushed(|| unsafe {
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => blur_jk_avx512(o, nj, nk, w, scratch),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx => blur_jk_avx(o, nj, nk, w, scratch),
-                    Isa::Generic => blur_jk_generic(o, nj, nk, w, scratch),
-                }
-            })
-        },
-    );
+    let rows = (j0, j1);
+    out.data[i0 * plane..i1 * plane]
+        .par_chunks_mut(plane)
+        .for_each_init(
+            || vec![0f32; tmp_len],
+            |scratch, o| {
+                // SAFETY: the build is available (asserted above)
+                flushed(|| unsafe {
+                    match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => blur_jk_avx512(o, nj, nk, w, scratch, rows),
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx => blur_jk_avx(o, nj, nk, w, scratch, rows),
+                        Isa::Generic => blur_jk_generic(o, nj, nk, w, scratch, rows),
+                    }
+                })
+            },
+        );
+}
+
+/// `b` grown by `r` voxels on each side of each axis, within the grid `n` (an empty box
+/// stays empty).
+fn grow(b: [(usize, usize); 3], r: usize, n: [usize; 3]) -> [(usize, usize); 3] {
+    std::array::from_fn(|a| match b[a].0 < b[a].1 {
+        true => (b[a].0.saturating_sub(r), (b[a].1 + r).min(n[a])),
+        false => (0, 0),
+    })
 }
 
 /// [`blur_into`]'s output at the 27 voxels `c + d`, `d ∈ {−1, 0, 1}³` (each coordinate

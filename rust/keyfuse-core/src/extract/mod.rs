@@ -470,6 +470,12 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     let mut cpu = [0f64; 3];
     let clock = || Stamp::now(trace);
     let t0 = clock();
+    let mut vol = vol;
+    if dim == 3 {
+        // the box outside which the input is +0.0 (a skull-stripped or padded image's
+        // background): the blurs skip what stays exactly zero
+        vol.measure_support();
+    }
     let mut base = blur::blur(&vol, p.initial_blur_sigma() as f32)?;
     t0.add_to(&mut times[0], &mut cpu[0]);
     // full-size buffers are recycled (the input copy included) rather than freed and

@@ -447,3 +447,100 @@ fn intensity_scale_is_the_sample_percentile() {
     assert!(intensity_scale(&[1.0, f32::NAN]).is_err());
     assert!(intensity_scale(&vec![f32::INFINITY; 3_000_000]).is_err());
 }
+
+/// A volume that is +0.0 outside a box is blurred only inside the box grown by the
+/// kernel radius: the same bits as the blur of the whole grid in every instruction-set
+/// build, into a buffer of NaN (everything is written); the support follows the blurs
+/// and the downsampling. Boxes inside, at the faces, of one voxel, and none.
+#[test]
+fn blurs_skip_only_what_is_exactly_zero() {
+    use blur::{blur_into_with, Isa};
+    use volume::Vol;
+    let mut next = volume::tests::uniform(0x9e37_79b9_7f4a_7c15);
+    let mut isas = vec![Isa::Generic];
+    #[cfg(target_arch = "x86_64")]
+    isas.extend(
+        [Isa::Avx, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.available()),
+    );
+    let cases = [
+        ([30, 28, 33], [5, 7, 9], [20, 15, 25]),
+        ([25, 40, 21], [0, 0, 0], [3, 40, 21]),
+        ([24, 24, 24], [23, 0, 11], [24, 1, 12]),
+        ([20, 22, 18], [0, 0, 0], [0, 0, 0]),
+    ];
+    for (n, lo, hi) in cases {
+        let mut v = Vol::zeros(n).unwrap();
+        for i in lo[0]..hi[0] {
+            for j in lo[1]..hi[1] {
+                for k in lo[2]..hi[2] {
+                    let x = next() - 0.5;
+                    let at = v.idx(i, j, k);
+                    // −0.0 has a bit set: it is inside the support
+                    v.data[at] = if x.abs() < 0.05 { -0.0 } else { x };
+                }
+            }
+        }
+        v.measure_support();
+        let empty = lo == hi;
+        let want: [(usize, usize); 3] = match empty {
+            true => [(0, 0); 3],
+            false => std::array::from_fn(|a| (lo[a], hi[a])),
+        };
+        assert_eq!(v.support, want, "{n:?}");
+        let mut whole = v.clone();
+        whole.support = Vol::full(n);
+        for &isa in &isas {
+            let (mut a, mut b) = (whole.clone(), v.clone());
+            for sigma in [1.2f32, 2.6] {
+                let mut fa = Vol::new(n, vec![f32::NAN; a.data.len()]);
+                let mut fb = Vol::new(n, vec![f32::NAN; b.data.len()]);
+                blur_into_with(&a, sigma, &mut fa, isa);
+                blur_into_with(&b, sigma, &mut fb, isa);
+                let bits = |v: &Vol| v.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fa), bits(&fb), "{n:?} {isa:?} σ {sigma}");
+                // everything outside the support is +0.0
+                let s = fb.support;
+                for i in 0..n[0] {
+                    for j in 0..n[1] {
+                        for k in 0..n[2] {
+                            let inside = [i, j, k]
+                                .iter()
+                                .zip(&s)
+                                .all(|(&x, &(l, h))| l <= x && x < h);
+                            assert!(inside || fb.at(i, j, k).to_bits() == 0);
+                        }
+                    }
+                }
+                (a, b) = (fa, fb);
+            }
+            // into buffers that hold a blur already (their support known): a smaller one
+            // (only the new ring is written) and a larger one (its outside is cleared)
+            let bits = |v: &Vol| v.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (src, dst) in [(&b, v.clone()), (&v, b.clone())] {
+                let mut want = Vol::new(n, vec![f32::NAN; v.data.len()]);
+                let mut src_whole = src.clone();
+                src_whole.support = Vol::full(n);
+                blur_into_with(&src_whole, 1.7, &mut want, isa);
+                let mut got = dst;
+                blur_into_with(src, 1.7, &mut got, isa);
+                assert_eq!(bits(&want), bits(&got), "{n:?} {isa:?} recycled");
+            }
+            let (da, db) = (
+                volume::downsample(&a).unwrap(),
+                volume::downsample(&b).unwrap(),
+            );
+            assert_eq!(da.data, db.data);
+            let mut measured = db.clone();
+            measured.measure_support();
+            for ax in 0..3 {
+                let (m, s) = (measured.support[ax], db.support[ax]);
+                assert!(
+                    m.0 >= m.1 || (s.0 <= m.0 && m.1 <= s.1),
+                    "{n:?} {m:?} ⊄ {s:?}"
+                );
+            }
+        }
+    }
+}

@@ -20,6 +20,11 @@ pub(crate) struct Vol {
     /// initialised: while `data` is still that allocation (however much it was shortened
     /// or lengthened within its capacity), the pool takes it back whole.
     whole: Option<(usize, usize)>,
+    /// Index ranges per axis outside which every voxel is +0.0 (all bits zero): the whole
+    /// grid unless known tighter. The scale space measures it on its input and the blur
+    /// keeps it (extract/blur.rs skips what is exactly zero); whoever writes `data`
+    /// otherwise must widen it.
+    pub support: [(usize, usize); 3],
 }
 
 impl Vol {
@@ -29,13 +34,60 @@ impl Vol {
             n,
             data,
             whole: None,
+            support: Vol::full(n),
         }
     }
 
     /// A volume of a workspace buffer (all of its capacity initialised).
     fn workspace(n: [usize; 3], data: Vec<f32>) -> Vol {
         let whole = Some((data.as_ptr() as usize, data.capacity()));
-        Vol { n, data, whole }
+        Vol {
+            n,
+            data,
+            whole,
+            support: Vol::full(n),
+        }
+    }
+
+    /// The support of a grid `n` with nothing known: all of it.
+    pub(crate) fn full(n: [usize; 3]) -> [(usize, usize); 3] {
+        n.map(|x| (0, x))
+    }
+
+    /// Set [`Vol::support`] to the smallest box holding every voxel whose bits are not
+    /// all zero (empty ranges for a volume of +0.0 only).
+    pub(crate) fn measure_support(&mut self) {
+        let [_, nj, nk] = self.n;
+        let plane = nj * nk;
+        if plane == 0 || self.data.is_empty() {
+            return;
+        }
+        const NONE: [(usize, usize); 3] = [(usize::MAX, 0); 3];
+        let join = |a: [(usize, usize); 3], b: [(usize, usize); 3]| {
+            std::array::from_fn(|x| (a[x].0.min(b[x].0), a[x].1.max(b[x].1)))
+        };
+        let b = self
+            .data
+            .par_chunks(plane)
+            .enumerate()
+            .map(|(i, o)| {
+                let mut b = NONE;
+                for (j, row) in o.chunks_exact(nk).enumerate() {
+                    // an OR without an early exit, so that it vectorises
+                    if row.iter().fold(0u32, |m, x| m | x.to_bits()) == 0 {
+                        continue;
+                    }
+                    let first = row.iter().position(|x| x.to_bits() != 0).unwrap_or(0);
+                    let last = row.iter().rposition(|x| x.to_bits() != 0).unwrap_or(0);
+                    b = join(b, [(i, i + 1), (j, j + 1), (first, last + 1)]);
+                }
+                b
+            })
+            .reduce(|| NONE, join);
+        self.support = match b[0].0 < b[0].1 {
+            true => b,
+            false => [(0, 0); 3],
+        };
     }
 
     /// Whether `data` is still the workspace allocation it was made with (not reallocated
@@ -213,7 +265,7 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
     let [ni, nj, nk] = src.n;
     let flat = nk == 1;
     let m = [ni / 2, nj / 2, if flat { 1 } else { nk / 2 }];
-    Vol::from_fn_flushed(m, |p, q, r| {
+    let mut out = Vol::from_fn_flushed(m, |p, q, r| {
         let mut s = 0.0f32;
         for di in 0..2 {
             for dj in 0..2 {
@@ -230,7 +282,15 @@ pub(crate) fn downsample(src: &Vol) -> Result<Vol> {
         } else {
             s * 0.125
         }
-    })
+    })?;
+    // a child whose eight parents are +0.0 is +0.0
+    if !flat {
+        out.support = std::array::from_fn(|a| match src.support[a] {
+            (lo, hi) if lo < hi => (lo / 2, hi.div_ceil(2).min(m[a])),
+            _ => (0, 0),
+        });
+    }
+    Ok(out)
 }
 
 /// Trilinear resampling onto a grid of shape `m` where new index `q` sits at old index
