@@ -147,6 +147,7 @@ unsafe fn blur_i_columns(
 /// kernel radius on both sides (the padding replicates the row's ends), then `k` from
 /// those rows back into `o`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn blur_jk_plane<'t>(
     conv: impl Fn(&mut [f32], &[f32], &[f32], &Pairs),
     kconv: impl Fn(&mut [f32], &'t [f32], usize, &[f32], &mut Vec<(&'t [f32], &'t [f32])>),
