@@ -241,7 +241,6 @@ def _inter_rows(
     index: Index, rows: Sequence[int], p: SearchParams, scheduler: Any
 ) -> npt.NDArray[np.float64]:
     shards = index._engine
-    queries = [(shards.subject_descriptors(i), i) for i in rows]
     offsets, stats = shards.offsets(), shards.stats()
     if scheduler is None:
         from concurrent.futures import ThreadPoolExecutor
@@ -250,6 +249,7 @@ def _inter_rows(
         one_call = int(offsets[-1]) * p.k * ALL_PAIRS_BYTES_PER_NEIGHBOR <= ALL_PAIRS_MAX_BYTES
         if p.exact and len(engines) == 1 and one_call and list(rows) == list(range(len(shards))):
             return _all_pairs_one_shard(engines[0][1], offsets, stats, p)
+        queries = [(shards.subject_descriptors(i), i) for i in rows]
         # a subject's scoring (one thread, the GIL released) runs while the next subject
         # is searched: it was a tenth of an exact all-pairs' wall time, done in turn
         with ThreadPoolExecutor(1) as pool:
@@ -259,6 +259,7 @@ def _inter_rows(
             ]
             inter = [f.result() for f in scored]
     else:
+        queries = [(shards.subject_descriptors(i), i) for i in rows]
         per = _knn_all(index, queries, None, p, scheduler)
         inter = [merge_scores(parts, offsets, stats, p) for parts in per]
     return np.stack(inter).reshape(len(rows), len(shards))

@@ -421,12 +421,17 @@ impl Shard {
                 }
             }
         };
+        self.to_global(&mut nb);
+        Ok(nb)
+    }
+
+    /// Neighbour lists of this shard's rows as global point ids (`base` + row).
+    fn to_global(&self, nb: &mut Neighbors) {
         for i in nb.idx.iter_mut() {
             if *i != crate::knn::NONE {
                 *i += self.base;
             }
         }
-        Ok(nb)
     }
 
     /// Every point's `k` nearest points among the shard's other subjects (exact; global
@@ -437,11 +442,7 @@ impl Shard {
         let prepared = ExactPrepared::cached(&self.exact, self.data())?;
         let ends: Vec<usize> = self.ends.iter().map(|&e| e as usize).collect();
         let mut nb = knn_all_pairs(self.data(), prepared, &ends, k)?;
-        for i in nb.idx.iter_mut() {
-            if *i != crate::knn::NONE {
-                *i += self.base;
-            }
-        }
+        self.to_global(&mut nb);
         Ok(nb)
     }
 

@@ -327,6 +327,15 @@ impl Isa {
         Isa::Generic
     }
 
+    /// Every build this CPU can run (tests compare them).
+    #[cfg(test)]
+    pub(crate) fn all_available() -> Vec<Isa> {
+        let mut v = vec![Isa::Generic];
+        #[cfg(target_arch = "x86_64")]
+        v.extend([Isa::Avx, Isa::Avx512]);
+        v.into_iter().filter(|i| i.available()).collect()
+    }
+
     /// Whether this CPU can run the build.
     pub(crate) fn available(self) -> bool {
         match self {
@@ -354,7 +363,7 @@ pub(crate) fn blur_into(src: &Vol, sigma: f32, out: &mut Vol) {
 }
 
 /// [`blur_into`] with a chosen instruction-set build (`isa` must be available): two
-/// phases, the `i` pass over columns of all planes into `out`, then the `j` and `k`
+/// phases, the `i` pass over columns of the planes into `out`, then the `j` and `k`
 /// passes plane by plane in place.
 ///
 /// A 3D volume is computed only inside its [`Vol::support`] grown by the kernel radius:

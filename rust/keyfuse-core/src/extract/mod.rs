@@ -452,7 +452,7 @@ pub(crate) fn assemble(
 
 /// The streamed scale space (`dim` 3, or 2 for a `ni × nj × 1` image): detection,
 /// refinement and description, octave by octave.
-pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec<Described>> {
+pub(crate) fn scale_space(mut vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec<Described>> {
     let s_n = p.scales_per_octave as usize;
     let kappa = p.kappa();
     let cf = p.scale_factor(dim);
@@ -470,7 +470,6 @@ pub(crate) fn scale_space(vol: Vol, p: &ExtractParams, dim: usize) -> Result<Vec
     let mut cpu = [0f64; 3];
     let clock = || Stamp::now(trace);
     let t0 = clock();
-    let mut vol = vol;
     if dim == 3 {
         // the box outside which the input is +0.0 (a skull-stripped or padded image's
         // background): the blurs skip what stays exactly zero

@@ -457,13 +457,7 @@ fn blurs_skip_only_what_is_exactly_zero() {
     use blur::{blur_into_with, Isa};
     use volume::Vol;
     let mut next = volume::tests::uniform(0x9e37_79b9_7f4a_7c15);
-    let mut isas = vec![Isa::Generic];
-    #[cfg(target_arch = "x86_64")]
-    isas.extend(
-        [Isa::Avx, Isa::Avx512]
-            .into_iter()
-            .filter(|i| i.available()),
-    );
+    let isas = Isa::all_available();
     let cases = [
         ([30, 28, 33], [5, 7, 9], [20, 15, 25]),
         ([25, 40, 21], [0, 0, 0], [3, 40, 21]),

@@ -264,13 +264,6 @@ unsafe fn slice_avx(src: &[f32], [ni, nj, nk]: [usize; 3], j: usize, scale: f32,
 mod tests {
     use super::*;
 
-    fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Generic];
-        #[cfg(target_arch = "x86_64")]
-        v.extend([Isa::Avx, Isa::Avx512]);
-        v.into_iter().filter(|i| i.available()).collect()
-    }
-
     /// Every build copies every voxel times the scale (the scalar product's bits), on shapes
     /// that are and are not multiples of the blocks (16, 8, the portable copy's 32), with
     /// axes of one voxel.
@@ -297,7 +290,7 @@ mod tests {
             let f: Vec<f32> = (0..len as u32)
                 .map(|x| f32::from_bits(x.wrapping_mul(0x9e37_79b9) ^ (x << 29)))
                 .collect();
-            for (isa, scale) in isas()
+            for (isa, scale) in Isa::all_available()
                 .into_iter()
                 .flat_map(|i| [(i, 1.0), (i, 0.37), (i, 3e-39)])
             {

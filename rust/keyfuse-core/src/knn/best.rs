@@ -29,11 +29,16 @@ impl Best16 {
 
     pub(super) fn to_heap(self, h: &mut TopK) {
         h.items.clear();
-        for &key in self.0.iter().take(h.k()) {
-            if key != Self::EMPTY {
-                h.items.push(((key >> 32) as u32, key as u32));
-            }
-        }
+        h.items.extend(self.items(h.k()));
+    }
+
+    /// The first `k` (distance, row) pairs held, nearest first.
+    pub(super) fn items(&self, k: usize) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.0
+            .iter()
+            .take(k)
+            .filter(|&&key| key != Self::EMPTY)
+            .map(|&key| ((key >> 32) as u32, key as u32))
     }
 
     /// The k-th key (a key enters only below it).

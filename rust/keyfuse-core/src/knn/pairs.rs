@@ -66,8 +66,7 @@ pub fn knn_all_pairs(
     })
 }
 
-/// The most bytes the per-thread column lists may take together; above it the
-/// one-sided search runs.
+/// The most bytes the column lists may take; above it the one-sided search runs.
 #[cfg(target_arch = "x86_64")]
 const COLUMNS_BUDGET: usize = 512 << 20;
 
@@ -190,9 +189,7 @@ fn symmetric(
                     top.push(d, i);
                 }
             }
-            let mut h = TopK::new(k);
-            chunks[j / CHUNK_ROWS].best[j % CHUNK_ROWS].to_heap(&mut h);
-            for &(d, i) in &h.items {
+            for (d, i) in chunks[j / CHUNK_ROWS].best[j % CHUNK_ROWS].items(k) {
                 top.push(d, i);
             }
             top.write(ib, db);

@@ -218,6 +218,7 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
             });
         }
         let base = c0 * ROWS;
+        let col_lim = held.as_ref().map_or(std::ptr::null(), |c| c.lim.as_ptr());
         for g in 0..groups {
             let qp = qs.as_ptr().add(g * QT * DESC_LEN);
             for t in (c0..c1).step_by(BT) {
@@ -237,10 +238,8 @@ unsafe fn scan_with<const SYM: bool, F: Fn(usize, u32) -> bool>(
                 let mut worse = _mm256_set1_epi32(-1);
                 // SYM: the rows' own k-th distances, against d² = e + |q|²
                 let cw = if SYM {
-                    [0, 1].map(|b| {
-                        let lim = held.as_ref().map_or(std::ptr::null(), |c| c.lim.as_ptr());
-                        _mm256_loadu_si256(lim.add((t + b) * ROWS - base) as *const _)
-                    })
+                    [0, 1]
+                        .map(|b| _mm256_loadu_si256(col_lim.add((t + b) * ROWS - base) as *const _))
                 } else {
                     [_mm256_setzero_si256(); BT]
                 };
